@@ -1,0 +1,88 @@
+"""``python -m pyfusion.info``: versions, and which backends are available here (and why not)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def backend_table() -> list[tuple[str, bool, str]]:
+    """(backend, available, why-not or detail) for every backend family."""
+    from pyfusion import backends
+
+    rows: list[tuple[str, bool, str]] = []
+    info = backends.extension_summary()
+    cpp = backends.cpp_reasons()
+    detail = (
+        f"OpenMP {'on' if info.get('openmp') else 'off'}, {info.get('openmp_max_threads', 1)} threads, "
+        f"{info.get('compiler', '')}"
+        if not cpp
+        else "; ".join(cpp)
+    )
+    rows.append(("C++ CPU (pyfusion._C)", not cpp, detail))
+    cuda = backends.cuda_reasons()
+    rows.append(
+        ("CUDA kernels (pyfusion._C)", not cuda, "; ".join(cuda) or f"{info.get('cuda_device_count')} device(s)")
+    )
+    tg = backends.triton_gpu_reasons()
+    rows.append(("Triton (GPU, compiled)", not tg, "; ".join(tg) or "ok"))
+    ti = backends.triton_interpreter_reasons()
+    rows.append(("Triton interpreter (CPU)", not ti, "; ".join(ti) or "TRITON_INTERPRET=1"))
+    rows.append(("torch / float64 references", True, "always available"))
+    return rows
+
+
+def op_table() -> list[str]:
+    """Each registered op's backends in priority order, with availability on this machine."""
+    from pyfusion import dispatch
+
+    try:
+        importlib.import_module("pyfusion.ops")
+    except Exception as exc:  # pragma: no cover - a broken op module should still let info print
+        return [f"  (pyfusion.ops failed to import: {exc})"]
+    lines = []
+    for name, disp in sorted(dispatch.REGISTRY.items()):
+        parts = []
+        for b in disp.backends:
+            why = b.available()
+            parts.append(b.name if not why else f"{b.name} (unavailable)")
+        lines.append(f"  {name:22s} " + " > ".join(parts))
+    return lines
+
+
+def report() -> str:
+    import pyfusion
+
+    lines = [
+        f"pyfusion {pyfusion.__version__}",
+        f"python   {sys.version.split()[0]} ({platform.platform()})",
+        f"torch    {_version('torch')}",
+        f"numpy    {_version('numpy')}",
+        f"scipy    {_version('scipy')}",
+        f"triton   {_version('triton')}",
+        f"POT      {_version('pot')}",
+        "",
+        "backends:",
+    ]
+    for name, ok, detail in backend_table():
+        lines.append(f"  [{'x' if ok else ' '}] {name:28s} {detail}")
+    lines += ["", "ops (priority order):", *op_table()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

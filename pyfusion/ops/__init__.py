@@ -1,0 +1,6 @@
+"""The ops pyfusion's modules and methods call. Each op validates its arguments, dispatches to the best
+available backend (C++, CUDA, Triton, torch) and has a float64 ``*_ref`` reference in ``ops.reference``."""
+
+from pyfusion.ops.assignment import AssignmentResult, linear_assignment
+
+__all__ = ["AssignmentResult", "linear_assignment"]
