@@ -1,0 +1,417 @@
+"""The subcommands: demo, fuse, sweep, bench (``info`` is :mod:`pyfusion.info`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyfusion.cli._console import (
+    EXIT_BENCH,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    CLIError,
+    Console,
+    stage,
+)
+from pyfusion.cli.inputs import (
+    Dataset,
+    check_same_architecture,
+    load_data,
+    load_member,
+    parse_factory,
+    parse_floats,
+    parse_options,
+)
+from pyfusion.cli.report import Row, format_table, write_report
+from pyfusion.cli.tradeoff import (
+    ALPHA_METHODS,
+    Evaluation,
+    MethodSpec,
+    available_methods,
+    check_methods,
+    measure_baselines,
+    parse_methods,
+    run_point,
+    sweep,
+)
+
+DEMO_METHODS = ("partial", "average", "weight_matching", "activation_matching")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA device is visible to torch", EXIT_USAGE, "use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {name!r} is not a torch device", EXIT_USAGE, "use cpu or cuda") from exc
+
+
+def _loader(ds: Dataset, batch_size: int) -> torch.utils.data.DataLoader:
+    from pyfusion.data import make_loader
+
+    y = ds.y if ds.y is not None else torch.zeros(ds.x.shape[0], dtype=torch.long)
+    return make_loader(ds.x, y, batch_size=batch_size, shuffle=False)
+
+
+def _out_dir(arg: str | None, prefix: str) -> Path:
+    if arg:
+        return Path(arg)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("reports") / f"{prefix}-{stamp}"
+
+
+def _lambdas(text: str | None, k: int) -> list[float] | None:
+    if text is None:
+        return None
+    lam = parse_floats(text, "--lambdas")
+    if len(lam) != k:
+        raise CLIError(f"--lambdas has {len(lam)} values for {k} members", EXIT_USAGE, "give one weight per member")
+    return lam
+
+
+def _evaluation(
+    ds: Dataset, device: torch.device, batch_size: int, latency_batch: int, repeats: int, need_labels: bool = True
+) -> Evaluation:
+    if ds.y is None and need_labels:
+        raise CLIError(
+            f"evaluation data {ds.name!r} has no labels",
+            EXIT_INPUT,
+            "pass --eval-data with labels (a built-in set, or a file holding x and y)",
+        )
+    x, y = ds.x.to(device), (ds.y.to(device) if ds.y is not None else None)
+    reps = (latency_batch + x.shape[0] - 1) // x.shape[0]
+    timing = x.repeat(reps, *([1] * (x.ndim - 1)))[:latency_batch] if reps > 1 else x[:latency_batch]
+    return Evaluation(x, y, batch_size, timing.contiguous(), repeats)
+
+
+def _print_table(console: Console, rows: list[Row], title: str) -> None:
+    console.result(title)
+    console.result(format_table(rows))
+
+
+def _write(console: Console, out: Path, rows: list[Row], meta: dict[str, Any], title: str) -> dict[str, Path]:
+    with stage(f"cannot write the report to {str(out)!r}", EXIT_OUTPUT, "pass a writable folder with --out"):
+        paths = write_report(out, rows, meta, title)
+    console.result(f"report: {out} (report.json, report.csv, tradeoff.png)")
+    return paths
+
+
+def _load_members(args: argparse.Namespace, console: Console, device: torch.device) -> list[nn.Module]:
+    factory = parse_factory(args.model) if args.model else None
+    members = []
+    for path in console.progress(args.members, desc="loading members", unit="file"):
+        with stage(f"member {path!r}", EXIT_INPUT, "check that the file is a state dict of --model's architecture"):
+            members.append(load_member(path, factory).to(device))
+    check_same_architecture(members, list(args.members))
+    console.debug(f"loaded {len(members)} members: {type(members[0]).__name__}")
+    return members
+
+
+def _calibration(args: argparse.Namespace, console: Console) -> tuple[Dataset, Dataset]:
+    """(calibration data, labelled evaluation data) from --data / --eval-data."""
+    calib = load_data(args.data, "train").head(args.calib_samples)
+    if args.eval_data:
+        ev = load_data(args.eval_data, "test")
+    elif args.data.split(":")[0] in ("digits", "mnist", "fashion-mnist"):
+        ev = load_data(args.data, "test")
+    else:
+        ev = calib
+        console.note("note: no --eval-data; accuracy is measured on the calibration data")
+    console.debug(f"calibration {calib.name}: {tuple(calib.x.shape)}; evaluation {ev.name}: {tuple(ev.x.shape)}")
+    return calib, ev.head(args.eval_samples)
+
+
+def _check_input_fits(members: list[nn.Module], ds: Dataset, device: torch.device) -> None:
+    with stage(
+        f"the members cannot run on data {ds.name!r} (inputs {tuple(ds.x.shape[1:])})",
+        EXIT_INPUT,
+        "give data whose samples have the shape the models expect",
+    ):
+        with torch.inference_mode():
+            members[0](ds.x[:2].to(device))
+
+
+# --------------------------------------------------------------------------------------------- demo
+def _train_members(args: argparse.Namespace, console: Console, train: Dataset, sizes: list[int]) -> list[nn.Module]:
+    from pyfusion.data import dirichlet_split, make_loader, shard_split, subset
+    from pyfusion.models import mlp
+    from pyfusion.train import train as train_model
+
+    k = args.members
+    if args.split == "iid":
+        parts = [None] * k
+    elif args.split == "dirichlet":
+        parts = dirichlet_split(train.y, k, seed=args.seed)
+    else:
+        parts = shard_split(train.y, k, seed=args.seed)
+    members = []
+    for i in console.progress(range(k), desc="training members", unit="member"):
+        seed = args.seed + 1000 * i
+        x, y = (train.x, train.y) if parts[i] is None else subset(train.x, train.y, parts[i])
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = mlp(sizes)
+        loader = make_loader(x, y, batch_size=args.batch_size, shuffle=True, seed=seed)
+        losses = train_model(model, loader, epochs=args.epochs, lr=args.lr, seed=seed)
+        console.debug(f"member {i}: seed {seed}, {x.shape[0]} samples, final loss {losses[-1] if losses else 0:.4f}")
+        members.append(model.eval())
+    return members
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    """Train K members on a built-in data set, fuse them across an alpha grid, print and write the report."""
+    from safetensors.torch import save_file
+
+    t_start = time.perf_counter()
+    if args.fast:
+        defaults: dict[str, Any] = {"hidden": "32,32", "epochs": 4, "alphas": "0,0.5,1", "repeats": 3, "calib": 256}
+    elif args.dataset == "digits":
+        defaults = {"hidden": "64,64", "epochs": 30, "alphas": "0,0.25,0.5,0.75,1", "repeats": 20, "calib": 512}
+    else:
+        defaults = {"hidden": "256,256", "epochs": 2, "alphas": "0,0.25,0.5,0.75,1", "repeats": 20, "calib": 1024}
+    hidden = [int(h) for h in parse_floats(args.hidden or defaults["hidden"], "--hidden")]
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+    alphas = parse_floats(args.alphas or defaults["alphas"], "--alphas")
+    repeats = args.repeats or defaults["repeats"]
+    if args.members < 2:
+        raise CLIError(f"--members must be >= 2; got {args.members}", EXIT_USAGE, "fusion needs two or more members")
+    if any(h < 1 for h in hidden):
+        raise CLIError(f"--hidden widths must be >= 1; got {hidden}", EXIT_USAGE)
+    device = _device(args.device)
+
+    spec = args.dataset if args.dataset == "digits" else f"{args.dataset}:{args.data_dir or ''}"
+    if args.dataset != "digits" and not args.data_dir:
+        raise CLIError(
+            f"--dataset {args.dataset} needs --data-dir",
+            EXIT_USAGE,
+            f"pass the folder of the IDX files, e.g. --data-dir ../shared/data/{args.dataset}",
+        )
+    train, test = load_data(spec, "train"), load_data(spec, "test")
+    if args.fast and args.dataset != "digits":
+        train, test = train.head(2000), test.head(1000)
+    assert train.y is not None and test.y is not None
+    n_in = int(torch.tensor(train.x.shape[1:]).prod())
+    n_classes = int(train.y.max()) + 1
+    sizes = [n_in, *hidden, n_classes]
+    console.note(
+        f"demo: {args.members} MLPs {sizes} on {train.name} ({train.x.shape[0]} samples), {args.epochs} epochs, "
+        f"{args.split} split"
+    )
+    members = [m.to(device) for m in _train_members(args, console, train, sizes)]
+
+    registered = available_methods()
+    wanted = parse_methods(args.methods) if args.methods else [MethodSpec(m) for m in DEMO_METHODS]
+    methods = []
+    for m in wanted:
+        if registered is not None and m.name not in registered:
+            console.note(f"note: method {m.name!r} is not available in this build; skipped")
+        else:
+            methods.append(m)
+    if not methods:
+        raise CLIError(
+            "none of the demo's fusion methods is available in this build",
+            EXIT_INPUT,
+            f"registered methods: {', '.join(registered or []) or 'none'}",
+        )
+
+    calib = _loader(train.head(defaults["calib"]), 128)
+    ev = _evaluation(test, device, 512, args.latency_batch, repeats)
+    rows = measure_baselines(members, ev, None)
+    rows += sweep(members, calib, methods, alphas, None, ev, console)
+
+    out = _out_dir(args.out, "demo")
+    factory = f"pyfusion.models:mlp(sizes={sizes})"
+    title = f"pyfusion demo: {args.members} x MLP {sizes} on {train.name.split('/')[0]}"
+    _print_table(console, rows, title)
+    meta = {
+        "command": "demo",
+        "settings": {
+            "dataset": args.dataset,
+            "members": args.members,
+            "model": factory,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "split": args.split,
+            "seed": args.seed,
+            "alphas": alphas,
+            "methods": [m.label for m in methods],
+            "latency_batch": args.latency_batch,
+            "repeats": repeats,
+            "device": str(device),
+            "fast": bool(args.fast),
+            "eval_samples": int(test.x.shape[0]),
+        },
+    }
+    _write(console, out, rows, meta, title)
+    with stage("cannot write the members", EXIT_OUTPUT, "pass a writable folder with --out"):
+        (out / "members").mkdir(exist_ok=True)
+        for i, m in enumerate(members):
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                out / "members" / f"member_{i}.safetensors",
+            )
+    files = " ".join(str(out / "members" / f"member_{i}.safetensors") for i in range(len(members)))
+    alpha_arg = " --alpha 0.5" if methods[0].name in ALPHA_METHODS else ""
+    console.note(
+        f"members saved; fuse them yourself with:\n  pyfusion fuse {files} --model '{factory}' --data {spec} "
+        f"--method {methods[0].name}{alpha_arg} --output fused.safetensors"
+    )
+    console.debug(f"demo took {time.perf_counter() - t_start:.1f} s")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    """The trade-off curve of one or several methods over an alpha grid, for members given as files."""
+    device = _device(args.device)
+    methods = parse_methods(args.methods)
+    check_methods(methods)
+    alphas = parse_floats(args.alphas, "--alphas")
+    lambdas = _lambdas(args.lambdas, len(args.members))
+    members = _load_members(args, console, device)
+    calib, evd = _calibration(args, console)
+    _check_input_fits(members, calib, device)
+    ev = _evaluation(evd, device, args.batch_size, args.latency_batch, args.repeats)
+    rows = measure_baselines(members, ev, lambdas)
+    rows += sweep(members, _loader(calib, args.batch_size), methods, alphas, lambdas, ev, console)
+    title = f"pyfusion sweep: {len(members)} members, {', '.join(m.label for m in methods)}"
+    _print_table(console, rows, title)
+    meta = {
+        "command": "sweep",
+        "settings": {
+            "members": list(args.members),
+            "model": args.model,
+            "data": args.data,
+            "eval_data": args.eval_data,
+            "methods": [m.label for m in methods],
+            "alphas": alphas,
+            "lambdas": lambdas,
+            "latency_batch": args.latency_batch,
+            "repeats": args.repeats,
+            "device": str(device),
+        },
+    }
+    _write(console, _out_dir(args.out, "sweep"), rows, meta, title)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- fuse
+def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
+    """Fuse members given as files with one method and save the result with pyfusion.save."""
+    import pyfusion
+
+    device = _device(args.device)
+    check_methods([MethodSpec(args.method)])
+    options = parse_options(args.option)
+    if args.features:
+        options["features"] = args.features
+    alpha: float | list[float] | None = None
+    if args.alpha is not None:
+        vals = parse_floats(args.alpha, "--alpha")
+        alpha = vals[0] if len(vals) == 1 else vals
+    lambdas = _lambdas(args.lambdas, len(args.members))
+    output = Path(args.output)
+    if not output.parent.exists():
+        raise CLIError(
+            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist",
+            EXIT_OUTPUT,
+            "create the folder first or choose another path",
+        )
+    if isinstance(alpha, float) and not 0.0 <= alpha <= 1.0:
+        raise CLIError(f"--alpha {alpha:g} is outside [0, 1]", EXIT_USAGE, "alpha is a fraction of neurons")
+    members = _load_members(args, console, device)
+    calib, evd = _calibration(args, console)
+    _check_input_fits(members, calib, device)
+    spec = MethodSpec(args.method, options)
+    ev = _evaluation(evd, device, args.batch_size, args.latency_batch, args.repeats, need_labels=False)
+    fused, row = run_point(members, _loader(calib, args.batch_size), spec, alpha, lambdas, ev, console)
+    rows = [*measure_baselines(members, ev, lambdas), row]
+    _print_table(console, rows, f"pyfusion fuse: {spec.label}")
+    with stage(f"cannot save the fused model to {str(output)!r}", EXIT_OUTPUT, "check the path and free disk space"):
+        pyfusion.save(fused.cpu(), output)
+        reloaded = pyfusion.load(output)
+        x = ev.example.cpu()
+        with torch.inference_mode():
+            a, b = fused(x), reloaded(x)
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"the reloaded model differs from the fused one (max |diff| {float((a - b).abs().max()):.3g})"
+            )
+    console.result(f"fused model: {output}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- bench
+def _bench_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    here = Path(__file__).resolve().parents[2] / "bench"
+    if here.is_dir():
+        return here
+    return Path.cwd() / "bench"
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    """Run bench/bench_*.py (all, or the named parts) in quick mode (or full with --full), print their output."""
+    bdir = _bench_dir(args.bench_dir)
+    scripts = sorted(glob.glob(str(bdir / "bench_*.py")))
+    if not scripts:
+        raise CLIError(
+            f"no benchmark scripts (bench_*.py) in {str(bdir)!r}",
+            EXIT_INPUT,
+            "the benchmarks live in the source checkout: run from the repository or pass --bench-dir",
+        )
+    names = {Path(s).stem.removeprefix("bench_"): s for s in scripts}
+    if args.list:
+        for n in names:
+            console.result(n)
+        return EXIT_OK
+    chosen = args.parts or list(names)
+    unknown = [p for p in chosen if p.removeprefix("bench_").removesuffix(".py") not in names]
+    if unknown:
+        raise CLIError(
+            f"unknown benchmark {unknown[0]!r}", EXIT_USAGE, f"available: {', '.join(names)} (pyfusion bench --list)"
+        )
+    failed = []
+    env = dict(os.environ)
+    root = str(bdir.resolve().parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for part in chosen:
+        script = names[part.removeprefix("bench_").removesuffix(".py")]
+        cmd = [sys.executable, script, *([] if args.full else ["--quick"]), *args.extra]
+        console.note(f"== {Path(script).name} {'(full)' if args.full else '(quick)'}: {' '.join(cmd[1:])}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if proc.stdout.strip():
+            console.result(proc.stdout.rstrip())
+        if proc.returncode != 0:
+            failed.append(Path(script).name)
+            tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+            print(f"pyfusion bench: {Path(script).name} failed: {tail}", file=sys.stderr)
+            if console.verbose:
+                print(proc.stderr, file=sys.stderr)
+        else:
+            console.debug(proc.stderr)
+        console.note(f"   {time.perf_counter() - t0:.1f} s")
+    if failed:
+        raise CLIError(
+            f"{len(failed)} of {len(chosen)} benchmarks failed: {', '.join(failed)}",
+            EXIT_BENCH,
+            "rerun the failing script directly (python bench/<name>.py --quick) or with --verbose to see its errors",
+        )
+    return EXIT_OK
