@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the benchmark scripts (quick mode) and print their tables",
         description="Run bench/bench_*.py from the source checkout (all, or the named parts) with --quick, "
-        "or in full with --full; extra arguments after -- go to every script.",
+        "or in full with --full, and print their output (the result tables).",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="full runs instead of --quick")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--bench-dir", help="folder of the bench_*.py scripts (default: the checkout's bench/)")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--script-args", default="", help="extra arguments passed to every script (one quoted string)")
     _common(p)
 
     sub.add_parser("info", help="versions and available backends (python -m pyfusion.info)")
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         from pyfusion.info import main as info_main
 
         return info_main()
-    if args.command == "bench" and args.extra and args.extra[0] == "--":
-        args.extra = args.extra[1:]
     verbose = bool(getattr(args, "verbose", False))
     try:
         console = Console(quiet=args.quiet, verbose=verbose)

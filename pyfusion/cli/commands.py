@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import glob
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -393,7 +394,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for part in chosen:
         script = names[part.removeprefix("bench_").removesuffix(".py")]
-        cmd = [sys.executable, script, *([] if args.full else ["--quick"]), *args.extra]
+        cmd = [sys.executable, script, *([] if args.full else ["--quick"]), *shlex.split(args.script_args)]
         console.note(f"== {Path(script).name} {'(full)' if args.full else '(quick)'}: {' '.join(cmd[1:])}")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)

@@ -1,0 +1,419 @@
+"""The ``pyfusion`` command line end to end: demo / fuse / sweep in subprocesses on tiny data, error exit codes
+and messages, the README's demo command, the benchmark runner, and the input readers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pyfusion
+from pyfusion.cli import build_parser, main
+from pyfusion.cli._console import CLIError
+from pyfusion.cli.inputs import load_data, parse_factory
+from pyfusion.cli.report import Row, format_row
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = [64, 32, 32, 10]  # the --fast demo's MLP on digits
+FACTORY = f"pyfusion.models:mlp(sizes={SIZES})"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(
+        [sys.executable, "-m", "pyfusion", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+def table_lines(stdout: str) -> list[list[str]]:
+    """The cells of every table row printed on stdout (columns are separated by two or more spaces)."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 7 and not set(cells[0]) <= {"-"}:
+            rows.append(cells)
+    return rows[1:]  # drop the header
+
+
+def read_report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def rows_of(report: dict) -> list[Row]:
+    return [Row(**r) for r in report["rows"]]
+
+
+def assert_table_matches_json(stdout: str, report: dict) -> None:
+    printed = table_lines(stdout)
+    expected = [list(format_row(r)) for r in rows_of(report)]
+    assert printed == expected
+
+
+def digits_test_accuracy(model: torch.nn.Module) -> float:
+    from pyfusion.data import load_digits, make_loader
+    from pyfusion.train import evaluate
+
+    x, y = load_digits("test")
+    return evaluate(model, make_loader(x, y, batch_size=512))
+
+
+def load_member(path: Path) -> torch.nn.Module:
+    from pyfusion.models import mlp
+    from safetensors.torch import load_file
+
+    model = mlp(SIZES)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo") / "report"
+    proc = run_cli("demo", "--fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+# --------------------------------------------------------------------------------------------- demo
+def test_demo_fast_writes_readable_report(demo):
+    out, proc = demo
+    report = read_report(out)
+    assert report["command"] == "demo" and report["settings"]["fast"] is True
+    kinds = [r["kind"] for r in report["rows"]]
+    assert kinds.count("member") == 2 and kinds.count("ensemble") == 1 and kinds.count("fused") >= 2
+    # CSV: same rows and values as the JSON.
+    with (out / "report.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["method"] for r in csv_rows] == [r["method"] for r in report["rows"]]
+    for c, j in zip(csv_rows, report["rows"]):
+        assert float(c["accuracy"]) == pytest.approx(j["accuracy"], rel=1e-12)
+        assert float(c["flops"]) == pytest.approx(j["flops"], rel=1e-12)
+    # The plot is a real PNG image of the expected size.
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(out / "tradeoff.png"))
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+    assert float(np.std(img[..., :3])) > 0.01  # not a blank canvas
+    # Members are saved as plain state dicts, as the printed fuse command expects.
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["member_0.safetensors", "member_1.safetensors"]
+    assert "pyfusion fuse" in proc.stderr
+
+
+def test_demo_table_matches_json(demo):
+    out, proc = demo
+    assert_table_matches_json(proc.stdout, read_report(out))
+
+
+def test_demo_numbers_are_measured(demo):
+    """Member and ensemble accuracies, FLOPs and parameters recomputed independently from the saved members."""
+    from pyfusion.data import load_digits, make_loader
+    from pyfusion.train import ensemble_accuracy
+
+    out, _ = demo
+    rows = {r.method: r for r in rows_of(read_report(out))}
+    members = [load_member(out / "members" / f"member_{k}.safetensors") for k in range(2)]
+    dense_flops = 2 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:]))
+    n_params = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))
+    for k, m in enumerate(members):
+        r = rows[f"member {k}"]
+        assert r.accuracy == pytest.approx(digits_test_accuracy(m), abs=1e-12)
+        assert r.flops == dense_flops and r.params == n_params
+        assert r.latency_ms > 0 and r.fusion_s is None
+    x, y = load_digits("test")
+    ens = rows["ensemble"]
+    assert ens.accuracy == pytest.approx(ensemble_accuracy(members, make_loader(x, y, batch_size=512)), abs=1e-12)
+    assert ens.flops == 2 * dense_flops and ens.alpha == 1.0
+    # Full fusion has the cost of one member.
+    avg = rows["average"]
+    assert avg.flops == pytest.approx(dense_flops) and avg.fusion_s is not None and avg.fusion_s >= 0
+    # Trained members beat chance clearly (10 classes).
+    assert min(rows["member 0"].accuracy, rows["member 1"].accuracy) > 0.5
+
+
+# --------------------------------------------------------------------------------------------- fuse
+def test_fuse_average_writes_loadable_model(demo, tmp_path):
+    out, _ = demo
+    files = [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
+    target = tmp_path / "fused.safetensors"
+    proc = run_cli("fuse", *files, "--model", FACTORY, "--data", "digits", "--method", "average", "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert f"fused model: {target}" in proc.stdout
+    fused = pyfusion.load(target)
+    members = [load_member(Path(f)) for f in files]
+    # Vanilla averaging: every tensor is the mean of the members' tensors.
+    sd = fused.state_dict()
+    for key, value in members[0].state_dict().items():
+        torch.testing.assert_close(sd[key], (value + members[1].state_dict()[key]) / 2)
+    printed = {cells[0]: cells for cells in table_lines(proc.stdout)}
+    assert printed["average"][2] == f"{100 * digits_test_accuracy(fused):.2f}"
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def test_sweep_report_and_alpha_one_is_the_ensemble(demo, tmp_path):
+    out, _ = demo
+    files = [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
+    from pyfusion.cli.tradeoff import available_methods
+
+    registered = available_methods() or []
+    partial = "partial" in registered
+    methods = "partial,average" if partial else "average,weight_matching"
+    rep = tmp_path / "sweep"
+    proc = run_cli(
+        "sweep",
+        *files,
+        "--model",
+        FACTORY,
+        "--data",
+        "digits",
+        "--methods",
+        methods,
+        "--alphas",
+        "0,1",
+        "--out",
+        str(rep),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = read_report(rep)
+    assert_table_matches_json(proc.stdout, report)
+    assert (rep / "tradeoff.png").stat().st_size > 1000
+    rows = rows_of(report)
+    fused = [r for r in rows if r.kind == "fused"]
+    ens = next(r for r in rows if r.kind == "ensemble")
+    if partial:
+        assert [(r.method, r.alpha) for r in fused] == [("partial", 0.0), ("partial", 1.0), ("average", 0.0)]
+        at_one = fused[1]
+        # alpha = 1 is exactly the ensemble: same predictions, same effective cost.
+        assert at_one.accuracy == pytest.approx(ens.accuracy, abs=1e-12)
+        assert at_one.flops == pytest.approx(ens.flops, rel=1e-9)
+        assert fused[0].flops < at_one.flops
+    else:
+        assert [(r.method, r.alpha) for r in fused] == [("average", 0.0), ("weight_matching", 0.0)]
+
+
+# --------------------------------------------------------------------------------------------- README
+def readme_demo_command() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    block = re.search(r"```bash\n(.+?)\n```", quick, re.S)
+    assert block, "the README's quick start must start with a bash block"
+    parts = [p.strip() for p in block.group(1).split("&&")]
+    demo = [p for p in parts if re.match(r"\S*pyfusion demo\b", p)]
+    assert len(demo) == 1, f"the first quick-start command must run `pyfusion demo`; got {parts}"
+    return shlex.split(demo[0])[1:]
+
+
+def test_readme_demo_command_parses_and_runs_fast(tmp_path):
+    args = readme_demo_command()
+    assert args[0] == "demo"
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "demo"
+    out = tmp_path / "readme-demo"
+    proc = run_cli(*args, "--fast", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.json").is_file() and (out / "tradeoff.png").is_file()
+
+
+def test_readme_install_part_equals_ci_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = re.search(r"TEST_COMMAND='([^']+)'", ci).group(1)
+    install = test_command.split(" && .venv/bin/python -m pytest")[0]
+    text = (ROOT / "README.md").read_text()
+    first = re.search(r"```bash\n(.+?)\n```", text[text.index("## Quick start") :], re.S).group(1)
+    assert first.startswith(install + " && ")
+
+
+# --------------------------------------------------------------------------------------------- errors
+@pytest.fixture
+def members(demo) -> list[str]:
+    out, _ = demo
+    return [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
+
+
+def fuse_args(files: list[str], tmp_path: Path, *extra: str, model: str | None = FACTORY) -> list[str]:
+    args = ["fuse", *files, "--data", "digits", "--method", "average", "-o", str(tmp_path / "f.safetensors")]
+    return args + (["--model", model] if model else []) + list(extra)
+
+
+def assert_one_line_error(capsys, code: int, rc: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == code, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("pyfusion ")]
+    assert len(errors) == 1 and "error:" in errors[0], err
+    assert "Traceback" not in err
+    assert any(ln.strip().startswith("hint:") for ln in lines), err
+    for n in needles:
+        assert n in errors[0], err
+    return errors[0]
+
+
+def test_missing_member_file_exit_3(members, tmp_path, capsys):
+    rc = main(fuse_args([members[0], str(tmp_path / "nope.safetensors")], tmp_path))
+    assert_one_line_error(capsys, 3, rc, "nope.safetensors", "does not exist")
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("factory", "code", "needle"),
+    [
+        ("pyfusion.models.mlp", 2, "module:function"),
+        ("pyfusion.models:mlp(sizes=__import__('os'))", 2, "literals"),
+        ("pyfusion.models:mlp(sizes=[64", 2, "parenthesis"),
+        ("no_such_module_xyz:build", 3, "cannot import"),
+        ("pyfusion.models:no_such_factory", 3, "no attribute"),
+        ("pyfusion.models:mlp(sizes=[64, 32, 10])", 3, "does not fit"),
+    ],
+)
+def test_bad_factory(members, tmp_path, capsys, factory, code, needle):
+    rc = main(fuse_args(members, tmp_path, model=factory))
+    assert_one_line_error(capsys, code, rc, needle)
+
+
+def test_mismatched_members_exit_3(tmp_path, capsys):
+    from pyfusion.models import mlp
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    pyfusion.save(mlp([64, 32, 10]), a)
+    pyfusion.save(mlp([64, 16, 10]), b)
+    rc = main(fuse_args([str(a), str(b)], tmp_path, model=None))
+    assert_one_line_error(capsys, 3, rc, "different shapes", "a.safetensors", "b.safetensors")
+
+
+def test_plain_state_dict_without_model_exit_2(members, tmp_path, capsys):
+    rc = main(fuse_args(members, tmp_path, model=None))
+    assert_one_line_error(capsys, 2, rc, "needs the architecture")
+
+
+def test_pickled_object_is_refused(tmp_path, capsys, members):
+    evil = tmp_path / "member.pt"
+    torch.save({"w": torch.zeros(2), "obj": Row}, evil)  # a class object needs full unpickling
+    rc = main(fuse_args([members[0], str(evil)], tmp_path))
+    assert_one_line_error(capsys, 3, rc, "member.pt")
+
+
+def test_usage_errors_exit_2(members, tmp_path, capsys):
+    rc = main(fuse_args(members, tmp_path, "--alpha", "1.5"))
+    assert_one_line_error(capsys, 2, rc, "outside [0, 1]")
+    rc = main(fuse_args(members, tmp_path, "--lambdas", "0.2,0.3,0.5"))
+    assert_one_line_error(capsys, 2, rc, "3 values for 2 members")
+    rc = main(["fuse", *members, "--model", FACTORY, "--data", "digits", "--method", "no_such_method", "-o", "x"])
+    assert_one_line_error(capsys, 2, rc, "no_such_method")
+    assert main(["demo", "--no-such-flag"]) == 2
+    assert main(["demo", "--quiet", "--verbose"]) == 2
+
+
+def test_bad_data_exit_3(members, tmp_path, capsys):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((4, 1, 8, 8), np.nan, np.float32))
+    args = fuse_args(members, tmp_path)
+    args[args.index("digits")] = str(bad)
+    rc = main(args)
+    assert_one_line_error(capsys, 3, rc, "NaN")
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 5), np.float32))  # 5 features, the members read 64
+    args[args.index(str(bad))] = str(wrong)
+    rc = main(args)
+    assert_one_line_error(capsys, 3, rc, "cannot run on data")
+
+
+def test_unwritable_output_exit_5(members, tmp_path, capsys):
+    args = fuse_args(members, tmp_path)
+    args[args.index("-o") + 1] = str(tmp_path / "missing_dir" / "f.safetensors")
+    rc = main(args)
+    assert_one_line_error(capsys, 5, rc, "does not exist")
+
+
+def test_subprocess_error_is_one_line_and_verbose_adds_traceback(tmp_path):
+    proc = run_cli(
+        "fuse",
+        str(tmp_path / "a.pt"),
+        str(tmp_path / "b.pt"),
+        "--data",
+        "digits",
+        "--method",
+        "average",
+        "-o",
+        str(tmp_path / "f.safetensors"),
+    )
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert proc.stderr.splitlines()[0].startswith("pyfusion fuse: error: member file")
+    assert "Traceback" not in proc.stderr
+
+
+def test_quiet_prints_nothing(members, tmp_path, capsys):
+    rc = main(fuse_args(members, tmp_path, "--quiet"))
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out == "" and captured.err == ""
+    assert (tmp_path / "f.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------- bench
+def test_bench_runs_scripts_and_reports_failures(tmp_path, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_ok.py").write_text(
+        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\n"
+        "print('| shape | ms |\\n|---|---|\\n| tiny | 1.0 |')\n"
+    )
+    (bench / "bench_broken.py").write_text("raise SystemExit('broken on purpose')\n")
+    assert main(["bench", "--bench-dir", str(bench), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["broken", "ok"]
+    assert main(["bench", "ok", "--bench-dir", str(bench)]) == 0
+    assert "| tiny | 1.0 |" in capsys.readouterr().out
+    rc = main(["bench", "--bench-dir", str(bench)])
+    captured = capsys.readouterr()
+    assert rc == 6 and "| tiny | 1.0 |" in captured.out
+    assert "bench_broken.py failed: broken on purpose" in captured.err
+    assert main(["bench", "nope", "--bench-dir", str(bench)]) == 2
+    assert main(["bench", "--bench-dir", str(tmp_path / "empty")]) == 3
+
+
+# --------------------------------------------------------------------------------------------- readers
+def test_load_data_file_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.arange(6) % 3
+    torch.save((x, y), tmp_path / "t.pt")
+    torch.save({"inputs": x, "labels": y}, tmp_path / "d.pt")
+    np.save(tmp_path / "a.npy", x.numpy())
+    np.savez(tmp_path / "z.npz", x=x.numpy(), y=y.numpy())
+    save_file({"x": x, "y": y}, tmp_path / "s.safetensors")
+    for name, has_y in [("t.pt", True), ("d.pt", True), ("a.npy", False), ("z.npz", True), ("s.safetensors", True)]:
+        ds = load_data(str(tmp_path / name))
+        torch.testing.assert_close(ds.x, x)
+        assert (ds.y is not None) == has_y
+        if has_y:
+            assert torch.equal(ds.y, y)
+    torch.save((x, torch.arange(5)), tmp_path / "bad.pt")
+    with pytest.raises(CLIError, match=r"labels must be integers of shape \(6,\)") as e:
+        load_data(str(tmp_path / "bad.pt"))
+    assert e.value.code == 3
+    with pytest.raises(CLIError, match="needs the directory") as e:
+        load_data("mnist")
+    assert e.value.code == 2
+    ds = load_data("digits", "test")
+    assert ds.x.shape[1:] == (1, 8, 8) and ds.y is not None and ds.x.shape[0] == ds.y.shape[0]
+
+
+def test_parse_factory_literals():
+    f = parse_factory("pyfusion.models:mlp([64, 8, 10], activation='tanh', bias=False)")
+    assert (f.module, f.function, f.args, f.kwargs) == (
+        "pyfusion.models",
+        "mlp",
+        ([64, 8, 10],),
+        {"activation": "tanh", "bias": False},
+    )
+    model = f.build()
+    assert isinstance(model[1], torch.nn.Linear) and model[1].bias is None and model[1].out_features == 8
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
