@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", help="hidden widths, comma-separated (default: 64,64 on digits, 256,256 on MNIST)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per member")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument(
         "--split",
         choices=("iid", "dirichlet", "shard"),

@@ -181,7 +181,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     if args.fast:
         defaults: dict[str, Any] = {"hidden": "32,32", "epochs": 4, "alphas": "0,0.5,1", "repeats": 3, "calib": 256}
     elif args.dataset == "digits":
-        defaults = {"hidden": "64,64", "epochs": 30, "alphas": "0,0.25,0.5,0.75,1", "repeats": 20, "calib": 512}
+        defaults = {"hidden": "64,64", "epochs": 20, "alphas": "0,0.25,0.5,0.75,1", "repeats": 20, "calib": 512}
     else:
         defaults = {"hidden": "256,256", "epochs": 2, "alphas": "0,0.25,0.5,0.75,1", "repeats": 20, "calib": 1024}
     hidden = [int(h) for h in parse_floats(args.hidden or defaults["hidden"], "--hidden")]
