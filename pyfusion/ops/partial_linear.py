@@ -224,6 +224,11 @@ def _apply_activation_(y: Tensor, activation: str) -> Tensor:
     return y
 
 
+def _activation(y: Tensor, activation: str) -> Tensor:
+    fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}.get(activation)
+    return y if fn is None else fn(y)
+
+
 def _uniform_branches(in_layout: Sequence[int], out_layout: Sequence[int]) -> bool:
     return len(set(in_layout[1:])) == 1 and len(set(out_layout[1:])) == 1
 
@@ -287,6 +292,44 @@ def _torch_forward_2d(
     return y
 
 
+def _functional_forward_2d(
+    x2: Tensor,
+    w_shared: Tensor,
+    w_cross: Tensor,
+    w_diag: Tensor,
+    bias: Tensor | None,
+    in_layout: Sequence[int],
+    out_layout: Sequence[int],
+) -> Tensor:
+    """Same result as :func:`_torch_forward_2d` without in-place writes into views: the form traced for
+    torch.compile (functionalization cannot replay in-place ``baddbmm_`` into transposed output views)."""
+    m = x2.shape[0]
+    i_s, o_s = in_layout[0], out_layout[0]
+    o_b = sum(out_layout[1:])
+    kb = len(out_layout) - 1
+    parts = []
+    if o_s > 0:
+        parts.append(F.linear(x2, w_shared, None if bias is None else bias[:o_s]))
+    if o_b > 0:
+        yb = F.linear(x2[:, :i_s], w_cross, None if bias is None else bias[o_s:])
+        if sum(in_layout[1:]) > 0:
+            if _uniform_branches(in_layout, out_layout):
+                o_k, i_k = out_layout[1], in_layout[1]
+                xb = x2[:, i_s:].unflatten(1, (kb, i_k)).transpose(0, 1)
+                zb = torch.bmm(xb, w_diag.view(kb, o_k, i_k).transpose(1, 2)).transpose(0, 1).reshape(m, o_b)
+            else:
+                zs, i0, d0 = [], i_s, 0
+                for o_k, i_k in zip(out_layout[1:], in_layout[1:]):
+                    zs.append(F.linear(x2[:, i0 : i0 + i_k], w_diag[d0 : d0 + o_k * i_k].view(o_k, i_k)))
+                    i0, d0 = i0 + i_k, d0 + o_k * i_k
+                zb = torch.cat(zs, dim=1)
+            yb = yb + zb
+        parts.append(yb)
+    if not parts:
+        return x2.new_zeros((m, 0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _flatten(x: Tensor) -> Tensor:
     # A view for 2-D inputs of any strides and for contiguous N-D inputs; only N-D inputs whose leading
     # dims cannot be merged are copied (torch.reshape semantics).
@@ -302,9 +345,11 @@ def _torch_forward(
     in_layout: Sequence[int],
     out_layout: Sequence[int],
     activation: str,
+    functional: bool = False,
 ) -> Tensor:
-    y = _torch_forward_2d(_flatten(x), w_shared, w_cross, w_diag, bias, in_layout, out_layout)
-    y = _apply_activation_(y, activation)
+    fwd = _functional_forward_2d if functional else _torch_forward_2d
+    y = fwd(_flatten(x), w_shared, w_cross, w_diag, bias, in_layout, out_layout)
+    y = _apply_activation_(y, activation) if not functional else _activation(y, activation)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -364,7 +409,7 @@ def _partial_linear_op(
     # Triton the kernel launch is recorded with wrap_triton, elsewhere the BLAS path is traced.
     if x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and not backends.triton_gpu_reasons():
         return _triton_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, wrap_triton)
-    return _torch_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
+    return _torch_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, functional=True)
 
 
 @_partial_linear_op.register_kernel("cpu")
@@ -568,4 +613,8 @@ def partial_linear(
         )
     w_shared, w_cross, w_diag = weight_blocks
     _check_args(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the op itself picks the device path (Triton on CUDA, BLAS elsewhere); the
+        # Python dispatcher (env lookups, cached probes) stays out of the traced graph.
+        return torch.ops.pyfusion.partial_linear(x, w_shared, w_cross, w_diag, bias, il, ol, act)
     return DISPATCHER(x, w_shared, w_cross, w_diag, bias, il, ol, act)
