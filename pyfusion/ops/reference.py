@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["linear_assignment_ref", "augment_partial_cost"]
+__all__ = ["linear_assignment_ref", "augment_partial_cost", "partial_linear_ref"]
 
 
 def augment_partial_cost(
@@ -74,3 +74,33 @@ def linear_assignment_ref(
     order = np.argsort(rows, kind="stable")
     rows, cols = rows[order], cols[order]
     return rows, cols, float(c[rows, cols].sum()) if rows.size else 0.0
+
+
+def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation=None):
+    """Float64 reference of :func:`pyfusion.ops.partial_linear`: builds the dense (O_total, I_total) matrix
+    with zero blocks (branch k outputs x branch j != k inputs) and applies ``act(x W^T + b)``.
+
+    Args:
+        x: (..., I_total) tensor; weight_blocks: ``(w_shared (O_s, I_total), w_cross (O_B, I_s),
+            w_diag (sum_k O_k I_k,))``; bias: (O_total,) or None; layouts ``[shared, branch_1, ...]``;
+            activation: None/"none", "relu", "gelu" (torch's exact erf GELU), "silu".
+
+    Returns:
+        (..., O_total) float64 tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    il, ol = [int(v) for v in in_layout], [int(v) for v in out_layout]
+    w_shared, w_cross, w_diag = (w.to(torch.float64) for w in weight_blocks)
+    i_s, o_s, i_tot, o_tot = il[0], ol[0], sum(il), sum(ol)
+    dense = torch.zeros(o_tot, i_tot, dtype=torch.float64, device=w_shared.device)
+    dense[:o_s] = w_shared
+    dense[o_s:, :i_s] = w_cross
+    r, c, d = o_s, i_s, 0
+    for o_k, i_k in zip(ol[1:], il[1:]):
+        dense[r : r + o_k, c : c + i_k] = w_diag[d : d + o_k * i_k].reshape(o_k, i_k)
+        r, c, d = r + o_k, c + i_k, d + o_k * i_k
+    z = F.linear(x.to(torch.float64), dense, None if bias is None else bias.to(torch.float64))
+    act = activation or "none"
+    return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
