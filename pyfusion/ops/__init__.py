@@ -2,5 +2,6 @@
 available backend (C++, CUDA, Triton, torch) and has a float64 ``*_ref`` reference in ``ops.reference``."""
 
 from pyfusion.ops.assignment import AssignmentResult, linear_assignment
+from pyfusion.ops.correlation import correlation
 
-__all__ = ["AssignmentResult", "linear_assignment"]
+__all__ = ["AssignmentResult", "correlation", "linear_assignment"]
