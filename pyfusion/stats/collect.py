@@ -97,7 +97,7 @@ def collect_stats(
                     t = out if capture == "output" else args[0]
                     if not isinstance(t, Tensor):
                         raise ValueError(
-                            f"points[{_name!r}]: module {mod.__class__.__name__} gave a {type(t).__name__}, not a tensor"
+                            f"points[{_name!r}]: module {mod.__class__.__name__} gave {type(t).__name__}, not a tensor"
                         )
                     t = t.detach()
                     if transform is not None:
