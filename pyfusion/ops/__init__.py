@@ -4,4 +4,5 @@ available backend (C++, CUDA, Triton, torch) and has a float64 ``*_ref`` referen
 from pyfusion.ops.assignment import AssignmentResult, linear_assignment
 from pyfusion.ops.partial_linear import partial_linear
 
-__all__ = ["AssignmentResult", "linear_assignment", "partial_linear"]
+__all__ = ["AssignmentResult", "correlation", "linear_assignment", "partial_linear"]
+from pyfusion.ops.correlation import correlation

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["linear_assignment_ref", "augment_partial_cost", "partial_linear_ref"]
+__all__ = ["augment_partial_cost", "correlation_ref", "linear_assignment_ref", "partial_linear_ref"]
 
 
 def augment_partial_cost(
@@ -104,3 +104,22 @@ def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation
     z = F.linear(x.to(torch.float64), dense, None if bias is None else bias.to(torch.float64))
     act = activation or "none"
     return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
+
+
+def correlation_ref(x, y):
+    """Pearson correlation between the columns of x (N, Dx) and y (N, Dy) -> (Dx, Dy), float64, two-pass.
+
+    Population moments; a pair involving a zero-variance column (std <= 1e-7 |mean|, or exactly 0) gives 0.
+    """
+    import torch
+
+    xd, yd = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    mx, my = xd.mean(0), yd.mean(0)
+    xc, yc = xd - mx, yd - my
+    cov = xc.T @ yc / xd.shape[0]
+    sx, sy = (xc * xc).mean(0).sqrt(), (yc * yc).mean(0).sqrt()
+    cx = (sx == 0) | (sx <= 1e-7 * mx.abs())
+    cy = (sy == 0) | (sy <= 1e-7 * my.abs())
+    ok = ~(cx[:, None] | cy[None, :])
+    denom = torch.where(ok, torch.outer(sx, sy), torch.ones_like(cov))
+    return torch.where(ok, cov / denom, torch.zeros_like(cov)).clamp(-1.0, 1.0)
