@@ -416,7 +416,9 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
     for (int64_t i = 0; i < n; ++i) out[i] = -1;
     std::string what = partial_k ? "no assignment of num_matches=" + std::to_string(p.num_matches) + " pairs"
                                  : std::string("no complete assignment");
-    throw std::invalid_argument(name + " is infeasible: " + what + " avoids the forbidden (" + forb + ") entries");
+    const std::string who = name == "cost" ? std::string() : name + ": ";
+    throw std::invalid_argument(who + "cost matrix is infeasible: " + what + " avoids the forbidden (" + forb +
+                                ") entries");
   }
   double acc = 0.0;
   for (int64_t i = 0; i < n; ++i)
