@@ -1,0 +1,105 @@
+"""``pyfusion.fuse``: validate, trace, plan, build, recalibrate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from pyfusion.fuse.bn import has_batchnorm, reset_bn_stats
+from pyfusion.fuse.builder import build
+from pyfusion.fuse.plan import Plan
+from pyfusion.fuse.registry import get_method
+from pyfusion.fuse.validate import check_lambdas, check_members, prepare_data
+from pyfusion.graph import FusionGraph, trace_groups
+
+__all__ = ["fuse"]
+
+
+def fuse(
+    models: Sequence[nn.Module],
+    data: Any = None,
+    *,
+    method: str,
+    lambdas: Sequence[float] | None = None,
+    graph: FusionGraph | None = None,
+    reset_bn: bool | None = None,
+    repair: bool = False,
+    bn_batches: int | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Fuse K >= 2 members of one architecture into one new network (the members are never modified).
+
+    Args:
+        models: the members.
+        data: calibration data: a DataLoader or iterable of batches (inputs, or (inputs, labels)). Required by
+            activation-based methods; used by every method for the BatchNorm reset.
+        method: a registered method ("average", "weight_matching", "activation_matching", "ot", ...; see
+            :func:`pyfusion.fuse.available_methods`).
+        lambdas: member weights (default uniform), non-negative, summing to 1.
+        graph: neuron groups (default: traced from ``models[0]`` with :func:`pyfusion.graph.trace_groups`).
+        reset_bn: recompute BatchNorm running statistics on ``data`` (default: when data is given and the model
+            has BatchNorm).
+        repair: REPAIR (Jordan et al. 2023): rescale each fused neuron to the lambda-weighted mean and standard
+            deviation of its members' neurons (needs data).
+        bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
+        **options: passed to the method (e.g. ``seed``, ``cost``, ``point``).
+
+    Returns:
+        The fused module, with ``fusion_plan`` (the :class:`Plan`), ``fusion_layouts``, ``fusion_module_layouts``
+        and ``fusion_info`` (method diagnostics and per-stage times) attached.
+
+    Raises:
+        ValueError: different architectures, mismatched shapes, NaN / inf weights, bad lambdas, empty data, a method
+            needing data without data, an unknown method, an unsupported layer (named by path and type).
+    """
+    spec = get_method(method)
+    members = check_members(models)
+    lam = check_lambdas(lambdas, len(members))
+    data = prepare_data(data)
+    if spec.needs_data == "yes" and data is None:
+        raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
+    if repair and data is None:
+        raise ValueError("repair=True needs calibration data")
+    t0 = time.perf_counter()
+    if graph is None:
+        graph = trace_groups(members[0])
+    else:
+        graph.validate(members[0])
+    t_graph = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = spec.fn(members, graph, lam, data, **options)
+    t_method = time.perf_counter() - t0
+    info: dict[str, Any] = {"method": method, "lambdas": lam, "time_graph_s": t_graph}
+    if isinstance(result, Plan):
+        plan = result
+        t0 = time.perf_counter()
+        fused = build(members, graph, plan)
+        info["time_build_s"] = time.perf_counter() - t0
+    elif isinstance(result, nn.Module):
+        fused = result
+        plan = getattr(fused, "fusion_plan", None)
+    else:  # pragma: no cover - a method bug
+        raise TypeError(f"method {method!r} returned {type(result).__name__}; expected a Plan or an nn.Module")
+    if plan is not None:
+        info.update(plan.info)
+    info["time_method_s"] = t_method
+    if reset_bn is None:
+        reset_bn = data is not None and has_batchnorm(fused)
+    if reset_bn:
+        if data is None:
+            raise ValueError("reset_bn=True needs calibration data")
+        t0 = time.perf_counter()
+        info["bn_reset_samples"] = reset_bn_stats(fused, data, max_batches=bn_batches)
+        info["time_bn_reset_s"] = time.perf_counter() - t0
+    if repair:
+        from pyfusion.fuse.repair import repair as _repair
+
+        t0 = time.perf_counter()
+        _repair(fused, members, graph, plan, data, max_batches=bn_batches)
+        info["time_repair_s"] = time.perf_counter() - t0
+    fused.fusion_plan = plan
+    fused.fusion_info = info
+    return fused

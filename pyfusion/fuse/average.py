@@ -1,0 +1,24 @@
+"""Vanilla weight averaging: ``A_k = lambda_k I``, ``B_k = I`` (no alignment)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from pyfusion.fuse.plan import Plan
+from pyfusion.fuse.registry import register_method
+from pyfusion.graph.groups import FusionGraph
+
+__all__ = ["average_plan"]
+
+
+@register_method("average", needs_data="optional", summary="vanilla weight averaging (no alignment)")
+def average_plan(
+    members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any = None, **options: Any
+) -> Plan:
+    """Vanilla averaging ``W' = sum_k lambda_k W_k``. ``data`` is only used by the BatchNorm reset of ``fuse``."""
+    if options:
+        raise ValueError(f"method 'average' takes no options; got {sorted(options)}")
+    return Plan.identity(graph, lambdas)

@@ -1,0 +1,165 @@
+"""The one builder (DESIGN §3): ``W' = sum_k A_k^{out} W_k B_k^{in}``, ``b' = sum_k A_k b_k``, per-neuron params by A_k.
+
+Every tensor of the members (parameters and floating-point buffers) is transformed along each axis a neuron
+group indexes: producer and per-neuron axes (axis 0) by ``A_k`` (which carries lambda_k), consumer axes by
+``B_k`` (expanded as ``B_k kron I_e`` after a flatten of ``e`` spatial positions). A tensor with no producer or
+per-neuron axis (the last layer, whose outputs are the logits) is weighted by lambda_k instead. The fused module
+is a deep copy of member 0 in which every Linear / Conv2d / BatchNorm / LayerNorm whose size changes is
+re-created; the members are never modified. Each group's layout is recorded on the result in
+``fusion_layouts`` (group -> segment sizes) and ``fusion_module_layouts`` (module path -> {"out", "in",
+"in_expand"}) so that execution modules (pyfusion.nn.PartialLinear.from_dense, ...) can be swapped in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.graph.groups import AxisRef, FusionGraph
+
+__all__ = ["build", "fused_tensors"]
+
+
+def _apply(t: Tensor, m: Tensor, axis: int) -> Tensor:
+    """Contract matrix ``m`` (new, old) with axis ``axis`` of ``t``."""
+    return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
+
+
+def _expand_b(b: Tensor, expand: int) -> Tensor:
+    """``B kron I_e``: each neuron covers ``e`` consecutive columns (channel-major flatten)."""
+    if expand == 1:
+        return b
+    return torch.kron(b, torch.eye(expand, dtype=b.dtype, device=b.device))
+
+
+def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan) -> dict[str, Tensor]:
+    """Compute every fused tensor in float64.
+
+    Args:
+        states: K state dicts (parameters and buffers) of the members.
+        graph: the members' neuron groups.
+        plan: maps per group (groups missing from the plan are averaged: A_k = lambda_k I, B_k = I).
+
+    Returns:
+        key -> fused float64 tensor (non-floating buffers such as ``num_batches_tracked`` are taken from member 0).
+    """
+    by_key = graph.refs_by_key()
+    lambdas = plan.lambdas
+    out: dict[str, Tensor] = {}
+    maps: dict[str, GroupPlan] = {}
+    for name, g in graph.groups.items():
+        gp = plan.groups.get(name)
+        if gp is None:
+            eye = torch.eye(g.size, dtype=torch.float64)
+            gp = GroupPlan([lam * eye for lam in lambdas], [eye] * len(lambdas), (g.size,) + (0,) * len(lambdas))
+        maps[name] = gp
+    for key, t0 in states[0].items():
+        if not torch.is_floating_point(t0):
+            out[key] = t0.clone()
+            continue
+        refs: list[tuple[str, AxisRef]] = by_key.get(key, [])
+        has_out = any(r.role in ("producer", "neuron") for _, r in refs)
+        acc = None
+        for k, st in enumerate(states):
+            t = st[key].detach().to(torch.float64)
+            for gname, r in refs:
+                gp = maps[gname]
+                if r.role == "consumer":
+                    t = _apply(t, _expand_b(gp.B[k].to(t.device), r.expand).T, r.axis)
+                else:
+                    t = _apply(t, gp.A[k].to(t.device), r.axis)
+            if not has_out:
+                t = t * lambdas[k]
+            acc = t if acc is None else acc + t
+        out[key] = acc
+    return out
+
+
+def _recreate(mod: nn.Module, shapes: dict[str, tuple[int, ...]], path: str) -> nn.Module:
+    p = next(iter(mod.parameters()), None)
+    if p is None:
+        p = next(iter(mod.buffers()))
+    kw = {"device": p.device, "dtype": p.dtype}
+    if isinstance(mod, nn.Linear):
+        out_f, in_f = shapes["weight"]
+        return nn.Linear(in_f, out_f, bias=mod.bias is not None, **kw)
+    if isinstance(mod, nn.Conv2d):
+        out_c, in_c = shapes["weight"][:2]
+        return nn.Conv2d(
+            in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
+            mod.bias is not None, mod.padding_mode, **kw,
+        )  # fmt: skip
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        n = next(iter(shapes.values()))[0]
+        return type(mod)(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **kw)
+    if isinstance(mod, nn.LayerNorm):
+        n = next(iter(shapes.values()))[0]
+        return nn.LayerNorm((n,), mod.eps, mod.elementwise_affine, bias=mod.bias is not None, **kw)
+    raise ValueError(f"cannot re-create module {path!r} of type {type(mod).__name__} with new sizes {shapes}")
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan) -> nn.Module:
+    """Build the fused module of a plan.
+
+    Args:
+        members: K networks of one architecture (not modified).
+        graph: their neuron groups.
+        plan: maps per group; ``plan.lambdas`` weights tensors with no group on their output axis.
+
+    Returns:
+        A new module (a deep copy of member 0 with re-created layers where sizes change), with attributes
+        ``fusion_layouts`` and ``fusion_module_layouts``.
+    """
+    if len(members) != plan.num_members:
+        raise ValueError(f"plan is for {plan.num_members} members; got {len(members)} models")
+    plan.validate(graph)
+    states = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in members]
+    tensors = fused_tensors(states, graph, plan)
+    fused = copy.deepcopy(members[0])
+    own = dict(list(fused.named_parameters()) + list(fused.named_buffers()))
+    # re-create modules whose tensors change shape
+    changed: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, t in tensors.items():
+        if tuple(own[key].shape) != tuple(t.shape):
+            mpath, _, pname = key.rpartition(".")
+            changed.setdefault(mpath, {})[pname] = tuple(t.shape)
+    for mpath, shapes in changed.items():
+        mod = fused.get_submodule(mpath)
+        for pname, _t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            shapes.setdefault(pname, tuple(tensors[f"{mpath}.{pname}" if mpath else pname].shape))
+        new = _recreate(mod, shapes, mpath)
+        new.train(mod.training)
+        _set_module(fused, mpath, new)
+    own = dict(list(fused.named_parameters()) + list(fused.named_buffers()))
+    with torch.no_grad():
+        for key, t in tensors.items():
+            dst = own[key]
+            if tuple(dst.shape) != tuple(t.shape):  # pragma: no cover - guarded by _recreate
+                raise ValueError(f"fused tensor {key} has shape {tuple(t.shape)}, module expects {tuple(dst.shape)}")
+            dst.copy_(t.to(dst.dtype))
+    layouts = {name: tuple(gp.layout) for name, gp in plan.groups.items()}
+    for name, g in graph.groups.items():
+        layouts.setdefault(name, (g.size,) + (0,) * plan.num_members)
+    module_layouts: dict[str, dict[str, object]] = {}
+    for name, g in graph.groups.items():
+        for r in g.refs:
+            entry = module_layouts.setdefault(
+                r.module, {"out": None, "in": None, "in_expand": 1, "out_group": None, "in_group": None}
+            )
+            if r.role == "consumer":
+                entry.update(**{"in": layouts[name], "in_expand": r.expand, "in_group": name})
+            else:
+                entry.update(out=layouts[name], out_group=name)
+    fused.fusion_layouts = layouts
+    fused.fusion_module_layouts = module_layouts
+    return fused

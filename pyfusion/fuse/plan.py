@@ -1,0 +1,131 @@
+"""Fusion plans (DESIGN §3): per neuron group and member k, the maps A_k (slots x n_k) and B_k (n_k x slots).
+
+The fused layer is ``W' = sum_k A_k^{out} W_k B_k^{in}``, ``b' = sum_k A_k b_k``. Vanilla averaging is
+``A_k = lambda_k I, B_k = I``; permutation alignment is ``A_k = lambda_k P_k, B_k = P_k^T``; OT fusion uses soft
+transport maps; partial fusion uses more slots than neurons with the layout ``[shared | branch_1 | ... | branch_K]``.
+Maps are stored densely in float64: exact, and small next to the weights they act on (n x slots per group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyfusion.graph.groups import FusionGraph
+
+__all__ = ["GroupPlan", "Plan"]
+
+
+@dataclass
+class GroupPlan:
+    """The maps of one neuron group.
+
+    Attributes:
+        A: K tensors (slots, n_k), float64: how member k's neurons build each slot's incoming weights.
+        B: K tensors (n_k, slots), float64: where member k's input neurons are found among the slots.
+        layout: segment sizes ``(shared, branch_1, ..., branch_K)`` summing to ``slots``; full fusion is
+            ``(n, 0, ..., 0)``.
+    """
+
+    A: list[Tensor]
+    B: list[Tensor]
+    layout: tuple[int, ...]
+
+    @property
+    def slots(self) -> int:
+        return int(self.A[0].shape[0])
+
+    def validate(self, name: str, sizes: Sequence[int]) -> None:
+        """Check shapes, finiteness and the layout against member widths ``sizes``.
+
+        Raises:
+            ValueError: naming the group, the map and expected vs actual shape.
+        """
+        k = len(sizes)
+        if len(self.A) != k or len(self.B) != k:
+            raise ValueError(f"plan for group {name!r}: expected {k} A and B maps; got {len(self.A)} and {len(self.B)}")
+        if len(self.layout) != k + 1 or any(s < 0 for s in self.layout) or sum(self.layout) != self.slots:
+            raise ValueError(
+                f"plan for group {name!r}: layout must be {k + 1} non-negative segment sizes summing to slots="
+                f"{self.slots}; got {self.layout}"
+            )
+        for i, (a, b, n) in enumerate(zip(self.A, self.B, sizes)):
+            if tuple(a.shape) != (self.slots, n):
+                raise ValueError(
+                    f"plan for group {name!r}: A[{i}] must have shape ({self.slots}, {n}); got {tuple(a.shape)}"
+                )
+            if tuple(b.shape) != (n, self.slots):
+                raise ValueError(
+                    f"plan for group {name!r}: B[{i}] must have shape ({n}, {self.slots}); got {tuple(b.shape)}"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"plan for group {name!r}: A[{i}] or B[{i}] contains NaN or inf")
+
+
+@dataclass
+class Plan:
+    """A complete fusion plan: member weights and one :class:`GroupPlan` per neuron group.
+
+    Attributes:
+        lambdas: member weights (non-negative, summing to 1).
+        groups: group name -> maps. A group of the graph missing here is treated as vanilla averaging.
+        info: method diagnostics (e.g. iterations, costs, per-stage times).
+    """
+
+    lambdas: tuple[float, ...]
+    groups: dict[str, GroupPlan]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_members(self) -> int:
+        return len(self.lambdas)
+
+    @classmethod
+    def identity(cls, graph: FusionGraph, lambdas: Sequence[float]) -> Plan:
+        """Vanilla averaging: ``A_k = lambda_k I``, ``B_k = I`` for every group."""
+        groups = {}
+        for name, g in graph.groups.items():
+            eye = torch.eye(g.size, dtype=torch.float64)
+            groups[name] = GroupPlan(
+                [lam * eye for lam in lambdas], [eye.clone() for _ in lambdas], (g.size,) + (0,) * len(lambdas)
+            )
+        return cls(tuple(float(x) for x in lambdas), groups)
+
+    @classmethod
+    def from_permutations(
+        cls, graph: FusionGraph, perms: Mapping[str, Sequence[Tensor]], lambdas: Sequence[float]
+    ) -> Plan:
+        """Full fusion from permutations: ``perms[g][k][s]`` is member k's neuron in slot s of group g.
+
+        ``A_k = lambda_k P_k`` and ``B_k = P_k^T`` with ``P_k[s, perms[g][k][s]] = 1``. Groups missing from
+        ``perms`` get the identity permutation.
+        """
+        groups = {}
+        for name, g in graph.groups.items():
+            maps_a, maps_b = [], []
+            for k, lam in enumerate(lambdas):
+                p = perms.get(name)
+                idx = torch.arange(g.size) if p is None else torch.as_tensor(p[k], dtype=torch.long).cpu()
+                if sorted(idx.tolist()) != list(range(g.size)):
+                    raise ValueError(
+                        f"perms[{name!r}][{k}] must be a permutation of range({g.size}); got {idx.tolist()}"
+                    )
+                pk = torch.zeros(g.size, g.size, dtype=torch.float64)
+                pk[torch.arange(g.size), idx] = 1.0
+                maps_a.append(lam * pk)
+                maps_b.append(pk.T.contiguous())
+            groups[name] = GroupPlan(maps_a, maps_b, (g.size,) + (0,) * len(lambdas))
+        return cls(tuple(float(x) for x in lambdas), groups)
+
+    def validate(self, graph: FusionGraph) -> None:
+        """Check every group's maps against the graph's group sizes (all members have the same width)."""
+        for name, gp in self.groups.items():
+            if name not in graph.groups:
+                raise ValueError(
+                    f"plan has group {name!r}, which the graph does not have (groups: {list(graph.groups)})"
+                )
+            gp.validate(name, [graph.groups[name].size] * self.num_members)

@@ -1,0 +1,196 @@
+"""Full fusion through pyfusion.fuse: permutation recovery, lambda invariants, BatchNorm reset, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyfusion
+from pyfusion import models
+from pyfusion.fuse import available_methods
+from pyfusion.fuse.bn import reset_bn_stats
+from pyfusion.fuse.weight_matching import permute_state
+from pyfusion.graph import trace_groups
+
+ALIGNING = ["weight_matching"]
+
+ARCHS = {
+    "mlp": (lambda: models.mlp([12, 16, 16, 5]), (12,)),
+    "vgg": (lambda: models.vgg((6, "M", 8, "M"), in_channels=2, image_size=8, hidden=10), (2, 8, 8)),
+    "resnet": (lambda: models.resnet20(1, blocks=1, num_classes=5), (3, 8, 8)),
+    "bottleneck": (lambda: models.bottleneck_resnet(1, num_classes=5), (3, 8, 8)),
+}
+
+
+def _randomize_bn(m: nn.Module) -> nn.Module:
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            with torch.no_grad():
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_(1.0, 0.3)
+                mod.bias.normal_(0, 0.3)
+    return m.eval()
+
+
+def _permuted_copy(m: nn.Module) -> nn.Module:
+    g = trace_groups(m)
+    perm = {n: torch.randperm(gr.size) for n, gr in g.groups.items()}
+    st = {k: v.detach() for k, v in list(m.named_parameters()) + list(m.named_buffers())}
+    out = copy.deepcopy(m)
+    out.load_state_dict(permute_state(st, g, perm))
+    return out.eval()
+
+
+def _snapshot(ms):
+    return [{k: v.detach().clone() for k, v in list(m.named_parameters()) + list(m.named_buffers())} for m in ms]
+
+
+def _assert_unchanged(ms, snap):
+    for m, s in zip(ms, snap):
+        for k, v in list(m.named_parameters()) + list(m.named_buffers()):
+            assert torch.equal(v, s[k]), k
+
+
+def _data(shape, n=4, bs=16):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(bs, *shape, generator=g), torch.zeros(bs, dtype=torch.long)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", ALIGNING)
+@pytest.mark.parametrize("k", [2, 3])
+def test_permuted_copies_recovered(arch, method, k):
+    factory, shape = ARCHS[arch]
+    m = _randomize_bn(factory())
+    members = [m] + [_permuted_copy(m) for _ in range(k - 1)]
+    x = torch.randn(8, *shape)
+    for other in members[1:]:
+        assert not torch.equal(
+            other.state_dict()[next(iter(other.state_dict()))], m.state_dict()[next(iter(m.state_dict()))]
+        )
+    snap = _snapshot(members)
+    # no BN reset: the fused network must equal the member exactly, running statistics included
+    fused = pyfusion.fuse(members, _data(shape), method=method, reset_bn=False)
+    torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-5, atol=1e-5)
+    _assert_unchanged(members, snap)
+
+
+@pytest.mark.parametrize("method", ["average", *ALIGNING])
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+def test_one_hot_lambdas_return_member(method, arch):
+    factory, shape = ARCHS[arch]
+    members = [_randomize_bn(factory()) for _ in range(3)]
+    x = torch.randn(6, *shape)
+    for k in range(3):
+        lam = [0.0] * 3
+        lam[k] = 1.0
+        fused = pyfusion.fuse(members, _data(shape), method=method, lambdas=lam, reset_bn=False)
+        torch.testing.assert_close(fused.eval()(x), members[k](x), rtol=1e-5, atol=1e-5)
+
+
+def test_average_is_weighted_mean():
+    a, b = models.mlp([5, 4, 3]), models.mlp([5, 4, 3])
+    fused = pyfusion.fuse([a, b], method="average", lambdas=[0.25, 0.75])
+    for (n, p), q, r in zip(fused.named_parameters(), a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, 0.25 * q + 0.75 * r, msg=n)
+    assert fused.fusion_layouts == {g: (4, 0, 0) for g in trace_groups(a).groups}
+    assert fused.fusion_info["method"] == "average"
+
+
+def test_weight_matching_beats_identity_objective():
+    """On unrelated members the chosen permutations score at least as high as the identity (coordinate ascent)."""
+    torch.manual_seed(3)
+    a, b = models.mlp([10, 24, 24, 4]), models.mlp([10, 24, 24, 4])
+    fused = pyfusion.fuse([a, b], method="weight_matching")
+    plan = fused.fusion_plan
+    g = trace_groups(a)
+    perms = {name: plan.groups[name].B[1].argmax(0) for name in g.groups}
+    sb = {k: v.detach().double() for k, v in b.named_parameters()}
+    sa = {k: v.detach().double() for k, v in a.named_parameters()}
+    moved = permute_state(sb, g, perms)
+    score = sum((sa[k] * moved[k]).sum() for k in sa)
+    score_id = sum((sa[k] * sb[k]).sum() for k in sa)
+    assert score >= score_id
+    assert all(torch.equal(plan.groups[n].A[1], 0.5 * plan.groups[n].B[1].T) for n in g.groups)
+
+
+def test_bn_reset_matches_batch_statistics():
+    factory, shape = ARCHS["vgg"]
+    m = _randomize_bn(factory())
+    data = _data(shape, n=3, bs=10)
+    fused = copy.deepcopy(m)
+    seen = []
+    h = fused[0].register_forward_hook(lambda mod, i, o: seen.append(o.detach()))
+    assert reset_bn_stats(fused, data) == 30
+    h.remove()
+    acts = torch.cat(seen).double()  # (30, C, H, W)
+    mean = acts.mean((0, 2, 3))
+    # momentum=None: PyTorch's cumulative average of the per-batch (unbiased) variances
+    var = torch.stack([s.double().var((0, 2, 3), unbiased=True) for s in seen]).mean(0)
+    torch.testing.assert_close(fused[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1].running_var.double(), var, rtol=1e-4, atol=1e-6)
+    assert fused[1].momentum == m[1].momentum and not fused.training
+    with pytest.raises(ValueError, match="empty"):
+        reset_bn_stats(fused, [])
+    torch.testing.assert_close(fused[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)  # unchanged on error
+
+
+def test_fuse_resets_bn_by_default_with_data():
+    factory, shape = ARCHS["resnet"]
+    members = [_randomize_bn(factory()) for _ in range(2)]
+    fused = pyfusion.fuse(members, _data(shape), method="average")
+    assert fused.fusion_info["bn_reset_samples"] == 64
+    plain = pyfusion.fuse(members, method="average")
+    assert "bn_reset_samples" not in plain.fusion_info
+    assert not torch.equal(fused.bn1.running_mean, plain.bn1.running_mean)
+
+
+def test_errors_and_inputs_unchanged():
+    a, b = models.mlp([6, 5, 3]), models.mlp([6, 5, 3])
+    snap = _snapshot([a, b])
+    with pytest.raises(ValueError, match="unknown fusion method 'nope'.*average.*weight_matching"):
+        pyfusion.fuse([a, b], method="nope")
+    with pytest.raises(ValueError, match="K >= 2"):
+        pyfusion.fuse([a], method="average")
+    with pytest.raises(ValueError, match="different architecture"):
+        pyfusion.fuse([a, models.vgg((4, "M"), image_size=4)], method="average")
+    with pytest.raises(ValueError, match="mismatched tensor shapes"):
+        pyfusion.fuse([a, models.mlp([6, 7, 3])], method="average")
+    with pytest.raises(ValueError, match="sum to 1"):
+        pyfusion.fuse([a, b], method="average", lambdas=[0.5, 0.6])
+    with pytest.raises(ValueError, match="non-negative"):
+        pyfusion.fuse([a, b], method="average", lambdas=[1.5, -0.5])
+    with pytest.raises(ValueError, match="one weight per member"):
+        pyfusion.fuse([a, b], method="average", lambdas=[1.0])
+    with pytest.raises(ValueError, match="empty"):
+        pyfusion.fuse([a, b], [], method="average")
+    with pytest.raises(ValueError, match="empty"):
+        pyfusion.fuse([a, b], iter([]), method="weight_matching")
+    with pytest.raises(ValueError, match="takes no options"):
+        pyfusion.fuse([a, b], method="average", bogus=1)
+    c = copy.deepcopy(b)
+    with torch.no_grad():
+        c[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"models\[1\].*'1.weight'.*NaN"):
+        pyfusion.fuse([a, c], method="weight_matching")
+    with torch.no_grad():
+        c[1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pyfusion.fuse([a, c], method="average")
+
+    class WithGN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm, self.out = nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.norm(self.fc(x)))
+
+    with pytest.raises(ValueError, match="'norm' of type GroupNorm"):
+        pyfusion.fuse([WithGN(), WithGN()], method="average")
+    _assert_unchanged([a, b], snap)
+    assert {"average", "weight_matching"} <= set(available_methods())
