@@ -68,18 +68,31 @@ def digits_test_accuracy(model: torch.nn.Module) -> float:
 
 
 def load_member(path: Path) -> torch.nn.Module:
-    from pyfusion.models import mlp
     from safetensors.torch import load_file
+
+    from pyfusion.models import mlp
 
     model = mlp(SIZES)
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
+def readme_demo_command() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    block = re.search(r"```bash\n(.+?)\n```", quick, re.S)
+    assert block, "the README's quick start must start with a bash block"
+    parts = [p.strip() for p in block.group(1).split("&&")]
+    demo = [p for p in parts if re.match(r"\S*pyfusion demo\b", p)]
+    assert len(demo) == 1, f"the first quick-start command must run `pyfusion demo`; got {parts}"
+    return shlex.split(demo[0])[1:]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's demo command, run in fast mode (one subprocess shared by the tests below)."""
     out = tmp_path_factory.mktemp("demo") / "report"
-    proc = run_cli("demo", "--fast", "--out", str(out))
+    proc = run_cli(*readme_demo_command(), "--fast", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -201,25 +214,13 @@ def test_sweep_report_and_alpha_one_is_the_ensemble(demo, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- README
-def readme_demo_command() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    quick = text[text.index("## Quick start") :]
-    block = re.search(r"```bash\n(.+?)\n```", quick, re.S)
-    assert block, "the README's quick start must start with a bash block"
-    parts = [p.strip() for p in block.group(1).split("&&")]
-    demo = [p for p in parts if re.match(r"\S*pyfusion demo\b", p)]
-    assert len(demo) == 1, f"the first quick-start command must run `pyfusion demo`; got {parts}"
-    return shlex.split(demo[0])[1:]
-
-
-def test_readme_demo_command_parses_and_runs_fast(tmp_path):
+def test_readme_demo_command_parses_and_runs_fast(demo):
     args = readme_demo_command()
     assert args[0] == "demo"
     parsed = build_parser().parse_args(args)
     assert parsed.command == "demo"
-    out = tmp_path / "readme-demo"
-    proc = run_cli(*args, "--fast", "--out", str(out), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    out, proc = demo  # the fixture ran exactly these arguments plus --fast --out
+    assert proc.returncode == 0
     assert (out / "report.json").is_file() and (out / "tradeoff.png").is_file()
 
 
