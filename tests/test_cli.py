@@ -359,22 +359,32 @@ def test_quiet_prints_nothing(members, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- bench
-def test_bench_runs_scripts_and_reports_failures(tmp_path, capsys):
+def test_bench_runs_scripts_prints_tables_and_reports_failures(tmp_path, capsys):
     bench = tmp_path / "bench"
-    bench.mkdir()
+    (bench / "results").mkdir(parents=True)
+    committed = bench / "results" / "ok.md"
+    committed.write_text("| shape | ms |\n|---|---|\n| full run | 9.0 |\n")
     (bench / "bench_ok.py").write_text(
-        "import sys\nassert sys.argv[1:] == ['--quick'], sys.argv\n"
-        "print('| shape | ms |\\n|---|---|\\n| tiny | 1.0 |')\n"
+        "import pathlib, sys\n"
+        "quick = sys.argv[1:] == ['--quick']\n"
+        "out = pathlib.Path(__file__).parent / 'results' / 'ok.md'\n"
+        "out.write_text('| shape | ms |\\n|---|---|\\n| ' + ('tiny' if quick else 'full run') + ' | 1.0 |\\n')\n"
+        "print('wrote', out)\n"
     )
     (bench / "bench_broken.py").write_text("raise SystemExit('broken on purpose')\n")
     assert main(["bench", "--bench-dir", str(bench), "--list"]) == 0
     assert capsys.readouterr().out.split() == ["broken", "ok"]
     assert main(["bench", "ok", "--bench-dir", str(bench)]) == 0
     assert "| tiny | 1.0 |" in capsys.readouterr().out
+    # the quick run's table was printed, and the committed full-run table is back in place
+    assert committed.read_text() == "| shape | ms |\n|---|---|\n| full run | 9.0 |\n"
     rc = main(["bench", "--bench-dir", str(bench)])
     captured = capsys.readouterr()
     assert rc == 6 and "| tiny | 1.0 |" in captured.out
     assert "bench_broken.py failed: broken on purpose" in captured.err
+    assert main(["bench", "ok", "--full", "--bench-dir", str(bench)]) == 0
+    assert "| full run | 1.0 |" in committed.read_text()
+    capsys.readouterr()
     assert main(["bench", "nope", "--bench-dir", str(bench)]) == 2
     assert main(["bench", "--bench-dir", str(tmp_path / "empty")]) == 3
 

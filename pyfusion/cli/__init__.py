@@ -16,6 +16,7 @@ Exit codes are listed in :mod:`pyfusion.cli._console` and in ``pyfusion --help``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -191,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, console)
     except CLIError as err:
         return _error(args.command, err, verbose)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        except OSError:
+            pass
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"pyfusion {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -367,8 +367,29 @@ def _bench_dir(arg: str | None) -> Path:
     return Path.cwd() / "bench"
 
 
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.glob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+def _changed(folder: Path, before: dict[Path, bytes]) -> list[Path]:
+    after = _snapshot(folder)
+    return sorted(p for p, data in after.items() if before.get(p) != data)
+
+
+def _restore(folder: Path, before: dict[Path, bytes], written: list[Path]) -> None:
+    for p in written:
+        if p in before:
+            p.write_bytes(before[p])
+        else:
+            p.unlink(missing_ok=True)
+
+
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    """Run bench/bench_*.py (all, or the named parts) in quick mode (or full with --full), print their output."""
+    """Run bench/bench_*.py (all, or the named parts) in quick mode (or full with --full) and print their tables.
+
+    The scripts write markdown tables to ``bench/results/``; the tables a run writes are printed. After a quick
+    run, ``bench/results/`` is put back as it was, so quick numbers never replace the committed full results.
+    """
     bdir = _bench_dir(args.bench_dir)
     scripts = sorted(glob.glob(str(bdir / "bench_*.py")))
     if not scripts:
@@ -392,13 +413,23 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     env = dict(os.environ)
     root = str(bdir.resolve().parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    results = bdir / "results"
     for part in chosen:
         script = names[part.removeprefix("bench_").removesuffix(".py")]
         cmd = [sys.executable, script, *([] if args.full else ["--quick"]), *shlex.split(args.script_args)]
         console.note(f"== {Path(script).name} {'(full)' if args.full else '(quick)'}: {' '.join(cmd[1:])}")
+        before = _snapshot(results)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        if proc.stdout.strip():
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        finally:
+            written = _changed(results, before)
+            tables = [p.read_text().rstrip() for p in written if p.suffix == ".md" and p.is_file()]
+            if not args.full:
+                _restore(results, before, written)  # quick numbers never replace the committed full results
+        for table in tables:
+            console.result(table)
+        if proc.stdout.strip() and (console.verbose or not written):
             console.result(proc.stdout.rstrip())
         if proc.returncode != 0:
             failed.append(Path(script).name)
@@ -408,7 +439,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                 print(proc.stderr, file=sys.stderr)
         else:
             console.debug(proc.stderr)
-        console.note(f"   {time.perf_counter() - t0:.1f} s")
+        kept = f"; wrote {', '.join(str(p) for p in written)}" if args.full and written else ""
+        console.note(f"   {time.perf_counter() - t0:.1f} s{kept}")
     if failed:
         raise CLIError(
             f"{len(failed)} of {len(chosen)} benchmarks failed: {', '.join(failed)}",
