@@ -428,3 +428,21 @@ def test_parse_factory_literals():
     model = f.build()
     assert isinstance(model[1], torch.nn.Linear) and model[1].bias is None and model[1].out_features == 8
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_layer_cost_counts_stored_blocks_of_partial_layers():
+    from pyfusion.cli.measure import layer_cost
+    from pyfusion.nn import PartialLinear
+
+    # Layout [shared | b1 | b2]: in [4, 2, 2], out [3, 2, 2]. Shared rows read all 8 inputs (3 x 8), branch k's
+    # rows read the shared and their own inputs (2 x 6 each): 48 stored weights of the dense 7 x 8 = 56.
+    layer = PartialLinear([4, 2, 2], [3, 2, 2])
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), layer)
+    c = layer_cost(model, torch.rand(6, 5))
+    assert c.flops == 2 * (5 * 8) + 2 * 48
+    assert c.dense_flops == 2 * (5 * 8) + 2 * 56
+    assert c.params == (5 * 8 + 8) + (48 + 7)
+    assert c.dense_params == (5 * 8 + 8) + (56 + 7)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 25, 2))
+    c = layer_cost(conv, torch.rand(2, 3, 5, 5))
+    assert c.flops == c.dense_flops == 2 * (25 * 4 * 3 * 9) + 2 * (100 * 2)
