@@ -150,12 +150,89 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
+def _register_pyfusion_types() -> None:
+    """Allow pyfusion's execution layers and reference models (those not already registered by their module).
+
+    Containers from :mod:`pyfusion.models` are rebuilt small from their config and then receive the saved
+    children (fusion may change their widths or swap their layers), so the config only has to build *a*
+    valid instance; the layers' own configs fix the shapes.
+    """
+    try:
+        from pyfusion.nn import partial as pnn
+    except ImportError:  # pragma: no cover - a build without pyfusion.nn
+        pnn = None
+    if pnn is not None:
+
+        def partial_cfg(m: nn.Module) -> dict[str, Any]:
+            act = getattr(m, "activation", "none")
+            return {
+                "in_layout": list(m.in_layout),
+                "out_layout": list(m.out_layout),
+                "bias": m.bias is not None,
+                "activation": None if act == "none" else act,
+            }
+
+        specs: list[tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]] = [
+            (pnn.PartialLinear, partial_cfg),
+            (
+                pnn.PartialConv2d,
+                lambda m: {
+                    "in_layout": list(m.in_layout),
+                    "out_layout": list(m.out_layout),
+                    "kernel_size": list(m.kernel_size),
+                    "stride": list(m.stride),
+                    "padding": list(m.padding),
+                    "dilation": list(m.dilation),
+                    "bias": m.bias is not None,
+                },
+            ),
+            (
+                pnn.EnsembleLinear,
+                lambda m: {
+                    "num_members": m.num_members,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    "bias": m.bias is not None,
+                    "shared_input": m.shared_input,
+                    "activation": None if m.activation == "none" else m.activation,
+                },
+            ),
+        ]
+        for cls, get in specs:
+            if _spec_name_of_class(cls) is None:
+                register_module(cls, get, _build(cls))
+    try:
+        from pyfusion import models as pm
+    except ImportError:  # pragma: no cover - a build without pyfusion.models
+        return
+
+    def block_cfg(m: nn.Module) -> dict[str, Any]:
+        conv = m.conv1
+        return {"stride": int(getattr(conv, "stride", (1,))[0])}
+
+    for cls in (pm.BasicBlock, pm.Bottleneck):
+        if _spec_name_of_class(cls) is None:
+            # children (convs, BNs, shortcut) are replaced by the saved ones; 1 -> 1 channel is enough
+            register_module(cls, block_cfg, lambda cfg, _c=cls: _c(1, 1, int(cfg.get("stride", 1))))
+    if _spec_name_of_class(pm.ResNet) is None:
+        # forward does not depend on the block type; every layer comes from the saved children
+        register_module(pm.ResNet, lambda m: {}, lambda cfg: pm.ResNet(pm.BasicBlock, [0, 0, 0], 1))
+
+
+def _spec_name_of_class(cls: type) -> str | None:
+    for name, spec in _REGISTRY.items():
+        if spec.cls is cls:
+            return name
+    return None
+
+
 def _load_providers() -> None:
     for mod in _PYFUSION_PROVIDERS:
         try:
             importlib.import_module(mod)
         except ImportError:  # a provider that is not part of this build
             pass
+    _register_pyfusion_types()
 
 
 def _spec_name(module: nn.Module) -> str | None:

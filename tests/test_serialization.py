@@ -154,3 +154,60 @@ def test_registered_custom_container_with_swapped_child(tmp_path):
     assert loaded.fc.bias is None
     x = torch.randn(2, 4)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def _partial_mlp() -> nn.Module:
+    from pyfusion.nn import EnsembleLinear, PartialLinear
+
+    return nn.Sequential(
+        nn.Flatten(),
+        EnsembleLinear(2, 16, 6, shared_input=True, activation="relu"),
+        PartialLinear([4, 4, 4], [3, 2, 2], activation="gelu"),
+        PartialLinear([3, 2, 2], [5, 0, 0], bias=False),
+    )
+
+
+def _partial_cnn() -> nn.Module:
+    from pyfusion.nn import PartialConv2d
+
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        PartialConv2d([2, 2, 2], [3, 1, 2], 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
+def _resnet() -> nn.Module:
+    from pyfusion.models import bottleneck_resnet, resnet20
+
+    return nn.Sequential(resnet20(width=1, num_classes=4, in_channels=1, blocks=1), bottleneck_resnet(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "factory,shape",
+    [(_partial_mlp, (3, 1, 4, 4)), (_partial_cnn, (2, 1, 8, 8)), (lambda: _resnet()[0], (2, 1, 8, 8))],
+    ids=["partial_linear+ensemble_linear", "partial_conv2d", "resnet20"],
+)
+def test_round_trip_pyfusion_modules(tmp_path, factory, shape):
+    model = factory()
+    with torch.no_grad():
+        model.train()(torch.randn(8, *shape[1:]))  # BN statistics
+    model.eval()
+    loaded = pyfusion.load(pyfusion.save(model, tmp_path / "m.safetensors"))
+    x = torch.randn(*shape)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    for a, b in zip(model.modules(), loaded.modules()):
+        for attr in ("in_layout", "out_layout", "activation", "stride", "padding"):
+            assert getattr(a, attr, None) == getattr(b, attr, None)
+
+
+def test_bottleneck_resnet_round_trip(tmp_path):
+    model = _resnet()[1].eval()
+    loaded = pyfusion.load(pyfusion.save(model, tmp_path / "m.safetensors"))
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
