@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _members_args(p)
     p.add_argument("--method", required=True, help="fusion method, e.g. partial, average, weight_matching, ...")
-    p.add_argument("--alpha", help="fraction of neurons kept per member: one value, or comma-separated per group")
+    p.add_argument(
+        "--alpha",
+        help="fraction of neurons kept per member: one value, comma-separated per group, or JSON {group: value}",
+    )
     p.add_argument("--features", choices=("weights", "activations", "pcd"), help="what partial fusion matches on")
     p.add_argument(
         "--option",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import glob
+import json
 import os
 import shlex
 import subprocess
@@ -321,8 +322,15 @@ def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
     options = parse_options(args.option)
     if args.features:
         options["features"] = args.features
-    alpha: float | list[float] | None = None
-    if args.alpha is not None:
+    alpha: float | list[float] | dict[str, float] | None = None
+    if args.alpha is not None and args.alpha.strip().startswith("{"):
+        try:  # one alpha per neuron group, by group name (the method checks the names)
+            alpha = {str(k): float(v) for k, v in json.loads(args.alpha).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CLIError(
+                f"--alpha {args.alpha!r} is not a JSON object of numbers", EXIT_USAGE, "e.g. --alpha '{\"0\": 0.5}'"
+            ) from exc
+    elif args.alpha is not None:
         vals = parse_floats(args.alpha, "--alpha")
         alpha = vals[0] if len(vals) == 1 else vals
     lambdas = _lambdas(args.lambdas, len(args.members))

@@ -188,14 +188,14 @@ def run_point(
     members: Sequence[nn.Module],
     data: Any,
     spec: MethodSpec,
-    alpha: float | list[float] | None,
+    alpha: float | list[float] | dict[str, float] | None,
     lambdas: Sequence[float] | None,
     ev: Evaluation,
     console: Console,
 ) -> tuple[nn.Module, Row]:
-    """Fuse once with ``spec`` at ``alpha`` (None: not passed; a list: one value per neuron group), then measure.
+    """Fuse once with ``spec`` at ``alpha`` (None: not passed; list or dict: one value per neuron group), then measure.
 
-    The row's alpha is ``alpha``, the mean of a list, or 0 for full fusion (alpha not passed).
+    The row's alpha is ``alpha``, the mean of a list / dict, or 0 for full fusion (alpha not passed).
 
     Raises:
         CLIError (exit 4): the library rejected the inputs or the fusion failed; the message names the
@@ -223,8 +223,9 @@ def run_point(
     fused.eval()
     c = model_cost(fused, ev.example)
     acc, lat = _measure(fused, ev)
-    if isinstance(alpha, list):
-        shown_alpha = sum(alpha) / max(len(alpha), 1)
+    if isinstance(alpha, (list, dict)):
+        values = list(alpha.values()) if isinstance(alpha, dict) else alpha
+        shown_alpha = sum(values) / max(len(values), 1)
     else:
         shown_alpha = float(alpha) if alpha is not None else 0.0
     return fused, Row("fused", spec.label, shown_alpha, acc, c.flops, c.params, lat, elapsed, c.dense_flops)
