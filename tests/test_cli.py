@@ -446,3 +446,20 @@ def test_layer_cost_counts_stored_blocks_of_partial_layers():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 25, 2))
     c = layer_cost(conv, torch.rand(2, 3, 5, 5))
     assert c.flops == c.dense_flops == 2 * (25 * 4 * 3 * 9) + 2 * (100 * 2)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    from pyfusion.fuse import available_methods
+
+    if "partial" not in available_methods():
+        pytest.skip("the README example uses method='partial', which this build does not register yet")
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.+?)\n```", text, re.S).group(1)
+    assert len(code.splitlines()) <= 6
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (32, 10)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["same"](x), scope["fused"](x), rtol=0, atol=0)
