@@ -69,6 +69,13 @@ class Console:
         if self.verbose:
             print(f"[verbose] {text}", file=sys.stderr, flush=True)
 
+    def bar(self, total: int, desc: str, **kwargs: Any) -> Any:
+        """A manual tqdm bar (``.update(n)``, ``.close()``) with the same on/off rules as :meth:`progress`."""
+        from tqdm.auto import tqdm
+
+        disable: bool | None = True if self.quiet else None
+        return tqdm(total=total, desc=desc, disable=disable, leave=False, file=sys.stderr, **kwargs)
+
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None, **kwargs: Any) -> Iterator[T]:
         """A tqdm bar on stderr; off with --quiet, and off automatically when stderr is not a terminal."""
         from tqdm.auto import tqdm

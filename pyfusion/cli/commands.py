@@ -168,10 +168,26 @@ def _train_members(args: argparse.Namespace, console: Console, train: Dataset, s
             torch.manual_seed(seed)
             model = mlp(sizes)
         loader = make_loader(x, y, batch_size=args.batch_size, shuffle=True, seed=seed)
-        losses = train_model(model, loader, epochs=args.epochs, lr=args.lr, seed=seed)
+        bar = console.bar(args.epochs * len(loader), desc=f"member {i}", unit="batch")
+        try:
+            losses = train_model(model, _Counted(loader, bar), epochs=args.epochs, lr=args.lr, seed=seed)
+        finally:
+            bar.close()
         console.debug(f"member {i}: seed {seed}, {x.shape[0]} samples, final loss {losses[-1] if losses else 0:.4f}")
         members.append(model.eval())
     return members
+
+
+class _Counted:
+    """A re-iterable view of a loader that advances a progress bar by one per batch."""
+
+    def __init__(self, loader: Any, bar: Any) -> None:
+        self.loader, self.bar = loader, bar
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield batch
+            self.bar.update(1)
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
