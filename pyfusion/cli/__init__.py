@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="training data per member: all of it (iid, default), Dirichlet non-IID shares, or disjoint classes",
     )
     p.add_argument("--seed", type=int, default=0, help="member k uses seed + 1000 k")
-    p.add_argument("--methods", help="comma-separated methods (default: partial, average, weight/activation matching)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated methods (default: partial, cluster, average, weight_matching, activation_matching)",
+    )
     p.add_argument("--alphas", help="alpha grid, comma-separated (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per latency (median reported)")

@@ -38,7 +38,6 @@ from pyfusion.cli.inputs import (
 )
 from pyfusion.cli.report import Row, format_table, write_report
 from pyfusion.cli.tradeoff import (
-    ALPHA_METHODS,
     Evaluation,
     MethodSpec,
     available_methods,
@@ -49,7 +48,7 @@ from pyfusion.cli.tradeoff import (
     sweep,
 )
 
-DEMO_METHODS = ("partial", "average", "weight_matching", "activation_matching")
+DEMO_METHODS = ("partial", "cluster", "average", "weight_matching", "activation_matching")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -284,7 +283,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
                 out / "members" / f"member_{i}.safetensors",
             )
     files = " ".join(str(out / "members" / f"member_{i}.safetensors") for i in range(len(members)))
-    alpha_arg = " --alpha 0.5" if methods[0].name in ALPHA_METHODS else ""
+    alpha_arg = " --alpha 0.5" if methods[0].takes_alpha else ""
     console.note(
         f"members saved; fuse them yourself with:\n  pyfusion fuse {files} --model '{factory}' --data {spec} "
         f"--method {methods[0].name}{alpha_arg} --output fused.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ __all__ = [
     "sweep",
 ]
 
-# Methods whose result depends on alpha (the fraction of neurons each member keeps isolated); the
+# Methods whose result depends on alpha (the fraction of neurons each member keeps isolated), used when the
+# registry cannot be asked; otherwise a method takes alpha when its registered function has that option. The
 # others are full fusion and give one point (reported at alpha = 0).
-ALPHA_METHODS = ("partial",)
+ALPHA_METHODS = ("partial", "cluster", "prune")
 FULL_FUSION_METHODS = ("average", "weight_matching", "activation_matching", "ot")
 
 
@@ -48,7 +50,13 @@ class MethodSpec:
 
     @property
     def takes_alpha(self) -> bool:
-        return self.name in ALPHA_METHODS
+        """Whether the registered method has an ``alpha`` option (then a sweep visits every alpha)."""
+        try:
+            fuse_pkg = importlib.import_module("pyfusion.fuse")
+            fn = fuse_pkg.get_method(self.name).fn
+            return "alpha" in inspect.signature(fn).parameters
+        except (ImportError, AttributeError, ValueError, TypeError):
+            return self.name in ALPHA_METHODS
 
 
 def _split_top(text: str) -> list[str]:
