@@ -193,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return info_main()
     verbose = bool(getattr(args, "verbose", False))
+    saved_env = os.environ.get("TQDM_DISABLE")
     try:
         console = Console(quiet=args.quiet, verbose=verbose)
+        if args.quiet or not sys.stderr.isatty():
+            # The library's own bars (e.g. activation statistics) follow the CLI's rule too: on a terminal
+            # only, never with --quiet. tqdm >= 4.66 reads TQDM_* environment variables as defaults.
+            os.environ.setdefault("TQDM_DISABLE", "1")
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise CLIError(f"--threads must be >= 1; got {args.threads}", EXIT_USAGE)
@@ -228,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyfusion {args.command}: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
         print("  hint: rerun with --verbose for the traceback and report it as a bug", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if saved_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved_env
 
 
 if __name__ == "__main__":
