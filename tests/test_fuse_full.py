@@ -276,3 +276,33 @@ def test_ot_uniform_assignment_equals_pot_and_soft_maps_are_barycentric():
         torch.testing.assert_close(t.sum(0), mb, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(gp.A[1].sum(1), torch.full_like(ma, 0.5))
         assert (gp.A[1] >= 0).all()
+
+
+@pytest.mark.parametrize("arch,method", [("mlp", "weight_matching"), ("vgg", "activation_matching"), ("resnet", "ot")])
+def test_repair_matches_member_statistics(arch, method):
+    from pyfusion.fuse.activations import group_statistics
+    from pyfusion.fuse.repair import repair_targets
+
+    factory, shape = ARCHS[arch]
+    members = [_randomize_bn(factory()) for _ in range(2)]
+    data = _data(shape, n=3)
+    snap = _snapshot(members)
+    fused = _fuse(members, data, method, repair=True)
+    rep = fused.fusion_info["repair"]
+    graph = trace_groups(members[0])
+    targets = repair_targets(members, graph, fused.fusion_plan, data)
+    stats = group_statistics([fused], graph, data, point="pre")
+    assert rep["repaired"]
+    if arch == "resnet":  # residual streams are skipped, block-internal groups are repaired
+        assert any("residual stream" in s for s in rep["skipped"])
+    for name in rep["repaired"]:
+        t_mu, t_sd = targets[name]
+        live = stats[name].var(0) > 1e-8
+        torch.testing.assert_close(stats[name].mean(0)[live], t_mu[live], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats[name].var(0).sqrt()[live], t_sd[live], rtol=1e-4, atol=1e-4)
+    _assert_unchanged(members, snap)
+    # a permuted copy is its own REPAIR target: the function does not change
+    m = members[0]
+    fused = _fuse([m, _permuted_copy(m)], data, method, repair=True, reset_bn=False)
+    x = torch.randn(5, *shape)
+    torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-4, atol=1e-4)
