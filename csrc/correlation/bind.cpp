@@ -1,6 +1,65 @@
-// pybind11 bindings of the correlation engine (filled in by the correlation work).
+// pybind11 bindings of the correlation engine. Buffers travel as integer addresses (data_ptr) plus sizes and
+// strides, so the module stays torch-free; the Python wrapper (pyfusion.stats) owns and validates them.
 #include <pybind11/pybind11.h>
 
-namespace py = pybind11;
+#include <string>
 
-void bind_correlation(py::module_& m) { (void)m; }
+#include "common.h"
+#include "correlation/correlation.h"
+
+namespace py = pybind11;
+namespace corr = pyfusion::correlation;
+
+namespace {
+
+corr::Isa parse_isa(const std::string& isa) {
+  if (isa == "auto") return corr::Isa::kAuto;
+  if (isa == "avx512") return corr::Isa::kAvx512;
+  if (isa == "avx2") return corr::Isa::kAvx2;
+  if (isa == "scalar") return corr::Isa::kScalar;
+  pyfusion::fail("isa must be one of 'auto', 'avx512', 'avx2', 'scalar'; got '", isa, "'");
+}
+
+corr::DType parse_dtype(int code) {
+  PF_CHECK(code >= 0 && code <= 2, "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16); got ", code);
+  return static_cast<corr::DType>(code);
+}
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+void bind_correlation(py::module_& m) {
+  m.def(
+      "corr_accumulate",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d, uintptr_t shift,
+         uintptr_t s1, uintptr_t s2, int threads, const std::string& isa) {
+        const corr::Isa which = parse_isa(isa);
+        const corr::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        return corr::accumulate_cpu(ptr<const void>(x), dt, n, d, stride_n, stride_d, ptr<const double>(shift),
+                                    ptr<double>(s1), ptr<double>(s2), threads, which);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("stride_n"), py::arg("stride_d"),
+      py::arg("shift"), py::arg("s1"), py::arg("s2"), py::arg("threads") = 0, py::arg("isa") = "auto",
+      "Add rows of x (n, d) shifted by `shift` (d,) to s1 (d,) and the lower triangle of s2 (d, d), float64, in "
+      "place. Addresses are integers (tensor.data_ptr()); strides in elements. Returns the micro-kernel name.");
+  m.def("corr_best_isa", &corr::best_isa, "The micro-kernel the CPU path uses by default");
+#ifdef PYFUSION_HAS_CUDA
+  m.def(
+      "corr_accumulate_cuda",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d, uintptr_t shift,
+         uintptr_t s1, uintptr_t s2, uintptr_t stream) {
+        const corr::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        corr::accumulate_cuda(ptr<const void>(x), dt, n, d, stride_n, stride_d, ptr<const double>(shift),
+                              ptr<double>(s1), ptr<double>(s2), reinterpret_cast<void*>(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("stride_n"), py::arg("stride_d"),
+      py::arg("shift"), py::arg("s1"), py::arg("s2"), py::arg("stream") = 0,
+      "GPU version of corr_accumulate: device addresses, queued on the given cudaStream_t (0: default stream).");
+#endif
+}

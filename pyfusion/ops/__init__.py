@@ -2,5 +2,8 @@
 available backend (C++, CUDA, Triton, torch) and has a float64 ``*_ref`` reference in ``ops.reference``."""
 
 from pyfusion.ops.assignment import AssignmentResult, linear_assignment
+from pyfusion.ops.cluster import ClusterResult, weighted_kmeans
+from pyfusion.ops.correlation import correlation
+from pyfusion.ops.partial_linear import partial_linear
 
-__all__ = ["AssignmentResult", "linear_assignment"]
+__all__ = ["AssignmentResult", "ClusterResult", "correlation", "linear_assignment", "partial_linear", "weighted_kmeans"]

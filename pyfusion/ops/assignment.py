@@ -1,20 +1,28 @@
 """Linear assignment: exact, batched, with the partial (sink) forms that partial fusion needs.
 
-SKELETON: this version validates and solves with the float64 scipy reference. The C++ engine
-(csrc/assignment) and the torch.library registration replace the solve step without changing the API.
+The solve step is the custom op ``pyfusion::linear_assignment`` (``torch.library``, forward only, with a
+fake kernel), whose outputs have a static shape: a (B, max_n) int64 map "column of each row" (-1 for an
+unmatched row) and (B,) float64 totals. :func:`linear_assignment` validates the arguments, picks a backend
+through a :class:`~pyfusion.dispatch.Dispatcher` (``cpp`` > ``reference``) and turns the map into
+per-problem ``row_ind`` / ``col_ind`` / unmatched lists.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from pyfusion import _ext
+from pyfusion.backends import cpp_reasons
+from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops.reference import linear_assignment_ref
 
-__all__ = ["AssignmentResult", "linear_assignment"]
+__all__ = ["AssignmentResult", "linear_assignment", "linear_assignment_dispatcher"]
 
 
 @dataclass(frozen=True)
@@ -38,32 +46,182 @@ class AssignmentResult:
         return iter((self.row_ind, self.col_ind))
 
 
-def _as_problems(cost: Any) -> tuple[list[np.ndarray], bool, Any]:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None  # type: ignore[assignment]
-    like = None
-    if torch is not None and isinstance(cost, torch.Tensor):
-        like = cost
-        arr = cost.detach().to("cpu", torch.float64).numpy()
-        if arr.ndim == 2:
-            return [arr], False, like
-        if arr.ndim == 3:
-            return list(arr), True, like
+# ----------------------------------------------------------------------------------------------------------
+# The custom op: list of (n_b, m_b) costs -> (B, max n_b) column-per-row map and (B,) totals.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfusion::linear_assignment", mutates_args=())
+def _linear_assignment_op(
+    costs: list[torch.Tensor],
+    maximize: bool,
+    num_matches: list[int],
+    unmatched_cost: float | None,
+    num_threads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ engine (csrc/assignment). CUDA inputs are copied to host, solved there, returned on the device."""
+    if _ext._C is None:
+        raise RuntimeError(_ext.EXT_SKIP_REASON)
+    device = costs[0].device
+    dtype = costs[0].dtype
+    arrays = [c.detach().to("cpu").contiguous().numpy() for c in costs]
+    solve = _ext._C.lsap_solve_f32 if dtype == torch.float32 else _ext._C.lsap_solve_f64
+    cols, totals = solve(arrays, list(num_matches), bool(maximize), unmatched_cost, int(num_threads))
+    return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
+
+
+@_linear_assignment_op.register_fake
+def _(costs, maximize, num_matches, unmatched_cost, num_threads):
+    max_n = max(int(c.shape[0]) for c in costs)
+    return (
+        costs[0].new_empty((len(costs), max_n), dtype=torch.int64),
+        costs[0].new_empty((len(costs),), dtype=torch.float64),
+    )
+
+
+def _check_entries(cost: np.ndarray, name: str, maximize: bool) -> None:
+    """Same checks and messages as the C++ engine (used by the reference backend)."""
+    bad = np.isnan(cost) | (cost == (np.inf if maximize else -np.inf))
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        x = cost[i, j]
+        if np.isnan(x):
+            raise ValueError(f"{name} contains NaN at ({i}, {j}); costs must be numbers (+inf marks a forbidden pair)")
+        if maximize:
+            raise ValueError(
+                f"{name} contains +inf at ({i}, {j}); when maximising only -inf (a forbidden pair) is allowed"
+            )
+        raise ValueError(f"{name} contains -inf at ({i}, {j}); when minimising only +inf (a forbidden pair) is allowed")
+
+
+def _solve_reference(
+    costs: list[torch.Tensor], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 scipy reference, one problem at a time; same outputs as the custom op."""
+    del num_threads
+    B = len(costs)
+    max_n = max(int(c.shape[0]) for c in costs)
+    cols = np.full((B, max_n), -1, dtype=np.int64)
+    totals = np.zeros(B, dtype=np.float64)
+    for b, c in enumerate(costs):
+        arr = c.detach().to("cpu", torch.float64).numpy()
+        name = "cost" if B == 1 else f"cost[{b}]"
+        _check_entries(arr, name, maximize)
+        k = num_matches[b] if num_matches[b] >= 0 else None
+        r, cc, _ = linear_assignment_ref(arr, maximize=maximize, num_matches=k, unmatched_cost=unmatched_cost)
+        cols[b, r] = cc
+        # The total in the solve dtype's values, as the C++ engine reports it.
+        totals[b] = float(c.detach().to("cpu").numpy().astype(np.float64)[r, cc].sum()) if r.size else 0.0
+    device = costs[0].device
+    return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
+
+
+def _solve_cpp(
+    costs: list[torch.Tensor], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.pyfusion.linear_assignment(costs, maximize, num_matches, unmatched_cost, num_threads)
+
+
+linear_assignment_dispatcher = Dispatcher(
+    "linear_assignment",
+    [
+        Backend(
+            "cpp",
+            _solve_cpp,
+            available=cpp_reasons,
+            description="C++ Jonker-Volgenant + SIMD Dijkstra, OpenMP over problems (CUDA inputs solved on host)",
+        ),
+        Backend("reference", _solve_reference, description="scipy linear_sum_assignment, float64, one at a time"),
+    ],
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument handling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _to_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype.is_complex:
+        raise ValueError(f"{name} must hold real numbers; got dtype {t.dtype}")
+    return t
+
+
+def _solve_dtype(tensors: list[torch.Tensor], dtype: Any) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if tensors and all(t.dtype == torch.float32 for t in tensors) else torch.float64
+    key = str(dtype).replace("torch.", "").replace("<class 'numpy.", "").replace("'>", "")
+    if key in ("float32", "float", "f4"):
+        return torch.float32
+    if key in ("float64", "double", "f8"):
+        return torch.float64
+    raise ValueError(f"dtype must be float32 or float64 (or None: float32 inputs stay float32); got {dtype!r}")
+
+
+def _as_problems(cost: Any) -> tuple[list[torch.Tensor], bool, bool]:
+    """Returns (2-D tensors, batched, torch_output)."""
+    if isinstance(cost, torch.Tensor):
+        if cost.dtype.is_complex:
+            raise ValueError(f"cost must hold real numbers; got dtype {cost.dtype}")
+        if cost.ndim == 2:
+            return [cost.detach()], False, True
+        if cost.ndim == 3:
+            return list(cost.detach().unbind(0)), True, True
         raise ValueError(f"cost must have shape (n, m) or (B, n, m); got a tensor of shape {tuple(cost.shape)}")
-    if isinstance(cost, (list, tuple)):
-        probs = [np.asarray(c, dtype=np.float64) for c in cost]
-        for i, p in enumerate(probs):
-            if p.ndim != 2:
-                raise ValueError(f"cost[{i}] must have shape (n, m); got shape {p.shape}")
-        return probs, True, None
-    arr = np.asarray(cost, dtype=np.float64)
-    if arr.ndim == 2:
-        return [arr], False, None
-    if arr.ndim == 3:
-        return list(arr), True, None
-    raise ValueError(f"cost must have shape (n, m) or (B, n, m); got shape {arr.shape}")
+    # A list whose first element is 1-D (or a scalar) is one nested-list matrix, scipy style.
+    if isinstance(cost, (list, tuple)) and len(cost) > 0 and np.ndim(cost[0]) >= 2:
+        probs = []
+        for i, c in enumerate(cost):
+            t = _to_tensor(c, f"cost[{i}]")
+            if t.ndim != 2:
+                raise ValueError(f"cost[{i}] must have shape (n, m); got shape {tuple(t.shape)}")
+            probs.append(t)
+        torch_out = isinstance(cost[0], torch.Tensor)
+        return probs, True, torch_out
+    if isinstance(cost, (list, tuple)) and len(cost) == 0:
+        return [], True, False
+    t = _to_tensor(cost, "cost")
+    if t.ndim == 2:
+        return [t], False, False
+    if t.ndim == 3:
+        return list(t.unbind(0)), True, False
+    raise ValueError(f"cost must have shape (n, m) or (B, n, m); got shape {tuple(t.shape)}")
+
+
+def _check_num_matches(num_matches: Any, shapes: list[tuple[int, int]], batched: bool) -> list[int]:
+    B = len(shapes)
+    if num_matches is None:
+        return [-1] * B
+    per_problem = isinstance(num_matches, (Sequence, np.ndarray)) and not isinstance(num_matches, str)
+    if isinstance(num_matches, torch.Tensor):
+        per_problem = num_matches.ndim > 0
+    if per_problem:
+        ks = list(num_matches)
+        if len(ks) != B:
+            raise ValueError(f"num_matches must have one entry per problem: expected length {B}, got {len(ks)}")
+    else:
+        ks = [num_matches] * B
+    out = []
+    for b, (k, (n, m)) in enumerate(zip(ks, shapes)):
+        name = f"num_matches[{b}]" if per_problem else "num_matches"
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            if isinstance(k, torch.Tensor) and k.ndim == 0 and not k.dtype.is_floating_point:
+                k = int(k)
+            else:
+                raise ValueError(f"{name} must be an int; got {type(k).__name__} {k!r}")
+        k = int(k)
+        if not 0 <= k <= min(n, m):
+            where = f" for cost[{b}] of shape ({n}, {m})" if batched else f" for cost of shape ({n}, {m})"
+            raise ValueError(f"{name} must be in [0, min(n, m)] = [0, {min(n, m)}]{where}; got {k}")
+        out.append(k)
+    return out
 
 
 def linear_assignment(
@@ -72,35 +230,102 @@ def linear_assignment(
     maximize: bool = False,
     num_matches: int | Sequence[int] | None = None,
     unmatched_cost: float | None = None,
+    num_threads: int | None = None,
+    dtype: Any = None,
 ) -> AssignmentResult:
-    """Solve one or many linear assignment problems exactly.
+    r"""Solve one or many linear assignment problems exactly.
+
+    Full problem on an (n, m) cost C: a matching of size min(n, m) that minimises (or maximises)
+
+    .. math:: \sum_{(i, j) \in M} C_{ij},
+
+    i.e. every row matched when n <= m, every column matched when n > m (scipy's
+    ``linear_sum_assignment`` semantics). Forbidden pairs are ``+inf`` (``-inf`` when maximising); NaN and
+    infinities of the other sign are rejected.
+
+    Partial forms (DESIGN §4), each solved as one square sink-augmented assignment:
+
+    * ``num_matches=k``: the k disjoint pairs of minimum total cost (append n - k zero-cost dummy
+      columns and m - k dummy rows, dummy-dummy forbidden; size n + m - k);
+    * ``unmatched_cost=u``: every row and column may stay unmatched at cost u each, so a pair (i, j) is
+      used only when :math:`C_{ij} < 2u` helps the total; the objective is
+      :math:`\sum_M C_{ij} + u\,(n + m - 2|M|)`. When maximising, u is the gain of leaving one unmatched.
+
+    The engine is the C++ Jonker-Volgenant solver (column reduction, reduction transfer, augmenting row
+    reduction, then Dijkstra shortest augmenting paths with a SIMD row scan), Jonker & Volgenant,
+    Computing 38 (1987). Batches are solved in parallel over problems with OpenMP (largest first),
+    with the GIL released. ``PYFUSION_BACKEND=linear_assignment:reference`` forces the scipy reference.
 
     Args:
-        cost: (n, m) or (B, n, m) numpy array / torch tensor, or a list of 2-D arrays (sizes may differ).
+        cost: (n, m) or (B, n, m) numpy array / torch tensor, or a list of 2-D arrays or tensors (sizes may
+            differ). A list whose first element is 1-D is read as one nested-list matrix. Torch tensors
+            may live on CUDA: they are copied to host memory, solved on the CPU, and the indices are
+            returned as tensors on the input device.
         maximize: maximise the total instead of minimising it.
-        num_matches: k, or one k per problem: return the k disjoint pairs of minimum total cost.
-        unmatched_cost: u: every row and column may stay unmatched at cost u each.
+        num_matches: k, or one k per problem, each in [0, min(n, m)].
+        unmatched_cost: u >= 0, finite; at most one of ``num_matches`` and ``unmatched_cost``.
+        num_threads: OpenMP threads over the problems of a batch (None: the OpenMP default).
+        dtype: solve precision. None: float32 inputs are solved in float32 (half the memory traffic; the
+            duals then carry float32 rounding, so near-ties may resolve differently from float64), every
+            other dtype in float64. Pass ``"float64"`` (or ``torch.float64`` / ``np.float64``) to solve
+            float32 inputs in float64. Totals are always accumulated in float64.
+
+    Returns:
+        :class:`AssignmentResult`: ``row_ind`` / ``col_ind`` (int64, sorted by row), ``cost`` (sum of the
+        matched entries, unmatched costs excluded), ``unmatched_rows`` / ``unmatched_cols``. Batched
+        inputs give lists (one per problem) and a (B,) float64 ``cost`` array.
+
+    Raises:
+        ValueError: wrong shapes or arguments (naming the argument, expected vs actual), NaN or an
+            infinity of the wrong sign (naming the value and its position), or an infeasible problem.
     """
-    probs, batched, like = _as_problems(cost)
+    probs, batched, torch_out = _as_problems(cost)
     if num_matches is not None and unmatched_cost is not None:
-        raise ValueError("give at most one of num_matches and unmatched_cost")
-    ks = list(num_matches) if isinstance(num_matches, Sequence) else [num_matches] * len(probs)
-    rows, cols, totals, ur, uc = [], [], [], [], []
-    for p, k in zip(probs, ks):
-        r, c, t = linear_assignment_ref(p, maximize=maximize, num_matches=k, unmatched_cost=unmatched_cost)
-        rows.append(r)
-        cols.append(c)
-        totals.append(t)
-        ur.append(np.setdiff1d(np.arange(p.shape[0]), r))
-        uc.append(np.setdiff1d(np.arange(p.shape[1]), c))
-    conv = (lambda a: a) if like is None else (lambda a: __import__("torch").as_tensor(a, device=like.device))
-    if batched:
-        return AssignmentResult(
-            [conv(r) for r in rows],
-            [conv(c) for c in cols],
-            np.asarray(totals),
-            [conv(a) for a in ur],
-            [conv(a) for a in uc],
-            True,
+        raise ValueError(
+            f"give at most one of num_matches and unmatched_cost; got num_matches={num_matches!r} "
+            f"and unmatched_cost={unmatched_cost!r}"
         )
-    return AssignmentResult(conv(rows[0]), conv(cols[0]), totals[0], conv(ur[0]), conv(uc[0]), False)
+    if unmatched_cost is not None:
+        try:
+            u = float(unmatched_cost)
+        except (TypeError, ValueError):
+            raise ValueError(f"unmatched_cost must be a number; got {unmatched_cost!r}") from None
+        if math.isnan(u) or u < 0 or math.isinf(u):
+            raise ValueError(f"unmatched_cost must be finite and >= 0; got {u}")
+        unmatched_cost = u
+    bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0
+    if num_threads is not None and bad_threads:
+        raise ValueError(f"num_threads must be a non-negative int or None; got {num_threads!r}")
+    shapes = [(int(t.shape[0]), int(t.shape[1])) for t in probs]
+    ks = _check_num_matches(num_matches, shapes, batched)
+    if probs and len({t.device for t in probs}) > 1:
+        raise ValueError(f"cost tensors must all be on one device; got {sorted({str(t.device) for t in probs})}")
+    sdtype = _solve_dtype(probs, dtype)
+    probs = [t.to(sdtype).contiguous() for t in probs]
+
+    if probs:
+        cols_t, totals_t = linear_assignment_dispatcher(
+            probs, bool(maximize), ks, unmatched_cost, 0 if num_threads is None else num_threads
+        )
+        cols_np = cols_t.cpu().numpy()
+        totals = totals_t.cpu().numpy().astype(np.float64)
+    else:
+        cols_np = np.zeros((0, 0), dtype=np.int64)
+        totals = np.zeros(0, dtype=np.float64)
+
+    device = probs[0].device if probs else None
+    conv = (lambda a: torch.as_tensor(a, device=device)) if torch_out else (lambda a: a)
+    rows, cols, ur, uc = [], [], [], []
+    for b, (n, m) in enumerate(shapes):
+        cmap = cols_np[b, :n]
+        r = np.flatnonzero(cmap >= 0).astype(np.int64)
+        c = cmap[r].astype(np.int64)
+        rows.append(conv(r))
+        cols.append(conv(c))
+        ur.append(conv(np.flatnonzero(cmap < 0).astype(np.int64)))
+        used = np.zeros(m, dtype=bool)
+        used[c] = True
+        uc.append(conv(np.flatnonzero(~used).astype(np.int64)))
+    if batched:
+        return AssignmentResult(rows, cols, totals, ur, uc, True)
+    return AssignmentResult(rows[0], cols[0], float(totals[0]), ur[0], uc[0], False)

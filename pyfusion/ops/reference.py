@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["linear_assignment_ref", "augment_partial_cost"]
+__all__ = [
+    "augment_partial_cost",
+    "correlation_ref",
+    "linear_assignment_ref",
+    "partial_linear_ref",
+    "weighted_kmeans_ref",
+]
 
 
 def augment_partial_cost(
@@ -74,3 +80,243 @@ def linear_assignment_ref(
     order = np.argsort(rows, kind="stable")
     rows, cols = rows[order], cols[order]
     return rows, cols, float(c[rows, cols].sum()) if rows.size else 0.0
+
+
+def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation=None):
+    """Float64 reference of :func:`pyfusion.ops.partial_linear`: builds the dense (O_total, I_total) matrix
+    with zero blocks (branch k outputs x branch j != k inputs) and applies ``act(x W^T + b)``.
+
+    Args:
+        x: (..., I_total) tensor; weight_blocks: ``(w_shared (O_s, I_total), w_cross (O_B, I_s),
+            w_diag (sum_k O_k I_k,))``; bias: (O_total,) or None; layouts ``[shared, branch_1, ...]``;
+            activation: None/"none", "relu", "gelu" (torch's exact erf GELU), "silu".
+
+    Returns:
+        (..., O_total) float64 tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    il, ol = [int(v) for v in in_layout], [int(v) for v in out_layout]
+    w_shared, w_cross, w_diag = (w.to(torch.float64) for w in weight_blocks)
+    i_s, o_s, i_tot, o_tot = il[0], ol[0], sum(il), sum(ol)
+    dense = torch.zeros(o_tot, i_tot, dtype=torch.float64, device=w_shared.device)
+    dense[:o_s] = w_shared
+    dense[o_s:, :i_s] = w_cross
+    r, c, d = o_s, i_s, 0
+    for o_k, i_k in zip(ol[1:], il[1:]):
+        dense[r : r + o_k, c : c + i_k] = w_diag[d : d + o_k * i_k].reshape(o_k, i_k)
+        r, c, d = r + o_k, c + i_k, d + o_k * i_k
+    z = F.linear(x.to(torch.float64), dense, None if bias is None else bias.to(torch.float64))
+    act = activation or "none"
+    return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
+
+
+def correlation_ref(x, y):
+    """Pearson correlation between the columns of x (N, Dx) and y (N, Dy) -> (Dx, Dy), float64, two-pass.
+
+    Population moments; a pair involving a zero-variance column (std <= 1e-7 |mean|, or exactly 0) gives 0.
+    """
+    import torch
+
+    xd, yd = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    mx, my = xd.mean(0), yd.mean(0)
+    xc, yc = xd - mx, yd - my
+    cov = xc.T @ yc / xd.shape[0]
+    sx, sy = (xc * xc).mean(0).sqrt(), (yc * yc).mean(0).sqrt()
+    cx = (sx == 0) | (sx <= 1e-7 * mx.abs())
+    cy = (sy == 0) | (sy <= 1e-7 * my.abs())
+    ok = ~(cx[:, None] | cy[None, :])
+    denom = torch.where(ok, torch.outer(sx, sy), torch.ones_like(cov))
+    return torch.where(ok, cov / denom, torch.zeros_like(cov)).clamp(-1.0, 1.0)
+
+
+def _centered_gram_ref(points: np.ndarray | None, gram: np.ndarray | None, w: np.ndarray) -> np.ndarray:
+    """Weighted-centred Gram matrix (D, D): the inertia is translation invariant, and centring keeps the
+    kernel formula ``G_ii - 2 T_ic / W_c + P_c / W_c^2`` away from cancellation."""
+    v = w / w.sum()
+    if points is not None:
+        xc = points - v @ points
+        return xc @ xc.T
+    a = gram @ v
+    return gram - a[:, None] - a[None, :] + v @ a
+
+
+def _ward_labels_ref(d2: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """Greedy weighted Ward: merge the pair of least cost ``2 w_a w_b / (w_a + w_b) ||mu_a - mu_b||^2``
+    until k clusters remain (scipy's ``ward`` linkage for unit weights), with the Lance-Williams update
+    for squared centroid distances. Returns labels numbered by cluster position."""
+    d = d2.shape[0]
+    d2 = d2.copy()
+    wc = w.astype(np.float64).copy()
+    active = np.ones(d, dtype=bool)
+    owner = np.arange(d)
+    upper = np.triu(np.ones((d, d), dtype=bool), 1)
+    for _ in range(d - k):
+        cost = 2.0 * np.outer(wc, wc) / np.add.outer(wc, wc) * d2
+        cost[~(upper & np.outer(active, active))] = np.inf
+        i, j = np.unravel_index(np.argmin(cost), cost.shape)  # i < j, ties: first in row-major order
+        wi, wj = wc[i], wc[j]
+        wn = wi + wj
+        new = np.maximum((wi * d2[i] + wj * d2[j]) / wn - wi * wj * d2[i, j] / wn**2, 0.0)
+        d2[i, :] = new
+        d2[:, i] = new
+        d2[i, i] = 0.0
+        wc[i] = wn
+        active[j] = False
+        owner[owner == j] = i
+    _, labels = np.unique(owner, return_inverse=True)
+    return labels.astype(np.int64)
+
+
+def _kmeanspp_labels_ref(d2: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Weighted greedy k-means++ (D^2 sampling, 2 + floor(ln k) local trials), labels of the nearest center."""
+    d = d2.shape[0]
+    trials = 2 + int(np.log(k))
+    centers = [int(rng.choice(d, p=w / w.sum()))]
+    closest = d2[centers[0]].copy()
+    for _ in range(1, k):
+        mass = w * closest
+        if mass.sum() <= 0:
+            centers.append(int(rng.integers(d)))
+        else:
+            cands = rng.choice(d, size=trials, p=mass / mass.sum())
+            pots = [(w * np.minimum(closest, d2[c])).sum() for c in cands]
+            centers.append(int(cands[int(np.argmin(pots))]))
+        closest = np.minimum(closest, d2[centers[-1]])
+    return np.argmin(d2[centers], axis=0).astype(np.int64)
+
+
+def _kernel_stats_ref(g: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int):
+    onehot = np.zeros((labels.size, k))
+    onehot[np.arange(labels.size), labels] = 1.0
+    wk = w @ onehot  # (k,) cluster weights
+    t = g @ (onehot * w[:, None])  # (D, k): T_ic = sum_{j in c} w_j G_ij
+    pk = (onehot * w[:, None] * t).sum(0)  # (k,): P_c = sum_{i, j in c} w_i w_j G_ij
+    return wk, t, pk, onehot.sum(0)
+
+
+def _kernel_dist_ref(g: np.ndarray, wk: np.ndarray, t: np.ndarray, pk: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dist = np.diag(g)[:, None] - 2.0 * t / wk + pk / wk**2
+    dist[:, cnt == 0] = np.inf
+    return dist
+
+
+def _lloyd_ref(g: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int, max_iter: int, tol: float) -> np.ndarray:
+    """Weighted Lloyd in kernel form; a point moves only when another centroid is closer by more than tol.
+    Empty clusters take the point of largest weighted distance from a cluster of >= 2 points."""
+    labels = labels.copy()
+    d = labels.size
+    for _ in range(max_iter):
+        wk, t, pk, cnt = _kernel_stats_ref(g, w, labels, k)
+        dist = _kernel_dist_ref(g, wk, t, pk, cnt)
+        own = dist[np.arange(d), labels]
+        new = labels.copy()
+        best = own.copy()
+        for c in range(k):  # ascending c with a strict test: the same tie rule as the C++ engine
+            better = (dist[:, c] < best - tol) & (new != c)
+            new[better] = c
+            best[better] = dist[better, c]
+        changed = int((new != labels).sum())
+        labels = new
+        cnt = np.bincount(labels, minlength=k)
+        for c in range(k):
+            if cnt[c] > 0:
+                continue
+            score = np.where(cnt[labels] > 1, w * best, -1.0)
+            far = int(np.argmax(score))
+            cnt[labels[far]] -= 1
+            labels[far] = c
+            cnt[c] = 1
+            best[far] = -1.0
+            changed += 1
+        if changed == 0:
+            break
+    return labels
+
+
+def _hartigan_ref(g: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int, max_iter: int, tol: float) -> np.ndarray:
+    """Hartigan single-point moves, points in index order: move i from a to the b minimising
+    ``w_i W_b / (W_b + w_i) d(i, b)`` when that is below ``w_i W_a / (W_a - w_i) d(i, a)`` (strict decrease)."""
+    labels = labels.copy()
+    for _ in range(max_iter):
+        moved = 0
+        for i in range(labels.size):
+            wk, t, pk, cnt = _kernel_stats_ref(g, w, labels, k)
+            a = labels[i]
+            if cnt[a] <= 1:
+                continue
+            dist = _kernel_dist_ref(g, wk, t, pk, cnt)[i]
+            remove = w[i] * wk[a] / (wk[a] - w[i]) * dist[a]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                add = w[i] * wk / (wk + w[i]) * dist
+            add[a] = np.inf
+            add[cnt == 0] = np.inf
+            b = int(np.argmin(add))
+            if add[b] < remove - w[i] * tol:
+                labels[i] = b
+                moved += 1
+        if moved == 0:
+            break
+    return labels
+
+
+def _canonical_ref(labels: np.ndarray) -> np.ndarray:
+    _, first = np.unique(labels, return_index=True)
+    order = np.argsort(first)
+    remap = np.empty(labels.max() + 1, dtype=np.int64)
+    remap[np.unique(labels)[order]] = np.arange(order.size)
+    return remap[labels]
+
+
+def weighted_kmeans_ref(
+    points: np.ndarray | None = None,
+    *,
+    gram: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    num_clusters: int,
+    n_restarts: int = 1,
+    init: str = "ward",
+    max_iter: int = 100,
+    refine: str = "hartigan",
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
+    """Float64 reference of :func:`pyfusion.ops.weighted_kmeans`: readable numpy, no speed.
+
+    ``init="ward"`` is the deterministic greedy weighted Ward (the ``top_k = 1`` case of the randomized
+    Ward; equal to scipy's ``ward`` linkage for unit weights), run once whatever ``n_restarts``;
+    ``init="kmeans++"`` runs ``n_restarts`` weighted greedy k-means++ starts (numpy RNG, so its draws
+    differ from the C++ engine's). Each start is refined by weighted Lloyd (then Hartigan moves when
+    ``refine="hartigan"``), all in kernel form from the centred Gram matrix. Inputs are assumed valid.
+
+    Returns:
+        ``(labels (D,) int64 numbered by first appearance, weighted inertia)`` of the best start.
+    """
+    x = None if points is None else np.asarray(points, dtype=np.float64)
+    gm = None if gram is None else np.asarray(gram, dtype=np.float64)
+    d = x.shape[0] if x is not None else gm.shape[0]
+    w = np.ones(d) if weights is None else np.asarray(weights, dtype=np.float64)
+    g = _centered_gram_ref(x, gm, w)
+    gd = np.diag(g)
+    tol = 1e-12 * np.abs(gd).mean()
+    d2 = np.maximum(gd[:, None] + gd[None, :] - 2.0 * g, 0.0)
+    np.fill_diagonal(d2, 0.0)
+    k = int(num_clusters)
+    if init == "ward":
+        starts = [_ward_labels_ref(d2, w, k)]
+    else:
+        starts = [_kmeanspp_labels_ref(d2, w, k, np.random.default_rng([seed, r])) for r in range(n_restarts)]
+    best: tuple[np.ndarray, float] | None = None
+    for labels in starts:
+        labels = _lloyd_ref(g, w, labels, k, max_iter, tol)
+        if refine == "hartigan":
+            labels = _hartigan_ref(g, w, labels, k, max_iter, tol)
+        labels = _canonical_ref(labels)
+        wk, _, pk, cnt = _kernel_stats_ref(g, w, labels, k)
+        within = np.bincount(labels, weights=w * gd, minlength=k)
+        inertia = float(np.maximum(within[cnt > 0] - pk[cnt > 0] / wk[cnt > 0], 0.0).sum())
+        if best is None or inertia < best[1]:
+            best = (labels, inertia)
+    assert best is not None
+    return best

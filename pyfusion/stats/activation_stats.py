@@ -1,28 +1,133 @@
 """Streaming joint moments of K members' activations, and the statistics matching methods need.
 
-SKELETON: float64 torch implementation with Chan's merge. The statistics engine work replaces the
-accumulation with the C++/CUDA kernels (csrc/correlation) behind the same API.
+The state of :class:`ActivationStats` is a *shifted* accumulation (DESIGN §5): a shift vector c (the mean of
+the first batch's first 256 samples, rounded to float32), s1 = sum_n (x_n - c) and the lower triangle of
+s2 = sum_n (x_n - c)(x_n - c)^T, all float64. Because c is close to the mean, the centered second moment
+M2 = s2 - s1 s1^T / N suffers no cancellation: a mean offset of 1e3 with unit or smaller variance costs no
+accuracy, unlike the one-pass formula E[x x^T] - E[x] E[x]^T in float32 (tests/test_stats.py shows both).
+
+Accumulation goes through the ``stats_accumulate`` dispatcher: the C++ engine (csrc/correlation: cache-blocked
+lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP), the CUDA kernel
+for GPU tensors, and a float64 torch path for everything else (float64 input, no extension).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ActivationStats"]
+from pyfusion import _ext
+from pyfusion.backends import cpp_reasons, cuda_reasons
+from pyfusion.dispatch import Backend, Dispatcher
+
+__all__ = ["ActivationStats", "CONST_RTOL", "accumulate_dispatcher"]
+
+# A neuron is treated as constant (zero variance) when std <= CONST_RTOL * |mean|, or its variance is exactly 0.
+# 1e-7 is about one float32 ulp of the mean: below it the variation of float32 activations is rounding noise.
+CONST_RTOL = 1e-7
+
+# Samples used to choose the shift c: enough that |mean - c| is ~std/16, so the cancellation in s2 - s1 s1^T/N
+# is negligible, while costing one small pass over the first batch.
+_SHIFT_SAMPLES = 256
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ---- backends of the accumulation step ---------------------------------------------------------------------
+def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    _ext._C.corr_accumulate(  # type: ignore[union-attr]
+        x.data_ptr(),
+        _DTYPE_CODES[x.dtype],
+        x.shape[0],
+        x.shape[1],
+        x.stride(0),
+        x.stride(1),
+        shift.data_ptr(),
+        s1.data_ptr(),
+        s2.data_ptr(),
+        torch.get_num_threads(),
+        "auto",
+    )
+
+
+def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.device(x.device):
+        _ext._C.corr_accumulate_cuda(  # type: ignore[union-attr]
+            x.data_ptr(),
+            _DTYPE_CODES[x.dtype],
+            x.shape[0],
+            x.shape[1],
+            x.stride(0),
+            x.stride(1),
+            shift.data_ptr(),
+            s1.data_ptr(),
+            s2.data_ptr(),
+            stream,
+        )
+
+
+def _acc_torch(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    v = x.to(torch.float64) - shift
+    s1 += v.sum(0)
+    s2 += v.T @ v  # full matrix; only the lower triangle is read
+
+
+def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = []
+    if x.dtype not in _DTYPE_CODES:
+        why.append(f"x has dtype {x.dtype}; the engine takes float32, float16 or bfloat16 (float64 uses torch)")
+    if any(st < 0 for st in x.stride()):
+        why.append(f"x has negative strides {x.stride()}")
+    if not (s1.is_contiguous() and s2.is_contiguous() and shift.is_contiguous()):
+        why.append("the state buffers are not contiguous")
+    return why
+
+
+def _cpp_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = _layout_reasons(x, shift, s1, s2)
+    if x.device.type != "cpu":
+        why.append(f"x is on {x.device}, the C++ engine runs on CPU tensors")
+    return why
+
+
+def _cuda_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = _layout_reasons(x, shift, s1, s2)
+    if x.device.type != "cuda":
+        why.append(f"x is on {x.device}, the CUDA kernel runs on CUDA tensors")
+    elif not hasattr(_ext._C, "corr_accumulate_cuda"):
+        why.append("the extension was built without the CUDA correlation kernel")
+    return why
+
+
+accumulate_dispatcher = Dispatcher(
+    "stats_accumulate",
+    [
+        Backend("cpp", _acc_cpp, cpp_reasons, _cpp_supports, "C++ lower-triangle SYRK (AVX-512/AVX2, OpenMP)"),
+        Backend("cuda", _acc_cuda, cuda_reasons, _cuda_supports, "CUDA tiled SYRK with float64 atomics"),
+        Backend("torch", _acc_torch, description="float64 torch matmul (reference path)"),
+    ],
+)
 
 
 class ActivationStats:
     """Joint first and second moments of the concatenated activations ``[X_1 | ... | X_K]``.
 
     ``sizes[k]`` is the number of neurons of block k (member k, or any block the caller defines);
-    D = sum(sizes). Memory is O(D^2) whatever the number of samples. Blocks are addressed by index.
+    D = sum(sizes). Memory is O(D^2) whatever the number of samples. Blocks are addressed by index
+    (``None`` means all D neurons).
 
     Finalizers (float64, all (n_a, n_b) unless noted), with N the sample count and E the sample mean:
         mean(a) (n_a,), var(a) (n_a,), cov(a, b) = E[(x_a - mu_a)(x_b - mu_b)^T] (population, /N),
         corr(a, b), sqdist(a, b)[i, j] = E[(x_ai - x_bj)^2], cosine(a, b), gram(a, b) = sum_n x_a x_b^T.
+    Each reads only the (a, b) block of the state (and the diagonals of (a, a), (b, b)).
+
+    Zero-variance rule: a neuron is constant when its std <= ``CONST_RTOL`` * |mean| (1e-7), or its variance
+    is exactly 0. ``corr`` is 0 for every pair involving a constant neuron (its diagonal entry included);
+    ``cosine`` is 0 for every pair involving an all-zero neuron. Results are always finite and never NaN.
     """
 
     def __init__(self, sizes: Sequence[int], device: torch.device | str | None = None):
@@ -35,8 +140,13 @@ class ActivationStats:
         self.dim = self.offsets[-1]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.count = 0
-        self._mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self._m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._shift = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self._s1 = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self.last_backend: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ActivationStats(sizes={self.sizes}, count={self.count}, device={self.device})"
 
     # -- accumulation -------------------------------------------------------------------------
     def _concat(self, xs: Tensor | Sequence[Tensor]) -> Tensor:
@@ -44,45 +154,123 @@ class ActivationStats:
             x = xs
         else:
             if len(xs) != len(self.sizes):
-                raise ValueError(f"expected {len(self.sizes)} blocks, got {len(xs)}")
-            x = torch.cat([t.reshape(t.shape[0], -1) for t in xs], dim=1)
+                raise ValueError(f"xs must have {len(self.sizes)} blocks (one per size); got {len(xs)}")
+            blocks = []
+            for k, t in enumerate(xs):
+                if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[1] != self.sizes[k]:
+                    shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"xs[{k}] must have shape (N, {self.sizes[k]}); got {shape}")
+                blocks.append(t)
+            if len({t.shape[0] for t in blocks}) != 1:
+                raise ValueError(f"all blocks must have the same sample count; got {[t.shape[0] for t in blocks]}")
+            dtype = blocks[0].dtype
+            for t in blocks[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            x = torch.cat([t.to(self.device, dtype) for t in blocks], dim=1)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (N, {self.dim}); got {tuple(x.shape)}")
-        return x
+        if not (x.is_floating_point()):
+            raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
+        return x.to(self.device)
 
-    def update(self, xs: Tensor | Sequence[Tensor]) -> ActivationStats:
-        """Add a batch: one (N, D) tensor, or K tensors (N, sizes[k])."""
-        x = self._concat(xs).to(self.device, torch.float64)
+    def update(self, xs: Tensor | Sequence[Tensor], *, check_finite: bool = True) -> ActivationStats:
+        """Add a batch: one (N, D) tensor, or K tensors (N, sizes[k]); any strides, float16/bfloat16/float32/64.
+
+        Raises ValueError (and changes nothing) on a wrong shape or, with ``check_finite``, NaN/inf values.
+        """
+        x = self._concat(xs)
         n = x.shape[0]
         if n == 0:
             return self
-        mean_b = x.mean(0)
-        xc = x - mean_b
-        m2_b = xc.T @ xc
-        self._combine(n, mean_b, m2_b)
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("activations contain NaN or inf; statistics were not updated")
+        if self.count == 0:
+            # float32-representable shift: x - c is then exact or correctly rounded in the float32 kernel.
+            self._shift = x[:_SHIFT_SAMPLES].to(torch.float64).mean(0).to(torch.float32).to(torch.float64)
+            self._s1.zero_()
+            self._s2.zero_()
+        backend = accumulate_dispatcher.select(x, self._shift, self._s1, self._s2)
+        backend.fn(x, self._shift, self._s1, self._s2)
+        self.last_backend = backend.name
+        self.count += n
         return self
 
-    def _combine(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self._mean
-        self._m2 += m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self._mean += delta * (n_b / n)
-        self.count = n
+    def _centered(self) -> tuple[Tensor, Tensor]:
+        """(mean (D,), full M2 = sum (x - mean)(x - mean)^T (D, D)), float64."""
+        mu = self._s1 / self.count
+        m2 = self._sym(slice(0, self.dim), slice(0, self.dim)) - torch.outer(self._s1, mu)
+        return self._shift + mu, m2
+
+    def _set_centered(self, count: int, mean: Tensor, m2: Tensor) -> None:
+        """Store (count, mean, M2) in the shifted form, with a new float32-representable shift."""
+        self.count = int(count)
+        shift = mean.to(torch.float32).to(torch.float64)
+        d = mean - shift
+        self._shift = shift
+        self._s1 = d * count
+        self._s2 = (m2 + torch.outer(d, d) * count).contiguous()
 
     def merge(self, other: ActivationStats) -> ActivationStats:
-        """Combine with another state over disjoint samples (Chan et al.); in place, returns self."""
+        """Combine with another state over disjoint samples (Chan et al. 1979); in place, returns self.
+
+        M2 = M2_a + M2_b + delta delta^T n_a n_b / n with delta = mean_b - mean_a.
+        """
         if other.sizes != self.sizes:
             raise ValueError(f"cannot merge states with block sizes {other.sizes} into {self.sizes}")
-        if other.count:
-            self._combine(other.count, other._mean.to(self.device), other._m2.to(self.device))
+        if other.count == 0:
+            return self
+        mb, m2b = other._centered()
+        mb, m2b = mb.to(self.device), m2b.to(self.device)
+        if self.count == 0:
+            self._set_centered(other.count, mb, m2b)
+            return self
+        ma, m2a = self._centered()
+        na, nb = self.count, other.count
+        n = na + nb
+        delta = mb - ma
+        self._set_centered(n, ma + delta * (nb / n), m2a + m2b + torch.outer(delta, delta) * (na * nb / n))
+        return self
+
+    def all_reduce(self, group: Any = None) -> ActivationStats:
+        """Merge the states of all ranks of ``group`` (torch.distributed); every rank ends with the total.
+
+        Exact Chan combination in two all-reduces of count-weighted sums: mu = sum_r n_r mu_r / N, then
+        M2 = sum_r (M2_r + n_r (mu_r - mu)(mu_r - mu)^T), which has no cancellation. Works on gloo (CPU) and
+        nccl (state on the rank's GPU). Collective: every rank of the group must call it.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("all_reduce needs an initialized torch.distributed process group")
+        shape = torch.tensor([self.dim, -self.dim, self.count], dtype=torch.float64, device=self.device)
+        dims = shape[:2].clone()
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        if int(dims[0]) != self.dim or int(-dims[1]) != self.dim:
+            raise ValueError(f"ranks hold states of different dimensions (this rank: {self.dim})")
+        total = shape[2:].clone()
+        dist.all_reduce(total, group=group)
+        n_total = int(total.item())
+        if n_total == 0:
+            return self
+        if self.count:
+            mean, m2 = self._centered()
+        else:
+            mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+            m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        weighted = mean * self.count
+        dist.all_reduce(weighted, group=group)
+        mu = weighted / n_total
+        delta = mean - mu
+        part = m2 + torch.outer(delta, delta) * self.count if self.count else m2
+        dist.all_reduce(part, group=group)
+        self._set_centered(n_total, mu, part)
         return self
 
     # -- finalizers ---------------------------------------------------------------------------
     def _sl(self, a: int | None) -> slice:
         if a is None:
             return slice(0, self.dim)
-        if not 0 <= a < len(self.sizes):
+        if not isinstance(a, int) or not 0 <= a < len(self.sizes):
             raise IndexError(f"block index {a} out of range for {len(self.sizes)} blocks")
         return slice(self.offsets[a], self.offsets[a + 1])
 
@@ -90,40 +278,81 @@ class ActivationStats:
         if self.count == 0:
             raise ValueError("no samples were accumulated (empty calibration data?)")
 
-    def mean(self, a: int | None = None) -> Tensor:
-        self._need()
-        return self._mean[self._sl(a)].clone()
+    def _sym(self, sa: slice, sb: slice) -> Tensor:
+        """Block (sa, sb) of the symmetric s2 from its lower triangle, touching only that block's storage."""
+        if sa.start >= sb.stop:  # strictly below the diagonal
+            return self._s2[sa, sb].clone()
+        if sb.start >= sa.stop:  # strictly above: mirror of the (sb, sa) block
+            return self._s2[sb, sa].T.clone()
+        lo, hi = min(sa.start, sb.start), max(sa.stop, sb.stop)
+        blk = self._s2[lo:hi, lo:hi]
+        full = torch.tril(blk) + torch.tril(blk, -1).T
+        return full[sa.start - lo : sa.stop - lo, sb.start - lo : sb.stop - lo].clone()
 
-    def cov(self, a: int | None = None, b: int | None = None) -> Tensor:
+    def _diag_s2(self, sa: slice) -> Tensor:
+        return torch.diagonal(self._s2)[sa]
+
+    def mean(self, a: int | None = None) -> Tensor:
+        """Sample mean of block a, (n_a,) float64."""
         self._need()
-        b = a if b is None else b
-        return self._m2[self._sl(a), self._sl(b)] / self.count
+        sa = self._sl(a)
+        return self._shift[sa] + self._s1[sa] / self.count
 
     def var(self, a: int | None = None) -> Tensor:
-        s = self._sl(a)
+        """Population variance of block a, (n_a,) float64, >= 0."""
+        sa = self._sl(a)
         self._need()
-        return torch.diagonal(self._m2)[s].clamp_min(0) / self.count
+        s1 = self._s1[sa]
+        return ((self._diag_s2(sa) - s1 * s1 / self.count) / self.count).clamp_min(0)
+
+    def cov(self, a: int | None = None, b: int | None = None) -> Tensor:
+        """Population covariance block (n_a, n_b) = (s2_ab - s1_a s1_b^T / N) / N."""
+        self._need()
+        b = a if b is None else b
+        sa, sb = self._sl(a), self._sl(b)
+        return (self._sym(sa, sb) - torch.outer(self._s1[sa], self._s1[sb]) / self.count) / self.count
+
+    def _std_const(self, a: int | None) -> tuple[Tensor, Tensor]:
+        var = self.var(a)
+        std = var.sqrt()
+        const = (var == 0) | (std <= CONST_RTOL * self.mean(a).abs())
+        return std, const
 
     def corr(self, a: int | None = None, b: int | None = None) -> Tensor:
-        """Pearson correlation; a pair involving a zero-variance neuron has correlation 0."""
+        """Pearson correlation block (n_a, n_b) in [-1, 1]; 0 for pairs with a constant neuron (class doc)."""
         b = a if b is None else b
-        sa, sb = self.var(a).sqrt(), self.var(b).sqrt()
-        denom = torch.outer(sa, sb)
         c = self.cov(a, b)
-        return torch.where(denom > 0, c / denom.clamp_min(1e-300), torch.zeros_like(c))
+        sa, ca = self._std_const(a)
+        sb, cb = self._std_const(b)
+        denom = torch.outer(sa, sb)
+        ok = ~(ca[:, None] | cb[None, :])
+        out = torch.where(ok, c / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(c))
+        return out.clamp_(-1.0, 1.0)
 
     def gram(self, a: int | None = None, b: int | None = None) -> Tensor:
-        """Raw (uncentered) sum over samples of x_a x_b^T."""
+        """Raw (uncentered) sum over samples of x_a x_b^T, (n_a, n_b)."""
+        self._need()
         b = a if b is None else b
-        return (self.cov(a, b) + torch.outer(self.mean(a), self.mean(b))) * self.count
+        sa, sb = self._sl(a), self._sl(b)
+        ca, cb = self._shift[sa], self._shift[sb]
+        s1a, s1b = self._s1[sa], self._s1[sb]
+        return self._sym(sa, sb) + torch.outer(s1a, cb) + torch.outer(ca, s1b) + torch.outer(ca, cb) * self.count
 
     def sqdist(self, a: int, b: int) -> Tensor:
-        sa = self.gram(a, a).diagonal() / self.count
-        sb = self.gram(b, b).diagonal() / self.count
-        return (sa[:, None] + sb[None, :] - 2 * self.gram(a, b) / self.count).clamp_min(0)
+        """Mean squared distance E[(x_ai - x_bj)^2] = var_ai + var_bj - 2 cov_ij + (mu_ai - mu_bj)^2, >= 0."""
+        dm = self.mean(a)[:, None] - self.mean(b)[None, :]
+        return (self.var(a)[:, None] + self.var(b)[None, :] - 2 * self.cov(a, b) + dm * dm).clamp_min(0)
 
     def cosine(self, a: int, b: int) -> Tensor:
+        """Cosine similarity of the neurons' sample vectors, (n_a, n_b) in [-1, 1]; 0 with an all-zero neuron."""
         g = self.gram(a, b)
-        na, nb = self.gram(a, a).diagonal().sqrt(), self.gram(b, b).diagonal().sqrt()
+        na = self._raw_sq(a).sqrt()
+        nb = self._raw_sq(b).sqrt()
         denom = torch.outer(na, nb)
-        return torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
+        ok = denom > 0
+        out = torch.where(ok, g / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
+        return out.clamp_(-1.0, 1.0)
+
+    def _raw_sq(self, a: int | None) -> Tensor:
+        """sum_n x_ai^2 = N (var + mean^2), (n_a,)."""
+        return (self.var(a) + self.mean(a) ** 2) * self.count

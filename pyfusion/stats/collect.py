@@ -1,12 +1,13 @@
 """Collect activation statistics of K members through forward hooks, streaming (no activations kept).
 
-SKELETON: the statistics engine work adds progress bars, batched updates through the C++ kernel,
-distributed merging and more capture options behind the same API.
+Each batch runs through every member; the hooks keep that batch's activations only until the batch's
+update of every point's :class:`ActivationStats` (the C++/CUDA engine), so memory is one batch of
+activations plus O(D^2) per point, whatever the amount of calibration data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ def as_samples(t: Tensor, channel_dim: int | None = None) -> Tensor:
     (N, C) stays; (N, C, H, W) and (N, C, L) with ``channel_dim=1`` give N*H*W (N*L) samples of C;
     (N, T, C) token sequences (default for 3-D) give N*T samples of C.
     """
+    if t.ndim < 2:
+        raise ValueError(f"activations must have a sample axis and a neuron axis; got shape {tuple(t.shape)}")
     if t.ndim == 2:
         return t
     if channel_dim is None:
@@ -45,6 +48,10 @@ def collect_stats(
     capture: str = "output",
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    channel_dim: int | None = None,
+    progress: bool = True,
+    stats_device: torch.device | str | None = None,
 ) -> dict[str, ActivationStats]:
     """Run every member on the same batches and stream hooked activations into per-point statistics.
 
@@ -54,12 +61,24 @@ def collect_stats(
         points: name -> module paths (same in every member) whose activations feed that statistic; the
             samples of several paths are stacked (e.g. the points of one residual stream).
         capture: "output" (module output) or "input" (first positional input).
+        max_batches: stop after this many batches.
+        device: move each batch's input there before running the members.
+        transform: applied to every captured tensor before it is reshaped (e.g. ``torch.relu`` to get
+            post-activation statistics from a pre-activation Linear/Conv output).
+        channel_dim: the neuron axis of captured tensors (see :func:`as_samples`; default: 1 for 4-D
+            conv maps, last for 3-D token sequences).
+        progress: show a tqdm progress bar over the batches.
+        stats_device: where the statistics live (default: the device of the first captured activation).
 
     Returns:
         name -> ActivationStats with K blocks (block k = member k's neurons).
     """
     if capture not in ("output", "input"):
         raise ValueError(f"capture must be 'output' or 'input'; got {capture!r}")
+    if len(models) == 0:
+        raise ValueError("models must contain at least one member; got an empty sequence")
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0 or None; got {max_batches}")
     stats: dict[str, ActivationStats] = {}
     buffers: list[dict[str, list[Tensor]]] = [dict() for _ in models]
     handles = []
@@ -76,28 +95,59 @@ def collect_stats(
 
                 def hook(mod, args, out, _k=k, _name=name):
                     t = out if capture == "output" else args[0]
-                    buffers[_k].setdefault(_name, []).append(as_samples(t.detach()))
+                    if not isinstance(t, Tensor):
+                        raise ValueError(
+                            f"points[{_name!r}]: module {mod.__class__.__name__} gave {type(t).__name__}, not a tensor"
+                        )
+                    t = t.detach()
+                    if transform is not None:
+                        t = transform(t)
+                    buffers[_k].setdefault(_name, []).append(as_samples(t, channel_dim))
 
                 handles.append(mods[p].register_forward_hook(hook))
     modes = [m.training for m in models]
+    bar = None
     try:
         for m in models:
             m.eval()
+        total = None
+        try:
+            total = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        if total is not None and max_batches is not None:
+            total = min(total, max_batches)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="activation statistics", unit="batch", leave=False)
         with torch.no_grad():
             for i, batch in enumerate(data):
                 if max_batches is not None and i >= max_batches:
                     break
+                for buf in buffers:
+                    buf.clear()
                 x = batch_inputs(batch)
                 if device is not None:
                     x = x.to(device)
                 for m in models:
                     m(x)
-                for name in points:
+                for name, paths in points.items():
+                    for k in range(len(models)):
+                        if name not in buffers[k]:
+                            raise ValueError(
+                                f"points[{name!r}] modules {list(paths)} did not run in member {k}'s forward pass"
+                            )
                     blocks = [torch.cat(buffers[k].pop(name), dim=0) for k in range(len(models))]
                     if name not in stats:
-                        stats[name] = ActivationStats([b.shape[1] for b in blocks])
+                        where = stats_device if stats_device is not None else blocks[0].device
+                        stats[name] = ActivationStats([b.shape[1] for b in blocks], device=where)
                     stats[name].update(blocks)
+                if bar is not None:
+                    bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         for h in handles:
             h.remove()
         for m, mode in zip(models, modes):

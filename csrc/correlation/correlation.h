@@ -1,0 +1,38 @@
+// Correlation engine: streaming joint moments of the concatenated activations [X_1 | ... | X_K].
+//
+// State (owned by the caller, float64): a shift vector c (D), the shifted first moment s1 = sum_n (x_n - c)
+// (D) and the lower triangle of the shifted second moment s2 = sum_n (x_n - c)(x_n - c)^T (D x D, row
+// major, entries with i >= j are valid; entries above the diagonal are scratch and never read). With c close
+// to the mean (the caller uses the first batch's mean), s2 - s1 s1^T / N has no catastrophic cancellation,
+// so a mean offset of 1e3 costs no accuracy; finalization and the Chan merge live in Python.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pyfusion {
+namespace correlation {
+
+// Element types of the input, as encoded by the Python wrapper.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Instruction-set choices of the CPU micro-kernel ("auto" picks the best the CPU supports).
+enum class Isa : int { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
+
+// Adds the rows of x (n x d, element (i, j) at x[i * stride_n + j * stride_d], strides in elements) to the
+// state: s1 += sum_i (x_i - shift), lower(s2) += sum_i (x_i - shift)(x_i - shift)^T.
+// Returns the name of the micro-kernel used.
+std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
+                           const double* shift, double* s1, double* s2, int threads, Isa isa);
+
+// The best micro-kernel this CPU supports ("avx512", "avx2" or "scalar").
+std::string best_isa();
+
+#ifdef PYFUSION_HAS_CUDA
+// Same semantics on the GPU: every pointer is a device pointer, work is queued on `stream` (a cudaStream_t).
+void accumulate_cuda(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
+                     const double* shift, double* s1, double* s2, void* stream);
+#endif
+
+}  // namespace correlation
+}  // namespace pyfusion

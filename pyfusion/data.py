@@ -1,0 +1,306 @@
+"""Small offline data sets and the data regimes of the fusion papers (IID, Dirichlet non-IID, shards).
+
+Loaders never download: they read files from a directory the caller names (MNIST / Fashion-MNIST in
+the original gzip-compressed IDX format) or data shipped with a pip package (scikit-learn's digits).
+Splits return index arrays into the label vector, so the same split can index images, labels and
+any per-sample statistic.
+
+Data regimes (neuron-interpolation fusion, Luenam et al. 2025, ``utils/dataset_utils.py``):
+
+* non-IID: per class, the members' shares are drawn from a Dirichlet distribution whose
+  concentrations are ``linspace(1, 5, K)`` shuffled independently per class, so every member is
+  rich in some classes and poor in others;
+* sharded: disjoint class subsets per member.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "class_shares",
+    "dirichlet_concentrations",
+    "dirichlet_split",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_idx_dataset",
+    "load_mnist",
+    "make_loader",
+    "read_idx",
+    "shard_split",
+    "subset",
+]
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# IDX type codes (third header byte) -> numpy big-endian dtypes.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into a numpy array.
+
+    The format (LeCun's MNIST release): two zero bytes, a type code, the number of dimensions n, then
+    n big-endian uint32 sizes, then the data in row-major order.
+
+    Args:
+        path: file path; a ``.gz`` suffix means gzip.
+
+    Returns:
+        The array with the shape of the header, in native byte order.
+
+    Raises:
+        ValueError: the header is malformed or the payload size does not match it.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (header bytes {list(raw[:4])})")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise ValueError(
+            f"{path}: header says {expected} data bytes for shape {tuple(dims)}, found {len(raw) - offset}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(tuple(dims)).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"missing IDX file {stem}.gz (or {stem}) in {os.path.abspath(directory)}; "
+        "pyfusion never downloads data: put the MNIST-format files there or pass another directory"
+    )
+
+
+def load_idx_dataset(directory: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load an MNIST-format data set (MNIST, Fashion-MNIST) from gzip IDX files in ``directory``.
+
+    Args:
+        directory: folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+            ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz`` (uncompressed also accepted).
+        split: "train" or "test".
+
+    Returns:
+        ``(images, labels)``: images float32 (N, 1, H, W) with values in [0, 1] (pixel / 255),
+        labels int64 (N,).
+
+    Raises:
+        ValueError: unknown split, or image and label counts differ.
+        FileNotFoundError: a file is missing (the message names it).
+    """
+    if split not in _IDX_FILES:
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data directory {os.path.abspath(directory)} does not exist")
+    img_stem, lab_stem = _IDX_FILES[split]
+    images = read_idx(_find_idx(directory, img_stem))
+    labels = read_idx(_find_idx(directory, lab_stem))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{directory}: expected images (N, H, W) and labels (N,); got {images.shape} and {labels.shape}"
+        )
+    x = torch.from_numpy(images.astype(np.float32) / np.float32(255.0)).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y
+
+
+def load_mnist(directory: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST from ``directory`` (e.g. ``../shared/data/mnist``); see :func:`load_idx_dataset`."""
+    return load_idx_dataset(directory, split)
+
+
+def load_fashion_mnist(directory: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST from ``directory`` (e.g. ``../shared/data/fashion-mnist``); see :func:`load_idx_dataset`."""
+    return load_idx_dataset(directory, split)
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's offline 8x8 digits (1797 images, 10 classes), split into train / test.
+
+    The split is stratified by class and fixed by ``seed``, so "train" and "test" with the same
+    arguments are disjoint and cover the data set.
+
+    Args:
+        split: "train" or "test".
+        test_fraction: fraction of each class put in the test split, in (0, 1).
+        seed: seed of the split.
+
+    Returns:
+        images float32 (N, 1, 8, 8) in [0, 1] (pixel / 16), labels int64 (N,).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")
+    from sklearn.datasets import load_digits as _sk_digits
+
+    data = _sk_digits()
+    images = data.images.astype(np.float32) / np.float32(16.0)
+    labels = data.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(labels.shape[0], dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_mask[idx[: int(round(test_fraction * idx.size))]] = True
+    keep = test_mask if split == "test" else ~test_mask
+    return torch.from_numpy(images[keep]).unsqueeze(1), torch.from_numpy(labels[keep])
+
+
+def _labels_np(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D (N,); got shape {arr.shape}")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0):
+        raise ValueError("labels must be non-negative integers")
+    return arr.astype(np.int64)
+
+
+def dirichlet_concentrations(num_classes: int, num_members: int, seed: int = 0) -> np.ndarray:
+    """The default non-IID concentrations: ``linspace(1, 5, K)`` permuted independently per class.
+
+    Returns:
+        (C, K) float64: row c is the Dirichlet concentration vector of class c over the members.
+    """
+    if num_members < 1:
+        raise ValueError(f"num_members must be >= 1; got {num_members}")
+    rng = np.random.default_rng([seed, 0xD1])
+    base = np.linspace(1.0, 5.0, num_members)
+    return np.stack([rng.permutation(base) for _ in range(num_classes)]) if num_classes else np.zeros((0, num_members))
+
+
+def dirichlet_split(
+    labels: torch.Tensor | np.ndarray,
+    num_members: int,
+    concentrations: np.ndarray | Sequence[float] | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Non-IID split: each class's samples are divided among members with Dirichlet proportions.
+
+    For class c with concentration vector a_c (K,), draw p_c ~ Dirichlet(a_c) and give member k the
+    next ``round(p_c[k] * n_c)`` of the class's shuffled samples (largest-remainder rounding, so the
+    counts sum to n_c). Every sample goes to exactly one member.
+
+    Args:
+        labels: (N,) integer class labels.
+        num_members: K >= 1.
+        concentrations: (K,) used for every class, or (C, K) per class; default
+            :func:`dirichlet_concentrations` (``linspace(1, 5, K)`` shuffled per class, as in the
+            neuron-interpolation paper).
+        seed: seed of the draw.
+
+    Returns:
+        K sorted int64 index arrays that partition ``range(N)``.
+    """
+    y = _labels_np(labels)
+    if num_members < 1:
+        raise ValueError(f"num_members must be >= 1; got {num_members}")
+    num_classes = int(y.max()) + 1 if y.size else 0
+    if concentrations is None:
+        conc = dirichlet_concentrations(num_classes, num_members, seed)
+    else:
+        conc = np.asarray(concentrations, dtype=np.float64)
+        if conc.shape == (num_members,):
+            conc = np.broadcast_to(conc, (num_classes, num_members))
+        elif conc.ndim != 2 or conc.shape[1] != num_members or conc.shape[0] < num_classes:
+            raise ValueError(
+                f"concentrations must have shape ({num_members},) or ({num_classes}, {num_members}); got {conc.shape}"
+            )
+        if not np.all(np.isfinite(conc)) or np.any(conc <= 0):
+            raise ValueError("concentrations must be finite and > 0")
+    rng = np.random.default_rng([seed, 0xD2])
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_members)]
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        p = rng.dirichlet(conc[c])
+        raw = p * idx.size
+        counts = np.floor(raw).astype(np.int64)
+        short = idx.size - int(counts.sum())
+        counts[np.argsort(-(raw - counts), kind="stable")[:short]] += 1
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for k in range(num_members):
+            parts[k].append(idx[bounds[k] : bounds[k + 1]])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def shard_split(labels: torch.Tensor | np.ndarray, num_members: int, seed: int = 0) -> list[np.ndarray]:
+    """Sharded split: the classes are dealt into K disjoint subsets; member k gets all samples of its classes.
+
+    The classes are shuffled by ``seed`` and dealt as evenly as possible (class counts differ by at
+    most one between members).
+
+    Returns:
+        K sorted int64 index arrays that partition ``range(N)``.
+
+    Raises:
+        ValueError: fewer classes present than members.
+    """
+    y = _labels_np(labels)
+    classes = np.unique(y)
+    if num_members < 1 or classes.size < num_members:
+        raise ValueError(f"num_members must be in [1, {classes.size}] (the number of classes); got {num_members}")
+    order = np.random.default_rng([seed, 0x5D]).permutation(classes)
+    groups = np.array_split(order, num_members)
+    return [np.flatnonzero(np.isin(y, g)).astype(np.int64) for g in groups]
+
+
+def class_shares(
+    labels: torch.Tensor | np.ndarray, splits: Sequence[np.ndarray], num_classes: int | None = None
+) -> np.ndarray:
+    """Each member's share of each class.
+
+    Returns:
+        (K, C) float64: ``shares[k, c]`` = (samples of class c in split k) / (samples of class c);
+        0 for a class with no samples. Columns sum to 1 when the splits partition the data.
+    """
+    y = _labels_np(labels)
+    c = int(num_classes) if num_classes is not None else (int(y.max()) + 1 if y.size else 0)
+    total = np.bincount(y, minlength=c).astype(np.float64)[:c]
+    out = np.zeros((len(splits), c))
+    for k, idx in enumerate(splits):
+        out[k] = np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=c)[:c]
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def subset(
+    x: torch.Tensor, y: torch.Tensor, indices: np.ndarray | torch.Tensor | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x[indices], y[indices])`` with a bounds check (indices from the split functions)."""
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of samples; got {x.shape[0]} and {y.shape[0]}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[0]):
+        raise ValueError(f"indices must be in [0, {x.shape[0]}); got range [{int(idx.min())}, {int(idx.max())}]")
+    return x[idx], y[idx]
+
+
+def make_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: bool = False, seed: int = 0
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over in-memory tensors; with ``shuffle`` the order is fixed by ``seed``.
+
+    Each epoch draws a new order from a generator seeded once, so two loaders built with the same seed
+    give the same sequence of batches.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of samples; got {x.shape[0]} and {y.shape[0]}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen
+    )
