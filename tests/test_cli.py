@@ -466,3 +466,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(scope["same"](x), scope["fused"](x), rtol=0, atol=0)
+
+
+def test_help_lists_exit_codes_and_info_runs(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "fuse", "sweep", "bench", "info"):
+        assert cmd in out
+    assert "exit codes:" in out and "3    bad input" in out
+    assert main([]) == 2
+    assert main(["info"]) == 0
+    assert "backends:" in capsys.readouterr().out
