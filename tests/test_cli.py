@@ -477,3 +477,13 @@ def test_help_lists_exit_codes_and_info_runs(capsys):
     assert main([]) == 2
     assert main(["info"]) == 0
     assert "backends:" in capsys.readouterr().out
+
+
+def test_fusion_failure_exit_4_lists_the_method_options(members, tmp_path, capsys):
+    rc = main(fuse_args(members, tmp_path, "--option", "no_such_option=3"))
+    assert_one_line_error(capsys, 4, rc, "fusion with average(no_such_option=3) failed", "no_such_option")
+    rc = main(fuse_args(members, tmp_path, "--option", "no_such_option=3"))
+    err = capsys.readouterr().err
+    hint = next(ln for ln in err.splitlines() if "hint:" in ln)
+    assert "average takes the options:" in hint and "lambdas" in hint and "repair" in hint
+    assert not (tmp_path / "f.safetensors").exists()

@@ -140,6 +140,20 @@ def available_methods() -> list[str] | None:
     return None
 
 
+def method_options(name: str) -> list[str]:
+    """The keyword options of a registered method (from its signature), or [] when unknown."""
+    try:
+        pkg = importlib.import_module("pyfusion.fuse")
+        method = inspect.signature(pkg.get_method(name).fn).parameters.values()
+        common = inspect.signature(pkg.fuse).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    opts = [p.name for p in method if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    # the options every method gets from pyfusion.fuse itself (graph is not expressible on a command line)
+    opts += [p.name for p in common if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("method", "graph")]
+    return opts
+
+
 def check_methods(methods: Sequence[MethodSpec]) -> None:
     """Fail early (exit 2) on a method the library does not register, listing the ones it does."""
     registered = available_methods()
@@ -222,11 +236,13 @@ def run_point(
         fused = fuse(list(members), data, method=spec.name, **kwargs)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(
-            f"fusion with {where} failed: {msg}",
-            EXIT_FUSION,
-            "check the method's options (pyfusion fuse --help) and that the members share one architecture",
-        ) from exc
+        opts = method_options(spec.name)
+        hint = (
+            f"{spec.name} takes the options: {', '.join(opts)}"
+            if opts
+            else "check the method's options and that the members share one architecture"
+        )
+        raise CLIError(f"fusion with {where} failed: {msg}", EXIT_FUSION, hint) from exc
     elapsed = time.perf_counter() - t0
     fused.eval()
     c = model_cost(fused, ev.example)
