@@ -215,7 +215,8 @@ def weighted_kmeans(
         max_iter: cap on Lloyd iterations, and on Hartigan sweeps (>= 0).
         refine: "hartigan" (Lloyd, then Hartigan single-point moves) or "lloyd" (Lloyd only).
         seed: non-negative seed; the result is the same for any ``num_threads``.
-        num_threads: OpenMP threads for the C++ engine (default: OpenMP's default).
+        num_threads: OpenMP threads for the C++ engine (default: OpenMP's default, or 1 for tiny problems
+            where starting threads costs more than it saves).
 
     Returns:
         :class:`ClusterResult` with labels (D,), inertia J, centroids (k, F) (points only) and
