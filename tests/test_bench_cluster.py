@@ -25,4 +25,4 @@ def test_bench_cluster_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "QUICK MODE" in text and "reference: numpy randomized Ward + sklearn KMeans" in text
-    assert text.count("| pyfusion weighted_kmeans (points) |") == 4  # 2 alphas x 2 thread counts
+    assert text.count("| pyfusion weighted_kmeans (points) |") == 2  # 1 and 2 threads

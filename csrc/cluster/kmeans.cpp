@@ -47,7 +47,9 @@ class Rng {
   uint64_t s_[4];
 };
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) double dot(const double* a, const double* b,
+// fp-contract=off: the AVX-512 clone would otherwise fuse multiply-adds, and the Gram matrix (hence,
+// on ties, the clustering) would differ in the last bits between CPUs with and without AVX-512.
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off"))) double dot(const double* a, const double* b,
                                                                          int64_t n) {
   // Eight independent partial sums: the compiler may vectorize them without reassociating (no
   // -ffast-math), and the summation order, hence the result, is the same for every clone.
