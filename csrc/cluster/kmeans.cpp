@@ -315,8 +315,8 @@ inline void refresh_cluster(Workspace& ws, int64_t c) {
 }
 
 // T_ic = sum_{j in c} w_j G_ij, W_c, P_c = sum_{i in c} w_i T_ic and counts, exactly from ws.labels.
-// Members are gathered per cluster (counting sort) so each T_ic is a register sum: 3x faster than a
-// scatter over labels (store-to-load chains) on D = 200, k = 150 (perf, 2-core EPYC).
+// Members are gathered per cluster (counting sort) so each T_ic is a register sum; the scatter form
+// (T_i,label(j) += ...) was the top hotspot in perf (store-to-load chains; D = 200, k = 150).
 void cluster_stats(const Problem& p, Workspace& ws) {
   const int64_t d = p.d, k = p.k;
   std::fill(ws.wk.begin(), ws.wk.end(), 0.0);
