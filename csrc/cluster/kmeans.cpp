@@ -47,10 +47,15 @@ class Rng {
   uint64_t s_[4];
 };
 
-// fp-contract=off: the AVX-512 clone would otherwise fuse multiply-adds, and the Gram matrix (hence,
-// on ties, the clustering) would differ in the last bits between CPUs with and without AVX-512.
-__attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off"))) double dot(const double* a, const double* b,
-                                                                         int64_t n) {
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load time), all with
+// fp-contract=off: the AVX-512 clone would otherwise fuse multiply-adds, and results (hence, on near
+// ties, the clustering) would differ in the last bits between CPUs with and without AVX-512.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PF_HOT __attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off")))
+#else
+#define PF_HOT
+#endif
+PF_HOT double dot(const double* a, const double* b, int64_t n) {
   // Eight independent partial sums: the compiler may vectorize them without reassociating (no
   // -ffast-math), and the summation order, hence the result, is the same for every clone.
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -120,7 +125,7 @@ inline double ward_cost2(double wa, double wb, double d2) { return 2.0 * wa * wb
 
 // Row a's cheapest partner b > a. Merged-away clusters have d2 = inf, so no activity test is needed and
 // the cost loop is branch-free (it vectorizes, divisions included); the argmin is a separate scan.
-void ward_row(const Problem& p, Workspace& ws, int64_t a) {
+PF_HOT void ward_row(const Problem& p, Workspace& ws, int64_t a) {
   const int64_t d = p.d;
   const double wa = ws.wc[a];
   const double* row = ws.d2.data() + a * d;
@@ -372,6 +377,11 @@ void move_point(const Problem& p, Workspace& ws, int64_t i, int64_t a, int64_t b
   refresh_cluster(ws, b);
 }
 
+// buf_c = ||x_i - mu_c||^2 - G_ii = q_c - 2 T_ic / W_c: branch-free, so that it vectorizes.
+PF_HOT void centroid_dists(const double* q, const double* inv_w, const double* ti, double* buf, int64_t k) {
+  for (int64_t c = 0; c < k; ++c) buf[c] = q[c] - 2.0 * ti[c] * inv_w[c];
+}
+
 // Lloyd iterations to a fixed point (at most max_iter assignment steps). Each step assigns every point
 // to its nearest centroid under the current labels, then applies the moves one by one (move_point), which
 // gives the statistics of the new labels in O(D * moves) instead of O(D^2).
@@ -383,8 +393,7 @@ void lloyd(const Problem& p, Workspace& ws, int64_t max_iter) {
     int64_t changed = 0;
     for (int64_t i = 0; i < d; ++i) {
       const double* ti = ws.t.data() + i * k;
-      // ||x_i - mu_c||^2 - G_ii; a separate branch-free loop so that it vectorizes.
-      for (int64_t c = 0; c < k; ++c) buf[c] = ws.q[c] - 2.0 * ti[c] * ws.inv_w[c];
+      centroid_dists(ws.q.data(), ws.inv_w.data(), ti, buf, k);
       const int64_t own = ws.labels[i];
       // Nearest other centroid (lowest index on ties); four independent min chains, since the
       // sequential compare-select chain was the hottest loop in perf (D = 200, k = 150).
