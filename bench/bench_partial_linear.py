@@ -86,7 +86,7 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float) -> float:
     group = max(1, int(50e-6 / once))
     samples: list[float] = []
     start = time.perf_counter()
-    while (time.perf_counter() - start < min_time and len(samples) < 2000) or len(samples) < 5:
+    while (time.perf_counter() - start < min_time and len(samples) < 2000) or len(samples) < 3:
         t0 = time.perf_counter()
         for _ in range(group):
             fn()

@@ -137,7 +137,9 @@ needs_interp = pytest.mark.skipif(bool(triton_interpreter_reasons()), reason="; 
 
 
 @needs_interp
-@pytest.mark.parametrize("il,ol", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4], LAYOUTS[5], ([40, 0, 0], [0, 35, 35])])
+@pytest.mark.parametrize(
+    "il,ol", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[3], LAYOUTS[4], LAYOUTS[5], ([40, 0, 0], [0, 35, 35])]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_interpreter_matches_reference(il, ol, dtype):
     from pyfusion.triton_kernels import partial_linear as kmod
