@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -68,30 +69,43 @@ def layouts(shape: Shape, k: int, alpha: float) -> tuple[list[int], list[int]]:
     return il, ol
 
 
-def time_fn(fn: Callable[[], object], device: str, min_time: float) -> float:
-    """Median seconds per call (CPU), or triton's do_bench median (CUDA).
+def time_providers(fns: dict[str, Callable[[], object]], device: str, min_time: float) -> dict[str, float]:
+    """Median seconds per call of each provider (CPU), or triton's do_bench median (CUDA).
 
-    CPU calls are timed in small groups (>= 50 us, so perf_counter's overhead stays < 1%) and the median
-    group is kept: on a shared machine a descheduled OpenMP thread stalls one call by a whole time slice
-    (~4-10 ms), which a mean over long batches would absorb but a median ignores.
+    CPU providers are timed round-robin, one small group of calls (>= 50 us, so perf_counter's overhead
+    stays < 1%) per provider per round, so that all of them see the same machine load: on a shared VM the
+    load changes by the second, and timing providers one after another compared different machines. The
+    median over rounds also drops calls stalled by a descheduled OpenMP thread (a whole time slice, ~4-10 ms).
     """
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=max(50, int(min_time * 1000))) * 1e-3
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    group = max(1, int(50e-6 / once))
-    samples: list[float] = []
-    start = time.perf_counter()
-    while (time.perf_counter() - start < min_time and len(samples) < 2000) or len(samples) < 3:
+        return {
+            n: triton.testing.do_bench(f, warmup=25, rep=max(50, int(min_time * 1000))) * 1e-3 for n, f in fns.items()
+        }
+    groups = {}
+    for name, fn in fns.items():
+        fn()
         t0 = time.perf_counter()
-        for _ in range(group):
-            fn()
-        samples.append((time.perf_counter() - t0) / group)
-    return statistics.median(samples)
+        fn()
+        groups[name] = max(1, int(50e-6 / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    start = time.perf_counter()
+    rounds = 0
+    order = list(fns)
+    rng = random.Random(0)
+    while rounds < 3 or (time.perf_counter() - start < min_time * len(fns) and rounds < 500):
+        # A fresh order each round: a provider that leaves OpenMP threads spinning (or stalled) must not
+        # always slow down the same next provider.
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(groups[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / groups[name])
+        rounds += 1
+    return {n: statistics.median(v) for n, v in samples.items()}
 
 
 def build(shape: Shape, k: int, alpha: float, batch: int, device: str, dtype: torch.dtype):
@@ -151,29 +165,31 @@ def run(args) -> None:
         shapes = [s for s in SHAPES if s.name in ("mnist_mlp_fc2_100x100", "vit_s_mlp_fc1_384x1536")]
         ks, batches, alphas, min_time = [2], [1, 256], [0.0, 0.5, 1.0], 0.02
     else:
-        shapes, ks, batches, alphas, min_time = SHAPES, [2, 4], [1, 32, 1024], [0.0, 0.25, 0.5, 0.75, 1.0], 0.25
+        shapes, ks, batches, alphas, min_time = SHAPES, [2, 4], [1, 32, 1024], [0.0, 0.25, 0.5, 0.75, 1.0], 0.1
+    if args.shapes:
+        shapes = [s for s in shapes if any(p in s.name for p in args.shapes.split(","))]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     for device in devices:
         rows = []
+        out = args.out if device == "cpu" else args.out.replace("_cpu", "_gpu")
         for shape in shapes:
             for k in [2] if shape.name.startswith("mnist") else ks:
                 bl = batches
                 if shape.conv_hw and not args.quick:
                     bl = [1, 32, 256]  # batch 1024 of a 256-channel conv costs seconds per call on 2 cores
                 for batch in bl:
-                    base = None
                     for alpha in alphas:
                         il, ol, ours, x, eff, dense, member, xm, mflops = build(
                             shape, k, alpha, batch, device, torch.float32
                         )
-                        if base is None:
-                            with torch.no_grad():
-                                ens = ensemble_providers(member, xm, k, mflops)
-                                base = {n: (time_fn(fn, device, min_time), fl) for n, (fn, fl) in ens.items()}
+                        ens = ensemble_providers(member, xm, k, mflops)
+                        fns = {"ours": lambda m=ours, x=x: m(x), "dense_zero": lambda m=dense, x=x: m(x)}
+                        fns.update({n: fn for n, (fn, _) in ens.items()})
                         with torch.no_grad():
-                            t_ours = time_fn(lambda m=ours, x=x: m(x), device, min_time)
-                            t_dense = time_fn(lambda m=dense, x=x: m(x), device, min_time)
-                        t_single, f_single = base["single"]
-                        per_single = t_single / f_single
+                            t = time_providers(fns, device, min_time)
+                        t_ours, t_dense, t_single = t["ours"], t["dense_zero"], t["single"]
+                        per_single = t_single / ens["single"][1]
                         row = {
                             "shape": shape.name,
                             "K": k,
@@ -183,23 +199,23 @@ def run(args) -> None:
                             "eff_gflop": eff / 1e9,
                             "ours": t_ours,
                             "dense_zero": t_dense,
-                            "members_seq": base["members_seq"][0],
-                            "vmap": base["vmap"][0],
+                            "members_seq": t["members_seq"],
+                            "vmap": t["vmap"],
                             "single": t_single,
                             "gflops_ours": eff / t_ours / 1e9,
                             "rel_ours": (t_ours / eff) / per_single,
                             "rel_dense_zero": (t_dense / eff) / per_single,
-                            "rel_members": (base["members_seq"][0] / base["members_seq"][1]) / per_single,
-                            "rel_vmap": (base["vmap"][0] / base["vmap"][1]) / per_single,
+                            "rel_members": (t["members_seq"] / ens["members_seq"][1]) / per_single,
+                            "rel_vmap": (t["vmap"] / ens["vmap"][1]) / per_single,
                         }
                         rows.append(row)
+                        write_markdown(rows, device, args, out, quiet=True)  # partial results survive a kill
                         print(
                             f"[{device}] {shape.name} K={k} B={batch} a={alpha:.2f}: ours {t_ours * 1e6:9.1f} us "
                             f"dense0 {t_dense * 1e6:9.1f} seq {row['members_seq'] * 1e6:9.1f} "
                             f"vmap {row['vmap'] * 1e6:9.1f} single {t_single * 1e6:9.1f}  rel {row['rel_ours']:.2f}",
                             flush=True,
                         )
-        out = args.out if device == "cpu" else args.out.replace("_cpu", "_gpu")
         write_markdown(rows, device, args, out)
 
 
@@ -274,7 +290,7 @@ def machine(device: str) -> str:
     return f"{os.cpu_count()}-core {name} VM, {gpu}"
 
 
-def write_markdown(rows: list[dict], device: str, args, path: str) -> None:
+def write_markdown(rows: list[dict], device: str, args, path: str, quiet: bool = False) -> None:
     load = os.getloadavg()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -313,13 +329,16 @@ def write_markdown(rows: list[dict], device: str, args, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(head + body) + "\n")
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 shapes, K=2, batch 1 and 256, alpha 0/.5/1, short timing")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
+    p.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,32,1024)")
     p.add_argument("--cpu-only", action="store_true", help="skip the GPU providers even when a GPU is present")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "partial_linear_cpu.md"))
     run(p.parse_args(argv))
