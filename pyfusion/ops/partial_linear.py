@@ -682,7 +682,8 @@ def partial_linear_module_forward(
             f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
             f"got x.shape={tuple(x.shape)}"
         )
-    if x.dtype != w_shared.dtype or x.device != w_shared.device:
+    # get_device() is an int (-1 on CPU): cheaper than building two torch.device objects (~1 us a call).
+    if x.dtype != w_shared.dtype or x.get_device() != w_shared.get_device():
         raise ValueError(
             f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
             f"got ({x.dtype}, {x.device})"
