@@ -351,9 +351,10 @@ def test_opcheck(rng):
 
 @needs_ext
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_entry_errors(backend, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 4), (4, 4), (5, 3)])  # square minimise checks inside the column reduction
+def test_entry_errors(backend, shape, monkeypatch):
     monkeypatch.setenv("PYFUSION_BACKEND", f"linear_assignment:{backend}")
-    c = np.ones((3, 4))
+    c = np.ones(shape)
     c[1, 2] = np.nan
     with pytest.raises(ValueError, match=r"^cost contains NaN at \(1, 2\); costs must be numbers"):
         linear_assignment(c)
