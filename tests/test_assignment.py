@@ -352,9 +352,10 @@ def test_opcheck(rng):
 @needs_ext
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("shape", [(3, 4), (4, 4), (5, 3)])  # square minimise checks inside the column reduction
-def test_entry_errors(backend, shape, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_entry_errors(backend, shape, dtype, monkeypatch):
     monkeypatch.setenv("PYFUSION_BACKEND", f"linear_assignment:{backend}")
-    c = np.ones(shape)
+    c = np.ones(shape, dtype=dtype)
     c[1, 2] = np.nan
     with pytest.raises(ValueError, match=r"^cost contains NaN at \(1, 2\); costs must be numbers"):
         linear_assignment(c)

@@ -4,12 +4,14 @@ The solve step is the custom op ``pyfusion::linear_assignment`` (``torch.library
 fake kernel), whose outputs have a static shape: a (B, max_n) int64 map "column of each row" (-1 for an
 unmatched row) and (B,) float64 totals. :func:`linear_assignment` validates the arguments, picks a backend
 through a :class:`~pyfusion.dispatch.Dispatcher` (``cpp`` > ``reference``) and turns the map into
-per-problem ``row_ind`` / ``col_ind`` / unmatched lists.
+per-problem ``row_ind`` / ``col_ind`` / unmatched lists. Torch tensors go through the op; numpy inputs
+call the op's kernel (the C++ engine) directly, since the torch dispatcher would add about 18 us per call.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,8 @@ class AssignmentResult:
     For a single problem, ``row_ind`` / ``col_ind`` are int64 arrays of the matched pairs sorted by row,
     ``cost`` the sum of the matched entries, ``unmatched_rows`` / ``unmatched_cols`` the rest. For a
     batch, each field is a list with one entry per problem (``cost`` an array of shape (B,)).
-    Arrays are numpy when the input was numpy or a list, torch tensors (on the input's device) otherwise.
+    Arrays are numpy when the input was numpy (or a list of arrays), torch tensors on the input's device when it
+    was a tensor (or a list of tensors).
     """
 
     row_ind: Any
@@ -243,6 +246,33 @@ def _check_num_matches(num_matches: Any, shapes: list[tuple[int, int]], batched:
     return out
 
 
+def _fast_full(cost: np.ndarray, maximize: bool, num_threads: int) -> AssignmentResult | None:
+    """One full problem on a contiguous float numpy array: the engine with no per-call Python layers.
+
+    Returns None when the general path must run (other dtypes, a forced backend, no extension). On easy
+    128 x 128 costs the whole solve takes about 10 us, and the general path's argument handling and
+    dispatch cost about 20 us when cold (measured between fresh problems, 2-core EPYC).
+    """
+    if cost.dtype.char not in "df" or not cost.flags.c_contiguous or not _ext.EXT_AVAILABLE:
+        return None
+    if "PYFUSION_BACKEND" in os.environ:
+        return None
+    cols, totals = _engine([cost], maximize, [-1], None, num_threads)
+    n, m = cost.shape
+    cmap = cols[0]
+    if n <= m:  # every row matched
+        rows = np.arange(n, dtype=np.int64)
+        if n == m:
+            unc = np.zeros(0, dtype=np.int64)
+        else:
+            used = np.zeros(m, dtype=bool)
+            used[cmap] = True
+            unc = np.flatnonzero(~used)
+        return AssignmentResult(rows, cmap, float(totals[0]), np.zeros(0, dtype=np.int64), unc, False)
+    rows = np.flatnonzero(cmap >= 0)
+    return AssignmentResult(rows, cmap[rows], float(totals[0]), np.flatnonzero(cmap < 0), np.zeros(0, np.int64), False)
+
+
 def linear_assignment(
     cost: Any,
     *,
@@ -298,6 +328,17 @@ def linear_assignment(
         ValueError: wrong shapes or arguments (naming the argument, expected vs actual), NaN or an
             infinity of the wrong sign (naming the value and its position), or an infeasible problem.
     """
+    if (
+        type(cost) is np.ndarray
+        and cost.ndim == 2
+        and num_matches is None
+        and unmatched_cost is None
+        and dtype is None
+        and (num_threads is None or type(num_threads) is int and num_threads >= 0)
+    ):
+        fast = _fast_full(cost, bool(maximize), num_threads or 0)
+        if fast is not None:
+            return fast
     probs, batched, torch_out = _as_problems(cost)
     if num_matches is not None and unmatched_cost is not None:
         raise ValueError(
