@@ -1,16 +1,24 @@
 // Exact dense linear assignment: Jonker-Volgenant initialisation + Dijkstra shortest augmenting paths.
 // See lsap.h for the problem statement and the partial (sink-augmented) forms.
 //
-// Performance notes (2-core AMD EPYC Zen 4 VM, float64, uniform random n = 2048):
+// Performance notes (2-core AMD EPYC Zen 4 VM, float64; numbers in bench/results/assignment_cpu.md):
 // * The Dijkstra step scans the whole cost row of the current row (contiguous, row-major) with SIMD
 //   instead of a compacted list of unscanned columns (lap.lapjv's layout, a gather per column). A column
 //   whose distance is final gets v = -inf and d = +inf, so the branch-free update
 //   d = min(d, c - v - h) never touches it and the fused argmin never picks it.
-// * The scan is compiled three times (avx512f, avx2, baseline) and picked once per process with
-//   __builtin_cpu_supports, so the module stays portable (no -march=native).
+// * Every O(n^2) phase (validation, column reduction, row reductions, scan) is a SIMD kernel compiled
+//   three times (avx512f+dq+vl+bw, avx2, baseline) and picked once per process with
+//   __builtin_cpu_supports, so the module stays portable (no -march=native). avx512f alone is not
+//   enough: without avx512dq GCC 12 turns the 64-bit lane masks into scalar code.
+// * Written with GCC vector extensions; only "float compare -> ternary select" patterns are used in the
+//   loops, because GCC 12 scalarises float ==/!= and integer-mask selects on 512-bit vectors (checked
+//   in the disassembly; the first validation pass was 4x slower than the solve it guarded).
 #include "assignment/lsap.h"
 
+#include "common.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -260,7 +268,7 @@ PF_KERNELS(f_avx2, __attribute__((target("avx2"))), float, 8)
 PF_KERNELS(f_base, , float, 4)
 #undef PF_KERNELS
 
-static int cpu_level() {
+static int hw_level() {
   static const int level = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -270,6 +278,15 @@ static int cpu_level() {
     return 0;
   }();
   return level;
+}
+
+// Test hook: a lower level than the hardware's can be forced so that every kernel variant is tested on
+// one machine (set_simd_level); -1 means "what the CPU supports".
+static std::atomic<int> forced_level{-1};
+
+static int cpu_level() {
+  const int f = forced_level.load(std::memory_order_relaxed);
+  return f >= 0 ? std::min(f, hw_level()) : hw_level();
 }
 
 template <typename T>
@@ -616,9 +633,17 @@ void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64
 template void solve_batch<float>(const std::vector<Problem>&, const Options&, int64_t*, int64_t, double*);
 template void solve_batch<double>(const std::vector<Problem>&, const Options&, int64_t*, int64_t, double*);
 
+std::string set_simd_level(const std::string& name) {
+  const std::string before = simd_path();
+  PF_CHECK(name == "auto" || name == "avx512" || name == "avx2" || name == "default",
+           "simd level must be 'auto', 'avx512', 'avx2' or 'default'; got '", name, "'");
+  forced_level.store(name == "auto" ? -1 : name == "avx512" ? 2 : name == "avx2" ? 1 : 0);
+  return before;
+}
+
 std::string simd_path() {
   const int l = cpu_level();
-  return l == 2 ? "avx512f" : l == 1 ? "avx2" : "default";
+  return l == 2 ? "avx512 (f, dq, vl, bw)" : l == 1 ? "avx2" : "default";
 }
 
 }  // namespace lsap
