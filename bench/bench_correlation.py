@@ -136,7 +136,8 @@ def machine() -> str:
 
     isa = _ext._C.corr_best_isa() if _ext.EXT_AVAILABLE else "no extension"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core {model} VM, {gpu}; {platform.python_version()}, torch {torch.__version__}; engine micro-kernel: {isa}"
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    return f"{os.cpu_count()}-core {model} VM, {gpu}; {versions}; engine micro-kernel: {isa}"
 
 
 def main() -> None:
@@ -187,7 +188,8 @@ def main() -> None:
         f"N = {n} samples, float32 input, D neurons; time = best of {repeats}; speedup against the float32 torch "
         "composite (X.T @ X + column sums in float32, float64 finalize). GFLOP/s counts the full Gram (2 N D^2).",
         "Peak extra memory: fresh subprocess, 1 thread, ru_maxrss after the call minus RSS before it (input excluded).",
-        "Error: max |corr - float64 two-pass reference|; offset data X = 1e3 + 1e-2 Z, plain data X = Z (Z correlated).",
+        "Error: max |corr - float64 two-pass reference|; offset data X = 1e3 + 1e-2 Z, plain data X = Z "
+        "(Z correlated Gaussian).",
         "",
         "| D | threads | method | time (s) | speedup vs f32 composite | eff. GFLOP/s | peak extra MiB | "
         "err offset | err plain | load |",
