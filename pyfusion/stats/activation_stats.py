@@ -113,6 +113,14 @@ accumulate_dispatcher = Dispatcher(
 )
 
 
+def _all_finite(x: Tensor) -> bool:
+    """Whether x has no NaN/inf. A float32 sum is finite for finite data of sane magnitude and costs a fraction
+    of ``isfinite(x).all()`` (64 MiB: ~5 ms against ~15 ms); only a non-finite sum triggers the exact check."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else torch.float64))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 class ActivationStats:
     """Joint first and second moments of the concatenated activations ``[X_1 | ... | X_K]``.
 
@@ -182,7 +190,7 @@ class ActivationStats:
         n = x.shape[0]
         if n == 0:
             return self
-        if check_finite and not bool(torch.isfinite(x).all()):
+        if check_finite and not _all_finite(x):
             raise ValueError("activations contain NaN or inf; statistics were not updated")
         if self.count == 0:
             # float32-representable shift: x - c is then exact or correctly rounded in the float32 kernel.
