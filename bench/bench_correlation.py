@@ -163,7 +163,7 @@ def main() -> None:
         print(f"note: {_ext.EXT_SKIP_REASON}; 'pyfusion' runs the float64 torch path", file=sys.stderr)
 
     if args.quick:
-        n, dims, threads, repeats, memory = 4096, [64, 256], [1], 1, False
+        n, dims, threads, repeats, memory = 2048, [64, 128], [1], 1, False
     else:
         n, dims, threads, repeats, memory = 65536, [256, 1024, 2048], [1, 2], args.repeats, True
 

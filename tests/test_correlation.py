@@ -159,7 +159,7 @@ def test_bench_quick_runs(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=60,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
