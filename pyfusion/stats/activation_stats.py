@@ -242,20 +242,21 @@ class ActivationStats:
     def all_reduce(self, group: Any = None) -> ActivationStats:
         """Merge the states of all ranks of ``group`` (torch.distributed); every rank ends with the total.
 
-        Exact Chan combination in two all-reduces of count-weighted sums: mu = sum_r n_r mu_r / N, then
+        Exact Chan combination by all-reduces of count-weighted sums: mu = sum_r n_r mu_r / N, then
         M2 = sum_r (M2_r + n_r (mu_r - mu)(mu_r - mu)^T), which has no cancellation. Works on gloo (CPU) and
-        nccl (state on the rank's GPU). Collective: every rank of the group must call it.
+        nccl (state on the rank's GPU). Collective: every rank of the group must call it; a rank with no samples
+        contributes nothing. Ranks whose states have different dimensions all raise ValueError.
         """
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("all_reduce needs an initialized torch.distributed process group")
-        shape = torch.tensor([self.dim, -self.dim, self.count], dtype=torch.float64, device=self.device)
-        dims = shape[:2].clone()
+        opts = {"dtype": torch.float64, "device": self.device}
+        dims = torch.tensor([self.dim, -self.dim], **opts)  # max of both: all ranks equal iff max == -max(-dim)
         dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
         if int(dims[0]) != self.dim or int(-dims[1]) != self.dim:
             raise ValueError(f"ranks hold states of different dimensions (this rank: {self.dim})")
-        total = shape[2:].clone()
+        total = torch.tensor([float(self.count)], **opts)
         dist.all_reduce(total, group=group)
         n_total = int(total.item())
         if n_total == 0:
