@@ -85,18 +85,24 @@ def set_threads(t: int):
     return threadpool_limits(t)
 
 
-def time_methods(x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Best time of each method; the methods take turns within every round so that load swings on the shared
-    machine hit them alike. The slow float64 baselines get at most 2 rounds."""
+def time_methods(x: torch.Tensor, repeats: int, ref: torch.Tensor | None = None):
+    """Best time of each method, and (with ``ref``) the max error of its first-round output against ``ref``.
+
+    The methods take turns within every round so that load swings on the shared machine hit them alike;
+    the slow float64 baselines get at most 2 rounds."""
     best = {m: float("inf") for m in METHODS}
+    err = {}
     for r in range(repeats):
         for m in METHODS:
             if r >= 2 and m not in ("pyfusion", "torch f32 composite"):
                 continue
             t0 = time.perf_counter()
-            run_method(m, x)
+            out = run_method(m, x)
             best[m] = min(best[m], time.perf_counter() - t0)
-    return best
+            if r == 0 and ref is not None:
+                err[m] = (out.double() - ref).abs().max().item()
+            del out
+    return best, err
 
 
 def _rss_bytes() -> int:
@@ -169,18 +175,18 @@ def main() -> None:
 
     rows = []
     for d in dims:
-        x_off, x_plain = make_data(n, d, True), make_data(n, d, False)
-        ref_off, ref_plain = reference(x_off), reference(x_plain)
-        err = {}
-        for m in METHODS:
-            e_off = (run_method(m, x_off).double() - ref_off).abs().max().item()
-            e_plain = (run_method(m, x_plain).double() - ref_plain).abs().max().item()
-            err[m] = (e_off, e_plain)
-        del x_off
+        x_off = make_data(n, d, True)
+        ref_off = reference(x_off)
+        err_off = {m: (run_method(m, x_off).double() - ref_off).abs().max().item() for m in METHODS}
+        del x_off, ref_off
+        x_plain = make_data(n, d, False)
+        ref_plain = reference(x_plain)
         mem = {m: (measure_memory(m, n, d) if memory else float("nan")) for m in METHODS}
+        err = {}
         for t in threads:
             with set_threads(t):
-                times = time_methods(x_plain, repeats)
+                times, e = time_methods(x_plain, repeats, ref_plain if not err else None)
+            err = err or {m: (err_off[m], e[m]) for m in METHODS}
             base = times["torch f32 composite"]
             load = os.getloadavg()[0]
             for m in METHODS:
