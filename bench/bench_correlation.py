@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, one thread, no memory subprocesses")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "correlation_cpu.md"))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dims", type=int, nargs="+", help="D values (default 256 1024 2048; quick: 64 128)")
+    ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2; quick: 1)")
     ap.add_argument("--memory-child", nargs=3, metavar=("METHOD", "N", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -172,6 +174,8 @@ def main() -> None:
         n, dims, threads, repeats, memory = 2048, [64, 128], [1], 1, False
     else:
         n, dims, threads, repeats, memory = 65536, [256, 1024, 2048], [1, 2], args.repeats, True
+    dims = args.dims or dims
+    threads = args.threads or threads
 
     rows = []
     for d in dims:
