@@ -9,7 +9,7 @@ Methods (all end with a float64 (D, D) correlation, or torch.corrcoef's float32 
 
 Time: best of --repeats interleaved rounds (2 for the float64 baselines; the machine is shared: the load is
 printed). Peak extra memory: in a fresh
-subprocess per (method, D), ru_maxrss after the call minus the RSS before it (input excluded).
+subprocess per (method, D), peak RSS of the call (VmHWM reset by /proc/self/clear_refs) minus the RSS before it.
 Error: max |corr - float64 two-pass reference| on "offset" data X = 1e3 + 1e-2 * Z (Z correlated Gaussian)
 and on "plain" data X = Z. FLOPs: the full Gram is 2 N D^2; the engine computes the lower triangle only.
 
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -105,21 +104,29 @@ def time_methods(x: torch.Tensor, repeats: int, ref: torch.Tensor | None = None)
     return best, err
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(name: str, n: int, d: int) -> None:
-    """Entry point of the memory subprocess: prints the peak extra bytes of one call as JSON."""
+    """Entry point of the memory subprocess: prints the peak extra bytes of one call as JSON.
+
+    The input is generated first; writing 5 to /proc/self/clear_refs then resets the peak RSS (VmHWM, Linux
+    >= 4.0), so the peak read after the call is that of the call alone, minus the RSS before it."""
     set_threads(1)
     x = make_data(n, d, offset=False)
     run_method(name, x[:64].contiguous())  # load libraries / first-call allocations outside the measurement
-    before = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _vm_kib("VmRSS")
     out = run_method(name, x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_kib("VmHWM")
     del out
-    print(json.dumps({"peak_extra": max(0, peak - before)}))
+    print(json.dumps({"peak_extra": max(0, peak - before) * 1024}))
 
 
 def measure_memory(name: str, n: int, d: int) -> float:
@@ -159,6 +166,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dims", type=int, nargs="+", help="D values (default 256 1024 2048; quick: 64 128)")
     ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2; quick: 1)")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory column, printed as markdown")
     ap.add_argument("--memory-child", nargs=3, metavar=("METHOD", "N", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -177,6 +185,11 @@ def main() -> None:
     dims = args.dims or dims
     threads = args.threads or threads
 
+    if args.memory_only:
+        print("| D | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS))
+        for d in dims:
+            print(f"| {d} | " + " | ".join(f"{measure_memory(m, n, d):.1f}" for m in METHODS) + " |", flush=True)
+        return
     rows = []
     for d in dims:
         x_off = make_data(n, d, True)
@@ -204,7 +217,8 @@ def main() -> None:
         f"N = {n} samples, float32 input, D neurons; time = best of {repeats} interleaved rounds (float64 "
         f"baselines: best of {min(repeats, 2)}); speedup against the float32 torch "
         "composite (X.T @ X + column sums in float32, float64 finalize). GFLOP/s counts the full Gram (2 N D^2).",
-        "Peak extra memory: fresh subprocess, 1 thread, ru_maxrss after the call minus RSS before it (input excluded).",
+        "Peak extra memory: fresh subprocess, 1 thread, peak RSS of the call (VmHWM reset via /proc/self/clear_refs) "
+        "minus RSS before it (input excluded).",
         "Error: max |corr - float64 two-pass reference|; offset data X = 1e3 + 1e-2 Z, plain data X = Z "
         "(Z correlated Gaussian).",
         "",
