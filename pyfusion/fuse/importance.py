@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMPORTANCE_METHODS", "neuron_importance"]
+__all__ = ["IMPORTANCE_METHODS", "attributions", "neuron_importance"]
 
 IMPORTANCE_METHODS = ("uniform", "activation_gradient", "conductance")
 
@@ -135,6 +135,52 @@ def neuron_importance(
             score = (score / total if total > 0 else torch.full_like(score, 1.0 / score.numel())) + 1e-8
         out[p] = score
     return out
+
+
+def attributions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None,
+    points: Sequence[str],
+    *,
+    method: str = "conductance",
+    n_steps: int = 10,
+) -> dict[str, Tensor]:
+    """Signed per-sample attributions of the neurons at ``points`` for one batch (see the module docstring).
+
+    Args:
+        model: the network (evaluated as it is: put it in eval mode first for BatchNorm / dropout).
+        x: (N, ...) inputs.
+        y: (N,) target classes, or None for ``argmax model(x)``.
+        points: module paths.
+        method: "uniform" (ones), "activation_gradient" or "conductance".
+        n_steps: conductance Riemann intervals.
+
+    Returns:
+        point -> (N, C, ...) attributions, the shape of the module's output.
+    """
+    if method not in IMPORTANCE_METHODS:
+        raise ValueError(f"method must be one of {IMPORTANCE_METHODS}; got {method!r}")
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
+    modules = dict(model.named_modules())
+    for p in points:
+        if p not in modules:
+            raise ValueError(f"point {p!r} is not a module path of the model")
+    captured: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+            captured[name] = out
+
+        return hook
+
+    handles = [modules[p].register_forward_hook(make_hook(p)) for p in points]
+    try:
+        return _attribute(model, x, y, list(points), captured, method, int(n_steps))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _attribute(
