@@ -15,7 +15,30 @@ from pyfusion.fuse.bn import reset_bn_stats
 from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
 
-ALIGNING = ["weight_matching"]
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation on the shared 2-core machine (10-30x slower at load 8)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ALIGNING = ["weight_matching", "activation_matching", "ot", "ot_weights", "ot_l2"]
+
+# method aliases used in tests: name -> (registered method, options)
+VARIANTS = {
+    "ot_weights": ("ot", {"cost": "weights"}),
+    "ot_l2": ("ot", {"masses": "l2"}),
+    "activation_matching_pre_sq": ("activation_matching", {"point": "pre", "cost": "sqdist"}),
+}
+
+
+def _fuse(members, data, method, **kw):
+    name, opts = VARIANTS.get(method, (method, {}))
+    return pyfusion.fuse(members, data, method=name, **opts, **kw)
+
 
 ARCHS = {
     "mlp": (lambda: models.mlp([12, 16, 16, 5]), (12,)),
@@ -61,7 +84,7 @@ def _data(shape, n=4, bs=16):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("method", ALIGNING)
+@pytest.mark.parametrize("method", [*ALIGNING, "activation_matching_pre_sq"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_permuted_copies_recovered(arch, method, k):
     factory, shape = ARCHS[arch]
@@ -74,21 +97,22 @@ def test_permuted_copies_recovered(arch, method, k):
         )
     snap = _snapshot(members)
     # no BN reset: the fused network must equal the member exactly, running statistics included
-    fused = pyfusion.fuse(members, _data(shape), method=method, reset_bn=False)
+    fused = _fuse(members, _data(shape), method, reset_bn=False)
     torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-5, atol=1e-5)
     _assert_unchanged(members, snap)
 
 
-@pytest.mark.parametrize("method", ["average", *ALIGNING])
+@pytest.mark.parametrize("method", ["average", "weight_matching", "activation_matching", "ot", "ot_weights"])
 @pytest.mark.parametrize("arch", ["mlp", "resnet"])
 def test_one_hot_lambdas_return_member(method, arch):
     factory, shape = ARCHS[arch]
-    members = [_randomize_bn(factory()) for _ in range(3)]
+    kk = 3 if arch == "mlp" else 2
+    members = [_randomize_bn(factory()) for _ in range(kk)]
     x = torch.randn(6, *shape)
-    for k in range(3):
-        lam = [0.0] * 3
+    for k in range(kk):
+        lam = [0.0] * kk
         lam[k] = 1.0
-        fused = pyfusion.fuse(members, _data(shape), method=method, lambdas=lam, reset_bn=False)
+        fused = _fuse(members, _data(shape), method, lambdas=lam, reset_bn=False)
         torch.testing.assert_close(fused.eval()(x), members[k](x), rtol=1e-5, atol=1e-5)
 
 
@@ -194,3 +218,91 @@ def test_errors_and_inputs_unchanged():
         pyfusion.fuse([WithGN(), WithGN()], method="average")
     _assert_unchanged([a, b], snap)
     assert {"average", "weight_matching"} <= set(available_methods())
+
+
+def test_method_needing_data_and_failures_leave_members_unchanged():
+    a, b = models.mlp([6, 5, 3]), models.mlp([6, 5, 3])
+    a.train()
+    b.eval()
+    snap = _snapshot([a, b])
+    with pytest.raises(ValueError, match="'activation_matching' needs calibration data"):
+        pyfusion.fuse([a, b], method="activation_matching")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        pyfusion.fuse([a, b], method="ot", cost="activations")
+    with pytest.raises(RuntimeError):  # wrong input width: fails inside the members' forward pass
+        pyfusion.fuse([a, b], [torch.randn(4, 7)], method="activation_matching")
+    with pytest.raises(ValueError, match="cost must be"):
+        pyfusion.fuse([a, b], [torch.randn(4, 6)], method="activation_matching", cost="cosine")
+    with pytest.raises(ValueError, match="reference"):
+        pyfusion.fuse([a, b], [torch.randn(4, 6)], method="activation_matching", reference=2)
+    _assert_unchanged([a, b], snap)
+    assert a.training and not b.training and all(m.training for m in a.modules())
+
+
+def test_ot_uniform_assignment_equals_pot_and_soft_maps_are_barycentric():
+    ot = pytest.importorskip("ot")
+    torch.manual_seed(5)
+    a, b = models.mlp([8, 12, 10, 3]), models.mlp([8, 12, 10, 3])
+    data = [torch.randn(32, 8) for _ in range(3)]
+    graph = trace_groups(a)
+    from pyfusion.fuse.activation_matching import activation_cost, neuron_features
+    from pyfusion.fuse.activations import group_statistics
+
+    stats = group_statistics([a, b], graph, data)
+    fused = pyfusion.fuse([a, b], data, method="ot", lambdas=[0.3, 0.7])
+    sa = dict(a.named_parameters())
+    sb = dict(b.named_parameters())
+    for name, gp in fused.fusion_plan.groups.items():
+        n = graph.groups[name].size
+        cost = activation_cost(
+            stats[name], 0, 1, "sqdist", (neuron_features(sa, graph, name), neuron_features(sb, graph, name))
+        )
+        t = gp.B[1].T / n  # uniform masses: T_k = diag(a) B_k^T
+        u = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        torch.testing.assert_close(t.sum(0), u)
+        torch.testing.assert_close(t.sum(1), u)
+        want = ot.emd2(u.numpy(), u.numpy(), cost.numpy())
+        assert abs(float((t * cost).sum()) - want) <= 1e-9 * max(1.0, abs(want))
+        torch.testing.assert_close(gp.A[1], 0.7 * gp.B[1].T)
+    # importance masses: soft maps, marginals of the transport equal the masses
+    fused = pyfusion.fuse([a, b], data, method="ot", masses="l2")
+    from pyfusion.fuse.ot import neuron_masses
+
+    for name, gp in fused.fusion_plan.groups.items():
+        ma = neuron_masses({k: v.detach().double() for k, v in sa.items()}, graph, name, "l2")
+        mb = neuron_masses({k: v.detach().double() for k, v in sb.items()}, graph, name, "l2")
+        t = ma[:, None] * gp.B[1].T  # T = diag(a) M
+        torch.testing.assert_close(t.sum(1), ma, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(t.sum(0), mb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gp.A[1].sum(1), torch.full_like(ma, 0.5))
+        assert (gp.A[1] >= 0).all()
+
+
+@pytest.mark.parametrize("arch,method", [("mlp", "weight_matching"), ("vgg", "activation_matching"), ("resnet", "ot")])
+def test_repair_matches_member_statistics(arch, method):
+    from pyfusion.fuse.activations import group_statistics
+    from pyfusion.fuse.repair import repair_targets
+
+    factory, shape = ARCHS[arch]
+    members = [_randomize_bn(factory()) for _ in range(2)]
+    data = _data(shape, n=3)
+    snap = _snapshot(members)
+    fused = _fuse(members, data, method, repair=True)
+    rep = fused.fusion_info["repair"]
+    graph = trace_groups(members[0])
+    targets = repair_targets(members, graph, fused.fusion_plan, data)
+    stats = group_statistics([fused], graph, data, point="pre")
+    assert rep["repaired"]
+    if arch == "resnet":  # residual streams are skipped, block-internal groups are repaired
+        assert any("residual stream" in s for s in rep["skipped"])
+    for name in rep["repaired"]:
+        t_mu, t_sd = targets[name]
+        live = stats[name].var(0) > 1e-8
+        torch.testing.assert_close(stats[name].mean(0)[live], t_mu[live], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats[name].var(0).sqrt()[live], t_sd[live], rtol=1e-4, atol=1e-4)
+    _assert_unchanged(members, snap)
+    # a permuted copy is its own REPAIR target: the function does not change
+    m = members[0]
+    fused = _fuse([m, _permuted_copy(m)], data, method, repair=True, reset_bn=False)
+    x = torch.randn(5, *shape)
+    torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-4, atol=1e-4)

@@ -16,6 +16,15 @@ from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import AxisRef, UnsupportedModuleError, declare_groups, trace_groups
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation on the shared 2-core machine (10-30x slower at load 8)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _keys(refs):
     return sorted((r.key, r.axis, r.role, r.expand) for r in refs)
 

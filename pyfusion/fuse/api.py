@@ -99,7 +99,7 @@ def fuse(
         from pyfusion.fuse.repair import repair as _repair
 
         t0 = time.perf_counter()
-        _repair(fused, members, graph, plan, data, max_batches=bn_batches)
+        info["repair"] = _repair(fused, members, graph, plan, data, max_batches=bn_batches)
         info["time_repair_s"] = time.perf_counter() - t0
     fused.fusion_plan = plan
     fused.fusion_info = info

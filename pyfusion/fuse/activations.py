@@ -1,0 +1,113 @@
+"""Per-group activation statistics of K members, through pyfusion.stats.collect_stats.
+
+Each group's activations are observed at its pre-activation points (producer / BatchNorm / LayerNorm outputs,
+residual sums) or post-activation points (activation outputs). When the graph was traced with torch.fx, an
+``nn.Identity`` tap is inserted after each point's node in a GraphModule that shares the member's modules (so
+functional activations such as ``F.relu(out + shortcut)`` can be observed too, and a module called twice is
+observed at the right call); otherwise the module paths recorded on the group are hooked directly. Samples
+of all points of a group are stacked (a residual stream is observed at every block), conv maps contribute
+one sample per spatial position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from pyfusion.graph.groups import FusionGraph
+from pyfusion.stats import ActivationStats, collect_stats
+
+__all__ = ["group_points", "group_statistics"]
+
+
+def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], list[str]]]:
+    """group -> (fx node names, module paths) of its ``point`` ("pre" or "post"; "post" falls back to "pre"
+    for groups without an activation)."""
+    if point not in ("pre", "post"):
+        raise ValueError(f"point must be 'pre' or 'post'; got {point!r}")
+    out = {}
+    for name, g in graph.groups.items():
+        nodes, paths = (g.post_nodes, g.post_points) if point == "post" else (g.pre_nodes, g.pre_points)
+        if not nodes and not paths:
+            nodes, paths = g.pre_nodes, g.pre_points
+        out[name] = (list(nodes), list(paths))
+    return out
+
+
+def _tapped(member: nn.Module, traced: fx.GraphModule, taps: dict[str, list[str]]) -> tuple[nn.Module, dict]:
+    """A GraphModule over ``member``'s own submodules with an Identity tap after every listed node."""
+    g = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(traced.graph, val_map)
+    g.output(out)
+    by_name = {old.name: new for old, new in val_map.items()}
+    root: dict[str, Any] = {}
+    for node in g.nodes:
+        if node.op == "call_module":
+            root[node.target] = member.get_submodule(node.target)
+    points: dict[str, list[str]] = {}
+    i = 0
+    for gname, nodes in taps.items():
+        for nname in nodes:
+            target = f"_pf_tap_{i}"
+            i += 1
+            root[target] = nn.Identity()
+            with g.inserting_after(by_name[nname]):
+                g.call_module(target, (by_name[nname],))
+            points.setdefault(gname, []).append(target)
+    return fx.GraphModule(root, g), points
+
+
+def group_statistics(
+    members: Sequence[nn.Module],
+    graph: FusionGraph,
+    data: Iterable[Any],
+    *,
+    point: str = "post",
+    groups: Sequence[str] | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, ActivationStats]:
+    """Joint statistics of the members' activations per group (block k = member k).
+
+    Args:
+        members: K networks (not modified: their training flags are restored).
+        graph: neuron groups (traced from member 0's architecture; also valid for wider fused networks).
+        data: batches (inputs, or (inputs, labels)).
+        point: "pre" or "post" activation.
+        groups: restrict to these groups (default all).
+        max_batches: stop after this many batches.
+        device: move inputs there first.
+        progress: show collect_stats' progress bar.
+
+    Returns:
+        group -> ActivationStats with K blocks.
+    """
+    wanted = list(graph.groups) if groups is None else list(groups)
+    pts = group_points(graph, point)
+    modes = [{m: m.training for m in member.modules()} for member in members]
+    try:
+        if graph.traced is not None:
+            runners, points = [], {}
+            for member in members:
+                gm, points = _tapped(member, graph.traced, {g: pts[g][0] for g in wanted})
+                gm.train(member.training)
+                runners.append(gm)
+        else:
+            runners = list(members)
+            points = {g: pts[g][1] for g in wanted}
+            missing = [g for g in wanted if not points[g]]
+            if missing:
+                raise ValueError(
+                    f"groups {missing} have no module whose output gives their activations; declare pre_points / "
+                    "post_points for them"
+                )
+        return collect_stats(runners, data, points, max_batches=max_batches, device=device, progress=progress)
+    finally:
+        for mm in modes:
+            for m, mode in mm.items():
+                m.training = mode

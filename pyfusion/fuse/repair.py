@@ -1,0 +1,102 @@
+"""REPAIR (Jordan et al., ICLR 2023, "REPAIR: REnormalizing Permuted Activations for Interpolation Repair").
+
+Averaging aligned neurons shrinks their activation variance ("variance collapse"). REPAIR rescales every fused
+neuron so that its pre-activation mean and standard deviation on calibration data equal those of the members'
+neurons it was built from: ``target_mu = sum_k A_k mu_k`` and ``target_sd = sum_k A_k sd_k`` (A_k from the
+plan, rows weighted by lambda; for a permutation plan this is the lambda-weighted mean of the matched neurons).
+
+The correction ``y -> (y - mu_fused) * target_sd / sd_fused + target_mu`` is folded into the last affine map of
+the neuron: the BatchNorm / LayerNorm after the producer (weight and bias), or the producer's weight rows and
+bias when there is no normalisation. Groups are processed in forward order, each with its own pass over the
+calibration data, so that a group's statistics are measured after all earlier groups were corrected.
+Skipped (and listed in the result): residual streams (several producers add into one value, so no single
+affine map owns the sum), groups whose producer has no bias and no normalisation (the mean cannot be moved),
+and neurons that are constant on the data (standard deviation 0: left unscaled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyfusion.fuse.activations import group_statistics
+from pyfusion.fuse.plan import Plan
+from pyfusion.graph.groups import FusionGraph
+
+__all__ = ["repair", "repair_targets"]
+
+
+def repair_targets(
+    members: list[nn.Module], graph: FusionGraph, plan: Plan, data: Iterable[Any], *, max_batches: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """group -> (target mean, target std) per slot, from the members' pre-activation statistics and the plan."""
+    stats = group_statistics(members, graph, data, point="pre", max_batches=max_batches)
+    out = {}
+    for name in graph.groups:
+        gp = plan.groups.get(name)
+        if gp is None:
+            continue
+        st = stats[name]
+        mu = sum(gp.A[k] @ st.mean(k) for k in range(len(members)))
+        sd = sum(gp.A[k] @ st.var(k).sqrt() for k in range(len(members)))
+        out[name] = (mu, sd)
+    return out
+
+
+def repair(
+    fused: nn.Module,
+    members: list[nn.Module],
+    graph: FusionGraph,
+    plan: Plan | None,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    eps: float = 1e-8,
+) -> dict[str, list[str]]:
+    """Apply REPAIR to ``fused`` in place.
+
+    Args:
+        fused: the fused network (built from ``plan``; BatchNorm statistics already reset).
+        members: the K members (not modified).
+        graph: neuron groups of the architecture.
+        plan: the plan the fused network was built from.
+        data: calibration batches.
+        max_batches: per pass.
+        eps: a fused neuron whose standard deviation is below ``eps`` is not rescaled.
+
+    Returns:
+        {"repaired": [...], "skipped": ["group: reason", ...]}.
+    """
+    if plan is None:
+        raise ValueError("repair needs the fusion plan (the method returned no plan)")
+    targets = repair_targets(list(members), graph, plan, data, max_batches=max_batches)
+    done, skipped = [], []
+    for name, g in graph.groups.items():
+        if name not in targets:
+            skipped.append(f"{name}: not in the plan")
+            continue
+        producers = sorted({r.module for r in g.producers})
+        norms = sorted({r.module for r in g.per_neuron})
+        if len(producers) != 1 or len(norms) > 1:
+            skipped.append(f"{name}: residual stream / several producers")
+            continue
+        owner = fused.get_submodule(norms[0] if norms else producers[0])
+        if getattr(owner, "weight", None) is None or getattr(owner, "bias", None) is None:
+            skipped.append(f"{name}: {norms[0] if norms else producers[0]} has no affine weight and bias")
+            continue
+        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
+        f_mu, f_sd = st.mean(0), st.var(0).sqrt()
+        t_mu, t_sd = targets[name]
+        live = f_sd > eps
+        scale = torch.where(live, t_sd / f_sd.clamp_min(eps), torch.ones_like(f_sd))
+        shift = torch.where(live, t_mu - f_mu * scale, t_mu - f_mu)
+        with torch.no_grad():
+            w = owner.weight
+            view = (-1,) + (1,) * (w.ndim - 1)
+            w.mul_(scale.to(w.dtype).view(view))
+            owner.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
+        done.append(name)
+    return {"repaired": done, "skipped": skipped}
