@@ -421,8 +421,9 @@ def _fit_level(model: nn.Module, level: Level, x: Tensor, t: Tensor, opts: dict[
         for s in range(0, order.numel(), bs):
             idx = order[s : s + bs]
             opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(_run(model, level.calls, x[idx]), t[idx])
-            loss.backward()
+            with torch.enable_grad():  # also when fuse() is called under torch.no_grad()
+                loss = F.mse_loss(_run(model, level.calls, x[idx]), t[idx])
+                loss.backward()
             opt.step()
         done += 1
         cur = val_loss()
@@ -487,7 +488,7 @@ def fuse_interp(
     ridge: float = 1e-6,
     cost: str = "l2",
     n_restarts: int = 10,
-    init: str = "kmeans++",
+    init: str = "ward",
     seed: int = 0,
     max_samples: int | None = None,
     class_weights: Any = None,
@@ -512,7 +513,8 @@ def fuse_interp(
         n_steps: conductance path steps.
         ridge: relative ridge of the LS normal equations.
         cost: HF pair cost, "l2" (the authors' sum of L2 norms) or "sqeuclidean".
-        n_restarts, init, seed: k-means restarts, start ("kmeans++" or "ward") and seed (also seeds training).
+        n_restarts, init, seed: k-means restarts, start ("ward": randomized Ward, or "kmeans++") and seed (also
+            seeds the training of kf_gradient).
         max_samples: use at most this many calibration samples.
         class_weights: (K, C) per-member class weights for the last-level target of kf_gradient (e.g.
             :func:`pyfusion.data.class_shares`); normalised per class over the members.
