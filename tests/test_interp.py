@@ -328,3 +328,19 @@ def test_errors_change_nothing():
     for m, sd in zip(members, before):
         for key, t in m.state_dict().items():
             assert torch.equal(t, sd[key])
+
+
+def test_class_balanced_indices():
+    from pyfusion.data import class_balanced_indices
+
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    idx = class_balanced_indices(y, 4, seed=1)
+    assert np.bincount(y.numpy()[idx], minlength=3).tolist() == [4, 3, 4]
+    assert len(set(idx.tolist())) == idx.size and np.all(np.diff(idx) > 0)
+    assert np.array_equal(idx, class_balanced_indices(y, 4, seed=1))
+    pool = np.arange(5, 20)
+    sub = class_balanced_indices(y, 2, pool=pool)
+    assert set(sub.tolist()) <= set(pool.tolist())
+    assert np.bincount(y.numpy()[sub], minlength=3).tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="per_class"):
+        class_balanced_indices(y, 0)
