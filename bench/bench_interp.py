@@ -88,7 +88,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch / OpenMP threads for both sides (1: on the shared 2-core VM, 2 threads under a load of 8-10 "
+        "were slower than 1, e.g. a (12544, 209) SYRK 153 ms vs 36 ms)",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
         widths, hidden, side, samples = (4, "M", 8, "M"), 16, 12, 64

@@ -322,6 +322,8 @@ def test_errors_change_nothing():
         pyfusion.fuse(members[:2], data, method="kf", ridge=-1.0)
     with pytest.raises(ValueError, match="empty"):
         pyfusion.fuse(members[:2], [], method="kf")
+    with pytest.raises(ValueError, match="stats_dtype"):
+        pyfusion.fuse(members[:2], data, method="kf", stats_dtype="float16")
     res = resnet20(num_classes=5, in_channels=1, blocks=1)
     with pytest.raises(ValueError, match="residual block"):
         pyfusion.fuse([res, copy.deepcopy(res)], _data((1, 8, 8)), method="kf")

@@ -25,7 +25,9 @@ Methods (``pyfusion.fuse(..., method=...)``, all need calibration data):
 * ``"kf_gradient"``: the KF grouping, then every level is trained (Adam or SGD, mini-batches of the calibration
   data, 80/20 split, early stopping on the validation MSE, the best state kept) to reproduce its slot targets
   ``T_c = sum_{j in c} s_j a_j / sum s_j`` from the fused inputs; the last level is trained to reproduce the
-  lambda-weighted mean logits (optionally weighted per class by each member's class share). Levels exist for
+  lambda-weighted mean logits (optionally weighted per class by each member's class share). Linear levels start
+  from the KF closed-form weights (so training starts from the KF model and keeps the best validation state, never
+  ending worse on the validation split than where it started). Levels exist for
   ``nn.Sequential`` chains (MLP, VGG) and for :class:`pyfusion.models.ResNet` (stem, one level per residual block,
   head); ResNet levels start from member 0 with the targets' slots matched (exact assignment) to member 0's
   neurons, so the identity shortcuts stay consistent.
@@ -36,6 +38,8 @@ Deviations from the authors' code (documented choices):
   KF minimises the sum of unsquared L2 distances with the same centroid rule. The points are the projections
   ``X w_j`` instead of ``a_j``: for squared distances the two objectives differ by the constant
   ``sum_j s_j ||a_j - X w_j||^2`` (exact least squares), so the clusterings are the same.
+* The Gram products of each chunk of samples are formed in float32 by default (``stats_dtype``) and accumulated
+  in float64; ``stats_dtype="float64"`` makes them exact to float64 rounding.
 * HF supports both the authors' L2 cost (``cost="l2"``, default) and the squared form (``cost="sqeuclidean"``).
 * The LS system has a ridge ``ridge * mean(diag(X^T X))`` (default 1e-6; zero columns such as always-black pixels
   or dead ReLUs make X^T X singular); if the Cholesky factorisation fails the ridge grows 100x until it succeeds
@@ -63,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyfusion import _ext
 from pyfusion.fuse.importance import IMPORTANCE_METHODS, neuron_importance
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import register_method
@@ -269,6 +274,8 @@ def ls_statistics(
     Returns:
         (G (p, p), [C_k (p, n)], [||A_k[:, j]||^2 (n,)]), float64.
     """
+    if dtype == torch.float32 and _ext.EXT_AVAILABLE and u.device.type == "cpu":
+        return _ls_statistics_syrk(producer, u, targets, chunk)
     bias = producer.bias is not None
     gxx: Tensor | None = None
     cols = None
@@ -307,6 +314,77 @@ def ls_statistics(
         cs = [torch.cat([c, t[None]], 0) for c, t in zip(cs, ts)]
     else:
         g = gxx
+    return 0.5 * (g + g.T), cs, ns
+
+
+def _ls_statistics_syrk(
+    producer: nn.Module, u: Tensor, targets: Sequence[Tensor], chunk: int
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """:func:`ls_statistics` through the statistics engine: the rows ``[X | A_1 | ... | A_K]`` of each chunk are
+    written once into one float32 buffer and streamed into :class:`~pyfusion.stats.ActivationStats` (C++ blocked
+    lower-triangle SYRK, float32 products over panels of 256 rows, float64 shifted accumulation), which yields G,
+    every C_k, the target norms and the column sums (for the bias) from one symmetric product."""
+    from pyfusion.stats import ActivationStats
+
+    conv = isinstance(producer, nn.Conv2d)
+    sizes = [int(t.shape[1]) for t in targets]
+    stats = None
+    for s in range(0, u.shape[0], chunk):
+        uc = u[s : s + chunk].float()
+        if conv:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+                producer.kernel_size,
+                producer.stride,
+                producer.padding,
+                producer.dilation,
+            )
+            up = F.pad(uc, (pw, pw, ph, ph)) if ph or pw else uc
+            v = up.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+            v = v.permute(0, 2, 3, 1, 4, 5)  # (B, Ho, Wo, C, kh, kw)
+            rows, p = v.shape[0] * v.shape[1] * v.shape[2], v.shape[3] * kh * kw
+        else:
+            v = uc.reshape(uc.shape[0], -1)
+            rows, p = v.shape
+        if stats is None:
+            stats = ActivationStats([p, *sizes])
+        buf = torch.empty(rows, p + sum(sizes), dtype=torch.float32)
+        if conv:
+            buf[:, :p].unflatten(1, v.shape[3:]).unflatten(0, v.shape[:3]).copy_(v)
+        else:
+            buf[:, :p].copy_(v)
+        off = p
+        for k, a in enumerate(targets):
+            ac = a[s : s + chunk]
+            if ac.ndim == 2:
+                dst = buf[:, off : off + sizes[k]]
+                if ac.shape[0] != rows:
+                    raise ValueError(f"targets[{k}] has {ac.shape[0]} rows for {rows} design rows (shape mismatch)")
+                dst.copy_(ac)
+            else:
+                if ac.shape[0] * ac.shape[2] * ac.shape[3] != rows:
+                    raise ValueError(f"targets[{k}] has shape {tuple(ac.shape)}, which does not match the design")
+                buf[:, off : off + sizes[k]].unflatten(0, (ac.shape[0], ac.shape[2], ac.shape[3])).copy_(
+                    ac.permute(0, 2, 3, 1)
+                )
+            off += sizes[k]
+        stats.update(buf, check_finite=False)
+    assert stats is not None
+    g = stats.gram(0, 0)
+    cs = [stats.gram(0, k + 1) for k in range(len(targets))]
+    ns = [torch.diagonal(stats.gram(k + 1, k + 1)).clone() for k in range(len(targets))]
+    if not (bool(torch.isfinite(g).all()) and all(bool(torch.isfinite(c).all()) for c in cs)):
+        raise ValueError("the fused inputs or the members' activations contain NaN or inf")
+    if producer.bias is not None:
+        n = float(stats.count)
+        sx = stats.mean(0) * n
+        p = g.shape[0]
+        gb = g.new_empty(p + 1, p + 1)
+        gb[:p, :p] = g
+        gb[:p, p] = sx
+        gb[p, :p] = sx
+        gb[p, p] = n
+        g = gb
+        cs = [torch.cat([c, (stats.mean(k + 1) * n)[None]], 0) for k, c in enumerate(cs)]
     return 0.5 * (g + g.T), cs, ns
 
 
