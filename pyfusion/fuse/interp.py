@@ -25,9 +25,10 @@ Methods (``pyfusion.fuse(..., method=...)``, all need calibration data):
 * ``"kf_gradient"``: the KF grouping, then every level is trained (Adam or SGD, mini-batches of the calibration
   data, 80/20 split, early stopping on the validation MSE, the best state kept) to reproduce its slot targets
   ``T_c = sum_{j in c} s_j a_j / sum s_j`` from the fused inputs; the last level is trained to reproduce the
-  lambda-weighted mean logits (optionally weighted per class by each member's class share). Linear levels start
-  from the KF closed-form weights (so training starts from the KF model and keeps the best validation state, never
-  ending worse on the validation split than where it started). Levels exist for
+  lambda-weighted mean logits (optionally weighted per class by each member's class share). As in the authors'
+  code, the slots are k-means clusters of the members' activations, matched to member 0's neurons, and each level
+  starts from member 0's weights (``level_init="kf"`` starts Linear/Conv2d levels from the KF closed form instead;
+  a one-layer level is then already the least-squares optimum). Levels exist for
   ``nn.Sequential`` chains (MLP, VGG) and for :class:`pyfusion.models.ResNet` (stem, one level per residual block,
   head); ResNet levels start from member 0 with the targets' slots matched (exact assignment) to member 0's
   neurons, so the identity shortcuts stay consistent.
@@ -616,6 +617,7 @@ def fuse_interp(
     patience: int = 5,
     val_fraction: float = 0.2,
     weight_decay: float = 0.0,
+    level_init: str = "member0",
 ) -> nn.Module:
     """Neuron-interpolation fusion (see the module docstring); returns the fused module with ``fusion_plan``.
 
@@ -638,6 +640,10 @@ def fuse_interp(
         class_weights: (K, C) per-member class weights for the last-level target of kf_gradient (e.g.
             :func:`pyfusion.data.class_shares`); normalised per class over the members.
         epochs, last_epochs, lr, optimizer, batch_size, patience, val_fraction, weight_decay: kf_gradient training.
+        level_init: where kf_gradient starts each level: "member0" (the authors' choice: member 0's weights, the
+            k-means of the members' activations aligned to member 0's neurons) or "kf" (the KF closed-form weights
+            of Linear/Conv2d levels; a single-layer level is then already the least-squares optimum of its targets,
+            so training changes only the head when class weights are given).
 
     Raises:
         ValueError: hf with K != 2, bad options, unsupported architectures (named), empty data.
@@ -660,6 +666,8 @@ def fuse_interp(
     )
     if sdtype is None:
         raise ValueError(f"stats_dtype must be 'float32' or 'float64'; got {stats_dtype!r}")
+    if level_init not in ("member0", "kf"):
+        raise ValueError(f"level_init must be 'member0' or 'kf'; got {level_init!r}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     if data is None:
@@ -717,7 +725,7 @@ def fuse_interp(
         else:
             w = [lam[k] * scores[k][lv.out_point] for k in range(k_members)]
         w = [v.clamp_min(1e-12) for v in w]  # lambda_k = 0 members keep a tiny positive weight
-        if lv.kind == "linear":
+        if lv.kind == "linear" and not (method == "kf_gradient" and level_init == "member0"):
             prod = dict(fused.named_modules())[lv.producer]
             t1 = time.perf_counter()
             u = _run_chunked(fused, lv.pre, fused_in) if lv.pre else fused_in
@@ -751,7 +759,7 @@ def fuse_interp(
             wf = sum(ws[k] @ maps_a[k].T for k in range(k_members))
             times["group_s"] += time.perf_counter() - t1
             _set_linear(fused, lv, wf)
-        else:  # a residual-network level: group on activations, align slots to member 0, start from member 0
+        else:  # group on activations, align slots to member 0, start from member 0 (ResNet, kf_gradient default)
             t1 = time.perf_counter()
             if lv.last:
                 labels = torch.arange(n).repeat(k_members)
