@@ -346,3 +346,16 @@ def test_class_balanced_indices():
     assert np.bincount(y.numpy()[sub], minlength=3).tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="per_class"):
         class_balanced_indices(y, 0)
+
+
+@pytest.mark.parametrize("method", ["hf", "kf"])
+def test_one_hot_lambda_reproduces_that_member(method):
+    """lambda = (1, 0): the fused layers are member 0's least-squares weights, i.e. member 0 (DESIGN §8)."""
+    torch.manual_seed(11)
+    m0, m1 = mlp([20, 16, 12, 5]).eval(), mlp([20, 16, 12, 5]).eval()
+    data = _data((20,), n=200)
+    x = torch.cat([b[0] for b in data])
+    fused = pyfusion.fuse([m0, m1], data, method=method, lambdas=(1.0, 0.0), ridge=1e-12, stats_dtype="float64")
+    with torch.no_grad():
+        ref = m0(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
