@@ -87,7 +87,8 @@ def fuse(
         info.update(plan.info)
     info["time_method_s"] = t_method
     if reset_bn is None:
-        reset_bn = data is not None and has_batchnorm(fused)
+        # methods that fit weights to targets (neuron interpolation) set BatchNorm themselves
+        reset_bn = data is not None and has_batchnorm(fused) and not getattr(fused, "fusion_weights_fitted", False)
     if reset_bn:
         if data is None:
             raise ValueError("reset_bn=True needs calibration data")

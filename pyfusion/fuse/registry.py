@@ -39,6 +39,7 @@ _BUILTIN_MODULES = (
     "pyfusion.fuse.weight_matching",
     "pyfusion.fuse.activation_matching",
     "pyfusion.fuse.ot",
+    "pyfusion.fuse.interp",
 )
 _EXTRA_MODULES: list[str] = []
 
