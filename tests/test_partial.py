@@ -139,6 +139,13 @@ def test_zero_blocks_and_fast_modules_equal_dense(arch, k):
     torch.testing.assert_close(fast(x), dense(x), rtol=0, atol=1e-12)
     swapped = fast.fusion_info["fast_modules"]
     assert swapped and all(isinstance(fast.get_submodule(p), (PartialLinear, PartialConv2d)) for p in swapped)
+    for p in swapped:  # layout buffers are set: the modules round-trip through their state_dict
+        mod = fast.get_submodule(p)
+        assert mod.layout.tolist() == [list(mod.in_layout), list(mod.out_layout)]
+        if isinstance(mod, PartialLinear):
+            again = PartialLinear.from_state_dict(mod.state_dict())
+            xin = torch.randn(3, mod.in_features, dtype=torch.float64)
+            torch.testing.assert_close(again(xin), mod(xin), rtol=0, atol=0)
     lay = dense.fusion_module_layouts
     checked = 0
     for path, mod in dense.named_modules():

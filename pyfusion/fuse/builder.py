@@ -38,9 +38,13 @@ def _apply(t: Tensor, m: Tensor, axis: int) -> Tensor:
         rows = nz[:, cols].to(torch.int64).argmax(0)
         vals = m[rows, cols]
         src = t.movedim(axis, 0).index_select(0, cols)
-        src = src * vals.reshape(-1, *([1] * (src.dim() - 1))).to(src.dtype)
+        if not bool((vals == 1).all()):
+            src = src * vals.reshape(-1, *([1] * (src.dim() - 1))).to(src.dtype)
         out = src.new_zeros((m.shape[0], *src.shape[1:]))
-        out.index_add_(0, rows, src)
+        if bool((nz.sum(1) <= 1).all()):  # injective: a copy per row (index_add_ is ~5x slower here)
+            out.index_copy_(0, rows, src)
+        else:
+            out.index_add_(0, rows, src)
         return out.movedim(0, axis)
     return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
 

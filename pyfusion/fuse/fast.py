@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from pyfusion.nn import PartialConv2d, PartialLinear, replace_
+from pyfusion.ops.partial_linear import ACTIVATIONS
 
 __all__ = ["swap_partial_modules", "module_layouts"]
 
@@ -48,6 +50,47 @@ def module_layouts(
     return il, ol
 
 
+def _pack(mod: nn.Linear | nn.Conv2d, il: Sequence[int], ol: Sequence[int], path: str) -> nn.Module:
+    """The execution module of a dense layer, its blocks sliced straight from the weight (one pass; the generic
+    ``from_dense`` packs a convolution tap by tap, 5x slower on VGG11 layers). The skipped blocks are checked to
+    be exactly zero, as ``from_dense`` does."""
+    w = mod.weight.detach()
+    kw = {"device": w.device, "dtype": w.dtype}
+    if isinstance(mod, nn.Linear):
+        new = torch.nn.utils.skip_init(PartialLinear, il, ol, bias=mod.bias is not None, **kw)
+    else:
+        new = torch.nn.utils.skip_init(
+            PartialConv2d, il, ol, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+            bias=mod.bias is not None, **kw,
+        )  # fmt: skip
+    ro = [0]
+    co = [0]
+    for i, o in zip(il, ol):
+        co.append(co[-1] + i)
+        ro.append(ro[-1] + o)
+    k_all = len(ol) - 1
+    for a in range(1, k_all + 1):
+        for b in range(1, k_all + 1):
+            if a != b:
+                blk = w[ro[a] : ro[a + 1], co[b] : co[b + 1]]
+                if blk.numel() and bool(blk.any()):
+                    raise ValueError(
+                        f"{path}: weight block (output branch {a}, input branch {b}) must be exactly zero for the "
+                        f"layouts in={list(il)}, out={list(ol)}; it has {int(blk.count_nonzero())} non-zero entries"
+                    )
+    with torch.no_grad():
+        new.weight_shared.copy_(w[: ol[0]].reshape(new.weight_shared.shape))
+        new.weight_cross.copy_(w[ol[0] :, : il[0]].reshape(new.weight_cross.shape))
+        diag = [w[ro[k] : ro[k + 1], co[k] : co[k + 1]].reshape(-1) for k in range(1, k_all + 1)]
+        new.weight_diag.copy_(torch.cat(diag) if diag else new.weight_diag)
+        if mod.bias is not None:
+            new.bias.copy_(mod.bias.detach())
+        # skip_init leaves buffers uninitialised: the layout / activation buffers are set as _register_layout does
+        new.layout.copy_(torch.tensor([list(il), list(ol)], dtype=torch.int64))
+        new.activation_id.fill_(ACTIVATIONS.index(new.activation))
+    return new
+
+
 def swap_partial_modules(model: nn.Module, num_members: int) -> list[str]:
     """Replace (in place) the layers with branch segments by PartialLinear / PartialConv2d.
 
@@ -75,10 +118,7 @@ def swap_partial_modules(model: nn.Module, num_members: int) -> list[str]:
     def make(mod: nn.Module, fqn: str) -> nn.Module:
         il, ol = module_layouts(model, layouts, fqn, num_members)  # type: ignore[misc]
         swapped.append(fqn)
-        if isinstance(mod, nn.Linear):
-            new = PartialLinear.from_dense(mod.weight, mod.bias, il, ol)
-        else:
-            new = PartialConv2d.from_dense(mod.weight, mod.bias, il, ol, mod.stride, mod.padding, mod.dilation)
+        new = _pack(mod, il, ol, fqn)
         new.train(mod.training)
         for p_new, p_old in zip(new.parameters(), mod.parameters()):
             p_new.requires_grad_(p_old.requires_grad)
