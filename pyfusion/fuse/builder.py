@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -24,27 +25,43 @@ from pyfusion.graph.groups import AxisRef, FusionGraph
 __all__ = ["build", "fused_tensors"]
 
 
+def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
+    """(rows, cols, values or None when all 1, injective) if ``m`` has at most one non-zero per column, else None.
+
+    Analysed in numpy: torch's column reductions on small bool matrices cost ~100 ms each with 2 threads on a
+    loaded 2-core machine (thread barriers), numpy's ~1 ms.
+    """
+    if m.dim() != 2 or m.shape[1] == 0:
+        return None
+    mn = m.detach().cpu().numpy()
+    r, c = np.nonzero(mn)
+    if c.size and np.bincount(c, minlength=mn.shape[1]).max() > 1:
+        return None
+    vals = mn[r, c]
+    injective = not r.size or np.bincount(r, minlength=mn.shape[0]).max() <= 1
+    v = None if bool((vals == 1).all()) else torch.from_numpy(vals)
+    return torch.from_numpy(r), torch.from_numpy(c), v, bool(injective)
+
+
 def _apply(t: Tensor, m: Tensor, axis: int) -> Tensor:
     """Contract matrix ``m`` (new, old) with axis ``axis`` of ``t``.
 
     Maps with at most one non-zero per column (permutations, partial-fusion slot maps, cluster indicators: each
     old neuron goes to one slot) take a gather / scatter-add path, O(size of t) instead of a dense product:
-    building a VGG11-sized partial fusion drops from ~90 GFLOP of float64 products to copies (measured in
-    bench/bench_partial_fusion.py). The result is the same sum (each product with a zero entry is skipped).
+    the dense products would be about 90 GFLOP (float64) for a VGG11-sized pair at alpha = 0.5, the copies move
+    a few hundred MB. The result is the same sum (each product with a zero entry is skipped).
     """
-    nz = m != 0
-    if m.dim() == 2 and m.shape[1] > 0 and bool((nz.sum(0) <= 1).all()):
-        cols = torch.nonzero(nz.any(0)).flatten()
-        rows = nz[:, cols].to(torch.int64).argmax(0)
-        vals = m[rows, cols]
-        src = t.movedim(axis, 0).index_select(0, cols)
-        if not bool((vals == 1).all()):
-            src = src * vals.reshape(-1, *([1] * (src.dim() - 1))).to(src.dtype)
+    sel = _selection(m)
+    if sel is not None:
+        rows, cols, vals, injective = sel
+        src = t.movedim(axis, 0).index_select(0, cols.to(t.device))
+        if vals is not None:
+            src = src * vals.to(device=src.device, dtype=src.dtype).reshape(-1, *([1] * (src.dim() - 1)))
         out = src.new_zeros((m.shape[0], *src.shape[1:]))
-        if bool((nz.sum(1) <= 1).all()):  # injective: a copy per row (index_add_ is ~5x slower here)
-            out.index_copy_(0, rows, src)
+        if injective:  # a copy per row (index_add_ is ~5x slower here)
+            out.index_copy_(0, rows.to(t.device), src)
         else:
-            out.index_add_(0, rows, src)
+            out.index_add_(0, rows.to(t.device), src)
         return out.movedim(0, axis)
     return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
 
@@ -94,7 +111,8 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
                     t = _apply(t, gp.A[k].to(t.device), r.axis)
             if not has_out:
                 t = t * lambdas[k]
-            acc = t if acc is None else acc + t
+            # t is always a new tensor here (every path above allocates), so the sum can accumulate in place
+            acc = t if acc is None else acc.add_(t)
         out[key] = acc
     return out
 
@@ -103,7 +121,7 @@ def _recreate(mod: nn.Module, shapes: dict[str, tuple[int, ...]], path: str) -> 
     p = next(iter(mod.parameters()), None)
     if p is None:
         p = next(iter(mod.buffers()))
-    kw = {"device": p.device, "dtype": p.dtype}
+    kw = {"dtype": p.dtype}
     if isinstance(mod, nn.Linear):
         out_f, in_f = shapes["weight"]
         return nn.Linear(in_f, out_f, bias=mod.bias is not None, **kw)
@@ -157,7 +175,12 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan) -> nn.Mo
         mod = fused.get_submodule(mpath)
         for pname, _t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             shapes.setdefault(pname, tuple(tensors[f"{mpath}.{pname}" if mpath else pname].shape))
-        new = _recreate(mod, shapes, mpath)
+        dev = next(iter(list(mod.parameters()) + list(mod.buffers()))).device
+        # built on the meta device, then given uninitialised storage: every tensor is overwritten below, so the
+        # default random initialisation (0.5 s for a VGG11 pair) would be wasted
+        with torch.device("meta"):
+            new = _recreate(mod, shapes, mpath)
+        new = new.to_empty(device=dev)
         new.train(mod.training)
         _set_module(fused, mpath, new)
     own = dict(list(fused.named_parameters()) + list(fused.named_buffers()))
