@@ -204,8 +204,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "partial_fusion_time.md"))
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch and BLAS threads for both sides (1: on the shared, loaded 2-core VM, 2 threads made torch's "
+        "small reductions 10-100x slower through thread barriers)",
+    )  # fmt: skip
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    limits = threadpool_limits(args.threads)  # the reference's numpy / BLAS work gets the same threads
     os.environ.setdefault("TQDM_DISABLE", "1")
     widths = [8, "M", 16, "M", 32, 32, "M", 32, 32, "M", 32, 32, "M"] if args.quick else VGG11
     ma, mb = vgg11(widths, 0), vgg11(widths, 1)
@@ -213,7 +221,8 @@ def main() -> None:
     lines = [
         "# Fusion time: pyfusion vs a direct reimplementation of the reference",
         "",
-        f"Machine: 2-core AMD EPYC VM, no GPU; torch threads {torch.get_num_threads()}; load average at start "
+        f"Machine: 2-core AMD EPYC VM, no GPU; torch and BLAS threads {torch.get_num_threads()} for both sides "
+        "in the partial-fusion part; clustering: both sides with their defaults (2 threads); load average at start "
         f"{os.getloadavg()[0]:.1f} (the machine is shared with other jobs: times are noisy)."
         + (" QUICK MODE: small widths, not a result." if args.quick else ""),
         "",
@@ -239,6 +248,8 @@ def main() -> None:
             f"{swap:.2f}) | {r / o:.1f}x | {diff:.1e} |"
         )
         print(lines[-1], flush=True)
+    limits.restore_original_limits()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     lines += [
         "",
         "## Clustering one group (2 x n neurons, activation features), k = n (1 + alpha)",

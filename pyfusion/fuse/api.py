@@ -31,7 +31,8 @@ def fuse(
     fast_modules: bool = True,
     **options: Any,
 ) -> nn.Module:
-    """Fuse K >= 2 members of one architecture into one new network (the members are never modified).
+    """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
+    generalized-pruning methods "cluster" and "prune" also take a single network, ``models=[m]``).
 
     Args:
         models: the members.
