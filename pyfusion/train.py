@@ -37,7 +37,8 @@ def train(
 
     Deterministic under ``seed`` on CPU: the torch RNG (dropout, initialisation done inside) is
     seeded here, and a shuffling loader must carry its own seeded generator (see
-    :func:`pyfusion.data.make_loader`). The global RNG state is restored afterwards.
+    :func:`pyfusion.data.make_loader`); that generator advances with every epoch, so build the loader
+    afresh for a repeated run. The global RNG state is restored afterwards.
 
     Args:
         model: the network; it is moved to ``device`` (default: where its parameters are).

@@ -351,9 +351,11 @@ def test_opcheck(rng):
 
 @needs_ext
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_entry_errors(backend, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 4), (4, 4), (5, 3)])  # square minimise checks inside the column reduction
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_entry_errors(backend, shape, dtype, monkeypatch):
     monkeypatch.setenv("PYFUSION_BACKEND", f"linear_assignment:{backend}")
-    c = np.ones((3, 4))
+    c = np.ones(shape, dtype=dtype)
     c[1, 2] = np.nan
     with pytest.raises(ValueError, match=r"^cost contains NaN at \(1, 2\); costs must be numbers"):
         linear_assignment(c)
@@ -442,3 +444,34 @@ def test_bench_quick_mode_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "| uniform" in out.read_text()
+
+
+@needs_ext
+@pytest.mark.parametrize("level", ["avx512", "avx2", "default"])
+def test_every_simd_variant(level, rng):
+    """Each kernel variant (picked by CPU features at run time) solves to scipy's optimum; variants the CPU
+    lacks fall back to the best supported one."""
+    _ext._C._lsap_set_simd_level(level)
+    try:
+        order = ["default", "avx2", "avx512"]
+        active = _ext._C.lsap_simd_path().split(" ")[0]
+        assert order.index(active) <= order.index(level)
+        cases = [((37, 37), "uniform"), ((64, 64), "integer"), ((29, 51), "uniform"), ((80, 80), "offset")]
+        for dtype in (np.float64, np.float32):
+            for shape, kind in cases:
+                c = make_cost(kind, rng, *shape).astype(dtype)
+                res = linear_assignment(c)
+                exact = scipy_objective(c.astype(np.float64))
+                assert res.cost == pytest.approx(exact, rel=1e-12 if dtype == np.float64 else 1e-5)
+            c = rng.random((30, 30)).astype(dtype)
+            r = linear_assignment(c, unmatched_cost=0.1)
+            rr, _, tot = linear_assignment_ref(c, unmatched_cost=0.1)
+            assert r.cost + 0.1 * (60 - 2 * len(r.row_ind)) == pytest.approx(tot + 0.1 * (60 - 2 * len(rr)), abs=1e-5)
+            bad = np.ones((9, 9), dtype=dtype)
+            bad[4, 7] = np.nan
+            with pytest.raises(ValueError, match=r"cost contains NaN at \(4, 7\)"):
+                linear_assignment(bad)
+    finally:
+        _ext._C._lsap_set_simd_level("auto")
+    with pytest.raises(ValueError, match="simd level must be"):
+        _ext._C._lsap_set_simd_level("sse9")

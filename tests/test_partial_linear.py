@@ -66,9 +66,10 @@ def assert_close_to_ref(y, x, blocks, bias, il, ol, act):
 
 @pytest.mark.parametrize("il,ol", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_matches_reference(il, ol, dtype):
+@pytest.mark.parametrize("rows", [1, 13])  # 1: GEMV loop over branches; 13: one baddbmm
+def test_cpu_matches_reference(il, ol, dtype, rows):
     blocks, bias = make_blocks(il, ol, dtype)
-    x = torch.randn(13, sum(il), dtype=dtype)
+    x = torch.randn(rows, sum(il), dtype=dtype)
     for act in ACTS:
         assert_close_to_ref(partial_linear(x, blocks, bias, il, ol, act), x, blocks, bias, il, ol, act)
     assert_close_to_ref(partial_linear(x, blocks, None, il, ol), x, blocks, None, il, ol, "none")
@@ -136,7 +137,9 @@ needs_interp = pytest.mark.skipif(bool(triton_interpreter_reasons()), reason="; 
 
 
 @needs_interp
-@pytest.mark.parametrize("il,ol", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4], LAYOUTS[5], ([40, 0, 0], [0, 35, 35])])
+@pytest.mark.parametrize(
+    "il,ol", [LAYOUTS[1], LAYOUTS[2], LAYOUTS[3], LAYOUTS[4], LAYOUTS[5], ([40, 0, 0], [0, 35, 35])]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_interpreter_matches_reference(il, ol, dtype):
     from pyfusion.triton_kernels import partial_linear as kmod

@@ -317,3 +317,19 @@ def test_collector_sequences_and_max_batches():
         hand = [m(xs).reshape(-1, 6) for m in models]
     assert got.count == 3 * 2 * 7
     check_all(got, hand)
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_engine_matches_float64(dtype):
+    x = (torch.randn(5000, 300) * 2e-2 + 1e3).to(dtype)
+    xs = torch.randn(300, 900).t()[:, ::3].to(dtype)  # strided (900, 100)
+    for data in (x, xs):
+        dev = data.cuda()
+        st = ActivationStats([data.shape[1] // 3, data.shape[1] - data.shape[1] // 3], device="cuda").update(dev)
+        has_kernel = _ext.EXT_AVAILABLE and hasattr(_ext._C, "corr_accumulate_cuda")
+        assert st.last_backend == ("cuda" if has_kernel else "torch")
+        cpu = ActivationStats(st.sizes)
+        cpu.merge(st)  # merging a GPU state into a CPU one moves it
+        check_all(cpu, [data.float()])

@@ -15,6 +15,15 @@ def _mlp(seed: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # A 64-32-10 MLP gains nothing from intra-op threads, and on a loaded 2-core machine they cost 10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits():
     xtr, ytr = data.load_digits("train")

@@ -250,6 +250,7 @@ def partial_linear_fwd(
         y.stride(1),
         HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation],
-        DOT_IEEE=x2.dtype == torch.float32,
+        # float32 follows torch's matmul setting: full-precision products unless TF32 is allowed.
+        DOT_IEEE=x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
     )
     return y

@@ -68,5 +68,7 @@ void bind_assignment(py::module_& m) {
         "unmatched rows, totals (B,) float64).");
   m.def("lsap_solve_f32", &solve_typed<float>, py::arg("costs"), py::arg("num_matches"), py::arg("maximize"),
         py::arg("unmatched_cost"), py::arg("num_threads"), "Same as lsap_solve_f64 for float32 costs.");
-  m.def("lsap_simd_path", &pyfusion::lsap::simd_path, "SIMD path of the Dijkstra scan on this CPU");
+  m.def("lsap_simd_path", &pyfusion::lsap::simd_path, "SIMD path of the assignment kernels on this CPU");
+  m.def("_lsap_set_simd_level", &pyfusion::lsap::set_simd_level, py::arg("name"),
+        "Test hook: cap the SIMD level ('auto', 'avx512', 'avx2', 'default'); returns the previous path");
 }

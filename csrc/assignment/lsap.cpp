@@ -1,16 +1,24 @@
 // Exact dense linear assignment: Jonker-Volgenant initialisation + Dijkstra shortest augmenting paths.
 // See lsap.h for the problem statement and the partial (sink-augmented) forms.
 //
-// Performance notes (2-core AMD EPYC Zen 4 VM, float64, uniform random n = 2048):
+// Performance notes (2-core AMD EPYC Zen 4 VM, float64; numbers in bench/results/assignment_cpu.md):
 // * The Dijkstra step scans the whole cost row of the current row (contiguous, row-major) with SIMD
 //   instead of a compacted list of unscanned columns (lap.lapjv's layout, a gather per column). A column
 //   whose distance is final gets v = -inf and d = +inf, so the branch-free update
 //   d = min(d, c - v - h) never touches it and the fused argmin never picks it.
-// * The scan is compiled three times (avx512f, avx2, baseline) and picked once per process with
-//   __builtin_cpu_supports, so the module stays portable (no -march=native).
+// * Every O(n^2) phase (validation, column reduction, row reductions, scan) is a SIMD kernel compiled
+//   three times (avx512f+dq+vl+bw, avx2, baseline) and picked once per process with
+//   __builtin_cpu_supports, so the module stays portable (no -march=native). avx512f alone is not
+//   enough: without avx512dq GCC 12 turns the 64-bit lane masks into scalar code.
+// * Written with GCC vector extensions; only "float compare -> ternary select" patterns are used in the
+//   loops, because GCC 12 scalarises float ==/!= and integer-mask selects on 512-bit vectors (checked
+//   in the disassembly; the first validation pass was 4x slower than the solve it guarded).
 #include "assignment/lsap.h"
 
+#include "common.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,16 +41,22 @@ namespace {
 
 // Raised inside the core when no complete assignment avoids the forbidden entries.
 struct Infeasible {};
+// Raised by the column reduction when asked to validate and it met a NaN or -inf.
+struct BadEntry {};
 
 // Lane index type of the same width as T, so that comparison masks and index blends line up.
 template <typename T>
 using LaneInt = typename std::conditional<sizeof(T) == 8, int64_t, int32_t>::type;
 
 // One Dijkstra step on row `row`: for every column j, d[j] = min(d[j], c[j] - v[j] - h) (pred[j] = row
-// where it improved), and return the minimum of the updated d with its first index in *argmin.
+// where it improved), and return the minimum of the updated d in *argmin. Among columns at the minimum,
+// an unassigned one (pen[j] == 0) wins, then the smallest index: on costs with plateaus of equal reduced
+// costs (the dummy blocks of the unmatched_cost form, integer costs) popping assigned columns first made
+// each augmentation scan O(n) rows (1024 x 1024 unmatched_cost solve: 1.3 s before, scipy 0.2 s).
 template <typename T, int W>
 static inline __attribute__((always_inline)) T scan_impl(const T* __restrict ci, const T* __restrict v,
-                                                        T* __restrict d, LaneInt<T>* __restrict pred, int m, T h,
+                                                        T* __restrict d, LaneInt<T>* __restrict pred,
+                                                        const T* __restrict pen, int m, T h,
                                                         LaneInt<T> row, int* argmin) {
   using I = LaneInt<T>;
   typedef T vt __attribute__((vector_size(sizeof(T) * W)));
@@ -50,6 +64,8 @@ static inline __attribute__((always_inline)) T scan_impl(const T* __restrict ci,
   const T inf = std::numeric_limits<T>::infinity();
   vt best = vt{} + inf;
   vi bidx = vi{} - 1;
+  vt bestf = vt{} + inf;
+  vi bidxf = vi{} - 1;
   vi idx;
   for (int k = 0; k < W; ++k) idx[k] = k;
   const vt hv = vt{} + h;
@@ -58,28 +74,44 @@ static inline __attribute__((always_inline)) T scan_impl(const T* __restrict ci,
   for (; j + W <= m; j += W) {
     vt cv, vv, dv;
     vi pv;
+    vt penv;
     std::memcpy(&cv, ci + j, sizeof(vt));
     std::memcpy(&vv, v + j, sizeof(vt));
     std::memcpy(&dv, d + j, sizeof(vt));
     std::memcpy(&pv, pred + j, sizeof(vi));
+    std::memcpy(&penv, pen + j, sizeof(vt));
     const vt nd = cv - vv - hv;
     const vi lt = (vi)(nd < dv);
     dv = lt ? nd : dv;
     pv = lt ? rowv : pv;
     std::memcpy(d + j, &dv, sizeof(vt));
     std::memcpy(pred + j, &pv, sizeof(vi));
+    // Best overall and best among free columns (pen = 0 free, +inf assigned), per lane; ties between the
+    // two are resolved after the loop. Only float compares feeding ternaries: GCC 12 scalarises integer
+    // or equality masks on these vector types.
     const vi lb = (vi)(dv < best);
     best = lb ? dv : best;
     bidx = lb ? idx : bidx;
+    const vt dvf = dv + penv;
+    const vi lf = (vi)(dvf < bestf);
+    bestf = lf ? dvf : bestf;
+    bidxf = lf ? idx : bidxf;
     idx += W;
   }
   T bv = inf;
   I bi = -1;
-  for (int k = 0; k < W; ++k) {
-    if (best[k] < bv || (best[k] == bv && bidx[k] >= 0 && (bi < 0 || bidx[k] < bi))) {
-      bv = best[k];
-      bi = bidx[k];
+  bool bf = false;
+  auto consider = [&](T dd, I jj, bool fr) {
+    if (jj < 0) return;
+    if (dd < bv || (dd == bv && (bi < 0 || (fr && !bf) || (fr == bf && jj < bi)))) {
+      bv = dd;
+      bi = jj;
+      bf = fr;
     }
+  };
+  for (int k = 0; k < W; ++k) {
+    consider(best[k], bidx[k], false);
+    consider(bestf[k], bidxf[k], true);
   }
   for (; j < m; ++j) {
     const T nd = ci[j] - v[j] - h;
@@ -87,10 +119,7 @@ static inline __attribute__((always_inline)) T scan_impl(const T* __restrict ci,
       d[j] = nd;
       pred[j] = row;
     }
-    if (d[j] < bv) {
-      bv = d[j];
-      bi = j;
-    }
+    if (d[j] < inf) consider(d[j], j, pen[j] == T(0));
   }
   *argmin = static_cast<int>(bi);
   return bv;
@@ -117,14 +146,20 @@ static inline __attribute__((always_inline)) bool has_bad_impl(const T* __restri
   return acc != 0;
 }
 
-// Column reduction, one row: v = min(v, ci) with the argmin row in ar (first minimum kept).
+// Column reduction, one row: v = min(v, ci) with the argmin row in ar (first minimum kept). Returns true
+// if the row holds a NaN or -inf (an ordered compare x > -inf fails for both), so that the square
+// minimise path validates its input in the same pass (a separate pass was 22% of a 2048 correlation solve).
 template <typename T, int W>
-static inline __attribute__((always_inline)) void colmin_impl(const T* __restrict ci, T* __restrict v,
+static inline __attribute__((always_inline)) bool colmin_impl(const T* __restrict ci, T* __restrict v,
                                                              LaneInt<T>* __restrict ar, int n, LaneInt<T> row) {
   using I = LaneInt<T>;
   typedef T vt __attribute__((vector_size(sizeof(T) * W)));
   typedef I vi __attribute__((vector_size(sizeof(I) * W)));
+  const T inf = std::numeric_limits<T>::infinity();
   const vi rowv = vi{} + row;
+  const vt lo = vt{} - inf;
+  vt okv = vt{} + T(1);
+  const vt zero = vt{};
   int j = 0;
   for (; j + W <= n; j += W) {
     vt cv, vv;
@@ -135,15 +170,20 @@ static inline __attribute__((always_inline)) void colmin_impl(const T* __restric
     const vi lt = (vi)(cv < vv);
     vv = lt ? cv : vv;
     av = lt ? rowv : av;
+    okv = (vi)(cv > lo) ? okv : zero;
     std::memcpy(v + j, &vv, sizeof(vt));
     std::memcpy(ar + j, &av, sizeof(vi));
   }
+  bool bad = false;
+  for (int k = 0; k < W; ++k) bad |= !(okv[k] > T(0));
   for (; j < n; ++j) {
+    bad |= !(ci[j] > -inf);
     if (ci[j] < v[j]) {
       v[j] = ci[j];
       ar[j] = row;
     }
   }
+  return bad;
 }
 
 // Smallest and second smallest of ci[j] - v[j] with their first indices (augmenting row reduction).
@@ -201,20 +241,20 @@ static inline __attribute__((always_inline)) void min2_impl(const T* __restrict 
 
 template <typename T>
 struct Kernels {
-  T (*scan)(const T*, const T*, T*, LaneInt<T>*, int, T, LaneInt<T>, int*);
+  T (*scan)(const T*, const T*, T*, LaneInt<T>*, const T*, int, T, LaneInt<T>, int*);
   bool (*has_bad)(const T*, int64_t, T);
-  void (*colmin)(const T*, T*, LaneInt<T>*, int, LaneInt<T>);
+  bool (*colmin)(const T*, T*, LaneInt<T>*, int, LaneInt<T>);
   void (*min2)(const T*, const T*, int, T*, int*, T*, int*);
 };
 
 #define PF_KERNELS(SUFFIX, TARGET, T, W)                                                                        \
-  TARGET static T scan_##SUFFIX(const T* ci, const T* v, T* d, LaneInt<T>* pred, int m, T h, LaneInt<T> row,    \
-                                int* am) {                                                                     \
-    return scan_impl<T, W>(ci, v, d, pred, m, h, row, am);                                                     \
+  TARGET static T scan_##SUFFIX(const T* ci, const T* v, T* d, LaneInt<T>* pred, const T* pen, int m, T h,      \
+                                LaneInt<T> row, int* am) {                                                     \
+    return scan_impl<T, W>(ci, v, d, pred, pen, m, h, row, am);                                                \
   }                                                                                                            \
   TARGET static bool has_bad_##SUFFIX(const T* x, int64_t len, T bad) { return has_bad_impl<T, W>(x, len, bad); } \
-  TARGET static void colmin_##SUFFIX(const T* ci, T* v, LaneInt<T>* ar, int n, LaneInt<T> row) {                 \
-    colmin_impl<T, W>(ci, v, ar, n, row);                                                                      \
+  TARGET static bool colmin_##SUFFIX(const T* ci, T* v, LaneInt<T>* ar, int n, LaneInt<T> row) {                 \
+    return colmin_impl<T, W>(ci, v, ar, n, row);                                                               \
   }                                                                                                            \
   TARGET static void min2_##SUFFIX(const T* ci, const T* v, int n, T* u1, int* j1, T* u2, int* j2) {            \
     min2_impl<T, W>(ci, v, n, u1, j1, u2, j2);                                                                 \
@@ -228,7 +268,7 @@ PF_KERNELS(f_avx2, __attribute__((target("avx2"))), float, 8)
 PF_KERNELS(f_base, , float, 4)
 #undef PF_KERNELS
 
-static int cpu_level() {
+static int hw_level() {
   static const int level = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -238,6 +278,15 @@ static int cpu_level() {
     return 0;
   }();
   return level;
+}
+
+// Test hook: a lower level than the hardware's can be forced so that every kernel variant is tested on
+// one machine (set_simd_level); -1 means "what the CPU supports".
+static std::atomic<int> forced_level{-1};
+
+static int cpu_level() {
+  const int f = forced_level.load(std::memory_order_relaxed);
+  return f >= 0 ? std::min(f, hw_level()) : hw_level();
 }
 
 template <typename T>
@@ -259,7 +308,9 @@ class Core {
  public:
   using I = LaneInt<T>;
 
-  Core(const T* c, int n, int m) : c_(c), n_(n), m_(m), k_(kernels<T>()) {}
+  // check_entries: the column reduction (square problems) throws BadEntry on a NaN or -inf entry.
+  Core(const T* c, int n, int m, bool check_entries = false)
+      : c_(c), n_(n), m_(m), check_entries_(check_entries), k_(kernels<T>()) {}
 
   void solve(int32_t* col4row) {
     const T inf = std::numeric_limits<T>::infinity();
@@ -275,6 +326,8 @@ class Core {
     } else {
       greedy_init(free_rows);
     }
+    pen_.resize(m_);
+    for (int j = 0; j < m_; ++j) pen_[j] = row4col_[j] < 0 ? T(0) : inf;
     for (int f : free_rows) augment(f);
   }
 
@@ -302,8 +355,10 @@ class Core {
     const int n = n_;
     std::vector<I> argrow(n, 0);
     // Column reduction: v_j = min_i c_ij, row-major so that every row is read contiguously.
-    std::memcpy(v_.data(), row(0), sizeof(T) * n);
-    for (int i = 1; i < n; ++i) k_.colmin(row(i), v_.data(), argrow.data(), n, static_cast<I>(i));
+    std::fill(v_.begin(), v_.end(), inf);
+    bool bad = false;
+    for (int i = 0; i < n; ++i) bad |= k_.colmin(row(i), v_.data(), argrow.data(), n, static_cast<I>(i));
+    if (bad && check_entries_) throw BadEntry{};
     std::vector<int> matches(n, 0);
     for (int j = n - 1; j >= 0; --j) {
       if (!(v_[j] < inf)) throw Infeasible{};  // a column with only forbidden entries
@@ -314,12 +369,18 @@ class Core {
       }
     }
     // Reduction transfer: an uncontested row pushes its column's price down to its second-best option.
+    // It costs one more pass over the matrix and only helps the later row reduction, so it is skipped
+    // when the column reduction left fewer than n/16 rows free (correlation costs of permuted noisy
+    // copies: usually none free; n = 2048 solve 2.8 -> 1.5 ms; uniform costs leave ~37% free and keep it).
+    int nfree0 = 0;
+    for (int i = 0; i < n; ++i) nfree0 += matches[i] == 0;
+    const bool transfer = static_cast<int64_t>(nfree0) * 16 >= n;
     for (int i = 0; i < n; ++i) {
       if (matches[i] == 0) {
         free_rows.push_back(i);
         continue;
       }
-      if (matches[i] != 1) continue;
+      if (matches[i] != 1 || !transfer) continue;
       const int j1 = col4row_[i];
       // min over j != j1 of c_ij - v_j: the second smallest (the smallest is 0 at j1, possibly tied).
       T a1, a2;
@@ -380,7 +441,7 @@ class Core {
     int j = -1;
     T dmin;
     while (true) {
-      dmin = k_.scan(row(i), v_.data(), d_.data(), pred_.data(), m_, h, static_cast<I>(i), &j);
+      dmin = k_.scan(row(i), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, h, static_cast<I>(i), &j);
       if (!(dmin < inf)) {
         for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k];
         throw Infeasible{};
@@ -396,6 +457,7 @@ class Core {
       i = i2;
     }
     for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k] + (done_d_[k] - dmin);
+    pen_[j] = std::numeric_limits<T>::infinity();  // the sink column is assigned from now on
     std::fill(d_.begin(), d_.end(), inf);
     while (true) {
       const int ip = static_cast<int>(pred_[j]);
@@ -407,8 +469,10 @@ class Core {
 
   const T* c_;
   int n_, m_;
+  bool check_entries_;
   int32_t* col4row_ = nullptr;
   std::vector<int32_t> row4col_;
+  std::vector<T> pen_;  // 0 for an unassigned column, +inf for an assigned one (read by the scan)
   std::vector<T> v_, d_;
   std::vector<I> pred_;
   std::vector<int> done_j_;
@@ -431,27 +495,26 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
   const int64_t n = p.n, m = p.m;
   const T* c = static_cast<const T*>(p.cost);
   const bool mx = opt.maximize;
-  // Validation first: bad input changes nothing. A SIMD pass over the whole matrix (about 5% of a
-  // 512 x 512 solve), then a scalar search for the position only when something is wrong.
-  const bool bad = n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf);
-  for (int64_t i = 0; bad && i < n; ++i) {
-    const T* ci = c + i * m;
-    for (int64_t j = 0; j < m; ++j) {
-      const T x = ci[j];
-      if (std::isnan(x)) {
-        throw std::invalid_argument(name + " contains NaN at (" + std::to_string(i) + ", " + std::to_string(j) +
-                                    "); costs must be numbers (+inf marks a forbidden pair)");
-      }
-      if (!mx && x == -inf) {
-        throw std::invalid_argument(name + " contains -inf at (" + std::to_string(i) + ", " + std::to_string(j) +
-                                    "); when minimising only +inf (a forbidden pair) is allowed");
-      }
-      if (mx && x == inf) {
-        throw std::invalid_argument(name + " contains +inf at (" + std::to_string(i) + ", " + std::to_string(j) +
-                                    "); when maximising only -inf (a forbidden pair) is allowed");
+  // Validation: bad input changes nothing. Scalar search for the position, run only once a vector pass
+  // found something wrong.
+  auto locate_bad = [&]() {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* ci = c + i * m;
+      for (int64_t j = 0; j < m; ++j) {
+        const T x = ci[j];
+        const std::string at = " at (" + std::to_string(i) + ", " + std::to_string(j) + "); ";
+        if (std::isnan(x)) throw std::invalid_argument(name + " contains NaN" + at + "costs must be numbers (+inf marks a forbidden pair)");
+        if (!mx && x == -inf)
+          throw std::invalid_argument(name + " contains -inf" + at + "when minimising only +inf (a forbidden pair) is allowed");
+        if (mx && x == inf)
+          throw std::invalid_argument(name + " contains +inf" + at + "when maximising only -inf (a forbidden pair) is allowed");
       }
     }
-  }
+  };
+  // Square minimise problems are validated inside the column reduction (same pass over the matrix);
+  // every other form gets a separate SIMD pass here.
+  const bool fused_check = !mx && p.num_matches < 0 && !opt.has_unmatched_cost && n == m && n > 0;
+  if (!fused_check && n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf)) locate_bad();
   for (int64_t i = 0; i < n; ++i) out[i] = -1;
   *total = 0.0;
   const T sgn = mx ? T(-1) : T(1);
@@ -497,7 +560,11 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
         src = work.data();
       }
       sol.resize(static_cast<size_t>(n));
-      Core<T>(src, static_cast<int>(n), static_cast<int>(m)).solve(sol.data());
+      try {
+        Core<T>(src, static_cast<int>(n), static_cast<int>(m), fused_check).solve(sol.data());
+      } catch (const BadEntry&) {
+        locate_bad();
+      }
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i];
     } else {  // n > m: solve the transpose (m rows on n columns)
       work.resize(static_cast<size_t>(n * m));
@@ -546,7 +613,8 @@ void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64
 #endif
                                                                                                   ,
                                                                  B));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  // One problem: no parallel region (its fork/join is a visible part of a 10 us solve).
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (B > 1)
   for (int64_t t = 0; t < B; ++t) {
     const int64_t b = order[t];
     const std::string name = B == 1 ? std::string("cost") : "cost[" + std::to_string(b) + "]";
@@ -565,9 +633,17 @@ void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64
 template void solve_batch<float>(const std::vector<Problem>&, const Options&, int64_t*, int64_t, double*);
 template void solve_batch<double>(const std::vector<Problem>&, const Options&, int64_t*, int64_t, double*);
 
+std::string set_simd_level(const std::string& name) {
+  const std::string before = simd_path();
+  PF_CHECK(name == "auto" || name == "avx512" || name == "avx2" || name == "default",
+           "simd level must be 'auto', 'avx512', 'avx2' or 'default'; got '", name, "'");
+  forced_level.store(name == "auto" ? -1 : name == "avx512" ? 2 : name == "avx2" ? 1 : 0);
+  return before;
+}
+
 std::string simd_path() {
   const int l = cpu_level();
-  return l == 2 ? "avx512f" : l == 1 ? "avx2" : "default";
+  return l == 2 ? "avx512 (f, dq, vl, bw)" : l == 1 ? "avx2" : "default";
 }
 
 }  // namespace lsap

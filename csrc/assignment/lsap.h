@@ -44,8 +44,12 @@ template <typename T>
 void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64_t* col_for_row, int64_t stride,
                  double* totals);
 
-// Which SIMD path the Dijkstra scan uses on this CPU ("avx512f", "avx2" or "default").
+// Which SIMD path the kernels use on this CPU ("avx512 (f, dq, vl, bw)", "avx2" or "default").
 std::string simd_path();
+
+// Test hook: use at most this SIMD level ("avx512", "avx2", "default"; "auto" = the CPU's best). Returns
+// the previous path. Not for production use: it changes a process-wide setting.
+std::string set_simd_level(const std::string& name);
 
 }  // namespace lsap
 }  // namespace pyfusion

@@ -17,8 +17,10 @@
 //   3. optionally Hartigan single-point moves (Hartigan & Wong 1979): move i from a to b when
 //      w_i W_b / (W_b + w_i) d(i, b) < w_i W_a / (W_a - w_i) d(i, a); each move strictly lowers J,
 //      and a Lloyd fixed point usually still has such moves.
-// The best J over n_restarts wins (ties: the lowest restart index). Restart r seeds its own RNG from
-// (seed, r), so the result does not depend on the number of threads.
+// The best J over n_restarts wins (ties: the lowest restart index); restarts are compared on J from the
+// incrementally updated statistics (relative drift ~1e-15), and the winner's J is then recomputed exactly.
+// Restart r seeds its own RNG from (seed, r) and runs on one thread, so the result does not depend on
+// the number of threads. Cost per restart: O(D^2) for the start and O(D k) per Lloyd / Hartigan sweep.
 #pragma once
 
 #include <cstdint>
@@ -43,9 +45,9 @@ struct KMeansOptions {
 
 struct KMeansResult {
   std::vector<int64_t> labels;          // (D,), clusters numbered by first appearance
-  double inertia = 0.0;                 // weighted inertia of `labels` (kernel form)
+  double inertia = 0.0;                 // weighted inertia of `labels` (kernel form, recomputed exactly)
   int64_t best_restart = 0;
-  std::vector<double> restart_inertia;  // (n_restarts,)
+  std::vector<double> restart_inertia;  // (n_restarts,) each restart's J (incremental statistics)
 };
 
 // Gram matrix of X (D, F) after weighted centring: G = (X - 1 m^T)(X - 1 m^T)^T, m = sum w_i x_i / W.

@@ -67,8 +67,9 @@ __global__ void second_moment_kernel(const T* x, int64_t n, int64_t d, int64_t s
       const int64_t row = r + rr;
       float a = 0.f, b = 0.f;
       if (row < r1) {
-        if (i0 + cc < d) a = static_cast<float>(static_cast<double>(load_val(x + row * sn + (i0 + cc) * sd)) - shift[i0 + cc]);
-        if (j0 + cc < d) b = static_cast<float>(static_cast<double>(load_val(x + row * sn + (j0 + cc) * sd)) - shift[j0 + cc]);
+        const T* xr = x + row * sn;
+        if (i0 + cc < d) a = static_cast<float>(static_cast<double>(load_val(xr + (i0 + cc) * sd)) - shift[i0 + cc]);
+        if (j0 + cc < d) b = static_cast<float>(static_cast<double>(load_val(xr + (j0 + cc) * sd)) - shift[j0 + cc]);
       }
       As[rr][cc] = a;
       Bs[rr][cc] = b;

@@ -70,6 +70,7 @@ def group_statistics(
     groups: Sequence[str] | None = None,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> dict[str, ActivationStats]:
     """Joint statistics of the members' activations per group (block k = member k).
 
@@ -80,6 +81,8 @@ def group_statistics(
         point: "pre" or "post" activation.
         groups: restrict to these groups (default all).
         max_batches: stop after this many batches.
+        device: move inputs there first.
+        progress: show collect_stats' progress bar.
 
     Returns:
         group -> ActivationStats with K blocks.
@@ -103,7 +106,7 @@ def group_statistics(
                     f"groups {missing} have no module whose output gives their activations; declare pre_points / "
                     "post_points for them"
                 )
-        return collect_stats(runners, data, points, max_batches=max_batches, device=device)
+        return collect_stats(runners, data, points, max_batches=max_batches, device=device, progress=progress)
     finally:
         for mm in modes:
             for m, mode in mm.items():

@@ -28,7 +28,7 @@ from pyfusion.ops.partial_linear import (
     ACTIVATIONS,
     block_shapes,
     pack_partial_weight,
-    partial_linear,
+    partial_linear_module_forward,
     unpack_partial_weight,
     validate_layouts,
 )
@@ -118,6 +118,7 @@ class PartialLinear(_LayoutMixin, nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")
         self.in_layout, self.out_layout, self.activation = tuple(il), tuple(ol), act
+        self._il, self._ol = il, ol  # lists, as the op's schema takes them
         self.in_features, self.out_features = sum(il), sum(ol)
         kw = {"device": device, "dtype": dtype}
         s_shape, c_shape, d_shape = block_shapes(il, ol)
@@ -150,7 +151,7 @@ class PartialLinear(_LayoutMixin, nn.Module):
         return self.weight_shared, self.weight_cross, self.weight_diag
 
     def forward(self, x: Tensor) -> Tensor:
-        return partial_linear(x, self.weight_blocks, self.bias, self.in_layout, self.out_layout, self.activation)
+        return partial_linear_module_forward(x, self.weight_blocks, self.bias, self._il, self._ol, self.activation)
 
     @classmethod
     def from_dense(
@@ -269,6 +270,7 @@ class EnsembleLinear(nn.Module):
             self.in_layout, self.out_layout = (in_features,) + (0,) * k, (0,) + (out_features,) * k
         else:
             self.in_layout, self.out_layout = (0,) + (in_features,) * k, (0,) + (out_features,) * k
+        self._il, self._ol = list(self.in_layout), list(self.out_layout)
         _uniform_init_(self.weight, in_features)
         if self.bias is not None:
             _uniform_init_(self.bias, in_features)
@@ -312,7 +314,7 @@ class EnsembleLinear(nn.Module):
         else:
             blocks = (self.weight.new_empty((0, k * i)), self.weight.new_empty((k * o, 0)), flat)
         b = None if self.bias is None else self.bias.reshape(k * o)
-        return partial_linear(x, blocks, b, self.in_layout, self.out_layout, self.activation)
+        return partial_linear_module_forward(x, blocks, b, self._il, self._ol, self.activation)
 
     def effective_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pyfusion.stats.activation_stats import ActivationStats
+
 __all__ = ["correlation"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,8 +37,6 @@ def _check(x: Tensor, y: Tensor) -> None:
 
 @torch.library.custom_op("pyfusion::correlation", mutates_args=())
 def _correlation_op(x: Tensor, y: Tensor) -> Tensor:
-    from pyfusion.stats.activation_stats import ActivationStats
-
     stats = ActivationStats([x.shape[1], y.shape[1]], device=x.device)
     stats.update([x, y])
     return stats.corr(0, 1).contiguous()

@@ -19,7 +19,7 @@ weight copy):
 * CPU (torch's BLAS): ``y[:, shared] = x @ w_shared^T`` (one GEMM over the whole input, no slicing),
   ``y[:, branches] = x[:, shared] @ w_cross^T`` (one GEMM from the shared input to every branch output),
   then ``y[:, branch_k] += x[:, branch_k] @ W_kk^T`` for all k as one ``baddbmm`` when the branches have
-  equal sizes (a loop of ``addmm`` otherwise). All three write into views of one preallocated output.
+  equal sizes and >= 8 rows (a loop of ``addmm_`` otherwise). All three write into views of one preallocated output.
 * GPU: one Triton launch (:mod:`pyfusion.triton_kernels.partial_linear`), a grouped GEMM whose K-loop
   visits only the allowed input segments, bias and activation fused in the epilogue.
 
@@ -30,6 +30,7 @@ erf form). Effective FLOPs per row: ``2 * (O_s * I_total + O_B * I_s + sum_k O_k
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -233,6 +234,12 @@ def _uniform_branches(in_layout: Sequence[int], out_layout: Sequence[int]) -> bo
     return len(set(in_layout[1:])) == 1 and len(set(out_layout[1:])) == 1
 
 
+# Below this many rows the branch blocks run as a loop of addmm_ (GEMV) instead of one baddbmm: torch's CPU
+# bmm opens an OpenMP region even for M = 1; measured with 2 threads on the loaded 2-core VM (load ~12),
+# ViT-S branches (K=2, 384->1536): M=1 baddbmm 23 ms vs loop 0.43 ms; M=8 both 0.27 ms.
+_BMM_MIN_ROWS = 8
+
+
 def _torch_forward_2d(
     x2: Tensor,
     w_shared: Tensor,
@@ -273,11 +280,15 @@ def _torch_forward_2d(
         if beta == 0.0:
             yb.zero_()
         return y
-    if _uniform_branches(in_layout, out_layout):
+    if m >= _BMM_MIN_ROWS and _uniform_branches(in_layout, out_layout):
         o_b, i_b = out_layout[1], in_layout[1]
-        xb = x2[:, i_s:].unflatten(1, (kb, i_b)).transpose(0, 1)  # (K, M, I_b) view
-        yv = yb.unflatten(1, (kb, o_b)).transpose(0, 1)  # (K, M, O_b) view
-        yv.baddbmm_(xb, w_diag.view(kb, o_b, i_b).transpose(1, 2), beta=beta)
+        # (K, M, I_b), (K, M, O_b) and (K, I_b, O_b) views; one as_strided each (unflatten + transpose costs
+        # ~7 us per view in eager mode, as much as a batch-1 GEMM of a 100x100 block).
+        sm, sk = x2.stride()
+        xb = x2.as_strided((kb, m, i_b), (i_b * sk, sm, sk), x2.storage_offset() + i_s * sk)
+        yv = y.as_strided((kb, m, o_b), (o_b, o_tot, 1), o_s)
+        wt = w_diag.as_strided((kb, i_b, o_b), (o_b * i_b, 1, i_b), w_diag.storage_offset())
+        yv.baddbmm_(xb, wt, beta=beta)
         return y
     i0, o0, d0 = i_s, 0, 0
     for k in range(1, kb + 1):
@@ -350,7 +361,7 @@ def _torch_forward(
     fwd = _functional_forward_2d if functional else _torch_forward_2d
     y = fwd(_flatten(x), w_shared, w_cross, w_diag, bias, in_layout, out_layout)
     y = _apply_activation_(y, activation) if not functional else _activation(y, activation)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 @functools.cache
@@ -613,8 +624,68 @@ def partial_linear(
         )
     w_shared, w_cross, w_diag = weight_blocks
     _check_args(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    return _run(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+
+
+# Backend choice per (device type, dtype, autograd needed, PYFUSION_BACKEND): no backend's reasons depend on
+# sizes, so the choice is cached (the dispatcher's checks cost ~6 us a call, a GEMV of a 100x100 layer ~3 us).
+_SELECTED: dict[tuple, Backend] = {}
+
+
+def _run(
+    x: Tensor,
+    w_shared: Tensor,
+    w_cross: Tensor,
+    w_diag: Tensor,
+    bias: Tensor | None,
+    il: list[int],
+    ol: list[int],
+    act: str,
+) -> Tensor:
+    """Dispatch validated arguments."""
     if torch.compiler.is_compiling():
         # Under torch.compile the op itself picks the device path (Triton on CUDA, BLAS elsewhere); the
         # Python dispatcher (env lookups, cached probes) stays out of the traced graph.
         return torch.ops.pyfusion.partial_linear(x, w_shared, w_cross, w_diag, bias, il, ol, act)
-    return DISPATCHER(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or w_shared.requires_grad
+        or w_cross.requires_grad
+        or w_diag.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
+    key = (x.device.type, x.dtype, needs_grad, os.environ.get("PYFUSION_BACKEND"))
+    backend = _SELECTED.get(key)
+    if backend is None:
+        backend = DISPATCHER.select(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+        _SELECTED[key] = backend
+    if backend.name == "torch" and not needs_grad:
+        # Eager inference: call the registered CPU kernel directly. Going through torch.ops adds the Python
+        # custom-op dispatch (~20-30 us per call measured here), as much as a small layer's GEMMs.
+        return _torch_forward(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    return backend.fn(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+
+
+def partial_linear_module_forward(
+    x: Tensor,
+    weight_blocks: Sequence[Tensor],
+    bias: Tensor | None,
+    in_layout: list[int],
+    out_layout: list[int],
+    activation: str,
+) -> Tensor:
+    """:func:`partial_linear` for pyfusion.nn modules, whose layouts and block shapes were validated when
+    the module was built (``load_state_dict`` keeps the shapes): only x is checked here."""
+    w_shared, w_cross, w_diag = weight_blocks
+    if x.dim() < 1 or x.shape[-1] != w_shared.shape[1]:
+        raise ValueError(
+            f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
+            f"got x.shape={tuple(x.shape)}"
+        )
+    # get_device() is an int (-1 on CPU): cheaper than building two torch.device objects (~1 us a call).
+    if x.dtype != w_shared.dtype or x.get_device() != w_shared.get_device():
+        raise ValueError(
+            f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
+            f"got ({x.dtype}, {x.device})"
+        )
+    return _run(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)

@@ -204,7 +204,8 @@ def _kernel_dist_ref(g: np.ndarray, wk: np.ndarray, t: np.ndarray, pk: np.ndarra
 
 
 def _lloyd_ref(g: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int, max_iter: int, tol: float) -> np.ndarray:
-    """Weighted Lloyd in kernel form; a point moves only when another centroid is closer by more than tol.
+    """Weighted Lloyd in kernel form; a point moves to its nearest other centroid only when that is closer than
+    its own by more than tol.
     Empty clusters take the point of largest weighted distance from a cluster of >= 2 points."""
     labels = labels.copy()
     d = labels.size
@@ -212,12 +213,12 @@ def _lloyd_ref(g: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int, max_ite
         wk, t, pk, cnt = _kernel_stats_ref(g, w, labels, k)
         dist = _kernel_dist_ref(g, wk, t, pk, cnt)
         own = dist[np.arange(d), labels]
-        new = labels.copy()
-        best = own.copy()
-        for c in range(k):  # ascending c with a strict test: the same tie rule as the C++ engine
-            better = (dist[:, c] < best - tol) & (new != c)
-            new[better] = c
-            best[better] = dist[better, c]
+        other = dist.copy()
+        other[np.arange(d), labels] = np.inf
+        nearest = np.argmin(other, axis=1)  # nearest other centroid, lowest index on ties
+        move = other[np.arange(d), nearest] < own - tol
+        new = np.where(move, nearest, labels)
+        best = np.where(move, other[np.arange(d), nearest], own)
         changed = int((new != labels).sum())
         labels = new
         cnt = np.bincount(labels, minlength=k)
