@@ -57,10 +57,15 @@ def _apply(t: Tensor, m: Tensor, axis: int) -> Tensor:
         src = t.movedim(axis, 0).index_select(0, cols.to(t.device))
         if vals is not None:
             src = src * vals.to(device=src.device, dtype=src.dtype).reshape(-1, *([1] * (src.dim() - 1)))
-        out = src.new_zeros((m.shape[0], *src.shape[1:]))
-        if injective:  # a copy per row (index_add_ is ~5x slower here)
+        if injective:  # a copy per row (index_add_ is ~5x slower here); only the rows nobody maps to are zeroed
+            out = src.new_empty((m.shape[0], *src.shape[1:]))
             out.index_copy_(0, rows.to(t.device), src)
+            hit = np.zeros(m.shape[0], dtype=bool)
+            hit[rows.numpy()] = True
+            if not hit.all():
+                out.index_fill_(0, torch.from_numpy(np.flatnonzero(~hit)).to(t.device), 0)
         else:
+            out = src.new_zeros((m.shape[0], *src.shape[1:]))
             out.index_add_(0, rows.to(t.device), src)
         return out.movedim(0, axis)
     return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
