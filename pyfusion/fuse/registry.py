@@ -23,12 +23,14 @@ class MethodSpec:
         fn: the implementation.
         needs_data: "yes" (calibration data required), "no", or "optional" (used when given).
         summary: one line for error messages and ``--help``.
+        min_members: the fewest members the method accepts (2; 1 for methods that also prune one network).
     """
 
     name: str
     fn: Callable[..., Any]
     needs_data: str
     summary: str
+    min_members: int = 2
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -40,17 +42,22 @@ _BUILTIN_MODULES = (
     "pyfusion.fuse.activation_matching",
     "pyfusion.fuse.ot",
     "pyfusion.fuse.interp",
+    "pyfusion.fuse.partial",
+    "pyfusion.fuse.cluster",
 )
 _EXTRA_MODULES: list[str] = []
 
 
-def register_method(name: str, *, needs_data: str = "no", summary: str = "") -> Callable[[Callable], Callable]:
+def register_method(
+    name: str, *, needs_data: str = "no", summary: str = "", min_members: int = 2
+) -> Callable[[Callable], Callable]:
     """Decorator registering a fusion method under ``name``.
 
     Args:
         name: the string users pass as ``method=``.
         needs_data: "yes", "no" or "optional".
         summary: one-line description.
+        min_members: the fewest members accepted (1 for methods that also work on one network).
     """
     if needs_data not in ("yes", "no", "optional"):
         raise ValueError(f"needs_data must be 'yes', 'no' or 'optional'; got {needs_data!r}")
@@ -58,7 +65,9 @@ def register_method(name: str, *, needs_data: str = "no", summary: str = "") -> 
     def deco(fn: Callable) -> Callable:
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"fusion method {name!r} is already registered by {_METHODS[name].fn.__module__}")
-        _METHODS[name] = MethodSpec(name, fn, needs_data, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        _METHODS[name] = MethodSpec(
+            name, fn, needs_data, summary or (fn.__doc__ or "").strip().split("\n")[0], int(min_members)
+        )
         return fn
 
     return deco
