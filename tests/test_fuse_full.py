@@ -366,3 +366,25 @@ def test_declared_groups_for_custom_model(method):
     x = torch.randn(7, 6)
     torch.testing.assert_close(fused(x), m(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.fusion_plan.groups["h"].B[1].argmax(0), torch.argsort(perm))  # m2[j] = m[perm[j]]
+
+
+def test_register_custom_method():
+    from pyfusion.fuse import Plan, register_method
+    from pyfusion.fuse.registry import _METHODS
+
+    @register_method("_test_reverse", needs_data="no", summary="reverse neuron order of member 1")
+    def _reverse(members, graph, lambdas, data, **opts):
+        perms = {g: [torch.arange(gr.size), torch.arange(gr.size).flip(0)] for g, gr in graph.groups.items()}
+        return Plan.from_permutations(graph, perms, lambdas)
+
+    try:
+        assert "_test_reverse" in available_methods()
+        a = models.mlp([5, 4, 3])
+        fused = pyfusion.fuse([a, a], method="_test_reverse", lambdas=[0.0, 1.0])
+        x = torch.randn(3, 5)
+        torch.testing.assert_close(fused(x), a(x))  # a permutation of member 1 is the same function
+        assert torch.equal(fused[1].weight, a[1].weight.flip(0))
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("_test_reverse")(lambda *a, **k: None)
+    finally:
+        _METHODS.pop("_test_reverse", None)
