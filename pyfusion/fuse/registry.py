@@ -66,7 +66,9 @@ def _load_builtins() -> None:
     import importlib
     import pkgutil
 
-    import pyfusion.fuse as pkg
+    # not `import pyfusion.fuse as pkg`: that binds the attribute pyfusion.fuse, which is the fuse *function*
+    # once pyfusion's lazy __getattr__ has resolved it
+    pkg = importlib.import_module("pyfusion.fuse")
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_"):
