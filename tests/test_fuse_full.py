@@ -388,3 +388,13 @@ def test_register_custom_method():
             register_method("_test_reverse")(lambda *a, **k: None)
     finally:
         _METHODS.pop("_test_reverse", None)
+
+
+def test_registry_loads_when_pyfusion_fuse_is_the_function(monkeypatch):
+    """After ``pyfusion.fuse`` resolved lazily to the function, method discovery must still find the package."""
+    from pyfusion.fuse import api, registry
+
+    monkeypatch.setattr(pyfusion, "fuse", api.fuse)
+    monkeypatch.setattr(registry, "_LOADED", False)
+    assert {"average", "weight_matching", "activation_matching", "ot"} <= set(registry.available_methods())
+    assert not registry._IMPORT_ERRORS
