@@ -43,39 +43,42 @@ def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
     return torch.from_numpy(r), torch.from_numpy(c), v, bool(injective)
 
 
-def _apply(t: Tensor, m: Tensor, axis: int) -> Tensor:
-    """Contract matrix ``m`` (new, old) with axis ``axis`` of ``t``.
+def _apply(t: Tensor, m: Tensor, axis: int, expand: int = 1) -> Tensor:
+    """Contract ``m kron I_expand`` (new, old) with axis ``axis`` of ``t``.
 
     Maps with at most one non-zero per column (permutations, partial-fusion slot maps, cluster indicators: each
-    old neuron goes to one slot) take a gather / scatter-add path, O(size of t) instead of a dense product:
-    the dense products would be about 90 GFLOP (float64) for a VGG11-sized pair at alpha = 0.5, the copies move
-    a few hundred MB. The result is the same sum (each product with a zero entry is skipped).
+    old neuron goes to one slot) take a gather / scatter path, O(size of t) instead of a dense product: the dense
+    products would be about 90 GFLOP (float64) for a VGG11-sized pair at alpha = 0.5, the copies move a few
+    hundred MB. The result is the same sum (each product with a zero entry is skipped). ``expand`` > 1 is a
+    flatten into a Linear: each neuron covers ``expand`` consecutive columns (channel-major). Dense maps (OT)
+    use tensordot.
     """
     sel = _selection(m)
     if sel is not None:
         rows, cols, vals, injective = sel
+        n_new = m.shape[0] * expand
+        if expand > 1:
+            ar = torch.arange(expand)
+            rows = (rows[:, None] * expand + ar).reshape(-1)
+            cols = (cols[:, None] * expand + ar).reshape(-1)
+            vals = None if vals is None else vals.repeat_interleave(expand)
         src = t.movedim(axis, 0).index_select(0, cols.to(t.device))
         if vals is not None:
             src = src * vals.to(device=src.device, dtype=src.dtype).reshape(-1, *([1] * (src.dim() - 1)))
         if injective:  # a copy per row (index_add_ is ~5x slower here); only the rows nobody maps to are zeroed
-            out = src.new_empty((m.shape[0], *src.shape[1:]))
+            out = src.new_empty((n_new, *src.shape[1:]))
             out.index_copy_(0, rows.to(t.device), src)
-            hit = np.zeros(m.shape[0], dtype=bool)
+            hit = np.zeros(n_new, dtype=bool)
             hit[rows.numpy()] = True
             if not hit.all():
                 out.index_fill_(0, torch.from_numpy(np.flatnonzero(~hit)).to(t.device), 0)
         else:
-            out = src.new_zeros((m.shape[0], *src.shape[1:]))
+            out = src.new_zeros((n_new, *src.shape[1:]))
             out.index_add_(0, rows.to(t.device), src)
         return out.movedim(0, axis)
+    if expand > 1:
+        m = torch.kron(m, torch.eye(expand, dtype=m.dtype, device=m.device))
     return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
-
-
-def _expand_b(b: Tensor, expand: int) -> Tensor:
-    """``B kron I_e``: each neuron covers ``e`` consecutive columns (channel-major flatten)."""
-    if expand == 1:
-        return b
-    return torch.kron(b, torch.eye(expand, dtype=b.dtype, device=b.device))
 
 
 def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan) -> dict[str, Tensor]:
@@ -111,7 +114,7 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
             for gname, r in refs:
                 gp = maps[gname]
                 if r.role == "consumer":
-                    t = _apply(t, _expand_b(gp.B[k].to(t.device), r.expand).T, r.axis)
+                    t = _apply(t, gp.B[k].to(t.device).T, r.axis, r.expand)
                 else:
                     t = _apply(t, gp.A[k].to(t.device), r.axis)
             if not has_out:
