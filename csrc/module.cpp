@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_assignment(py::module_& m);
 void bind_correlation(py::module_& m);
 void bind_cluster(py::module_& m);
+void bind_interp(py::module_& m);
 
 #ifdef PYFUSION_HAS_CUDA
 #include <cuda_runtime_api.h>
@@ -50,4 +51,5 @@ PYBIND11_MODULE(_C, m) {
   bind_assignment(m);
   bind_correlation(m);
   bind_cluster(m);
+  bind_interp(m);
 }

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "class_balanced_indices",
     "class_shares",
     "dirichlet_concentrations",
     "dirichlet_split",
@@ -274,6 +275,34 @@ def class_shares(
     for k, idx in enumerate(splits):
         out[k] = np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=c)[:c]
     return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def class_balanced_indices(
+    labels: torch.Tensor | np.ndarray, per_class: int, pool: np.ndarray | Sequence[int] | None = None, seed: int = 0
+) -> np.ndarray:
+    """A class-balanced sample: up to ``per_class`` indices of every class, drawn without replacement.
+
+    This is the calibration set of neuron-interpolation fusion (a class-balanced sample from the union of the
+    members' data). Classes with fewer samples give all they have.
+
+    Args:
+        labels: (N,) integer labels.
+        per_class: samples per class (>= 1).
+        pool: restrict the draw to these indices (default: all).
+        seed: seed of the draw.
+
+    Returns:
+        Sorted int64 indices into ``labels``.
+    """
+    y = _labels_np(labels)
+    if int(per_class) != per_class or per_class < 1:
+        raise ValueError(f"per_class must be an integer >= 1; got {per_class}")
+    idx = np.arange(y.size) if pool is None else np.asarray(pool, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= y.size):
+        raise ValueError(f"pool indices must be in [0, {y.size}); got range [{idx.min()}, {idx.max()}]")
+    rng = np.random.default_rng([seed, 0xCB])
+    picks = [rng.permutation(idx[y[idx] == c])[:per_class] for c in np.unique(y[idx])]
+    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, np.int64)
 
 
 def subset(

@@ -40,7 +40,22 @@ def _fuse(members, data, method, **kw):
     return pyfusion.fuse(members, data, method=name, **opts, **kw)
 
 
+class _LNStream(nn.Module):
+    """Token MLP with a LayerNorm residual stream and functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln = nn.Linear(6, 8), nn.LayerNorm(8)
+        self.fc2, self.fc3, self.fc4 = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.ln(self.fc1(x))
+        h = h + self.fc3(torch.nn.functional.gelu(self.fc2(h)))
+        return self.fc4(torch.relu(h))
+
+
 ARCHS = {
+    "ln_stream": (_LNStream, (5, 6)),
     "mlp": (lambda: models.mlp([12, 16, 16, 5]), (12,)),
     "vgg": (lambda: models.vgg((6, "M", 8, "M"), in_channels=2, image_size=8, hidden=10), (2, 8, 8)),
     "resnet": (lambda: models.resnet20(1, blocks=1, num_classes=5), (3, 8, 8)),
@@ -306,3 +321,80 @@ def test_repair_matches_member_statistics(arch, method):
     fused = _fuse([m, _permuted_copy(m)], data, method, repair=True, reset_bn=False)
     x = torch.randn(5, *shape)
     torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+class _Custom(nn.Module):
+    """A model the tracer rejects (a custom parametrised module): groups declared by hand."""
+
+    class Gain(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.g = nn.Parameter(torch.rand(n) + 0.5)
+
+        def forward(self, x):
+            return x * self.g
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gain, self.act, self.fc2 = nn.Linear(6, 10), self.Gain(10), nn.ReLU(), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.gain(self.fc1(x))))
+
+
+@pytest.mark.parametrize("method", ["weight_matching", "activation_matching", "ot"])
+def test_declared_groups_for_custom_model(method):
+    from pyfusion.graph import UnsupportedModuleError, declare_groups
+
+    m = _Custom().eval()
+    with pytest.raises(UnsupportedModuleError, match="'gain.g'.*declare the groups"):
+        trace_groups(m)
+    spec = {
+        "h": {
+            "producers": ["fc1.weight", "fc1.bias"],
+            "neurons": ["gain.g"],
+            "consumers": ["fc2.weight"],
+            "pre_points": ["gain"],
+            "post_points": ["act"],
+        }
+    }
+    graph = declare_groups(m, spec)
+    perm = torch.randperm(10)
+    m2 = copy.deepcopy(m)
+    m2.load_state_dict(permute_state({k: v.detach() for k, v in m.state_dict().items()}, graph, {"h": perm}))
+    fused = pyfusion.fuse([m, m2], [torch.randn(16, 6) for _ in range(3)], method=method, graph=graph)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(fused(x), m(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.fusion_plan.groups["h"].B[1].argmax(0), torch.argsort(perm))  # m2[j] = m[perm[j]]
+
+
+def test_register_custom_method():
+    from pyfusion.fuse import Plan, register_method
+    from pyfusion.fuse.registry import _METHODS
+
+    @register_method("_test_reverse", needs_data="no", summary="reverse neuron order of member 1")
+    def _reverse(members, graph, lambdas, data, **opts):
+        perms = {g: [torch.arange(gr.size), torch.arange(gr.size).flip(0)] for g, gr in graph.groups.items()}
+        return Plan.from_permutations(graph, perms, lambdas)
+
+    try:
+        assert "_test_reverse" in available_methods()
+        a = models.mlp([5, 4, 3])
+        fused = pyfusion.fuse([a, a], method="_test_reverse", lambdas=[0.0, 1.0])
+        x = torch.randn(3, 5)
+        torch.testing.assert_close(fused(x), a(x))  # a permutation of member 1 is the same function
+        assert torch.equal(fused[1].weight, a[1].weight.flip(0))
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("_test_reverse")(lambda *a, **k: None)
+    finally:
+        _METHODS.pop("_test_reverse", None)
+
+
+def test_registry_loads_when_pyfusion_fuse_is_the_function(monkeypatch):
+    """After ``pyfusion.fuse`` resolved lazily to the function, method discovery must still find the package."""
+    from pyfusion.fuse import api, registry
+
+    monkeypatch.setattr(pyfusion, "fuse", api.fuse)
+    monkeypatch.setattr(registry, "_LOADED", False)
+    assert {"average", "weight_matching", "activation_matching", "ot"} <= set(registry.available_methods())
+    assert not registry._IMPORT_ERRORS

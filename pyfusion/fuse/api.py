@@ -28,9 +28,11 @@ def fuse(
     reset_bn: bool | None = None,
     repair: bool = False,
     bn_batches: int | None = None,
+    fast_modules: bool = True,
     **options: Any,
 ) -> nn.Module:
-    """Fuse K >= 2 members of one architecture into one new network (the members are never modified).
+    """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
+    generalized-pruning methods "cluster" and "prune" also take a single network, ``models=[m]``).
 
     Args:
         models: the members.
@@ -45,6 +47,9 @@ def fuse(
         repair: REPAIR (Jordan et al. 2023): rescale each fused neuron to the lambda-weighted mean and standard
             deviation of its members' neurons (needs data).
         bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
+        fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
+            clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
+            (the dense result is the same function; ``False`` keeps plain dense layers with zero blocks).
         **options: passed to the method (e.g. ``seed``, ``cost``, ``point``).
 
     Returns:
@@ -56,7 +61,7 @@ def fuse(
             needing data without data, an unknown method, an unsupported layer (named by path and type).
     """
     spec = get_method(method)
-    members = check_members(models)
+    members = check_members(models, spec.min_members)
     lam = check_lambdas(lambdas, len(members))
     data = prepare_data(data)
     if spec.needs_data == "yes" and data is None:
@@ -87,7 +92,8 @@ def fuse(
         info.update(plan.info)
     info["time_method_s"] = t_method
     if reset_bn is None:
-        reset_bn = data is not None and has_batchnorm(fused)
+        # methods that fit weights to targets (neuron interpolation) set BatchNorm themselves
+        reset_bn = data is not None and has_batchnorm(fused) and not getattr(fused, "fusion_weights_fitted", False)
     if reset_bn:
         if data is None:
             raise ValueError("reset_bn=True needs calibration data")
@@ -100,6 +106,10 @@ def fuse(
         t0 = time.perf_counter()
         info["repair"] = _repair(fused, members, graph, plan, data, max_batches=bn_batches)
         info["time_repair_s"] = time.perf_counter() - t0
+    if fast_modules:
+        from pyfusion.fuse.fast import swap_partial_modules
+
+        info["fast_modules"] = swap_partial_modules(fused, len(members))
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused

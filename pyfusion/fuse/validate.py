@@ -12,17 +12,18 @@ from torch import nn
 __all__ = ["check_members", "check_lambdas", "prepare_data"]
 
 
-def check_members(models: Any) -> list[nn.Module]:
-    """K >= 2 modules of one architecture (same module types per path, same tensor names and shapes), finite.
+def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
+    """K >= ``min_members`` modules of one architecture (same module types per path, same tensor names and
+    shapes), finite.
 
     Raises:
         ValueError: naming the member and the first difference.
     """
     if isinstance(models, nn.Module) or not isinstance(models, Sequence):
-        raise ValueError(f"models must be a list of K >= 2 nn.Module members; got {type(models).__name__}")
+        raise ValueError(f"models must be a list of K >= {min_members} nn.Module members; got {type(models).__name__}")
     models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"models must hold K >= 2 members; got {len(models)}")
+    if len(models) < min_members:
+        raise ValueError(f"models must hold K >= {min_members} members; got {len(models)}")
     for k, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise ValueError(f"models[{k}] must be an nn.Module; got {type(m).__name__}")

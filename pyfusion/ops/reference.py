@@ -8,6 +8,7 @@ import numpy as np
 __all__ = [
     "augment_partial_cost",
     "correlation_ref",
+    "hf_cost_ref",
     "linear_assignment_ref",
     "partial_linear_ref",
     "weighted_kmeans_ref",
@@ -321,3 +322,26 @@ def weighted_kmeans_ref(
             best = (labels, inertia)
     assert best is not None
     return best
+
+
+def hf_cost_ref(M, Q01, Q10, d0, e0, n0, s0, d1, e1, n1, s1, *, squared=False):
+    """HF interpolation cost (n0, n1) from Gram products, float64 torch (spec of ``pyfusion.ops.hf_cost``).
+
+    ``u = s0_i / (s0_i + s1_j)``, ``v = 1 - u``;
+    ``D0 = u^2 d0_i + v^2 d1_j + 2uv M_ij - 2u e0_i - 2v Q10_ij + n0_i`` (= ||p_ij - a0_i||^2),
+    ``D1 = u^2 d0_i + v^2 d1_j + 2uv M_ij - 2u Q01_ij - 2v e1_j + n1_j`` (= ||p_ij - a1_j||^2), both clamped at 0;
+    cost = ``s0_i D0 + s1_j D1`` (squared) or ``s0_i sqrt(D0) + s1_j sqrt(D1)``.
+    """
+    import torch
+
+    f = [t.to(torch.float64) for t in (M, Q01, Q10, d0, e0, n0, s0, d1, e1, n1, s1)]
+    M, Q01, Q10, d0, e0, n0, s0, d1, e1, n1, s1 = f
+    tot = s0[:, None] + s1[None, :]
+    u = s0[:, None] / tot
+    v = s1[None, :] / tot
+    common = u * u * d0[:, None] + v * v * d1[None, :] + 2 * u * v * M
+    da = (common - 2 * u * e0[:, None] - 2 * v * Q10 + n0[:, None]).clamp_min(0)
+    db = (common - 2 * u * Q01 - 2 * v * e1[None, :] + n1[None, :]).clamp_min(0)
+    if not squared:
+        da, db = da.sqrt(), db.sqrt()
+    return s0[:, None] * da + s1[None, :] * db

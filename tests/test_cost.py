@@ -1,0 +1,76 @@
+"""pyfusion.cost: effective / dense parameters and FLOPs, counted by hand on known architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pyfusion
+from pyfusion import models
+from pyfusion.nn import EnsembleLinear, PartialConv2d, PartialLinear
+
+
+def test_dense_mlp_counts():
+    m = models.mlp([10, 7, 3])
+    c = pyfusion.cost(m, (10,))
+    assert c.params == c.dense_params == sum(p.numel() for p in m.parameters()) == 10 * 7 + 7 + 7 * 3 + 3
+    assert c.flops == c.dense_flops == 2 * (10 * 7 + 7 * 3)
+    assert c.layers == {"1": (70, 140, 70, 140), "3": (21, 42, 21, 42)}
+    # an input tensor (batch of 5) gives the same per-example counts
+    assert pyfusion.cost(m, torch.randn(5, 10)) == c
+
+
+def test_conv_counts_with_output_sizes_and_shortcuts():
+    m = models.resnet20(1, blocks=1, num_classes=5)
+    c = pyfusion.cost(m, (3, 8, 8))
+    # by hand: every conv's weights x its output positions (stride-2 stages halve the side)
+    expected = 0
+    sides = {"conv1": 8, "layer1": 8, "layer2": 4, "layer3": 2}
+    for path, mod in m.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            side = sides[path.split(".")[0]]
+            expected += mod.weight.numel() * side * side
+    expected += m.fc.weight.numel()
+    assert c.flops == 2 * expected
+    assert any("shortcut" in p for p in c.layers)  # 1x1 projections are counted
+    assert c.params == sum(p.numel() for p in m.parameters())  # BN affine and biases included
+
+
+def test_partial_modules_count_stored_blocks():
+    il, ol = [3, 2, 4], [5, 1, 2]
+    lin = PartialLinear(il, ol, bias=True)
+    c = pyfusion.cost(nn.Sequential(lin), (9,))
+    stored = 5 * 9 + 3 * 3 + (1 * 2 + 2 * 4)
+    assert c.layers["0"] == (stored, 2 * stored, 8 * 9, 2 * 8 * 9)
+    assert c.params == stored + 8 and c.dense_params == 8 * 9 + 8
+    conv = PartialConv2d(il, ol, 3, stride=2, padding=1, bias=False)
+    cc = pyfusion.cost(nn.Sequential(conv), (9, 6, 6))
+    assert cc.layers["0"] == (9 * stored, 2 * 9 * stored * 9, 9 * 72, 2 * 9 * 72 * 9)  # 3x3 output positions
+    ens = EnsembleLinear(3, 4, 5, shared_input=True)
+    ce = pyfusion.cost(nn.Sequential(ens), (4,))
+    assert ce.layers["0"] == (60, 120, 60, 120) and ce.dense_params == 15 * 4 + 15
+    # dense equivalents: same function, effective = dense count
+    dense = nn.Sequential(lin.to_dense())
+    cd = pyfusion.cost(dense, (9,))
+    assert cd.flops == cd.dense_flops == c.dense_flops
+
+
+def test_fused_network_cost_between_single_and_ensemble():
+    members = [models.vgg((6, "M", 8, "M"), in_channels=2, image_size=8, hidden=10) for _ in range(2)]
+    single = pyfusion.cost(members[0], (2, 8, 8))
+    costs = [pyfusion.cost(pyfusion.fuse(members, method="partial", alpha=a), (2, 8, 8)) for a in (0.0, 0.5, 1.0)]
+    assert costs[0].flops == single.flops
+    assert costs[2].flops == 2 * single.flops  # the ensemble, logits layer read by both members' features
+    assert costs[0].flops < costs[1].flops < costs[2].flops
+    assert costs[1].flops < costs[1].dense_flops
+
+
+def test_errors_and_modes_restored():
+    m = models.mlp([4, 3, 2]).train()
+    with pytest.raises(ValueError, match="positive input shape"):
+        pyfusion.cost(m, (0,))
+    with pytest.raises(ValueError, match="batch dimension"):
+        pyfusion.cost(m, torch.zeros(0, 4))
+    pyfusion.cost(m, (4,))
+    assert m.training
