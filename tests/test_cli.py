@@ -433,8 +433,8 @@ def test_parse_factory_literals():
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_layer_cost_counts_stored_blocks_of_partial_layers():
-    from pyfusion.cli.measure import layer_cost
+def test_report_cost_counts_stored_blocks_of_partial_layers():
+    from pyfusion.cli.measure import model_cost as layer_cost
     from pyfusion.nn import PartialLinear
 
     # Layout [shared | b1 | b2]: in [4, 2, 2], out [3, 2, 2]. Shared rows read all 8 inputs (3 x 8), branch k's

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="member k uses seed + 1000 k")
     p.add_argument(
         "--methods",
-        help="comma-separated methods (default: partial, cluster, average, weight_matching, activation_matching)",
+        help="comma-separated methods (default: partial, cluster, average, weight_matching, activation_matching, "
+        "ot, hf, kf)",
     )
     p.add_argument("--alphas", help="alpha grid, comma-separated (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")

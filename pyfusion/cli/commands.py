@@ -48,7 +48,7 @@ from pyfusion.cli.tradeoff import (
     sweep,
 )
 
-DEMO_METHODS = ("partial", "cluster", "average", "weight_matching", "activation_matching")
+DEMO_METHODS = ("partial", "cluster", "average", "weight_matching", "activation_matching", "ot", "hf", "kf")
 
 
 # --------------------------------------------------------------------------------------------- helpers

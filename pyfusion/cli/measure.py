@@ -1,14 +1,11 @@
 """What the reports measure: accuracy, effective FLOPs / parameters, latency per batch, fusion time.
 
-Cost goes through :func:`model_cost`, one function that uses ``pyfusion.cost`` (the library's count
-of the non-zero blocks) when the library provides it, and otherwise :func:`layer_cost`, which counts the
-FLOPs of the weight layers a forward pass visits (dense layers fully, pyfusion's partial layers by their
-stored blocks).
+Cost goes through :func:`model_cost`, which asks ``pyfusion.cost`` (the library's count of the
+non-zero blocks).
 """
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Cost", "accuracy", "layer_cost", "ensemble_logits", "model_cost", "time_forward"]
+__all__ = ["Cost", "accuracy", "ensemble_logits", "model_cost", "time_forward"]
 
 
 @dataclass(frozen=True)
@@ -30,97 +27,20 @@ class Cost:
     dense_params: float
 
 
-def _is_counted(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or callable(getattr(m, "effective_flops", None))
+def model_cost(model: nn.Module, example: torch.Tensor) -> Cost:
+    """Effective and dense per-sample FLOPs and parameters of ``model``, from :func:`pyfusion.cost`.
 
-
-def _bias_numel(m: nn.Module) -> int:
-    b = getattr(m, "bias", None)
-    return int(b.numel()) if isinstance(b, torch.Tensor) else 0
-
-
-def layer_cost(model: nn.Module, example: torch.Tensor) -> Cost:
-    """Per-sample FLOPs (2 x multiply-adds) of every weight layer that one forward pass visits.
-
-    Dense ``nn.Linear`` / ``nn.Conv*`` count all their weights. Layers that know their own cost (pyfusion's
-    ``PartialLinear``, ``PartialConv2d``, ``EnsembleLinear``: an ``effective_flops`` method) count their
-    stored blocks only; their dense FLOPs scale by ``dense weights / stored weights``. Effective parameters
-    are the stored parameters (partial layers store only the non-zero blocks).
+    Effective counts cover the stored (non-zero) blocks of partially fused layers only; FLOPs are
+    2 x multiply-adds of the weight layers for one sample of ``example``'s shape.
 
     Args:
         model: any module.
-        example: one batch of inputs (N, ...); FLOPs are divided by N.
+        example: a batch of inputs (N, ...); the counts are per sample.
     """
-    eff, dense = [0.0], [0.0]
+    from pyfusion.fuse.cost import cost
 
-    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        x = args[0]
-        if isinstance(mod, nn.Linear):
-            f = 2.0 * out.numel() * mod.in_features
-            eff[0] += f
-            dense[0] += f
-        elif isinstance(mod, nn.modules.conv._ConvNd):
-            k = 1
-            for s in mod.kernel_size:
-                k *= s
-            f = 2.0 * out.numel() * (mod.in_channels // mod.groups) * k
-            eff[0] += f
-            dense[0] += f
-        else:
-            if x.ndim == 4:  # a convolution: cost depends on the spatial size
-                f = float(mod.effective_flops(x.shape[0], tuple(x.shape[-2:])))
-            else:
-                f = float(mod.effective_flops(x.numel() // max(x.shape[-1], 1)))
-            eff[0] += f
-            stored = float(sum(p.numel() for p in mod.parameters(recurse=False)) - _bias_numel(mod))
-            dense_w = float(mod.dense_params() - _bias_numel(mod)) if hasattr(mod, "dense_params") else stored
-            dense[0] += f * (dense_w / stored if stored > 0 else 1.0)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_counted(m)]
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    n = example.shape[0]
-    params = float(sum(p.numel() for p in model.parameters()))
-    dense_params = params
-    for m in model.modules():
-        if callable(getattr(m, "dense_params", None)):
-            dense_params += float(m.dense_params()) - float(sum(p.numel() for p in m.parameters(recurse=False)))
-    return Cost(eff[0] / n, params, dense[0] / n, dense_params)
-
-
-def _field(obj: object, *names: str) -> float | None:
-    for n in names:
-        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
-        if v is not None:
-            return float(v)
-    return None
-
-
-def model_cost(model: nn.Module, example: torch.Tensor) -> Cost:
-    """Effective and dense per-sample FLOPs and parameters of ``model``.
-
-    Uses ``pyfusion.cost`` when available (it knows which blocks of partially fused layers are zero);
-    falls back to :func:`layer_cost`.
-    """
-    try:
-        from pyfusion.fuse.cost import cost as lib_cost  # noqa: PLC0415
-    except ImportError:
-        return layer_cost(model, example)
-    params = inspect.signature(lib_cost).parameters
-    c = lib_cost(model, example) if len(params) > 1 else lib_cost(model)
-    fallback = layer_cost(model, example)
-    flops = _field(c, "effective_flops", "flops_effective", "flops")
-    dflops = _field(c, "dense_flops", "flops_dense")
-    return Cost(
-        flops if flops is not None else fallback.flops,
-        _field(c, "effective_params", "params_effective", "params") or fallback.params,
-        dflops if dflops is not None else fallback.dense_flops,
-        _field(c, "dense_params", "params_dense") or fallback.dense_params,
-    )
+    c = cost(model, example[:1])
+    return Cost(float(c.flops), float(c.params), float(c.dense_flops), float(c.dense_params))
 
 
 def ensemble_logits(models: Sequence[nn.Module], lambdas: Sequence[float] | None = None) -> Callable:

@@ -103,50 +103,94 @@ def machine_info() -> dict[str, Any]:
 
 
 def plot_tradeoff(rows: list[Row], path: Path, title: str) -> None:
-    """Accuracy against effective FLOPs per sample: members, the ensemble, and one line per method.
+    """Accuracy against effective FLOPs per sample: members, the ensemble, one line per alpha-swept method, and
+    the full-fusion methods as labelled points.
 
-    Uses matplotlib's object API with the Agg canvas (no global backend change, no display needed).
+    The accuracy axis covers the members, the ensemble and the curves; a single point far below them (vanilla
+    averaging, typically) is drawn on the lower edge with its value in the label, so that it does not squeeze
+    the interesting range. Uses matplotlib's object API with the Agg canvas (no global backend change).
     """
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 4.6), dpi=110)
+    fig = Figure(figsize=(7.6, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     members = [r for r in rows if r.kind == "member"]
-    if members:
-        ax.scatter(
-            [r.flops for r in members],
-            [100 * r.accuracy for r in members],
-            marker="o",
-            s=46,
-            color="0.45",
-            zorder=3,
-            label="members",
-        )
-    for r in rows:
-        if r.kind == "ensemble":
-            ax.scatter([r.flops], [100 * r.accuracy], marker="*", s=180, color="black", zorder=4, label="ensemble")
+    ensemble = [r for r in rows if r.kind == "ensemble"]
     methods: dict[str, list[Row]] = {}
     for r in rows:
         if r.kind == "fused":
             methods.setdefault(r.method, []).append(r)
+    curves = {k: v for k, v in methods.items() if len(v) > 1}
+    singles = [v[0] for v in methods.values() if len(v) == 1]
+    # tab10 without its grey (index 7), which the members use
+    colors = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    core = [100 * r.accuracy for r in [*members, *ensemble, *(p for v in curves.values() for p in v)]]
+    core = [a for a in core if math.isfinite(a)] or [100 * r.accuracy for r in rows if math.isfinite(r.accuracy)]
+    span = max(core) - min(core) if core else 1.0
+    lo = min(core) - max(3.0, 0.5 * span) if core else 0.0
+    hi = max(core) + max(1.0, 0.1 * span) if core else 100.0
+    if members:  # hollow and on top: full-fusion points share the members' FLOPs
+        ax.scatter(
+            [r.flops for r in members],
+            [100 * r.accuracy for r in members],
+            marker="o",
+            s=90,
+            facecolors="none",
+            edgecolors="0.35",
+            linewidths=1.5,
+            zorder=6,
+            label="members",
+        )
+    for r in ensemble:
+        ax.scatter([r.flops], [100 * r.accuracy], marker="*", s=200, color="black", zorder=4, label="ensemble")
     markers = "os^Dvp<>h"
-    for i, (name, pts) in enumerate(methods.items()):
+    for i, (name, pts) in enumerate(curves.items()):
         pts = sorted(pts, key=lambda r: (r.flops, r.alpha or 0.0))
-        xs, ys = [r.flops for r in pts], [100 * r.accuracy for r in pts]
-        ax.plot(xs, ys, marker=markers[i % len(markers)], ms=6, lw=1.6, label=name, zorder=2, alpha=0.9)
-        if len(pts) > 1:
-            for r in pts:
-                if r.alpha is not None:
-                    ax.annotate(
-                        f"{r.alpha:g}",
-                        (r.flops, 100 * r.accuracy),
-                        textcoords="offset points",
-                        xytext=(4, -10),
-                        fontsize=7,
-                    )
-    ax.set_xlabel("effective FLOPs per sample")
+        ax.plot(
+            [r.flops for r in pts],
+            [100 * r.accuracy for r in pts],
+            marker=markers[i % len(markers)],
+            ms=6,
+            lw=1.8,
+            color=colors[i % len(colors)],
+            label=f"{name} (alpha = 0 ... 1)",
+            zorder=2,
+        )
+        for r in pts:
+            if r.alpha is not None:
+                ax.annotate(
+                    f"{r.alpha:g}", (r.flops, 100 * r.accuracy), textcoords="offset points", xytext=(4, -11), fontsize=7
+                )
+    xs = [r.flops for r in rows if math.isfinite(r.flops)]
+    xspan = (max(xs) - min(xs)) if xs else 1.0
+    gap = 0.055 * (hi - lo)
+    placed: list[float] = []
+    for j, r in enumerate(sorted(singles, key=lambda r: -r.accuracy)):
+        color = colors[(len(curves) + j) % len(colors)]
+        acc = 100 * r.accuracy
+        y = acc if acc >= lo else lo - 0.6 * gap  # clipped: drawn below the range, value in the label
+        ax.scatter([r.flops], [y], marker="D" if acc >= lo else "v", s=36, color=color, zorder=5)
+        label_y = min(y, placed[-1] - gap) if placed else y
+        placed.append(label_y)
+        text = f"{r.method} {acc:.1f}%" + ("" if acc >= lo else " (off scale)")
+        ax.annotate(
+            text,
+            (r.flops, y),
+            xytext=(r.flops + 0.06 * xspan, label_y),
+            textcoords="data",
+            fontsize=7.5,
+            color=color,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6},
+        )
+    low_label = min(placed) if placed else lo
+    ax.set_ylim(min(lo - gap, low_label - gap), hi)
+    if xs:
+        ax.set_xlim(min(xs) - 0.05 * xspan, max(xs) + 0.08 * xspan)
+    ax.set_xlabel("effective FLOPs per sample (non-zero blocks)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
