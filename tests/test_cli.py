@@ -149,6 +149,10 @@ def test_demo_numbers_are_measured(demo):
     # Full fusion has the cost of one member.
     avg = rows["average"]
     assert avg.flops == pytest.approx(dense_flops) and avg.fusion_s is not None and avg.fusion_s >= 0
+    # Partial fusion at alpha = 1 is exactly the ensemble; at alpha = 0 it costs one member.
+    partial = {r.alpha: r for r in rows_of(read_report(out)) if r.method == "partial"}
+    assert partial[1.0].accuracy == pytest.approx(ens.accuracy, abs=1e-12) and partial[1.0].flops == ens.flops
+    assert partial[0.0].flops == dense_flops and dense_flops < partial[0.5].flops < 2 * dense_flops
     # Trained members beat chance clearly (10 classes).
     assert min(rows["member 0"].accuracy, rows["member 1"].accuracy) > 0.5
 
@@ -171,15 +175,30 @@ def test_fuse_average_writes_loadable_model(demo, tmp_path):
     assert printed["average"][2] == f"{100 * digits_test_accuracy(fused):.2f}"
 
 
+def test_fuse_partial_saves_the_fast_modules(demo, tmp_path):
+    out, _ = demo
+    files = [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
+    target = tmp_path / "partial.safetensors"
+    proc = run_cli(
+        "fuse", *files, "--model", FACTORY, "--data", "digits", "--method", "partial", "--alpha", "0.5",
+        "--features", "weights", "-o", str(target),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    fused = pyfusion.load(target)
+    x = torch.rand(4, 1, 8, 8)
+    c = pyfusion.cost(fused, x)
+    printed = {cells[0]: cells for cells in table_lines(proc.stdout)}
+    row = printed["partial(features=weights)"]
+    assert row[1] == "0.50" and row[2] == f"{100 * digits_test_accuracy(fused):.2f}"
+    assert row[3] == format_row(Row("fused", "", 0.5, 0.0, c.flops, c.params, 0.0))[3]
+    assert c.flops < c.dense_flops  # zero blocks are not stored, not counted
+
+
 # --------------------------------------------------------------------------------------------- sweep
 def test_sweep_report_and_alpha_one_is_the_ensemble(demo, tmp_path):
     out, _ = demo
     files = [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
-    from pyfusion.cli.tradeoff import available_methods
-
-    registered = available_methods() or []
-    partial = "partial" in registered
-    methods = "partial,average" if partial else "average,weight_matching"
+    methods = "partial,average"
     rep = tmp_path / "sweep"
     proc = run_cli(
         "sweep",
@@ -202,15 +221,12 @@ def test_sweep_report_and_alpha_one_is_the_ensemble(demo, tmp_path):
     rows = rows_of(report)
     fused = [r for r in rows if r.kind == "fused"]
     ens = next(r for r in rows if r.kind == "ensemble")
-    if partial:
-        assert [(r.method, r.alpha) for r in fused] == [("partial", 0.0), ("partial", 1.0), ("average", 0.0)]
-        at_one = fused[1]
-        # alpha = 1 is exactly the ensemble: same predictions, same effective cost.
-        assert at_one.accuracy == pytest.approx(ens.accuracy, abs=1e-12)
-        assert at_one.flops == pytest.approx(ens.flops, rel=1e-9)
-        assert fused[0].flops < at_one.flops
-    else:
-        assert [(r.method, r.alpha) for r in fused] == [("average", 0.0), ("weight_matching", 0.0)]
+    assert [(r.method, r.alpha) for r in fused] == [("partial", 0.0), ("partial", 1.0), ("average", 0.0)]
+    at_one = fused[1]
+    # alpha = 1 is exactly the ensemble: same predictions, same effective cost.
+    assert at_one.accuracy == pytest.approx(ens.accuracy, abs=1e-12)
+    assert at_one.flops == pytest.approx(ens.flops, rel=1e-9)
+    assert fused[0].flops < at_one.flops
 
 
 # --------------------------------------------------------------------------------------------- README
@@ -452,10 +468,6 @@ def test_report_cost_counts_stored_blocks_of_partial_layers():
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
-    from pyfusion.fuse import available_methods
-
-    if "partial" not in available_methods():
-        pytest.skip("the README example uses method='partial', which this build does not register yet")
     text = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.+?)\n```", text, re.S).group(1)
     assert len(code.splitlines()) == 5
