@@ -1,0 +1,40 @@
+// Small-batch CPU kernel of a partially fused linear layer (pyfusion.ops.partial_linear, DESIGN §7):
+// y = act(x W^T + b) for a few input rows, every block in one call, from raw pointers (torch-free).
+//
+// Layouts in_layout = [I_s, I_1, ..., I_K], out_layout = [O_s, O_1, ..., O_K]. Packed weight:
+//   w_shared (O_s, I_total) row-major: shared output rows on every input column;
+//   w_cross  (O_B, I_s)     row-major: every branch output row on the shared input columns;
+//   w_diag   flat, block k = (O_k, I_k) row-major, blocks concatenated in branch order.
+// A branch-k output row is dot(w_cross row, x[:, :I_s]) + dot(W_kk row, x[:, i0_k : i0_k + I_k]).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace pyfusion::partial_linear {
+
+// OpenMP over output rows only from this many multiply-adds per call (rows * stored weights). Measured with
+// bench/bench_partial_linear_batch1.py --threshold on the 2-core AMD EPYC VM (load ~10 from other jobs): the
+// parallel region costs ~5-20 us there (wake-up of a descheduled worker dominates), so 2 threads won
+// only from ~1M multiply-adds (ViT-S / BERT branch layers); at 0.26M (512x512 K=2, 1 row) 1 thread was faster.
+constexpr int64_t kParallelMinMacs = int64_t(1) << 20;
+
+enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Silu = 3 };
+
+// One layout, precomputed once: per output segment the weight offsets and the input columns it reads.
+struct Plan {
+  std::vector<int64_t> in_layout, out_layout;
+  Activation act = Activation::None;
+  int64_t i_total = 0, o_total = 0;
+  int64_t macs_per_row = 0;  // stored weights = multiply-adds per input row
+  Plan(const std::vector<int64_t>& in_layout, const std::vector<int64_t>& out_layout, int activation);
+};
+
+// x: rows x I_total with row stride x_row_stride (unit column stride); y: rows x O_total contiguous;
+// bias may be null. num_threads <= 0: OpenMP's current default (torch.set_num_threads sets it: the extension
+// and torch share libgomp). OpenMP is used only when rows * macs_per_row reaches kParallelMinMacs.
+template <typename T>
+void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, const T* w_shared, const T* w_cross,
+             const T* w_diag, const T* bias, T* y, int num_threads);
+
+}  // namespace pyfusion::partial_linear
