@@ -220,8 +220,8 @@ void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, c
              const T* w_diag, const T* bias, T* y, int num_threads) {
   PF_CHECK(rows >= 0, "partial_linear: rows must be >= 0; got ", rows);
   if (rows == 0 || plan.o_total == 0) return;
-  PF_CHECK(rows == 1 || x_row_stride >= plan.i_total, "partial_linear: x's row stride must be >= I_total = ",
-           plan.i_total, "; got ", x_row_stride);
+  // Rows may overlap (a stride-0 broadcast row, for instance): x is only read.
+  PF_CHECK(x_row_stride >= 0, "partial_linear: x's row stride must be >= 0; got ", x_row_stride);
   Args a{&plan, x, rows, x_row_stride, w_shared, w_cross, w_diag, bias, y};
   const RangeFn<T> fn = kRange<T>;
   const int64_t work = rows * plan.macs_per_row;

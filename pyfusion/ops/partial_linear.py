@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from pyfusion import backends
+from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
 
 __all__ = [
@@ -514,6 +514,100 @@ _partial_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Small-batch CPU path: the compiled kernel (csrc/partial_linear/) computes every block, the bias and the
+# activation in one call from data pointers. It replaces up to three BLAS calls, their output views and the
+# activation (~15-25 us of Python and dispatch at batch 1, more than the GEMVs of a 512-wide layer).
+# Up to this many rows (after flattening the leading dims) it is chosen over the BLAS path: measured with
+# bench/bench_partial_linear_batch1.py --crossover, 1 thread, 2-core AMD EPYC VM under load ~10: see
+# bench/results/partial_linear_batch1.md (the kernel re-reads each weight row once per 4 input rows, BLAS
+# blocks for cache; the crossover is where the GEMM efficiency outweighs the fixed overhead saved).
+CPP_MAX_ROWS = 8
+_CPP_DTYPES = (torch.float32, torch.float64)
+_ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}  # the kernel's codes: 0 none, 1 relu, 2 gelu, 3 silu
+
+
+def _rows(x: Tensor) -> int:
+    """Number of rows of x flattened to (rows, I_total)."""
+    if x.dim() == 2:
+        return x.shape[0]
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return n
+
+
+def _cpp_available() -> list[str]:
+    why = backends.cpp_reasons()
+    if not why and not hasattr(_ext._C, "PartialLinearPlan"):
+        why = ["the compiled extension predates the partial_linear kernel; rebuild it (tools/dev_build.sh)"]
+    return why
+
+
+def _cpp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> list[str]:
+    why = []
+    if x.device.type != "cpu":
+        why.append(f"x is on {x.device}, the compiled kernel runs on CPU tensors")
+    if x.dtype not in _CPP_DTYPES:
+        why.append(f"dtype {x.dtype} is not float32/float64")
+    rows = _rows(x)
+    if rows > CPP_MAX_ROWS:
+        why.append(f"{rows} rows > CPP_MAX_ROWS = {CPP_MAX_ROWS} (torch's BLAS is faster on larger batches)")
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_shared, w_cross, w_diag, bias)
+    ):
+        why.append("autograd is recording (a tensor requires grad): the kernel is forward-only, use 'torch'")
+    return why
+
+
+@functools.lru_cache(maxsize=256)
+def _cpp_plan(in_layout: tuple[int, ...], out_layout: tuple[int, ...], activation: str):
+    """The compiled kernel's per-layout plan (segment offsets, work size), built once per layout."""
+    return _ext._C.PartialLinearPlan(list(in_layout), list(out_layout), _ACT_IDS[activation])
+
+
+def _cpp_forward(
+    x: Tensor,
+    w_shared: Tensor,
+    w_cross: Tensor,
+    w_diag: Tensor,
+    bias: Tensor | None,
+    in_layout: Sequence[int],
+    out_layout: Sequence[int],
+    activation: str,
+) -> Tensor:
+    """Forward through the compiled small-batch kernel (CPU, float32/float64, no autograd).
+
+    Pointers are read at every call (never cached): parameters replaced, moved with ``.to()`` or updated in
+    place are always seen. x needs a unit column stride (any row stride); other inputs and non-contiguous
+    weights are copied first (rare: parameters are contiguous).
+    """
+    x2 = _flatten(x)
+    m, i_total = x2.shape
+    sm, sk = x2.stride()
+    if sk != 1 and i_total > 1:
+        x2 = x2.contiguous()
+        sm = i_total
+    if not (w_shared.is_contiguous() and w_cross.is_contiguous() and w_diag.is_contiguous()):
+        w_shared, w_cross, w_diag = w_shared.contiguous(), w_cross.contiguous(), w_diag.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    plan = _cpp_plan(tuple(in_layout), tuple(out_layout), activation)
+    y = x2.new_empty(m, plan.o_total)  # fresh and contiguous; ~0.3 us cheaper than torch.empty(size, dtype=)
+    run = plan.forward_f32 if x.dtype == torch.float32 else plan.forward_f64
+    run(
+        x2.data_ptr(),
+        m,
+        sm,
+        w_shared.data_ptr(),
+        w_cross.data_ptr(),
+        w_diag.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
 def _call_op(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation):
     return torch.ops.pyfusion.partial_linear(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
 
@@ -565,6 +659,14 @@ DISPATCHER = Dispatcher(
             available=backends.triton_gpu_reasons,
             supports=_triton_supports,
             description="pyfusion::partial_linear on CUDA: one Triton grouped-GEMM launch, fused bias+activation",
+        ),
+        Backend(
+            "cpp",
+            _cpp_forward,
+            available=_cpp_available,
+            supports=_cpp_supports,
+            description=f"compiled small-batch kernel (<= {CPP_MAX_ROWS} rows, float32/64, CPU, inference): "
+            "all blocks + bias + activation in one call",
         ),
         Backend(
             "torch",
@@ -627,8 +729,9 @@ def partial_linear(
     return _run(x, w_shared, w_cross, w_diag, bias, il, ol, act)
 
 
-# Backend choice per (device type, dtype, autograd needed, PYFUSION_BACKEND): no backend's reasons depend on
-# sizes, so the choice is cached (the dispatcher's checks cost ~6 us a call, a GEMV of a 100x100 layer ~3 us).
+# Backend choice per (device type, dtype, autograd needed, rows <= CPP_MAX_ROWS, PYFUSION_BACKEND): the row
+# count is the only size any backend's reasons depend on, so the choice is cached (the dispatcher's checks
+# cost ~6 us a call, a GEMV of a 100x100 layer ~3 us).
 _SELECTED: dict[tuple, Backend] = {}
 
 
@@ -654,7 +757,9 @@ def _run(
         or w_diag.requires_grad
         or (bias is not None and bias.requires_grad)
     )
-    key = (x.device.type, x.dtype, needs_grad, os.environ.get("PYFUSION_BACKEND"))
+    # x.is_cpu and x.shape[0] cost ~50 ns; x.device.type ~400 ns (a device object), _rows ~250 ns.
+    small = (x.shape[0] if x.dim() == 2 else _rows(x)) <= CPP_MAX_ROWS
+    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, needs_grad, small, os.environ.get("PYFUSION_BACKEND"))
     backend = _SELECTED.get(key)
     if backend is None:
         backend = DISPATCHER.select(x, w_shared, w_cross, w_diag, bias, il, ol, act)
