@@ -552,9 +552,7 @@ def _cpp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, act
     rows = _rows(x)
     if rows > CPP_MAX_ROWS:
         why.append(f"{rows} rows > CPP_MAX_ROWS = {CPP_MAX_ROWS} (torch's BLAS is faster on larger batches)")
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_shared, w_cross, w_diag, bias)
-    ):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_shared, w_cross, w_diag, bias)):
         why.append("autograd is recording (a tensor requires grad): the kernel is forward-only, use 'torch'")
     return why
 
