@@ -51,6 +51,9 @@ void bind_partial_linear(py::module_& m) {
       .def_readonly("i_total", &Plan::i_total)
       .def_readonly("o_total", &Plan::o_total)
       .def_readonly("macs_per_row", &Plan::macs_per_row)
+      .def_readwrite("parallel_min_macs", &Plan::parallel_min_macs,
+                     "OpenMP over output rows from this many multiply-adds per call (default "
+                     "PARTIAL_LINEAR_PARALLEL_MIN_MACS; benchmarks lower it to measure the crossover)")
       .def("forward_f32", &run<float>, py::arg("x"), py::arg("rows"), py::arg("x_row_stride"), py::arg("w_shared"),
            py::arg("w_cross"), py::arg("w_diag"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
            "y (rows, O_total) = act(x W^T + b) from data pointers (float32); x rows of unit column stride, y "

@@ -225,7 +225,7 @@ void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, c
   Args a{&plan, x, rows, x_row_stride, w_shared, w_cross, w_diag, bias, y};
   const RangeFn<T> fn = kRange<T>;
   const int64_t work = rows * plan.macs_per_row;
-  int threads = work >= kParallelMinMacs ? resolve_threads(num_threads) : 1;
+  int threads = work >= plan.parallel_min_macs ? resolve_threads(num_threads) : 1;
   // At least 16 output rows per thread (one cache line of y per row block).
   threads = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, plan.o_total / 16)));
   if (threads <= 1) {

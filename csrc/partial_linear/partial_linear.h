@@ -27,12 +27,13 @@ struct Plan {
   Activation act = Activation::None;
   int64_t i_total = 0, o_total = 0;
   int64_t macs_per_row = 0;  // stored weights = multiply-adds per input row
+  int64_t parallel_min_macs = kParallelMinMacs;  // per plan, so that a benchmark can move the threshold
   Plan(const std::vector<int64_t>& in_layout, const std::vector<int64_t>& out_layout, int activation);
 };
 
 // x: rows x I_total with row stride x_row_stride (unit column stride); y: rows x O_total contiguous;
 // bias may be null. num_threads <= 0: OpenMP's current default (torch.set_num_threads sets it: the extension
-// and torch share libgomp). OpenMP is used only when rows * macs_per_row reaches kParallelMinMacs.
+// and torch share libgomp). OpenMP is used only when rows * macs_per_row reaches plan.parallel_min_macs.
 template <typename T>
 void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, const T* w_shared, const T* w_cross,
              const T* w_diag, const T* bias, T* y, int num_threads);
