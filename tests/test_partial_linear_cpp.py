@@ -109,19 +109,19 @@ def test_cpp_noncontiguous_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_openmp_region_matches_reference(dtype):
-    # 7 s^2 stored weights >= PARTIAL_LINEAR_PARALLEL_MIN_MACS: the output rows are split between threads.
-    s = int((_ext._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS / 7) ** 0.5) + 3
-    il, ol = [s, s, s], [s, s + 1, s - 1]
-    assert _ext._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS <= PL.partial_linear_params(il, ol, bias=False)
+    # parallel_min_macs = 0 on a private plan: the output rows are split between 2 threads (16-row shares).
+    il, ol = [40, 23, 23], [50, 31, 31]
     blocks, bias = make_blocks(il, ol, dtype)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for rows in (1, 3):
-            x = torch.randn(rows, sum(il), dtype=dtype)
-            assert_close_to_ref(PL._cpp_forward(x, *blocks, bias, il, ol, "gelu"), x, blocks, bias, il, ol, "gelu")
-    finally:
-        torch.set_num_threads(old)
+    plan = _ext._C.PartialLinearPlan(il, ol, 2)
+    assert plan.parallel_min_macs == _ext._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS
+    plan.parallel_min_macs = 0
+    run = plan.forward_f32 if dtype == torch.float32 else plan.forward_f64
+    for rows in (1, 6):
+        x = torch.randn(rows, sum(il) + 5, dtype=dtype)[:, 5:]
+        y = torch.full((rows, sum(ol)), float("nan"), dtype=dtype)
+        ptrs = [b.data_ptr() for b in blocks]
+        run(x.data_ptr(), rows, x.stride(0), *ptrs, bias.data_ptr(), y.data_ptr(), 2)
+        assert_close_to_ref(y, x, blocks, bias, il, ol, "gelu")
 
 
 def test_plan_validates_arguments():

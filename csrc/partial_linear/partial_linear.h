@@ -14,10 +14,13 @@
 namespace pyfusion::partial_linear {
 
 // OpenMP over output rows only from this many multiply-adds per call (rows * stored weights). Measured with
-// bench/bench_partial_linear_batch1.py --threshold on the 2-core AMD EPYC VM (load ~10 from other jobs): the
-// parallel region costs ~5-20 us there (wake-up of a descheduled worker dominates), so 2 threads won
-// only from ~1M multiply-adds (ViT-S / BERT branch layers); at 0.26M (512x512 K=2, 1 row) 1 thread was faster.
-constexpr int64_t kParallelMinMacs = int64_t(1) << 20;
+// bench/bench_partial_linear_batch1.py --threshold (1 row, layout [n,n,n]->[n,n,n], 2-core AMD EPYC VM shared
+// with other jobs, load 7-11): 1 thread 1.9 us (29k MACs) ... 672 us (7.3M MACs), 2 threads ~20 ms at every
+// size: the woken worker waits for a time slice of the busy cores, so on this VM threads never paid. On an idle
+// machine a libgomp fork/join costs a few us, which could not be measured here. 16M keeps every batch-1 shape
+// of the benchmark (at most 9.4M: BERT FFN K=4 alpha=1) on one thread and parallelises only multi-row calls of
+// ~1.5 ms or more single-threaded; lower it per plan (Plan::parallel_min_macs) on a dedicated machine.
+constexpr int64_t kParallelMinMacs = int64_t(1) << 24;
 
 enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Silu = 3 };
 
