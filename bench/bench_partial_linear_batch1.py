@@ -160,8 +160,8 @@ def main_table(args) -> list[str]:
         bad = [r for r in sel if r["ours"] > r["members_seq"]]
         tag = "target (batch 1)" if b == 1 else "for information (batch 8)"
         lines.append(
-            f"- {tag}: ours no slower than members_seq (medians): "
-            f"{'met' if not bad else 'MISSED'} in {len(sel) - len(bad)}/{len(sel)} cases"
+            f"- {tag}: ours no slower than members_seq (medians): {'met' if not bad else 'MISSED'}; "
+            f"no slower in {len(sel) - len(bad)}/{len(sel)} cases"
             + ("; slower: " + ", ".join(f"{r['shape']} K={r['K']} a={r['alpha']}" for r in bad) if bad else "")
         )
     lines += [

@@ -239,3 +239,15 @@ def test_module_sees_replaced_moved_and_updated_parameters(plan_calls):
     y64 = check(mod, x.double())
     assert y64.dtype == torch.float64
     assert len(plan_calls) == 5
+
+
+def test_tensors_without_storage_fall_back_to_blas(plan_calls):
+    # torch.func.vmap hands the module BatchedTensors (CPU device, no data pointer): the functional BLAS form
+    # runs them (the in-place BLAS path has no batching rule for addmm.out).
+    il, ol = [5, 4, 4], [6, 3, 3]
+    mod = PartialLinear(il, ol, activation="silu").eval()
+    x = torch.randn(3, 1, sum(il))
+    with torch.no_grad():
+        y = torch.func.vmap(mod)(x)
+        blk = [p.detach() for p in mod.weight_blocks]
+    assert_close_to_ref(y, x, blk, mod.bias.detach(), il, ol, "silu")

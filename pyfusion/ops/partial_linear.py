@@ -593,18 +593,15 @@ def _cpp_forward(
         bias = bias.contiguous()
     plan = _cpp_plan(tuple(in_layout), tuple(out_layout), activation)
     y = x2.new_empty(m, plan.o_total)  # fresh and contiguous; ~0.3 us cheaper than torch.empty(size, dtype=)
+    try:
+        ptrs = (w_shared.data_ptr(), w_cross.data_ptr(), w_diag.data_ptr(), 0 if bias is None else bias.data_ptr())
+        px, py = x2.data_ptr(), y.data_ptr()
+    except RuntimeError:
+        # Tensors without storage that still report a CPU device (FakeTensor, torch.func's vmap/grad wrappers):
+        # the functional BLAS form (no out= / in-place writes, which vmap has no batching rules for).
+        return _torch_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, functional=True)
     run = plan.forward_f32 if x.dtype == torch.float32 else plan.forward_f64
-    run(
-        x2.data_ptr(),
-        m,
-        sm,
-        w_shared.data_ptr(),
-        w_cross.data_ptr(),
-        w_diag.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
+    run(px, m, sm, *ptrs, py, torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
 
 
