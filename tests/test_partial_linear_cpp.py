@@ -251,3 +251,33 @@ def test_tensors_without_storage_fall_back_to_blas(plan_calls):
         y = torch.func.vmap(mod)(x)
         blk = [p.detach() for p in mod.weight_blocks]
     assert_close_to_ref(y, x, blk, mod.bias.detach(), il, ol, "silu")
+
+
+def test_module_parameter_access_paths(plan_calls):
+    # forward reads _parameters directly; functional_call, parametrize and bias=False must still be honoured.
+    il, ol = [4, 3, 3], [5, 2, 2]
+    x = torch.randn(2, sum(il))
+    mod = PartialLinear(il, ol, bias=False).eval()
+    with torch.no_grad():
+        y = mod(x)
+    assert_close_to_ref(y, x, [p.detach() for p in mod.weight_blocks], None, il, ol, "none")
+    swap = {"weight_diag": torch.randn_like(mod.weight_diag), "weight_cross": torch.randn_like(mod.weight_cross)}
+    with torch.no_grad():
+        y = torch.func.functional_call(mod, swap, (x,))
+    blk = [mod.weight_shared.detach(), swap["weight_cross"], swap["weight_diag"]]
+    assert_close_to_ref(y, x, blk, None, il, ol, "none")
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(mod, "weight_shared", Double())
+    assert "weight_shared" not in mod._parameters
+    with torch.no_grad():
+        y = mod(x)
+    blk = [
+        2 * mod.parametrizations.weight_shared.original.detach(),
+        mod.weight_cross.detach(),
+        mod.weight_diag.detach(),
+    ]
+    assert_close_to_ref(y, x, blk, None, il, ol, "none")

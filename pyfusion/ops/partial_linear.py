@@ -731,6 +731,17 @@ def partial_linear(
 # cost ~6 us a call, a GEMV of a 100x100 layer ~3 us).
 _SELECTED: dict[tuple, Backend] = {}
 
+# os.environ.get costs ~0.5-1 us (key encoding, Mapping machinery); os.environ's own backing dict, which every
+# os.environ write (monkeypatch.setenv included) updates, answers in ~50 ns. Only used as a cache key.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("PYFUSION_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _forced_env() -> object:
+    if isinstance(_ENV_DATA, dict) and _ENV_KEY is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get("PYFUSION_BACKEND")
+
 
 def _run(
     x: Tensor,
@@ -756,7 +767,7 @@ def _run(
     )
     # x.is_cpu and x.shape[0] cost ~50 ns; x.device.type ~400 ns (a device object), _rows ~250 ns.
     small = (x.shape[0] if x.dim() == 2 else _rows(x)) <= CPP_MAX_ROWS
-    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, needs_grad, small, os.environ.get("PYFUSION_BACKEND"))
+    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, needs_grad, small, _forced_env())
     backend = _SELECTED.get(key)
     if backend is None:
         backend = DISPATCHER.select(x, w_shared, w_cross, w_diag, bias, il, ol, act)
