@@ -281,3 +281,15 @@ def test_module_parameter_access_paths(plan_calls):
         mod.weight_diag.detach(),
     ]
     assert_close_to_ref(y, x, blk, None, il, ol, "none")
+
+
+def test_parallel_threshold_env_override(monkeypatch):
+    PL._cpp_plan.cache_clear()
+    monkeypatch.setenv("PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS", "123")
+    try:
+        assert PL._cpp_plan((3, 2, 2), (4, 1, 1), "relu").parallel_min_macs == 123
+        monkeypatch.setenv("PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS", "many")
+        with pytest.raises(ValueError, match="PARALLEL_MIN_MACS"):
+            PL._cpp_plan((3, 2, 1), (4, 1, 1), "relu")
+    finally:
+        PL._cpp_plan.cache_clear()

@@ -14,13 +14,14 @@
 namespace pyfusion::partial_linear {
 
 // OpenMP over output rows only from this many multiply-adds per call (rows * stored weights). Measured with
-// bench/bench_partial_linear_batch1.py --threshold (1 row, layout [n,n,n]->[n,n,n], 2-core AMD EPYC VM shared
-// with other jobs, load 7-11): 1 thread 1.9 us (29k MACs) ... 672 us (7.3M MACs), 2 threads ~20 ms at every
-// size: the woken worker waits for a time slice of the busy cores, so on this VM threads never paid. On an idle
-// machine a libgomp fork/join costs a few us, which could not be measured here. 16M keeps every batch-1 shape
-// of the benchmark (at most 9.4M: BERT FFN K=4 alpha=1) on one thread and parallelises only multi-row calls of
-// ~1.5 ms or more single-threaded; lower it per plan (Plan::parallel_min_macs) on a dedicated machine.
-constexpr int64_t kParallelMinMacs = int64_t(1) << 24;
+// bench/bench_partial_linear_batch1.py --threshold (1 row, layout [n,n,n]->[n,n,n], 2-core AMD EPYC VM),
+// median us 1 thread / 2 threads: at load ~5 (other jobs): 29k MACs 1.6/4.1, 115k 4.3/4.7, 459k 19.1/11.7,
+// 1.0M 43/26, 7.3M 786/462, so the break-even lies between 115k and 459k and 2 threads give ~1.7x above it;
+// 2^19 = 524k leaves a margin. Under heavy oversubscription (load 7-11 on the 2 cores) every parallel region
+// took ~20 ms at every size (the woken worker waits for a time slice): there, run with
+// torch.set_num_threads(1) or raise the threshold (PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS, or per plan
+// through Plan::parallel_min_macs).
+constexpr int64_t kParallelMinMacs = int64_t(1) << 19;
 
 enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Silu = 3 };
 

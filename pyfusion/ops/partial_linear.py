@@ -20,6 +20,9 @@ weight copy):
   ``y[:, branches] = x[:, shared] @ w_cross^T`` (one GEMM from the shared input to every branch output),
   then ``y[:, branch_k] += x[:, branch_k] @ W_kk^T`` for all k as one ``baddbmm`` when the branches have
   equal sizes and >= 8 rows (a loop of ``addmm_`` otherwise). All three write into views of one preallocated output.
+* CPU, small batches (<= ``CPP_MAX_ROWS`` rows, float32/float64, no autograd): the compiled kernel
+  (csrc/partial_linear/, backend "cpp") computes every block, the bias and the activation in one call from
+  data pointers, GEMV-style (AVX-512/AVX2 FMA), removing the per-call Python cost of the BLAS path's views.
 * GPU: one Triton launch (:mod:`pyfusion.triton_kernels.partial_linear`), a grouped GEMM whose K-loop
   visits only the allowed input segments, bias and activation fused in the epilogue.
 
@@ -561,8 +564,21 @@ def _cpp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, act
 
 @functools.lru_cache(maxsize=256)
 def _cpp_plan(in_layout: tuple[int, ...], out_layout: tuple[int, ...], activation: str):
-    """The compiled kernel's per-layout plan (segment offsets, work size), built once per layout."""
-    return _ext._C.PartialLinearPlan(list(in_layout), list(out_layout), _ACT_IDS[activation])
+    """The compiled kernel's per-layout plan (segment offsets, work size), built once per layout.
+
+    ``PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS`` (read when a plan is built) overrides the work size from
+    which the kernel runs OpenMP threads (default ``pyfusion._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS``).
+    """
+    plan = _ext._C.PartialLinearPlan(list(in_layout), list(out_layout), _ACT_IDS[activation])
+    override = os.environ.get("PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS", "").strip()
+    if override:
+        try:
+            plan.parallel_min_macs = int(override)
+        except ValueError:
+            raise ValueError(
+                f"PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS must be an integer; got {override!r}"
+            ) from None
+    return plan
 
 
 def _cpp_forward(
