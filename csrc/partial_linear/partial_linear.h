@@ -17,10 +17,10 @@ namespace pyfusion::partial_linear {
 // bench/bench_partial_linear_batch1.py --threshold (1 row, layout [n,n,n]->[n,n,n], 2-core AMD EPYC VM),
 // median us 1 thread / 2 threads: at load ~5 (other jobs): 29k MACs 1.6/4.1, 115k 4.3/4.7, 459k 19.1/11.7,
 // 1.0M 43/26, 7.3M 786/462, so the break-even lies between 115k and 459k and 2 threads give ~1.7x above it;
-// 2^19 = 524k leaves a margin. Under heavy oversubscription (load 7-11 on the 2 cores) every parallel region
-// took ~20 ms at every size (the woken worker waits for a time slice): there, run with
-// torch.set_num_threads(1) or raise the threshold (PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS, or per plan
-// through Plan::parallel_min_macs).
+// 2^19 = 524k leaves a margin. In two other runs, while other jobs kept the second core busy (load 2-11),
+// every parallel region took ~8 ms or ~20 ms at every size (the woken worker waits for a time slice), so on a
+// shared machine run with torch.set_num_threads(1) or raise the threshold
+// (PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS, or per plan through Plan::parallel_min_macs).
 constexpr int64_t kParallelMinMacs = int64_t(1) << 19;
 
 enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Silu = 3 };
