@@ -25,13 +25,13 @@ constexpr int64_t kParallelMinMacs = int64_t(1) << 19;
 
 enum class Activation : int { None = 0, Relu = 1, Gelu = 2, Silu = 3 };
 
-// One layout, precomputed once: per output segment the weight offsets and the input columns it reads.
+// One layout and activation, validated once (the Python side caches a Plan per layout): totals and work size.
 struct Plan {
   std::vector<int64_t> in_layout, out_layout;
   Activation act = Activation::None;
   int64_t i_total = 0, o_total = 0;
   int64_t macs_per_row = 0;  // stored weights = multiply-adds per input row
-  int64_t parallel_min_macs = kParallelMinMacs;  // per plan, so that a benchmark can move the threshold
+  int64_t parallel_min_macs = kParallelMinMacs;  // per plan: benchmarks and an env override move it
   Plan(const std::vector<int64_t>& in_layout, const std::vector<int64_t>& out_layout, int activation);
 };
 
