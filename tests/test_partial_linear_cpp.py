@@ -293,3 +293,28 @@ def test_parallel_threshold_env_override(monkeypatch):
             PL._cpp_plan((3, 2, 1), (4, 1, 1), "relu")
     finally:
         PL._cpp_plan.cache_clear()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
+def test_every_simd_variant_matches_reference(isa):
+    best = _ext._C.partial_linear_isa()
+    order = ["default", "avx2", "avx512"]
+    if order.index(isa) > order.index(best):
+        with pytest.raises(ValueError, match="supports up to"):
+            _ext._C.partial_linear_set_isa(isa)
+        pytest.skip(f"this CPU runs up to the {best} variant")
+    il, ol = [37, 21, 21], [19, 18, 18]
+    try:
+        _ext._C.partial_linear_set_isa(isa)
+        assert _ext._C.partial_linear_isa() == isa
+        for dtype in (torch.float32, torch.float64):
+            blocks, bias = make_blocks(il, ol, dtype)
+            for rows in (1, 3, 4, 7):
+                x = torch.randn(rows, sum(il), dtype=dtype)
+                y = PL._cpp_forward(x, *blocks, bias, il, ol, "gelu")
+                assert_close_to_ref(y, x, blocks, bias, il, ol, "gelu")
+    finally:
+        _ext._C.partial_linear_set_isa("auto")
+    assert _ext._C.partial_linear_isa() == best
+    with pytest.raises(ValueError, match="name must be"):
+        _ext._C.partial_linear_set_isa("sse9")

@@ -61,5 +61,9 @@ void bind_partial_linear(py::module_& m) {
       .def("forward_f64", &run<double>, py::arg("x"), py::arg("rows"), py::arg("x_row_stride"), py::arg("w_shared"),
            py::arg("w_cross"), py::arg("w_diag"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
            "forward_f32 for float64 buffers.");
+  m.def("partial_linear_isa", &pyfusion::partial_linear::isa,
+        "The SIMD variant of the partial_linear kernel in use: 'avx512', 'avx2' or 'default'.");
+  m.def("partial_linear_set_isa", &pyfusion::partial_linear::set_isa, py::arg("name"),
+        "Force a variant the CPU supports ('avx512', 'avx2', 'default'; 'auto' = the best), for tests.");
   m.attr("PARTIAL_LINEAR_PARALLEL_MIN_MACS") = pyfusion::partial_linear::kParallelMinMacs;
 }

@@ -3,6 +3,8 @@
 #include "partial_linear/partial_linear.h"
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <cmath>
 #include <cstring>
 
@@ -181,18 +183,38 @@ __attribute__((noinline)) void range_default(const Args& a, int64_t b, int64_t e
 template <typename T>
 using RangeFn = void (*)(const Args&, int64_t, int64_t);
 
-template <typename T>
-RangeFn<T> pick_variant() {
+enum Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int best_isa() {
 #ifdef PF_HAS_X86_VARIANTS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return &range_avx512<T>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &range_avx2<T>;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kDefault;
+}
+
+const int kBestIsa = best_isa();
+// The variant in use: the best one the CPU supports, or a lower one forced with set_isa (tests run every
+// variant on one machine this way). A relaxed atomic load per call.
+std::atomic<int> g_isa{kBestIsa};
+
+template <typename T>
+RangeFn<T> variant() {
+#ifdef PF_HAS_X86_VARIANTS
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case kAvx512:
+      return &range_avx512<T>;
+    case kAvx2:
+      return &range_avx2<T>;
+    default:
+      break;
+  }
 #endif
   return &range_default<T>;
 }
 
-template <typename T>
-const RangeFn<T> kRange = pick_variant<T>();
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "default"; }
 
 }  // namespace
 
@@ -223,7 +245,7 @@ void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, c
   // Rows may overlap (a stride-0 broadcast row, for instance): x is only read.
   PF_CHECK(x_row_stride >= 0, "partial_linear: x's row stride must be >= 0; got ", x_row_stride);
   Args a{&plan, x, rows, x_row_stride, w_shared, w_cross, w_diag, bias, y};
-  const RangeFn<T> fn = kRange<T>;
+  const RangeFn<T> fn = variant<T>();
   const int64_t work = rows * plan.macs_per_row;
   int threads = work >= plan.parallel_min_macs ? resolve_threads(num_threads) : 1;
   // At least 16 output rows per thread (one cache line of y per row block).
@@ -244,6 +266,20 @@ void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, c
 #else
   fn(a, 0, plan.o_total);
 #endif
+}
+
+std::string isa() { return isa_name(g_isa.load()); }
+
+void set_isa(const std::string& name) {
+  int want = -1;
+  if (name == "auto") want = kBestIsa;
+  if (name == "avx512") want = kAvx512;
+  if (name == "avx2") want = kAvx2;
+  if (name == "default") want = kDefault;
+  PF_CHECK(want >= 0, "partial_linear set_isa: name must be 'auto', 'avx512', 'avx2' or 'default'; got '", name, "'");
+  PF_CHECK(want <= kBestIsa, "partial_linear set_isa: this CPU (or build) supports up to '", isa_name(kBestIsa),
+           "'; got '", name, "'");
+  g_isa.store(want);
 }
 
 template void forward<float>(const Plan&, const float*, int64_t, int64_t, const float*, const float*, const float*,

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace pyfusion::partial_linear {
@@ -41,5 +42,9 @@ struct Plan {
 template <typename T>
 void forward(const Plan& plan, const T* x, int64_t rows, int64_t x_row_stride, const T* w_shared, const T* w_cross,
              const T* w_diag, const T* bias, T* y, int num_threads);
+
+// The SIMD variant in use ("avx512", "avx2" or "default"), and forcing one the CPU supports ("auto": the best).
+std::string isa();
+void set_isa(const std::string& name);
 
 }  // namespace pyfusion::partial_linear
