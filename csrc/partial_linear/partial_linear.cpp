@@ -20,44 +20,37 @@ namespace {
 
 #define PF_INLINE inline __attribute__((always_inline))
 
-// 64-byte vectors of T: one zmm with AVX-512, two ymm with AVX2, four xmm otherwise (GCC vector extensions;
-// the same source compiles for each ISA in the target-specific wrappers below). aligned(sizeof(T)) makes a
-// dereference an unaligned load.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64), aligned(4)));
-  static constexpr int width = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64), aligned(8)));
-  static constexpr int width = 8;
+// B-byte vectors of T (GCC vector extensions), B = the variant's native register width: 64 with AVX-512,
+// 32 with AVX2, 16 otherwise (a vector wider than the target's registers is lowered element by element:
+// measured 4x slower). aligned(sizeof(T)) makes a dereference an unaligned load.
+template <typename T, int B>
+struct Vec {
+  typedef T type __attribute__((vector_size(B), aligned(sizeof(T))));
+  static constexpr int width = B / static_cast<int>(sizeof(T));
 };
 
-template <typename T>
-PF_INLINE typename Vec<T>::type load(const T* p) {
-  return *reinterpret_cast<const typename Vec<T>::type*>(p);
+template <typename T, int B>
+PF_INLINE typename Vec<T, B>::type load(const T* p) {
+  return *reinterpret_cast<const typename Vec<T, B>::type*>(p);
 }
 
 // acc[r][u] += w[j] * x_r[j] over n columns, 4 / R independent vector accumulators per row (4 FMA chains
 // in flight whatever R is); the n % W leftover goes to the scalar tail[r].
-template <typename T, int R>
-PF_INLINE void accumulate(const T* w, const T* x, int64_t sx, int64_t n, typename Vec<T>::type (&acc)[R][4 / R],
+template <typename T, int B, int R>
+PF_INLINE void accumulate(const T* w, const T* x, int64_t sx, int64_t n, typename Vec<T, B>::type (&acc)[R][4 / R],
                           T (&tail)[R]) {
   constexpr int U = 4 / R;
-  constexpr int W = Vec<T>::width;
+  constexpr int W = Vec<T, B>::width;
   int64_t j = 0;
   for (; j + U * W <= n; j += U * W) {
     for (int u = 0; u < U; ++u) {
-      const auto wv = load(w + j + u * W);
-      for (int r = 0; r < R; ++r) acc[r][u] += wv * load(x + r * sx + j + u * W);
+      const auto wv = load<T, B>(w + j + u * W);
+      for (int r = 0; r < R; ++r) acc[r][u] += wv * load<T, B>(x + r * sx + j + u * W);
     }
   }
   for (; j + W <= n; j += W) {
-    const auto wv = load(w + j);
-    for (int r = 0; r < R; ++r) acc[r][0] += wv * load(x + r * sx + j);
+    const auto wv = load<T, B>(w + j);
+    for (int r = 0; r < R; ++r) acc[r][0] += wv * load<T, B>(x + r * sx + j);
   }
   for (; j < n; ++j) {
     for (int r = 0; r < R; ++r) tail[r] += w[j] * x[r * sx + j];
@@ -79,40 +72,40 @@ PF_INLINE T activate(T z, Activation act) {
 }
 
 // One output row o for rows [m0, m0 + R): y[m, o] = act(b + <w1, x[m, off1:off1+n1]> + <w2, x[m, off2:off2+n2]>).
-template <typename T, int R>
+template <typename T, int B, int R>
 PF_INLINE void output_row(const T* w1, int64_t n1, const T* w2, int64_t off2, int64_t n2, const T* x, int64_t sx,
                           T b, Activation act, T* y, int64_t o_total) {
-  typename Vec<T>::type acc[R][4 / R];
+  typename Vec<T, B>::type acc[R][4 / R];
   T tail[R];
   for (int r = 0; r < R; ++r) {
     tail[r] = T(0);
-    for (int u = 0; u < 4 / R; ++u) acc[r][u] = typename Vec<T>::type{};
+    for (int u = 0; u < 4 / R; ++u) acc[r][u] = typename Vec<T, B>::type{};
   }
-  accumulate<T, R>(w1, x, sx, n1, acc, tail);
-  if (n2 > 0) accumulate<T, R>(w2, x + off2, sx, n2, acc, tail);
+  accumulate<T, B, R>(w1, x, sx, n1, acc, tail);
+  if (n2 > 0) accumulate<T, B, R>(w2, x + off2, sx, n2, acc, tail);
   for (int r = 0; r < R; ++r) {
     auto v = acc[r][0];
     for (int u = 1; u < 4 / R; ++u) v += acc[r][u];
     T s = tail[r] + b;
-    for (int i = 0; i < Vec<T>::width; ++i) s += v[i];
+    for (int i = 0; i < Vec<T, B>::width; ++i) s += v[i];
     y[r * o_total] = activate(s, act);
   }
 }
 
-template <typename T>
+template <typename T, int B>
 PF_INLINE void rows_block(const T* w1, int64_t n1, const T* w2, int64_t off2, int64_t n2, const T* x, int64_t rows,
                           int64_t sx, T b, Activation act, T* y, int64_t o_total) {
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) output_row<T, 4>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
+  for (; m + 4 <= rows; m += 4) output_row<T, B, 4>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
   switch (rows - m) {
     case 3:
-      output_row<T, 3>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
+      output_row<T, B, 3>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
       break;
     case 2:
-      output_row<T, 2>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
+      output_row<T, B, 2>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
       break;
     case 1:
-      output_row<T, 1>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
+      output_row<T, B, 1>(w1, n1, w2, off2, n2, x + m * sx, sx, b, act, y + m * o_total, o_total);
       break;
     default:
       break;
@@ -128,7 +121,7 @@ struct Args {
 };
 
 // Output rows [o_begin, o_end) of every input row, walking the segments that overlap the range.
-template <typename T>
+template <typename T, int B>
 PF_INLINE void compute_range(const Args& a, int64_t o_begin, int64_t o_end) {
   const Plan& p = *a.plan;
   const T* x = static_cast<const T*>(a.x);
@@ -141,7 +134,7 @@ PF_INLINE void compute_range(const Args& a, int64_t o_begin, int64_t o_end) {
   const int64_t kb = static_cast<int64_t>(p.out_layout.size()) - 1;
   // Shared output rows: one dot over all I_total input columns.
   for (int64_t o = std::max<int64_t>(o_begin, 0); o < std::min(o_end, o_s); ++o) {
-    rows_block<T>(ws + o * i_total, i_total, nullptr, 0, 0, x, a.rows, a.sx, bias ? bias[o] : T(0), p.act, y + o,
+    rows_block<T, B>(ws + o * i_total, i_total, nullptr, 0, 0, x, a.rows, a.sx, bias ? bias[o] : T(0), p.act, y + o,
                   o_total);
   }
   // Branch k rows: the cross row on the shared input, then the diagonal block's row on branch k's input.
@@ -151,7 +144,7 @@ PF_INLINE void compute_range(const Args& a, int64_t o_begin, int64_t o_end) {
     const int64_t lo = std::max(o_begin, o0), hi = std::min(o_end, o0 + o_k);
     for (int64_t o = lo; o < hi; ++o) {
       const int64_t r = o - o0;
-      rows_block<T>(wc + (c0 + r) * i_s, i_s, wd + d0 + r * i_k, i0, i_k, x, a.rows, a.sx, bias ? bias[o] : T(0),
+      rows_block<T, B>(wc + (c0 + r) * i_s, i_s, wd + d0 + r * i_k, i0, i_k, x, a.rows, a.sx, bias ? bias[o] : T(0),
                     p.act, y + o, o_total);
     }
     o0 += o_k;
@@ -165,19 +158,19 @@ PF_INLINE void compute_range(const Args& a, int64_t o_begin, int64_t o_end) {
 // architecture's default); picked at run time with __builtin_cpu_supports (FMA is its own CPU flag, which
 // target_clones("avx2") would not enable).
 #if defined(__x86_64__) || defined(__i386__)
-#define PF_DEFINE_VARIANT(NAME, TARGET)                                                      \
+#define PF_DEFINE_VARIANT(NAME, TARGET, BYTES)                                               \
   template <typename T>                                                                      \
   __attribute__((target(TARGET), noinline)) void NAME(const Args& a, int64_t b, int64_t e) { \
-    compute_range<T>(a, b, e);                                                               \
+    compute_range<T, BYTES>(a, b, e);                                                        \
   }
-PF_DEFINE_VARIANT(range_avx512, "avx512f,fma")
-PF_DEFINE_VARIANT(range_avx2, "avx2,fma")
+PF_DEFINE_VARIANT(range_avx512, "avx512f,fma", 64)
+PF_DEFINE_VARIANT(range_avx2, "avx2,fma", 32)
 #define PF_HAS_X86_VARIANTS 1
 #endif
 
 template <typename T>
 __attribute__((noinline)) void range_default(const Args& a, int64_t b, int64_t e) {
-  compute_range<T>(a, b, e);
+  compute_range<T, 16>(a, b, e);
 }
 
 template <typename T>
