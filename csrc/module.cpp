@@ -47,7 +47,7 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, partial_linear); torch-free";
+  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, interp, partial_linear); torch-free";
   m.def("build_info", &build_info, "Compile-time and runtime facts about the extension");
   bind_assignment(m);
   bind_correlation(m);
