@@ -267,3 +267,39 @@ def test_permute_state_preserves_function():
 def test_axisref_key():
     assert AxisRef("a.b", "weight", 0, "producer").key == "a.b.weight"
     assert AxisRef("", "w", 1, "consumer").key == "w"
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: models.vgg((4, "M", 6, "M"), in_channels=2, image_size=8, hidden=5),
+        lambda: models.resnet20(1, blocks=1),
+    ],
+    ids=["vgg", "resnet"],
+)
+@pytest.mark.parametrize("k", [2, 3])
+def test_builder_scatter_path_bit_identical(factory, k, rng, monkeypatch):
+    """The one-scatter path for selection maps gives exactly the general per-axis path's tensors, and is taken."""
+    import pyfusion.fuse.builder as builder
+
+    members = [factory().double() for _ in range(k)]
+    graph = trace_groups(members[0])
+    plan = _random_plan(graph, k, rng, widen=2)
+    states = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in members]
+    taken = []
+    real = builder._scatter_fused
+
+    def counting(*args, **kwargs):
+        res = real(*args, **kwargs)
+        taken.append(res is not None)
+        return res
+
+    monkeypatch.setattr(builder, "_scatter_fused", counting)
+    fast = fused_tensors(states, graph, plan)
+    assert sum(taken) >= len(graph.groups)  # every producer weight at least
+    monkeypatch.setattr(builder, "_scatter_fused", lambda *a, **kw: None)
+    general = fused_tensors(states, graph, plan)
+    assert fast.keys() == general.keys()
+    for key in fast:
+        assert fast[key].shape == general[key].shape, key
+        assert torch.equal(fast[key], general[key]), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
     if m.dim() != 2 or m.shape[1] == 0:
         return None
     mn = m.detach().cpu().numpy()
-    r, c = np.nonzero(mn)
+    r, c = np.nonzero(mn != 0)  # on a bool copy: 0.65 ms instead of 1.5-1.8 ms for a (896, 512) float64 map
     if c.size and np.bincount(c, minlength=mn.shape[1]).max() > 1:
         return None
     vals = mn[r, c]
@@ -43,7 +44,13 @@ def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
     return torch.from_numpy(r), torch.from_numpy(c), v, bool(injective)
 
 
-def _apply(t: Tensor, m: Tensor, axis: int, expand: int = 1) -> Tensor:
+def _apply(
+    t: Tensor,
+    m: Tensor,
+    axis: int,
+    expand: int = 1,
+    sel: tuple[Tensor, Tensor, Tensor | None, bool] | None | str = "compute",
+) -> Tensor:
     """Contract ``m kron I_expand`` (new, old) with axis ``axis`` of ``t``.
 
     Maps with at most one non-zero per column (permutations, partial-fusion slot maps, cluster indicators: each
@@ -51,9 +58,10 @@ def _apply(t: Tensor, m: Tensor, axis: int, expand: int = 1) -> Tensor:
     products would be about 90 GFLOP (float64) for a VGG11-sized pair at alpha = 0.5, the copies move a few
     hundred MB. The result is the same sum (each product with a zero entry is skipped). ``expand`` > 1 is a
     flatten into a Linear: each neuron covers ``expand`` consecutive columns (channel-major). Dense maps (OT)
-    use tensordot.
+    use tensordot. ``sel`` is ``_selection(m)`` when the caller has it already.
     """
-    sel = _selection(m)
+    if isinstance(sel, str):
+        sel = _selection(m)
     if sel is not None:
         rows, cols, vals, injective = sel
         n_new = m.shape[0] * expand
@@ -81,6 +89,84 @@ def _apply(t: Tensor, m: Tensor, axis: int, expand: int = 1) -> Tensor:
     return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
 
 
+def _scatter_fused(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    refs: list[tuple[str, AxisRef]],
+    maps: dict[str, GroupPlan],
+    selection,  # noqa: ANN001 - (group, member, consumer) -> _selection result
+    lambdas: Sequence[float],
+    has_out: bool,
+) -> Tensor | None:
+    """The fused tensor ``key`` written in place, or None when the fast path does not apply.
+
+    Applies when every map of the tensor's axes is an injective selection for every member (permutations,
+    partial-fusion slot maps) and those axes are distinct and consecutive. Member k's tensor, scaled by the map
+    values exactly as :func:`_apply` scales it (same products, same order), is scattered in one pass into the
+    slots it occupies: ``out[new_0(i), new_1(j), ...] += v(i) w(j) t_k[i, j, ...]``; the first member is a plain
+    put into a zero tensor and later members add, so every entry is the same sum as the general path's (0 + x
+    where a member does not reach). The general path moves the fused-size tensor 6-7 times per member
+    (index_select, index_copy, index_fill per axis, then the sum); here it is written about twice: 95 -> 48 ms
+    for a 512 -> 512 3x3 float64 convolution at alpha 0.75 (K = 2, 1 thread, 2-core EPYC VM).
+    """
+    if not refs:
+        return None
+    axes = sorted(r.axis for _, r in refs)
+    if len(set(axes)) != len(axes) or axes != list(range(axes[0], axes[0] + len(axes))):
+        return None
+    plans: list[list[tuple[int, Tensor, Tensor | None, int]]] = []
+    new_shape = list(states[0][key].shape)
+    for k in range(len(states)):
+        per_ref = []
+        for gname, r in refs:
+            consumer = r.role == "consumer"
+            sel = selection(gname, k, consumer)
+            if sel is None or not sel[3]:
+                return None
+            rows, cols, vals = sel[0], sel[1], sel[2]
+            n_old = states[k][key].shape[r.axis] // r.expand
+            m_shape = maps[gname].B[k].shape[::-1] if consumer else maps[gname].A[k].shape
+            if int(m_shape[1]) != n_old or cols.numel() != n_old:  # a dropped old neuron: general path
+                return None
+            dest = torch.empty(n_old, dtype=torch.long)
+            dest[cols] = rows
+            v_old = None
+            if vals is not None:
+                v_old = torch.empty(n_old, dtype=vals.dtype)
+                v_old[cols] = vals
+            if r.expand > 1:
+                ar = torch.arange(r.expand)
+                dest = (dest[:, None] * r.expand + ar).reshape(-1)
+                v_old = None if v_old is None else v_old.repeat_interleave(r.expand)
+            new_shape[r.axis] = int(m_shape[0]) * r.expand
+            per_ref.append((r.axis, dest, v_old, r.expand))
+        plans.append(per_ref)
+    out = None
+    for k, st in enumerate(states):
+        t = st[key].detach().to(torch.float64)
+        if out is None:
+            out = torch.zeros(new_shape, dtype=torch.float64, device=t.device)
+        src = t
+        for axis, _dest, v, _e in plans[k]:
+            if v is not None:
+                shape = [1] * t.dim()
+                shape[axis] = -1
+                src = src * v.to(device=t.device, dtype=t.dtype).reshape(shape)
+        if not has_out:
+            src = src * lambdas[k]
+        idx: list[Any] = [slice(None)] * t.dim()
+        order = sorted(plans[k], key=lambda p: p[0])
+        for i, (axis, dest, _v, _e) in enumerate(order):
+            shape = [1] * len(order)
+            shape[i] = -1
+            idx[axis] = dest.to(t.device).reshape(shape)
+        if k == 0:
+            out[tuple(idx)] = src
+        else:
+            out[tuple(idx)] += src
+    return out
+
+
 def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan) -> dict[str, Tensor]:
     """Compute every fused tensor in float64.
 
@@ -102,21 +188,35 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
             eye = torch.eye(g.size, dtype=torch.float64)
             gp = GroupPlan([lam * eye for lam in lambdas], [eye] * len(lambdas), (g.size,) + (0,) * len(lambdas))
         maps[name] = gp
+    sel_cache: dict[tuple[str, int, bool], tuple[Tensor, Tensor, Tensor | None, bool] | None] = {}
+
+    def selection(gname: str, k: int, consumer: bool) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
+        # one analysis per (group, member, side), not per tensor: a group's map is shared by all its tensors
+        ck = (gname, k, consumer)
+        if ck not in sel_cache:
+            gp = maps[gname]
+            sel_cache[ck] = _selection(gp.B[k].T if consumer else gp.A[k])
+        return sel_cache[ck]
+
     for key, t0 in states[0].items():
         if not torch.is_floating_point(t0):
             out[key] = t0.clone()
             continue
         refs: list[tuple[str, AxisRef]] = by_key.get(key, [])
         has_out = any(r.role in ("producer", "neuron") for _, r in refs)
+        fast = _scatter_fused(states, key, refs, maps, selection, lambdas, has_out)
+        if fast is not None:
+            out[key] = fast
+            continue
         acc = None
         for k, st in enumerate(states):
             t = st[key].detach().to(torch.float64)
             for gname, r in refs:
                 gp = maps[gname]
                 if r.role == "consumer":
-                    t = _apply(t, gp.B[k].to(t.device).T, r.axis, r.expand)
+                    t = _apply(t, gp.B[k].to(t.device).T, r.axis, r.expand, selection(gname, k, True))
                 else:
-                    t = _apply(t, gp.A[k].to(t.device), r.axis)
+                    t = _apply(t, gp.A[k].to(t.device), r.axis, 1, selection(gname, k, False))
             if not has_out:
                 t = t * lambdas[k]
             # t is always a new tensor here (every path above allocates), so the sum can accumulate in place
@@ -197,7 +297,12 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan) -> nn.Mo
             dst = own[key]
             if tuple(dst.shape) != tuple(t.shape):  # pragma: no cover - guarded by _recreate
                 raise ValueError(f"fused tensor {key} has shape {tuple(t.shape)}, module expects {tuple(dst.shape)}")
-            dst.copy_(t.to(dst.dtype))
+            if t.dtype == dst.dtype and t.device == dst.device and t.is_contiguous():
+                # fused_tensors allocates every tensor it returns: adopting its storage saves a copy of the whole
+                # fused network (~60 ms of 0.45 s for a VGG11-sized pair at alpha 0.75)
+                dst.data = t
+            else:
+                dst.copy_(t.to(dst.dtype))
     layouts = {name: tuple(gp.layout) for name, gp in plan.groups.items()}
     for name, g in graph.groups.items():
         layouts.setdefault(name, (g.size,) + (0,) * plan.num_members)

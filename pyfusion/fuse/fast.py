@@ -81,8 +81,13 @@ def _pack(mod: nn.Linear | nn.Conv2d, il: Sequence[int], ol: Sequence[int], path
     with torch.no_grad():
         new.weight_shared.copy_(w[: ol[0]].reshape(new.weight_shared.shape))
         new.weight_cross.copy_(w[ol[0] :, : il[0]].reshape(new.weight_cross.shape))
-        diag = [w[ro[k] : ro[k + 1], co[k] : co[k + 1]].reshape(-1) for k in range(1, k_all + 1)]
-        new.weight_diag.copy_(torch.cat(diag) if diag else new.weight_diag)
+        # each diagonal block straight into its slice of weight_diag (a torch.cat first would copy it twice)
+        flat = new.weight_diag.view(-1)
+        pos = 0
+        for k in range(1, k_all + 1):
+            blk = w[ro[k] : ro[k + 1], co[k] : co[k + 1]]
+            flat[pos : pos + blk.numel()].view(blk.shape).copy_(blk)
+            pos += blk.numel()
         if mod.bias is not None:
             new.bias.copy_(mod.bias.detach())
         # skip_init leaves buffers uninitialised: the layout / activation buffers are set as _register_layout does

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyfusion.fuse.validate import all_finite
 from pyfusion.graph.groups import FusionGraph
 
 __all__ = ["GroupPlan", "Plan"]
@@ -62,7 +63,7 @@ class GroupPlan:
                 raise ValueError(
                     f"plan for group {name!r}: B[{i}] must have shape ({n}, {self.slots}); got {tuple(b.shape)}"
                 )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            if not (all_finite(a) and all_finite(b)):
                 raise ValueError(f"plan for group {name!r}: A[{i}] or B[{i}] contains NaN or inf")
 
 
