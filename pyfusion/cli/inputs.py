@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pyfusion.cli._console import EXIT_INPUT, EXIT_USAGE, CLIError
+from pyfusion.fuse.validate import MemberMismatchError, check_members
 
 __all__ = [
     "Dataset",
@@ -236,36 +237,24 @@ def load_member(path: str | os.PathLike[str], factory: Factory | None) -> nn.Mod
 
 
 def check_same_architecture(models: list[nn.Module], names: list[str]) -> None:
-    """All members must have the same module types, tensor names and shapes (fusion needs one architecture).
+    """All members must be one architecture with finite weights (:func:`pyfusion.fuse.validate.check_members`).
 
     Raises:
-        CLIError (exit 3): the first difference, naming both files.
+        CLIError (exit 2 for fewer than two members, else 3): the first difference, naming both files.
     """
     if len(models) < 2:
         raise CLIError(f"fusion needs at least 2 members; got {len(models)}", EXIT_USAGE, "list two or more files")
-    ref = models[0].state_dict()
-    ref_types = [type(m).__name__ for m in models[0].modules()]
-    for model, name in zip(models[1:], names[1:]):
-        sd = model.state_dict()
-        if list(sd) != list(ref):
-            diff = sorted(set(sd) ^ set(ref))
-            raise CLIError(
-                f"members {names[0]!r} and {name!r} have different architectures (tensor {diff[0]!r} is in one only)",
-                EXIT_INPUT,
-                "fusion needs K models of one architecture",
-            )
-        for k, v in ref.items():
-            if tuple(sd[k].shape) != tuple(v.shape):
-                raise CLIError(
-                    f"members {names[0]!r} and {name!r} have different shapes for {k!r}: "
-                    f"{tuple(v.shape)} vs {tuple(sd[k].shape)}",
-                    EXIT_INPUT,
-                    "fusion needs K models of one architecture (same widths)",
-                )
-        if [type(m).__name__ for m in model.modules()] != ref_types:
-            raise CLIError(
-                f"members {names[0]!r} and {name!r} have different module types", EXIT_INPUT, "use one architecture"
-            )
+    try:
+        check_members(models)
+    except MemberMismatchError as exc:
+        name = names[exc.member]
+        what = {
+            "modules": f"members {names[0]!r} and {name!r} have different module types at {exc.detail}",
+            "shapes": f"members {names[0]!r} and {name!r} have different shapes (tensor, {names[0]}, {name}): "
+            f"{exc.detail}",
+            "nonfinite": f"member {name!r} has NaN or inf values in tensor {exc.detail!r}",
+        }[exc.kind]
+        raise CLIError(what, EXIT_INPUT, "fusion needs K trained models of one architecture (same widths)") from exc
 
 
 # --------------------------------------------------------------------------------------------- data

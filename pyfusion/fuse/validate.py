@@ -12,12 +12,27 @@ from torch import Tensor, nn
 __all__ = ["check_members", "check_lambdas", "prepare_data"]
 
 
+class MemberMismatchError(ValueError):
+    """Members that are not one architecture (or hold NaN / inf), with which member and what differs.
+
+    Attributes:
+        member: index of the offending member (compared with member 0).
+        kind: "modules", "shapes" or "nonfinite".
+        detail: the first differences, as printed in the message.
+    """
+
+    def __init__(self, message: str, member: int, kind: str, detail: Any):
+        super().__init__(message)
+        self.member, self.kind, self.detail = member, kind, detail
+
+
 def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     """K >= ``min_members`` modules of one architecture (same module types per path, same tensor names and
     shapes), finite.
 
     Raises:
-        ValueError: naming the member and the first difference.
+        MemberMismatchError: (a ValueError) naming the member and the first difference.
+        ValueError: fewer than ``min_members`` modules, or not modules.
     """
     if isinstance(models, nn.Module) or not isinstance(models, Sequence):
         raise ValueError(f"models must be a list of K >= {min_members} nn.Module members; got {type(models).__name__}")
@@ -33,16 +48,20 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
         types = {p: type(x) for p, x in m.named_modules()}
         if types != ref_types:
             diff = sorted(set(types.items()) ^ set(ref_types.items()), key=str)[:3]
-            raise ValueError(f"models[{k}] has a different architecture from models[0]: modules differ at {diff}")
+            raise MemberMismatchError(
+                f"models[{k}] has a different architecture from models[0]: modules differ at {diff}", k, "modules", diff
+            )
         shapes = {n: tuple(t.shape) for n, t in list(m.named_parameters()) + list(m.named_buffers())}
         if shapes != ref_shapes:
             bad = [(n, ref_shapes.get(n), shapes.get(n)) for n in sorted(set(shapes) | set(ref_shapes))
                    if shapes.get(n) != ref_shapes.get(n)][:3]  # fmt: skip
-            raise ValueError(f"models[{k}] has mismatched tensor shapes (name, expected, actual): {bad}")
+            raise MemberMismatchError(
+                f"models[{k}] has mismatched tensor shapes (name, expected, actual): {bad}", k, "shapes", bad
+            )
     for k, m in enumerate(models):
         for n, t in list(m.named_parameters()) + list(m.named_buffers()):
             if torch.is_floating_point(t) and not all_finite(t):
-                raise ValueError(f"models[{k}] tensor {n!r} contains NaN or inf values")
+                raise MemberMismatchError(f"models[{k}] tensor {n!r} contains NaN or inf values", k, "nonfinite", n)
     return models
 
 
