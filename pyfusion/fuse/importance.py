@@ -53,6 +53,34 @@ def _neurons_last(t: Tensor) -> Tensor:
     return t.flatten(2).transpose(1, 2)
 
 
+def _check_method(method: str, n_steps: int) -> None:
+    if method not in IMPORTANCE_METHODS:
+        raise ValueError(f"method must be one of {IMPORTANCE_METHODS}; got {method!r}")
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
+
+
+def _hook_outputs(model: nn.Module, points: Sequence[str]) -> tuple[dict[str, Tensor], list[Any]]:
+    """Forward hooks that store each point's latest output in the returned dict; remove the handles after use.
+
+    Raises:
+        ValueError: a point that is not a module path of ``model`` (nothing is registered then).
+    """
+    modules = dict(model.named_modules())
+    for p in points:
+        if p not in modules:
+            raise ValueError(f"point {p!r} is not a module path of the model")
+    captured: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+            captured[name] = out
+
+        return hook
+
+    return captured, [modules[p].register_forward_hook(make_hook(p)) for p in points]
+
+
 def neuron_importance(
     model: nn.Module,
     data: Iterable[Any],
@@ -83,26 +111,11 @@ def neuron_importance(
     Raises:
         ValueError: unknown method or point, bad ``n_steps``, empty data.
     """
-    if method not in IMPORTANCE_METHODS:
-        raise ValueError(f"method must be one of {IMPORTANCE_METHODS}; got {method!r}")
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
+    _check_method(method, n_steps)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    modules = dict(model.named_modules())
     points = list(points)
-    for p in points:
-        if p not in modules:
-            raise ValueError(f"point {p!r} is not a module path of the model")
-    captured: dict[str, Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
-            captured[name] = out
-
-        return hook
-
-    handles = [modules[p].register_forward_hook(make_hook(p)) for p in points]
+    captured, handles = _hook_outputs(model, points)
     sums: dict[str, Tensor] = {}
     count = 0
     was_training = model.training
@@ -159,23 +172,8 @@ def attributions(
     Returns:
         point -> (N, C, ...) attributions, the shape of the module's output.
     """
-    if method not in IMPORTANCE_METHODS:
-        raise ValueError(f"method must be one of {IMPORTANCE_METHODS}; got {method!r}")
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
-    modules = dict(model.named_modules())
-    for p in points:
-        if p not in modules:
-            raise ValueError(f"point {p!r} is not a module path of the model")
-    captured: dict[str, Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
-            captured[name] = out
-
-        return hook
-
-    handles = [modules[p].register_forward_hook(make_hook(p)) for p in points]
+    _check_method(method, n_steps)
+    captured, handles = _hook_outputs(model, points)
     try:
         return _attribute(model, x, y, list(points), captured, method, int(n_steps))
     finally:
