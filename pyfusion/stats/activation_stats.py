@@ -36,38 +36,23 @@ _SHIFT_SAMPLES = 256
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _kernel_args(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> tuple[int, ...]:
+    """The pointer / size / stride arguments shared by the CPU and CUDA accumulation kernels."""
+    return (
+        x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+        shift.data_ptr(), s1.data_ptr(), s2.data_ptr(),
+    )  # fmt: skip
+
+
 # ---- backends of the accumulation step ---------------------------------------------------------------------
 def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    _ext._C.corr_accumulate(  # type: ignore[union-attr]
-        x.data_ptr(),
-        _DTYPE_CODES[x.dtype],
-        x.shape[0],
-        x.shape[1],
-        x.stride(0),
-        x.stride(1),
-        shift.data_ptr(),
-        s1.data_ptr(),
-        s2.data_ptr(),
-        torch.get_num_threads(),
-        "auto",
-    )
+    _ext._C.corr_accumulate(*_kernel_args(x, shift, s1, s2), torch.get_num_threads(), "auto")  # type: ignore[union-attr]
 
 
 def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
-        _ext._C.corr_accumulate_cuda(  # type: ignore[union-attr]
-            x.data_ptr(),
-            _DTYPE_CODES[x.dtype],
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            x.stride(1),
-            shift.data_ptr(),
-            s1.data_ptr(),
-            s2.data_ptr(),
-            stream,
-        )
+        _ext._C.corr_accumulate_cuda(*_kernel_args(x, shift, s1, s2), stream)  # type: ignore[union-attr]
 
 
 def _acc_torch(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
