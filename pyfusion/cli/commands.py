@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     wanted = parse_methods(args.methods) if args.methods else [MethodSpec(m) for m in DEMO_METHODS]
     methods = []
     for m in wanted:
-        if registered is not None and m.name not in registered:
+        if m.name not in registered:
             console.note(f"note: method {m.name!r} is not available in this build; skipped")
         else:
             methods.append(m)
@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(
             "none of the demo's fusion methods is available in this build",
             EXIT_INPUT,
-            f"registered methods: {', '.join(registered or []) or 'none'}",
+            f"registered methods: {', '.join(registered)}",
         )
 
     calib = _loader(train.head(defaults["calib"]), 128)

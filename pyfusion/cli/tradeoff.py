@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -16,23 +15,18 @@ from torch import nn
 from pyfusion.cli._console import EXIT_FUSION, EXIT_USAGE, CLIError, Console
 from pyfusion.cli.measure import accuracy, ensemble_logits, model_cost, time_forward
 from pyfusion.cli.report import Row
+from pyfusion.fuse.api import fuse
+from pyfusion.fuse.registry import available_methods, get_method
 
 __all__ = [
     "Evaluation",
     "MethodSpec",
     "check_methods",
-    "fuse_function",
     "measure_baselines",
     "parse_methods",
     "run_point",
     "sweep",
 ]
-
-# Methods whose result depends on alpha (the fraction of neurons each member keeps isolated), used when the
-# registry cannot be asked; otherwise a method takes alpha when its registered function has that option. The
-# others are full fusion and give one point (reported at alpha = 0).
-ALPHA_METHODS = ("partial", "cluster", "prune")
-FULL_FUSION_METHODS = ("average", "weight_matching", "activation_matching", "ot")
 
 
 @dataclass(frozen=True)
@@ -52,11 +46,9 @@ class MethodSpec:
     def takes_alpha(self) -> bool:
         """Whether the registered method has an ``alpha`` option (then a sweep visits every alpha)."""
         try:
-            fuse_pkg = importlib.import_module("pyfusion.fuse")
-            fn = fuse_pkg.get_method(self.name).fn
-            return "alpha" in inspect.signature(fn).parameters
-        except (ImportError, AttributeError, ValueError, TypeError):
-            return self.name in ALPHA_METHODS
+            return "alpha" in inspect.signature(get_method(self.name).fn).parameters
+        except ValueError:  # not registered: check_methods reports it
+            return False
 
 
 def _split_top(text: str) -> list[str]:
@@ -106,48 +98,13 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return out
 
 
-def fuse_function() -> Callable[..., nn.Module]:
-    """``pyfusion.fuse`` (the library's entry point), or a CLIError if this build has no fusion methods."""
-    try:
-        # importlib, not ``import pyfusion.fuse``: the package attribute ``pyfusion.fuse`` is the function.
-        fuse_pkg = importlib.import_module("pyfusion.fuse")
-    except ImportError as exc:
-        raise CLIError(
-            f"this pyfusion build has no fusion methods (cannot import pyfusion.fuse: {exc})",
-            EXIT_FUSION,
-            "reinstall pyfusion from a complete checkout",
-        ) from exc
-    fn = getattr(fuse_pkg, "fuse", None)
-    if not callable(fn):
-        raise CLIError("pyfusion.fuse.fuse is missing", EXIT_FUSION, "reinstall pyfusion from a complete checkout")
-    return fn
-
-
-def available_methods() -> list[str] | None:
-    """Names of the registered fusion methods, or None when the library does not list them."""
-    try:
-        fuse_pkg = importlib.import_module("pyfusion.fuse")
-    except ImportError:
-        return []
-    for attr in ("available_methods", "methods", "list_methods"):
-        f = getattr(fuse_pkg, attr, None)
-        if callable(f):
-            return sorted(f())
-    for attr in ("METHODS", "REGISTRY", "_METHODS"):
-        reg = getattr(fuse_pkg, attr, None)
-        if isinstance(reg, dict):
-            return sorted(reg)
-    return None
-
-
 def method_options(name: str) -> list[str]:
     """The keyword options of a registered method (from its signature), or [] when unknown."""
     try:
-        pkg = importlib.import_module("pyfusion.fuse")
-        method = inspect.signature(pkg.get_method(name).fn).parameters.values()
-        common = inspect.signature(pkg.fuse).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+        method = inspect.signature(get_method(name).fn).parameters.values()
+    except ValueError:  # not a registered method
         return []
+    common = inspect.signature(fuse).parameters.values()
     opts = [p.name for p in method if p.kind is inspect.Parameter.KEYWORD_ONLY]
     # the options every method gets from pyfusion.fuse itself (graph is not expressible on a command line)
     opts += [p.name for p in common if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("method", "graph")]
@@ -157,14 +114,12 @@ def method_options(name: str) -> list[str]:
 def check_methods(methods: Sequence[MethodSpec]) -> None:
     """Fail early (exit 2) on a method the library does not register, listing the ones it does."""
     registered = available_methods()
-    if registered is None:
-        return
     for m in methods:
         if m.name not in registered:
             raise CLIError(
                 f"unknown fusion method {m.name!r}",
                 EXIT_USAGE,
-                f"available methods: {', '.join(registered) or 'none in this build'}",
+                f"available methods: {', '.join(registered)}",
             )
 
 
@@ -223,7 +178,6 @@ def run_point(
         CLIError (exit 4): the library rejected the inputs or the fusion failed; the message names the
             method and alpha.
     """
-    fuse = fuse_function()
     kwargs: dict[str, Any] = dict(spec.options)
     if alpha is not None:
         kwargs["alpha"] = alpha
