@@ -14,6 +14,7 @@ from pyfusion.fuse import available_methods
 from pyfusion.fuse.bn import reset_bn_stats
 from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
+from pyfusion.testing import permuted_copy, randomize_batchnorm
 
 
 @pytest.fixture(autouse=True)
@@ -63,26 +64,6 @@ ARCHS = {
 }
 
 
-def _randomize_bn(m: nn.Module) -> nn.Module:
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.normal_(1.0, 0.3)
-                mod.bias.normal_(0, 0.3)
-    return m.eval()
-
-
-def _permuted_copy(m: nn.Module) -> nn.Module:
-    g = trace_groups(m)
-    perm = {n: torch.randperm(gr.size) for n, gr in g.groups.items()}
-    st = {k: v.detach() for k, v in list(m.named_parameters()) + list(m.named_buffers())}
-    out = copy.deepcopy(m)
-    out.load_state_dict(permute_state(st, g, perm))
-    return out.eval()
-
-
 def _snapshot(ms):
     return [{k: v.detach().clone() for k, v in list(m.named_parameters()) + list(m.named_buffers())} for m in ms]
 
@@ -103,8 +84,8 @@ def _data(shape, n=4, bs=16):
 @pytest.mark.parametrize("k", [2, 3])
 def test_permuted_copies_recovered(arch, method, k):
     factory, shape = ARCHS[arch]
-    m = _randomize_bn(factory())
-    members = [m] + [_permuted_copy(m) for _ in range(k - 1)]
+    m = randomize_batchnorm(factory())
+    members = [m] + [permuted_copy(m) for _ in range(k - 1)]
     x = torch.randn(8, *shape)
     for other in members[1:]:
         assert not torch.equal(
@@ -122,7 +103,7 @@ def test_permuted_copies_recovered(arch, method, k):
 def test_one_hot_lambdas_return_member(method, arch):
     factory, shape = ARCHS[arch]
     kk = 3 if arch == "mlp" else 2
-    members = [_randomize_bn(factory()) for _ in range(kk)]
+    members = [randomize_batchnorm(factory()) for _ in range(kk)]
     x = torch.randn(6, *shape)
     for k in range(kk):
         lam = [0.0] * kk
@@ -159,7 +140,7 @@ def test_weight_matching_beats_identity_objective():
 
 def test_bn_reset_matches_batch_statistics():
     factory, shape = ARCHS["vgg"]
-    m = _randomize_bn(factory())
+    m = randomize_batchnorm(factory())
     data = _data(shape, n=3, bs=10)
     fused = copy.deepcopy(m)
     seen = []
@@ -180,7 +161,7 @@ def test_bn_reset_matches_batch_statistics():
 
 def test_fuse_resets_bn_by_default_with_data():
     factory, shape = ARCHS["resnet"]
-    members = [_randomize_bn(factory()) for _ in range(2)]
+    members = [randomize_batchnorm(factory()) for _ in range(2)]
     fused = pyfusion.fuse(members, _data(shape), method="average")
     assert fused.fusion_info["bn_reset_samples"] == 64
     plain = pyfusion.fuse(members, method="average")
@@ -299,7 +280,7 @@ def test_repair_matches_member_statistics(arch, method):
     from pyfusion.fuse.repair import repair_targets
 
     factory, shape = ARCHS[arch]
-    members = [_randomize_bn(factory()) for _ in range(2)]
+    members = [randomize_batchnorm(factory()) for _ in range(2)]
     data = _data(shape, n=3)
     snap = _snapshot(members)
     fused = _fuse(members, data, method, repair=True)
@@ -318,7 +299,7 @@ def test_repair_matches_member_statistics(arch, method):
     _assert_unchanged(members, snap)
     # a permuted copy is its own REPAIR target: the function does not change
     m = members[0]
-    fused = _fuse([m, _permuted_copy(m)], data, method, repair=True, reset_bn=False)
+    fused = _fuse([m, permuted_copy(m)], data, method, repair=True, reset_bn=False)
     x = torch.randn(5, *shape)
     torch.testing.assert_close(fused.eval()(x), m(x), rtol=1e-4, atol=1e-4)
 

@@ -303,3 +303,13 @@ def test_builder_scatter_path_bit_identical(factory, k, rng, monkeypatch):
     for key in fast:
         assert fast[key].shape == general[key].shape, key
         assert torch.equal(fast[key], general[key]), key
+
+
+def test_public_permuted_copy_same_function_different_weights():
+    from pyfusion.testing import permuted_copy, randomize_batchnorm
+
+    m = randomize_batchnorm(models.resnet20(1, blocks=1, num_classes=5))
+    twin = permuted_copy(m, torch.Generator().manual_seed(7))
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(twin(x), m(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(twin.state_dict()["conv1.weight"], m.state_dict()["conv1.weight"])

@@ -15,11 +15,11 @@ from torch import nn
 
 import pyfusion
 from pyfusion.fuse.interp import hf_pair_cost, interp_levels, ls_statistics, solve_ls
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
 from pyfusion.models import mlp, resnet20, vgg
 from pyfusion.ops import hf_cost
 from pyfusion.ops.reference import hf_cost_ref
+from pyfusion.testing import permuted_copy
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -29,15 +29,6 @@ def _randomise_bn(model: nn.Module) -> None:
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 2.0)
             m.bias.data.normal_()
-
-
-def _permuted_copy(model: nn.Module, seed: int) -> nn.Module:
-    graph = trace_groups(model)
-    gen = torch.Generator().manual_seed(seed)
-    perm = {g: torch.randperm(gr.size, generator=gen) for g, gr in graph.groups.items()}
-    out = copy.deepcopy(model)
-    out.load_state_dict(permute_state(model.state_dict(), graph, perm))
-    return out
 
 
 def _mlp() -> nn.Module:
@@ -66,7 +57,7 @@ CASES = [(_mlp, (20,)), (_vgg, (1, 8, 8))]
 @pytest.mark.parametrize("method,k", [("hf", 2), ("kf", 2), ("kf", 3)])
 def test_permuted_copies_are_recovered(make, shape, method, k):
     model = make()
-    members = [model] + [_permuted_copy(model, s) for s in range(1, k)]
+    members = [model] + [permuted_copy(model, torch.Generator().manual_seed(s)) for s in range(1, k)]
     data = _data(shape)
     x = torch.cat([b[0] for b in data])
     fused = pyfusion.fuse(members, data, method=method, ridge=1e-12)
@@ -293,7 +284,7 @@ def test_kf_gradient_resnet_levels_and_permuted_copy():
     assert all(lv.group is not None for lv in levels[:-1])
     data = _data((1, 8, 8), n=80)
     x = torch.cat([b[0] for b in data])
-    twin = _permuted_copy(model, 3)
+    twin = permuted_copy(model, torch.Generator().manual_seed(3))
     fused = pyfusion.fuse([model, twin], data, method="kf_gradient", epochs=2, last_epochs=2, seed=1)
     with torch.no_grad():
         ref = model(x)
@@ -307,7 +298,11 @@ def test_kf_gradient_resnet_levels_and_permuted_copy():
 
 def test_errors_change_nothing():
     model = _mlp()
-    members = [model, _permuted_copy(model, 1), _permuted_copy(model, 2)]
+    members = [
+        model,
+        permuted_copy(model, torch.Generator().manual_seed(1)),
+        permuted_copy(model, torch.Generator().manual_seed(2)),
+    ]
     before = [copy.deepcopy(m.state_dict()) for m in members]
     data = _data((20,))
     with pytest.raises(ValueError, match="exactly 2 members"):

@@ -18,6 +18,7 @@ from pyfusion.fuse.partial import isolated_count, resolve_alpha
 from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
 from pyfusion.nn import PartialConv2d, PartialLinear
+from pyfusion.testing import randomize_batchnorm
 
 
 @pytest.fixture(autouse=True)
@@ -37,19 +38,8 @@ ARCHS = {
 FEATURES = [("weights", {}), ("pcd", {}), ("activations", {}), ("activations", {"cost": "correlation"})]
 
 
-def _randomize_bn(m: nn.Module) -> nn.Module:
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.normal_(1.0, 0.3)
-                mod.bias.normal_(0, 0.3)
-    return m.double().eval()
-
-
 def _members(arch: str, k: int) -> list[nn.Module]:
-    return [_randomize_bn(ARCHS[arch][0]()) for _ in range(k)]
+    return [randomize_batchnorm(ARCHS[arch][0]()).double() for _ in range(k)]
 
 
 def _data(shape, n=2, bs=12):
@@ -119,7 +109,7 @@ def test_alpha_zero_equals_activation_matching(arch, cost, point, k):
 @pytest.mark.parametrize("arch", ["mlp", "vgg", "resnet", "bottleneck"])
 @pytest.mark.parametrize("feat,opts", FEATURES)
 def test_permuted_copy_is_the_model_at_every_alpha(arch, feat, opts):
-    m = _randomize_bn(ARCHS[arch][0]())
+    m = randomize_batchnorm(ARCHS[arch][0]()).double()
     g = trace_groups(m)
     perm = {n: torch.randperm(gr.size) for n, gr in g.groups.items()}
     other = copy.deepcopy(m)
@@ -309,7 +299,7 @@ def test_alpha_forms_and_errors():
 
 
 def test_bn_recalibrated_and_float32_runs():
-    members = [_randomize_bn(ARCHS["resnet"][0]()).float() for _ in range(2)]
+    members = [randomize_batchnorm(ARCHS["resnet"][0]()) for _ in range(2)]
     data = [d.float() for d in _data(ARCHS["resnet"][1])]
     fused = pyfusion.fuse(members, data, method="partial", alpha=0.5, features="pcd")
     assert fused.fusion_info["bn_reset_samples"] == 24
