@@ -140,9 +140,12 @@ def check_options(fn: Callable[..., Any], options: Mapping[str, Any], method: st
         return
     known = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(known))
+    if unknown and not known:
+        raise ValueError(f"method {method!r} takes no options; got {unknown}")
     if unknown:
-        listed = ", ".join(known) if known else "none"
-        raise ValueError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options are: {listed}")
+        raise ValueError(
+            f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options are: {', '.join(known)}"
+        )
 
 
 def prepare_data(data: Any) -> Any:
