@@ -914,3 +914,14 @@ def test_report_latency_is_interleaved_with_the_ensemble(members, tmp_path, caps
     assert ens.ensemble_latency_ms == ens.latency_ms
     for r in rows:
         assert r.latency_ms > 0 and r.ensemble_latency_ms > 0
+
+
+def test_readme_exit_code_table_matches_the_cli():
+    from pyfusion.cli import _console
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("Exit codes (also in `pyfusion --help`)") :]
+    readme = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    cli = [int(m) for m in re.findall(r"^  (\d+) ", _console.EXIT_CODES_HELP, re.M)]
+    constants = sorted(v for k, v in vars(_console).items() if k.startswith("EXIT_") and isinstance(v, int))
+    assert readme == cli == constants == [0, 1, 2, 3, 4, 5, 6, 130]
