@@ -925,3 +925,24 @@ def test_readme_exit_code_table_matches_the_cli():
     cli = [int(m) for m in re.findall(r"^  (\d+) ", _console.EXIT_CODES_HELP, re.M)]
     constants = sorted(v for k, v in vars(_console).items() if k.startswith("EXIT_") and isinstance(v, int))
     assert readme == cli == constants == [0, 1, 2, 3, 4, 5, 6, 130]
+
+
+def test_members_saved_before_checksums_load_with_a_note(tmp_path, capsys):
+    from pyfusion.models import mlp
+
+    files = []
+    for k in range(2):
+        path = pyfusion.save(mlp(SIZES), tmp_path / f"m{k}.safetensors")
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        del header["__metadata__"]["checksum"]  # what pyfusion wrote before checksums
+        raw = json.dumps(header).encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+        files.append(str(path))
+    rc = main(fuse_args(files, tmp_path, *quick(), model=None))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if "has no checksum" in ln]
+    assert len(notes) == 2 and all(ln.startswith("note: ") for ln in notes)
+    assert "Warning" not in err

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from pyfusion.cli.tradeoff import (
 )
 from pyfusion.fuse.registry import get_method
 from pyfusion.fuse.validate import check_lambdas
+from pyfusion.serialization import UnverifiedFileWarning
 
 DEMO_METHODS = ("partial", "cluster", "average", "weight_matching", "activation_matching", "ot", "hf", "kf")
 
@@ -192,8 +194,17 @@ def _load_members(
     factory = parse_factory(args.model) if args.model else None
     members = []
     for path in console.progress(args.members, desc="loading members", unit="file"):
-        with stage(f"member {path!r}", EXIT_INPUT, "check that the file is a state dict of --model's architecture"):
+        with (
+            stage(f"member {path!r}", EXIT_INPUT, "check that the file is a state dict of --model's architecture"),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always", UnverifiedFileWarning)
             members.append(load_member(path, factory).to(device))
+        for w in caught:  # e.g. a pyfusion file without a checksum: one note line, not a Python warning
+            if issubclass(w.category, UnverifiedFileWarning):
+                console.note(f"note: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     check_same_architecture(members, list(args.members), min_members)
     console.debug(f"loaded {len(members)} members: {type(members[0]).__name__}")
     return members
