@@ -644,7 +644,15 @@ def _rebuild(where: str, node: dict[str, Any], path: str) -> nn.Module:
             f"{sorted(set(config) - spec.fields)}; it takes {sorted(spec.fields)}"
         )
     try:
-        module = spec.from_config(config)
+        try:
+            module = spec.from_config(config)
+        except Exception:
+            if spec.fields is not None or torch.empty(0).device.type != "meta":
+                raise
+            # a user's class that needs real tensors to construct (e.g. reads a value): build it on the CPU; its
+            # tensors are still checked against the file before they are loaded
+            with torch.device("cpu"):
+                module = spec.from_config(config)
     except Exception as exc:
         raise SerializationError(
             f"{where}: cannot rebuild module {at!r} of type {node['type']}: {type(exc).__name__}: {exc}"

@@ -541,3 +541,24 @@ def test_sigterm_during_fsync_removes_the_temporary(tmp_path):
             proc.kill()
     assert target.read_bytes() == before
     assert _listing(tmp_path) == ["in_fsync", "m.safetensors"]
+
+
+class _NeedsValues(nn.Module):
+    """A user class whose constructor reads a tensor value (impossible on the meta device)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.scale = float(torch.ones(1).sum().item())
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_user_class_that_cannot_be_built_on_meta_loads(tmp_path):
+    register_module(_NeedsValues, lambda m: {"width": m.fc.in_features}, lambda cfg: _NeedsValues(**cfg))
+    model = nn.Sequential(_NeedsValues(4), nn.ReLU())
+    loaded = pyfusion.load(pyfusion.save(model, tmp_path / "u.safetensors"))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
