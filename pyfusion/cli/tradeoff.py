@@ -28,10 +28,10 @@ __all__ = [
     "MethodSpec",
     "check_alphas",
     "check_methods",
-    "method_options",
-    "raise_for_failures",
     "measure_baselines",
+    "method_options",
     "parse_methods",
+    "raise_for_failures",
     "run_point",
     "sweep",
 ]
@@ -159,10 +159,12 @@ def check_methods(methods: Sequence[MethodSpec], members: int | None = None) -> 
             )
         least = get_method(m.name).min_members
         if members is not None and members < least:
+            single = [n for n in registered if get_method(n).min_members <= members]
             raise CLIError(
                 f"method {m.name} needs at least {least} members; got {members}",
                 EXIT_USAGE,
-                "list more member files" + (" (cluster and prune also take one network)" if least > 1 else ""),
+                "list more member files"
+                + (f" (the methods that take {members}: {', '.join(single)})" if single else ""),
             )
 
 
