@@ -180,9 +180,21 @@ def test_fuse_partial_saves_the_fast_modules(demo, tmp_path):
     files = [str(out / "members" / f"member_{k}.safetensors") for k in range(2)]
     target = tmp_path / "partial.safetensors"
     proc = run_cli(
-        "fuse", *files, "--model", FACTORY, "--data", "digits", "--method", "partial", "--alpha", "0.5",
-        "--features", "weights", "-o", str(target),
-    )  # fmt: skip
+        "fuse",
+        *files,
+        "--model",
+        FACTORY,
+        "--data",
+        "digits",
+        "--method",
+        "partial",
+        "--alpha",
+        "0.5",
+        "--features",
+        "weights",
+        "-o",
+        str(target),
+    )
     assert proc.returncode == 0, proc.stderr
     fused = pyfusion.load(target)
     x = torch.rand(4, 1, 8, 8)
@@ -306,9 +318,10 @@ def test_mismatched_members_exit_3(tmp_path, capsys):
     assert_one_line_error(capsys, 3, rc, "different shapes", "a.safetensors", "b.safetensors")
 
 
-def test_plain_state_dict_without_model_exit_2(members, tmp_path, capsys):
+def test_plain_state_dict_without_model_exit_3(members, tmp_path, capsys):
+    """The README's table: a member file that cannot be read as a model is bad input (3), not usage (2)."""
     rc = main(fuse_args(members, tmp_path, model=None))
-    assert_one_line_error(capsys, 2, rc, "needs the architecture")
+    assert_one_line_error(capsys, 3, rc, "needs the architecture")
 
 
 def test_pickled_object_is_refused(tmp_path, capsys, members):
@@ -494,11 +507,451 @@ def test_help_lists_exit_codes_and_info_runs(capsys):
     assert "backends:" in capsys.readouterr().out
 
 
-def test_fusion_failure_exit_4_lists_the_method_options(members, tmp_path, capsys):
+def test_unknown_option_exit_2_lists_the_method_options(members, tmp_path, capsys):
+    from pyfusion.cli.tradeoff import method_options
+
     rc = main(fuse_args(members, tmp_path, "--option", "no_such_option=3"))
-    assert_one_line_error(capsys, 4, rc, "fusion with average(no_such_option=3) failed", "no_such_option")
-    rc = main(fuse_args(members, tmp_path, "--option", "no_such_option=3"))
+    assert_one_line_error(capsys, 2, rc, "method average has no option 'no_such_option'")
+    args = fuse_args(members, tmp_path, "--option", "no_such_option=3")
+    args[args.index("average")] = "partial"
+    rc = main(args)
     err = capsys.readouterr().err
+    assert rc == 2
     hint = next(ln for ln in err.splitlines() if "hint:" in ln)
-    assert "average takes the options:" in hint and "lambdas" in hint and "repair" in hint
+    assert hint.strip() == f"hint: partial takes the options: {', '.join(method_options('partial'))}"
+    assert "alpha" in hint and "features" in hint and "repair" in hint
     assert not (tmp_path / "f.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------- hardening (issue 16)
+@pytest.fixture(scope="module")
+def random_members(tmp_path_factory) -> list[str]:
+    """Three untrained members of the --fast demo's MLP as plain state dicts (for tests that need no accuracy)."""
+    from safetensors.torch import save_file
+
+    from pyfusion.models import mlp
+
+    folder = tmp_path_factory.mktemp("random_members")
+    paths = []
+    for k in range(3):
+        torch.manual_seed(100 + k)
+        path = folder / f"m{k}.safetensors"
+        save_file({n: t.contiguous() for n, t in mlp(SIZES).state_dict().items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def quick(*extra: str) -> list[str]:
+    """Small, fast settings for in-process runs."""
+    return ["--calib-samples", "64", "--eval-samples", "64", "--repeats", "1", "--latency-batch", "8", *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("--batch-size", "0"), "argument --batch-size: must be an integer >= 1; got 0"),
+        (("--calib-samples", "0"), "argument --calib-samples: must be an integer >= 1; got 0"),
+        (("--calib-samples", "-5"), "argument --calib-samples: must be an integer >= 1; got -5"),
+        (("--eval-samples", "0"), "argument --eval-samples: must be an integer >= 1; got 0"),
+        (("--repeats", "0"), "argument --repeats: must be an integer >= 1; got 0"),
+        (("--latency-batch", "0"), "argument --latency-batch: must be an integer >= 1; got 0"),
+        (("--batch-size", "x"), "must be an integer >= 1; got 'x'"),
+        (("--alpha", "0.5,1.5"), "--alpha: 1.5 is outside [0, 1]"),
+        (("--alpha", "nan"), "--alpha: nan is outside [0, 1]"),
+        (("--alpha", '{"1": 1.5}'), "--alpha: 1.5 is outside [0, 1]"),
+        (("--alpha", '{"1": "a"}'), "is not a JSON object of numbers"),
+        (("--alpha", '{"no_such_group": 0.5}'), "--alpha names unknown neuron groups ['no_such_group']"),
+        (("--alpha", "0.5,0.5,0.5,0.5,0.5"), "--alpha has 5 values for 2 neuron groups"),
+        (("--lambdas", "0.7,0.7"), "lambdas must sum to 1"),
+        (("--lambdas=-0.5,1.5",), "lambdas must be finite and non-negative"),
+        (("--lambdas", "0.5,nan"), "lambdas must be finite and non-negative"),
+        (("--option", "no_such_option=1"), "method partial has no option 'no_such_option'"),
+        (("--option", "iterations=50"), "method partial has no option 'iterations'"),
+        (("--normalize", "0.5"), "--normalize '0.5': expected MEAN,STD"),
+        (("--normalize", "0.5,0"), "stds finite and > 0"),
+        (("--normalize", "0.1,0.2/0.3"), "2 means but 1 stds"),
+        (("--normalize", "0.1,0.2/0.3,0.4"), "--normalize gives 2 channels, but the inputs of 'digits/train' have 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(members, tmp_path, capsys, extra, needle):
+    args = fuse_args(members, tmp_path, *extra)
+    args[args.index("average")] = "partial"
+    rc = main(args)
+    assert_one_line_error(capsys, 2, rc, needle)
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["demo", "--repeats", "0"],
+        ["demo", "--epochs", "0"],
+        ["demo", "--lr", "0"],
+        ["demo", "--members", "1"],
+        ["demo", "--threads", "0"],
+        ["demo", "--alphas", "0,2"],
+        ["sweep", "a", "b", "--data", "digits", "--alphas", "0,1.5"],
+        ["sweep", "a", "b", "--data", "digits", "--methods", "partial(no_such_option=1)"],
+        ["sweep", "a", "b", "--data", "digits", "--methods", "hf", "--repeats", "-1"],
+        ["sweep", "a", "--data", "digits", "--methods", "partial"],  # partial needs 2 members
+        ["fuse", "a", "b", "--data", "digits", "--method", "average"],  # --output missing
+    ],
+)
+def test_usage_errors_before_any_work(args, capsys):
+    """Refused (2, one line and a hint) before member files are even opened: 'a' and 'b' do not exist."""
+    rc = main(args)
+    assert_one_line_error(capsys, 2, rc)
+
+
+def test_sweep_keeps_going_when_a_method_fails(random_members, tmp_path, capsys):
+    """hf fuses exactly 2 members: with 3 it fails; partial and average are still measured and reported."""
+    rep = tmp_path / "sweep"
+    rc = main(
+        [
+            "sweep",
+            *random_members,
+            "--model",
+            FACTORY,
+            "--data",
+            "digits",
+            "--methods",
+            "partial,hf,average",
+            "--alphas",
+            "0,1",
+            "--out",
+            str(rep),
+            *quick(),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 4, captured.err
+    report = read_report(rep)
+    assert_table_matches_json(captured.out, report)
+    fused = [r for r in rows_of(report) if r.kind == "fused"]
+    assert [(r.method, r.alpha, r.error is None) for r in fused] == [
+        ("partial", 0.0, True),
+        ("partial", 1.0, True),
+        ("hf", 0.0, False),
+        ("average", 0.0, True),
+    ]
+    failed = fused[2]
+    assert "exactly 2 members" in failed.error and failed.accuracy is None  # NaN is written as null
+    assert report["failures"] == [{"method": "hf", "alpha": 0.0, "error": failed.error}]
+    printed = {(c[0], c[1]): c for c in table_lines(captured.out)}
+    assert printed[("hf", "0.00")][2:] == ["failed", "-", "-", "-", "-"]
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("pyfusion sweep: error:")]
+    assert len(errors) == 1 and "1 of 4 fusion points failed" in errors[0]
+    assert (rep / "tradeoff.png").stat().st_size > 1000
+
+
+def test_normalize_and_calibration_choice_are_applied_and_recorded(members, tmp_path, capsys):
+    from pyfusion.cli.measure import accuracy
+    from pyfusion.data import load_digits
+
+    rep = tmp_path / "sweep"
+    rc = main(
+        [
+            "sweep",
+            *members,
+            "--model",
+            FACTORY,
+            "--data",
+            "digits",
+            "--methods",
+            "average",
+            "--alphas",
+            "0",
+            "--normalize",
+            "0.25,0.5",
+            "--calib-samples",
+            "100",
+            "--calib-sampling",
+            "random",
+            "--seed",
+            "3",
+            "--eval-samples",
+            "200",
+            "--repeats",
+            "1",
+            "--out",
+            str(rep),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    report = read_report(rep)
+    settings = report["settings"]
+    assert settings["normalize"] == {"mean": [0.25], "std": [0.5]}
+    cal = settings["calibration"]
+    assert (cal["samples"], cal["selection"], cal["seed"], cal["data"]) == (100, "random", 3, "digits")
+    assert cal["available"] == load_digits("train")[0].shape[0] and cal["eval_samples"] == 200
+    # the members' accuracy in the report is on the normalized evaluation data
+    x, y = load_digits("test")
+    x, y = (x[:200] - 0.25) / 0.5, y[:200]
+    rows = {r.method: r for r in rows_of(report)}
+    for k in range(2):
+        assert rows[f"member {k}"].accuracy == pytest.approx(accuracy(load_member(Path(members[k])), x, y, 64))
+    raw = accuracy(load_member(Path(members[0])), x * 0.5 + 0.25, y, 64)
+    assert rows["member 0"].accuracy != pytest.approx(raw)  # (the normalization changes the numbers here)
+
+
+def test_calibration_sampling_first_and_random():
+    from pyfusion.cli.inputs import Dataset
+
+    ds = Dataset("d", torch.arange(20.0).reshape(10, 2), torch.arange(10))
+    assert torch.equal(ds.sample(4, "first").y, torch.arange(4))
+    r = ds.sample(4, "random", seed=3)
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(3))[:4]
+    assert torch.equal(r.y, expected) and torch.equal(r.x, ds.x[expected])
+    assert not torch.equal(ds.sample(4, "random", seed=4).y, r.y)
+    assert ds.sample(None, "random").x.shape == (10, 2)
+    per_channel = Dataset("c", torch.ones(2, 3, 2, 2), None).normalized([1.0, 0.0, 0.5], [1.0, 2.0, 0.25])
+    assert per_channel.x[:, 0].eq(0).all() and per_channel.x[:, 1].eq(0.5).all() and per_channel.x[:, 2].eq(2).all()
+
+
+def test_fuse_one_member_for_methods_that_prune_one_network(random_members, tmp_path, capsys):
+    target = tmp_path / "pruned.safetensors"
+    rc = main(
+        [
+            "fuse",
+            random_members[0],
+            "--model",
+            FACTORY,
+            "--data",
+            "digits",
+            "--method",
+            "prune",
+            "--option",
+            "width=0.5",
+            "-o",
+            str(target),
+            *quick(),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    printed = [c[0] for c in table_lines(captured.out)]
+    assert printed == ["member 0", "prune(width=0.5)"]  # no ensemble of one
+    pruned = pyfusion.load(target)
+    c = pyfusion.cost(pruned, torch.rand(2, 1, 8, 8))
+    assert c.flops < 2 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:]))
+    rc = main(
+        ["fuse", random_members[0], "--model", FACTORY, "--data", "digits", "--method", "partial", "-o", str(target)]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "method partial needs at least 2 members; got 1" in err
+    from pyfusion.fuse.registry import available_methods, get_method
+
+    single = [n for n in available_methods() if get_method(n).min_members == 1]
+    assert {"cluster", "prune"} <= set(single)
+    assert f"the methods that take 1: {', '.join(single)}" in err
+
+
+_CUSTOM_MODELS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class CumNet(Net):
+    def forward(self, x):  # a cumulative sum mixes neurons: no neuron group can describe it
+        return self.fc2(torch.cumsum(torch.relu(self.fc1(x.flatten(1))), 1))
+"""
+
+
+@pytest.fixture
+def custom_members(tmp_path, monkeypatch):
+    """Members of user classes (a module written to tmp_path, importable as --model cli_custom_models:...)."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "cli_custom_models.py").write_text(_CUSTOM_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module("cli_custom_models")
+    paths = []
+    for k in range(2):
+        torch.manual_seed(k)
+        path = tmp_path / f"net{k}.safetensors"
+        save_file({n: t.contiguous() for n, t in mod.Net().state_dict().items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_unsupported_operation_hint_does_not_list_method_options(custom_members, tmp_path, capsys):
+    rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:CumNet"))
+    line = assert_one_line_error(capsys, 4, rc, "fusion with average failed")
+    assert "cumsum" in line
+    rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:CumNet"))
+    hint = next(ln for ln in capsys.readouterr().err.splitlines() if "hint:" in ln)
+    assert "declare_groups" in hint and "options" not in hint
+
+
+def test_unsaveable_class_exit_5_says_so(custom_members, tmp_path, capsys):
+    target = tmp_path / "f.safetensors"
+    target.write_bytes(b"previous file")
+    rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:Net"))
+    line = assert_one_line_error(capsys, 5, rc, "cannot save the fused model", "cli_custom_models.Net")
+    assert "not an allowed type" in line
+    rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:Net"))
+    hint = next(ln for ln in capsys.readouterr().err.splitlines() if "hint:" in ln)
+    assert "register_module" in hint and "disk space" not in hint
+    assert target.read_bytes() == b"previous file"
+
+
+def test_failed_reload_check_keeps_the_previous_output(random_members, tmp_path, capsys, monkeypatch):
+    """The reloaded file gives other outputs (simulated): exit 5 and the old file at --output is untouched."""
+    import pyfusion.serialization as ser
+
+    real_load = ser._load
+
+    def perturbed(*args, **kwargs):
+        module = real_load(*args, **kwargs)
+        with torch.no_grad():
+            next(module.parameters()).add_(1.0)
+        return module
+
+    monkeypatch.setattr(ser, "_load", perturbed)
+    monkeypatch.setattr(ser, "_same_contents", lambda *a: None)  # only the CLI's output check stands in the way
+    target = tmp_path / "f.safetensors"
+    target.write_bytes(b"previous file")
+    rc = main(fuse_args(random_members[:2], tmp_path, *quick()))
+    assert_one_line_error(capsys, 5, rc, "the reloaded model differs from the fused one")
+    assert target.read_bytes() == b"previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
+
+
+def test_help_option_example_works(random_members, tmp_path, capsys):
+    assert main(["fuse", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    example = re.search(r"e\.g\. --method (\w+) --option (\w+=\w+)", text)
+    assert example, text
+    target = tmp_path / "f.safetensors"
+    rc = main(
+        [
+            "fuse",
+            *random_members[:2],
+            "--model",
+            FACTORY,
+            "--data",
+            "digits",
+            "--method",
+            example.group(1),
+            "--option",
+            example.group(2),
+            "-o",
+            str(target),
+            *quick(),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert target.is_file()
+
+
+def test_kf_hint_lists_the_options_of_kf(members, tmp_path, capsys):
+    """The hint lists what the registered kf declares (its own options first), then fuse()'s keywords."""
+    import inspect
+
+    from pyfusion.fuse.registry import get_method
+
+    args = fuse_args(members, tmp_path, "--option", "no_such_option=1")
+    args[args.index("average")] = "kf"
+    rc = main(args)
+    assert_one_line_error(capsys, 2, rc, "method kf has no option 'no_such_option'")
+    rc = main(args)
+    hint = next(ln for ln in capsys.readouterr().err.splitlines() if "hint:" in ln)
+    listed = hint.split("kf takes the options:")[1].strip().split(", ")
+    params = inspect.signature(get_method("kf").fn).parameters.values()
+    own = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "config"]
+    assert {"importance", "n_restarts", "ridge"} <= set(own)  # kf's real options (neuron interpolation)
+    assert listed[: len(own)] == own
+    assert "repair" in listed[len(own) :] and "iterations" not in listed
+
+
+def test_time_interleaved_alternates_and_takes_medians(monkeypatch):
+    from pyfusion.cli import measure
+
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: float(next(clock)))
+
+    def make(name):
+        def fn(x):
+            calls.append(name)
+            if name == "b":  # b takes one extra tick per call: 2 ticks instead of 1
+                next(clock)
+
+        return fn
+
+    lat = measure.time_interleaved([make("a"), make("b")], torch.zeros(1), repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # alternating order, warm-up first
+    assert lat == [1000.0, 2000.0]  # ms: medians of the timed passes only
+
+
+def test_report_latency_is_interleaved_with_the_ensemble(members, tmp_path, capsys):
+    rep = tmp_path / "sweep"
+    rc = main(
+        [
+            "sweep",
+            *members,
+            "--model",
+            FACTORY,
+            "--data",
+            "digits",
+            "--methods",
+            "partial",
+            "--alphas",
+            "0.5",
+            "--out",
+            str(rep),
+            *quick("--repeats", "3"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    report = read_report(rep)
+    assert "alternate with the ensemble's in the same loop" in report["latency"]
+    rows = rows_of(report)
+    ens = next(r for r in rows if r.kind == "ensemble")
+    assert ens.ensemble_latency_ms == ens.latency_ms
+    for r in rows:
+        assert r.latency_ms > 0 and r.ensemble_latency_ms > 0
+
+
+def test_readme_exit_code_table_matches_the_cli():
+    from pyfusion.cli import _console
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("Exit codes (also in `pyfusion --help`)") :]
+    readme = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    cli = [int(m) for m in re.findall(r"^  (\d+) ", _console.EXIT_CODES_HELP, re.M)]
+    constants = sorted(v for k, v in vars(_console).items() if k.startswith("EXIT_") and isinstance(v, int))
+    assert readme == cli == constants == [0, 1, 2, 3, 4, 5, 6, 130]
+
+
+def test_members_saved_before_checksums_load_with_a_note(tmp_path, capsys):
+    from pyfusion.models import mlp
+
+    files = []
+    for k in range(2):
+        path = pyfusion.save(mlp(SIZES), tmp_path / f"m{k}.safetensors")
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        del header["__metadata__"]["checksum"]  # what pyfusion wrote before checksums
+        raw = json.dumps(header).encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+        files.append(str(path))
+    rc = main(fuse_args(files, tmp_path, *quick(), model=None))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [ln for ln in err.splitlines() if "has no checksum" in ln]
+    assert len(notes) == 2 and all(ln.startswith("note: ") for ln in notes)
+    assert "Warning" not in err

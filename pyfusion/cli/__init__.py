@@ -16,9 +16,12 @@ Exit codes are listed in :mod:`pyfusion.cli._console` and in ``pyfusion --help``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 from pyfusion.cli._console import (
     EXIT_CODES_HELP,
@@ -39,6 +42,45 @@ _MODEL_HELP = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's error style: one line ``pyfusion <command>: error: ...`` plus a hint,
+    exit 2 (instead of the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"  hint: see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (else a usage error naming the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in some messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+    return value
+
+
+_POSITIVE = _int_at_least(1)
+
+
 def _common(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -46,7 +88,7 @@ def _common(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument("--device", default="cpu", help="torch device for fusion and measurement (default: cpu)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_POSITIVE,
         default=threads,
         help=f"torch CPU threads (default: {threads or 'as torch chooses'}; recorded in the report)",
     )
@@ -57,17 +99,36 @@ def _members_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=_MODEL_HELP)
     p.add_argument("--data", "-d", required=True, help=f"calibration data: {_DATA_HELP}")
     p.add_argument("--eval-data", help="labelled evaluation data (default: the test split of a built-in --data)")
-    p.add_argument("--calib-samples", type=int, default=1024, help="calibration samples used (default: 1024)")
-    p.add_argument("--eval-samples", type=int, default=None, help="evaluation samples used (default: all)")
+    p.add_argument(
+        "--normalize",
+        metavar="MEAN,STD",
+        help="normalize every input (x - MEAN) / STD on axis 1 (channels): one MEAN,STD for all channels, or "
+        "M1,...,MC/S1,...,SC per channel, e.g. 0.1307,0.3081 for MNIST (default: the data as read; "
+        "mnist:DIR gives pixels in [0, 1]); recorded in the report",
+    )
+    p.add_argument("--calib-samples", type=_POSITIVE, default=1024, help="calibration samples used (default: 1024)")
+    p.add_argument(
+        "--calib-sampling",
+        choices=("first", "random"),
+        default="first",
+        help="which calibration samples: the first N (default) or N drawn at random with --seed",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --calib-sampling random (default: 0)")
+    p.add_argument("--eval-samples", type=_POSITIVE, default=None, help="evaluation samples used (default: all)")
     p.add_argument("--lambdas", help="member weights, comma-separated, summing to 1 (default: uniform)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and evaluation")
-    p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")
-    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per latency (median reported)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=256, help="batch size for calibration and evaluation")
+    p.add_argument("--latency-batch", type=_POSITIVE, default=256, help="batch size of the latency measurement")
+    p.add_argument(
+        "--repeats",
+        type=_POSITIVE,
+        default=10,
+        help="timed repetitions per latency (median reported; each alternates with one of the ensemble)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyfusion",
         description="Fast neuron-level model fusion: from one fused network to the exact ensemble.",
         epilog=EXIT_CODES_HELP,
@@ -86,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=("digits", "mnist", "fashion-mnist"), default="digits")
     p.add_argument("--data-dir", help="folder of the MNIST / Fashion-MNIST IDX files (pyfusion never downloads)")
-    p.add_argument("--members", "-k", type=int, default=2, help="number of members K (default: 2)")
+    p.add_argument("--members", "-k", type=_int_at_least(2), default=2, help="number of members K (default: 2)")
     p.add_argument("--hidden", help="hidden widths, comma-separated (default: 64,64 on digits, 256,256 on MNIST)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per member")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--epochs", type=_POSITIVE, default=None, help="training epochs per member")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default: 3e-3)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=64, help="training batch size (default: 64)")
     p.add_argument(
         "--split",
         choices=("iid", "dirichlet", "shard"),
@@ -104,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ot, hf, kf)",
     )
     p.add_argument("--alphas", help="alpha grid, comma-separated (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per latency (median reported)")
+    p.add_argument("--latency-batch", type=_POSITIVE, default=256, help="batch size of the latency measurement")
+    p.add_argument("--repeats", type=_POSITIVE, default=None, help="timed repetitions per latency (median reported)")
     p.add_argument("--out", "-o", help="report folder (default: reports/demo-<UTC timestamp>)")
     p.add_argument("--fast", action="store_true", help="tiny settings that finish in seconds (for tests)")
     # One thread by default: the demo's MLPs are too small to gain from more, and on a busy 2-core machine two
@@ -131,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--option",
         action="append",
         metavar="KEY=VALUE",
-        help="further method option (repeatable), value as a Python literal, e.g. --option iterations=50",
+        help="further method option (repeatable), value as a Python literal, e.g. --method weight_matching "
+        "--option max_iter=50 (an unknown option is a usage error listing the method's options)",
     )
     p.add_argument("--output", "-o", required=True, help="path of the fused model (.safetensors)")
     _common(p)
@@ -202,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
             # only, never with --quiet. tqdm >= 4.66 reads TQDM_* environment variables as defaults.
             os.environ.setdefault("TQDM_DISABLE", "1")
         if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise CLIError(f"--threads must be >= 1; got {args.threads}", EXIT_USAGE)
             import torch
 
             torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,26 @@ from pyfusion.cli.inputs import (
     load_member,
     parse_factory,
     parse_floats,
+    parse_normalize,
     parse_options,
 )
+from pyfusion.cli.measure import ensemble_logits
 from pyfusion.cli.report import Row, format_table, write_report
 from pyfusion.cli.tradeoff import (
     Evaluation,
     MethodSpec,
     available_methods,
+    check_alphas,
     check_methods,
     measure_baselines,
     parse_methods,
+    raise_for_failures,
     run_point,
     sweep,
 )
+from pyfusion.fuse.registry import get_method
+from pyfusion.fuse.validate import check_lambdas
+from pyfusion.serialization import UnverifiedFileWarning
 
 DEMO_METHODS = ("partial", "cluster", "average", "weight_matching", "activation_matching", "ot", "hf", "kf")
 
@@ -76,16 +84,76 @@ def _out_dir(arg: str | None, prefix: str) -> Path:
 
 
 def _lambdas(text: str | None, k: int) -> list[float] | None:
+    """--lambdas as K weights that :func:`pyfusion.fuse.validate.check_lambdas` accepts (else exit 2)."""
     if text is None:
         return None
     lam = parse_floats(text, "--lambdas")
     if len(lam) != k:
         raise CLIError(f"--lambdas has {len(lam)} values for {k} members", EXIT_USAGE, "give one weight per member")
-    return lam
+    try:
+        return list(check_lambdas(lam, k))
+    except ValueError as exc:
+        raise CLIError(
+            f"--lambdas {text!r}: {exc}", EXIT_USAGE, "member weights are non-negative and sum to 1"
+        ) from exc
+
+
+def _alpha(text: str | None) -> float | list[float] | dict[str, float] | None:
+    """--alpha: one value, comma-separated values (one per group) or a JSON object {group: value}, all in [0, 1]."""
+    if text is None:
+        return None
+    if text.strip().startswith("{"):
+        try:  # one alpha per neuron group, by group name (checked against the traced groups later)
+            raw = json.loads(text)
+            alpha = {str(k): float(v) for k, v in raw.items()}
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+            raise CLIError(
+                f"--alpha {text!r} is not a JSON object of numbers", EXIT_USAGE, "e.g. --alpha '{\"0\": 0.5}'"
+            ) from exc
+        check_alphas(list(alpha.values()), "--alpha")
+        return alpha
+    vals = parse_floats(text, "--alpha")
+    check_alphas(vals, "--alpha")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _check_alpha_groups(alpha: Any, member: nn.Module) -> None:
+    """A list or JSON --alpha must name the model's neuron groups (exit 2 with the group names otherwise).
+
+    Architectures the tracer refuses are left to the fusion, which reports them (exit 4)."""
+    if not isinstance(alpha, (list, dict)):
+        return
+    from pyfusion.graph import UnsupportedModuleError, trace_groups
+
+    try:
+        names = list(trace_groups(member).groups)
+    except (UnsupportedModuleError, ValueError, RuntimeError, TypeError):
+        return
+    shown = ", ".join(names)
+    if isinstance(alpha, dict):
+        unknown = [k for k in alpha if k != "*" and k not in names]
+        if unknown:
+            raise CLIError(
+                f"--alpha names unknown neuron groups {unknown}",
+                EXIT_USAGE,
+                f"the groups of this model are: {shown} ('*' sets the default)",
+            )
+    elif len(alpha) != len(names):
+        raise CLIError(
+            f"--alpha has {len(alpha)} values for {len(names)} neuron groups",
+            EXIT_USAGE,
+            f"give one value, one per group ({shown}), or a JSON object by group name",
+        )
 
 
 def _evaluation(
-    ds: Dataset, device: torch.device, batch_size: int, latency_batch: int, repeats: int, need_labels: bool = True
+    ds: Dataset,
+    device: torch.device,
+    batch_size: int,
+    latency_batch: int,
+    repeats: int,
+    reference: Any = None,
+    need_labels: bool = True,
 ) -> Evaluation:
     if ds.y is None and need_labels:
         raise CLIError(
@@ -96,7 +164,16 @@ def _evaluation(
     x, y = ds.x.to(device), (ds.y.to(device) if ds.y is not None else None)
     reps = (latency_batch + x.shape[0] - 1) // x.shape[0]
     timing = x.repeat(reps, *([1] * (x.ndim - 1)))[:latency_batch] if reps > 1 else x[:latency_batch]
-    return Evaluation(x, y, batch_size, timing.contiguous(), repeats)
+    return Evaluation(x, y, batch_size, timing.contiguous(), repeats, reference)
+
+
+def _latency_note(latency_batch: int, repeats: int) -> str:
+    return (
+        f"latency_ms: median of {repeats} timed forward passes over a batch of {latency_batch} samples (after 2 "
+        "warm-up passes); every model's passes alternate with the ensemble's in the same loop, and "
+        "ensemble_latency_ms is the ensemble's median from that loop, so latency_ms / ensemble_latency_ms is "
+        "measured under the same machine load"
+    )
 
 
 def _print_table(console: Console, rows: list[Row], title: str) -> None:
@@ -111,20 +188,34 @@ def _write(console: Console, out: Path, rows: list[Row], meta: dict[str, Any], t
     return paths
 
 
-def _load_members(args: argparse.Namespace, console: Console, device: torch.device) -> list[nn.Module]:
+def _load_members(
+    args: argparse.Namespace, console: Console, device: torch.device, min_members: int = 2
+) -> list[nn.Module]:
     factory = parse_factory(args.model) if args.model else None
     members = []
     for path in console.progress(args.members, desc="loading members", unit="file"):
-        with stage(f"member {path!r}", EXIT_INPUT, "check that the file is a state dict of --model's architecture"):
+        with (
+            stage(f"member {path!r}", EXIT_INPUT, "check that the file is a state dict of --model's architecture"),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always", UnverifiedFileWarning)
             members.append(load_member(path, factory).to(device))
-    check_same_architecture(members, list(args.members))
+        for w in caught:  # e.g. a pyfusion file without a checksum: one note line, not a Python warning
+            if issubclass(w.category, UnverifiedFileWarning):
+                console.note(f"note: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    check_same_architecture(members, list(args.members), min_members)
     console.debug(f"loaded {len(members)} members: {type(members[0]).__name__}")
     return members
 
 
-def _calibration(args: argparse.Namespace, console: Console) -> tuple[Dataset, Dataset]:
-    """(calibration data, labelled evaluation data) from --data / --eval-data."""
-    calib = load_data(args.data, "train").head(args.calib_samples)
+def _calibration(args: argparse.Namespace, console: Console) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """(calibration data, labelled evaluation data, their record for the report) from --data / --eval-data,
+    --calib-samples / --calib-sampling / --seed, --eval-samples and --normalize."""
+    norm = parse_normalize(args.normalize)
+    full = load_data(args.data, "train")
+    calib = full.sample(args.calib_samples, args.calib_sampling, args.seed)
     if args.eval_data:
         ev = load_data(args.eval_data, "test")
     elif args.data.split(":")[0] in ("digits", "mnist", "fashion-mnist"):
@@ -132,8 +223,26 @@ def _calibration(args: argparse.Namespace, console: Console) -> tuple[Dataset, D
     else:
         ev = calib
         console.note("note: no --eval-data; accuracy is measured on the calibration data")
+    ev = ev.head(args.eval_samples)
+    if norm is not None:
+        calib, ev = calib.normalized(*norm), ev.normalized(*norm)
+    record = {
+        "data": args.data,
+        "samples": int(calib.x.shape[0]),
+        "available": int(full.x.shape[0]),
+        "selection": args.calib_sampling,
+        "seed": args.seed if args.calib_sampling == "random" else None,
+        "eval_data": args.eval_data or (args.data if ev is not calib else None),
+        "eval_samples": int(ev.x.shape[0]),
+        "normalize": None if norm is None else {"mean": norm[0], "std": norm[1]},
+    }
+    how = "first" if args.calib_sampling == "first" else f"random (seed {args.seed})"
+    console.note(
+        f"calibration: {how} {record['samples']} of {record['available']} samples of {calib.name}"
+        + ("" if norm is None else f", normalized with mean {norm[0]}, std {norm[1]}")
+    )
     console.debug(f"calibration {calib.name}: {tuple(calib.x.shape)}; evaluation {ev.name}: {tuple(ev.x.shape)}")
-    return calib, ev.head(args.eval_samples)
+    return calib, ev, record
 
 
 def _check_input_fits(members: list[nn.Module], ds: Dataset, device: torch.device) -> None:
@@ -203,6 +312,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     hidden = [int(h) for h in parse_floats(args.hidden or defaults["hidden"], "--hidden")]
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     alphas = parse_floats(args.alphas or defaults["alphas"], "--alphas")
+    check_alphas(alphas)
     repeats = args.repeats or defaults["repeats"]
     if args.members < 2:
         raise CLIError(f"--members must be >= 2; got {args.members}", EXIT_USAGE, "fusion needs two or more members")
@@ -246,7 +356,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         )
 
     calib = _loader(train.head(defaults["calib"]), 128)
-    ev = _evaluation(test, device, 512, args.latency_batch, repeats)
+    ev = _evaluation(test, device, 512, args.latency_batch, repeats, ensemble_logits(members))
     rows = measure_baselines(members, ev, None)
     rows += sweep(members, calib, methods, alphas, None, ev, console)
 
@@ -272,7 +382,16 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
             "device": str(device),
             "fast": bool(args.fast),
             "eval_samples": int(test.x.shape[0]),
+            "calibration": {
+                "data": train.name,
+                "samples": min(defaults["calib"], int(train.x.shape[0])),
+                "available": int(train.x.shape[0]),
+                "selection": "first",
+                "seed": None,
+                "normalize": None,
+            },
         },
+        "latency": _latency_note(args.latency_batch, repeats),
     }
     _write(console, out, rows, meta, title)
     with stage("cannot write the members", EXIT_OUTPUT, "pass a writable folder with --out"):
@@ -289,21 +408,28 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         f"--method {methods[0].name}{alpha_arg} --output fused.safetensors"
     )
     console.debug(f"demo took {time.perf_counter() - t_start:.1f} s")
+    raise_for_failures(rows)
     return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- sweep
 def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
-    """The trade-off curve of one or several methods over an alpha grid, for members given as files."""
+    """The trade-off curve of one or several methods over an alpha grid, for members given as files.
+
+    A failing point does not stop the sweep: it is a "failed" row of the table and report.json (with its error),
+    and the command exits 4 (1 for an internal error) after writing the report.
+    """
     device = _device(args.device)
     methods = parse_methods(args.methods)
-    check_methods(methods)
+    check_methods(methods, len(args.members))
     alphas = parse_floats(args.alphas, "--alphas")
+    check_alphas(alphas)
     lambdas = _lambdas(args.lambdas, len(args.members))
-    members = _load_members(args, console, device)
-    calib, evd = _calibration(args, console)
+    parse_normalize(args.normalize)  # usage errors before anything is loaded
+    members = _load_members(args, console, device, min(get_method(m.name).min_members for m in methods))
+    calib, evd, calibration = _calibration(args, console)
     _check_input_fits(members, calib, device)
-    ev = _evaluation(evd, device, args.batch_size, args.latency_batch, args.repeats)
+    ev = _evaluation(evd, device, args.batch_size, args.latency_batch, args.repeats, ensemble_logits(members, lambdas))
     rows = measure_baselines(members, ev, lambdas)
     rows += sweep(members, _loader(calib, args.batch_size), methods, alphas, lambdas, ev, console)
     title = f"pyfusion sweep: {len(members)} members, {', '.join(m.label for m in methods)}"
@@ -318,37 +444,78 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
             "methods": [m.label for m in methods],
             "alphas": alphas,
             "lambdas": lambdas,
+            "batch_size": args.batch_size,
             "latency_batch": args.latency_batch,
             "repeats": args.repeats,
             "device": str(device),
+            "normalize": calibration["normalize"],
+            "calibration": calibration,
         },
+        "latency": _latency_note(args.latency_batch, args.repeats),
+        "failures": [{"method": r.method, "alpha": r.alpha, "error": r.error} for r in rows if r.error is not None],
     }
     _write(console, _out_dir(args.out, "sweep"), rows, meta, title)
+    raise_for_failures(rows)
     return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- fuse
+def _save_fused(fused: nn.Module, output: Path, example: torch.Tensor) -> None:
+    """pyfusion.save with a reload check: the file replaces ``output`` only if the reloaded model gives the fused
+    model's outputs (else the previous file stays). Exit 5 with a hint that says what went wrong."""
+    import pyfusion
+    from pyfusion.serialization import SerializationError
+
+    x = example.cpu()
+    with torch.inference_mode():
+        want = fused(x)
+
+    def same_outputs(reloaded: nn.Module) -> None:
+        with torch.inference_mode():
+            got = reloaded(x)
+        if not torch.allclose(want, got, rtol=1e-5, atol=1e-6):
+            raise _ReloadMismatch(
+                f"the reloaded model differs from the fused one (max |diff| {float((want - got).abs().max()):.3g})"
+            )
+
+    where = f"cannot save the fused model to {str(output)!r}"
+    try:
+        pyfusion.save(fused, output, check=same_outputs)
+    except _ReloadMismatch as exc:
+        raise CLIError(
+            f"{where}: {exc}",
+            EXIT_OUTPUT,
+            "nothing was replaced (a previous file there is unchanged); rerun with --verbose and report it as a bug",
+        ) from exc
+    except SerializationError as exc:
+        raise CLIError(
+            f"{where}: {exc}",
+            EXIT_OUTPUT,
+            "pyfusion.save stores allowed module classes only: register the class named above with "
+            "pyfusion.serialization.register_module(cls, get_config, from_config) in the module --model imports, "
+            "or fuse a model built from torch / pyfusion layers",
+        ) from exc
+    except OSError as exc:
+        raise CLIError(f"{where}: {exc}", EXIT_OUTPUT, "check the path and free disk space") from exc
+
+
+class _ReloadMismatch(Exception):
+    """The file written by save does not reproduce the fused model's outputs."""
+
+
 def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
     """Fuse members given as files with one method and save the result with pyfusion.save."""
-    import pyfusion
-
     device = _device(args.device)
-    check_methods([MethodSpec(args.method)])
     options = parse_options(args.option)
     if args.features:
         options["features"] = args.features
-    alpha: float | list[float] | dict[str, float] | None = None
-    if args.alpha is not None and args.alpha.strip().startswith("{"):
-        try:  # one alpha per neuron group, by group name (the method checks the names)
-            alpha = {str(k): float(v) for k, v in json.loads(args.alpha).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise CLIError(
-                f"--alpha {args.alpha!r} is not a JSON object of numbers", EXIT_USAGE, "e.g. --alpha '{\"0\": 0.5}'"
-            ) from exc
-    elif args.alpha is not None:
-        vals = parse_floats(args.alpha, "--alpha")
-        alpha = vals[0] if len(vals) == 1 else vals
+    alpha = _alpha(args.alpha)
+    if alpha is not None:
+        options["alpha"] = alpha
+    check_methods([MethodSpec(args.method, options)], len(args.members))
+    options.pop("alpha", None)
     lambdas = _lambdas(args.lambdas, len(args.members))
+    parse_normalize(args.normalize)  # usage errors before anything is loaded
     output = Path(args.output)
     if not output.parent.exists():
         raise CLIError(
@@ -356,26 +523,24 @@ def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
             EXIT_OUTPUT,
             "create the folder first or choose another path",
         )
-    if isinstance(alpha, float) and not 0.0 <= alpha <= 1.0:
-        raise CLIError(f"--alpha {alpha:g} is outside [0, 1]", EXIT_USAGE, "alpha is a fraction of neurons")
-    members = _load_members(args, console, device)
-    calib, evd = _calibration(args, console)
+    members = _load_members(args, console, device, get_method(args.method).min_members)
+    _check_alpha_groups(alpha, members[0])
+    calib, evd, _ = _calibration(args, console)
     _check_input_fits(members, calib, device)
     spec = MethodSpec(args.method, options)
-    ev = _evaluation(evd, device, args.batch_size, args.latency_batch, args.repeats, need_labels=False)
+    ev = _evaluation(
+        evd,
+        device,
+        args.batch_size,
+        args.latency_batch,
+        args.repeats,
+        ensemble_logits(members, lambdas),
+        need_labels=False,
+    )
     fused, row = run_point(members, _loader(calib, args.batch_size), spec, alpha, lambdas, ev, console)
     rows = [*measure_baselines(members, ev, lambdas), row]
     _print_table(console, rows, f"pyfusion fuse: {spec.label}")
-    with stage(f"cannot save the fused model to {str(output)!r}", EXIT_OUTPUT, "check the path and free disk space"):
-        pyfusion.save(fused.cpu(), output)
-        reloaded = pyfusion.load(output)
-        x = ev.example.cpu()
-        with torch.inference_mode():
-            a, b = fused(x), reloaded(x)
-        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-            raise ValueError(
-                f"the reloaded model differs from the fused one (max |diff| {float((a - b).abs().max()):.3g})"
-            )
+    _save_fused(fused.cpu(), output, ev.example)
     console.result(f"fused model: {output}")
     return EXIT_OK
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +34,7 @@ __all__ = [
     "load_member",
     "parse_factory",
     "parse_floats",
+    "parse_normalize",
     "parse_options",
 ]
 
@@ -206,10 +208,10 @@ def load_member(path: str | os.PathLike[str], factory: Factory | None) -> nn.Mod
     obj = _read_state_dict(p)
     if isinstance(obj, nn.Module):
         return obj.eval()
-    if factory is None:
+    if factory is None:  # the README's table: a member file that cannot be read as a model is bad input
         raise CLIError(
             f"{str(p)!r} holds a plain state dict, which needs the architecture",
-            EXIT_USAGE,
+            EXIT_INPUT,
             "pass --model module:function (the function that builds the untrained model)",
         )
     model = factory.build()
@@ -236,16 +238,18 @@ def load_member(path: str | os.PathLike[str], factory: Factory | None) -> nn.Mod
     return model.eval()
 
 
-def check_same_architecture(models: list[nn.Module], names: list[str]) -> None:
+def check_same_architecture(models: list[nn.Module], names: list[str], min_members: int = 2) -> None:
     """All members must be one architecture with finite weights (:func:`pyfusion.fuse.validate.check_members`).
 
     Raises:
-        CLIError (exit 2 for fewer than two members, else 3): the first difference, naming both files.
+        CLIError (exit 2 for fewer than ``min_members``, else 3): the first difference, naming both files.
     """
-    if len(models) < 2:
-        raise CLIError(f"fusion needs at least 2 members; got {len(models)}", EXIT_USAGE, "list two or more files")
+    if len(models) < min_members:
+        raise CLIError(
+            f"fusion needs at least {min_members} members; got {len(models)}", EXIT_USAGE, "list more member files"
+        )
     try:
-        check_members(models)
+        check_members(models, min(min_members, len(models)))
     except MemberMismatchError as exc:
         name = names[exc.member]
         what = {
@@ -271,6 +275,36 @@ class Dataset:
         if n is None or n >= self.x.shape[0]:
             return self
         return Dataset(self.name, self.x[:n], None if self.y is None else self.y[:n])
+
+    def sample(self, n: int | None, how: str = "first", seed: int = 0) -> Dataset:
+        """``n`` samples: the first ones (``how="first"``) or drawn without replacement with ``seed``
+        (``"random"``, in the drawn order); all when ``n`` is None or at least N."""
+        if how == "first":
+            return self.head(n)
+        if how != "random":
+            raise ValueError(f"how must be 'first' or 'random'; got {how!r}")
+        count = self.x.shape[0] if n is None else min(n, self.x.shape[0])
+        idx = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+        return Dataset(self.name, self.x[idx], None if self.y is None else self.y[idx])
+
+    def normalized(self, mean: list[float], std: list[float]) -> Dataset:
+        """``(x - mean) / std`` per channel (axis 1); one value each applies to every channel.
+
+        Raises:
+            CLIError (exit 2): as many values as channels are needed when more than one is given.
+        """
+        c = self.x.shape[1]
+        if len(mean) not in (1, c):
+            raise CLIError(
+                f"--normalize gives {len(mean)} channels, but the inputs of {self.name!r} have {c} on axis 1 "
+                f"(shape {tuple(self.x.shape)})",
+                EXIT_USAGE,
+                f"give one MEAN,STD for all channels or {c} means and {c} stds: --normalize M1,...,M{c}/S1,...,S{c}",
+            )
+        shape = (1, len(mean)) + (1,) * (self.x.ndim - 2)
+        m = torch.tensor(mean, dtype=self.x.dtype).reshape(shape)
+        s = torch.tensor(std, dtype=self.x.dtype).reshape(shape)
+        return Dataset(self.name, ((self.x - m) / s).contiguous(), self.y)
 
 
 BUILTIN = ("digits", "mnist", "fashion-mnist")
@@ -416,6 +450,30 @@ def parse_floats(text: str, what: str) -> list[float]:
     return out
 
 
+def parse_normalize(text: str | None) -> tuple[list[float], list[float]] | None:
+    """``"MEAN,STD"`` (every channel) or ``"M1,...,MC/S1,...,SC"`` (per channel) -> (means, stds).
+
+    Raises:
+        CLIError (exit 2): not numbers, different counts, a std that is not > 0, or a value that is not finite.
+    """
+    if text is None:
+        return None
+    hint = "--normalize MEAN,STD (every channel), e.g. 0.1307,0.3081, or per channel M1,M2,M3/S1,S2,S3"
+    if "/" in text:
+        head, _, tail = text.partition("/")
+        mean, std = parse_floats(head, "--normalize"), parse_floats(tail, "--normalize")
+    else:
+        values = parse_floats(text, "--normalize")
+        if len(values) != 2:
+            raise CLIError(f"--normalize {text!r}: expected MEAN,STD; got {len(values)} values", EXIT_USAGE, hint)
+        mean, std = values[:1], values[1:]
+    if len(mean) != len(std):
+        raise CLIError(f"--normalize {text!r}: {len(mean)} means but {len(std)} stds", EXIT_USAGE, hint)
+    if not all(math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
+        raise CLIError(f"--normalize {text!r}: means must be finite and stds finite and > 0", EXIT_USAGE, hint)
+    return mean, std
+
+
 def parse_options(items: list[str] | None) -> dict[str, Any]:
     """``["key=value", ...]`` -> dict; values are Python/JSON literals when they parse, strings otherwise."""
     out: dict[str, Any] = {}
@@ -423,7 +481,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or not key.isidentifier():
-            raise CLIError(f"--option {item!r} is not key=value", EXIT_USAGE, "e.g. --option iterations=50")
+            raise CLIError(f"--option {item!r} is not key=value", EXIT_USAGE, "e.g. --option max_iter=50")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -37,6 +37,9 @@ class Row:
         latency_ms: median time of one forward pass over a batch, milliseconds.
         fusion_s: wall time of the fusion call, seconds (None for members and the ensemble).
         dense_flops: FLOPs of the dense layers, zero blocks included.
+        ensemble_latency_ms: the ensemble's median time per batch measured in the same loop as this row's
+            (the two forward passes alternate), so ``latency_ms / ensemble_latency_ms`` is free of machine load.
+        error: why this point failed (its numbers are then NaN); None for a measured point.
     """
 
     kind: str
@@ -48,6 +51,8 @@ class Row:
     latency_ms: float
     fusion_s: float | None = None
     dense_flops: float | None = None
+    ensemble_latency_ms: float | None = None
+    error: str | None = None
 
 
 def format_flops(v: float) -> str:
@@ -59,7 +64,9 @@ def format_flops(v: float) -> str:
 
 
 def format_row(row: Row) -> tuple[str, ...]:
-    """The table cells of ``row`` (the test compares them with report.json)."""
+    """The table cells of ``row`` (the test compares them with report.json); a failed point reads "failed"."""
+    if row.error is not None:
+        return (row.method, "-" if row.alpha is None else f"{row.alpha:.2f}", "failed", "-", "-", "-", "-")
     return (
         row.method,
         "-" if row.alpha is None else f"{row.alpha:.2f}",
@@ -117,6 +124,7 @@ def plot_tradeoff(rows: list[Row], path: Path, title: str) -> None:
     fig = Figure(figsize=(7.6, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    rows = [r for r in rows if r.error is None]  # failed points have no numbers to draw
     members = [r for r in rows if r.kind == "member"]
     ensemble = [r for r in rows if r.kind == "ensemble"]
     methods: dict[str, list[Row]] = {}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,18 +15,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyfusion.cli._console import EXIT_FUSION, EXIT_USAGE, CLIError, Console
-from pyfusion.cli.measure import accuracy, ensemble_logits, model_cost, time_forward
+from pyfusion.cli._console import EXIT_FUSION, EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE, CLIError, Console
+from pyfusion.cli.measure import accuracy, ensemble_logits, model_cost, time_forward, time_interleaved
 from pyfusion.cli.report import Row
 from pyfusion.fuse.api import fuse
 from pyfusion.fuse.registry import available_methods, get_method
+from pyfusion.fuse.validate import DataMismatchError, MemberMismatchError
+from pyfusion.graph import UnsupportedModuleError
 
 __all__ = [
     "Evaluation",
     "MethodSpec",
+    "check_alphas",
     "check_methods",
     "measure_baselines",
+    "method_options",
     "parse_methods",
+    "raise_for_failures",
     "run_point",
     "sweep",
 ]
@@ -98,21 +106,41 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return out
 
 
-def method_options(name: str) -> list[str]:
-    """The keyword options of a registered method (from its signature), or [] when unknown."""
+# fuse()'s own keywords that a command line can set with --option (lambdas has --lambdas; graph and config are
+# Python objects; method is --method)
+_NOT_OPTIONS = ("method", "graph", "config", "lambdas")
+
+
+def method_options(name: str) -> list[str] | None:
+    """The options of a registered method, read from the method, then the ``pyfusion.fuse`` keywords every method
+    takes (``repair``, ``reset_bn``, ...). None when the method takes ``**options`` without saying which.
+
+    The method's own options are the fields of its config class when it has one, else the keyword-only
+    parameters of its function's signature.
+    """
     try:
-        method = inspect.signature(get_method(name).fn).parameters.values()
-    except ValueError:  # not a registered method
-        return []
+        spec = get_method(name)
+    except ValueError:  # not a registered method: check_methods reports it
+        return None
+    config = getattr(spec, "config", None)
+    if config is not None and hasattr(config, "field_names"):
+        own = list(config.field_names())
+    else:
+        params = inspect.signature(spec.fn).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        own = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _NOT_OPTIONS]
     common = inspect.signature(fuse).parameters.values()
-    opts = [p.name for p in method if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    # the options every method gets from pyfusion.fuse itself (graph is not expressible on a command line)
-    opts += [p.name for p in common if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("method", "graph")]
-    return opts
+    return own + [
+        p.name
+        for p in common
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _NOT_OPTIONS and p.name not in own
+    ]
 
 
-def check_methods(methods: Sequence[MethodSpec]) -> None:
-    """Fail early (exit 2) on a method the library does not register, listing the ones it does."""
+def check_methods(methods: Sequence[MethodSpec], members: int | None = None) -> None:
+    """Fail early (exit 2) on a method the library does not register (listing the ones it does), an option the
+    method does not have (listing its options), or fewer members than the method takes."""
     registered = available_methods()
     for m in methods:
         if m.name not in registered:
@@ -121,6 +149,30 @@ def check_methods(methods: Sequence[MethodSpec]) -> None:
                 EXIT_USAGE,
                 f"available methods: {', '.join(registered)}",
             )
+        known = method_options(m.name)
+        unknown = [k for k in m.options if known is not None and k not in known]
+        if unknown:
+            raise CLIError(
+                f"method {m.name} has no option {', '.join(map(repr, unknown))}",
+                EXIT_USAGE,
+                f"{m.name} takes the options: {', '.join(known)}" if known else f"{m.name} takes no options",
+            )
+        least = get_method(m.name).min_members
+        if members is not None and members < least:
+            single = [n for n in registered if get_method(n).min_members <= members]
+            raise CLIError(
+                f"method {m.name} needs at least {least} members; got {members}",
+                EXIT_USAGE,
+                "list more member files"
+                + (f" (the methods that take {members}: {', '.join(single)})" if single else ""),
+            )
+
+
+def check_alphas(alphas: Sequence[float], what: str = "--alphas") -> None:
+    """Every alpha in [0, 1] (exit 2)."""
+    for a in alphas:
+        if not 0.0 <= a <= 1.0:
+            raise CLIError(f"{what}: {a:g} is outside [0, 1]", EXIT_USAGE, "alpha is a fraction of neurons")
 
 
 @dataclass
@@ -132,33 +184,63 @@ class Evaluation:
     batch_size: int
     timing_batch: torch.Tensor
     repeats: int
+    # the ensemble: every model's timed passes alternate with its passes (time_interleaved), so that each row's
+    # latency and its ratio to the ensemble's see the same machine load
+    reference: Callable | None = None
 
     @property
     def example(self) -> torch.Tensor:
         return self.timing_batch[:1]
 
 
-def _measure(fn: Callable, ev: Evaluation) -> tuple[float, float]:
+def _measure(fn: Callable, ev: Evaluation) -> tuple[float, float, float | None]:
+    """(accuracy, latency ms, the ensemble's latency ms in the same loop or None)."""
     acc = accuracy(fn, ev.x, ev.y, ev.batch_size) if ev.y is not None else float("nan")
-    lat = time_forward(fn, ev.timing_batch, ev.repeats)
-    return acc, lat
+    if ev.reference is None or ev.reference is fn:
+        return acc, time_forward(fn, ev.timing_batch, ev.repeats), None
+    lat, ref = time_interleaved([fn, ev.reference], ev.timing_batch, ev.repeats)
+    return acc, lat, ref
 
 
 def measure_baselines(members: Sequence[nn.Module], ev: Evaluation, lambdas: Sequence[float] | None) -> list[Row]:
-    """Rows for every member and for the ensemble ``sum_k lambda_k f_k``."""
+    """Rows for every member and (K >= 2) for the ensemble ``sum_k lambda_k f_k`` (``ev.reference``).
+
+    Each member is timed alternating with the ensemble; the ensemble's row gets the median of all those
+    ensemble timings' medians (one per member loop).
+    """
     rows = []
     member_costs = []
+    ens_times = []
     for k, m in enumerate(members):
         c = model_cost(m, ev.example)
         member_costs.append(c)
-        acc, lat = _measure(m, ev)
-        rows.append(Row("member", f"member {k}", None, acc, c.flops, c.params, lat, None, c.dense_flops))
-    ens = ensemble_logits(members, lambdas)
-    acc, lat = _measure(ens, ev)
+        acc, lat, ref = _measure(m, ev)
+        if ref is not None:
+            ens_times.append(ref)
+        rows.append(Row("member", f"member {k}", None, acc, c.flops, c.params, lat, None, c.dense_flops, ref))
+    if len(members) < 2:
+        return rows
+    ens = ev.reference if ev.reference is not None else ensemble_logits(members, lambdas)
+    acc = accuracy(ens, ev.x, ev.y, ev.batch_size) if ev.y is not None else float("nan")
+    lat = statistics.median(ens_times) if ens_times else time_forward(ens, ev.timing_batch, ev.repeats)
     flops = sum(c.flops for c in member_costs)
     params = sum(c.params for c in member_costs)
-    rows.append(Row("ensemble", "ensemble", 1.0, acc, flops, params, lat, None, flops))
+    rows.append(Row("ensemble", "ensemble", 1.0, acc, flops, params, lat, None, flops, lat))
     return rows
+
+
+def _failure_hint(exc: BaseException, spec: MethodSpec) -> tuple[int, str]:
+    """Exit code and hint for an error the library raised while fusing (what the user can change)."""
+    if isinstance(exc, UnsupportedModuleError):
+        return EXIT_FUSION, (
+            "pyfusion cannot assign this operation to neuron groups: declare the groups by hand with "
+            "pyfusion.graph.declare_groups (Python API), or fuse an architecture made of supported layers"
+        )
+    if isinstance(exc, DataMismatchError):
+        return EXIT_INPUT, "give calibration data whose samples have the shape and dtype the models expect"
+    if isinstance(exc, MemberMismatchError):
+        return EXIT_INPUT, "fusion needs K trained models of one architecture (same widths)"
+    return EXIT_FUSION, f"the method {spec.name} refused these members, data or option values: see the message"
 
 
 def run_point(
@@ -190,23 +272,19 @@ def run_point(
         fused = fuse(list(members), data, method=spec.name, **kwargs)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        opts = method_options(spec.name)
-        hint = (
-            f"{spec.name} takes the options: {', '.join(opts)}"
-            if opts
-            else "check the method's options and that the members share one architecture"
-        )
-        raise CLIError(f"fusion with {where} failed: {msg}", EXIT_FUSION, hint) from exc
+        code, hint = _failure_hint(exc, spec)
+        raise CLIError(f"fusion with {where} failed: {msg}", code, hint) from exc
     elapsed = time.perf_counter() - t0
     fused.eval()
     c = model_cost(fused, ev.example)
-    acc, lat = _measure(fused, ev)
+    acc, lat, ref = _measure(fused, ev)
     if isinstance(alpha, (list, dict)):
         values = list(alpha.values()) if isinstance(alpha, dict) else alpha
         shown_alpha = sum(values) / max(len(values), 1)
     else:
         shown_alpha = float(alpha) if alpha is not None else 0.0
-    return fused, Row("fused", spec.label, shown_alpha, acc, c.flops, c.params, lat, elapsed, c.dense_flops)
+    row = Row("fused", spec.label, shown_alpha, acc, c.flops, c.params, lat, elapsed, c.dense_flops, ref)
+    return fused, row
 
 
 def sweep(
@@ -218,16 +296,53 @@ def sweep(
     ev: Evaluation,
     console: Console,
 ) -> list[Row]:
-    """Every method at every alpha (full-fusion methods once), with a progress bar over the points."""
-    for a in alphas:
-        if not 0.0 <= a <= 1.0:
-            raise CLIError(f"--alphas: {a:g} is outside [0, 1]", EXIT_USAGE, "alpha is a fraction of neurons")
+    """Every method at every alpha (full-fusion methods once), with a progress bar over the points.
+
+    A point that fails does not stop the sweep: its row has ``error`` set (the library's message, or "internal
+    error: ..." for an unexpected exception, a bug) and NaN numbers; the caller reports the failures and exits
+    non-zero after writing the report.
+    """
+    check_alphas(alphas)
     points = [(m, a) for m in methods for a in (alphas if m.takes_alpha else [None])]
     rows = []
     for spec, alpha in console.progress(points, desc="fusing", unit="point"):
-        _, row = run_point(members, data, spec, alpha, lambdas, ev, console)
-        console.debug(
-            f"{row.method} alpha={row.alpha}: accuracy {row.accuracy:.4f}, {row.flops:.0f} FLOPs, {row.fusion_s:.3f} s"
-        )
+        try:
+            _, row = run_point(members, data, spec, alpha, lambdas, ev, console)
+        except CLIError as err:
+            row = _failed(spec, alpha, err.message)
+            console.note(f"note: {err.message}; the sweep goes on")
+        except Exception as exc:  # a bug in a method: recorded, the other points still run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row = _failed(spec, alpha, f"internal error: {type(exc).__name__}: {first}")
+            console.note(f"note: {spec.label} at alpha={alpha}: {row.error}; the sweep goes on")
+            if console.verbose:
+                traceback.print_exception(exc, file=sys.stderr)
+        else:
+            console.debug(
+                f"{row.method} alpha={row.alpha}: accuracy {row.accuracy:.4f}, {row.flops:.0f} FLOPs, "
+                f"{row.fusion_s:.3f} s"
+            )
         rows.append(row)
     return rows
+
+
+def _failed(spec: MethodSpec, alpha: float | None, error: str) -> Row:
+    nan = float("nan")
+    return Row("fused", spec.label, alpha if alpha is not None else 0.0, nan, nan, nan, nan, error=error)
+
+
+def raise_for_failures(rows: Sequence[Row]) -> None:
+    """After the report is written: exit 4 if points failed (1 if any failure was an internal error)."""
+    failed = [r for r in rows if r.error is not None]
+    if not failed:
+        return
+    internal = [r for r in failed if r.error.startswith("internal error")]
+    first = internal[0] if internal else failed[0]
+    alpha = "" if first.alpha is None else f" at alpha={first.alpha:g}"
+    raise CLIError(
+        f"{len(failed)} of {sum(r.kind == 'fused' for r in rows)} fusion points failed "
+        f"(first: {first.method}{alpha}: {first.error})",
+        EXIT_INTERNAL if internal else EXIT_FUSION,
+        "the table and report.json list every failure (rows with an 'error'); the other points were measured"
+        + ("; rerun with --verbose for the traceback and report the internal error as a bug" if internal else ""),
+    )

@@ -12,7 +12,7 @@ from pyfusion.fuse.bn import has_batchnorm, reset_bn_stats
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import get_method
-from pyfusion.fuse.validate import check_lambdas, check_members, prepare_data
+from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
 from pyfusion.graph import FusionGraph, trace_groups
 
 __all__ = ["fuse"]
@@ -63,7 +63,9 @@ def fuse(
     spec = get_method(method)
     members = check_members(models, spec.min_members)
     lam = check_lambdas(lambdas, len(members))
+    check_options(spec.fn, options, method)
     data = prepare_data(data)
+    check_data(members, data)
     if spec.needs_data == "yes" and data is None:
         raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
     if repair and data is None:

@@ -15,10 +15,8 @@ __all__ = ["average_plan"]
 
 
 @register_method("average", needs_data="optional", summary="vanilla weight averaging (no alignment)")
-def average_plan(
-    members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any = None, **options: Any
-) -> Plan:
-    """Vanilla averaging ``W' = sum_k lambda_k W_k``. ``data`` is only used by the BatchNorm reset of ``fuse``."""
-    if options:
-        raise ValueError(f"method 'average' takes no options; got {sorted(options)}")
+def average_plan(members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any = None) -> Plan:
+    """Vanilla averaging ``W' = sum_k lambda_k W_k``. ``data`` is only used by the BatchNorm reset of ``fuse``.
+
+    It takes no options (its signature says so: ``pyfusion.fuse`` refuses any with a ValueError)."""
     return Plan.identity(graph, lambdas)

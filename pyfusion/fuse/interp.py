@@ -58,6 +58,7 @@ authors' code: a few hundred to a few thousand samples.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -819,6 +820,9 @@ def _make(method: str, summary: str) -> None:
 
     fn.__name__ = f"fuse_{method}"
     fn.__doc__ = summary
+    # the options are fuse_interp's keywords (method is fixed here): inspect.signature, --help and the CLI read them
+    sig = inspect.signature(fuse_interp)
+    fn.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "method"])
     register_method(method, needs_data="yes", summary=summary)(fn)
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_members", "check_lambdas", "prepare_data"]
+__all__ = ["DataMismatchError", "check_data", "check_lambdas", "check_members", "check_options", "prepare_data"]
 
 
 class MemberMismatchError(ValueError):
@@ -53,8 +54,11 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
             )
         shapes = {n: tuple(t.shape) for n, t in list(m.named_parameters()) + list(m.named_buffers())}
         if shapes != ref_shapes:
-            bad = [(n, ref_shapes.get(n), shapes.get(n)) for n in sorted(set(shapes) | set(ref_shapes))
-                   if shapes.get(n) != ref_shapes.get(n)][:3]  # fmt: skip
+            bad = [
+                (n, ref_shapes.get(n), shapes.get(n))
+                for n in sorted(set(shapes) | set(ref_shapes))
+                if shapes.get(n) != ref_shapes.get(n)
+            ][:3]
             raise MemberMismatchError(
                 f"models[{k}] has mismatched tensor shapes (name, expected, actual): {bad}", k, "shapes", bad
             )
@@ -79,15 +83,27 @@ def all_finite(t: Tensor) -> bool:
 
 
 def check_lambdas(lambdas: Any, k: int) -> tuple[float, ...]:
-    """Member weights: default uniform; K non-negative finite values summing to 1 (tolerance 1e-6)."""
+    """Member weights: default uniform; K non-negative finite values summing to 1 (tolerance 1e-6).
+
+    Raises:
+        ValueError: naming ``lambdas``, the expected shape (K,) and what was given.
+    """
     if lambdas is None:
         return tuple([1.0 / k] * k)
+    expected = f"a sequence of {k} non-negative floats summing to 1 (shape ({k},))"
+    if isinstance(lambdas, (str, bytes, Mapping)) or not isinstance(lambdas, (Iterable, torch.Tensor)):
+        raise ValueError(f"lambdas must be {expected}; got {type(lambdas).__name__} {lambdas!r}")
     if isinstance(lambdas, torch.Tensor):
+        if lambdas.ndim != 1:
+            raise ValueError(f"lambdas must be {expected}; got a tensor of shape {tuple(lambdas.shape)}")
         lambdas = lambdas.tolist()
-    try:
-        lam = tuple(float(x) for x in lambdas)
-    except TypeError as exc:
-        raise ValueError(f"lambdas must be a sequence of {k} floats; got {lambdas!r}") from exc
+    items = list(lambdas)
+    bad = [x for x in items if isinstance(x, (str, bytes)) or not _is_number(x)]
+    if bad:
+        raise ValueError(
+            f"lambdas must be {expected}; got {items!r} ({type(bad[0]).__name__} {bad[0]!r} is not a number)"
+        )
+    lam = tuple(float(x) for x in items)
     if len(lam) != k:
         raise ValueError(f"lambdas must have one weight per member ({k}); got {len(lam)}")
     if any(not math.isfinite(x) or x < 0 for x in lam):
@@ -95,6 +111,41 @@ def check_lambdas(lambdas: Any, k: int) -> tuple[float, ...]:
     if abs(sum(lam) - 1.0) > 1e-6:
         raise ValueError(f"lambdas must sum to 1; got sum {sum(lam)!r} for {lam}")
     return lam
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and not x.dtype.is_complex
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(x, complex)
+
+
+def check_options(fn: Callable[..., Any], options: Mapping[str, Any], method: str) -> None:
+    """Options that ``fn`` (a registered method) does not take are a ValueError listing the ones it does.
+
+    The options are the keyword-only parameters of ``fn``'s signature; a method that takes ``**options`` checks
+    its options itself (nothing is checked here).
+
+    Raises:
+        ValueError: an unknown option, naming it and the method's options.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the method checks
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown and not known:
+        raise ValueError(f"method {method!r} takes no options; got {unknown}")
+    if unknown:
+        raise ValueError(
+            f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options are: {', '.join(known)}"
+        )
 
 
 def prepare_data(data: Any) -> Any:
@@ -105,6 +156,13 @@ def prepare_data(data: Any) -> Any:
     """
     if data is None:
         return None
+    if isinstance(data, torch.Tensor):
+        raise ValueError(
+            f"data must be a DataLoader or an iterable of batches; got one tensor of shape {tuple(data.shape)} "
+            "(iterating it would make every sample a batch): pass [x] for one batch, or [(x, y)]"
+        )
+    if isinstance(data, (str, bytes, Mapping)):
+        raise ValueError(f"data must be a DataLoader or an iterable of batches; got {type(data).__name__}")
     if not isinstance(data, Iterable):
         raise ValueError(f"data must be a DataLoader or an iterable of batches; got {type(data).__name__}")
     if iter(data) is data:  # generator / iterator: can be traversed once only
@@ -115,3 +173,124 @@ def prepare_data(data: Any) -> Any:
     except StopIteration:
         raise ValueError("data is empty: the calibration data yielded no batch") from None
     return data
+
+
+class DataMismatchError(ValueError, RuntimeError):
+    """Calibration data the members cannot run: wrong batch type, shape or dtype.
+
+    A ValueError (bad input); also a RuntimeError, which is what torch raised from inside the members' forward
+    pass before this check existed, so ``except RuntimeError`` keeps working.
+
+    Attributes:
+        batch_shape: shape of the first batch's inputs (None when they are not a tensor).
+        module: path of the module that failed on them ("" for the model itself; None if not known).
+        expected: what that module (or the model's first layer) expects, e.g. "(..., 64)", or None.
+    """
+
+    def __init__(self, message: str, batch_shape: tuple[int, ...] | None, module: str | None, expected: str | None):
+        super().__init__(message)
+        self.batch_shape, self.module, self.expected = batch_shape, module, expected
+
+
+def _expects(m: nn.Module) -> str | None:
+    """The input shape a layer reads, as far as its attributes tell."""
+    if isinstance(m, nn.Embedding):
+        return f"integer indices in [0, {m.num_embeddings})"
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        return "(..., " + ", ".join(str(d) for d in m.normalized_shape) + ")"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return f"(N, {m.num_features}, ...)"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        spatial = ", ".join("HWD"[i] if len(m.kernel_size) > 1 else "L" for i in range(len(m.kernel_size)))
+        return f"(N, {m.in_channels}, {spatial})"
+    n_in = getattr(m, "in_features", None)
+    if isinstance(n_in, int):
+        return f"(..., {n_in})"
+    return None
+
+
+def _describe_layer(path: str, m: nn.Module) -> str:
+    return f"module {path or '<root>'!r} ({type(m).__name__})"
+
+
+def check_data(models: Sequence[nn.Module], data: Any) -> None:
+    """The first calibration batch must be something the members run on: a tensor (N, ...) with N >= 1, or an
+    (inputs, labels) pair of them, that ``models[0]`` accepts.
+
+    The check runs ``models[0]`` once on two samples of the first batch (eval mode, no gradients; the training
+    flags are restored, so the members are unchanged). When that forward fails, the error names ``data``, the
+    batch's shape and dtype, the module that failed, what it expects and the original message.
+    Batches that are mappings (keyword inputs) are left to the method.
+
+    Raises:
+        DataMismatchError: (a ValueError) the first batch is not a tensor / pair, is empty, or does not fit.
+    """
+    if data is None:
+        return
+    expected = "a tensor (N, ...) of inputs, or an (inputs, labels) pair"
+    batch = next(iter(data))
+    if isinstance(batch, Mapping):
+        return
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise DataMismatchError(
+                f"data: the first batch is an empty {type(batch).__name__}; expected {expected}", None, None, None
+            )
+        x = batch[0]
+    else:
+        x = batch
+    if not isinstance(x, torch.Tensor):
+        raise DataMismatchError(
+            f"data: the first batch holds inputs of type {type(x).__name__} ({x!r:.60}); expected {expected}",
+            None,
+            None,
+            None,
+        )
+    shape = tuple(x.shape)
+    if x.ndim == 0 or shape[0] == 0:
+        raise DataMismatchError(
+            f"data: the first batch has inputs of shape {shape}; expected {expected} with N >= 1", shape, None, None
+        )
+    model = models[0]
+    modules = list(model.named_modules())
+    first = next(((p, m, e) for p, m in modules if (e := _expects(m)) is not None), None)
+    stack: list[tuple[str, nn.Module]] = []  # the modules entered and not yet left: the last one failed
+
+    def enter(mod: nn.Module, args: Any, _path: str) -> None:
+        stack.append((_path, mod))
+
+    def leave(mod: nn.Module, args: Any, out: Any) -> None:  # returns None: the output is left as it is
+        stack.pop()
+
+    handles = []
+    for path, m in modules:
+        handles.append(m.register_forward_pre_hook(lambda mod, args, _p=path: enter(mod, args, _p)))
+        handles.append(m.register_forward_hook(leave))
+    flags = [(m, m.training) for _, m in modules]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:2])
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        where, failing = stack[-1] if stack else ("", model)
+        want = _expects(failing)
+        if want is not None:
+            what = f"{_describe_layer(where, failing)}, which expects inputs {want}"
+        elif first is not None:
+            want = first[2]
+            what = f"{_describe_layer(where, failing)} (the first layer, {first[0]!r}, expects inputs {want})"
+        else:
+            what = _describe_layer(where, failing)
+        raise DataMismatchError(
+            f"data does not fit the members: the first batch has inputs of shape {shape} ({x.dtype}); running "
+            f"models[0] on them failed in {what}: {type(exc).__name__}: {msg}",
+            shape,
+            where,
+            want,
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.training = flag
