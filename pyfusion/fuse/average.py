@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from pyfusion.fuse.config import AverageConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
@@ -14,11 +15,12 @@ from pyfusion.graph.groups import FusionGraph
 __all__ = ["average_plan"]
 
 
-@register_method("average", needs_data="optional", summary="vanilla weight averaging (no alignment)")
+@register_method(
+    "average", config=AverageConfig, needs_data="optional", summary="vanilla weight averaging (no alignment)"
+)
 def average_plan(
-    members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any = None, **options: Any
+    members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any, config: AverageConfig
 ) -> Plan:
-    """Vanilla averaging ``W' = sum_k lambda_k W_k``. ``data`` is only used by the BatchNorm reset of ``fuse``."""
-    if options:
-        raise ValueError(f"method 'average' takes no options; got {sorted(options)}")
+    """Vanilla averaging ``W' = sum_k lambda_k W_k`` (no options: :class:`AverageConfig` has no fields). ``data`` is
+    only used by the BatchNorm reset of ``fuse``."""
     return Plan.identity(graph, lambdas)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_members", "check_lambdas", "prepare_data"]
+__all__ = ["check_lambdas", "check_members", "check_reference", "prepare_data"]
 
 
 class MemberMismatchError(ValueError):
@@ -95,6 +95,17 @@ def check_lambdas(lambdas: Any, k: int) -> tuple[float, ...]:
     if abs(sum(lam) - 1.0) > 1e-6:
         raise ValueError(f"lambdas must sum to 1; got sum {sum(lam)!r} for {lam}")
     return lam
+
+
+def check_reference(reference: int, k: int) -> int:
+    """The reference member's index (a method config checked it is an int >= 0), checked against K members.
+
+    Raises:
+        ValueError: ``reference`` not in [0, K).
+    """
+    if not 0 <= reference < k:
+        raise ValueError(f"reference must be a member index in [0, {k}); got {reference!r}")
+    return int(reference)
 
 
 def prepare_data(data: Any) -> Any:
