@@ -22,9 +22,9 @@ from pyfusion.fuse.interp.statistics import activation_gram, check_producer, ls_
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
+from pyfusion.match import linear_assignment, weighted_kmeans
 from pyfusion.match.importance import neuron_importance
 from pyfusion.match.interp import hf_pair_cost, slot_alignment_cost
-from pyfusion.ops import linear_assignment, weighted_kmeans
 
 __all__ = ["fuse_hf", "fuse_interp", "fuse_kf", "fuse_kf_gradient"]
 

@@ -50,6 +50,7 @@ class Level:
         group: the graph group of the level output (None for the logits).
         last: whether the level outputs the logits.
         kind: "linear" (a producer fitted in closed form) or "block" (trained only).
+        pre: the parameter-free modules before the producer (their output is the producer's input).
     """
 
     name: str
