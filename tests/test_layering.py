@@ -69,6 +69,16 @@ def test_importing_match_imports_no_method():
     assert out.splitlines() == ["[]", "True True True"]
 
 
+def test_importing_fuse_loads_no_method_and_no_engine():
+    # methods load on the first registry lookup, the engines (ops) with the methods that call them
+    out = _run("import sys, pyfusion.fuse\nprint(sorted(k for k in sys.modules if k.startswith('pyfusion.')))")
+    loaded = ast.literal_eval(out)  # a printed list of module names
+    methods = {"activation_matching", "average", "cluster", "interp", "ot", "partial", "weight_matching"}
+    assert not [
+        m for m in loaded if m.split(".")[1] == "ops" or (m.startswith("pyfusion.fuse.") and m.split(".")[2] in methods)
+    ], loaded
+
+
 FUSE_SHAPE = """
 import sys, torch
 {first}

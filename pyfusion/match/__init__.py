@@ -22,6 +22,9 @@ Plans are made by the methods, which live one layer up: ``pyfusion.fuse.partial_
 ``activation_matching_plan``, ``ot_plan``, ``cluster_plan``, ``prune_plan`` (and ``Plan`` / ``GroupPlan``). The
 same names are still reachable here for compatibility, resolved from :mod:`pyfusion.fuse` on first access (so
 importing ``pyfusion.match`` does not import the methods); new code should take them from ``pyfusion.fuse``.
+
+Every name is resolved on first access (the submodules are imported then): importing one submodule, e.g. the
+method configs importing :mod:`pyfusion.match.activations` for its cost names, does not import the engines.
 """
 
 from __future__ import annotations
@@ -29,22 +32,40 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pyfusion.match.activations import activation_cost, activation_costs, neuron_features
-from pyfusion.match.align import MatchedPairs, Permutation, SoftMap, aligned_features, permute_state
-from pyfusion.match.distance import combine_costs, correlation_cost, sqdist
-from pyfusion.match.importance import attributions, neuron_importance
-from pyfusion.match.interp import hf_pair_cost
-from pyfusion.match.partial import (
-    PartialAssignment,
-    partial_activation_assignments,
-    partial_weight_assignments,
-    weight_feature_costs,
-)
-from pyfusion.match.solvers import align_weights, assignments, partial_assignments, transport
-from pyfusion.match.weights import neuron_masses, ot_weight_cost, weight_cost
-from pyfusion.ops.assignment import AssignmentResult, linear_assignment
-from pyfusion.ops.cluster import ClusterResult, weighted_kmeans
-from pyfusion.ops.interp_cost import hf_cost
+# public name -> module that defines it (resolved on first access)
+_EXPORTS = {
+    "activation_cost": "pyfusion.match.activations",
+    "activation_costs": "pyfusion.match.activations",
+    "neuron_features": "pyfusion.match.activations",
+    "MatchedPairs": "pyfusion.match.align",
+    "Permutation": "pyfusion.match.align",
+    "SoftMap": "pyfusion.match.align",
+    "aligned_features": "pyfusion.match.align",
+    "permute_state": "pyfusion.match.align",
+    "combine_costs": "pyfusion.match.distance",
+    "correlation_cost": "pyfusion.match.distance",
+    "sqdist": "pyfusion.match.distance",
+    "attributions": "pyfusion.match.importance",
+    "neuron_importance": "pyfusion.match.importance",
+    "hf_pair_cost": "pyfusion.match.interp",
+    "PartialAssignment": "pyfusion.match.partial",
+    "partial_activation_assignments": "pyfusion.match.partial",
+    "partial_weight_assignments": "pyfusion.match.partial",
+    "weight_feature_costs": "pyfusion.match.partial",
+    "align_weights": "pyfusion.match.solvers",
+    "assignments": "pyfusion.match.solvers",
+    "partial_assignments": "pyfusion.match.solvers",
+    "transport": "pyfusion.match.solvers",
+    "neuron_masses": "pyfusion.match.weights",
+    "ot_weight_cost": "pyfusion.match.weights",
+    "weight_cost": "pyfusion.match.weights",
+    # the engines (ops), which are the solvers themselves
+    "AssignmentResult": "pyfusion.ops.assignment",
+    "linear_assignment": "pyfusion.ops.assignment",
+    "ClusterResult": "pyfusion.ops.cluster",
+    "weighted_kmeans": "pyfusion.ops.cluster",
+    "hf_cost": "pyfusion.ops.interp_cost",
+}
 
 # Plan-making names, kept here for compatibility: they belong to pyfusion.fuse (the layer above) and are
 # resolved from it on first access, never at import time (pyfusion.match must not import pyfusion.fuse).
@@ -59,42 +80,11 @@ _FROM_FUSE = {
     "weight_matching_plan": "pyfusion.fuse.weight_matching",
 }
 
-__all__ = [
-    "AssignmentResult",
-    "ClusterResult",
-    "MatchedPairs",
-    "PartialAssignment",
-    "Permutation",
-    "SoftMap",
-    "activation_cost",
-    "activation_costs",
-    "align_weights",
-    "aligned_features",
-    "assignments",
-    "attributions",
-    "combine_costs",
-    "correlation_cost",
-    "hf_cost",
-    "hf_pair_cost",
-    "linear_assignment",
-    "neuron_features",
-    "neuron_importance",
-    "neuron_masses",
-    "ot_weight_cost",
-    "partial_activation_assignments",
-    "partial_assignments",
-    "partial_weight_assignments",
-    "permute_state",
-    "sqdist",
-    "transport",
-    "weight_cost",
-    "weight_feature_costs",
-    "weighted_kmeans",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _FROM_FUSE.get(name)
+    module = _EXPORTS.get(name) or _FROM_FUSE.get(name)
     if module is None:
         raise AttributeError(f"module 'pyfusion.match' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
@@ -103,4 +93,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FROM_FUSE))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_FROM_FUSE))
