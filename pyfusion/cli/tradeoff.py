@@ -105,9 +105,11 @@ def method_options(name: str) -> list[str]:
     except ValueError:  # not a registered method
         return []
     common = inspect.signature(fuse).parameters.values()
-    opts = [p.name for p in method if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    # the options every method gets from pyfusion.fuse itself (graph is not expressible on a command line)
-    opts += [p.name for p in common if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("method", "graph")]
+    # graph and config (a config object) are not expressible on a command line
+    opts = [p.name for p in method if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "config"]
+    # the options every method gets from pyfusion.fuse itself
+    skip = ("method", "graph", "config")
+    opts += [p.name for p in common if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip]
     return opts
 
 
