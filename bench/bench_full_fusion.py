@@ -24,10 +24,10 @@ from scipy.optimize import linear_sum_assignment
 
 import pyfusion
 from pyfusion import models
-from pyfusion.fuse.activations import _tapped, group_points
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
+from pyfusion.match.align import permute_state
 from pyfusion.stats import as_samples, batch_inputs
+from pyfusion.stats.groups import group_points, tapped_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST = os.path.join(HERE, "..", "..", "..", "shared", "data", "mnist")
@@ -39,7 +39,7 @@ def _stored_activations(members, graph, data):
     pts = group_points(graph, "post")
     out = []
     for m in members:
-        gm, points = _tapped(m, graph.traced, {g: pts[g][0] for g in graph.groups})
+        gm, points = tapped_module(m, graph.traced, {g: pts[g][0] for g in graph.groups})
         store: dict[str, list[torch.Tensor]] = {g: [] for g in graph.groups}
         hooks = []
         mods = dict(gm.named_modules())

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import pyfusion  # noqa: E402
-from pyfusion.fuse.interp import _design, _run_chunked, _set_linear, _targets, interp_levels  # noqa: E402
+from pyfusion.fuse.interp.fitting import set_linear  # noqa: E402
+from pyfusion.fuse.interp.levels import interp_levels, run_chunked  # noqa: E402
+from pyfusion.fuse.interp.statistics import design, target_rows  # noqa: E402
 from pyfusion.graph import trace_groups  # noqa: E402
 from pyfusion.models import vgg  # noqa: E402
 from pyfusion.train import train  # noqa: E402
@@ -46,13 +48,13 @@ def authors_fuse(members, x, method: str):
     member_in = [x for _ in members]
     fused_in = x
     for lv in levels:
-        outs = [_run_chunked(m, lv.calls, member_in[k]) for k, m in enumerate(members)]
+        outs = [run_chunked(m, lv.calls, member_in[k]) for k, m in enumerate(members)]
         n = outs[0].shape[1]
         prod = dict(fused.named_modules())[lv.producer]
-        u = _run_chunked(fused, lv.pre, fused_in) if lv.pre else fused_in
-        X = _design(prod, u).float()  # the whole unfolded matrix, as the authors build it
+        u = run_chunked(fused, lv.pre, fused_in) if lv.pre else fused_in
+        X = design(prod, u).float()  # the whole unfolded matrix, as the authors build it
         P = torch.linalg.pinv(X)
-        A = [_targets(o).float() for o in outs]
+        A = [target_rows(o).float() for o in outs]
         W = [P @ a for a in A]
         if lv.last:
             wf = sum(W) / len(W)
@@ -75,8 +77,8 @@ def authors_fuse(members, x, method: str):
             wcat = torch.cat(W, 1)
             onehot = F.one_hot(lab, n).float()
             wf = (wcat @ onehot) / onehot.sum(0).clamp_min(1)
-        _set_linear(fused, lv, wf.double())
-        fused_in = _run_chunked(fused, lv.calls, fused_in)
+        set_linear(fused, lv, wf.double())
+        fused_in = run_chunked(fused, lv.calls, fused_in)
         member_in = outs
     return fused
 

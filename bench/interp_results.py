@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import pyfusion  # noqa: E402
 from pyfusion.data import class_shares, dirichlet_split, load_fashion_mnist, load_mnist, shard_split  # noqa: E402
-from pyfusion.fuse.importance import neuron_importance  # noqa: E402
 from pyfusion.fuse.interp import interp_levels  # noqa: E402
 from pyfusion.graph import trace_groups  # noqa: E402
+from pyfusion.match.importance import neuron_importance  # noqa: E402
 from pyfusion.models import mlp, vgg  # noqa: E402
 from pyfusion.train import ensemble_accuracy, evaluate, train  # noqa: E402
 

@@ -2,10 +2,13 @@
 
 Public API (imported lazily so that ``import pyfusion`` stays cheap):
 
-* ``pyfusion.fuse(models, data=None, *, method, lambdas=None, **options)``: fuse K members;
+* ``pyfusion.fuse(models, data=None, *, method, lambdas=None, **options)``: fuse K members. ``pyfusion.fuse`` is
+  the package :mod:`pyfusion.fuse`, which is callable (``pyfusion.fuse.available_methods()``, the method configs
+  such as ``pyfusion.fuse.PartialConfig`` and the plan functions live there too);
 * ``pyfusion.cost(model)``: effective and dense parameters / FLOPs;
 * ``pyfusion.save(module, path)`` / ``pyfusion.load(path)``: safe serialization;
-* subpackages ``ops`` (kernels), ``nn`` (drop-in modules), ``graph``, ``stats``, ``match``.
+* subpackages ``ops`` (kernels), ``nn`` (drop-in modules), ``graph`` (neuron groups), ``stats`` (statistics),
+  ``match`` (features, costs, solvers).
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ _map_source_triton_kernels()
 
 # name -> "module:attribute" (or "module" for subpackages); resolved on first access.
 _LAZY: dict[str, str] = {
-    "fuse": "pyfusion.fuse:fuse",
+    # the callable package, never the function: importing any pyfusion.fuse.* submodule binds this attribute to
+    # the package anyway, so the lazy attribute must be the same object whatever was imported first
+    "fuse": "pyfusion.fuse",
     "cost": "pyfusion.fuse.cost:cost",
     "save": "pyfusion.serialization:save",
     "load": "pyfusion.serialization:load",

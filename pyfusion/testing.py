@@ -11,8 +11,8 @@ import copy
 import torch
 from torch import nn
 
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
+from pyfusion.match.align import permute_state
 
 __all__ = ["permuted_copy", "randomize_batchnorm"]
 

@@ -12,8 +12,8 @@ import pyfusion
 from pyfusion import models
 from pyfusion.fuse import available_methods
 from pyfusion.fuse.bn import reset_bn_stats
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
+from pyfusion.match.align import permute_state
 from pyfusion.testing import permuted_copy, randomize_batchnorm
 
 
@@ -241,8 +241,8 @@ def test_ot_uniform_assignment_equals_pot_and_soft_maps_are_barycentric():
     a, b = models.mlp([8, 12, 10, 3]), models.mlp([8, 12, 10, 3])
     data = [torch.randn(32, 8) for _ in range(3)]
     graph = trace_groups(a)
-    from pyfusion.fuse.activation_matching import activation_cost, neuron_features
-    from pyfusion.fuse.activations import group_statistics
+    from pyfusion.match.activations import activation_cost, neuron_features
+    from pyfusion.stats.groups import group_statistics
 
     stats = group_statistics([a, b], graph, data)
     fused = pyfusion.fuse([a, b], data, method="ot", lambdas=[0.3, 0.7])
@@ -262,7 +262,7 @@ def test_ot_uniform_assignment_equals_pot_and_soft_maps_are_barycentric():
         torch.testing.assert_close(gp.A[1], 0.7 * gp.B[1].T)
     # importance masses: soft maps, marginals of the transport equal the masses
     fused = pyfusion.fuse([a, b], data, method="ot", masses="l2")
-    from pyfusion.fuse.ot import neuron_masses
+    from pyfusion.match.weights import neuron_masses
 
     for name, gp in fused.fusion_plan.groups.items():
         ma = neuron_masses({k: v.detach().double() for k, v in sa.items()}, graph, name, "l2")
@@ -276,8 +276,8 @@ def test_ot_uniform_assignment_equals_pot_and_soft_maps_are_barycentric():
 
 @pytest.mark.parametrize("arch,method", [("mlp", "weight_matching"), ("vgg", "activation_matching"), ("resnet", "ot")])
 def test_repair_matches_member_statistics(arch, method):
-    from pyfusion.fuse.activations import group_statistics
     from pyfusion.fuse.repair import repair_targets
+    from pyfusion.stats.groups import group_statistics
 
     factory, shape = ARCHS[arch]
     members = [randomize_batchnorm(factory()) for _ in range(2)]

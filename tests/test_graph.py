@@ -12,8 +12,8 @@ from torch import nn
 from pyfusion import models
 from pyfusion.fuse.builder import build, fused_tensors
 from pyfusion.fuse.plan import GroupPlan, Plan
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import AxisRef, UnsupportedModuleError, declare_groups, trace_groups
+from pyfusion.match.align import permute_state
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyfusion.fuse.importance import attributions, neuron_importance
+from pyfusion.match.importance import attributions, neuron_importance
 from pyfusion.models import mlp, vgg
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyfusion
-from pyfusion.fuse.interp import hf_pair_cost, interp_levels, ls_statistics, solve_ls
+from pyfusion.fuse.interp import interp_levels, ls_statistics, solve_ls
 from pyfusion.graph import trace_groups
+from pyfusion.match.interp import hf_pair_cost
 from pyfusion.models import mlp, resnet20, vgg
 from pyfusion.ops import hf_cost
 from pyfusion.ops.reference import hf_cost_ref
@@ -185,7 +186,7 @@ def test_hf_first_layer_end_to_end_against_scipy():
     x = torch.randn(64, 8)
     y = torch.randint(0, 3, (64,))
     fused = pyfusion.fuse([m0, m1], [(x, y)], method="hf", ridge=0.0, importance="conductance")
-    from pyfusion.fuse.importance import neuron_importance
+    from pyfusion.match.importance import neuron_importance
 
     s = [lam * neuron_importance(m, [(x, y)], ["1"], method="conductance")["1"] for lam, m in zip((0.5, 0.5), (m0, m1))]
     xd = torch.cat([x.double(), torch.ones(64, 1, dtype=torch.float64)], 1)

@@ -15,8 +15,8 @@ from torch import nn
 import pyfusion
 from pyfusion import models
 from pyfusion.fuse.partial import isolated_count, resolve_alpha
-from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
+from pyfusion.match.align import permute_state
 from pyfusion.nn import PartialConv2d, PartialLinear
 from pyfusion.testing import randomize_batchnorm
 

@@ -10,8 +10,9 @@ from torch import nn
 
 from pyfusion.fuse.bn import has_batchnorm, reset_bn_stats
 from pyfusion.fuse.builder import build
+from pyfusion.fuse.config import MethodConfig
 from pyfusion.fuse.plan import Plan
-from pyfusion.fuse.registry import get_method
+from pyfusion.fuse.registry import MethodSpec, get_method, method_for_config
 from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
 from pyfusion.graph import FusionGraph, trace_groups
 
@@ -22,7 +23,8 @@ def fuse(
     models: Sequence[nn.Module],
     data: Any = None,
     *,
-    method: str,
+    method: str | None = None,
+    config: MethodConfig | None = None,
     lambdas: Sequence[float] | None = None,
     graph: FusionGraph | None = None,
     reset_bn: bool | None = None,
@@ -39,7 +41,9 @@ def fuse(
         data: calibration data: a DataLoader or iterable of batches (inputs, or (inputs, labels)). Required by
             activation-based methods; used by every method for the BatchNorm reset.
         method: a registered method ("average", "weight_matching", "activation_matching", "ot", ...; see
-            :func:`pyfusion.fuse.available_methods`).
+            :func:`pyfusion.fuse.available_methods`). May be left out when ``config`` is given.
+        config: the method's settings (e.g. :class:`pyfusion.fuse.PartialConfig`; see
+            :mod:`pyfusion.fuse.config`); ``**options`` given as well replace its fields.
         lambdas: member weights (default uniform), non-negative, summing to 1.
         graph: neuron groups (default: traced from ``models[0]`` with :func:`pyfusion.graph.trace_groups`).
         reset_bn: recompute BatchNorm running statistics on ``data`` (default: when data is given and the model
@@ -50,7 +54,8 @@ def fuse(
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
             (the dense result is the same function; ``False`` keeps plain dense layers with zero blocks).
-        **options: passed to the method (e.g. ``seed``, ``cost``, ``point``).
+        **options: the method's options (e.g. ``alpha``, ``seed``, ``cost``, ``point``): the fields of its config
+            class, which checks them.
 
     Returns:
         The fused module, with ``fusion_plan`` (the :class:`Plan`), ``fusion_layouts``, ``fusion_module_layouts``
@@ -58,12 +63,17 @@ def fuse(
 
     Raises:
         ValueError: different architectures, mismatched shapes, NaN / inf weights, bad lambdas, empty data, a method
-            needing data without data, an unknown method, an unsupported layer (named by path and type).
+            needing data without data, an unknown method, an unsupported layer (named by path and type), an invalid
+            option value (naming the config field).
+        UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
     """
-    spec = get_method(method)
+    spec = _resolve_method(method, config)
+    method = spec.name
+    cfg = spec.make_config(options, config)
     members = check_members(models, spec.min_members)
     lam = check_lambdas(lambdas, len(members))
-    check_options(spec.fn, options, method)
+    if spec.config is None:  # a method with a config checked its options in make_config
+        check_options(spec.fn, options, method)
     data = prepare_data(data)
     check_data(members, data)
     if spec.needs_data == "yes" and data is None:
@@ -77,7 +87,7 @@ def fuse(
         graph.validate(members[0])
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = spec.fn(members, graph, lam, data, **options)
+    result = spec.call(members, graph, lam, data, cfg, **options)
     t_method = time.perf_counter() - t0
     info: dict[str, Any] = {"method": method, "lambdas": lam, "time_graph_s": t_graph}
     if isinstance(result, Plan):
@@ -115,3 +125,16 @@ def fuse(
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused
+
+
+def _resolve_method(method: str | None, config: MethodConfig | None) -> MethodSpec:
+    """The method named by ``method``, or implied by the type of ``config``; the two must agree."""
+    if method is None:
+        if config is None:
+            raise ValueError("fuse needs method= (see pyfusion.fuse.available_methods()) or config=")
+        return method_for_config(config)
+    spec = get_method(method)
+    if config is not None and (spec.config is None or not isinstance(config, spec.config)):
+        want = spec.config.__name__ if spec.config is not None else "keyword options (it has no config class)"
+        raise ValueError(f"method {method!r} takes {want}; got config={type(config).__name__}")
+    return spec

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from pyfusion.fuse.config import AverageConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
@@ -14,9 +15,12 @@ from pyfusion.graph.groups import FusionGraph
 __all__ = ["average_plan"]
 
 
-@register_method("average", needs_data="optional", summary="vanilla weight averaging (no alignment)")
-def average_plan(members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any = None) -> Plan:
-    """Vanilla averaging ``W' = sum_k lambda_k W_k``. ``data`` is only used by the BatchNorm reset of ``fuse``.
-
-    It takes no options (its signature says so: ``pyfusion.fuse`` refuses any with a ValueError)."""
+@register_method(
+    "average", config=AverageConfig, needs_data="optional", summary="vanilla weight averaging (no alignment)"
+)
+def average_plan(
+    members: Sequence[nn.Module], graph: FusionGraph, lambdas: Sequence[float], data: Any, config: AverageConfig
+) -> Plan:
+    """Vanilla averaging ``W' = sum_k lambda_k W_k`` (no options: :class:`AverageConfig` has no fields). ``data`` is
+    only used by the BatchNorm reset of ``fuse``."""
     return Plan.identity(graph, lambdas)

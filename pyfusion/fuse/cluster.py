@@ -34,10 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyfusion.fuse.config import ClusterConfig, PruneConfig
 from pyfusion.fuse.partial import isolated_count, resolve_alpha
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
+from pyfusion.match import weighted_kmeans
+from pyfusion.stats.groups import group_statistics
 
 __all__ = ["cluster_plan", "prune_plan", "target_widths", "labels_group_plan"]
 
@@ -118,6 +121,7 @@ def _active(lambdas: Sequence[float]) -> list[int]:
 
 @register_method(
     "cluster",
+    config=ClusterConfig,
     needs_data="yes",
     min_members=1,
     summary="generalized pruning: cluster the ensemble's (or one network's) neurons to a target width",
@@ -127,37 +131,16 @@ def cluster_plan(
     graph: FusionGraph,
     lambdas: Sequence[float],
     data: Any,
-    *,
-    width: Any = None,
-    alpha: Any = None,
-    n_restarts: int = 200,
-    seed: int = 0,
-    point: str = "post",
-    top_k: int = 5,
-    max_batches: int | None = None,
-    num_threads: int | None = None,
+    config: ClusterConfig,
 ) -> Plan:
-    """Clustering plan (module docstring).
-
-    Args:
-        width: slots per group: an int, a float fraction of one member's width, or a dict by group name.
-        alpha: alternatively, the partial-fusion level whose slot count to match.
-        n_restarts: randomized-Ward + k-means restarts per group (200: on 2 x 100 synthetic ReLU neurons with
-            2000 samples and k = 120 / 150 / 180, the best inertia of 200 restarts is within 0.01% of the best of
-            5000, at 0.2-1.5 s per group on the loaded 2-core VM; 20 restarts are within 0.07%).
-        seed: clustering seed (results are identical for any thread count).
-        point: "post" (default) or "pre" activation values.
-        top_k: candidate pairs sampled from at each randomized Ward merge.
-    """
-    from pyfusion.fuse.activations import group_statistics
-    from pyfusion.ops import weighted_kmeans
-
+    """Clustering plan (module docstring; options: :class:`ClusterConfig`: ``width`` or ``alpha``, ``n_restarts``,
+    ``seed``, ``point``, ``top_k``, ``max_batches``, ``num_threads``)."""
     t_start = time.perf_counter()
     active = _active(lambdas)
-    widths = target_widths(graph, len(active), width, alpha)
+    widths = target_widths(graph, len(active), config.width, config.alpha)
     act_members = [members[k] for k in active]
     t0 = time.perf_counter()
-    stats = group_statistics(act_members, graph, data, point=point, max_batches=max_batches)
+    stats = group_statistics(act_members, graph, data, point=config.point, max_batches=config.max_batches)
     t_stats = time.perf_counter() - t0
     groups, inertia, t_cluster = {}, {}, 0.0
     for name, g in graph.groups.items():
@@ -171,10 +154,10 @@ def cluster_plan(
             gram=gram / tr,
             weights=w,
             num_clusters=widths[name],
-            n_restarts=n_restarts,
-            top_k=top_k,
-            seed=seed,
-            num_threads=num_threads,
+            n_restarts=config.n_restarts,
+            top_k=config.top_k,
+            seed=config.seed,
+            num_threads=config.num_threads,
         )
         t_cluster += time.perf_counter() - t0
         inertia[name] = res.inertia
@@ -194,6 +177,7 @@ def cluster_plan(
 
 @register_method(
     "prune",
+    config=PruneConfig,
     needs_data="optional",
     min_members=1,
     summary="structured pruning of the ensemble (or one network) by activation std or weight norm",
@@ -202,31 +186,21 @@ def prune_plan(
     members: Sequence[nn.Module],
     graph: FusionGraph,
     lambdas: Sequence[float],
-    data: Any = None,
-    *,
-    width: Any = None,
-    alpha: Any = None,
-    criterion: str = "weight_norm",
-    point: str = "post",
-    max_batches: int | None = None,
+    data: Any,
+    config: PruneConfig,
 ) -> Plan:
-    """Structured pruning plan (module docstring).
-
-    Args:
-        width / alpha: the target width (as for ``cluster``).
-        criterion: "weight_norm" (no data) or "activation_std" (needs data).
-    """
-    if criterion not in ("weight_norm", "activation_std"):
-        raise ValueError(f"criterion must be 'weight_norm' or 'activation_std'; got {criterion!r}")
+    """Structured pruning plan (module docstring; options: :class:`PruneConfig`: ``width`` or ``alpha``,
+    ``criterion``, ``point``, ``max_batches``)."""
+    criterion = config.criterion
     if criterion == "activation_std" and data is None:
         raise ValueError("criterion='activation_std' needs calibration data")
     t_start = time.perf_counter()
     active = _active(lambdas)
-    widths = target_widths(graph, len(active), width, alpha)
+    widths = target_widths(graph, len(active), config.width, config.alpha)
     if criterion == "activation_std":
-        from pyfusion.fuse.activations import group_statistics
-
-        stats = group_statistics([members[k] for k in active], graph, data, point=point, max_batches=max_batches)
+        stats = group_statistics(
+            [members[k] for k in active], graph, data, point=config.point, max_batches=config.max_batches
+        )
     states = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in members]
     groups = {}
     for name, g in graph.groups.items():

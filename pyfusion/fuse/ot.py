@@ -14,104 +14,51 @@ Maps (DESIGN §3): ``A_k = lambda_k diag(1/a) T_k`` (each slot a barycentric com
 ``B_k = (diag(1/a) T_k)^T``. Masses: "uniform", or importance "l1" / "l2" (norm of each neuron's incoming weight
 rows, all producers of the group, normalised to sum 1), or a dict group -> K mass vectors. With uniform masses
 an optimal plan is a permutation / n (Birkhoff), solved exactly by pyfusion.ops.linear_assignment; general
-masses use POT's exact network simplex ``ot.emd`` (optional dependency: ``pip install pot``).
+masses use POT's exact network simplex ``ot.emd`` (optional dependency: ``pip install pot``); both in
+:func:`pyfusion.match.solvers.transport`. The costs and masses are :mod:`pyfusion.match` functions
+(:func:`~pyfusion.match.activations.activation_costs`, :func:`~pyfusion.match.weights.ot_weight_cost`,
+:func:`~pyfusion.match.weights.neuron_masses`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.activation_matching import activation_cost, neuron_features
-from pyfusion.fuse.activations import group_statistics
+from pyfusion.fuse.config import OTConfig
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import register_method
+from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
-from pyfusion.ops import linear_assignment
+from pyfusion.match.activations import activation_costs
+from pyfusion.match.align import SoftMap
+from pyfusion.match.solvers import check_finite, transport
+from pyfusion.match.weights import neuron_masses, ot_weight_cost
+from pyfusion.stats.groups import group_statistics
 
-__all__ = ["ot_plan", "neuron_masses"]
-
-
-def _producer_rows(state: Mapping[str, Tensor], graph: FusionGraph, name: str) -> Tensor:
-    g = graph.groups[name]
-    return torch.cat([state[r.key].movedim(r.axis, 0).reshape(g.size, -1) for r in g.producers], dim=1)
-
-
-def neuron_masses(state: Mapping[str, Tensor], graph: FusionGraph, name: str, kind: str) -> Tensor:
-    """Neuron masses of one member in one group: "uniform", "l1" or "l2" importance (float64, sums to 1)."""
-    n = graph.groups[name].size
-    if kind == "uniform":
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    rows = _producer_rows(state, graph, name)
-    if kind == "l1":
-        w = rows.abs().sum(1)
-    elif kind == "l2":
-        w = rows.norm(dim=1)
-    else:
-        raise ValueError(f"masses must be 'uniform', 'l1', 'l2' or a dict of mass vectors; got {kind!r}")
-    w = w + 1e-12 * float(w.max().clamp_min(1e-300))  # a dead neuron keeps a tiny mass: marginals stay positive
-    return w / w.sum()
+__all__ = ["ot_plan"]
 
 
-def _emd(a: Tensor, b: Tensor, cost: Tensor) -> Tensor:
-    try:
-        import ot
-    except ImportError as exc:  # pragma: no cover - POT is installed in the dev environment
-        raise ImportError("non-uniform masses need POT: pip install pot") from exc
-    t = ot.emd(a.numpy(), b.numpy(), cost.numpy(), numItermax=10_000_000)
-    return torch.as_tensor(np.asarray(t), dtype=torch.float64)
-
-
-def _transport(a: Tensor, b: Tensor, cost: Tensor, uniform: bool) -> tuple[Tensor, float]:
-    t0 = time.perf_counter()
-    n, m = cost.shape
-    if uniform and n == m:
-        _, cols = linear_assignment(cost)
-        t = torch.zeros(n, m, dtype=torch.float64)
-        t[torch.arange(n), torch.as_tensor(cols, dtype=torch.long)] = 1.0 / n
-    else:
-        t = _emd(a, b, cost)
-    return t, time.perf_counter() - t0
-
-
-def _sqdist_rows(x: Tensor, y: Tensor) -> Tensor:
-    return ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
-
-
-@register_method("ot", needs_data="optional", summary="OT fusion (exact transport; importance masses)")
+@register_method("ot", config=OTConfig, needs_data="optional", summary="OT fusion (exact transport; importance masses)")
 def ot_plan(
     members: Sequence[nn.Module],
     graph: FusionGraph,
     lambdas: Sequence[float],
-    data: Any = None,
-    *,
-    cost: str | None = None,
-    masses: str | Mapping[str, Sequence[Tensor]] = "uniform",
-    point: str = "post",
-    reference: int = 0,
-    max_batches: int | None = None,
+    data: Any,
+    config: OTConfig,
 ) -> Plan:
-    """OT fusion plan with soft maps ``A_k = lambda_k diag(1/a) T_k``, ``B_k = A_k^T / lambda_k``.
-
-    Args:
-        cost: "activations" (squared distance; default when data is given), "correlation" or "weights".
-        masses: "uniform", "l1", "l2", or group -> K mass vectors (each positive, summing to 1).
-        point: activation point for the activation costs ("post" or "pre").
-        reference: the member whose neurons define the slots.
-        max_batches: calibration batches to use.
-    """
+    """OT fusion plan with soft maps ``A_k = lambda_k diag(1/a) T_k``, ``B_k = A_k^T / lambda_k`` (options:
+    :class:`OTConfig`: ``cost``, ``masses``, ``point``, ``reference``, ``max_batches``)."""
     k_all = len(members)
-    if not 0 <= reference < k_all:
-        raise ValueError(f"reference must be a member index in [0, {k_all}); got {reference}")
+    reference = check_reference(config.reference, k_all)
+    masses = config.masses
+    cost = config.cost
     if cost is None:
         cost = "activations" if data is not None else "weights"
-    if cost not in ("activations", "correlation", "weights"):
-        raise ValueError(f"cost must be 'activations', 'correlation' or 'weights'; got {cost!r}")
     if cost != "weights" and data is None:
         raise ValueError(f"cost={cost!r} needs calibration data")
     states = [{n: t.detach().to("cpu", torch.float64) for n, t in m.named_parameters()} for m in members]
@@ -120,12 +67,12 @@ def ot_plan(
     stats = None
     if cost != "weights":
         t0 = time.perf_counter()
-        stats = group_statistics(members, graph, data, point=point, max_batches=max_batches)
+        stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
         t_stats = time.perf_counter() - t0
     uniform = isinstance(masses, str) and masses == "uniform"
     maps: dict[str, list[Tensor]] = {}  # group -> K maps M_k = diag(1/a) T_k (slots x n)
     t_solve = 0.0
-    consumer_group = {r.module: gname for gname, g in graph.groups.items() for r in g.consumers}
+    by_key = graph.refs_by_key()
     for name, g in graph.groups.items():
         if isinstance(masses, str):
             mass = [neuron_masses(st, graph, name, masses) for st in states]
@@ -137,21 +84,22 @@ def ot_plan(
                 if v.numel() != g.size or bool((v < 0).any()) or abs(float(v.sum()) - 1) > 1e-6:
                     raise ValueError(f"masses[{name!r}][{k}] must be {g.size} non-negative values summing to 1")
         a = mass[reference]
+        if stats is not None:
+            costs = activation_costs(
+                stats[name], full, graph, name, reference, "sqdist" if cost == "activations" else "correlation"
+            )
         mk = []
         for k in range(k_all):
             if k == reference:
                 mk.append(torch.eye(g.size, dtype=torch.float64))
                 continue
             if stats is not None:
-                feats = (neuron_features(full[reference], graph, name), neuron_features(full[k], graph, name))
-                c = activation_cost(
-                    stats[name], reference, k, "sqdist" if cost == "activations" else "correlation", feats
-                )
+                c = costs[k]
             else:
-                c = _weight_cost(states[reference], states[k], graph, name, maps, consumer_group, k)
-            if not bool(torch.isfinite(c).all()):
-                raise ValueError(f"group {name!r}: OT ground cost against member {k} has NaN or inf values")
-            t, dt = _transport(a, mass[k], c, uniform)
+                aligned = {gname: SoftMap(m[k]) for gname, m in maps.items()}
+                c = ot_weight_cost(states[reference], states[k], graph, name, aligned, by_key=by_key)
+            check_finite(c, f"group {name!r}: OT ground cost against member {k}")
+            t, dt = transport(a, mass[k], c, uniform)
             t_solve += dt
             mk.append(t / a[:, None])
         maps[name] = mk
@@ -167,38 +115,3 @@ def ot_plan(
     plan.info.update(method="ot", cost=cost, masses=masses if isinstance(masses, str) else "custom",
                      time_stats_s=t_stats, time_solve_s=t_solve)  # fmt: skip
     return plan
-
-
-def _weight_cost(
-    ref: Mapping[str, Tensor],
-    mem: Mapping[str, Tensor],
-    graph: FusionGraph,
-    name: str,
-    maps: Mapping[str, list[Tensor]],
-    consumer_group: Mapping[str, str],
-    k: int,
-) -> Tensor:
-    """Squared distance of incoming weight rows, member inputs aligned by the maps of earlier groups."""
-    g = graph.groups[name]
-    feats_r, feats_m, feats_r_all, feats_m_all = [], [], [], []
-    for r in g.producers + g.per_neuron:
-        if r.key not in ref:
-            continue
-        wr, wm = ref[r.key], mem[r.key]
-        src = consumer_group.get(r.module) if r.param == "weight" else None
-        ready = src is None or src in maps
-        if src is not None and src in maps:
-            cref = next(c for c in graph.groups[src].consumers if c.module == r.module)
-            m_in = maps[src][k]
-            if cref.expand > 1:
-                m_in = torch.kron(m_in, torch.eye(cref.expand, dtype=torch.float64))
-            wm = torch.tensordot(m_in, wm.movedim(cref.axis, 0), dims=([1], [0])).movedim(0, cref.axis)
-        fr, fm = wr.movedim(r.axis, 0).reshape(g.size, -1), wm.movedim(r.axis, 0).reshape(g.size, -1)
-        feats_r_all.append(fr)
-        feats_m_all.append(fm)
-        if ready:
-            feats_r.append(fr)
-            feats_m.append(fm)
-    if not feats_r:
-        feats_r, feats_m = feats_r_all, feats_m_all
-    return _sqdist_rows(torch.cat(feats_r, 1), torch.cat(feats_m, 1))

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyfusion.fuse.activations import group_statistics
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import FusionGraph
+from pyfusion.stats.groups import group_statistics
 
 __all__ = ["repair", "repair_targets"]
 

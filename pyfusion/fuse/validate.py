@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DataMismatchError", "check_data", "check_lambdas", "check_members", "check_options", "prepare_data"]
+__all__ = [
+    "DataMismatchError",
+    "check_data",
+    "check_lambdas",
+    "check_members",
+    "check_options",
+    "check_reference",
+    "prepare_data",
+]
 
 
 class MemberMismatchError(ValueError):
@@ -146,6 +154,17 @@ def check_options(fn: Callable[..., Any], options: Mapping[str, Any], method: st
         raise ValueError(
             f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options are: {', '.join(known)}"
         )
+
+
+def check_reference(reference: int, k: int) -> int:
+    """The reference member's index (a method config checked it is an int >= 0), checked against K members.
+
+    Raises:
+        ValueError: ``reference`` not in [0, K).
+    """
+    if not 0 <= reference < k:
+        raise ValueError(f"reference must be a member index in [0, {k}); got {reference!r}")
+    return int(reference)
 
 
 def prepare_data(data: Any) -> Any:

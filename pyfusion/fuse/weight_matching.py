@@ -11,146 +11,46 @@ each member (in random order) is re-aligned to the running average of the *other
 permuted into slot order), until a round changes no permutation (or ``max_rounds``). For K = 2 this is exactly
 the pairwise algorithm (member 0 defines the slot order).
 Only parameters enter the objective (BatchNorm running statistics do not; they are permuted along).
+
+The coordinate descent itself is :func:`pyfusion.match.solvers.align_weights`; this module is the K-member rule.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from pyfusion.fuse.config import WeightMatchingConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
-from pyfusion.graph.groups import AxisRef, FusionGraph
-from pyfusion.ops import linear_assignment
+from pyfusion.graph.groups import FusionGraph
+from pyfusion.match.align import permute_state
+from pyfusion.match.solvers import align_weights
 
-__all__ = ["weight_matching_plan", "permute_state", "align_weights"]
-
-
-def _index(ref: AxisRef, perm: Tensor) -> Tensor:
-    if ref.expand == 1:
-        return perm
-    return (perm[:, None] * ref.expand + torch.arange(ref.expand)).reshape(-1)
+__all__ = ["weight_matching_plan"]
 
 
-def permute_state(
-    state: Mapping[str, Tensor], graph: FusionGraph, perm: Mapping[str, Tensor], skip: str | None = None
-) -> dict[str, Tensor]:
-    """Member tensors moved into slot order: along every group axis, ``t' = t.index_select(axis, perm[g])``.
-
-    Args:
-        state: key -> tensor of one member.
-        graph: neuron groups.
-        perm: group -> (n,) long tensor, slot s holds neuron ``perm[g][s]``.
-        skip: a group left unpermuted.
-    """
-    out = dict(state)
-    for g in graph.groups.values():
-        if g.name == skip or g.name not in perm:
-            continue
-        for r in g.refs:
-            if r.key in out:
-                out[r.key] = out[r.key].index_select(r.axis, _index(r, perm[g.name]))
-    return out
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread inside the block, then restore the setting.
-
-    Coordinate descent issues thousands of tiny matmuls (n <= a few thousand); intra-op threads only add
-    synchronisation. Measured on the 2-core VM under load ~8: weight matching of three ResNet-20 (1 block per
-    stage) took 12.6 s with 2 threads and 0.39 s with 1.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _flat(t: Tensor, axis: int, n: int) -> Tensor:
-    return t.movedim(axis, 0).reshape(n, -1)
-
-
-def align_weights(
-    target: Mapping[str, Tensor],
-    member: Mapping[str, Tensor],
-    graph: FusionGraph,
-    perm: dict[str, Tensor],
-    rng: np.random.Generator,
-    max_iter: int = 100,
-) -> tuple[dict[str, Tensor], int, float]:
-    """Coordinate descent aligning ``member`` to ``target`` (both key -> float64 tensor; target in slot order).
-
-    Returns:
-        (permutations, sweeps done, seconds spent in the assignment solver).
-    """
-    with single_thread():
-        return _align_weights(target, member, graph, perm, rng, max_iter)
-
-
-def _align_weights(
-    target: Mapping[str, Tensor],
-    member: Mapping[str, Tensor],
-    graph: FusionGraph,
-    perm: dict[str, Tensor],
-    rng: np.random.Generator,
-    max_iter: int,
-) -> tuple[dict[str, Tensor], int, float]:
-    names = list(graph.groups)
-    perm = {k: v.clone() for k, v in perm.items()}
-    solve_s = 0.0
-    sweeps = 0
-    for _ in range(max_iter):
-        sweeps += 1
-        changed = False
-        for gi in rng.permutation(len(names)):
-            g = graph.groups[names[gi]]
-            moved = permute_state({r.key: member[r.key] for r in g.refs if r.key in target}, graph, perm, skip=g.name)
-            sim = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for r in g.refs:
-                if r.key not in target:
-                    continue
-                sim += _flat(target[r.key], r.axis, g.size) @ _flat(moved[r.key], r.axis, g.size).T
-            t0 = time.perf_counter()
-            _, cols = linear_assignment(sim, maximize=True)
-            solve_s += time.perf_counter() - t0
-            new = torch.as_tensor(cols, dtype=torch.long)
-            ar = torch.arange(g.size)
-            old_val, new_val = sim[ar, perm[g.name]].sum(), sim[ar, new].sum()
-            if new_val > old_val + 1e-12 * max(1.0, abs(float(old_val))):
-                perm[g.name] = new
-                changed = True
-        if not changed:
-            break
-    return perm, sweeps, solve_s
-
-
-@register_method("weight_matching", needs_data="optional", summary="Git Re-Basin weight matching (coordinate descent)")
+@register_method(
+    "weight_matching",
+    config=WeightMatchingConfig,
+    needs_data="optional",
+    summary="Git Re-Basin weight matching (coordinate descent)",
+)
 def weight_matching_plan(
     members: Sequence[nn.Module],
     graph: FusionGraph,
     lambdas: Sequence[float],
-    data: Any = None,
-    *,
-    seed: int = 0,
-    max_iter: int = 100,
-    max_rounds: int = 20,
+    data: Any,
+    config: WeightMatchingConfig,
 ) -> Plan:
-    """Weight matching plan: ``A_k = lambda_k P_k``, ``B_k = P_k^T`` with P_k from permutation coordinate descent.
-
-    Args:
-        seed: seed of the random group order.
-        max_iter: sweeps per alignment.
-        max_rounds: K > 2 only: running-average rounds.
-    """
+    """Weight matching plan: ``A_k = lambda_k P_k``, ``B_k = P_k^T`` with P_k from permutation coordinate descent
+    (options: :class:`WeightMatchingConfig`: ``seed``, ``max_iter``, ``max_rounds``)."""
+    seed, max_iter, max_rounds = config.seed, config.max_iter, config.max_rounds
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
     params = {n for n, _ in members[0].named_parameters()}

@@ -1,43 +1,96 @@
-"""Matching (DESIGN §5: ``pyfusion.match``): costs between neurons, the solvers, and the plan each method makes.
+"""Matching (DESIGN §5: ``pyfusion.match``): neuron features, costs between neurons, and the solver calls.
 
-This is the public namespace for users who want a plan (or a cost matrix) without building a network, e.g. to
-inspect which neurons partial fusion would fuse, or to feed their own builder. The implementations live with
-the methods in ``pyfusion.fuse`` and the kernels in ``pyfusion.ops``; nothing here is a second copy.
+This layer sits between the statistics and the methods (graph -> stats -> match -> fuse): it reads neuron groups
+(:mod:`pyfusion.graph`), statistics (:mod:`pyfusion.stats`) and weights, and calls the engines of
+:mod:`pyfusion.ops`; it never imports :mod:`pyfusion.fuse`. Use it to inspect or reuse a step of a method (the
+cost matrix partial fusion solves, the transport plan OT fusion finds) without building a network.
 
-* costs: :func:`neuron_features` (incoming weights of a group), :func:`activation_cost` (1 - correlation or
-  squared distance from :class:`pyfusion.stats.ActivationStats`), :func:`weight_feature_costs` (partial
-  fusion's weight / pcd features), :func:`hf_cost` (neuron-interpolation pair costs from Gram statistics);
-* solvers: :func:`linear_assignment` (exact, batched, partial forms), :func:`weighted_kmeans`;
-* plans (``Plan`` / ``GroupPlan``, the maps ``A_k``, ``B_k`` of DESIGN §3): :func:`weight_matching_plan`,
-  :func:`activation_matching_plan`, :func:`ot_plan`, :func:`partial_plan`, :func:`cluster_plan`,
-  :func:`prune_plan`; turn one into weights with :func:`pyfusion.fuse.builder.build`.
+* features: :func:`neuron_features` (dead-neuron tie-break features), :func:`neuron_masses` (OT masses),
+  :func:`neuron_importance` / :func:`attributions` (importance scores of neuron interpolation), and the
+  alignment of member tensors through other groups' maps (:func:`aligned_features`, :class:`Permutation`,
+  :class:`MatchedPairs`, :class:`SoftMap`, :func:`permute_state`);
+* costs: :func:`sqdist`, :func:`correlation_cost`, :func:`combine_costs` (feature rows),
+  :func:`activation_cost` / :func:`activation_costs` (from :class:`pyfusion.stats.ActivationStats`),
+  :func:`weight_cost` (partial fusion's weights and pcd), :func:`weight_feature_costs`, :func:`ot_weight_cost`,
+  :func:`hf_pair_cost` and :func:`hf_cost` (neuron-interpolation pair costs from Gram statistics);
+* solvers: :func:`linear_assignment` (exact, batched, partial forms), :func:`assignments`,
+  :func:`partial_assignments`, :func:`transport` (OT coupling: assignment or POT), :func:`weighted_kmeans`,
+  :func:`align_weights` (permutation coordinate descent); the partial matching of a whole graph
+  (:func:`partial_activation_assignments`, :func:`partial_weight_assignments`, :class:`PartialAssignment`).
+
+Plans are made by the methods, which live one layer up: ``pyfusion.fuse.partial_plan``, ``weight_matching_plan``,
+``activation_matching_plan``, ``ot_plan``, ``cluster_plan``, ``prune_plan`` (and ``Plan`` / ``GroupPlan``). The
+same names are still reachable here for compatibility, resolved from :mod:`pyfusion.fuse` on first access (so
+importing ``pyfusion.match`` does not import the methods); new code should take them from ``pyfusion.fuse``.
+
+Every name is resolved on first access (the submodules are imported then): importing one submodule, e.g. the
+method configs importing :mod:`pyfusion.match.activations` for its cost names, does not import the engines.
 """
 
-from pyfusion.fuse.activation_matching import activation_cost, activation_matching_plan, neuron_features
-from pyfusion.fuse.cluster import cluster_plan, prune_plan
-from pyfusion.fuse.ot import ot_plan
-from pyfusion.fuse.partial import partial_plan, weight_feature_costs
-from pyfusion.fuse.plan import GroupPlan, Plan
-from pyfusion.fuse.weight_matching import weight_matching_plan
-from pyfusion.ops.assignment import AssignmentResult, linear_assignment
-from pyfusion.ops.cluster import ClusterResult, weighted_kmeans
-from pyfusion.ops.interp_cost import hf_cost
+from __future__ import annotations
 
-__all__ = [
-    "AssignmentResult",
-    "ClusterResult",
-    "GroupPlan",
-    "Plan",
-    "activation_cost",
-    "activation_matching_plan",
-    "cluster_plan",
-    "hf_cost",
-    "linear_assignment",
-    "neuron_features",
-    "ot_plan",
-    "partial_plan",
-    "prune_plan",
-    "weight_feature_costs",
-    "weight_matching_plan",
-    "weighted_kmeans",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it (resolved on first access)
+_EXPORTS = {
+    "activation_cost": "pyfusion.match.activations",
+    "activation_costs": "pyfusion.match.activations",
+    "neuron_features": "pyfusion.match.activations",
+    "MatchedPairs": "pyfusion.match.align",
+    "Permutation": "pyfusion.match.align",
+    "SoftMap": "pyfusion.match.align",
+    "aligned_features": "pyfusion.match.align",
+    "permute_state": "pyfusion.match.align",
+    "combine_costs": "pyfusion.match.distance",
+    "correlation_cost": "pyfusion.match.distance",
+    "sqdist": "pyfusion.match.distance",
+    "attributions": "pyfusion.match.importance",
+    "neuron_importance": "pyfusion.match.importance",
+    "hf_pair_cost": "pyfusion.match.interp",
+    "PartialAssignment": "pyfusion.match.partial",
+    "partial_activation_assignments": "pyfusion.match.partial",
+    "partial_weight_assignments": "pyfusion.match.partial",
+    "weight_feature_costs": "pyfusion.match.partial",
+    "align_weights": "pyfusion.match.solvers",
+    "assignments": "pyfusion.match.solvers",
+    "partial_assignments": "pyfusion.match.solvers",
+    "transport": "pyfusion.match.solvers",
+    "neuron_masses": "pyfusion.match.weights",
+    "ot_weight_cost": "pyfusion.match.weights",
+    "weight_cost": "pyfusion.match.weights",
+    # the engines (ops), which are the solvers themselves
+    "AssignmentResult": "pyfusion.ops.assignment",
+    "linear_assignment": "pyfusion.ops.assignment",
+    "ClusterResult": "pyfusion.ops.cluster",
+    "weighted_kmeans": "pyfusion.ops.cluster",
+    "hf_cost": "pyfusion.ops.interp_cost",
+}
+
+# Plan-making names, kept here for compatibility: they belong to pyfusion.fuse (the layer above) and are
+# resolved from it on first access, never at import time (pyfusion.match must not import pyfusion.fuse).
+_FROM_FUSE = {
+    "GroupPlan": "pyfusion.fuse.plan",
+    "Plan": "pyfusion.fuse.plan",
+    "activation_matching_plan": "pyfusion.fuse.activation_matching",
+    "cluster_plan": "pyfusion.fuse.cluster",
+    "ot_plan": "pyfusion.fuse.ot",
+    "partial_plan": "pyfusion.fuse.partial",
+    "prune_plan": "pyfusion.fuse.cluster",
+    "weight_matching_plan": "pyfusion.fuse.weight_matching",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name) or _FROM_FUSE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyfusion.match' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_FROM_FUSE))

@@ -1,4 +1,8 @@
-"""Per-group activation statistics of K members, through pyfusion.stats.collect_stats.
+"""Per-group activation statistics of K members, through :func:`pyfusion.stats.collect_stats`.
+
+This module is part of ``pyfusion.stats`` (not ``pyfusion.fuse`` or ``pyfusion.match``) because it needs only the
+neuron groups (``pyfusion.graph``) and the statistics engine: every method, REPAIR and the matching costs read
+these statistics, so they sit below all of them in the data flow graph -> stats -> match -> fuse.
 
 Each group's activations are observed at its pre-activation points (producer / BatchNorm / LayerNorm outputs,
 residual sums) or post-activation points (activation outputs). When the graph was traced with torch.fx, an
@@ -18,9 +22,10 @@ import torch
 from torch import fx, nn
 
 from pyfusion.graph.groups import FusionGraph
-from pyfusion.stats import ActivationStats, collect_stats
+from pyfusion.stats.activation_stats import ActivationStats
+from pyfusion.stats.collect import collect_stats
 
-__all__ = ["group_points", "group_statistics"]
+__all__ = ["group_points", "group_statistics", "tapped_module"]
 
 
 def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -37,7 +42,7 @@ def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], l
     return out
 
 
-def _tapped(member: nn.Module, traced: fx.GraphModule, taps: dict[str, list[str]]) -> tuple[nn.Module, dict]:
+def tapped_module(member: nn.Module, traced: fx.GraphModule, taps: dict[str, list[str]]) -> tuple[nn.Module, dict]:
     """A GraphModule over ``member``'s own submodules with an Identity tap after every listed node."""
     g = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
@@ -94,7 +99,7 @@ def group_statistics(
         if graph.traced is not None:
             runners, points = [], {}
             for member in members:
-                gm, points = _tapped(member, graph.traced, {g: pts[g][0] for g in wanted})
+                gm, points = tapped_module(member, graph.traced, {g: pts[g][0] for g in wanted})
                 gm.train(member.training)
                 runners.append(gm)
         else:

@@ -1,0 +1,70 @@
+"""Distances between neurons given as feature rows: the one squared-distance and correlation cost of pyfusion.
+
+Every method that compares neurons by a feature vector (weights, pcd, OT ground costs, the dead-neuron
+tie-break, the slot alignment of neuron interpolation) calls these; the statistics engine has its own finalizers
+for activation costs (:meth:`pyfusion.stats.ActivationStats.sqdist`, ``corr``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["combine_costs", "correlation_cost", "sqdist", "sqdist_from_gram"]
+
+
+def sqdist_from_gram(sq_a: Tensor, sq_b: Tensor, cross: Tensor, *, clamp: bool = True) -> Tensor:
+    """Squared Euclidean distances from inner products: ``d_ij = sq_a[i] + sq_b[j] - 2 cross[i, j]``.
+
+    Args:
+        sq_a: (n_a,) squared norms of the first set.
+        sq_b: (n_b,) squared norms of the second set.
+        cross: (n_a, n_b) inner products.
+        clamp: set the (rounding-only) negative entries to 0.
+
+    Returns:
+        (n_a, n_b), the dtype of the inputs.
+    """
+    d = sq_a[:, None] + sq_b[None, :] - 2.0 * cross
+    return d.clamp_min_(0.0) if clamp else d
+
+
+def sqdist(a: Tensor, b: Tensor, *, exact: bool = False) -> Tensor:
+    """Squared Euclidean distances between the rows of ``a`` (n_a, F) and ``b`` (n_b, F): (n_a, n_b), >= 0.
+
+    The default is one GEMM, ``||a_i||^2 + ||b_j||^2 - 2 a_i . b_j`` (negative rounding clamped to 0).
+    ``exact=True`` forms every difference, ``sum_f (a_if - b_jf)^2`` (O(n_a n_b F) memory: small blocks only),
+    which is exactly 0 for identical rows; the dead-neuron tie-break of the activation costs needs that.
+    """
+    if exact:
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    return sqdist_from_gram((a * a).sum(1), (b * b).sum(1), a @ b.T)
+
+
+def correlation_cost(a: Tensor, b: Tensor) -> Tensor:
+    """``1 - Pearson correlation`` of the rows of ``a`` (n_a, F) and ``b`` (n_b, F): (n_a, n_b) in [0, 2].
+
+    A constant row has correlation 0 with every row (cost 1): it carries no signal to match on.
+    """
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    a = a / torch.where(na > 0, na, torch.ones_like(na))[:, None]
+    b = b / torch.where(nb > 0, nb, torch.ones_like(nb))[:, None]
+    return 1.0 - (a @ b.T).clamp(-1.0, 1.0)
+
+
+def combine_costs(costs: Sequence[Tensor]) -> Tensor:
+    """Average of cost matrices each normalised to sum 1 (one that sums to 0 is kept as is); one is returned as is.
+
+    This is the pcd rule of partial fusion (Morelli & Eckstein 2026, ``combine_costs``): the incoming- and
+    outgoing-weight costs have different scales, and each should weigh the same.
+    """
+    if not costs:
+        raise ValueError("combine_costs needs at least one cost matrix; got none")
+    if len(costs) == 1:
+        return costs[0]
+    normed = [c / c.sum() if float(c.sum()) > 0 else c for c in costs]
+    return sum(normed) / len(normed)
