@@ -170,9 +170,18 @@ class Dispatcher:
         op: the op's name (as in ``PYFUSION_BACKEND`` and ``python -m pyfusion.info``).
         backends: in priority order; their names must be distinct.
         arg_names: the names of the op's positional arguments, for error messages.
+        cache_key: for ops called often on small inputs: a function of the op's arguments that captures
+            everything its backends' reasons depend on (device, dtype, ...); :meth:`__call__` then remembers
+            the choice per key (:meth:`select_cached`).
     """
 
-    def __init__(self, op: str, backends: Sequence[Backend], arg_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        op: str,
+        backends: Sequence[Backend],
+        arg_names: Sequence[str] | None = None,
+        cache_key: Callable[..., Hashable] | None = None,
+    ):
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"op {op!r}: backend names must be distinct; got {names}")
@@ -181,6 +190,7 @@ class Dispatcher:
         self.arg_names = tuple(arg_names) if arg_names is not None else None
         self._by_name = {b.name: b for b in self.backends}
         self._cache: dict[Hashable, Backend] = {}
+        self._cache_key = cache_key
         REGISTRY[op] = self
 
     def _inputs(self, args: Sequence[Any]) -> str:
@@ -247,6 +257,8 @@ class Dispatcher:
         return "\n".join(lines)
 
     def __call__(self, *args: Any) -> Any:
+        if self._cache_key is not None:
+            return self.select_cached(self._cache_key(*args), *args).fn(*args)
         return self.select(*args).fn(*args)
 
 

@@ -67,7 +67,12 @@ def _solve_cpp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ engine (csrc/assignment). CUDA inputs are copied to host, solved there, returned on the device."""
     device = costs[0].device
-    arrays = [c.detach().to("cpu").contiguous().numpy() for c in costs]
+    if device.type == "cpu":  # the public function hands over contiguous CPU tensors: views, no copies
+        arrays = [
+            c.numpy() if c.is_contiguous() and not c.requires_grad else c.detach().contiguous().numpy() for c in costs
+        ]
+    else:
+        arrays = [c.detach().to("cpu").contiguous().numpy() for c in costs]
     cols, totals = _engine(arrays, maximize, num_matches, unmatched_cost, num_threads)
     if device.type == "cpu":
         return torch.from_numpy(cols), torch.from_numpy(totals)
@@ -122,6 +127,8 @@ DISPATCHER = Dispatcher(
         Backend("reference", _solve_reference, description="scipy linear_sum_assignment, float64, one at a time"),
     ],
     arg_names=("costs", "maximize", "num_matches", "unmatched_cost", "num_threads"),
+    # Neither backend's reasons depend on the inputs: cache the choice (small problems solve in ~10 us).
+    cache_key=lambda costs, *_: costs[0].device.type,
 )
 
 
@@ -328,8 +335,8 @@ def linear_assignment(
 
     if probs:
         cols_t, totals_t = OP(probs, bool(maximize), ks, unmatched_cost, 0 if num_threads is None else num_threads)
-        cols_np = cols_t.cpu().numpy()
-        totals = totals_t.cpu().numpy()
+        cols_np = (cols_t if cols_t.is_cpu else cols_t.cpu()).numpy()
+        totals = (totals_t if totals_t.is_cpu else totals_t.cpu()).numpy()
     else:
         cols_np = np.zeros((0, 0), dtype=np.int64)
         totals = np.zeros(0, dtype=np.float64)
