@@ -8,7 +8,7 @@ converted to tensors at this boundary) and calls the :class:`LazyOp`.
 
 Registration is deferred to the first call that needs the registered op, and eager calls that need neither
 autograd nor tracing call the dispatcher directly (the same function the op's body calls, so the results
-are the same). Both for the cost of the torch.library machinery, measured here (torch 2.13, 2-core VM):
+are the same). Both because of what the torch.library machinery costs, measured here (torch 2.13, 2-core VM):
 
 * creating a ``triton_op`` imports ``torch._inductor``, and with it triton (about 1.6 s);
 * the first call of any ``custom_op`` imports ``torch._dynamo`` (about 1.7 s, triton included), through the

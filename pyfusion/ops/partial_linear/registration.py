@@ -3,8 +3,8 @@
 Registered on first need (:class:`pyfusion.ops._registry.LazyOp`): creating a ``triton_op`` imports
 ``torch._inductor`` and triton. The op's body calls the one dispatcher (:mod:`.backends`): traced by
 torch.compile it records the Triton launch through ``wrap_triton`` on CUDA and the functional torch form
-elsewhere; on real CPU / CUDA tensors the device kernels call the same dispatcher (forward-only backends decline
-inside the op).
+elsewhere; the CPU kernel calls the same dispatcher on real tensors (in-place BLAS). Inside the op the
+forward-only backends (the compiled small-batch kernel, the interpreter) decline.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ def _register() -> None:
         with op_context(traceable=True):
             return DISPATCHER(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
 
-    def _device_kernel(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation):
+    # Real CPU tensors: the in-place BLAS forms. CUDA (and every other device) runs the body, as triton_op
+    # launches it eagerly: with wrap_triton switched off, so the Triton kernel is launched directly.
+    @_partial_linear_op.register_kernel("cpu")
+    def _partial_linear_cpu(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation):
         with op_context(traceable=False):
             return DISPATCHER(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
-
-    _partial_linear_op.register_kernel("cpu")(_device_kernel)
-    _partial_linear_op.register_kernel("cuda")(_device_kernel)
 
     @_partial_linear_op.register_fake
     def _partial_linear_fake(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation):
