@@ -152,3 +152,21 @@ def test_info_lists_every_op_and_backend_with_reasons():
             else:
                 assert b.description in row
     assert "[x] reference" in out and "[x] torch" in out
+
+
+def test_ops_and_nn_import_no_layer_above_them():
+    """Layering (COMMON.md): ops and nn sit below graph / stats / match / fuse / cli and never import them."""
+    import ast
+
+    above = ("pyfusion.graph", "pyfusion.stats", "pyfusion.match", "pyfusion.fuse", "pyfusion.cli")
+    bad = []
+    for folder in ("ops", "nn"):
+        for path in sorted((ROOT / "pyfusion" / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith(above)]
+    assert not bad, bad
