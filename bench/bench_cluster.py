@@ -23,8 +23,6 @@ Usage: python bench/bench_cluster.py [--quick] [--out PATH]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import Report, output_path  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -123,7 +122,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny problem, seconds (keeps the script from rotting)")
     ap.add_argument("--ref-restarts", type=int, default=50, help="restarts actually timed for the sklearn contenders")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster_cpu.md"))
+    ap.add_argument("--out", help="Markdown file (default: bench/results/cluster_cpu.md; quick: a temporary folder)")
     args = ap.parse_args()
     if not _ext.EXT_AVAILABLE:
         sys.exit(f"the compiled extension is required: {_ext.EXT_SKIP_REASON}")
@@ -136,16 +135,15 @@ def main() -> None:
     gram = x @ x.T
     ca = np.einsum("ij,ij->i", x, x)
     d2 = np.maximum(ca[:, None] + ca[None, :] - 2.0 * gram, 0.0)
-    load_before = os.getloadavg()
-    lines = [
-        "# Clustering for generalized pruning: pyfusion C++ engine vs the reference approach",
-        "",
-        f"Machine: 2-core AMD EPYC VM ({platform.machine()}), no GPU; {os.cpu_count()} logical CPUs; "
-        f"Python {platform.python_version()}; machine shared with other jobs (load below).",
+    report = Report(
+        "Clustering for generalized pruning: pyfusion C++ engine vs the reference approach", quick=args.quick
+    )
+    report.text(
+        "The machine is shared with other jobs (load average above).",
         f"Problem: D = {d} points (2 members x {n} neurons), F = {samples} features (GELU activations, "
         f"Frobenius-normalised), weights 0.5, top_k = 5, k = n (1 + alpha). {'QUICK MODE. ' if args.quick else ''}",
         "Wall = elapsed time; CPU = process CPU time (all threads), less sensitive to other jobs on the machine.",
-    ]
+    )
     summary = []
     for alpha in (0.5,) if args.quick else (0.5, 0.0):
         k = int(round((1 + alpha) * n))
@@ -171,42 +169,32 @@ def main() -> None:
         ref_w, ref_c = per[("reference: numpy randomized Ward + sklearn KMeans", "1")]
         o1w, o1c = per[("pyfusion weighted_kmeans (points)", "1")]
         o2w, _ = per[("pyfusion weighted_kmeans (points)", "2")]
-        lines += [
-            "",
-            f"## alpha = {alpha}: k = {k} clusters",
-            "",
-            f"| method | restarts run | threads | wall (s) | CPU (s) | wall at {restarts} restarts (s) "
-            "| best inertia |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, r, th, wall, cpu, inertia in rows:
-            note = "" if r == restarts else " (extrapolated)"
-            lines.append(
-                f"| {name} | {r} | {th} | {wall:.4f} | {cpu:.4f} | {wall / r * restarts:.3f}{note} | {inertia:.7g} |"
-            )
+        report.text(f"## alpha = {alpha}: k = {k} clusters")
+        full = f"wall at {restarts} restarts (s)"
+        report.table(
+            f"alpha{alpha}",
+            ["method", "restarts run", "threads", "wall (s)", "CPU (s)", full, "extrapolated", "best inertia"],
+            [[nm, r, th, wall, cpu, wall / r * restarts, r != restarts, inert] for nm, r, th, wall, cpu, inert in rows],
+            formats={"wall (s)": ".4f", "CPU (s)": ".4f", full: ".3f", "best inertia": ".7g",
+                     "extrapolated": lambda v: "yes" if v else ""},
+            align={"threads": "left"},
+        )  # fmt: skip
         msg = (
             f"alpha = {alpha}: speed-up at {restarts} restarts over the reference approach (one process, features): "
             f"{ref_w / o1w:.0f}x wall ({ref_c / o1c:.0f}x CPU) with 1 thread, {ref_w / o2w:.0f}x wall with 2 threads "
             f"({ref_w / 2 / o2w:.0f}x against an ideal 2-process joblib run of the reference)."
         )
-        lines += ["", msg]
+        report.text(msg)
         summary.append(msg)
-    load_after = os.getloadavg()
-    lines += [
-        "",
-        f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
-        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}.",
-        "",
+    report.text(
         "Notes: the reference and scikit-learn contenders run the restarts shown and are extrapolated "
         "linearly to the full count (restarts are independent); their inertias are the best of the restarts "
         "actually run. scikit-learn and numpy run single-threaded (threadpoolctl). The reference refines with "
         "Lloyd only; pyfusion adds Hartigan moves by default (the refine=lloyd row: without). The pyfusion "
         "(points) rows include the centred Gram matrix computation from the features.",
-    ]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    )
+    report.write(output_path(args.out, "cluster_cpu.md", args.quick))
+    print(report.markdown())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from common import Report, output_path  # noqa: E402
 
 METHODS = ["pyfusion", "torch f32 composite", "torch f64 composite", "torch.corrcoef", "numpy.corrcoef"]
 
@@ -141,28 +142,18 @@ def measure_memory(name: str, n: int, d: int) -> float:
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_extra"] / 2**20
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+def engine_isa() -> str:
     from pyfusion import _ext
 
-    isa = _ext._C.corr_best_isa() if _ext.EXT_AVAILABLE else "no extension"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    versions = f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
-    return f"{os.cpu_count()}-core {model} VM, {gpu}; {versions}; engine micro-kernel: {isa}"
+    return _ext._C.corr_best_isa() if _ext.EXT_AVAILABLE else "no extension"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, one thread, no memory subprocesses")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "correlation_cpu.md"))
+    ap.add_argument(
+        "--out", help="Markdown file (default: bench/results/correlation_cpu.md; quick: a temporary folder)"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dims", type=int, nargs="+", help="D values (default 256 1024 2048; quick: 64 128)")
     ap.add_argument("--threads", type=int, nargs="+", help="thread counts (default 1 2; quick: 1)")
@@ -190,6 +181,7 @@ def main() -> None:
         for d in dims:
             print(f"| {d} | " + " | ".join(f"{measure_memory(m, n, d):.1f}" for m in METHODS) + " |", flush=True)
         return
+    report = Report("Correlation engine benchmark (CPU)", quick=args.quick)
     rows = []
     for d in dims:
         x_off = make_data(n, d, True)
@@ -210,10 +202,9 @@ def main() -> None:
                 rows.append((d, t, m, times[m], base / times[m], 2 * n * d * d / times[m] / 1e9, mem[m], *err[m], load))
                 print(f"D={d} threads={t} {m:20s} {times[m]:.4f}s x{base / times[m]:.2f} err_off={err[m][0]:.2e}")
 
-    lines = [
-        "# Correlation engine benchmark (CPU)",
-        "",
-        f"Machine: {machine()}. Shared with other jobs: the 1-minute load average at each row is in the table.",
+    report.text(
+        f"numpy {np.__version__}; engine micro-kernel: {engine_isa()}. Shared with other jobs: the 1-minute load "
+        "average at each row is in the table.",
         f"N = {n} samples, float32 input, D neurons; time = best of {repeats} interleaved rounds (float64 "
         f"baselines: best of {min(repeats, 2)}); speedup against the float32 torch "
         "composite (X.T @ X + column sums in float32, float64 finalize). GFLOP/s counts the full Gram (2 N D^2).",
@@ -221,28 +212,25 @@ def main() -> None:
         "minus RSS before it (input excluded).",
         "Error: max |corr - float64 two-pass reference|; offset data X = 1e3 + 1e-2 Z, plain data X = Z "
         "(Z correlated Gaussian).",
-        "",
-        "| D | threads | method | time (s) | speedup vs f32 composite | eff. GFLOP/s | peak extra MiB | "
-        "err offset | err plain | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for d, t, m, tm, sp, gf, mb, eo, ep, load in rows:
-        lines.append(
-            f"| {d} | {t} | {m} | {tm:.4f} | {sp:.2f}x | {gf:.0f} | {mb:.1f} | {eo:.1e} | {ep:.1e} | {load:.1f} |"
-        )
+    )
+    report.table(
+        "methods",
+        ["D", "threads", "method", "time (s)", "speedup vs f32 composite", "eff. GFLOP/s", "peak extra MiB",
+         "err offset", "err plain", "load"],
+        [list(r) for r in rows],
+        formats={"time (s)": ".4f", "speedup vs f32 composite": "{:.2f}x".format, "eff. GFLOP/s": ".0f",
+                 "peak extra MiB": ".1f", "err offset": ".1e", "err plain": ".1e", "load": ".1f"},
+        align={"D": "left", "threads": "left"},
+    )  # fmt: skip
     ok_speed = all(sp >= 1.2 for d, t, m, tm, sp, *_ in rows if m == "pyfusion")
     ok_err = all(eo <= 1e-6 for d, t, m, tm, sp, gf, mb, eo, *_ in rows if m == "pyfusion")
-    lines += [
-        "",
+    report.text(
         f"Targets (pyfusion >= 1.2x the float32 composite at every D and thread count; offset-data error <= 1e-6): "
         f"speed {'met' if ok_speed else 'NOT met'}, error {'met' if ok_err else 'NOT met'}"
         + (" (quick mode: small shapes, not the target configuration)" if args.quick else "")
-        + ".",
-    ]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+        + "."
+    )
+    report.write(output_path(args.out, "correlation_cpu.md", args.quick))
 
 
 if __name__ == "__main__":

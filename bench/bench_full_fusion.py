@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from common import Report, output_path
 from scipy.optimize import linear_sum_assignment
 
 import pyfusion
@@ -171,19 +171,14 @@ def ours(members, data, method, **opts):
     }
 
 
+COLUMNS = ["setup", "method", "statistics", "cost", "solving", "building", "total", "stored MB"]
+FORMATS = {c: (lambda v: "-" if np.isnan(v) else f"{v:.3f}") for c in COLUMNS[2:7]}
+FORMATS["stored MB"] = lambda v: "-" if np.isnan(v) else f"{v:.0f}"
+
+
 def _row(setup, name, r):
     total = r.get("total", r["stats"] + r["cost"] + r["solve"] + (0 if np.isnan(r["build"]) else r["build"]))
-    f = lambda v: "-" if np.isnan(v) else f"{v:.3f}"  # noqa: E731
-    mb = r.get("stored_mb", 0.0)
-    cells = [
-        f(r["stats"]),
-        f(r["cost"]),
-        f(r["solve"]),
-        f(r["build"]),
-        f"{total:.3f}",
-        "-" if np.isnan(mb) else f"{mb:.0f}",
-    ]
-    return f"| {setup} | {name} | " + " | ".join(cells) + " |"
+    return [setup, name, r["stats"], r["cost"], r["solve"], r["build"], total, r.get("stored_mb", 0.0)]
 
 
 def _best(fn, repeat):
@@ -206,12 +201,11 @@ def run_setup(setup, members, data, repeat):
     ]
     for name, fn in cases:
         rows.append(_row(setup, name, _best(fn, repeat)))
-        print(rows[-1], flush=True)
+        print(" | ".join(FORMATS[c](v) if c in FORMATS else str(v) for c, v in zip(COLUMNS, rows[-1])), flush=True)
     return rows
 
 
 NOTES = [
-    "",
     "Notes:",
     "",
     "- Statistics are dominated by the members' forward passes, which both approaches run identically; pyfusion "
@@ -231,11 +225,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds); for the smoke test")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "full_fusion_time.md"))
+    ap.add_argument(
+        "--out", help="Markdown file (default: bench/results/full_fusion_time.md; quick: a temporary folder)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()[0]
+    report = Report("Full fusion: time per stage", quick=args.quick)
     torch.manual_seed(0)
     rows = []
     width, side, n_img = (1, 8, 32) if args.quick else (4, 32, 128)
@@ -260,28 +256,20 @@ def main() -> None:
     for n in (200, 1000) if args.quick else (1000, 10000):
         data = [x[i : i + 500] for i in range(0, n, 500)]
         rows += run_setup(f"MLP {'-'.join(map(str, sizes))}, {n} samples", mlps, data, args.repeat)
-    lines = [
-        "# Full fusion: time per stage",
-        "",
-        f"Machine: 2-core AMD EPYC VM, no GPU ({platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end "
-        "(the machine is shared: timings are noisy). Extension backends: "
+    report.text(
+        f"torch {torch.get_num_threads()} threads (the machine is shared: timings are noisy). Extension backends: "
         f"{'C++ built' if _has_ext() else 'no compiled extension (reference solver)'}. MLP inputs: {src}. "
-        f"Best of {args.repeat} run(s). Produced by `bench/bench_full_fusion.py{' --quick' if args.quick else ''}`.",
-        "",
+        f"Best of {args.repeat} run(s).",
+    )
+    report.text(
         "Columns (seconds): statistics (forward passes + activation statistics), cost (similarities / cost "
         "matrices and other method work), solving (assignment / OT solver), building (fused weights), total. "
         "`stored MB`: activations the peers' approach keeps in memory (pyfusion streams them: O(width^2) per group).",
-        "",
-        "| setup | method | statistics | cost | solving | building | total | stored MB |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        *NOTES,
-    ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    )
+    report.table("stages", COLUMNS, rows, formats=FORMATS)
+    report.text(*NOTES)
+    report.write(output_path(args.out, "full_fusion_time.md", args.quick))
+    print(report.markdown())
 
 
 def _has_ext() -> bool:

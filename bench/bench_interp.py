@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import Report, output_path  # noqa: E402
 
 import pyfusion  # noqa: E402
 from pyfusion.fuse.interp.fitting import set_linear  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", help="Markdown file (default: bench/results/interp_time.md; quick: a temporary folder)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -100,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    report = Report("Neuron-interpolation fusion time: ours vs the authors' approach", quick=args.quick)
     if args.quick:
         widths, hidden, side, samples = (4, "M", 8, "M"), 16, 12, 64
     else:
@@ -139,13 +141,9 @@ def main() -> None:
             acc_a = float((auth(x).argmax(1) == y).float().mean())
         rows.append((method, min(t_auth), min(t_ours), min(t_auth) / min(t_ours), acc_a, acc_o))
         print(rows[-1], flush=True)
-    load = os.getloadavg()
-    lines = [
-        "# Neuron-interpolation fusion time: ours vs the authors' approach",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, 2-core AMD EPYC VM, no GPU; torch threads "
-        f"{torch.get_num_threads()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(other jobs shared the 2 cores: treat the times as upper bounds, the ratio as indicative).",
+    report.text(
+        f"torch threads {torch.get_num_threads()} (other jobs shared the cores: treat the times as upper bounds, "
+        "the ratio as indicative).",
         f"Members: two VGG-style CNNs `vgg({widths}, in_channels=1, image_size={side}, hidden={hidden})` "
         f"(BatchNorm, 10 classes); calibration data: {source}. Best of {args.repeats} runs. Uniform importance.",
         "Authors' approach (our reimplementation, `authors_fuse`): `pinv` of the whole unfolded input per layer, "
@@ -153,22 +151,20 @@ def main() -> None:
         "scikit-learn `KMeans(n_init=10)` on the K*n activation vectors. Ours: Gram statistics + Cholesky, "
         "C++ cost epilogue + C++ exact assignment (hf), C++ weighted k-means with 10 randomized-Ward restarts "
         "on the (Kn, Kn) Gram (kf).",
-        "",
-        "| method | authors' approach (s) | ours (s) | speed-up | acc. authors (calib.) | acc. ours (calib.) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m, ta, to, r, aa, ao in rows:
-        lines.append(f"| {m} | {ta:.3f} | {to:.3f} | {r:.1f}x | {aa:.3f} | {ao:.3f} |")
-    lines.append("")
-    lines.append(
+    )
+    report.table(
+        "methods",
+        ["method", "authors' approach (s)", "ours (s)", "speed-up", "acc. authors (calib.)", "acc. ours (calib.)"],
+        [list(r) for r in rows],
+        formats={"authors' approach (s)": ".3f", "ours (s)": ".3f", "speed-up": "{:.1f}x".format,
+                 "acc. authors (calib.)": ".3f", "acc. ours (calib.)": ".3f"},
+    )  # fmt: skip
+    report.text(
         "Accuracies are on the calibration samples themselves (a sanity check that both produce a working model, "
         "not a generalisation result; see interp_mnist.md for test accuracies)."
     )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print(report.markdown())
+    report.write(output_path(args.out, "interp_time.md", args.quick))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ import time
 import numpy as np
 import ot
 import torch
+from common import Report, output_path
 from torch import nn
 
 import pyfusion
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
@@ -203,7 +203,9 @@ def reference_clustering(x: np.ndarray, w: np.ndarray, k: int, restarts: int, se
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "partial_fusion_time.md"))
+    ap.add_argument(
+        "--out", help="Markdown file (default: bench/results/partial_fusion_time.md; quick: a temporary folder)"
+    )
     ap.add_argument(
         "--threads", type=int, default=1,
         help="torch and BLAS threads for both sides (1: on the shared, loaded 2-core VM, 2 threads made torch's "
@@ -218,20 +220,13 @@ def main() -> None:
     widths = [8, "M", 16, "M", 32, 32, "M", 32, 32, "M", 32, 32, "M"] if args.quick else VGG11
     ma, mb = vgg11(widths, 0), vgg11(widths, 1)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    lines = [
-        "# Fusion time: pyfusion vs a direct reimplementation of the reference",
-        "",
-        f"Machine: 2-core AMD EPYC VM, no GPU; torch and BLAS threads {torch.get_num_threads()} for both sides "
-        "in the partial-fusion part; clustering: both sides with their defaults (2 threads); load average at start "
-        f"{os.getloadavg()[0]:.1f} (the machine is shared with other jobs: times are noisy)."
-        + (" QUICK MODE: small widths, not a result." if args.quick else ""),
-        "",
-        "## Partial fusion of a VGG11-sized pair (weight features, lambda 0.5, float64)",
-        "",
-        "| alpha | reference (ot.emd + dense assembly) s | pyfusion.fuse s (matching / build / swap) | speed-up | "
-        "max abs diff of logits |",
-        "|---|---|---|---|---|",
-    ]
+    report = Report("Fusion time: pyfusion vs a direct reimplementation of the reference", quick=args.quick)
+    report.text(
+        f"torch and BLAS threads {torch.get_num_threads()} for both sides in the partial-fusion part; clustering: "
+        "both sides with their defaults (2 threads); the machine is shared with other jobs: times are noisy."
+    )
+    report.text("## Partial fusion of a VGG11-sized pair (weight features, lambda 0.5, float64)")
+    fusion_rows = []
     pyfusion.fuse([ma, mb], method="partial", alpha=0.5, features="weights")  # warm-up (imports)
     for alpha in (0.25, 0.5, 0.75):  # alpha * n integer for every width: no mass splitting
         t0 = time.perf_counter()
@@ -243,23 +238,23 @@ def main() -> None:
         inf = ours.fusion_info
         swap = o - inf["time_method_s"] - inf["time_build_s"] - inf["time_graph_s"]
         diff = float((ref(x) - ours.eval()(x)).abs().max())
-        lines.append(
-            f"| {alpha:g} | {r:.2f} | {o:.2f} ({inf['time_method_s']:.2f} / {inf['time_build_s']:.2f} / "
-            f"{swap:.2f}) | {r / o:.1f}x | {diff:.1e} |"
-        )
-        print(lines[-1], flush=True)
+        fusion_rows.append([alpha, r, o, inf["time_method_s"], inf["time_build_s"], swap, r / o, diff])
+        print(fusion_rows[-1], flush=True)
+    report.table(
+        "partial_fusion",
+        ["alpha", "reference (ot.emd + dense assembly) s", "pyfusion.fuse s", "matching s", "build s", "swap s",
+         "speed-up", "max abs diff of logits"],
+        fusion_rows,
+        formats={"alpha": "g", "reference (ot.emd + dense assembly) s": ".2f", "pyfusion.fuse s": ".2f",
+                 "matching s": ".2f", "build s": ".2f", "swap s": ".2f", "speed-up": "{:.1f}x".format,
+                 "max abs diff of logits": ".1e"},
+    )  # fmt: skip
     limits.restore_original_limits()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    lines += [
-        "",
-        "## Clustering one group (2 x n neurons, activation features), k = n (1 + alpha)",
-        "",
-        "| n | samples | k | restarts | reference s (per-restart x restarts) | pyfusion s | speed-up | "
-        "inertia ref (measured restarts) | inertia pyfusion |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    report.text("## Clustering one group (2 x n neurons, activation features), k = n (1 + alpha)")
     from pyfusion.ops import weighted_kmeans
 
+    cluster_rows = []
     cases = [(32, 256, 0.5, 50)] if args.quick else [(100, 2000, 0.5, 1000), (256, 1000, 0.5, 1000)]
     for n, samples, alpha, restarts in cases:
         rng = np.random.default_rng(0)
@@ -275,16 +270,21 @@ def main() -> None:
         t0 = time.perf_counter()
         res = weighted_kmeans(gram=gram, weights=torch.from_numpy(w), num_clusters=k, n_restarts=restarts, seed=0)
         ours_s = time.perf_counter() - t0
-        lines.append(
-            f"| {n} | {samples} | {k} | {restarts} | {ref_total:.1f} ({ref_s / measured:.3f} x {restarts}) | "
-            f"{ours_s:.2f} | {ref_total / ours_s:.0f}x | {ref_inertia:.6g} ({measured}) | {res.inertia:.6g} |"
-        )
-        print(lines[-1], flush=True)
-    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        cluster_rows.append(
+            [n, samples, k, restarts, ref_total, ref_s / measured, ours_s, ref_total / ours_s, ref_inertia, measured,
+             res.inertia]
+        )  # fmt: skip
+        print(cluster_rows[-1], flush=True)
+    report.table(
+        "clustering",
+        ["n", "samples", "k", "restarts", "reference s (extrapolated)", "reference s per restart", "pyfusion s",
+         "speed-up", "inertia ref", "ref restarts measured", "inertia pyfusion"],
+        cluster_rows,
+        formats={"reference s (extrapolated)": ".1f", "reference s per restart": ".3f", "pyfusion s": ".2f",
+                 "speed-up": "{:.0f}x".format, "inertia ref": ".6g", "inertia pyfusion": ".6g"},
+    )  # fmt: skip
+    report.write(output_path(args.out, "partial_fusion_time.md", args.quick))
+    print(report.markdown())
 
 
 if __name__ == "__main__":

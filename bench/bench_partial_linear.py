@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +35,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from common import Report, output_path  # noqa: E402
 
 from pyfusion.nn import PartialConv2d, PartialLinear  # noqa: E402
 
@@ -170,9 +170,10 @@ def run(args) -> None:
         shapes = [s for s in shapes if any(p in s.name for p in args.shapes.split(","))]
     if args.batches:
         batches = [int(b) for b in args.batches.split(",")]
+    base = output_path(args.out, "partial_linear_cpu.md", args.quick)
     for device in devices:
         rows = []
-        out = args.out if device == "cpu" else args.out.replace("_cpu", "_gpu")
+        out = base if device == "cpu" else base.with_name(base.name.replace("_cpu", "_gpu"))
         for shape in shapes:
             for k in [2] if shape.name.startswith("mnist") else ks:
                 bl = batches
@@ -276,64 +277,40 @@ def targets(rows: list[dict], device: str) -> list[str]:
     return lines
 
 
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or "x86-64"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    return f"{os.cpu_count()}-core {name} VM, {gpu}"
+COLUMNS = [
+    ("shape", "shape", None), ("K", "K", None), ("batch", "batch", None), ("alpha", "alpha", ".2f"),
+    ("eff GFLOP", "eff_gflop", ".4f"), ("ours us", "ours", "us"), ("dense_zero us", "dense_zero", "us"),
+    ("members_seq us", "members_seq", "us"), ("vmap us", "vmap", "us"), ("single us", "single", "us"),
+    ("ours GFLOP/s", "gflops_ours", ".1f"), ("rel ours", "rel_ours", ".2f"), ("rel dense0", "rel_dense_zero", ".2f"),
+    ("rel seq", "rel_members", ".2f"), ("rel vmap", "rel_vmap", ".2f"), ("x dense0", None, ".2f"),
+    ("x seq", None, ".2f"),
+]  # fmt: skip
 
 
-def write_markdown(rows: list[dict], device: str, args, path: str, quiet: bool = False) -> None:
-    load = os.getloadavg()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        commit_s = commit.stdout.strip()
-    except OSError:
-        commit_s = "?"
-    head = [
-        f"# partial_linear benchmark ({device})",
-        "",
-        f"- machine: {machine(device)}; torch {torch.__version__}; threads: {args.threads}; float32; no autograd",
-        f"- load average at the end of the run (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
-        f"- commit {commit_s}; mode: {'--quick' if args.quick else 'full'}; "
-        f"command: `python bench/bench_partial_linear.py{' --quick' if args.quick else ''} --threads {args.threads}`",
+def write_markdown(rows: list[dict], device: str, args, path, quiet: bool = False) -> None:
+    report = Report(f"partial_linear benchmark ({device})", quick=args.quick)
+    report.text(
+        f"- threads: {args.threads}; float32; no autograd; command: "
+        f"`python bench/bench_partial_linear.py{' --quick' if args.quick else ''} --threads {args.threads}`",
         "- times are the best of >= 3 round-robin rounds, in microseconds; `rel` = time per effective FLOP",
         "  / that of the single dense member",
         "  (1.00 = as efficient as one dense GEMM of the original width); `x dense0` = dense_zero time / ours;",
         "  `x seq` = members_seq time / ours. Effective FLOPs are those of the partial layer (ours, dense_zero).",
-        "",
-        "## Targets",
-        "",
-        *targets(rows, device),
-        "",
-        "## Results",
-        "",
-        "| shape | K | batch | alpha | eff GFLOP | ours us | dense_zero us | members_seq us | vmap us | single us "
-        "| ours GFLOP/s | rel ours | rel dense0 | rel seq | rel vmap | x dense0 | x seq |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    body = [
-        f"| {r['shape']} | {r['K']} | {r['batch']} | {r['alpha']:.2f} | {r['eff_gflop']:.4f} | {r['ours'] * 1e6:.1f} "
-        f"| {r['dense_zero'] * 1e6:.1f} | {r['members_seq'] * 1e6:.1f} | {r['vmap'] * 1e6:.1f} "
-        f"| {r['single'] * 1e6:.1f} "
-        f"| {r['gflops_ours']:.1f} | {r['rel_ours']:.2f} | {r['rel_dense_zero']:.2f} | {r['rel_members']:.2f} "
-        f"| {r['rel_vmap']:.2f} | {r['dense_zero'] / r['ours']:.2f} | {r['members_seq'] / r['ours']:.2f} |"
-        for r in rows
-    ]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(head + body) + "\n")
-    if not quiet:
-        print(f"wrote {path}")
+    )
+    report.text("## Targets", "", *targets(rows, device))
+    report.text("## Results")
+    table = []
+    for r in rows:
+        cells = []
+        for name, key, _ in COLUMNS:
+            if key is None:
+                cells.append(r["dense_zero" if name == "x dense0" else "members_seq"] / r["ours"])
+            else:
+                cells.append(r[key] * 1e6 if name.endswith(" us") else r[key])
+        table.append(cells)
+    formats = {name: (".1f" if fmt == "us" else fmt) for name, _, fmt in COLUMNS if fmt}
+    report.table("results", [c[0] for c in COLUMNS], table, formats=formats, align={"K": "left", "batch": "left"})
+    report.write(path, quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     p.add_argument("--batches", default="", help="comma-separated batch sizes (default 1,32,1024)")
     p.add_argument("--cpu-only", action="store_true", help="skip the GPU providers even when a GPU is present")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "partial_linear_cpu.md"))
+    p.add_argument(
+        "--out", help="Markdown file (default: bench/results/partial_linear_cpu.md; quick: a temporary folder)"
+    )
     run(p.parse_args(argv))
 
 

@@ -14,7 +14,7 @@ per round) and the table reports the median over rounds (min in brackets): under
 the VM the median is the typical call, the min the least disturbed one.
 
 Extra modes that measure the kernel's two tuned constants:
-  --crossover   cpp vs torch_path for rows 1..32 (sets CPP_MAX_ROWS in pyfusion/ops/partial_linear.py)
+  --crossover   cpp vs torch_path for rows 1..32 (sets CPP_MAX_ROWS in pyfusion/ops/partial_linear/backends.py)
   --threshold   the kernel with 1 vs 2 OpenMP threads by work size (PARTIAL_LINEAR_PARALLEL_MIN_MACS)
 
 Usage: python bench/bench_partial_linear_batch1.py [--quick] [--crossover] [--threshold]
@@ -28,7 +28,6 @@ import importlib
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,10 +40,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common import Report, output_path  # noqa: E402
+
 from pyfusion import _ext  # noqa: E402
 from pyfusion.nn import PartialLinear  # noqa: E402
+from pyfusion.ops.layout import block_shapes  # noqa: E402
 
-PL = importlib.import_module("pyfusion.ops.partial_linear")
+PL = importlib.import_module("pyfusion.ops.partial_linear.backends")  # where the cpp backend reads CPP_MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def med(v: list[float]) -> float:
     return statistics.median(v)
 
 
-def main_table(args) -> list[str]:
+def main_table(args, report: Report) -> None:
     shapes = SHAPES
     alphas, batches, min_time = [0.0, 0.5, 1.0], [1, 8], 0.25
     if args.quick:
@@ -166,37 +168,37 @@ def main_table(args) -> list[str]:
         )
     lines += [
         "",
-        "Median us per call over the interleaved rounds (min in brackets); `x seq` = members_seq / ours, "
+        "Median us per call over the interleaved rounds (min in its own column); `x seq` = members_seq / ours, "
         "`x torch` = torch_path / ours (medians); `met` = ours <= members_seq.",
-        "",
-        "| shape | K | batch | alpha | layout | ours us | torch_path us | members_seq us | x seq | x torch | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['K']} | {r['batch']} | {r['alpha']:.1f} | {r['layout']} "
-            f"| {r['ours'] * 1e6:.1f} ({r['ours_min'] * 1e6:.1f}) "
-            f"| {r['torch_path'] * 1e6:.1f} ({r['torch_path_min'] * 1e6:.1f}) "
-            f"| {r['members_seq'] * 1e6:.1f} ({r['members_seq_min'] * 1e6:.1f}) "
-            f"| {r['members_seq'] / r['ours']:.2f} | {r['torch_path'] / r['ours']:.2f} "
-            f"| {'yes' if r['ours'] <= r['members_seq'] else 'NO'} |"
-        )
-    return lines
+    report.text(*lines)
+    us = ".1f"
+    report.table(
+        "batch",
+        ["shape", "K", "batch", "alpha", "layout", "ours us", "ours min us", "torch_path us", "torch_path min us",
+         "members_seq us", "members_seq min us", "x seq", "x torch", "met"],
+        [
+            [r["shape"], r["K"], r["batch"], r["alpha"], r["layout"], r["ours"] * 1e6, r["ours_min"] * 1e6,
+             r["torch_path"] * 1e6, r["torch_path_min"] * 1e6, r["members_seq"] * 1e6, r["members_seq_min"] * 1e6,
+             r["members_seq"] / r["ours"], r["torch_path"] / r["ours"],
+             "yes" if r["ours"] <= r["members_seq"] else "NO"]
+            for r in rows
+        ],
+        formats={"alpha": ".1f", "ours us": us, "ours min us": us, "torch_path us": us, "torch_path min us": us,
+                 "members_seq us": us, "members_seq min us": us, "x seq": ".2f", "x torch": ".2f"},
+        align={"K": "left", "batch": "left"},
+    )  # fmt: skip
 
 
-def crossover_table(args) -> list[str]:
+def crossover_table(args, report: Report) -> None:
     """cpp vs torch_path by rows: where the compiled kernel stops paying (CPP_MAX_ROWS)."""
     cases = [("mnist_mlp_fc2_100x100", 100, 100, 2), ("vgg11_cifar_fc_512x512", 512, 512, 2)]
     cases += [("vit_s_mlp_fc1_384x1536", 384, 1536, 2), ("bert_base_ffn_768x3072", 768, 3072, 2)]
     row_counts = [1, 2, 4, 8, 12, 16, 32]
     if args.quick:
         cases, row_counts = cases[:1], [1, 16]
-    lines = [
-        "## Crossover: compiled kernel vs BLAS path by rows (alpha 0.5, median us)",
-        "",
-        "| shape | K | " + " | ".join(f"rows {m}" for m in row_counts) + " |",
-        "|---|---|" + "---|" * len(row_counts),
-    ]
+    report.text("## Crossover: compiled kernel vs BLAS path by rows (alpha 0.5, median us)")
+    table = []
     for name, n_in, n_out, k in cases:
         il, ol = layouts(Shape(name, n_in, n_out), k, 0.5)
         mod = PartialLinear(il, ol).eval()
@@ -205,34 +207,30 @@ def crossover_table(args) -> list[str]:
         for m in row_counts:
             x = torch.randn(m, sum(il))
             provs = {
-                "cpp": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL._cpp_forward(x, *a, "none")),
-                "torch": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL._torch_forward(x, *a, "none")),
+                "cpp": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL.cpp_forward(x, *a, "none")),
+                "torch": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL.torch_forward(x, *a, "none")),
             }
             with torch.no_grad():
                 s = time_interleaved(provs, 0.01 if args.quick else 0.15)
             c, t = med(s["cpp"]) * 1e6, med(s["torch"]) * 1e6
             cells.append(f"{c:.0f} / {t:.0f} ({t / c:.2f}x)")
             print(f"crossover {name} rows={m}: cpp {c:.1f} torch {t:.1f}", flush=True)
-        lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
-    lines += ["", "cells: cpp us / torch_path us (torch / cpp; > 1: the compiled kernel is faster)."]
-    return lines
+        table.append([name, k, *cells])
+    report.table("crossover", ["shape", "K", *(f"rows {m}" for m in row_counts)], table, align={"K": "left"})
+    report.text("cells: cpp us / torch_path us (torch / cpp; > 1: the compiled kernel is faster).")
 
 
-def threshold_table(args) -> list[str]:
+def threshold_table(args, report: Report) -> None:
     """The kernel on 1 vs 2 OpenMP threads by work size (PARTIAL_LINEAR_PARALLEL_MIN_MACS)."""
     widths = [64, 128, 256, 384, 512, 768, 1024]
     if args.quick:
         widths = [64, 256]
-    lines = [
-        "## OpenMP threshold: compiled kernel, 1 row, 1 vs 2 threads (layout [n, n, n] -> [n, n, n])",
-        "",
-        "| n | multiply-adds | 1 thread us | 2 threads us | 1t / 2t |",
-        "|---|---|---|---|---|",
-    ]
+    report.text("## OpenMP threshold: compiled kernel, 1 row, 1 vs 2 threads (layout [n, n, n] -> [n, n, n])")
+    table = []
     old = torch.get_num_threads()
     for n in widths:
         il, ol = [n, n, n], [n, n, n]
-        blocks = [torch.randn(*sh) for sh in PL.block_shapes(il, ol)]
+        blocks = [torch.randn(*sh) for sh in block_shapes(il, ol)]
         bias = torch.randn(sum(ol))
         x, y = torch.randn(1, sum(il)), torch.empty(1, sum(ol))
         ptrs = [x.data_ptr(), 1, x.stride(0), *(b.data_ptr() for b in blocks), bias.data_ptr(), y.data_ptr()]
@@ -247,42 +245,18 @@ def threshold_table(args) -> list[str]:
         s = time_interleaved(provs, 0.01 if args.quick else 0.15)
         torch.set_num_threads(old)
         t1, t2 = med(s["1"]) * 1e6, med(s["2"]) * 1e6
-        lines.append(f"| {n} | {plan.macs_per_row} | {t1:.1f} | {t2:.1f} | {t1 / t2:.2f} |")
+        table.append([n, plan.macs_per_row, t1, t2, t1 / t2])
         print(f"threshold n={n} macs={plan.macs_per_row}: 1t {t1:.1f} 2t {t2:.1f}", flush=True)
-    lines += [
-        "",
-        f"Constant in the build: PARTIAL_LINEAR_PARALLEL_MIN_MACS = {_ext._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS}.",
-    ]
-    return lines
-
-
-def header(args, load_start: tuple[float, ...]) -> list[str]:
-    load = os.getloadavg()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        commit_s = commit.stdout.strip() or "?"
-    except OSError:
-        commit_s = "?"
-    cpu = "x86-64"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    flags = " ".join(f for f in ("--quick", "--crossover", "--threshold") if getattr(args, f[2:]))
-    return [
-        "# partial_linear at small batch (CPU)",
-        "",
-        f"- machine: {os.cpu_count()}-core {cpu} VM, {gpu}; torch {torch.__version__}; float32; no autograd",
-        f"- threads: torch.set_num_threads({args.threads}) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})"
-        "; the --threshold table sets 1 and 2 itself",
-        f"- load average (1/5/15 min) at the start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, "
-        f"at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (other jobs share the 2 cores)",
-        f"- commit {commit_s}; CPP_MAX_ROWS = {_CPP_MAX_ROWS}; command: "
-        f"`python bench/bench_partial_linear_batch1.py {flags}`".rstrip(),
-        "",
-    ]
+    report.table(
+        "threshold",
+        ["n", "multiply-adds", "1 thread us", "2 threads us", "1t / 2t"],
+        table,
+        formats={"1 thread us": ".1f", "2 threads us": ".1f", "1t / 2t": ".2f"},
+        align={"n": "left", "multiply-adds": "left"},
+    )
+    report.text(
+        f"Constant in the build: PARTIAL_LINEAR_PARALLEL_MIN_MACS = {_ext._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS}."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,25 +265,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--crossover", action="store_true", help="also time cpp vs torch_path for rows 1..32")
     p.add_argument("--threshold", action="store_true", help="also time the kernel on 1 vs 2 OpenMP threads")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "partial_linear_batch1.md"))
+    p.add_argument(
+        "--out", help="Markdown file (default: bench/results/partial_linear_batch1.md; quick: a temporary folder)"
+    )
     args = p.parse_args(argv)
     if PL._cpp_available():
         raise SystemExit("the compiled kernel is not available: " + "; ".join(PL._cpp_available()))
-    load_start = os.getloadavg()
+    flags = " ".join(f for f in ("--quick", "--crossover", "--threshold") if getattr(args, f[2:]))
+    report = Report(
+        "partial_linear at small batch (CPU)",
+        quick=args.quick,
+        command=f"python bench/bench_partial_linear_batch1.py {flags}".rstrip(),
+    )
+    report.text(
+        "- float32; no autograd; other jobs share the cores",
+        f"- threads: torch.set_num_threads({args.threads}) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})"
+        "; the --threshold table sets 1 and 2 itself",
+        f"- CPP_MAX_ROWS = {_CPP_MAX_ROWS}",
+    )
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        body = main_table(args)
+        main_table(args, report)
         if args.crossover:
-            body += [""] + crossover_table(args)
+            crossover_table(args, report)
         if args.threshold:
-            body += [""] + threshold_table(args)
+            threshold_table(args, report)
     finally:
         torch.set_num_threads(old_threads)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(header(args, load_start) + body) + "\n")
-    print(f"wrote {args.out}")
+    report.write(output_path(args.out, "partial_linear_batch1.md", args.quick))
 
 
 if __name__ == "__main__":

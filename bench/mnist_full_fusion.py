@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
+from common import Report, output_path
 
 import pyfusion
 from pyfusion import data as pdata
@@ -52,14 +52,14 @@ def _train_members(make, xtr, ytr, epochs, lr, seeds):
     return out
 
 
-def _run(title, make, xtr, ytr, test, calib, epochs, lr, methods, bn_variants):
+def _run(report, name, title, make, xtr, ytr, test, calib, epochs, lr, methods, bn_variants):
     members = _train_members(make, xtr, ytr, epochs, lr, (0, 1))
     ms = [m for m, _ in members]
     rows = [
-        (f"member {k} (seed {k}, {epochs} epochs, {t:.0f} s)", evaluate(m, test), "")
+        (f"member {k} (seed {k}, {epochs} epochs, {t:.0f} s)", evaluate(m, test), None)
         for k, (m, t) in enumerate(members)
     ]
-    rows.append(("logit ensemble (K = 2, uniform)", ensemble_accuracy(ms, test), ""))
+    rows.append(("logit ensemble (K = 2, uniform)", ensemble_accuracy(ms, test), None))
     for label, method, opts in methods:
         variants = [(label, opts)]
         if bn_variants:
@@ -73,10 +73,15 @@ def _run(title, make, xtr, ytr, test, calib, epochs, lr, methods, bn_variants):
             t0 = time.perf_counter()
             fused = pyfusion.fuse(ms, calib, method=method, **o)
             dt = time.perf_counter() - t0
-            rows.append((lab, evaluate(fused, test), f"{dt:.2f}"))
-    lines = [f"### {title}", "", "| model | test accuracy | fusion time (s) |", "|---|---|---|"]
-    lines += [f"| {r[0]} | {100 * r[1]:.2f}% | {r[2]} |" for r in rows]
-    return lines, rows
+            rows.append((lab, evaluate(fused, test), dt))
+    report.text(f"### {title}")
+    report.table(
+        name,
+        ["model", "test accuracy", "fusion time (s)"],
+        [[r[0], 100 * r[1], r[2]] for r in rows],
+        formats={"test accuracy": "{:.2f}%".format, "fusion time (s)": ".2f"},
+    )
+    return rows
 
 
 def main() -> None:
@@ -86,7 +91,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=5000, help="calibration samples (from the training set)")
     ap.add_argument("--cnn-train", type=int, default=60000, help="training images for the CNN (1 epoch)")
     ap.add_argument("--quick", action="store_true", help="784-128-128-10 on 10k samples, 1 epoch, no CNN")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "full_fusion_mnist.md"))
+    ap.add_argument(
+        "--out", help="Markdown file (default: bench/results/full_fusion_mnist.md; quick: a temporary folder)"
+    )
     args = ap.parse_args()
     threads = torch.get_num_threads()
     xtr, ytr = pdata.load_mnist(args.data, "train")
@@ -99,43 +106,35 @@ def main() -> None:
     if args.quick:
         xtr, ytr, args.epochs = xtr[:10000], ytr[:10000], 1
     t_all = time.perf_counter()
-    mlp_lines, _ = _run(
-        f"MLP {'-'.join(map(str, sizes))} (Adam lr 1e-3, batch 128; no BatchNorm, so no BN reset)",
+    out = output_path(args.out, "full_fusion_mnist.md", args.quick)
+    report = Report("Full fusion on MNIST", quick=args.quick)
+    report.text(
+        f"torch {threads} threads. Calibration: "
+        f"{args.calib} training images (batches of 500) for statistics, BatchNorm reset and REPAIR. Test set: "
+        "the 10,000 MNIST test images."
+    )
+    _run(
+        report, "mlp", f"MLP {'-'.join(map(str, sizes))} (Adam lr 1e-3, batch 128; no BatchNorm, so no BN reset)",
         lambda: models.mlp(sizes), xtr, ytr, test, calib, args.epochs, 1e-3, METHODS, False,
     )  # fmt: skip
-    lines = [
-        "# Full fusion on MNIST",
-        "",
-        f"Machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores, no GPU), torch "
-        f"{torch.__version__}, {threads} threads, load average at start {os.getloadavg()[0]:.1f}. Calibration: "
-        f"{args.calib} training images (batches of 500) for statistics, BatchNorm reset and REPAIR. Test set: "
-        "the 10,000 MNIST test images. Produced by `bench/mnist_full_fusion.py`"
-        + (" --quick" if args.quick else "")
-        + ".",
-        "",
-        *mlp_lines,
-    ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:  # the MLP part first: survives an interrupted CNN part
-        f.write("\n".join(lines) + "\n")
+    report.write(out, quiet=True)  # the MLP part first: survives an interrupted CNN part
     if not args.quick:
         cnn_methods = [
             m
             for m in METHODS
             if m[1] in ("average", "weight_matching", "activation_matching") and "pre" not in m[0] and "sq." not in m[0]
         ]
-        cnn_lines, _ = _run(
+        _run(
+            report,
+            "cnn",
             f"VGG-style CNN with BatchNorm (conv 16-M-32-M, hidden 64; 1 epoch on {args.cnn_train} images, "
             "Adam lr 1e-3)",
             lambda: models.vgg((16, "M", 32, "M"), in_channels=1, image_size=28, hidden=64),
             xtr[: args.cnn_train], ytr[: args.cnn_train], test, calib, 1, 1e-3, cnn_methods, True,
         )  # fmt: skip
-        lines += ["", *cnn_lines]
-    lines += ["", f"Total wall time {time.perf_counter() - t_all:.0f} s."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.text(f"Total wall time {time.perf_counter() - t_all:.0f} s.")
+    report.write(out)
+    print(report.markdown())
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from common import Report, output_path
 
 import pyfusion
 from pyfusion import models
@@ -67,7 +67,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 epoch, 3 alphas, subsets (a smoke test)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=200, help="clustering restarts per group")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "partial_fusion_mnist"))
+    ap.add_argument(
+        "--out",
+        help="output prefix (.md, .png; default: bench/results/partial_fusion_mnist; quick: a temporary folder)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -127,29 +130,25 @@ def main() -> None:
                 rows.append((pair_name, lb, "prune (act. std, matched)", alpha, evaluate(best[0], test),
                              pyfusion.cost(best[0], (1, 28, 28))))  # fmt: skip
     t_sweep = time.perf_counter() - t0
-    load = os.getloadavg()
-    lines = [
-        "# Partial fusion on MNIST (MLP 784-100-100-100-10, GELU, no bias)",
-        "",
-        f"Machine: 2-core AMD EPYC VM, no GPU ({platform.processor() or platform.machine()}), torch threads "
-        f"{torch.get_num_threads()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. "
+    out = str(output_path(args.out, "partial_fusion_mnist", args.quick))
+    report = Report("Partial fusion on MNIST (MLP 784-100-100-100-10, GELU, no bias)", quick=args.quick)
+    report.text(
+        f"torch threads {torch.get_num_threads()}. "
         f"Training: {epochs} epoch(s) of Adam (lr 1e-3, batch 128) per member ({t_train:.0f} s for four members); "
         f"sweep {t_sweep:.0f} s. Activation features and clustering use {n_cal} training images; accuracy on "
         f"{len(yte)} test images. Clustering: {args.restarts} randomized-Ward + k-means restarts per group. "
         "Pruning: structured pruning of the ensemble by activation std (lambda-weighted), widest width whose "
         "effective parameters do not exceed partial fusion (activations) at the same alpha."
-        + (" QUICK MODE (subsets, 1 epoch): not a result." if args.quick else ""),
-        "",
-        "| pair | lambda_B | method | alpha | test acc. (%) | effective params | dense params |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for pair_name, lb, meth, alpha, acc, c in rows:
-        a = "" if alpha is None else f"{alpha:g}"
-        lines.append(f"| {pair_name} | {lb:g} | {meth} | {a} | {100 * acc:.2f} | {c.params:,} | {c.dense_params:,} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    )
+    report.table(
+        "sweep",
+        ["pair", "lambda_B", "method", "alpha", "test acc. (%)", "effective params", "dense params"],
+        [[pn, lb, meth, alpha, 100 * acc, c.params, c.dense_params] for pn, lb, meth, alpha, acc, c in rows],
+        formats={"lambda_B": "g", "alpha": "g", "test acc. (%)": ".2f", "effective params": ",",
+                 "dense params": ","},
+    )  # fmt: skip
+    report.write(out + ".md")
+    print(report.markdown())
     try:
         import matplotlib
 
@@ -171,7 +170,8 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=110)
+    fig.savefig(out + ".png", dpi=110)
+    print(f"wrote {out}.png")
 
 
 if __name__ == "__main__":

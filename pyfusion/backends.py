@@ -12,6 +12,7 @@ __all__ = [
     "cpp_reasons",
     "cuda_reasons",
     "triton_gpu_reasons",
+    "triton_import_reasons",
     "triton_interpreter_reasons",
     "triton_interpret_enabled",
     "torch_cuda_available",
@@ -39,9 +40,17 @@ def triton_interpret_enabled() -> bool:
 
 
 @functools.cache
-def _triton_import_reason() -> str | None:
+def _triton_installed_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'pyfusion[triton]')"
+    return None
+
+
+@functools.cache
+def _triton_import_reason() -> str | None:
+    why = _triton_installed_reason()
+    if why:
+        return why
     try:
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover - broken installs
@@ -49,26 +58,37 @@ def _triton_import_reason() -> str | None:
     return None
 
 
-def triton_gpu_reasons() -> list[str]:
-    """Reasons compiled Triton kernels cannot run (empty: they can)."""
+def triton_import_reasons() -> list[str]:
+    """Reasons triton cannot be imported (imports it: about 1 s the first time)."""
     why = _triton_import_reason()
+    return [why] if why else []
+
+
+def triton_gpu_reasons(import_check: bool = True) -> list[str]:
+    """Reasons compiled Triton kernels cannot run (empty: they can).
+
+    The cheap checks come first (installed? interpreter mode? a GPU?), so that a machine without a GPU never
+    imports triton to find out; ``import_check=False`` skips the import itself (a dispatcher makes it only for
+    a CUDA input).
+    """
+    why = _triton_installed_reason()
     if why:
         return [why]
     if triton_interpret_enabled():
         return ["TRITON_INTERPRET=1 is set: kernels run in the CPU interpreter, not compiled"]
     if not torch_cuda_available():
         return ["no CUDA GPU is visible to torch"]
-    return []
+    return triton_import_reasons() if import_check else []
 
 
-def triton_interpreter_reasons() -> list[str]:
+def triton_interpreter_reasons(import_check: bool = True) -> list[str]:
     """Reasons the Triton interpreter (CPU, for tests) cannot run (empty: it can)."""
-    why = _triton_import_reason()
+    why = _triton_installed_reason()
     if why:
         return [why]
     if not triton_interpret_enabled():
-        return ["TRITON_INTERPRET=1 was not set before triton was imported"]
-    return []
+        return ["TRITON_INTERPRET=1 is not set (it must be set before triton is imported)"]
+    return triton_import_reasons() if import_check else []
 
 
 def extension_summary() -> dict[str, object]:

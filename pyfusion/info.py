@@ -42,20 +42,26 @@ def backend_table() -> list[tuple[str, bool, str]]:
 
 
 def op_table() -> list[str]:
-    """Each registered op's backends in priority order, with availability on this machine."""
+    """Every op's backends in priority order, each with its availability on this machine (and why not)."""
     from pyfusion import dispatch
+    from pyfusion.ops import OP_MODULES
 
-    try:
-        importlib.import_module("pyfusion.ops")
-    except Exception as exc:  # pragma: no cover - a broken op module should still let info print
-        return [f"  (pyfusion.ops failed to import: {exc})"]
     lines = []
-    for name, disp in sorted(dispatch.REGISTRY.items()):
-        parts = []
+    for module in sorted(set(OP_MODULES.values())):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # pragma: no cover - a broken op module should still let info print
+            lines.append(f"  ({module} failed to import: {exc})")
+    for name in sorted(OP_MODULES):
+        disp = dispatch.REGISTRY.get(name)
+        if disp is None:
+            lines.append(f"  {name}: (not loaded)")
+            continue
+        lines.append(f"  {name}")
         for b in disp.backends:
             why = b.available()
-            parts.append(b.name if not why else f"{b.name} (unavailable)")
-        lines.append(f"  {name:22s} " + " > ".join(parts))
+            state = "x" if not why else " "
+            lines.append(f"    [{state}] {b.name:17s} {b.description if not why else 'unavailable: ' + '; '.join(why)}")
     return lines
 
 
@@ -75,7 +81,11 @@ def report() -> str:
     ]
     for name, ok, detail in backend_table():
         lines.append(f"  [{'x' if ok else ' '}] {name:28s} {detail}")
-    lines += ["", "ops (priority order):", *op_table()]
+    lines += [
+        "",
+        "ops (backends in priority order; PYFUSION_BACKEND=<backend> or <op>:<backend>,... forces one):",
+        *op_table(),
+    ]
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pyfusion import _ext
-from pyfusion.ops import linear_assignment
+from pyfusion.ops import assignment, linear_assignment
 from pyfusion.ops.reference import augment_partial_cost, linear_assignment_ref
 
 needs_ext = pytest.mark.skipif(not _ext.EXT_AVAILABLE, reason=_ext.EXT_SKIP_REASON or "extension missing")
@@ -339,9 +339,9 @@ def test_reference_backend_agrees(monkeypatch, rng):
 @needs_ext
 def test_opcheck(rng):
     costs = [torch.from_numpy(rng.random((6, 8))), torch.from_numpy(rng.random((4, 3)))]
-    torch.library.opcheck(torch.ops.pyfusion.linear_assignment.default, (costs, False, [-1, 2], None, 1))
+    torch.library.opcheck(assignment.OP.op().default, (costs, False, [-1, 2], None, 1))
     costs32 = [torch.from_numpy(rng.random((5, 5)).astype(np.float32))]
-    torch.library.opcheck(torch.ops.pyfusion.linear_assignment.default, (costs32, True, [-1], 0.3, 0))
+    torch.library.opcheck(assignment.OP.op().default, (costs32, True, [-1], 0.3, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------

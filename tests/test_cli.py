@@ -396,10 +396,12 @@ def test_bench_runs_scripts_prints_tables_and_reports_failures(tmp_path, capsys)
     (bench / "results").mkdir(parents=True)
     committed = bench / "results" / "ok.md"
     committed.write_text("| shape | ms |\n|---|---|\n| full run | 9.0 |\n")
-    (bench / "bench_ok.py").write_text(
-        "import pathlib, sys\n"
+    (bench / "bench_ok.py").write_text(  # bench/common.py's convention: quick output goes to $PYFUSION_BENCH_OUT
+        "import os, pathlib, sys\n"
         "quick = sys.argv[1:] == ['--quick']\n"
-        "out = pathlib.Path(__file__).parent / 'results' / 'ok.md'\n"
+        "here = pathlib.Path(__file__).parent\n"
+        "folder = pathlib.Path(os.environ['PYFUSION_BENCH_OUT']) if quick else here / 'results'\n"
+        "out = folder / 'ok.md'\n"
         "out.write_text('| shape | ms |\\n|---|---|\\n| ' + ('tiny' if quick else 'full run') + ' | 1.0 |\\n')\n"
         "print('wrote', out)\n"
     )

@@ -16,7 +16,8 @@ from threadpoolctl import threadpool_limits
 
 from pyfusion import _ext
 from pyfusion.ops import ClusterResult, weighted_kmeans
-from pyfusion.ops.cluster import DISPATCH
+from pyfusion.ops.cluster import DISPATCHER as DISPATCH
+from pyfusion.ops.cluster import OP
 from pyfusion.ops.reference import weighted_kmeans_ref
 
 needs_ext = pytest.mark.skipif(not _ext.EXT_AVAILABLE, reason=f"compiled extension missing: {_ext.EXT_SKIP_REASON}")
@@ -190,7 +191,7 @@ def test_torch_input_and_opcheck(rng):
     ref = weighted_kmeans(t.double().numpy(), num_clusters=4, n_restarts=5)  # float32 is upcast exactly
     np.testing.assert_array_equal(res.labels.numpy(), ref.labels)
     args = (torch.tensor(x), torch.ones(20, dtype=torch.float64), False, 4, 3, "ward", 5, 100, "hartigan", 0, 0)
-    torch.library.opcheck(torch.ops.pyfusion.weighted_kmeans.default, args)
+    torch.library.opcheck(OP.op().default, args)
 
 
 def test_forced_reference_backend(monkeypatch, rng):

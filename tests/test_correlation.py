@@ -145,10 +145,10 @@ def test_correlation_op_validation():
 
 
 def test_correlation_opcheck():
-    from pyfusion.ops.correlation import _correlation_op
+    from pyfusion.ops.moments import CORRELATION_OP
 
     for x, y in [(torch.randn(50, 6), torch.randn(50, 3)), (torch.randn(20, 7).t()[:, :4].t(), torch.randn(4, 2))]:
-        torch.library.opcheck(_correlation_op, (x, y))
+        torch.library.opcheck(CORRELATION_OP.op(), (x, y))
 
 
 def test_bench_quick_runs(tmp_path):

@@ -18,7 +18,7 @@ from pyfusion.fuse.interp import interp_levels, ls_statistics, solve_ls
 from pyfusion.graph import trace_groups
 from pyfusion.match.interp import hf_pair_cost
 from pyfusion.models import mlp, resnet20, vgg
-from pyfusion.ops import hf_cost
+from pyfusion.ops import hf_cost, interp_cost
 from pyfusion.ops.reference import hf_cost_ref
 from pyfusion.testing import permuted_copy
 
@@ -163,7 +163,7 @@ def test_hf_cost_backends_agree(monkeypatch):
     nan[1, 1] = float("nan")
     with pytest.raises(ValueError, match="M contains NaN"):
         hf_cost(nan, *mats[1:], *v0, *v1)
-    torch.library.opcheck(torch.ops.pyfusion.hf_cost.default, ([m for m in mats], v0 + v1, False))
+    torch.library.opcheck(interp_cost.OP.op().default, ([m for m in mats], v0 + v1, False))
 
 
 @pytest.mark.gpu

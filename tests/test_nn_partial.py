@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pyfusion.nn import EnsembleLinear, PartialConv2d, PartialLinear, replace_
-from pyfusion.ops.partial_linear import unpack_partial_weight
+from pyfusion.ops.layout import unpack_partial_weight
 
 LIN_LAYOUTS = [([7, 5], [6, 3]), ([5, 3, 3], [4, 6, 6]), ([0, 4, 2, 3], [5, 0, 3, 2]), ([3, 2, 2, 2, 2, 2], [2] * 6)]
 CONV_LAYOUTS = [([4, 3, 3], [5, 2, 2]), ([0, 3, 2, 4], [5, 2, 0, 3]), ([2, 0, 0], [3, 2, 2]), ([0, 2, 2], [0, 3, 3])]

@@ -14,15 +14,10 @@ import torch.nn.functional as F
 from pyfusion.backends import triton_interpreter_reasons
 from pyfusion.dispatch import NoBackendError
 from pyfusion.ops import partial_linear
-from pyfusion.ops.partial_linear import (
-    DISPATCHER,
-    _partial_linear_cpu,
-    _triton_forward,
-    block_shapes,
-    pack_partial_weight,
-    partial_linear_flops,
-    unpack_partial_weight,
-)
+from pyfusion.ops.layout import block_shapes, pack_partial_weight, partial_linear_flops, unpack_partial_weight
+from pyfusion.ops.partial_linear import DISPATCHER, OP
+from pyfusion.ops.partial_linear.backends import torch_forward as _partial_linear_cpu
+from pyfusion.ops.partial_linear.backends import triton_forward as _triton_forward
 from pyfusion.ops.reference import partial_linear_ref
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -248,11 +243,9 @@ def test_opcheck():
             for rg in (False, True):
                 blocks, bias = make_blocks(il, ol, requires_grad=rg)
                 x = torch.randn(3, 4, sum(il), requires_grad=rg)
-                torch.library.opcheck(torch.ops.pyfusion.partial_linear, (x, *blocks, bias, il, ol, act))
+                torch.library.opcheck(OP.op(), (x, *blocks, bias, il, ol, act))
     blocks, _ = make_blocks([3, 2, 2], [4, 3, 3])
-    torch.library.opcheck(
-        torch.ops.pyfusion.partial_linear, (torch.randn(5, 7), *blocks, None, [3, 2, 2], [4, 3, 3], "relu")
-    )
+    torch.library.opcheck(OP.op(), (torch.randn(5, 7), *blocks, None, [3, 2, 2], [4, 3, 3], "relu"))
 
 
 # ---------------------------------------------------------------- validation

@@ -17,9 +17,10 @@ from pyfusion import _ext
 from pyfusion.dispatch import NoBackendError
 from pyfusion.nn import PartialLinear
 from pyfusion.ops import partial_linear
+from pyfusion.ops.layout import block_shapes, unpack_partial_weight
 from pyfusion.ops.reference import partial_linear_ref
 
-PL = importlib.import_module("pyfusion.ops.partial_linear")  # the module (pyfusion.ops.partial_linear is the op)
+PL = importlib.import_module("pyfusion.ops.partial_linear.backends")  # the backends (and their dispatcher)
 DISPATCHER, CPP_MAX_ROWS = PL.DISPATCHER, PL.CPP_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(
@@ -45,7 +46,7 @@ LAYOUTS = [
 
 def make_blocks(il, ol, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    blocks = [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in PL.block_shapes(il, ol)]
+    blocks = [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in block_shapes(il, ol)]
     return blocks, torch.randn(sum(ol), generator=g, dtype=torch.float64).to(dtype)
 
 
@@ -54,7 +55,7 @@ def assert_close_to_ref(y, x, blocks, bias, il, ol, act):
     assert y.shape == ref.shape and y.dtype == x.dtype
     if y.numel() == 0:
         return
-    dense = PL.unpack_partial_weight(*blocks, il, ol)
+    dense = unpack_partial_weight(*blocks, il, ol)
     same = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](F.linear(x, dense, bias))
     scale = ref.abs().max().item() + 1.0
     err = (y.double() - ref).abs().max().item() / scale
@@ -69,9 +70,9 @@ def test_cpp_matches_reference(il, ol, dtype):
     for rows in range(1, CPP_MAX_ROWS + 1):
         x = torch.randn(rows, sum(il), dtype=dtype)
         for act in ACTS:
-            assert_close_to_ref(PL._cpp_forward(x, *blocks, bias, il, ol, act), x, blocks, bias, il, ol, act)
+            assert_close_to_ref(PL.cpp_forward(x, *blocks, bias, il, ol, act), x, blocks, bias, il, ol, act)
     x = torch.randn(3, sum(il), dtype=dtype)
-    assert_close_to_ref(PL._cpp_forward(x, *blocks, None, il, ol, "gelu"), x, blocks, None, il, ol, "gelu")
+    assert_close_to_ref(PL.cpp_forward(x, *blocks, None, il, ol, "gelu"), x, blocks, None, il, ol, "gelu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -90,7 +91,7 @@ def test_cpp_strided_and_nd_inputs(dtype):
     }
     for name, x in inputs.items():
         before = x.clone()
-        y = PL._cpp_forward(x, *blocks, bias, il, ol, "silu")
+        y = PL.cpp_forward(x, *blocks, bias, il, ol, "silu")
         assert torch.equal(x, before), name
         assert_close_to_ref(y, x, blocks, bias, il, ol, "silu")
         assert y.is_contiguous(), name
@@ -104,7 +105,7 @@ def test_cpp_noncontiguous_weights():
     b = torch.randn(2 * sum(ol))[::2]
     x = torch.randn(2, sum(il))
     blk = [ws, blocks[1], wd]
-    assert_close_to_ref(PL._cpp_forward(x, *blk, b, il, ol, "relu"), x, blk, b, il, ol, "relu")
+    assert_close_to_ref(PL.cpp_forward(x, *blk, b, il, ol, "relu"), x, blk, b, il, ol, "relu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -311,7 +312,7 @@ def test_every_simd_variant_matches_reference(isa):
             blocks, bias = make_blocks(il, ol, dtype)
             for rows in (1, 3, 4, 7):
                 x = torch.randn(rows, sum(il), dtype=dtype)
-                y = PL._cpp_forward(x, *blocks, bias, il, ol, "gelu")
+                y = PL.cpp_forward(x, *blocks, bias, il, ol, "gelu")
                 assert_close_to_ref(y, x, blocks, bias, il, ol, "gelu")
     finally:
         _ext._C.partial_linear_set_isa("auto")

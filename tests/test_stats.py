@@ -14,7 +14,7 @@ from torch import nn
 from pyfusion import _ext
 from pyfusion.stats import ActivationStats, as_samples, collect_stats
 
-ENGINE = "cpp" if _ext.EXT_AVAILABLE else "torch"
+ENGINE = "cpp" if _ext.EXT_AVAILABLE else "reference"
 
 
 def ref_stats(blocks: list[torch.Tensor]) -> dict[str, np.ndarray]:
@@ -74,10 +74,10 @@ def test_random_blocks_match_float64(k, n):
     check_all(st, blocks)
 
 
-def test_d1_and_float64_input_use_torch_path():
+def test_d1_and_float64_input_use_reference_path():
     x = torch.randn(50, 1, dtype=torch.float64)
     st = ActivationStats([1]).update(x)
-    assert st.last_backend == "torch"
+    assert st.last_backend == "reference"
     check_all(st, [x], tol=1e-12)
     st32 = ActivationStats([1]).update(x.float())
     check_all(st32, [x.float()])
@@ -329,7 +329,7 @@ def test_cuda_engine_matches_float64(dtype):
         dev = data.cuda()
         st = ActivationStats([data.shape[1] // 3, data.shape[1] - data.shape[1] // 3], device="cuda").update(dev)
         has_kernel = _ext.EXT_AVAILABLE and hasattr(_ext._C, "corr_accumulate_cuda")
-        assert st.last_backend == ("cuda" if has_kernel else "torch")
+        assert st.last_backend == ("cuda" if has_kernel else "reference")
         cpu = ActivationStats(st.sizes)
         cpu.merge(st)  # merging a GPU state into a CPU one moves it
         check_all(cpu, [data.float()])

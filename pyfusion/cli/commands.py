@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -555,28 +556,18 @@ def _bench_dir(arg: str | None) -> Path:
     return Path.cwd() / "bench"
 
 
-def _snapshot(folder: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in folder.glob("*") if p.is_file()} if folder.is_dir() else {}
-
-
-def _changed(folder: Path, before: dict[Path, bytes]) -> list[Path]:
-    after = _snapshot(folder)
-    return sorted(p for p, data in after.items() if before.get(p) != data)
-
-
-def _restore(folder: Path, before: dict[Path, bytes], written: list[Path]) -> None:
-    for p in written:
-        if p in before:
-            p.write_bytes(before[p])
-        else:
-            p.unlink(missing_ok=True)
+def _written(stdout: str) -> list[Path]:
+    """The files a script reports as ``wrote <path>`` (bench/common.py's Report.write prints them; a relative
+    path is relative to the checkout, the script's working directory)."""
+    return [Path(line[6:].strip()) for line in stdout.splitlines() if line.startswith("wrote ")]
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     """Run bench/bench_*.py (all, or the named parts) in quick mode (or full with --full) and print their tables.
 
-    The scripts write markdown tables to ``bench/results/``; the tables a run writes are printed. After a quick
-    run, ``bench/results/`` is put back as it was, so quick numbers never replace the committed full results.
+    Quick runs write into a temporary folder (``$PYFUSION_BENCH_OUT``, bench/common.py), whose tables are printed and
+    then removed: quick numbers never touch the committed ``bench/results/``. Full runs write ``bench/results/``;
+    the tables they report (``wrote <path>``) are printed.
     """
     bdir = _bench_dir(args.bench_dir)
     scripts = sorted(glob.glob(str(bdir / "bench_*.py")))
@@ -601,20 +592,16 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     env = dict(os.environ)
     root = str(bdir.resolve().parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    results = bdir / "results"
     for part in chosen:
         script = names[part.removeprefix("bench_").removesuffix(".py")]
         cmd = [sys.executable, script, *([] if args.full else ["--quick"]), *shlex.split(args.script_args)]
         console.note(f"== {Path(script).name} {'(full)' if args.full else '(quick)'}: {' '.join(cmd[1:])}")
-        before = _snapshot(results)
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        finally:
-            written = _changed(results, before)
+        with tempfile.TemporaryDirectory(prefix="pyfusion-bench-") as tmp:
+            run_env = env if args.full else {**env, "PYFUSION_BENCH_OUT": tmp}
+            proc = subprocess.run(cmd, cwd=root, env=run_env, capture_output=True, text=True)
+            written = [Path(root) / p for p in _written(proc.stdout)] if args.full else sorted(Path(tmp).rglob("*"))
             tables = [p.read_text().rstrip() for p in written if p.suffix == ".md" and p.is_file()]
-            if not args.full:
-                _restore(results, before, written)  # quick numbers never replace the committed full results
         for table in tables:
             console.result(table)
         if proc.stdout.strip() and (console.verbose or not written):

@@ -1,7 +1,29 @@
 """Drop-in modules for fused networks: partially fused layers at a cost proportional to their effective
-FLOPs, stacked ensembles, and an in-place module swap (DESIGN §7)."""
+FLOPs, stacked ensembles, and an in-place module swap (DESIGN §7). Names load on first access."""
 
-from pyfusion.nn.partial import EnsembleLinear, PartialConv2d, PartialLinear
-from pyfusion.nn.swap import replace_
+from __future__ import annotations
 
-__all__ = ["EnsembleLinear", "PartialConv2d", "PartialLinear", "replace_"]
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "EnsembleLinear": "pyfusion.nn.partial",
+    "PartialConv2d": "pyfusion.nn.partial",
+    "PartialLinear": "pyfusion.nn.partial",
+    "replace_": "pyfusion.nn.swap",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyfusion.nn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -21,17 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyfusion.ops.partial_linear import (
-    ACTIVATIONS,
-    block_shapes,
-    pack_partial_weight,
-    partial_linear_module_forward,
-    unpack_partial_weight,
-    validate_layouts,
-)
+from pyfusion.ops.layout import ACTIVATIONS, block_shapes, pack_partial_weight, unpack_partial_weight, validate_layouts
+from pyfusion.ops.partial_conv2d import partial_conv2d_module_forward
+from pyfusion.ops.partial_conv2d.backends import conv_out_hw
+from pyfusion.ops.partial_linear import partial_linear_module_forward
 
 __all__ = ["PartialLinear", "PartialConv2d", "EnsembleLinear"]
 
@@ -89,7 +84,7 @@ class _LayoutMixin:
 class PartialLinear(_LayoutMixin, nn.Module):
     """Partially fused ``nn.Linear``: ``y = act(x W^T + b)`` with ``W`` zero outside the allowed blocks.
 
-    Parameters (only the stored blocks, see :mod:`pyfusion.ops.partial_linear`):
+    Parameters (only the stored blocks, see :mod:`pyfusion.ops.layout`):
         weight_shared: (O_s, I_total) shared output rows; weight_cross: (O_B, I_s) branch rows on the
         shared input; weight_diag: (sum_k O_k I_k,) the K diagonal blocks (O_k, I_k) flattened and
         concatenated; bias: (O_total,) or None.
@@ -351,7 +346,8 @@ class PartialConv2d(_LayoutMixin, nn.Module):
 
     ``y[:, shared] = conv(x, weight_shared)`` (all input channels), and
     ``y[:, branches] = conv(x[:, shared], weight_cross) + grouped_conv(x[:, branches], weight_diag, groups=K)``
-    (one grouped convolution when the branches have equal sizes, one per branch otherwise).
+    (one grouped convolution when the branches have equal sizes, one per branch otherwise): the op
+    :func:`pyfusion.ops.partial_conv2d`.
 
     Parameters: weight_shared (O_s, I_total, kh, kw); weight_cross (O_B, I_s, kh, kw); weight_diag
     (sum_k O_k I_k kh kw,) the K blocks (O_k, I_k, kh, kw) flattened and concatenated; bias (O_total,).
@@ -376,6 +372,8 @@ class PartialConv2d(_LayoutMixin, nn.Module):
         self.in_channels, self.out_channels = sum(il), sum(ol)
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._il, self._ol = il, ol  # lists, as the op's schema takes them
+        self._conv_args = (list(self.stride), list(self.padding), list(self.dilation))
         kh, kw = self.kernel_size
         kwargs = {"device": device, "dtype": dtype}
         (o_s, i_tot), (o_b, i_s), (n_diag,) = block_shapes(il, ol)
@@ -403,65 +401,16 @@ class PartialConv2d(_LayoutMixin, nn.Module):
                 _uniform_init_(self.bias[c : c + o_k], (il[0] + i_k) * area)
                 c += o_k
 
-    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int = 1) -> Tensor:
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
-
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (N, {self.in_channels}, H, W) (in_layout={list(self.in_layout)}); "
-                f"got {tuple(x.shape)}"
-            )
-        il, ol = self.in_layout, self.out_layout
-        i_s, o_s, kb = il[0], ol[0], len(ol) - 1
-        kh, kw = self.kernel_size
-        b = self.bias
-        outs = []
-        if o_s > 0:
-            outs.append(self._conv(x, self.weight_shared, None if b is None else b[:o_s]))
-        o_b = self.out_channels - o_s
-        if o_b > 0:
-            b_b = None if b is None else b[o_s:]
-            y_b = self._conv(x[:, :i_s], self.weight_cross, b_b) if i_s > 0 else None
-            if sum(il[1:]) > 0:
-                xb = x[:, i_s:]
-                if len(set(il[1:])) == 1 and len(set(ol[1:])) == 1:
-                    w = self.weight_diag.view(o_b, il[1], kh, kw)
-                    z = self._conv(xb, w, b_b if y_b is None else None, groups=kb)
-                else:
-                    parts, i0, d0 = [], 0, 0
-                    for o_k, i_k in zip(ol[1:], il[1:]):
-                        n = o_k * i_k * kh * kw
-                        if i_k > 0 and o_k > 0:
-                            w = self.weight_diag[d0 : d0 + n].view(o_k, i_k, kh, kw)
-                            parts.append(self._conv(xb[:, i0 : i0 + i_k], w, None))
-                        else:
-                            parts.append(None)
-                        i0, d0 = i0 + i_k, d0 + n
-                    z = self._zero_fill(parts, ol[1:], x)
-                    if y_b is None and b_b is not None:
-                        z = z + b_b.view(1, -1, 1, 1)
-                y_b = z if y_b is None else y_b + z
-            elif y_b is None:
-                y_b = self._empty_output(x, o_b, b_b)
-            outs.append(y_b)
-        if not outs:
-            return self._empty_output(x, 0, None)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        p = self._parameters  # as PartialLinear.forward: _parameters first, getattr for parametrized modules
+        ws, wc, wd = p.get("weight_shared"), p.get("weight_cross"), p.get("weight_diag")
+        if ws is None or wc is None or wd is None:
+            ws, wc, wd = self.weight_shared, self.weight_cross, self.weight_diag
+        bias = p["bias"] if "bias" in p else self.bias
+        return partial_conv2d_module_forward(x, (ws, wc, wd), bias, self._il, self._ol, *self._conv_args)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-    def _empty_output(self, x: Tensor, channels: int, bias: Tensor | None) -> Tensor:
-        ho, wo = self._out_hw(x.shape[2], x.shape[3])
-        y = x.new_zeros(x.shape[0], channels, ho, wo)
-        return y if bias is None else y + bias.view(1, -1, 1, 1)
-
-    def _zero_fill(self, parts: list[Tensor | None], sizes: Sequence[int], x: Tensor) -> Tensor:
-        ho, wo = self._out_hw(x.shape[2], x.shape[3])
-        filled = [p if p is not None else x.new_zeros(x.shape[0], o, ho, wo) for p, o in zip(parts, sizes)]
-        return torch.cat(filled, dim=1)
+        return conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     @classmethod
     def from_dense(

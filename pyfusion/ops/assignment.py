@@ -1,17 +1,16 @@
 """Linear assignment: exact, batched, with the partial (sink) forms that partial fusion needs.
 
-The solve step is the custom op ``pyfusion::linear_assignment`` (``torch.library``, forward only, with a
-fake kernel), whose outputs have a static shape: a (B, max_n) int64 map "column of each row" (-1 for an
-unmatched row) and (B,) float64 totals. :func:`linear_assignment` validates the arguments, picks a backend
-through a :class:`~pyfusion.dispatch.Dispatcher` (``cpp`` > ``reference``) and turns the map into
-per-problem ``row_ind`` / ``col_ind`` / unmatched lists. Torch tensors go through the op; numpy inputs
-call the op's kernel (the C++ engine) directly, since the torch dispatcher would add about 18 us per call.
+The solve step is the op ``pyfusion::linear_assignment`` (``torch.library`` ``custom_op``, forward only, with
+a fake kernel), whose outputs have a static shape: a (B, max_n) int64 map "column of each row" (-1 for an
+unmatched row) and (B,) float64 totals. Its body is the dispatcher (``cpp`` > ``reference``).
+:func:`linear_assignment` validates the arguments (numpy inputs become tensors at this boundary, without a
+copy when they already are contiguous float32/float64), runs the op (:mod:`pyfusion.ops._registry`) and turns
+the map into per-problem ``row_ind`` / ``col_ind`` / unmatched lists, numpy for numpy input.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +21,10 @@ import torch
 from pyfusion import _ext
 from pyfusion.backends import cpp_reasons
 from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._registry import LazyOp
 from pyfusion.ops.reference import linear_assignment_ref
 
-__all__ = ["AssignmentResult", "linear_assignment", "linear_assignment_dispatcher"]
+__all__ = ["DISPATCHER", "OP", "AssignmentResult", "linear_assignment"]
 
 
 @dataclass(frozen=True)
@@ -50,42 +50,33 @@ class AssignmentResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The custom op: list of (n_b, m_b) costs -> (B, max n_b) column-per-row map and (B,) totals.
+# Backends: list of (n_b, m_b) costs -> (B, max n_b) column-per-row map and (B,) totals, on the costs' device
 # ----------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("pyfusion::linear_assignment", mutates_args=())
-def _linear_assignment_op(
-    costs: list[torch.Tensor],
-    maximize: bool,
-    num_matches: list[int],
-    unmatched_cost: float | None,
-    num_threads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """C++ engine (csrc/assignment). CUDA inputs are copied to host, solved there, returned on the device."""
-    device = costs[0].device
-    arrays = [c.detach().to("cpu").contiguous().numpy() for c in costs]
-    cols, totals = _engine(arrays, maximize, num_matches, unmatched_cost, num_threads)
-    return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
 
 
 def _engine(
     arrays: list[np.ndarray], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The C++ engine on C-contiguous float32 or float64 numpy arrays (all of one dtype)."""
-    if _ext._C is None:
-        raise RuntimeError(_ext.EXT_SKIP_REASON)
     solve = _ext._C.lsap_solve_f32 if arrays[0].dtype == np.float32 else _ext._C.lsap_solve_f64
     return solve(arrays, list(num_matches), bool(maximize), unmatched_cost, int(num_threads))
 
 
-@_linear_assignment_op.register_fake
-def _(costs, maximize, num_matches, unmatched_cost, num_threads):
-    max_n = max(int(c.shape[0]) for c in costs)
-    return (
-        costs[0].new_empty((len(costs), max_n), dtype=torch.int64),
-        costs[0].new_empty((len(costs),), dtype=torch.float64),
-    )
+def _solve_cpp(
+    costs: list[torch.Tensor], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ engine (csrc/assignment). CUDA inputs are copied to host, solved there, returned on the device."""
+    device = costs[0].device
+    if device.type == "cpu":  # the public function hands over contiguous CPU tensors: views, no copies
+        arrays = [
+            c.numpy() if c.is_contiguous() and not c.requires_grad else c.detach().contiguous().numpy() for c in costs
+        ]
+    else:
+        arrays = [c.detach().to("cpu").contiguous().numpy() for c in costs]
+    cols, totals = _engine(arrays, maximize, num_matches, unmatched_cost, num_threads)
+    if device.type == "cpu":
+        return torch.from_numpy(cols), torch.from_numpy(totals)
+    return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
 
 
 def _check_entries(cost: np.ndarray, name: str, maximize: bool) -> None:
@@ -104,40 +95,27 @@ def _check_entries(cost: np.ndarray, name: str, maximize: bool) -> None:
 
 
 def _solve_reference(
-    costs: list[Any], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
-) -> tuple[Any, Any]:
-    """Float64 scipy reference, one problem at a time; same outputs (numpy or torch) as the cpp backend."""
+    costs: list[torch.Tensor], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 scipy reference, one problem at a time; same outputs as the cpp backend."""
     del num_threads
     B = len(costs)
     max_n = max(int(c.shape[0]) for c in costs)
     cols = np.full((B, max_n), -1, dtype=np.int64)
     totals = np.zeros(B, dtype=np.float64)
     for b, c in enumerate(costs):
-        vals = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else c
-        arr = vals.astype(np.float64)
+        arr = c.detach().cpu().numpy().astype(np.float64)
         name = "cost" if B == 1 else f"cost[{b}]"
         _check_entries(arr, name, maximize)
         k = num_matches[b] if num_matches[b] >= 0 else None
         r, cc, tot = linear_assignment_ref(arr, maximize=maximize, num_matches=k, unmatched_cost=unmatched_cost)
         cols[b, r] = cc
         totals[b] = tot
-    if isinstance(costs[0], torch.Tensor):
-        device = costs[0].device
-        return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
-    return cols, totals
+    device = costs[0].device
+    return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
 
 
-def _solve_cpp(
-    costs: list[Any], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
-) -> tuple[Any, Any]:
-    if isinstance(costs[0], np.ndarray):
-        # numpy in, numpy out: the op's own kernel without the torch dispatcher, whose custom-op call
-        # costs about 18 us per call here (2-core EPYC), more than a whole 128 x 128 solve on easy costs.
-        return _engine(costs, maximize, num_matches, unmatched_cost, num_threads)
-    return torch.ops.pyfusion.linear_assignment(costs, maximize, num_matches, unmatched_cost, num_threads)
-
-
-linear_assignment_dispatcher = Dispatcher(
+DISPATCHER = Dispatcher(
     "linear_assignment",
     [
         Backend(
@@ -148,7 +126,34 @@ linear_assignment_dispatcher = Dispatcher(
         ),
         Backend("reference", _solve_reference, description="scipy linear_sum_assignment, float64, one at a time"),
     ],
+    arg_names=("costs", "maximize", "num_matches", "unmatched_cost", "num_threads"),
+    # Neither backend's reasons depend on the inputs: cache the choice (small problems solve in ~10 us).
+    cache_key=lambda costs, *_: costs[0].device.type,
 )
+
+
+def _register() -> None:
+    @torch.library.custom_op("pyfusion::linear_assignment", mutates_args=())
+    def _linear_assignment_op(
+        costs: list[torch.Tensor],
+        maximize: bool,
+        num_matches: list[int],
+        unmatched_cost: float | None,
+        num_threads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_n) int64 column of each row (-1: unmatched) and (B,) float64 totals; forward only."""
+        return DISPATCHER(costs, maximize, num_matches, unmatched_cost, num_threads)
+
+    @_linear_assignment_op.register_fake
+    def _(costs, maximize, num_matches, unmatched_cost, num_threads):
+        max_n = max(int(c.shape[0]) for c in costs)
+        return (
+            costs[0].new_empty((len(costs), max_n), dtype=torch.int64),
+            costs[0].new_empty((len(costs),), dtype=torch.float64),
+        )
+
+
+OP = LazyOp("linear_assignment", DISPATCHER, _register)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,33 +251,6 @@ def _check_num_matches(num_matches: Any, shapes: list[tuple[int, int]], batched:
     return out
 
 
-def _fast_full(cost: np.ndarray, maximize: bool, num_threads: int) -> AssignmentResult | None:
-    """One full problem on a contiguous float numpy array: the engine with no per-call Python layers.
-
-    Returns None when the general path must run (other dtypes, a forced backend, no extension). On easy
-    128 x 128 costs the whole solve takes about 10 us, and the general path's argument handling and
-    dispatch cost about 20 us when cold (measured between fresh problems, 2-core EPYC).
-    """
-    if cost.dtype.char not in "df" or not cost.flags.c_contiguous or not _ext.EXT_AVAILABLE:
-        return None
-    if "PYFUSION_BACKEND" in os.environ:
-        return None
-    cols, totals = _engine([cost], maximize, [-1], None, num_threads)
-    n, m = cost.shape
-    cmap = cols[0]
-    if n <= m:  # every row matched
-        rows = np.arange(n, dtype=np.int64)
-        if n == m:
-            unc = np.zeros(0, dtype=np.int64)
-        else:
-            used = np.zeros(m, dtype=bool)
-            used[cmap] = True
-            unc = np.flatnonzero(~used)
-        return AssignmentResult(rows, cmap, float(totals[0]), np.zeros(0, dtype=np.int64), unc, False)
-    rows = np.flatnonzero(cmap >= 0)
-    return AssignmentResult(rows, cmap[rows], float(totals[0]), np.flatnonzero(cmap < 0), np.zeros(0, np.int64), False)
-
-
 def linear_assignment(
     cost: Any,
     *,
@@ -328,17 +306,6 @@ def linear_assignment(
         ValueError: wrong shapes or arguments (naming the argument, expected vs actual), NaN or an
             infinity of the wrong sign (naming the value and its position), or an infeasible problem.
     """
-    if (
-        type(cost) is np.ndarray
-        and cost.ndim == 2
-        and num_matches is None
-        and unmatched_cost is None
-        and dtype is None
-        and (num_threads is None or type(num_threads) is int and num_threads >= 0)
-    ):
-        fast = _fast_full(cost, bool(maximize), num_threads or 0)
-        if fast is not None:
-            return fast
     probs, batched, torch_out = _as_problems(cost)
     if num_matches is not None and unmatched_cost is not None:
         raise ValueError(
@@ -363,15 +330,13 @@ def linear_assignment(
     sdtype = _solve_dtype(probs, dtype)
     if torch_out:
         probs = [t.to(getattr(torch, sdtype)).contiguous() for t in probs]
-    else:
-        probs = [np.ascontiguousarray(a, dtype=sdtype) for a in probs]
+    else:  # numpy enters the op as tensors sharing its memory (a copy only to change dtype or layout)
+        probs = [torch.from_numpy(np.ascontiguousarray(a, dtype=sdtype)) for a in probs]
 
     if probs:
-        cols_t, totals_t = linear_assignment_dispatcher(
-            probs, bool(maximize), ks, unmatched_cost, 0 if num_threads is None else num_threads
-        )
-        cols_np = cols_t.cpu().numpy() if torch_out else cols_t
-        totals = totals_t.cpu().numpy() if torch_out else totals_t
+        cols_t, totals_t = OP(probs, bool(maximize), ks, unmatched_cost, 0 if num_threads is None else num_threads)
+        cols_np = (cols_t if cols_t.is_cpu else cols_t.cpu()).numpy()
+        totals = (totals_t if totals_t.is_cpu else totals_t.cpu()).numpy()
     else:
         cols_np = np.zeros((0, 0), dtype=np.int64)
         totals = np.zeros(0, dtype=np.float64)

@@ -29,9 +29,10 @@ import torch
 from pyfusion import _ext
 from pyfusion.backends import cpp_reasons
 from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._registry import LazyOp
 from pyfusion.ops.reference import weighted_kmeans_ref
 
-__all__ = ["ClusterResult", "weighted_kmeans"]
+__all__ = ["DISPATCHER", "OP", "ClusterResult", "weighted_kmeans"]
 
 _INITS = ("ward", "kmeans++")
 _REFINES = ("lloyd", "hartigan")
@@ -56,17 +57,34 @@ class ClusterResult:
     cluster_weights: Any
 
 
-def _cpp_supports(data: np.ndarray, weights: np.ndarray, is_gram: bool, **_: Any) -> list[str]:
+_ARG_NAMES = (
+    "data", "weights", "is_gram", "num_clusters", "n_restarts", "init", "top_k", "max_iter", "refine", "seed",
+    "num_threads",
+)  # fmt: skip
+
+
+def _cpp_supports(data: torch.Tensor, weights: torch.Tensor, is_gram: bool, *_: Any) -> list[str]:
     if not hasattr(_ext._C, "weighted_kmeans"):
         return ["this build of pyfusion._C has no weighted_kmeans (rebuild the extension)"]
     return []
 
 
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
+
+
+def _results(labels: Any, inertia: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (D,) int64, inertia () float64) on ``like``'s device."""
+    return (
+        torch.as_tensor(np.asarray(labels, dtype=np.int64), device=like.device),
+        torch.tensor(float(inertia), dtype=torch.float64, device=like.device),
+    )
+
+
 def _cpp_impl(
-    data: np.ndarray,
-    weights: np.ndarray,
+    data: torch.Tensor,
+    weights: torch.Tensor,
     is_gram: bool,
-    *,
     num_clusters: int,
     n_restarts: int,
     init: str,
@@ -75,18 +93,18 @@ def _cpp_impl(
     refine: str,
     seed: int,
     num_threads: int,
-) -> tuple[np.ndarray, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     labels, inertia, _, _ = _ext._C.weighted_kmeans(
-        data, is_gram, weights, num_clusters, n_restarts, init, top_k, max_iter, refine, seed, num_threads
-    )
-    return labels, float(inertia)
+        _numpy64(data), is_gram, _numpy64(weights), num_clusters, n_restarts, init, top_k, max_iter, refine, seed,
+        num_threads,
+    )  # fmt: skip
+    return _results(labels, inertia, data)
 
 
 def _ref_impl(
-    data: np.ndarray,
-    weights: np.ndarray,
+    data: torch.Tensor,
+    weights: torch.Tensor,
     is_gram: bool,
-    *,
     num_clusters: int,
     n_restarts: int,
     init: str,
@@ -95,11 +113,12 @@ def _ref_impl(
     refine: str,
     seed: int,
     num_threads: int,
-) -> tuple[np.ndarray, float]:
-    return weighted_kmeans_ref(
-        None if is_gram else data,
-        gram=data if is_gram else None,
-        weights=weights,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _numpy64(data)
+    labels, inertia = weighted_kmeans_ref(
+        None if is_gram else x,
+        gram=x if is_gram else None,
+        weights=_numpy64(weights),
         num_clusters=num_clusters,
         n_restarts=n_restarts,
         init=init,
@@ -107,9 +126,10 @@ def _ref_impl(
         refine=refine,
         seed=seed,
     )
+    return _results(labels, inertia, data)
 
 
-DISPATCH = Dispatcher(
+DISPATCHER = Dispatcher(
     "weighted_kmeans",
     [
         Backend(
@@ -125,52 +145,40 @@ DISPATCH = Dispatcher(
             description="float64 numpy: deterministic greedy Ward (one start) or k-means++ restarts",
         ),
     ],
+    arg_names=_ARG_NAMES,
 )
 
 
-@torch.library.custom_op("pyfusion::weighted_kmeans", mutates_args=())
-def _weighted_kmeans_op(
-    data: torch.Tensor,
-    weights: torch.Tensor,
-    is_gram: bool,
-    num_clusters: int,
-    n_restarts: int,
-    init: str,
-    top_k: int,
-    max_iter: int,
-    refine: str,
-    seed: int,
-    num_threads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.library entry: (labels (D,) int64, inertia () float64) on the input's device."""
-    x = np.ascontiguousarray(data.detach().to("cpu", torch.float64).numpy())
-    w = np.ascontiguousarray(weights.detach().to("cpu", torch.float64).numpy())
-    labels, inertia = DISPATCH(
-        x,
-        w,
-        is_gram,
-        num_clusters=num_clusters,
-        n_restarts=n_restarts,
-        init=init,
-        top_k=top_k,
-        max_iter=max_iter,
-        refine=refine,
-        seed=seed,
-        num_threads=num_threads,
-    )
-    return (
-        torch.as_tensor(np.asarray(labels, dtype=np.int64), device=data.device),
-        torch.tensor(inertia, dtype=torch.float64, device=data.device),
-    )
+def _register() -> None:
+    @torch.library.custom_op("pyfusion::weighted_kmeans", mutates_args=())
+    def _weighted_kmeans_op(
+        data: torch.Tensor,
+        weights: torch.Tensor,
+        is_gram: bool,
+        num_clusters: int,
+        n_restarts: int,
+        init: str,
+        top_k: int,
+        max_iter: int,
+        refine: str,
+        seed: int,
+        num_threads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels (D,) int64, inertia () float64) on the input's device; forward only."""
+        return DISPATCHER(
+            data, weights, is_gram, num_clusters, n_restarts, init, top_k, max_iter, refine, seed, num_threads
+        )
+
+    @_weighted_kmeans_op.register_fake
+    def _(data, weights, is_gram, num_clusters, n_restarts, init, top_k, max_iter, refine, seed, num_threads):
+        torch._check(data.dim() == 2, lambda: f"data must be 2-D; got {data.dim()}-D")
+        return (
+            data.new_empty((data.shape[0],), dtype=torch.int64),
+            data.new_empty((), dtype=torch.float64),
+        )
 
 
-@_weighted_kmeans_op.register_fake
-def _(data, weights, is_gram, num_clusters, n_restarts, init, top_k, max_iter, refine, seed, num_threads):
-    torch._check(data.dim() == 2, lambda: f"data must be 2-D; got {data.dim()}-D")
-    return (
-        data.new_empty((data.shape[0],), dtype=torch.int64),
-        data.new_empty((), dtype=torch.float64),
-    )
+OP = LazyOp("weighted_kmeans", DISPATCHER, _register)
 
 
 def _as_float64(name: str, value: Any) -> tuple[np.ndarray, Any]:
@@ -277,7 +285,7 @@ def weighted_kmeans(
     if num_threads is not None and (int(num_threads) != num_threads or num_threads < 1):
         raise ValueError(f"num_threads must be None or an integer >= 1; got {num_threads}")
 
-    labels_t, inertia_t = torch.ops.pyfusion.weighted_kmeans(
+    labels_t, inertia_t = OP(
         torch.from_numpy(data),
         torch.from_numpy(w),
         is_gram,

@@ -26,9 +26,10 @@ from torch import Tensor
 from pyfusion import _ext
 from pyfusion.backends import cpp_reasons, cuda_reasons
 from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._registry import LazyOp
 from pyfusion.ops.reference import hf_cost_ref
 
-__all__ = ["hf_cost"]
+__all__ = ["DISPATCHER", "OP", "hf_cost"]
 
 _VEC_NAMES = ("d0", "e0", "n0", "s0", "d1", "e1", "n1", "s1")
 
@@ -77,24 +78,30 @@ def _reference(mats: list[Tensor], vecs: list[Tensor], squared: bool) -> Tensor:
     return hf_cost_ref(*mats, *vecs, squared=squared)
 
 
-DISPATCH = Dispatcher(
+DISPATCHER = Dispatcher(
     "hf_cost",
     [
         Backend("cuda", _cuda, cuda_reasons, _cuda_supports, "CUDA elementwise epilogue, one thread per pair"),
         Backend("cpp", _cpp, cpp_reasons, _cpp_supports, "C++ epilogue, OpenMP over rows, AVX-512/AVX2 clones"),
-        Backend("reference", _reference, description="float64 torch formula"),
+        Backend("reference", _reference, description="float64 torch formula (ops.reference.hf_cost_ref)"),
     ],
+    arg_names=("mats [M, Q01, Q10]", "vecs [d0, e0, n0, s0, d1, e1, n1, s1]", "squared"),
 )
 
 
-@torch.library.custom_op("pyfusion::hf_cost", mutates_args=())
-def _hf_cost_op(mats: list[Tensor], vecs: list[Tensor], squared: bool) -> Tensor:
-    return DISPATCH(mats, vecs, squared)
+def _register() -> None:
+    @torch.library.custom_op("pyfusion::hf_cost", mutates_args=())
+    def _hf_cost_op(mats: list[Tensor], vecs: list[Tensor], squared: bool) -> Tensor:
+        """(n0, n1) float64 cost from mats (M, Q01, Q10) and the 8 vectors; forward only."""
+        return DISPATCHER(mats, vecs, squared)
+
+    @_hf_cost_op.register_fake
+    def _(mats, vecs, squared):
+        torch._check(len(mats) == 3 and len(vecs) == 8, lambda: "hf_cost takes 3 matrices and 8 vectors")
+        return mats[0].new_empty(mats[0].shape, dtype=torch.float64)
 
 
-@_hf_cost_op.register_fake
-def _(mats, vecs, squared):
-    return mats[0].new_empty(mats[0].shape, dtype=torch.float64)
+OP = LazyOp("hf_cost", DISPATCHER, _register)
 
 
 def hf_cost(
@@ -152,4 +159,4 @@ def hf_cost(
             raise ValueError(f"{name} contains NaN or inf")
     if bool((vecs[3] <= 0).any()) or bool((vecs[7] <= 0).any()):
         raise ValueError("importance s0 and s1 must be > 0")
-    return _hf_cost_op(mats, vecs, bool(squared))
+    return OP(mats, vecs, bool(squared))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "accumulate_moments_ref",
     "augment_partial_cost",
     "correlation_ref",
     "hf_cost_ref",
     "linear_assignment_ref",
+    "partial_conv2d_ref",
     "partial_linear_ref",
     "weighted_kmeans_ref",
 ]
@@ -111,6 +113,53 @@ def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation
     z = F.linear(x.to(torch.float64), dense, None if bias is None else bias.to(torch.float64))
     act = activation or "none"
     return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
+
+
+def partial_conv2d_ref(x, weight_blocks, bias, in_layout, out_layout, stride=1, padding=0, dilation=1):
+    """Float64 reference of :func:`pyfusion.ops.partial_conv2d`: builds the dense (O_total, I_total, kh, kw)
+    weight with zero blocks (branch k outputs x branch j != k inputs) and applies ``F.conv2d`` in float64.
+
+    Args:
+        x: (N, I_total, H, W); weight_blocks: ``(w_shared (O_s, I_total, kh, kw), w_cross (O_B, I_s, kh, kw),
+            w_diag (sum_k O_k I_k kh kw,))``; bias: (O_total,) or None; layouts ``[shared, branch_1, ...]``;
+            stride / padding / dilation: as ``nn.Conv2d``.
+
+    Returns:
+        (N, O_total, H', W') float64 tensor.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    il, ol = [int(v) for v in in_layout], [int(v) for v in out_layout]
+    w_shared, w_cross, w_diag = (w.to(torch.float64) for w in weight_blocks)
+    kh, kw = int(w_shared.shape[2]), int(w_shared.shape[3])
+    i_s, o_s = il[0], ol[0]
+    dense = torch.zeros(sum(ol), sum(il), kh, kw, dtype=torch.float64, device=w_shared.device)
+    dense[:o_s] = w_shared
+    dense[o_s:, :i_s] = w_cross
+    r, c, d = o_s, i_s, 0
+    for o_k, i_k in zip(ol[1:], il[1:]):
+        n = o_k * i_k * kh * kw
+        dense[r : r + o_k, c : c + i_k] = w_diag[d : d + n].reshape(o_k, i_k, kh, kw)
+        r, c, d = r + o_k, c + i_k, d + n
+    b = None if bias is None else bias.to(torch.float64)
+    if sum(ol) == 0:  # F.conv2d rejects a weight with no output channels: one zero channel, then none
+        one = torch.zeros(1, sum(il), kh, kw, dtype=torch.float64, device=x.device)
+        return F.conv2d(x.to(torch.float64), one, None, stride, padding, dilation)[:, :0]
+    return F.conv2d(x.to(torch.float64), dense, b, stride, padding, dilation)
+
+
+def accumulate_moments_ref(x, shift, s1, s2):
+    """Float64 reference of :func:`pyfusion.ops.accumulate_moments`, in place:
+    ``s1 += sum_n (x_n - c)`` (D,) and ``s2 += sum_n (x_n - c)(x_n - c)^T`` (D, D), c = ``shift``.
+
+    The full s2 is written (the engines write only its lower triangle; readers use only that).
+    """
+    import torch
+
+    v = x.to(torch.float64) - shift
+    s1 += v.sum(0)
+    s2 += v.T @ v
 
 
 def correlation_ref(x, y):

@@ -6,9 +6,9 @@ s2 = sum_n (x_n - c)(x_n - c)^T, all float64. Because c is close to the mean, th
 M2 = s2 - s1 s1^T / N suffers no cancellation: a mean offset of 1e3 with unit or smaller variance costs no
 accuracy, unlike the one-pass formula E[x x^T] - E[x] E[x]^T in float32 (tests/test_stats.py shows both).
 
-Accumulation goes through the ``stats_accumulate`` dispatcher: the C++ engine (csrc/correlation: cache-blocked
-lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP), the CUDA kernel
-for GPU tensors, and a float64 torch path for everything else (float64 input, no extension).
+Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: the C++ engine, csrc/correlation:
+cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
+CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension).
 """
 
 from __future__ import annotations
@@ -19,91 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyfusion import _ext
-from pyfusion.backends import cpp_reasons, cuda_reasons
-from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, all_finite, moment_shift
 
-__all__ = ["ActivationStats", "CONST_RTOL", "accumulate_dispatcher"]
-
-# A neuron is treated as constant (zero variance) when std <= CONST_RTOL * |mean|, or its variance is exactly 0.
-# 1e-7 is about one float32 ulp of the mean: below it the variation of float32 activations is rounding noise.
-CONST_RTOL = 1e-7
-
-# Samples used to choose the shift c: enough that |mean - c| is ~std/16, so the cancellation in s2 - s1 s1^T/N
-# is negligible, while costing one small pass over the first batch.
-_SHIFT_SAMPLES = 256
-
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _kernel_args(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> tuple[int, ...]:
-    """The pointer / size / stride arguments shared by the CPU and CUDA accumulation kernels."""
-    return (
-        x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-        shift.data_ptr(), s1.data_ptr(), s2.data_ptr(),
-    )  # fmt: skip
-
-
-# ---- backends of the accumulation step ---------------------------------------------------------------------
-def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    _ext._C.corr_accumulate(*_kernel_args(x, shift, s1, s2), torch.get_num_threads(), "auto")  # type: ignore[union-attr]
-
-
-def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    with torch.cuda.device(x.device):
-        _ext._C.corr_accumulate_cuda(*_kernel_args(x, shift, s1, s2), stream)  # type: ignore[union-attr]
-
-
-def _acc_torch(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    v = x.to(torch.float64) - shift
-    s1 += v.sum(0)
-    s2 += v.T @ v  # full matrix; only the lower triangle is read
-
-
-def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
-    why = []
-    if x.dtype not in _DTYPE_CODES:
-        why.append(f"x has dtype {x.dtype}; the engine takes float32, float16 or bfloat16 (float64 uses torch)")
-    if any(st < 0 for st in x.stride()):
-        why.append(f"x has negative strides {x.stride()}")
-    if not (s1.is_contiguous() and s2.is_contiguous() and shift.is_contiguous()):
-        why.append("the state buffers are not contiguous")
-    return why
-
-
-def _cpp_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
-    why = _layout_reasons(x, shift, s1, s2)
-    if x.device.type != "cpu":
-        why.append(f"x is on {x.device}, the C++ engine runs on CPU tensors")
-    return why
-
-
-def _cuda_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
-    why = _layout_reasons(x, shift, s1, s2)
-    if x.device.type != "cuda":
-        why.append(f"x is on {x.device}, the CUDA kernel runs on CUDA tensors")
-    elif not hasattr(_ext._C, "corr_accumulate_cuda"):
-        why.append("the extension was built without the CUDA correlation kernel")
-    return why
-
-
-accumulate_dispatcher = Dispatcher(
-    "stats_accumulate",
-    [
-        Backend("cpp", _acc_cpp, cpp_reasons, _cpp_supports, "C++ lower-triangle SYRK (AVX-512/AVX2, OpenMP)"),
-        Backend("cuda", _acc_cuda, cuda_reasons, _cuda_supports, "CUDA tiled SYRK with float64 atomics"),
-        Backend("torch", _acc_torch, description="float64 torch matmul (reference path)"),
-    ],
-)
-
-
-def _all_finite(x: Tensor) -> bool:
-    """Whether x has no NaN/inf. A float32 sum is finite for finite data of sane magnitude and costs a fraction
-    of ``isfinite(x).all()`` (64 MiB: ~5 ms against ~15 ms); only a non-finite sum triggers the exact check."""
-    if bool(torch.isfinite(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else torch.float64))):
-        return True
-    return bool(torch.isfinite(x).all())
+__all__ = ["ActivationStats", "CONST_RTOL"]
 
 
 class ActivationStats:
@@ -175,14 +93,11 @@ class ActivationStats:
         n = x.shape[0]
         if n == 0:
             return self
-        if check_finite and not _all_finite(x):
+        if check_finite and not all_finite(x):
             raise ValueError("activations contain NaN or inf; statistics were not updated")
         if self.count == 0:
-            # float32-representable shift: x - c is then exact or correctly rounded in the float32 kernel.
-            self._shift = x[:_SHIFT_SAMPLES].to(torch.float64).mean(0).to(torch.float32).to(torch.float64)
-        backend = accumulate_dispatcher.select(x, self._shift, self._s1, self._s2)
-        backend.fn(x, self._shift, self._s1, self._s2)
-        self.last_backend = backend.name
+            self._shift = moment_shift(x)  # float32-representable: x - c is exact or correctly rounded in float32
+        self.last_backend = accumulate_moments(x, self._shift, self._s1, self._s2)
         self.count += n
         return self
 

@@ -1,0 +1,304 @@
+"""Shifted first and second moments of activations: the accumulation step of the statistics engine, and the
+one-shot neuron correlation built on it.
+
+``pyfusion::accumulate_moments`` adds a batch x (N, D) to a *shifted* state (DESIGN §5): with a shift vector
+c close to the mean (:func:`moment_shift`), ``s1 += sum_n (x_n - c)`` (D,) and the lower triangle of
+``s2 += sum_n (x_n - c)(x_n - c)^T`` (D, D), both float64. Because c is close to the mean, the centered second
+moment ``M2 = s2 - s1 s1^T / N`` suffers no cancellation: a mean offset of 1e3 with unit or smaller variance
+costs no accuracy, unlike the one-pass ``E[x x^T] - E[x] E[x]^T`` in float32. Backends: ``cpp`` (csrc/correlation:
+cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP),
+``cuda`` (tiled SYRK with float64 atomics) and ``reference`` (float64 torch,
+:func:`pyfusion.ops.reference.accumulate_moments_ref`; also the path for float64 input).
+:class:`pyfusion.stats.ActivationStats` streams batches through it.
+
+``pyfusion::correlation`` is the Pearson correlation between the columns of x (N, Dx) and y (N, Dy): the
+moments of ``[x | y]`` from one accumulation, then the (x, y) block (backends ``cpp``, ``cuda``), or the
+two-pass float64 :func:`pyfusion.ops.reference.correlation_ref` (``reference``, also for float64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pyfusion import _ext
+from pyfusion.backends import cpp_reasons, cuda_reasons
+from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._registry import LazyOp
+from pyfusion.ops.reference import accumulate_moments_ref, correlation_ref
+
+__all__ = [
+    "ACCUMULATE",
+    "CONST_RTOL",
+    "CORRELATION",
+    "SHIFT_SAMPLES",
+    "accumulate_moments",
+    "all_finite",
+    "correlation",
+    "moment_shift",
+]
+
+# A neuron is treated as constant (zero variance) when std <= CONST_RTOL * |mean|, or its variance is exactly 0.
+# 1e-7 is about one float32 ulp of the mean: below it the variation of float32 activations is rounding noise.
+CONST_RTOL = 1e-7
+
+# Samples used to choose the shift c: enough that |mean - c| is ~std/16, so the cancellation in s2 - s1 s1^T/N
+# is negligible, while costing one small pass over the first batch.
+SHIFT_SAMPLES = 256
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def moment_shift(x: Tensor) -> Tensor:
+    """The shift c for a state's first batch x (N, D): the mean of its first ``SHIFT_SAMPLES`` rows, float64
+    rounded to float32 (so that x - c is exact or correctly rounded in the float32 kernels), (D,)."""
+    return x[:SHIFT_SAMPLES].to(torch.float64).mean(0).to(torch.float32).to(torch.float64)
+
+
+# ---- accumulate_moments: backends --------------------------------------------------------------------------
+def _kernel_args(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> tuple[int, ...]:
+    """The pointer / size / stride arguments shared by the CPU and CUDA accumulation kernels."""
+    return (
+        x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+        shift.data_ptr(), s1.data_ptr(), s2.data_ptr(),
+    )  # fmt: skip
+
+
+def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    _ext._C.corr_accumulate(*_kernel_args(x, shift, s1, s2), torch.get_num_threads(), "auto")  # type: ignore[union-attr]
+
+
+def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.device(x.device):
+        _ext._C.corr_accumulate_cuda(*_kernel_args(x, shift, s1, s2), stream)  # type: ignore[union-attr]
+
+
+def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = []
+    if x.dtype not in _DTYPE_CODES:
+        why.append(f"x has dtype {x.dtype}; the engine takes float32, float16 or bfloat16 (float64 uses reference)")
+    if any(st < 0 for st in x.stride()):
+        why.append(f"x has negative strides {x.stride()}")
+    if not (s1.is_contiguous() and s2.is_contiguous() and shift.is_contiguous()):
+        why.append("the state buffers are not contiguous")
+    return why
+
+
+def _acc_cpp_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = _layout_reasons(x, shift, s1, s2)
+    if x.device.type != "cpu":
+        why.append(f"x is on {x.device}, the C++ engine runs on CPU tensors")
+    return why
+
+
+def _acc_cuda_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+    why = _layout_reasons(x, shift, s1, s2)
+    if x.device.type != "cuda":
+        why.append(f"x is on {x.device}, the CUDA kernel runs on CUDA tensors")
+    elif not hasattr(_ext._C, "corr_accumulate_cuda"):
+        why.append("the extension was built without the CUDA correlation kernel")
+    return why
+
+
+ACCUMULATE = Dispatcher(
+    "accumulate_moments",
+    [
+        Backend("cpp", _acc_cpp, cpp_reasons, _acc_cpp_supports, "C++ lower-triangle SYRK (AVX-512/AVX2, OpenMP)"),
+        Backend("cuda", _acc_cuda, cuda_reasons, _acc_cuda_supports, "CUDA tiled SYRK with float64 atomics"),
+        Backend("reference", accumulate_moments_ref, description="float64 torch matmul (also for float64 input)"),
+    ],
+    arg_names=("x", "shift", "s1", "s2"),
+)
+
+
+def _register_accumulate() -> None:
+    @torch.library.custom_op("pyfusion::accumulate_moments", mutates_args=("s1", "s2"))
+    def _accumulate_moments_op(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+        """In place: s1 (D,) += sum (x - shift); lower triangle of s2 (D, D) += sum (x - shift)(x - shift)^T."""
+        ACCUMULATE(x, shift, s1, s2)
+
+    @_accumulate_moments_op.register_fake
+    def _(x, shift, s1, s2):
+        torch._check(x.dim() == 2 and s1.shape == (x.shape[1],), lambda: "x must be (N, D) and s1 (D,)")
+        return None
+
+
+ACCUMULATE_OP = LazyOp("accumulate_moments", ACCUMULATE, _register_accumulate)
+
+
+def _check_state(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        raise ValueError(f"x must have shape (N, D); got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    d = x.shape[1]
+    for name, t, shape in (("shift", shift, (d,)), ("s1", s1, (d,)), ("s2", s2, (d, d))):
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}; got {tuple(t.shape)}")
+        if t.dtype != torch.float64:
+            raise ValueError(f"{name} must be float64; got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether x has no NaN/inf. A float32 sum is finite for finite data of sane magnitude and costs a fraction
+    of ``isfinite(x).all()`` (64 MiB: ~5 ms against ~15 ms); only a non-finite sum triggers the exact check."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else torch.float64))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> str:
+    """Add a batch to a shifted moment state, in place (see the module docstring).
+
+    Args:
+        x: (N, D) float16 / bfloat16 / float32 / float64, any non-negative strides, finite (not checked here:
+            :meth:`pyfusion.stats.ActivationStats.update` checks it).
+        shift: (D,) float64, the state's shift c (:func:`moment_shift` of its first batch).
+        s1: (D,) float64, ``+= sum_n (x_n - c)``.
+        s2: (D, D) float64, lower triangle ``+= sum_n (x_n - c)(x_n - c)^T`` (the strict upper triangle is
+            scratch: the engines leave it, the reference writes the full matrix).
+
+    Returns:
+        The name of the backend that ran (``cpp``, ``cuda`` or ``reference``).
+
+    Raises:
+        ValueError: wrong shapes, dtypes or devices (nothing is changed then).
+    """
+    _check_state(x, shift, s1, s2)
+    return ACCUMULATE_OP.call_with_backend(x, shift, s1, s2)[1]
+
+
+# ---- correlation ---------------------------------------------------------------------------------------------
+def _corr_via_engine(x: Tensor, y: Tensor, accumulate) -> Tensor:
+    """Moments of [x | y] from one accumulation, then the (Dx, Dy) correlation block (population moments;
+    0 for pairs with a constant column, the :class:`pyfusion.stats.ActivationStats` rule)."""
+    n, dx = x.shape
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+    shift = moment_shift(xy)
+    d = xy.shape[1]
+    s1 = torch.zeros(d, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    accumulate(xy, shift, s1, s2)
+    # (y, x) block: strictly below the diagonal, so it is stored; cov_xy = (s2_xy - s1_x s1_y^T / N) / N.
+    cov = s2[dx:, :dx].T.clone().addr_(s1[:dx], s1[dx:], alpha=-1.0 / n).div_(n)
+    mu = shift + s1 / n
+    var = ((torch.diagonal(s2) - s1 * s1 / n) / n).clamp_min(0)
+    std = var.sqrt()
+    const = (var == 0) | (std <= CONST_RTOL * mu.abs())
+    inv = torch.where(const, torch.zeros_like(std), 1.0 / torch.where(const, torch.ones_like(std), std))
+    return cov.mul_(inv[:dx, None]).mul_(inv[None, dx:]).clamp_(-1.0, 1.0).contiguous()
+
+
+def _corr_engine_supports(device_type: str, what: str):
+    """Reasons of the engine backends: the engine reads [x | y] (contiguous) in their promoted dtype."""
+
+    def supports(x: Tensor, y: Tensor) -> list[str]:
+        why = []
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        if dtype not in _DTYPE_CODES:
+            why.append(
+                f"inputs promote to {dtype}; the engine takes float32, float16 or bfloat16 (float64 uses reference)"
+            )
+        if x.device.type != device_type:
+            why.append(f"x is on {x.device}, the {what} runs on {device_type.upper()} tensors")
+        elif device_type == "cuda" and not hasattr(_ext._C, "corr_accumulate_cuda"):
+            why.append("the extension was built without the CUDA correlation kernel")
+        return why
+
+    return supports
+
+
+def _corr_cpp(x: Tensor, y: Tensor) -> Tensor:
+    return _corr_via_engine(x, y, _acc_cpp)
+
+
+def _corr_cuda(x: Tensor, y: Tensor) -> Tensor:
+    return _corr_via_engine(x, y, _acc_cuda)
+
+
+def _corr_reference(x: Tensor, y: Tensor) -> Tensor:
+    return correlation_ref(x, y).contiguous()
+
+
+CORRELATION = Dispatcher(
+    "correlation",
+    [
+        Backend(
+            "cpp",
+            _corr_cpp,
+            cpp_reasons,
+            _corr_engine_supports("cpu", "C++ engine"),
+            "moments of [x | y] on the C++ engine, then the (x, y) block",
+        ),
+        Backend(
+            "cuda",
+            _corr_cuda,
+            cuda_reasons,
+            _corr_engine_supports("cuda", "CUDA kernel"),
+            "moments of [x | y] on the CUDA engine, then the (x, y) block",
+        ),
+        Backend("reference", _corr_reference, description="float64 two-pass (ops.reference.correlation_ref)"),
+    ],
+    arg_names=("x", "y"),
+)
+
+
+def _register_correlation() -> None:
+    @torch.library.custom_op("pyfusion::correlation", mutates_args=())
+    def _correlation_op(x: Tensor, y: Tensor) -> Tensor:
+        """(Dx, Dy) float64 Pearson correlation of the columns; forward only."""
+        return CORRELATION(x, y)
+
+    @_correlation_op.register_fake
+    def _(x: Tensor, y: Tensor) -> Tensor:
+        torch._check(x.ndim == 2 and y.ndim == 2, lambda: "x and y must be 2-D")
+        torch._check(x.shape[0] == y.shape[0], lambda: "x and y must have the same number of samples")
+        return x.new_empty((x.shape[1], y.shape[1]), dtype=torch.float64)
+
+
+CORRELATION_OP = LazyOp("correlation", CORRELATION, _register_correlation)
+
+
+def _check_xy(x: Tensor, y: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        raise ValueError(f"x must have shape (N, Dx); got shape {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(y, Tensor) or y.ndim != 2:
+        raise ValueError(f"y must have shape (N, Dy); got shape {tuple(getattr(y, 'shape', ()))}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y must have shape ({x.shape[0]}, Dy) like x's N; got shape {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x and y must have at least one sample (N >= 1); got N = 0")
+    for name, t in (("x", x), ("y", y)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on one device; got {x.device} and {y.device}")
+    if not torch.compiler.is_compiling():
+        for name, t in (("x", x), ("y", y)):
+            if not all_finite(t):
+                raise ValueError(f"{name} contains NaN or inf")
+
+
+def correlation(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation between the neurons (columns) of x and y.
+
+    Args:
+        x: (N, Dx) activations (float16 / bfloat16 / float32 / float64, any strides).
+        y: (N, Dy) activations on the same samples and device.
+
+    Returns:
+        (Dx, Dy) float64: corr[i, j] = cov(x_i, y_j) / (std(x_i) std(y_j)) with population moments, in
+        [-1, 1]; 0 for pairs involving a constant column (std <= 1e-7 |mean|, or exactly 0): never NaN.
+        Always float64 (whatever the input dtype): correlations feed assignment costs, where float32
+        rounding of near-ties changes matchings. Forward only (no autograd formula).
+
+    Raises:
+        ValueError: wrong shapes, dtypes or devices, or non-finite input.
+    """
+    _check_xy(x, y)
+    return CORRELATION_OP(x, y)
