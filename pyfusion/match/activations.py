@@ -9,13 +9,16 @@ neuron i and member-k neuron j is ``1 - corr(i, j)`` ("correlation") or the mean
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.distance import sqdist
-from pyfusion.stats.activation_stats import ActivationStats
+
+if TYPE_CHECKING:  # annotations only: the engine loads when statistics are computed
+    from pyfusion.stats.activation_stats import ActivationStats
 
 __all__ = ["ACTIVATION_COSTS", "activation_cost", "activation_costs", "neuron_features"]
 

@@ -8,12 +8,13 @@ activations plus O(D^2) per point, whatever the amount of calibration data.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from pyfusion.stats.activation_stats import ActivationStats
+if TYPE_CHECKING:
+    from pyfusion.stats.activation_stats import ActivationStats
 
 __all__ = ["collect_stats", "as_samples", "batch_inputs"]
 
@@ -79,6 +80,9 @@ def collect_stats(
         raise ValueError("models must contain at least one member; got an empty sequence")
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 or None; got {max_batches}")
+    # imported here: the engine (pyfusion.ops) loads on first use, not with pyfusion.stats / pyfusion.fuse
+    from pyfusion.stats.activation_stats import ActivationStats
+
     stats: dict[str, ActivationStats] = {}
     buffers: list[dict[str, list[Tensor]]] = [dict() for _ in models]
     handles = []
