@@ -191,7 +191,9 @@ def _partial_conv2d_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # int64 from the start: the loop-carried scalars below accumulate int64 table entries, and a loop-carried
+    # variable may not change type in compiled Triton (the interpreter would not notice).
+    pid = tl.program_id(0).to(tl.int64)
     tiles_o = pid * 0
     for s in range(0, NSEG):
         tiles_o += (tl.load(meta_ptr + s * 4) + BLOCK_O - 1) // BLOCK_O

@@ -167,7 +167,9 @@ def _partial_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # int64 from the start: the loop-carried scalars below accumulate int64 table entries, and a loop-carried
+    # variable may not change type in compiled Triton (the interpreter would not notice).
+    pid = tl.program_id(0).to(tl.int64)
     # Output tiles of all segments (the same count the launcher's grid used).
     tiles_o = pid * 0
     for s in range(0, NSEG):
