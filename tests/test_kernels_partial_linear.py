@@ -239,3 +239,14 @@ def test_bad_arguments_are_clear_errors():
         plan.forward_f32(x.data_ptr(), 2, x.stride(0), buf.data_ptr(), 0, y.data_ptr(), 1, 1)
     with pytest.raises(ValueError, match="set_isa"):
         _ext._C.panel_linear_set_isa("sse9")
+
+
+def test_large_batch_uses_a_temporary_packed_input():
+    """A packed input above the 16 MiB kept per thread is allocated for the call: same results."""
+    il, ol = [600, 200, 200], [4, 3, 3]
+    plan, w, bias, packed = random_case(il, std_masks(2), ol, std_masks(2), torch.float32, integer=True)
+    x = torch.randint(-3, 4, (4200, sum(il))).float()  # 4200 x 1000 floats packed: 16.8 MB
+    y = forward(plan, x, packed, bias)
+    assert torch.equal(y.double(), reference(x, w, bias, 0))
+    small = forward(plan, x[:5], packed, bias)  # the kept buffer still works afterwards
+    assert torch.equal(small, y[:5])

@@ -199,20 +199,30 @@ PF_INLINE void forward_impl(const Plan& plan, const T* x, int64_t rows, int64_t 
   const int64_t il = rows <= MRMAX ? rows : MRMAX;
   const int64_t nmp = (rows + il - 1) / il;
   const int64_t I = plan.i_total;
+  // The packed copy is kept per calling thread between calls up to kKeepBytes (batch-size calls at inference
+  // reuse it); a larger one is allocated for the call and freed after it.
+  constexpr int64_t kKeepBytes = int64_t(16) << 20;
   thread_local std::unique_ptr<T, AlignedFree> xbuf;
   thread_local int64_t xcap = 0;
+  std::unique_ptr<T, AlignedFree> big;
   const T* xp = x;
   if (rows > 1 && I > 0) {
     const int64_t need = nmp * I * il;
-    if (xcap < need) {
-      xbuf.reset();
-      xcap = 0;
-      const size_t bytes = (static_cast<size_t>(need) * sizeof(T) + 63) / 64 * 64;
-      xbuf.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-      PF_CHECK(xbuf != nullptr, "partial_linear (panels): could not allocate ", bytes, " bytes for the packed input");
-      xcap = need;
+    const size_t bytes = (static_cast<size_t>(need) * sizeof(T) + 63) / 64 * 64;
+    T* dst = nullptr;
+    if (static_cast<int64_t>(bytes) > kKeepBytes) {
+      big.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      dst = big.get();
+    } else {
+      if (xcap < need) {
+        xbuf.reset();
+        xcap = 0;
+        xbuf.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+        if (xbuf) xcap = need;
+      }
+      dst = xbuf.get();
     }
-    T* dst = xbuf.get();
+    PF_CHECK(dst != nullptr, "partial_linear (panels): could not allocate ", bytes, " bytes for the packed input");
     for (int64_t mp = 0; mp < nmp; ++mp) {
       const int64_t m0 = mp * il, mn = std::min<int64_t>(il, rows - m0);
       T* d = dst + mp * I * il;
