@@ -128,11 +128,11 @@ inline float load<BHalf>(const BHalf* p) {
 }
 
 // c[r * ldc + j] += sum_{k < K} a[k * kPanelW + r] * b[k * kPanelW + j] for r < MR, j < NR; K <= kDepth.
-// a and b point into packed panels (row stride kPanelW floats); c is the float64 macro accumulator.
-using MicroKernel = void (*)(int64_t K, const float* a, const float* b, double* c, int64_t ldc);
+// a and b point into packed panels (row stride kPanelW floats); c is the float64 macro accumulator. `cols` (<= NR)
+// is how many leading columns the caller needs (a kernel may compute more).
 
 template <int MR, int NR>
-void kernel_scalar(int64_t K, const float* a, const float* b, double* c, int64_t ldc) {
+void kernel_scalar(int64_t K, const float* a, const float* b, double* c, int64_t ldc, int /*cols*/) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k) {
     for (int r = 0; r < MR; ++r) {
@@ -159,43 +159,47 @@ __attribute__((target("avx2,fma"))) inline void add8(double* c, __m256 v) {
   _mm256_storeu_pd(c + 4, _mm256_add_pd(_mm256_loadu_pd(c + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
 
-// 8 x 48 tile: 24 zmm accumulators; per sample 3 vector loads (one whole packed panel row) and 8 broadcasts
-// for 24 FMAs (11 loads per 12 FMA cycles on a 2-FMA-port core; the 12 x 32 shape needed 14).
-__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* a, const float* b, double* c,
-                                                      int64_t ldc) {
+// 8 x (16 NV) tile: 8 NV zmm accumulators; per sample NV vector loads (a whole packed panel row when NV = 3) and 8
+// broadcasts for 8 NV FMAs (11 loads per 12 FMA cycles on a 2-FMA-port core at NV = 3; the 12 x 32 shape needed
+// 14). NV < 3 serves the tiles that cross the diagonal, whose right-hand columns lie above it.
+template <int NV>
+__attribute__((target("avx512f"))) void kernel_avx512_nv(int64_t K, const float* a, const float* b, double* c,
+                                                         int64_t ldc) {
   constexpr int MR = 8;
-  __m512 acc0[MR], acc1[MR], acc2[MR];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-    acc2[r] = _mm512_setzero_ps();
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * kPanelW;
-    const __m512 b0 = _mm512_load_ps(bk);
-    const __m512 b1 = _mm512_load_ps(bk + 16);
-    const __m512 b2 = _mm512_load_ps(bk + 32);
+    __m512 bv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(bk + 16 * v);
     const float* ak = a + k * kPanelW;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(ak[r]);
-      acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);
-      acc2[r] = _mm512_fmadd_ps(ar, b2, acc2[r]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    add16(c + r * ldc, acc0[r]);
-    add16(c + r * ldc + 16, acc1[r]);
-    add16(c + r * ldc + 32, acc2[r]);
-  }
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) add16(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* a, const float* b, double* c,
+                                                      int64_t ldc, int cols) {
+  if (cols <= 16) return kernel_avx512_nv<1>(K, a, b, c, ldc);
+  if (cols <= 32) return kernel_avx512_nv<2>(K, a, b, c, ldc);
+  kernel_avx512_nv<3>(K, a, b, c, ldc);
 }
 
 // 6 x 16 tile: 12 ymm accumulators (the classic Haswell/Zen 2 shape).
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* a, const float* b, double* c,
-                                                     int64_t ldc) {
+                                                     int64_t ldc, int /*cols*/) {
   constexpr int MR = 6;
   __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 6
@@ -325,8 +329,8 @@ inline void no_convert(const float*, int64_t, float*) {}
 #define PF_VARIANT(NAME, TARGET, MR_, NR_, KERNEL, CVT_HALF, CVT_BF16)                                            \
   struct NAME {                                                                                                  \
     static constexpr int MR = MR_, NR = NR_;                                                                     \
-    TARGET static void kernel(int64_t K, const float* a, const float* b, double* c, int64_t ldc) {                \
-      KERNEL(K, a, b, c, ldc);                                                                                   \
+    TARGET static void kernel(int64_t K, const float* a, const float* b, double* c, int64_t ldc, int cols) {      \
+      KERNEL(K, a, b, c, ldc, cols);                                                                             \
     }                                                                                                            \
     TARGET static void pack_row(const float* xr, int64_t d, int64_t sd, const float* cs, float* p, int64_t ps,    \
                                 int64_t k, double* s1, float* row) {                                             \
@@ -429,7 +433,10 @@ void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double*
             const int64_t ir_first = std::max(i0, jr / MR * MR);
             for (int64_t ir = ir_first; ir < i1; ir += MR) {
               const float* ap = P + (ir / kPanelW) * pstride + k0 * kPanelW + (ir % kPanelW);
-              V::kernel(kk, ap, bp, acc + (ir - i0) * kMacro + (jr - j0), kMacro);
+              // Columns up to the tile's last row: those right of it lie above the diagonal (at D = 512 the full
+              // 8 x 48 width wasted 9% of the work on them).
+              const int cols = static_cast<int>(std::min<int64_t>(NR, ir + MR - jr));
+              V::kernel(kk, ap, bp, acc + (ir - i0) * kMacro + (jr - j0), kMacro, cols);
             }
           }
         }
