@@ -28,12 +28,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from pyfusion import _ext  # noqa: E402
-from pyfusion.ops.partial_linear import block_shapes  # noqa: E402
 
 
 def layout(n: int, k: int, alpha: float) -> list[int]:
     b = int(round(alpha * n))
     return [n - b] + [b] * k
+
+
+def block_shapes(il, ol):
+    """Shapes of the 3-buffer format (w_shared, w_cross, w_diag) of a layout."""
+    return (ol[0], sum(il)), (sum(ol[1:]), il[0]), (sum(o * i for o, i in zip(ol[1:], il[1:])),)
 
 
 def std_masks(k: int) -> list[int]:

@@ -109,6 +109,16 @@ MASKED = [
 ]
 
 
+def three_buffers(w: torch.Tensor, il, ol):
+    """The 3-buffer format (w_shared, w_cross, w_diag) of a dense standard-layout weight."""
+    ws, wc = w[: ol[0]].contiguous(), w[ol[0] :, : il[0]].contiguous()
+    parts, r, c = [], ol[0], il[0]
+    for o_k, i_k in zip(ol[1:], il[1:]):
+        parts.append(w[r : r + o_k, c : c + i_k].reshape(-1))
+        r, c = r + o_k, c + i_k
+    return ws, wc, torch.cat(parts) if parts else w.new_zeros(0)
+
+
 def reference(x, w, bias, act):
     return ACTS[act](x.double() @ w.double().T + (0 if bias is None else bias.double()))
 
@@ -144,12 +154,10 @@ def test_standard_layouts_match_float64(isa, dtype, il, ol):
 @pytest.mark.parametrize("il,ol", STANDARD)
 def test_pack_blocks_equals_pack_segments(il, ol):
     """The 3-buffer format of ops.partial_linear packs to the same panels as the equivalent storage format."""
-    from pyfusion.ops.partial_linear import pack_partial_weight
-
     k = len(il) - 1
     for dtype in (torch.float32, torch.float64):
         plan, w, _, packed = random_case(il, std_masks(k), ol, std_masks(k), dtype)
-        blocks = pack_partial_weight(w, il, ol)
+        blocks = three_buffers(w, il, ol)
         eb = EB[dtype]
         out = torch.full((max(plan.packed_size(eb), 1),), float("nan"), dtype=dtype)
         ptrs = [b.data_ptr() if b.numel() else out.data_ptr() for b in blocks]
