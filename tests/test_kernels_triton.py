@@ -25,6 +25,16 @@ ACTS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 with IEEE products in the kernels (and in nothing else here): the tolerances are float32's."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def kmods():
     from pyfusion.triton_kernels import partial_conv2d, partial_linear
 

@@ -15,8 +15,9 @@ once per call (channels contiguous, so a BLOCK_K x BLOCK_O weight tile is BLOCK_
 per output segment ``out_size, out_start, first_range, end_range``; per range ``x_chan, length, buffer, w_offset,
 w_row_stride, w_tap_stride``: output row r, tap t, channel j read ``buffer[w_offset + r * w_row_stride + t *
 w_tap_stride + j]`` against input channel x_chan + j. Grid, grouped ordering, epilogue and dtypes as
-:mod:`pyfusion.triton_kernels.partial_linear`. x may have any strides (NCHW, channels_last, slices); y is a new
-contiguous NCHW tensor. groups = 1 only.
+:mod:`pyfusion.triton_kernels.partial_linear`, except that float32 follows ``torch.backends.cudnn.allow_tf32`` (as
+F.conv2d does; True by default) rather than the matmul flag. x may have any strides (NCHW, channels_last,
+slices); y is a new contiguous NCHW tensor. groups = 1 only.
 
 Formats accepted:
 * the 3-buffer format of ``pyfusion.nn.PartialConv2d``: ``weight_shared`` (O_s, I_total, kh, kw), ``weight_cross``
@@ -370,7 +371,8 @@ def _launch(x, w0, w1, w2, bias, meta: ConvMeta, kernel_size, stride, padding, d
         *x.stride(), *y.stride(),
         HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation],
-        DOT_IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        # float32 follows F.conv2d's setting (cuDNN: torch.backends.cudnn.allow_tf32, True by default).
+        DOT_IEEE=x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
     )  # fmt: skip
     return y
 
