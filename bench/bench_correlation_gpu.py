@@ -1,7 +1,7 @@
 """GPU benchmark of the CUDA correlation kernel (``pyfusion._C.corr_accumulate_cuda``) against torch's fp32 GEMM.
 
 Cases: the joint Gram of two members side by side (D = 2 x 512, 2 x 1024, 2 x 2048) and N = 16384 / 65536 samples.
-Ours: the kernel call (float64 state: lower triangle + s1; float32 products summed over <= 128 samples); torch:
+Ours: the kernel call (float64 state: lower triangle + s1; float32 products summed over <= 64 samples); torch:
 ``xc = x - x.mean(0); xc.T @ xc`` in float32 (cuBLAS SGEMM, the full Gram; TF32 off, torch's default). Times with
 CUDA events (median of repeats after warm-up). Error: max |corr - float64 two-pass| on offset data (mean 1e3).
 Target: ours no slower than the torch fp32 GEMM, at float64-grade error.

@@ -2,7 +2,7 @@
 
 The kernel adds ``s1 += sum_n (x_n - c)`` and the lower triangle of ``s2 += sum_n (x_n - c)(x_n - c)^T`` to a float64
 state. Checked here against float64 / exact integer references on shapes that cross every blocking boundary of the
-kernel (48-column panels, 96-entry macro blocks, 128-sample micro-kernel depth, 8192-sample chunks), for every
+kernel (48-column panels, 96-entry macro blocks, 64-sample micro-kernel depth, 8192-sample chunks), for every
 instruction-set variant this CPU runs, several thread counts, strided and half-precision inputs.
 """
 

@@ -48,7 +48,7 @@ def corr_state_cuda(x: torch.Tensor, shift: torch.Tensor | None = None):
 @needs_cuda_build
 @pytest.mark.parametrize("n,d", [(1, 1), (300, 127), (1000, 128), (2049, 129), (5000, 300), (20000, 257)])
 def test_correlation_integer_data_is_exact(n, d):
-    """Small integers and an integer shift: float32 products and 128-sample partial sums are exact, so s1 and the
+    """Small integers and an integer shift: float32 products and 64-sample partial sums are exact, so s1 and the
     lower triangle of s2 equal the int64 sums; the upper triangle is never written."""
     g = torch.Generator().manual_seed(n + d)
     x = torch.randint(-6, 9, (n, d), generator=g).float()

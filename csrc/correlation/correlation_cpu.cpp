@@ -42,12 +42,13 @@ namespace {
 // Columns per packed panel: a multiple of every tile width and height below (AVX-512 8 x 48, AVX2 6 x 16,
 // scalar 4 x 8), and 192 bytes = 3 cache lines, so every packed row of a panel starts on a cache line.
 constexpr int64_t kPanelW = 48;
-// Samples per micro-kernel call = length of the float32 partial sums. 128: the vector operand's micro-panel
-// (128 x 48 floats = 24 KiB) stays in L1 (32 KiB on Zen 4, 48 KiB on Sapphire Rapids) while the broadcast operand
-// streams from L2, and the float64 flush costs 1/128 of the FMAs. Max covariance error / (sd_a sd_b) against a
+// Samples per micro-kernel call = length of the float32 partial sums. Max covariance error / (sd_a sd_b) against a
 // long-double reference (N = 16384, D = 300, correlated Gaussian columns): 64 -> 1.6e-8 (offset data, mean 1e3:
-// 4.7e-8), 128 -> 4.1e-8 (8.6e-8), 256 -> 7.0e-8 (1.3e-7); the float32 torch composite: ~1e-7 plain, O(1) offset.
-constexpr int64_t kDepth = 128;
+// 4.7e-8; bit-for-bit the previous kernel's, which flushed every 64 samples), 128 -> 4.1e-8 (8.6e-8), 256 -> 7.0e-8
+// (1.3e-7); the float32 torch composite on centred data: ~2.5e-7. 128 saved ~4% of the FMA-port uops (one float64
+// flush per 128 FMAs per accumulator instead of 64) and was within the noise of the loaded VM, so the accuracy wins.
+// The vector operand's micro-panel (64 x 48 floats = 12 KiB) stays in L1 while the broadcast operand streams from L2.
+constexpr int64_t kDepth = 64;
 // Macro block edge (entries): a multiple of kPanelW and of every MR; 96 x 96 doubles = 72 KiB stay in L2.
 constexpr int64_t kMacro = 96;
 // Samples per super-chunk: the packed copy holds chunk x D floats, at most kPackFloats (32 MiB), so a call of

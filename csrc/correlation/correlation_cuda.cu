@@ -4,7 +4,7 @@
 // s2 (a SYRK in the SIMT-SGEMM style): one thread block per (128 x 128 lower-triangle tile, chunk of samples);
 // 256 threads, each 8 x 8 entries (four 4 x 4 sub-tiles 64 apart, so the float4 shared-memory reads are
 // conflict-free), stages of 8 samples double-buffered in shared memory with the next stage's global loads in flight
-// during the current stage's 512 FMAs per thread. Products are summed in float32 over kFlush = 128 samples at most
+// during the current stage's 512 FMAs per thread. Products are summed in float32 over kFlush = 64 samples at most
 // (the CPU kernel's depth, so both paths have the same float64-grade error), then added to float64 registers; each
 // block adds its float64 tile to s2 with atomicAdd (sm_60+). The chunk count is chosen so that tiles x chunks fill
 // the GPU twice. (The first version used 64 x 64 tiles with 4 x 4 per thread: 2 FMAs per shared-memory load and a
@@ -28,7 +28,7 @@ namespace {
 constexpr int kBM = 128;          // tile edge
 constexpr int kBK = 8;            // samples per shared-memory stage
 constexpr int kThreads = 256;     // 16 x 16 threads, 8 x 8 entries each
-constexpr int kFlush = 128;       // samples per float32 partial sum
+constexpr int kFlush = 64;        // samples per float32 partial sum (the CPU kernel's kDepth)
 constexpr int64_t kChunk1 = 4096;  // rows per block of the first-moment kernel
 
 __device__ __forceinline__ float load_val(const float* p) { return *p; }
