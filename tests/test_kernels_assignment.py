@@ -247,3 +247,26 @@ def test_cuda_partial_forms_float32_and_errors():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"cost contains NaN at \(1, 2\)"):
         cuda_solve([bad])
+
+
+@pytest.mark.parametrize("lanes", [1, 32])
+def test_structured_costs_exercise_the_row_reduction(lanes):
+    """Constant matrices, constant rows, rank-one costs, near-permutation correlation costs and a larger uniform
+    problem: the column reduction leaves many free rows and ties, which the transfer and row reduction resolve."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((64, 120))
+    perm = rng.permutation(120)
+    corr = -np.corrcoef(a.T, (a[:, perm] + 0.3 * rng.standard_normal((64, 120))).T)[:120, 120:]
+    cases = [
+        np.zeros((40, 40)),
+        np.repeat(rng.integers(0, 5, (40, 1)), 40, axis=1).astype(np.float64),
+        np.outer(rng.integers(1, 6, 35), rng.integers(1, 6, 35)).astype(np.float64),
+        corr,
+        rng.random((300, 300)),
+    ]
+    for c in cases:
+        cols, totals = team_solve([c], lanes)
+        r, cc = linear_sum_assignment(c)
+        ref = c[r, cc].sum()
+        assert abs(totals[0] - ref) <= 1e-12 * max(1.0, abs(ref))
+        check_assignment(c, cols[0], totals[0])

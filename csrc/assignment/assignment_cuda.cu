@@ -26,6 +26,7 @@ namespace {
 constexpr int64_t kWarpMaxCols = 1024;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kBlockThreads = 256;
+constexpr int kSlot = 32;  // bytes per reduction slot (Best2<double> is 24)
 
 __device__ __forceinline__ int64_t shfl_xor(int64_t v, int off) {
   return static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(v), off));
@@ -37,6 +38,16 @@ __device__ __forceinline__ Best<T> shfl_xor(const Best<T>& b, int off) {
   r.val = __shfl_xor_sync(0xffffffffu, b.val, off);
   r.idx = __shfl_xor_sync(0xffffffffu, b.idx, off);
   r.busy = __shfl_xor_sync(0xffffffffu, b.busy, off);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ Best2<T> shfl_xor(const Best2<T>& b, int off) {
+  Best2<T> r;
+  r.u1 = __shfl_xor_sync(0xffffffffu, b.u1, off);
+  r.u2 = __shfl_xor_sync(0xffffffffu, b.u2, off);
+  r.j1 = __shfl_xor_sync(0xffffffffu, b.j1, off);
+  r.j2 = __shfl_xor_sync(0xffffffffu, b.j2, off);
   return r;
 }
 
@@ -69,7 +80,7 @@ struct WarpTeam {
 
 struct BlockTeam {
   int tid;
-  unsigned char* scratch;  // kBlockThreads / 32 reduction slots of 16 bytes, in shared memory
+  unsigned char* scratch;  // kBlockThreads / 32 reduction slots of kSlot bytes, in shared memory
   __device__ int lanes() const { return kBlockThreads; }
   template <typename F>
   __device__ void each(F f) const {
@@ -83,7 +94,7 @@ struct BlockTeam {
   }
   template <typename R, typename F, typename Op>
   __device__ R reduce(F f, Op op) const {
-    static_assert(sizeof(R) <= 16, "reduction slots hold 16 bytes");
+    static_assert(sizeof(R) <= kSlot, "a reduction slot holds kSlot bytes");
     R v = warp_reduce(f(tid), op);
     R* slots = reinterpret_cast<R*>(scratch);
     if ((tid & 31) == 0) slots[tid >> 5] = v;
@@ -119,7 +130,7 @@ template <typename T>
 __global__ void __launch_bounds__(kBlockThreads) block_kernel(const Desc<T>* __restrict__ descs, Options opt, char* ws,
                                                               int64_t* out, int64_t stride, double* totals,
                                                               Status* status) {
-  __shared__ __align__(16) unsigned char scratch[(kBlockThreads / 32) * 16];
+  __shared__ __align__(16) unsigned char scratch[(kBlockThreads / 32) * kSlot];
   const Desc<T> d = descs[blockIdx.x];
   BlockTeam team{static_cast<int>(threadIdx.x), scratch};
   const Shape s = solved_shape(d.view, opt);

@@ -1,10 +1,11 @@
 // Batched exact linear assignment with one core for the CPU and the GPU (assignment_cuda.cu).
 //
-// Algorithm: the shortest-augmenting-path method of lsap.cpp (Jonker & Volgenant 1987) without its sequential
-// reduction transfer / augmenting row reduction: column reduction (square problems) or a greedy start (rectangular,
-// v = 0), then one Dijkstra search per free row over the reduced costs c_ij - v_j, dual update, path flip. Every
-// O(m) step (validation, column reduction, the Dijkstra scan with its argmin, the dual update, the reset) is split
-// across the lanes of a *team*; the bookkeeping between steps runs on lane 0. There is no epsilon: the result is an
+// Algorithm: the shortest-augmenting-path method of lsap.cpp (Jonker & Volgenant 1987): for square problems column
+// reduction, reduction transfer and two rounds of augmenting row reduction (as lsap.cpp, with its step cap), for
+// rectangular ones a greedy start (v = 0); then one Dijkstra search per free row over the reduced costs c_ij - v_j,
+// dual update, path flip. Every O(m) step (validation, column reduction, the row scans of the transfer and of the
+// row reduction, the Dijkstra scan with its argmin, the dual update, the reset) is split across the lanes of a
+// *team*; the bookkeeping between steps runs on lane 0. There is no epsilon: the result is an
 // optimal assignment up to floating-point rounding in the duals (as scipy's and lsap.cpp's), so the objective equals
 // scipy's exactly for integer-valued costs (sums of integers below 2^53), and to rounding (~1e-15 relative) for
 // real-valued ones. Ties among columns at the minimum distance are broken by a total order (free column first,
@@ -150,11 +151,51 @@ template <typename T>
 struct BestMin {
   PF_HD Best<T> operator()(const Best<T>& a, const Best<T>& b) const { return a.better(b) ? a : b; }
 };
+// The two smallest (value, index) pairs of a row scan, ordered by value then index (lsap.cpp's min2 order).
+template <typename T>
+struct Best2 {
+  T u1, u2;
+  int32_t j1, j2;  // -1: none
+  PF_HD static Best2 none() { return Best2{pos_inf<T>(), pos_inf<T>(), -1, -1}; }
+};
+
+template <typename T>
+PF_HD inline bool before(T a, int32_t ia, T b, int32_t ib) {
+  if (ib < 0) return ia >= 0;
+  if (ia < 0) return false;
+  return a < b || (a == b && ia < ib);
+}
+
+template <typename T>
+struct Best2Min {
+  PF_HD Best2<T> operator()(const Best2<T>& a, const Best2<T>& b) const {
+    Best2<T> r = a;
+    push(r, b.u1, b.j1);
+    push(r, b.u2, b.j2);
+    return r;
+  }
+  PF_HD static void push(Best2<T>& r, T h, int32_t j) {
+    if (j < 0) return;
+    if (before(h, j, r.u1, r.j1)) {
+      r.u2 = r.u1;
+      r.j2 = r.j1;
+      r.u1 = h;
+      r.j1 = j;
+    } else if (before(h, j, r.u2, r.j2)) {
+      r.u2 = h;
+      r.j2 = j;
+    }
+  }
+};
+
 struct MinI64 {
   PF_HD int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 struct SumF64 {
   PF_HD double operator()(double a, double b) const { return a + b; }
+};
+struct SumI64 {
+  PF_HD int64_t operator()(int64_t a, int64_t b) const { return a + b; }
 };
 
 // The matrix the core solves: the (signed) cost, its transpose, or a sink-augmented partial form, read on the fly.
@@ -201,6 +242,110 @@ struct EmuTeam {
     return acc;
   }
 };
+
+// min2 of row i over the reduced costs c_ij - v_j (a team scan).
+template <typename T, typename Team>
+PF_HD inline Best2<T> row_min2(const Team& team, const Cost<T>& cost, int64_t i, int64_t C, const T* v) {
+  const int W = team.lanes();
+  return team.template reduce<Best2<T>>(
+      [&](int l) {
+        Best2<T> b = Best2<T>::none();
+        for (int64_t j = l; j < C; j += W) Best2Min<T>::push(b, cost(i, j) - v[j], static_cast<int32_t>(j));
+        return b;
+      },
+      Best2Min<T>());
+}
+
+// lsap.cpp's reduction transfer and two rounds of augmenting row reduction after the column reduction (square
+// problems). matches[i] = columns whose minimum is row i. Leaves the free rows for the Dijkstra phase. Returns false
+// if a row has only forbidden entries (infeasible). argrow and done_j serve as the two free-row lists.
+template <typename T, typename Team>
+PF_HD bool jv_reduce(const Team& team, const Cost<T>& cost, int64_t n, Workspace<T> w, const int32_t* matches) {
+  const T inf = pos_inf<T>();
+  const int W = team.lanes();
+  const int64_t nfree0 = team.template reduce<int64_t>(
+      [&](int l) {
+        int64_t c = 0;
+        for (int64_t i = l; i < n; i += W) c += matches[i] == 0;
+        return c;
+      },
+      SumI64());
+  // Reduction transfer (skipped when fewer than n/16 rows are free, as lsap.cpp: it only helps the row reduction).
+  if (nfree0 * 16 >= n) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (matches[i] != 1) continue;
+      const int32_t j1 = w.col4row[i];
+      const Best2<T> b = row_min2<T>(team, cost, i, n, w.v);
+      const T mn = b.j1 == j1 ? b.u2 : b.u1;
+      if (mn < inf) {
+        team.single([&] { w.v[j1] -= mn; });
+      }
+    }
+  }
+  // The free rows, in increasing order, into list 0 (argrow); list 1 (done_j, after matches is read) collects the
+  // rows to retry in the next round.
+  int32_t* lists[2] = {w.argrow, w.done_j};
+  int64_t ncur = 0;
+  team.single([&] {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (matches[i] == 0) w.argrow[c++] = static_cast<int32_t>(i);
+  });
+  ncur = nfree0;
+  int64_t budget = 8 * n + 64;  // guards against float absorption cycles (v[j1] - delta == v[j1]), as lsap.cpp
+  int which = 0;
+  for (int round = 0; round < 2 && ncur > 0; ++round) {
+    int32_t* cur = lists[which];
+    int32_t* next = lists[1 - which];
+    int64_t nnext = 0, k = 0;
+    while (k < ncur) {
+      if (--budget < 0) {
+        const int64_t from = k, count = ncur - k, at = nnext;
+        team.single([&] {
+          for (int64_t t = 0; t < count; ++t) next[at + t] = cur[from + t];
+        });
+        nnext += count;
+        break;
+      }
+      const int32_t i = cur[k++];
+      const Best2<T> b = row_min2<T>(team, cost, i, n, w.v);
+      if (!(b.u1 < inf)) return false;  // every entry of row i is forbidden
+      int32_t j1 = b.j1;
+      int32_t i0 = w.row4col[j1];
+      const T vj1 = w.v[j1];
+      const T lowered = b.u2 < inf ? vj1 - (b.u2 - b.u1) : vj1;
+      const bool strict = lowered < vj1;
+      if (!strict && i0 >= 0 && b.j2 >= 0 && b.u2 < inf) {
+        j1 = b.j2;  // a tie: take the second column and avoid kicking out the same row back and forth
+        i0 = w.row4col[j1];
+      }
+      const int64_t slot_k = k, slot_next = nnext;
+      team.single([&] {
+        if (strict) w.v[j1] = lowered;
+        if (i0 >= 0) w.col4row[i0] = -1;
+        w.col4row[i] = j1;
+        w.row4col[j1] = i;
+        if (i0 >= 0) {
+          if (strict) {
+            cur[slot_k - 1] = i0;  // the price went down: retry the evicted row at once
+          } else {
+            next[slot_next] = i0;
+          }
+        }
+      });
+      if (i0 >= 0) {
+        if (strict) {
+          --k;
+        } else {
+          ++nnext;
+        }
+      }
+    }
+    ncur = nnext;
+    which = 1 - which;
+  }
+  return true;
+}
 
 // Solves one problem with `team`; writes col_for_row (n entries, -1 unmatched), the total of the matched original
 // entries, and the status. All lanes of the team call it with the same arguments.
@@ -303,15 +448,23 @@ PF_HD void solve_one(const Team& team, const ProblemView<T>& p, const Options& o
     if (empty < C) {
       infeasible = true;
     } else {
+      // Each row takes the last column it is the minimum of; matches[i] counts them (done_j is free until the
+      // Dijkstra phase and serves as the count).
+      int32_t* matches = w.done_j;
+      team.each([&](int l) {
+        for (int64_t ii = l; ii < R; ii += W) matches[ii] = 0;
+      });
+      team.sync();
       team.single([&] {
         for (int64_t j = C - 1; j >= 0; --j) {
           const int32_t i = w.argrow[j];
-          if (w.col4row[i] < 0) {
+          if (++matches[i] == 1) {
             w.col4row[i] = static_cast<int32_t>(j);
             w.row4col[j] = i;
           }
         }
       });
+      infeasible = !jv_reduce<T>(team, cost, R, w, matches);
     }
   } else {
     // Rectangular start (v = 0): a row whose cheapest column is still free takes it.
