@@ -374,7 +374,12 @@ void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double*
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
 
   const int64_t dp = npanels * kPanelW;
-  const int64_t chunk = std::min(n, std::max(kDepth, std::min(kMaxChunk, kPackFloats / dp / kDepth * kDepth)));
+  // Equal chunks (a last chunk of a few samples would still pay a whole pass of the macro accumulators over s2);
+  // up to 1/8 above the cap rather than one more chunk (D = 2048, N = 4096: one chunk of 4096, not 4032 + 64).
+  const int64_t cap = std::max(kDepth, std::min(kMaxChunk, kPackFloats / dp / kDepth * kDepth));
+  int64_t nchunks = (n + cap - 1) / cap;
+  if (nchunks > 1 && n <= (nchunks - 1) * (cap + cap / 8)) --nchunks;
+  const int64_t chunk = std::min(n, ((n + nchunks - 1) / nchunks + kDepth - 1) / kDepth * kDepth);
   const int64_t pstride = chunk * kPanelW;  // floats from one panel to the next
   // The packed buffer is kept per calling thread between calls (up to 32 MiB): a fresh allocation page-faulted
   // ~1.5% of the time away at D = 1024, N = 4096. Only the padding columns of the last panel need zeros.
