@@ -480,14 +480,6 @@ class Core {
   const Kernels<T>& k_;
 };
 
-std::string fmt_double(double x) {
-  if (std::isnan(x)) return "NaN";
-  if (std::isinf(x)) return x > 0 ? "+inf" : "-inf";
-  std::ostringstream os;
-  os << x;
-  return os.str();
-}
-
 // Solves one problem; throws std::invalid_argument with a message that names `name` (e.g. "cost[3]").
 template <typename T>
 void solve_one(const Problem& p, const Options& opt, const std::string& name, int64_t* out, double* total) {

@@ -1,19 +1,26 @@
 // CPU kernel of the correlation engine: lower triangle of sum_n (x_n - c)(x_n - c)^T at GEMM speed.
 //
 // Scheme (a SYRK in the BLIS style, specialised for float64 accumulation of float32 products):
-//   * the rows are taken in panels of P samples; each panel is shifted by c (in float64), rounded to float32
-//     and packed twice: as MR-wide micro-panels ("A", broadcast operand) and NR-wide ones ("B", vector operand);
-//   * a register-blocked micro-kernel computes an MR x NR tile of the panel's Gram in float32 over the P
-//     samples, and the tile is added to the float64 state. Float32 sums run over at most P = 256 shifted
-//     products only, so the relative error of the state stays ~1e-7 whatever N;
-//   * only tiles that touch the lower triangle are computed (half the flops of X^T X);
-//   * the A operand is processed in chunks of MC rows that stay in L2, the B micro-panel (P x NR) stays in
-//     L1 while the chunk's A micro-panels stream past it; OpenMP splits the B micro-panels (dynamic schedule,
-//     since the triangle gives them unequal work).
+//   * rows are taken in super-chunks of up to kMaxChunk samples (32 MiB packed at most). Each super-chunk is
+//     shifted by c, rounded to float32 and packed ONCE, in panels of kPanelW = 48 columns, k-major (panel q holds
+//     v[k, 48q .. 48q+47] at row k). Both GEMM operands read that one copy: the broadcast operand (MR rows,
+//     MR | 48) at an offset inside a panel, the vector operand (NR columns, NR | 48) as whole vectors of a row;
+//   * the lower triangle is cut into macro blocks of kMacro x kMacro entries. A thread owns a macro block for a
+//     whole super-chunk: its float64 accumulator (kMacro^2 doubles, 72 KiB, contiguous: no set aliasing of the
+//     D-strided rows of s2) stays in L2 while every micro-tile of the block runs over the super-chunk in depth
+//     steps of kDepth samples; then it is added to s2 once. (The previous kernel added every tile to s2 after
+//     each 256 samples, from memory once s2 left the cache, and packed the panel twice: ~58% of the fp32 GEMM
+//     rate at N = 4096, D = 2048.)
+//   * a register-blocked micro-kernel computes an MR x NR tile in float32 over kDepth samples and adds it to the
+//     float64 accumulator, so float32 sums never run over more than kDepth shifted products whatever N;
+//   * only micro-tiles that touch the lower triangle are computed (half the flops of X^T X);
+//   * OpenMP: threads split the packing by rows and the macro blocks dynamically; no per-thread D x D partial.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -24,30 +31,46 @@
 #include "common.h"
 #include "correlation/correlation.h"
 
+// GCC 12's own AVX-512 headers trip -W(maybe-)uninitialized (_mm512_undefined_* inside the intrinsics).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace pyfusion {
 namespace correlation {
 namespace {
 
-// Samples per panel. Float32 partial sums run over P products; 256 keeps the B micro-panel of the AVX-512
-// kernel (256 x 32 floats = 32 KiB) in the 48 KiB L1 of Zen 4 next to the A stream (chosen from the cache
-// sizes, not tuned: with P=256 the kernel ran D=2048, N=65536 on one idle core in 1.46 s, ~190 GFLOP/s of
-// useful triangle work, against 5.06 s for torch's float32 X^T X).
-constexpr int64_t kPanel = 256;
-// Rows of the A operand kept in L2 at once: 480 rows x 256 samples x 4 B = 480 KiB of the 1 MiB L2.
-constexpr int64_t kChunkRows = 480;
+// Columns per packed panel: a multiple of every tile width and height below (AVX-512 8 x 48, AVX2 6 x 16,
+// scalar 4 x 8), and 192 bytes = 3 cache lines, so every packed row of a panel starts on a cache line.
+constexpr int64_t kPanelW = 48;
+// Samples per micro-kernel call = length of the float32 partial sums. Max covariance error / (sd_a sd_b) against a
+// long-double reference (N = 16384, D = 300, correlated Gaussian columns): 64 -> 1.6e-8 (offset data, mean 1e3:
+// 4.7e-8; bit-for-bit the previous kernel's, which flushed every 64 samples), 128 -> 4.1e-8 (8.6e-8), 256 -> 7.0e-8
+// (1.3e-7); the float32 torch composite on centred data: ~2.5e-7. 128 saved ~4% of the FMA-port uops (one float64
+// flush per 128 FMAs per accumulator instead of 64) and was within the noise of the loaded VM, so the accuracy wins.
+// The vector operand's micro-panel (64 x 48 floats = 12 KiB) stays in L1 while the broadcast operand streams from L2.
+constexpr int64_t kDepth = 64;
+// Macro block edge (entries): a multiple of kPanelW and of every MR; 96 x 96 doubles = 72 KiB stay in L2.
+constexpr int64_t kMacro = 96;
+// Samples per super-chunk: the packed copy holds chunk x D floats, at most kPackFloats (32 MiB), so a call of
+// N = 4096 samples at D <= 2048 is one chunk. Each chunk costs two thread barriers (pack -> compute -> next pack)
+// and one pass of every macro accumulator into s2, so longer chunks cost less; on the loaded 2-core VM each
+// barrier waits whenever the other thread is descheduled.
+constexpr int64_t kMaxChunk = 8192;
+constexpr int64_t kPackFloats = int64_t(8) << 20;
 
 struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
-using FloatBuffer = std::unique_ptr<float[], AlignedFree>;
+template <typename T>
+using Buffer = std::unique_ptr<T[], AlignedFree>;
 
-FloatBuffer alloc_floats(int64_t count) {
-  size_t bytes = static_cast<size_t>(count) * sizeof(float);
+template <typename T>
+Buffer<T> alloc_aligned(int64_t count, const char* what) {
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
   bytes = (bytes + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
-  PF_CHECK(p != nullptr, "correlation: could not allocate ", bytes, " bytes for the packed panels");
-  std::memset(p, 0, bytes == 0 ? 64 : bytes);
-  return FloatBuffer(static_cast<float*>(p));
+  void* p = std::aligned_alloc(64, bytes);
+  PF_CHECK(p != nullptr, "correlation: could not allocate ", bytes, " bytes for ", what);
+  return Buffer<T>(static_cast<T*>(p));
 }
 
 inline float half_to_float(uint16_t h) {
@@ -105,29 +128,21 @@ inline float load<BHalf>(const BHalf* p) {
   return bf16_to_float(p->bits);
 }
 
-// Float32 register sums are flushed into the float64 tile every kFlush samples. Measured max relative covariance
-// error, N=1000, D=97, offset data: 1.7e-6 with 256-long float32 chains, 6e-7 to 8e-7 with 64-long ones. The
-// cost was lost in the noise of the shared VM (1.46 s -> 1.70 s at D=2048 between two loaded runs).
-constexpr int64_t kFlush = 64;
-
-using MicroKernel = void (*)(int64_t k, const float* a, const float* b, double* c);
-
-// ---- micro-kernels: c[r * NR + j] += sum_k a[k * MR + r] * b[k * NR + j] (c: float64) ----------------
+// c[r * ldc + j] += sum_{k < K} a[k * kPanelW + r] * b[k * kPanelW + j] for r < MR, j < NR; K <= kDepth.
+// a and b point into packed panels (row stride kPanelW floats); c is the float64 macro accumulator. `cols` (<= NR)
+// is how many leading columns the caller needs (a kernel may compute more).
 
 template <int MR, int NR>
-void kernel_scalar(int64_t K, const float* a, const float* b, double* c) {
-  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
-    const int64_t k1 = std::min(K, k0 + kFlush);
-    float acc[MR][NR] = {};
-    for (int64_t k = k0; k < k1; ++k) {
-      for (int r = 0; r < MR; ++r) {
-        const float ar = a[k * MR + r];
-        for (int j = 0; j < NR; ++j) acc[r][j] += ar * b[k * NR + j];
-      }
+void kernel_scalar(int64_t K, const float* a, const float* b, double* c, int64_t ldc, int /*cols*/) {
+  float acc[MR][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int r = 0; r < MR; ++r) {
+      const float ar = a[k * kPanelW + r];
+      for (int j = 0; j < NR; ++j) acc[r][j] += ar * b[k * kPanelW + j];
     }
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) c[r * NR + j] += acc[r][j];
   }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) c[r * ldc + j] += acc[r][j];
 }
 
 #ifdef PF_X86
@@ -145,51 +160,58 @@ __attribute__((target("avx2,fma"))) inline void add8(double* c, __m256 v) {
   _mm256_storeu_pd(c + 4, _mm256_add_pd(_mm256_loadu_pd(c + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
 }
 
-// 12 x 32 tile: 24 zmm accumulators, 2 vector loads and 12 broadcasts per 24 FMAs.
-__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* a, const float* b, double* c) {
-  constexpr int MR = 12;
-  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
-  const int64_t k1 = std::min(K, k0 + kFlush);
-  __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-  }
-  for (int64_t k = k0; k < k1; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * 32);
-    const __m512 b1 = _mm512_load_ps(b + k * 32 + 16);
-    const float* ak = a + k * MR;
-#pragma GCC unroll 12
+// 8 x (16 NV) tile: 8 NV zmm accumulators; per sample NV vector loads (a whole packed panel row when NV = 3) and 8
+// broadcasts for 8 NV FMAs (11 loads per 12 FMA cycles on a 2-FMA-port core at NV = 3; the 12 x 32 shape needed
+// 14). NV < 3 serves the tiles that cross the diagonal, whose right-hand columns lie above it.
+template <int NV>
+__attribute__((target("avx512f"))) void kernel_avx512_nv(int64_t K, const float* a, const float* b, double* c,
+                                                         int64_t ldc) {
+  constexpr int MR = 8;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * kPanelW;
+    __m512 bv[NV];
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(bk + 16 * v);
+    const float* ak = a + k * kPanelW;
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(ak[r]);
-      acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);
+#pragma GCC unroll 3
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    add16(c + r * 32, acc0[r]);
-    add16(c + r * 32 + 16, acc1[r]);
-  }
-  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < NV; ++v) add16(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* a, const float* b, double* c,
+                                                      int64_t ldc, int cols) {
+  if (cols <= 16) return kernel_avx512_nv<1>(K, a, b, c, ldc);
+  if (cols <= 32) return kernel_avx512_nv<2>(K, a, b, c, ldc);
+  kernel_avx512_nv<3>(K, a, b, c, ldc);
 }
 
 // 6 x 16 tile: 12 ymm accumulators (the classic Haswell/Zen 2 shape).
-__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* a, const float* b, double* c) {
+__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* a, const float* b, double* c,
+                                                     int64_t ldc, int /*cols*/) {
   constexpr int MR = 6;
-  for (int64_t k0 = 0; k0 < K; k0 += kFlush) {
-  const int64_t k1 = std::min(K, k0 + kFlush);
   __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
     acc0[r] = _mm256_setzero_ps();
     acc1[r] = _mm256_setzero_ps();
   }
-  for (int64_t k = k0; k < k1; ++k) {
-    const __m256 b0 = _mm256_load_ps(b + k * 16);
-    const __m256 b1 = _mm256_load_ps(b + k * 16 + 8);
-    const float* ak = a + k * MR;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kPanelW);
+    const __m256 b1 = _mm256_loadu_ps(b + k * kPanelW + 8);
+    const float* ak = a + k * kPanelW;
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const __m256 ar = _mm256_broadcast_ss(ak + r);
@@ -199,156 +221,241 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* a, 
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    add8(c + r * 16, acc0[r]);
-    add8(c + r * 16 + 8, acc1[r]);
-  }
+    add8(c + r * ldc, acc0[r]);
+    add8(c + r * ldc + 8, acc1[r]);
   }
 }
 #endif
 
-constexpr int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
+// Row conversion to float32 (n contiguous elements). The generic forms are scalar; the ISA variants convert 16 / 8
+// halves per instruction (F16C / AVX-512F) and bfloat16 by a 16-bit shift.
+template <typename T>
+void convert_generic(const T* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = load<T>(src + j);
+}
 
-// One full pass over the rows for a given tile shape.
-template <typename T, int MR, int NR>
+#ifdef PF_X86
+__attribute__((target("avx512f"))) void convert_half_avx512(const Half* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+  for (; j < n; ++j) dst[j] = half_to_float(src[j].bits);
+}
+__attribute__((target("avx512f"))) void convert_bf16_avx512(const BHalf* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)));
+    _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  for (; j < n; ++j) dst[j] = bf16_to_float(src[j].bits);
+}
+__attribute__((target("avx2,f16c"))) void convert_half_avx2(const Half* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < n; ++j) dst[j] = half_to_float(src[j].bits);
+}
+__attribute__((target("avx2"))) void convert_bf16_avx2(const BHalf* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; j < n; ++j) dst[j] = bf16_to_float(src[j].bits);
+}
+#endif
+
+static_assert(kPanelW % 8 == 0 && kPanelW % 6 == 0 && kPanelW % 16 == 0, "panel width must fit every tile");
+static_assert(kMacro % kPanelW == 0 && kMacro % 8 == 0 && kMacro % 6 == 0, "macro block must fit every tile");
+
+#define PF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Packs one row of x, shifted, into the panels (row k of each panel, panels panel_stride floats apart) and adds the
+// shifted values to the float64 s1 partial. Columns d .. dp-1 stay zero (set once at allocation). v = x - c in
+// float32 is exact (Sterbenz) or correctly rounded: the caller passes a float32-representable shift close to x.
+// Its float64 sum goes into s1 (a float32 chunk sum lost 5e-7 relative accuracy in s1, which the raw Gram
+// multiplies by the offset c). `row` is scratch for converted or strided rows; `convert` turns d contiguous T
+// into float32.
+template <typename T, typename Convert>
+PF_ALWAYS_INLINE void pack_row_impl(const T* xr, int64_t d, int64_t sd, const float* cshift, float* panels,
+                                    int64_t panel_stride, int64_t k, double* s1_local, float* row, Convert convert) {
+  const float* src;
+  if constexpr (std::is_same<T, float>::value) {
+    (void)convert;
+    if (sd == 1) {
+      src = xr;
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = xr[j * sd];
+      src = row;
+    }
+  } else {
+    if (sd == 1) {
+      convert(xr, d, row);
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = load<T>(xr + j * sd);
+    }
+    src = row;
+  }
+  for (int64_t j0 = 0; j0 < d; j0 += kPanelW) {
+    const int64_t jn = std::min<int64_t>(kPanelW, d - j0);
+    float* __restrict dst = panels + (j0 / kPanelW) * panel_stride + k * kPanelW;
+    const float* __restrict s = src + j0;
+    const float* __restrict c = cshift + j0;
+    double* __restrict acc = s1_local + j0;
+    for (int64_t j = 0; j < jn; ++j) {
+      const float v = s[j] - c[j];
+      dst[j] = v;
+      acc[j] += static_cast<double>(v);
+    }
+  }
+}
+
+// s2[i, j] += acc[i - i0, j - j0] on the lower-triangle part (j <= i) of rows [i0, i1) x columns [j0, j1).
+PF_ALWAYS_INLINE void add_block_impl(const double* acc, int64_t i0, int64_t i1, int64_t j0, int64_t j1, double* s2,
+                                     int64_t d) {
+  for (int64_t i = i0; i < i1; ++i) {
+    double* __restrict out = s2 + i * d;
+    const double* __restrict src = acc + (i - i0) * kMacro - j0;
+    const int64_t jend = std::min(j1, i + 1);
+    for (int64_t j = j0; j < jend; ++j) out[j] += src[j];
+  }
+}
+
+inline void no_convert(const float*, int64_t, float*) {}
+
+// One instruction-set variant: tile shape, micro-kernel, and the packing / state-update loops compiled for the same
+// instruction set. They are functions of their own (not inlined into the driver) because GCC does not give the
+// body of an OpenMP parallel region the target attribute of the function around it: there they ran as SSE2 code
+// (15% of the time at D = 1024, N = 4096 in a perf profile).
+#define PF_VARIANT(NAME, TARGET, MR_, NR_, KERNEL, CVT_HALF, CVT_BF16)                                            \
+  struct NAME {                                                                                                  \
+    static constexpr int MR = MR_, NR = NR_;                                                                     \
+    TARGET static void kernel(int64_t K, const float* a, const float* b, double* c, int64_t ldc, int cols) {      \
+      KERNEL(K, a, b, c, ldc, cols);                                                                             \
+    }                                                                                                            \
+    TARGET static void pack_row(const float* xr, int64_t d, int64_t sd, const float* cs, float* p, int64_t ps,    \
+                                int64_t k, double* s1, float* row) {                                             \
+      pack_row_impl(xr, d, sd, cs, p, ps, k, s1, row, no_convert);                                               \
+    }                                                                                                            \
+    TARGET static void pack_row(const Half* xr, int64_t d, int64_t sd, const float* cs, float* p, int64_t ps,     \
+                                int64_t k, double* s1, float* row) {                                             \
+      pack_row_impl(xr, d, sd, cs, p, ps, k, s1, row, CVT_HALF);                                                 \
+    }                                                                                                            \
+    TARGET static void pack_row(const BHalf* xr, int64_t d, int64_t sd, const float* cs, float* p, int64_t ps,    \
+                                int64_t k, double* s1, float* row) {                                             \
+      pack_row_impl(xr, d, sd, cs, p, ps, k, s1, row, CVT_BF16);                                                 \
+    }                                                                                                            \
+    TARGET static void add_block(const double* acc, int64_t i0, int64_t i1, int64_t j0, int64_t j1, double* s2,   \
+                                 int64_t d) {                                                                    \
+      add_block_impl(acc, i0, i1, j0, j1, s2, d);                                                                \
+    }                                                                                                            \
+  };
+
+PF_VARIANT(VarScalar, , 4, 8, (kernel_scalar<4, 8>), convert_generic<Half>, convert_generic<BHalf>)
+#ifdef PF_X86
+PF_VARIANT(VarAvx512, __attribute__((target("avx512f"))), 8, 48, kernel_avx512, convert_half_avx512,
+           convert_bf16_avx512)
+PF_VARIANT(VarAvx2, __attribute__((target("avx2,fma,f16c"))), 6, 16, kernel_avx2, convert_half_avx2,
+           convert_bf16_avx2)
+#endif
+#undef PF_VARIANT
+
+template <typename V, typename T>
 void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1, double* s2,
-         int threads, MicroKernel kernel) {
-  constexpr int64_t unit = MR / gcd64(MR, NR) * NR;  // lcm: packing chunks cover whole A and B micro-panels
-  const int64_t dp = (d + unit - 1) / unit * unit;
-  const int64_t nib = dp / MR, njb = dp / NR;
-  const int64_t nib_valid = (d + MR - 1) / MR, njb_valid = (d + NR - 1) / NR;
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkRows / MR);
-  FloatBuffer apack = alloc_floats(kPanel * dp);  // nib micro-panels of kPanel x MR
-  FloatBuffer bpack = alloc_floats(kPanel * dp);  // njb micro-panels of kPanel x NR
-  (void)nib;
-  (void)njb;
-  std::vector<float> cshift(d);
+         int threads) {
+  constexpr int MR = V::MR, NR = V::NR;
+  const int64_t npanels = (d + kPanelW - 1) / kPanelW;
+  const int64_t nmacro = (d + kMacro - 1) / kMacro;
+  // Lower-triangle macro blocks (bi >= bj); the dynamic schedule evens out the half-empty diagonal ones.
+  std::vector<std::pair<int32_t, int32_t>> blocks;
+  blocks.reserve(static_cast<size_t>(nmacro * (nmacro + 1) / 2));
+  for (int64_t bi = 0; bi < nmacro; ++bi)
+    for (int64_t bj = 0; bj <= bi; ++bj) blocks.emplace_back(static_cast<int32_t>(bi), static_cast<int32_t>(bj));
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+
+  const int64_t dp = npanels * kPanelW;
+  // Equal chunks (a last chunk of a few samples would still pay a whole pass of the macro accumulators over s2);
+  // up to 1/8 above the cap rather than one more chunk (D = 2048, N = 4096: one chunk of 4096, not 4032 + 64).
+  const int64_t cap = std::max(kDepth, std::min(kMaxChunk, kPackFloats / dp / kDepth * kDepth));
+  int64_t nchunks = (n + cap - 1) / cap;
+  if (nchunks > 1 && n <= (nchunks - 1) * (cap + cap / 8)) --nchunks;
+  const int64_t chunk = std::min(n, ((n + nchunks - 1) / nchunks + kDepth - 1) / kDepth * kDepth);
+  const int64_t pstride = chunk * kPanelW;  // floats from one panel to the next
+  // The packed buffer is kept per calling thread between calls (up to 32 MiB): a fresh allocation page-faulted
+  // ~1.5% of the time away at D = 1024, N = 4096. Only the padding columns of the last panel need zeros.
+  thread_local Buffer<float> packed;
+  thread_local int64_t packed_capacity = 0;
+  if (packed_capacity < npanels * pstride) {
+    packed.reset();
+    packed_capacity = 0;
+    packed = alloc_aligned<float>(npanels * pstride, "the packed samples");
+    packed_capacity = npanels * pstride;
+  }
+  float* P = packed.get();
+  if (d % kPanelW != 0) {
+    float* last = P + (npanels - 1) * pstride;
+    const int64_t used = d % kPanelW;
+    for (int64_t k = 0; k < chunk; ++k) std::memset(last + k * kPanelW + used, 0, (kPanelW - used) * sizeof(float));
+  }
+  std::vector<float> cshift(static_cast<size_t>(d));
   for (int64_t j = 0; j < d; ++j) cshift[j] = static_cast<float>(shift[j]);
-  float* A = apack.get();
-  float* B = bpack.get();
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max(nblocks, n))));
+  bool alloc_failed = false;
 
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
 #endif
   {
-    std::vector<float> row(dp, 0.0f);  // padded columns stay zero
-    std::vector<double> s1_local(d, 0.0);
-    alignas(64) double tile[MR * NR];
-    for (int64_t r0 = 0; r0 < n; r0 += kPanel) {
-      const int64_t K = std::min(kPanel, n - r0);
-      // Pack: threads split the panel's rows; v = x - c is formed in float32, which is exact (Sterbenz) or
-      // correctly rounded because the caller passes a float32-representable shift c. Each thread sums its rows
-      // of v into a float64 partial of s1 (a float32 panel sum lost 5e-7 relative accuracy in s1, which the raw
-      // Gram multiplies by the offset c).
+    std::vector<double> s1_local(static_cast<size_t>(d), 0.0);
+    std::vector<float> row(static_cast<size_t>(d), 0.0f);
+    double* acc = static_cast<double*>(std::aligned_alloc(64, kMacro * kMacro * sizeof(double)));
+    if (acc == nullptr) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+      alloc_failed = true;
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t K = std::min(chunk, n - r0);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-      for (int64_t k = 0; k < K; ++k) {
-        const T* xr = x + (r0 + k) * sn;
-        for (int64_t j = 0; j < d; ++j) {
-          const float v = load<T>(xr + j * sd) - cshift[j];
-          row[j] = v;
-          s1_local[j] += static_cast<double>(v);
-        }
-        for (int64_t q = 0; q < nib_valid; ++q)
-          std::memcpy(A + q * kPanel * MR + k * MR, row.data() + q * MR, MR * sizeof(float));
-        for (int64_t q = 0; q < njb_valid; ++q)
-          std::memcpy(B + q * kPanel * NR + k * NR, row.data() + q * NR, NR * sizeof(float));
-      }  // implicit barrier: the panel is packed
-      for (int64_t ic = 0; ic < nib_valid; ic += chunk_blocks) {
-        const int64_t ic_end = std::min(nib_valid, ic + chunk_blocks);
+      for (int64_t k = 0; k < K; ++k)
+        V::pack_row(x + (r0 + k) * sn, d, sd, cshift.data(), P, pstride, k, s1_local.data(), row.data());
+      // implicit barrier: the chunk is packed
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-        for (int64_t jb = 0; jb < njb_valid; ++jb) {
-          const int64_t j0 = jb * NR;
-          const int64_t jn = std::min<int64_t>(NR, d - j0);
-          const int64_t ib_first = std::max(ic, j0 / MR);  // first MR block reaching row j0 (lower triangle)
-          for (int64_t ib = ib_first; ib < ic_end; ++ib) {
-            std::fill(tile, tile + MR * NR, 0.0);
-            kernel(K, A + ib * kPanel * MR, B + jb * kPanel * NR, tile);
-            const int64_t i0 = ib * MR;
-            const int64_t in = std::min<int64_t>(MR, d - i0);
-            for (int64_t r = 0; r < in; ++r) {
-              double* out = s2 + (i0 + r) * d + j0;
-              const double* t = tile + r * NR;
-              for (int64_t j = 0; j < jn; ++j) out[j] += t[j];
+      for (int64_t b = 0; b < nblocks; ++b) {
+        if (acc == nullptr) continue;
+        const int64_t i0 = blocks[b].first * kMacro, j0 = blocks[b].second * kMacro;
+        const int64_t i1 = std::min(d, i0 + kMacro), j1 = std::min(d, j0 + kMacro);
+        std::memset(acc, 0, kMacro * kMacro * sizeof(double));
+        for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+          const int64_t kk = std::min(kDepth, K - k0);
+          for (int64_t jr = j0; jr < j1; jr += NR) {
+            const float* bp = P + (jr / kPanelW) * pstride + k0 * kPanelW + (jr % kPanelW);
+            // First tile row reaching the diagonal: tiles entirely above it (ir + MR - 1 < jr) are skipped.
+            const int64_t ir_first = std::max(i0, jr / MR * MR);
+            for (int64_t ir = ir_first; ir < i1; ir += MR) {
+              const float* ap = P + (ir / kPanelW) * pstride + k0 * kPanelW + (ir % kPanelW);
+              // Columns up to the tile's last row: those right of it lie above the diagonal (at D = 512 the full
+              // 8 x 48 width wasted 9% of the work on them).
+              const int cols = static_cast<int>(std::min<int64_t>(NR, ir + MR - jr));
+              V::kernel(kk, ap, bp, acc + (ir - i0) * kMacro + (jr - j0), kMacro, cols);
             }
           }
-        }  // implicit barrier before the next chunk / panel overwrites the packs
-      }
+        }
+        V::add_block(acc, i0, i1, j0, j1, s2, d);
+      }  // implicit barrier before the next chunk overwrites the panels
     }
 #ifdef _OPENMP
 #pragma omp critical
 #endif
     for (int64_t j = 0; j < d; ++j) s1[j] += s1_local[j];
+    std::free(acc);
   }
-}
-
-// Rows per thread below which the threads share tiles of one panel (run) instead of taking row ranges.
-constexpr int64_t kSplitRows = 4 * kPanel;
-
-// Large batches: each thread takes a contiguous range of whole panels into a private state (thread 0 into the
-// caller's), then the lower triangles are summed. One join instead of two barriers per panel: on the shared,
-// loaded 2-core VM the tile-parallel version once took 0.36 s at D=256, N=65536 on 2 threads against 0.045 s on
-// one (each barrier waits for a descheduled thread). Extra memory: (threads - 1) * d * d doubles.
-template <typename T, int MR, int NR>
-void run_split(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1,
-               double* s2, int threads, MicroKernel kernel) {
-  if (threads <= 1 || n < threads * kSplitRows) {
-    run<T, MR, NR>(x, n, d, sn, sd, shift, s1, s2, threads, kernel);
-    return;
-  }
-  std::vector<double*> part2(threads, nullptr);
-  std::vector<std::vector<double>> part1(threads);
-  bool alloc_failed = false;
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
-    const int64_t r0 = panels * t / nt * kPanel;
-    const int64_t r1 = std::min(n, panels * (t + 1) / nt * kPanel);
-    double* my2 = s2;
-    double* my1 = s1;
-    if (t > 0) {
-      // calloc: zero pages are touched first by their owning thread.
-      part2[t] = static_cast<double*>(std::calloc(static_cast<size_t>(d) * d, sizeof(double)));
-      part1[t].assign(d, 0.0);
-      my2 = part2[t];
-      my1 = part1[t].data();
-    }
-    if (my2 == nullptr) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-      alloc_failed = true;
-    } else if (r1 > r0) {
-      run<T, MR, NR>(x + r0 * sn, r1 - r0, d, sn, sd, shift, my1, my2, 1, kernel);
-    }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-    if (!alloc_failed) {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
-#endif
-      for (int64_t i = 0; i < d; ++i) {
-        for (int q = 1; q < nt; ++q) {
-          const double* src = part2[q] + i * d;
-          double* dst = s2 + i * d;
-          for (int64_t j = 0; j <= i; ++j) dst[j] += src[j];
-          s1[i] += part1[q][i];
-        }
-      }
-    }
-  }
-  for (double* p : part2) std::free(p);
-  PF_CHECK(!alloc_failed, "correlation: could not allocate ", d * d * 8, " bytes for a thread's partial state");
+  PF_CHECK(!alloc_failed, "correlation: could not allocate a thread's ", kMacro * kMacro * 8, "-byte accumulator");
 }
 
 template <typename T>
@@ -361,19 +468,19 @@ std::string dispatch_isa(const T* x, int64_t n, int64_t d, int64_t sn, int64_t s
 #ifdef PF_X86
   if (isa == Isa::kAvx512) {
     PF_CHECK(__builtin_cpu_supports("avx512f"), "correlation: isa='avx512' requested but this CPU lacks AVX-512F");
-    run_split<T, 12, 32>(x, n, d, sn, sd, shift, s1, s2, threads, kernel_avx512);
+    run<VarAvx512, T>(x, n, d, sn, sd, shift, s1, s2, threads);
     return "avx512";
   }
   if (isa == Isa::kAvx2) {
-    PF_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-             "correlation: isa='avx2' requested but this CPU lacks AVX2/FMA");
-    run_split<T, 6, 16>(x, n, d, sn, sd, shift, s1, s2, threads, kernel_avx2);
+    PF_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"),
+             "correlation: isa='avx2' requested but this CPU lacks AVX2/FMA/F16C");
+    run<VarAvx2, T>(x, n, d, sn, sd, shift, s1, s2, threads);
     return "avx2";
   }
 #else
   PF_CHECK(isa == Isa::kScalar, "correlation: SIMD micro-kernels exist only on x86-64; use isa='scalar'");
 #endif
-  run_split<T, 4, 8>(x, n, d, sn, sd, shift, s1, s2, threads, kernel_scalar<4, 8>);
+  run<VarScalar, T>(x, n, d, sn, sd, shift, s1, s2, threads);
   return "scalar";
 }
 
@@ -382,7 +489,7 @@ std::string dispatch_isa(const T* x, int64_t n, int64_t d, int64_t sn, int64_t s
 std::string best_isa() {
 #ifdef PF_X86
   if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return "avx2";
 #endif
   return "scalar";
 }

@@ -1,6 +1,9 @@
 // CUDA cost epilogue of HF (see interp_cost.h): one thread per (i, j) pair, coalesced along j.
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "common.h"
 #include "interp/interp_cost.h"
 
@@ -41,7 +44,9 @@ void hf_cost_cuda(const double* M, const double* Q01, const double* Q10, const d
   hf_cost_kernel<<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(M, Q01, Q10, d0, e0, n0v, s0, d1, e1, n1v,
                                                                           s1, n0, n1, squared, out);
   const cudaError_t err = cudaGetLastError();
-  PF_CHECK(err == cudaSuccess, "hf_cost (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+  // A runtime failure (no driver, no device, bad launch) is a RuntimeError, not a ValueError about the arguments.
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("hf_cost (CUDA): kernel launch failed: ") + cudaGetErrorString(err));
 }
 
 }  // namespace pyfusion::interp

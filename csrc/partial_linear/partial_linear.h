@@ -6,6 +6,9 @@
 //   w_cross  (O_B, I_s)     row-major: every branch output row on the shared input columns;
 //   w_diag   flat, block k = (O_k, I_k) row-major, blocks concatenated in branch order.
 // A branch-k output row is dot(w_cross row, x[:, :I_s]) + dot(W_kk row, x[:, i0_k : i0_k + I_k]).
+//
+// panel_linear.h is the successor for every batch size: segments with member masks (no stored zero block for K >= 3
+// subset slots) and a pre-packed weight; this kernel stays for the 3-buffer format until the ops adopt that one.
 #pragma once
 
 #include <cstdint>
