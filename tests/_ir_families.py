@@ -1,0 +1,107 @@
+"""Shared helpers of the IR tests: model families, float64 permuted copies, the ensemble / permutation checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pyfusion.fuse.builder import build
+from pyfusion.fuse.plan import Plan
+from pyfusion.graph import permuted_state, random_group_permutations, trace_groups
+
+
+def outputs(y):
+    """The tensors of a model output (tensor, tuple, Hugging Face ModelOutput)."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if hasattr(y, "to_tuple"):
+        y = y.to_tuple()
+    if isinstance(y, dict):
+        y = list(y.values())
+    return [t for v in y for t in outputs(v)] if isinstance(y, (tuple, list)) else []
+
+
+def run(model, x):
+    with torch.no_grad():
+        return outputs(model(*x) if isinstance(x, tuple) else model(x))
+
+
+def max_diff(a, b):
+    return max(float((u - v).abs().max()) for u, v in zip(a, b))
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """float64, eval, every parameter re-drawn (no symmetric initialisation hides a wrong map), BN statistics set."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    seen = set()
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            std = 1.0 / math.sqrt(max(1, p[0].numel())) if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+            if isinstance(m, (nn.LayerNorm,)) and m.weight is not None:
+                m.weight.add_(1.0)
+    return model
+
+
+def permuted_twin(model: nn.Module, graph, seed: int = 1):
+    """A copy of ``model`` with every group permuted (units and inner dims too), and the permutations used."""
+    perms = random_group_permutations(graph, torch.Generator().manual_seed(seed))
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    new = permuted_state({k: v.detach() for k, v in state.items()}, graph, perms)
+    twin = copy.deepcopy(model)
+    own = dict(twin.named_parameters(remove_duplicate=False))
+    own.update(dict(twin.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for k, v in new.items():
+            own[k].copy_(v)
+    return twin, perms
+
+
+def check_permuted_copy(model: nn.Module, x, graph=None, tol: float = 1e-10):
+    """Fusing a model with its permuted copy through the true inverse permutations gives the model back."""
+    graph = graph or trace_groups(model, x)
+    twin, perms = permuted_twin(model, graph)
+    y = run(model, x)
+    assert max_diff(run(twin, x), y) < tol * max(1.0, max(float(t.abs().max()) for t in y))
+    moved = [
+        k for k, v in twin.state_dict().items() if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])
+    ]
+    assert moved, "the permuted copy must differ from the model"
+    plan = Plan.from_permutations(
+        graph, {g: [torch.arange(len(p)), torch.argsort(p)] for g, p in perms.items()}, (0.5, 0.5)
+    )
+    fused = build([model, twin], graph, plan)
+    assert max_diff(run(fused, x), y) < tol * max(1.0, max(float(t.abs().max()) for t in y))
+    ref = dict(model.named_parameters())
+    for k, v in fused.named_parameters():
+        if k in ref:
+            torch.testing.assert_close(v, ref[k], rtol=1e-12, atol=1e-12)
+    return graph, fused
+
+
+def check_ensemble(members, x, graph=None, lambdas=(0.3, 0.7), tol: float = 1e-10):
+    """The ensemble plan builds a network equal to ``sum_k lambda_k f_k(x)``; one-hot lambdas give a member."""
+    graph = graph or trace_groups(members[0], x)
+    outs = [run(m, x) for m in members]
+    fused = build(members, graph, Plan.ensemble(graph, lambdas))
+    want = [sum(lam * o[i] for lam, o in zip(lambdas, outs)) for i in range(len(outs[0]))]
+    got = run(fused, x)
+    scale = max(1.0, max(float(t.abs().max()) for t in want))
+    assert max_diff(got, want) < tol * scale, max_diff(got, want)
+    for k in range(len(members)):
+        hot = tuple(1.0 if j == k else 0.0 for j in range(len(members)))
+        f = build(members, graph, Plan.ensemble(graph, hot))
+        assert max_diff(run(f, x), outs[k]) < tol * scale
+    return graph, fused
