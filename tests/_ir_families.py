@@ -69,12 +69,16 @@ def permuted_twin(model: nn.Module, graph, seed: int = 1):
     return twin, perms
 
 
-def check_permuted_copy(model: nn.Module, x, graph=None, tol: float = 1e-10):
-    """Fusing a model with its permuted copy through the true inverse permutations gives the model back."""
+def check_permuted_copy(model: nn.Module, x, graph=None, tol: float = 1e-10, twin_tol: float = 1e-10):
+    """Fusing a model with its permuted copy through the true inverse permutations gives the model back.
+
+    ``twin_tol`` bounds the copy's own difference (1e-5 for models that compute in float32 inside, such as
+    Llama's RMSNorm: a permutation changes the order of that float32 sum); the fused model must match to ``tol``.
+    """
     graph = graph or trace_groups(model, x)
     twin, perms = permuted_twin(model, graph)
     y = run(model, x)
-    assert max_diff(run(twin, x), y) < tol * max(1.0, max(float(t.abs().max()) for t in y))
+    assert max_diff(run(twin, x), y) < twin_tol * max(1.0, max(float(t.abs().max()) for t in y))
     moved = [
         k for k, v in twin.state_dict().items() if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])
     ]

@@ -192,15 +192,26 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
 
 
 # ---- module re-creation and adapters --------------------------------------------------------------------
-_ADAPTERS: dict[str, Callable[[nn.Module, str], None]] = {}
+Adapter = Callable[[nn.Module, str, nn.Module], None]
+_ADAPTERS: dict[str, Adapter] = {}
 
 
-def register_adapter(class_name: str) -> Callable[[Callable[[nn.Module, str], None]], Callable[[nn.Module, str], None]]:
-    """Register ``fn(module, path)`` to update the size attributes a module class's forward reads after the
-    builder changed the shapes of its (or its children's) tensors. Keyed by class name, so that pyfusion does
-    not import the libraries defining the classes. Raise ``ValueError`` for sizes the class cannot express."""
+def register_adapter(class_name: str) -> Callable[[Adapter], Adapter]:
+    """Register ``fn(module, path, original)`` to update the size attributes a module class's forward reads after
+    the builder changed the shapes of its (or its children's) tensors; ``original`` is member 0's module at the
+    same path (before fusion), so sizes can be scaled (e.g. ``heads = original.heads * new_width // old_width``).
+    Keyed by class name, so that pyfusion does not import the libraries defining the classes. Raise
+    ``ValueError`` for sizes the class cannot express. A module whose forward reads a size no adapter updates is
+    caught by the re-trace check of :func:`build`.
 
-    def deco(fn: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
+    Example::
+
+        @register_adapter("MyAttention")
+        def _(mod, path, original):
+            mod.n_heads = mod.qkv.out_features // 3 // (original.qkv.out_features // 3 // original.n_heads)
+    """
+
+    def deco(fn: Adapter) -> Adapter:
         _ADAPTERS[class_name] = fn
         return fn
 
@@ -208,12 +219,13 @@ def register_adapter(class_name: str) -> Callable[[Callable[[nn.Module, str], No
 
 
 @register_adapter("Conv1D")
-def _adapt_hf_conv1d(mod: nn.Module, path: str) -> None:  # transformers.pytorch_utils.Conv1D: weight (nx, nf)
+def _adapt_hf_conv1d(mod: nn.Module, path: str, original: nn.Module) -> None:
+    # transformers.pytorch_utils.Conv1D: weight (nx, nf), forward reads nf
     mod.nx, mod.nf = int(mod.weight.shape[0]), int(mod.weight.shape[1])
 
 
 @register_adapter("GPT2Attention")
-def _adapt_gpt2_attention(mod: nn.Module, path: str) -> None:
+def _adapt_gpt2_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
     if getattr(mod, "is_cross_attention", False):
         raise ValueError(f"{path}: resizing GPT-2 cross attention is not supported")
     split = int(mod.c_attn.weight.shape[1]) // 3  # c_attn writes q | k | v, split by split_size
@@ -222,7 +234,7 @@ def _adapt_gpt2_attention(mod: nn.Module, path: str) -> None:
     mod.num_heads = split // int(mod.head_dim)
 
 
-def _adapt_bert_attention(mod: nn.Module, path: str) -> None:
+def _adapt_bert_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
     mod.all_head_size = int(mod.query.weight.shape[0])
     mod.num_attention_heads = mod.all_head_size // int(mod.attention_head_size)
 
@@ -232,7 +244,7 @@ for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttentio
 
 
 @register_adapter("ViTSelfAttention")
-def _adapt_vit_attention(mod: nn.Module, path: str) -> None:
+def _adapt_vit_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
     proj = getattr(mod, "q_proj", None) or getattr(mod, "query", None)
     head_dim = int(getattr(mod, "head_dim", 0) or getattr(mod, "attention_head_size", 0))
     mod.num_attention_heads = int(proj.weight.shape[0]) // head_dim
@@ -241,7 +253,7 @@ def _adapt_vit_attention(mod: nn.Module, path: str) -> None:
 
 
 @register_adapter("MultiheadAttention")
-def _adapt_mha(mod: nn.Module, path: str) -> None:
+def _adapt_mha(mod: nn.Module, path: str, original: nn.Module) -> None:
     if not mod._qkv_same_embed_dim:
         raise ValueError(f"{path}: resizing nn.MultiheadAttention with kdim / vdim != embed_dim is not supported")
     heads = int(mod.in_proj_weight.shape[0]) // 3
@@ -256,7 +268,7 @@ def _adapt_mha(mod: nn.Module, path: str) -> None:
 
 
 @register_adapter("TransformerEncoderLayer")
-def _adapt_encoder_layer(mod: nn.Module, path: str) -> None:
+def _adapt_encoder_layer(mod: nn.Module, path: str, original: nn.Module) -> None:
     if isinstance(mod.norm1, MemberViewNorm) or isinstance(mod.norm2, MemberViewNorm):
         # the fused C++ fast path reads norm1.weight / eps directly; the Python path calls the modules
         mod.activation_relu_or_gelu = False
@@ -437,12 +449,11 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
         new = MemberViewNorm(norms, gp.A, gp.B)
         new.train(fused.get_submodule(mpath).training)
         _set_module(fused, mpath, new)
-    adapted = []
+    originals = dict(members[0].named_modules())
     for mpath, mod in fused.named_modules():
         fn = _ADAPTERS.get(type(mod).__name__)
-        if fn is not None:
-            fn(mod, mpath)
-            adapted.append(mpath)
+        if fn is not None and mpath in originals:
+            fn(mod, mpath, originals[mpath])
     layouts = {name: tuple(gp.layout) for name, gp in plan.groups.items()}
     for name, g in graph.groups.items():
         layouts.setdefault(name, (g.size,) + (0,) * plan.num_members)

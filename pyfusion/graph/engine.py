@@ -90,6 +90,13 @@ SCATTERS = {"index_put", "index_add", "index_copy", "index_fill", "scatter", "sc
             "masked_scatter", "put", "index_reduce", "_index_put_impl"}  # fmt: skip
 NO_OUTPUT = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
              "sym_constrain_range", "_print"}  # fmt: skip
+# ops that may see a packed factor after it was selected without making its copies stale
+_SELECTOR_SAFE = (
+    {"select", "slice", "unbind", "split", "split_with_sizes", "chunk", "narrow", "unsafe_split"}
+    | VIEWS
+    | PERMUTES
+    | {"contiguous", "clone", "alias", "detach", "to", "_to_copy", "lift_fresh_copy"}
+)
 # pure value-preserving ops through which a capture point's input is followed back
 PASS_BACK = {"dropout", "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy"}
 
@@ -278,8 +285,8 @@ class Engine:
         if shape is None or shape[dim] == 1:
             return
         axis = axes[dim]
-        if axis is None:
-            raise self.unsupported(node, f"parameter {tkey!r} reaches it through a reshape that merges its axes")
+        if axis is None:  # a broadcast (expanded) dim: no axis of the parameter
+            return
         self.uses.append(_Use(tkey, self.alias_for(tkey, self.module_of(node)), axis, role, self.order[node.name]))
 
     def is_param(self, a: Any) -> bool:
@@ -306,6 +313,14 @@ class Engine:
                 self.env[node.name] = self.out_val(node)
             else:  # pragma: no cover - exported graphs only call functions
                 raise self.unsupported(node, f"unexpected graph node kind {node.op!r}")
+
+    def _stale_selectors(self, inputs: list[fx.Node]) -> None:
+        for a in inputs:
+            v = self.val(a)
+            for t in v if isinstance(v, tuple) and (not v or v[0] != "buffer") else []:
+                for f in t:
+                    if f >= 0 and self.S.find(f) in self.S.copies:
+                        self.S.stale_selector(self.S.find(f))
 
     def _opaque(self, node: fx.Node) -> tuple[str, str] | None:
         """(stack key, path) of the outermost module around ``node`` that declares itself opaque to the tracer
@@ -400,6 +415,8 @@ class Engine:
         if not any(self.has_atoms(self.val(a)) or self.is_param(a) for a in inputs):
             self.env[node.name] = self.out_val(node)
             return
+        if self.S.copies and base not in _SELECTOR_SAFE:
+            self._stale_selectors(inputs)
         handler = getattr(self, f"op_{base}", None)
         if handler is not None:
             handler(node)
@@ -715,6 +732,10 @@ class Engine:
         out_shape = self.shape(node)
         nd = len(out_shape)
         dim %= nd
+        for a in tensors:  # a parameter concatenated in: it produces the cat-dim entries, per neuron elsewhere
+            if self.is_param(a) and self.shape(a) is not None and len(self.shape(a)) == nd:
+                for d in range(nd):
+                    self.use(node, a, d, "producer" if d == dim else "neuron")
         vals = [(self.tval(a), self.shape(a)) for a in tensors]
         vals = [(v, s) for v, s in vals if s is not None and len(s) == nd and s[dim] > 0]
         out = []
@@ -736,6 +757,10 @@ class Engine:
         dim = _bind(node).get("dim", 0)
         out_shape = self.shape(node)
         dim %= len(out_shape)
+        for a in tensors:
+            if self.is_param(a):
+                for d in range(len(self.shape(a))):
+                    self.use(node, a, d, "neuron")
         vals = [self.tval(a) for a in tensors]
         nd = len(vals[0])
         base = []
@@ -871,6 +896,9 @@ class Engine:
             if isinstance(i, fx.Node) and self.has_atoms(self.tval(i)):
                 self._pin_val(self.tval(i))
         rest = [d for d in range(len(v)) if d not in idx_dims]
+        if self.is_param(x):  # a table indexed by ids (an embedding written by hand): rows produce the values
+            for d in rest:
+                self.use(node, x, d, "producer")
         out_shape = self.shape(node)
         n_idx = len(out_shape) - len(rest)
         adjacent = idx_dims == list(range(idx_dims[0], idx_dims[-1] + 1)) if idx_dims else True
@@ -1396,6 +1424,26 @@ class TraceResult:
 
 def finish(E: Engine) -> TraceResult:
     """Read neuron groups off the parameter axes (see notes/IR.md §2, last paragraph)."""
+    S = E.S
+    result = _fixpoint(E)
+    used = {(u.tkey, u.axis) for u in E.uses}
+    group_atoms = set()
+    for u in E.uses:
+        for _o, _l, key, _f in _patterns(S, E.reg[u.tkey][u.axis]):
+            group_atoms.update(a for a in key if a is not None)
+    for tkey, terms in E.reg.items():
+        for axis, term in enumerate(terms):
+            if term is None or (tkey, axis) in used:
+                continue
+            if any(a in group_atoms for a in S.atoms(term)):
+                raise UnsupportedModuleError(
+                    f"parameter {tkey!r} axis {axis} carries neurons of a group but reaches them through ops that "
+                    f"give it no role (producer / per-neuron / consumer); {HINT}"
+                )
+    return result
+
+
+def _fixpoint(E: Engine) -> TraceResult:
     S = E.S
     use_keys = sorted({(u.tkey, u.axis) for u in E.uses})
     for _ in range(100):

@@ -124,11 +124,12 @@ class Spaces:
             for t in d[1]:
                 out += self.resolve(t)
             return out
-        # "sel": a selected packed factor used as a whole: nothing of the packed atom stays permutable
-        self._stale_selector(r)
+        # "sel": a packed factor that was selected index by index; it indexes nothing permutable itself
         return [(-self.size[r],)]
 
-    def _stale_selector(self, f: int) -> None:
+    def stale_selector(self, f: int) -> None:
+        """A packed factor used other than by select / views after it was selected: nothing of the packed atom
+        stays permutable (its tail and the per-index copies are pinned)."""
         tail, copies = self.copies.pop(f)
         self.defn[f] = ("rep",)
         for leaf in tail:
