@@ -109,3 +109,57 @@ def check_ensemble(members, x, graph=None, lambdas=(0.3, 0.7), tol: float = 1e-1
         f = build(members, graph, Plan.ensemble(graph, hot))
         assert max_diff(run(f, x), outs[k]) < tol * scale
     return graph, fused
+
+
+def partial_plan(graph, perms, lambdas=(0.4, 0.6), frac=0.5, seed=3):
+    """A two-member partial-fusion plan of a model (member 0) and its permuted copy (member 1, ``perms``) from the
+    true correspondences: in every tie set ``frac`` of the units are isolated (one branch slot per member), the
+    rest shared; units stay whole and member 1's inner dims follow its permutation."""
+    from pyfusion.fuse.plan import GroupPlan
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = {}
+    for names in graph.tie_sets():
+        units = graph.groups[names[0]].units
+        r = int(round(frac * units))
+        order = torch.randperm(units, generator=gen)
+        shared_u, iso_u = order[: units - r].sort().values, order[units - r :].sort().values
+        for name in names:
+            g = graph.groups[name]
+            d = g.unit_size
+            inv = torch.argsort(perms[name])  # original neuron i sits at position inv[i] of the copy
+
+            def neurons(us):
+                return (us[:, None] * d + torch.arange(d)).reshape(-1)
+
+            sh, iso = neurons(shared_u), neurons(iso_u)
+            layout = (len(sh), len(iso), len(iso))
+            slots = sum(layout)
+            maps_a, maps_b = [], []
+            for k, lam in enumerate(lambdas):
+                src_sh = sh if k == 0 else inv[sh]
+                src_iso = iso if k == 0 else inv[iso]
+                ak = torch.zeros(slots, g.size, dtype=torch.float64)
+                ak[torch.arange(len(sh)), src_sh] = lam
+                off = len(sh) + k * len(iso)
+                ak[off + torch.arange(len(iso)), src_iso] = 1.0
+                bk = (ak != 0).to(torch.float64).T.contiguous()
+                maps_a.append(ak)
+                maps_b.append(bk)
+            groups[name] = GroupPlan(maps_a, maps_b, layout)
+    return Plan(tuple(lambdas), groups)
+
+
+def check_partial_permuted(model, x, graph=None, twin_tol: float = 1e-10, tol: float = 1e-10):
+    """Partial fusion (:func:`partial_plan`) of a model with its permuted copy gives back the model."""
+    graph = graph or trace_groups(model, x)
+    twin, perms = permuted_twin(model, graph)
+    y = run(model, x)
+    scale = max(1.0, max(float(t.abs().max()) for t in y))
+    assert max_diff(run(twin, x), y) < twin_tol * scale
+    plan = partial_plan(graph, perms)
+    fused = build([model, twin], graph, plan)
+    assert any(gp.slots > graph.groups[n].size for n, gp in plan.groups.items())  # really widened
+    assert max_diff(run(fused, x), y) < tol * scale, max_diff(run(fused, x), y)
+    fused.fusion_graph = graph
+    return fused

@@ -1361,6 +1361,10 @@ class Engine:
                 ins.append(a)
             if any(u.name not in inside for u in n.users) and n.op != "output":
                 outs.append(n)
+        # a value-preserving op on the input that the export shares with outside users (a no-op ``.to`` of the
+        # residual in Hugging Face RMSNorms) is the input passed through, not an output of the module
+        in_names = {a.name for a in ins}
+        outs = [n for n in outs if self._back(n) not in in_names]
         return ins, outs
 
     def calls_of(self, path: str) -> int:
