@@ -129,10 +129,7 @@ def partial_plan(graph, perms, lambdas=(0.4, 0.6), frac=0.5, seed=3):
             d = g.unit_size
             inv = torch.argsort(perms[name])  # original neuron i sits at position inv[i] of the copy
 
-            def neurons(us):
-                return (us[:, None] * d + torch.arange(d)).reshape(-1)
-
-            sh, iso = neurons(shared_u), neurons(iso_u)
+            sh, iso = ((us[:, None] * d + torch.arange(d)).reshape(-1) for us in (shared_u, iso_u))
             layout = (len(sh), len(iso), len(iso))
             slots = sum(layout)
             maps_a, maps_b = [], []

@@ -24,7 +24,9 @@ def _one_thread():
 
 
 def _group(graph, module, param="weight", role="producer"):
-    return next(g for g in graph.groups.values() if any(r.key == f"{module}.{param}" and r.role == role for r in g.refs))
+    return next(
+        g for g in graph.groups.values() if any(r.key == f"{module}.{param}" and r.role == role for r in g.refs)
+    )
 
 
 def _refs(group, key):
@@ -54,7 +56,9 @@ def test_channels_last_flatten_is_a_rep_before_the_unit():
 def _attention_pair(g, qk_producer, param="weight"):
     """(q/k group, v/o group): the q/k group holds the first segment of the q (or packed qkv) projection."""
     key = f"{qk_producer}.{param}"
-    qk = next(x for x in g.groups.values() if any(r.key == key and r.role == "producer" and r.offset == 0 for r in x.refs))
+    qk = next(
+        x for x in g.groups.values() if any(r.key == key and r.role == "producer" and r.offset == 0 for r in x.refs)
+    )
     vo = next(x for x in g.groups.values() if x.tie == qk.tie and x is not qk)
     return qk, vo
 
@@ -136,7 +140,10 @@ def test_gpt2_packed_c_attn_and_tied_embeddings():
     qk, vo = _attention_pair(g, "transformer.h.0.attn.c_attn")
     heads = (("unit", 4), ("inner", 8))
     # Conv1D weights are (in, out): c_attn writes q | k | v on axis 1
-    assert _refs(qk, "transformer.h.0.attn.c_attn.weight") == [(1, "producer", 0, heads, 1), (1, "producer", 32, heads, 1)]
+    assert _refs(qk, "transformer.h.0.attn.c_attn.weight") == [
+        (1, "producer", 0, heads, 1),
+        (1, "producer", 32, heads, 1),
+    ]
     assert _refs(vo, "transformer.h.0.attn.c_attn.weight") == [(1, "producer", 64, heads, 1)]
     assert _refs(vo, "transformer.h.0.attn.c_proj.weight") == [(0, "consumer", 0, heads, 1)]
     ffn = _group(g, "transformer.h.0.mlp.c_fc")
@@ -160,7 +167,10 @@ def test_llama_gqa_rotary_pins_qk_inner_swiglu_rmsnorm():
         (1, "consumer", 0, (("unit", 2), ("rep", 2), ("inner", 16)), 1)
     ]
     ffn = _group(g, "model.layers.0.mlp.gate_proj")
-    assert {r.key for r in ffn.producers} == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    assert {r.key for r in ffn.producers} == {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    }
     stream = _group(g, "model.embed_tokens")
     assert len(stream.normalizers) == 5 and all(n.kind == "LlamaRMSNorm" and n.wrappable for n in stream.normalizers)
     assert not g.tied_params
@@ -229,3 +239,25 @@ def test_unsupported_op_is_named_and_example_inputs_are_asked_for():
 
     with pytest.raises(ValueError, match="example_inputs"):
         trace_groups(NoLayer())
+
+
+def test_chain_walk_is_used_only_when_it_passes_verification():
+    class Branchy(nn.Module):
+        """Data-dependent control flow (no export) around a residual block: not a chain."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            if h.sum() > 0:
+                h = h + self.fc2(torch.relu(h))
+            else:
+                h = h - self.fc2(torch.relu(h))
+            return self.fc3(h)
+
+    with pytest.raises(UnsupportedModuleError, match=r"could not trace Branchy.*as a chain.*change its function"):
+        trace_groups(Branchy())
+    with pytest.raises(Exception, match="(?i)data.dependent|guard|control flow"):
+        trace_groups(Branchy(), allow_walk=False)

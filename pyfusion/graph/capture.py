@@ -90,6 +90,12 @@ class TracedGraph:
         key = (sig, nodes)
         if key not in self._tapped:
             prog = self._program_for(model, args, kwargs, sig)
+            # the tapped module depends only on the program and the nodes: share it between graphs of one
+            # architecture (unlifting and recompiling costs ~50 ms; runs never leave taps active)
+            shared = prog.__dict__.setdefault("_pyfusion_tapped", {})
+            if nodes in shared:
+                self._tapped[key] = shared[nodes]
+                return shared[nodes]
             targets = {n.name: n.target for n in self.program.graph.nodes}
             gm = prog.module()
             by_name = {n.name: n for n in gm.graph.nodes}
@@ -109,7 +115,7 @@ class TracedGraph:
             gm.recompile()
             names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
             names |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
-            self._tapped[key] = (gm, switches, tuple(sorted(names)))
+            self._tapped[key] = shared[nodes] = (gm, switches, tuple(sorted(names)))
         return self._tapped[key]
 
     def runners(

@@ -1633,11 +1633,8 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
         wrappable, kind = _wrappable(E, nrec, keys, names, groups)
         for key in keys:
             gr = groups[names[key]]
-            nz = Normalizer(nrec.module if wrappable else nrec.module, kind, wrappable, nrec.node)
-            if not any(n.module == nz.module and n.wrappable == nz.wrappable and n.kind == nz.kind
-                       for n in gr.normalizers) or not wrappable:  # fmt: skip
-                if nz not in gr.normalizers:
-                    gr.normalizers.append(nz)
+            if not any((n.module, n.kind, n.wrappable) == (nrec.module, kind, wrappable) for n in gr.normalizers):
+                gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node))
 
 
 def _activation_label(E: Engine, node: fx.Node, op: str) -> tuple[str, tuple[str, ...]]:
