@@ -68,17 +68,18 @@ def trace_groups(
     except Exception as exc:  # torch.export raises many kinds (UserError, guard errors, TypeError, ...)
         if not allow_walk:
             raise
+        why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         graph = FusionGraph(walk_groups(model), None, example_inputs=(args, kwargs), source="walk")
         graph.validate(model)
         try:
             verify_groups(model, graph)
         except GroupVerificationError as err:
             raise UnsupportedModuleError(
-                f"torch.export could not trace {type(model).__name__} ({type(exc).__name__}: {exc}), and reading its "
+                f"torch.export could not trace {type(model).__name__} ({why}), and reading its "
                 f"leaf modules as a chain gives groups that change its function: {err}"
             ) from exc
         warnings.warn(
-            f"torch.export could not trace {type(model).__name__} ({type(exc).__name__}: {str(exc)[:200]}); walking "
+            f"torch.export could not trace {type(model).__name__} ({why}); walking "
             "the leaf modules as a chain in registration order instead (the walked groups passed verification)",
             stacklevel=2,
         )
