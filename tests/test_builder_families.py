@@ -165,3 +165,19 @@ def test_partial_layout_with_the_permuted_copy_is_the_model(name):
     fused = check_partial_permuted(a, x, twin_tol=TWIN_TOL.get(name, 1e-10), tol=TWIN_TOL.get(name, 1e-10))
     if any(g.normalizers for g in fused.fusion_graph.groups.values()):
         assert any(isinstance(m, MemberViewNorm) for m in fused.modules())
+
+
+@pytest.mark.skipif("bert" not in HF, reason="transformers is not installed")
+def test_fuse_api_on_a_hugging_face_model():
+    """``pyfusion.fuse`` traces (inputs from the config), verifies and builds; methods that do not know units / ties
+    yet refuse loudly instead of fusing heads neuron by neuron."""
+    import pyfusion
+
+    factory, x = HF["bert"]
+    a, b = factory().eval(), factory().eval()
+    fused = pyfusion.fuse([a, b], method="average")
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(fused.state_dict()[q], (a.state_dict()[q] + b.state_dict()[q]) / 2)
+    assert fused(*x).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"method 'weight_matching' does not handle head groups"):
+        pyfusion.fuse([a, b], method="weight_matching")

@@ -261,3 +261,22 @@ def test_chain_walk_is_used_only_when_it_passes_verification():
         trace_groups(Branchy())
     with pytest.raises(Exception, match="(?i)data.dependent|guard|control flow"):
         trace_groups(Branchy(), allow_walk=False)
+
+
+def test_parameters_transformed_in_forward_keep_their_roles():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+            self.log_gain = nn.Parameter(torch.zeros(6))
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.nn.functional.linear(x, self.w * 0.5)
+            return self.out(torch.tanh(h * self.log_gain.exp()))
+
+    g = trace_groups(Scaled(), torch.randn(3, 4))
+    (grp,) = g.groups.values()
+    assert sorted((r.key, r.axis, r.role) for r in grp.refs) == [
+        ("log_gain", 0, "neuron"), ("out.weight", 1, "consumer"), ("w", 0, "producer")
+    ]  # fmt: skip

@@ -503,6 +503,9 @@ class Engine:
                 continue
             vals.append((a, v, s))
         nd = len(out_shape)
+        # a parameter combined with activations is a per-neuron parameter; a parameter transformed alone (scaled,
+        # exponentiated) stays that parameter for its later use (its provenance is kept below)
+        mixes = any(not self.is_param(a) for a, _, _ in vals)
         out: list[Term] = []
         for d in range(nd):
             size = out_shape[d]
@@ -512,7 +515,7 @@ class Engine:
                 if k < 0 or s[k] == 1 or size == 1:
                     continue
                 terms.append(v[k])
-                if self.is_param(a):
+                if self.is_param(a) and mixes:
                     self.use(node, a, k, "neuron")
             if not terms:
                 out.append(() if size == 1 else (-size,))
