@@ -280,3 +280,36 @@ def test_parameters_transformed_in_forward_keep_their_roles():
     assert sorted((r.key, r.axis, r.role) for r in grp.refs) == [
         ("log_gain", 0, "neuron"), ("out.weight", 1, "consumer"), ("w", 0, "producer")
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["mha", "llama"])
+def test_neuron_view_rows_follow_the_permutation(name):
+    """``neuron_view`` reads each neuron's entries whatever the layout: after permuting one tie set, row s of each
+    of its references is row perm[s] of the original (heads, GQA reps, packed segments included)."""
+    from _ir_families import randomize
+
+    from pyfusion.graph import neuron_view, permuted_state, random_group_permutations
+
+    if name == "llama" and "llama" not in HF:
+        pytest.skip("transformers is not installed")
+    factory, x = HF[name] if name in HF else (MHANet, (torch.randn(2, 5, 5, dtype=torch.float64),))
+    a = randomize(factory(), 1)
+    g = trace_groups(a, x)
+    own = {k: v.detach() for k, v in a.named_parameters(remove_duplicate=False)}
+    perms = random_group_permutations(g, torch.Generator().manual_seed(0))
+    checked = set()
+    for tie_set in g.tie_sets():
+        new = permuted_state(own, g, {n: perms[n] for n in tie_set})
+        for gname in tie_set:
+            gr = g.groups[gname]
+            for r in gr.refs:
+                others = [o for n in tie_set for o in g.groups[n].refs if o.key == r.key and o.axis != r.axis]
+                if r.key not in own or others:
+                    continue
+                rows = neuron_view(own[r.key], r, gr)
+                assert rows.shape[0] == gr.size
+                torch.testing.assert_close(neuron_view(new[r.key], r, gr), rows[perms[gname]], rtol=0, atol=0)
+                checked.add(r.pattern)
+    assert None in checked and any(p is not None and ("inner", 4 if name == "mha" else 16) in p for p in checked)
+    if name == "llama":  # o_proj reads each kv head once per q head of its group
+        assert (("unit", 2), ("rep", 2), ("inner", 16)) in checked

@@ -4,7 +4,7 @@ and verified numerically before use."""
 from pyfusion.graph.engine import UnsupportedModuleError
 from pyfusion.graph.groups import AxisRef, CapturePoint, FusionGraph, NeuronGroup, Normalizer, declare_groups
 from pyfusion.graph.trace import trace_groups
-from pyfusion.graph.transform import permuted_state
+from pyfusion.graph.transform import neuron_view, permuted_state
 from pyfusion.graph.verify import GroupVerificationError, random_group_permutations, verify_groups
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Normalizer",
     "UnsupportedModuleError",
     "declare_groups",
+    "neuron_view",
     "permuted_state",
     "random_group_permutations",
     "trace_groups",

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from pyfusion.graph.groups import AxisRef, Factor, FusionGraph, NeuronGroup
 
-__all__ = ["selection", "apply_map", "apply_segment", "member_tensor", "axis_plan", "permuted_state"]
+__all__ = [
+    "selection", "apply_map", "apply_segment", "member_tensor", "axis_plan", "neuron_view", "permuted_state"
+]  # fmt: skip
 
 Selection = tuple[Tensor, Tensor, Tensor | None, bool]
 
@@ -224,6 +226,23 @@ def _factors(r: AxisRef, length: int, m: Tensor) -> tuple[Factor, ...]:
     if n * r.expand != length:
         raise ValueError(f"{r.key} axis {r.axis}: segment of {length} indices for a map of {n} neurons")
     return (("unit", n),) + ((("rep", r.expand),) if r.expand > 1 else ())
+
+
+def neuron_view(t: Tensor, ref: AxisRef, group: NeuronGroup) -> Tensor:
+    """The entries of ``t`` that ``ref`` assigns to each of ``group``'s neurons, as a ``(group.size, -1)`` matrix
+    (row ``u * unit_size + d`` for unit u, inner index d): the segment of the axis, split into its factors, with
+    the unit and inner factors first; rep factors and the other axes are the row's features. This is how a method
+    reads a group's incoming / outgoing weights whatever the layout (segments, heads, GQA reps, flattens)."""
+    length = ref.length(group)
+    seg = t.narrow(ref.axis, ref.offset, length).movedim(ref.axis, 0)
+    factors = ref.factors(group)
+    kinds = [k for k, _ in factors]
+    sizes = [s for _, s in factors]
+    x = seg.reshape(*sizes, *seg.shape[1:])
+    front = [kinds.index("unit")] + ([kinds.index("inner")] if "inner" in kinds else [])
+    rest = [i for i in range(len(kinds)) if i not in front]
+    x = x.permute(*front, *rest, *range(len(kinds), x.dim()))
+    return x.reshape(group.size, -1)
 
 
 def permuted_state(
