@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 import pyfusion
 from pyfusion import models
-from pyfusion.fuse.activations import _tapped, group_points
+from pyfusion.fuse.activations import group_points
 from pyfusion.fuse.weight_matching import permute_state
 from pyfusion.graph import trace_groups
 from pyfusion.stats import as_samples, batch_inputs
@@ -38,8 +38,8 @@ def _stored_activations(members, graph, data):
     """Run the data through each member and keep every group's activations (N*HW, C) in memory (float32)."""
     pts = group_points(graph, "post")
     out = []
-    for m in members:
-        gm, points = _tapped(m, graph.traced, {g: pts[g][0] for g in graph.groups})
+    runners, points = graph.traced.runners(members, {g: pts[g][0] for g in graph.groups})
+    for gm in runners:
         store: dict[str, list[torch.Tensor]] = {g: [] for g in graph.groups}
         hooks = []
         mods = dict(gm.named_modules())
