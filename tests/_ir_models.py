@@ -135,6 +135,33 @@ class HandViT(nn.Module):
         return self.head(self.norm(h)[:, 0])
 
 
+class UserRMSNorm(nn.Module):
+    """A user RMSNorm class (its own module: wrappable)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.scale, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x):
+        return self.scale * x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps)
+
+
+class GatedRMSNet(nn.Module):
+    """Embedding, ``nn.RMSNorm`` called twice, a SwiGLU FFN (gate and up share neurons), a user RMSNorm, mean
+    pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.n1, self.n2 = nn.Embedding(20, 12), nn.RMSNorm(12), UserRMSNorm(12)
+        self.gate, self.up = nn.Linear(12, 16, bias=False), nn.Linear(12, 16, bias=False)
+        self.down, self.out = nn.Linear(16, 12, bias=False), nn.Linear(12, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(F.silu(self.gate(self.n1(h))) * self.up(self.n1(h)))
+        return self.out(self.n2(h).mean(1))
+
+
 def hf_models() -> dict:
     """Tiny Hugging Face models (factories and example inputs), or {} without transformers."""
     try:

@@ -12,6 +12,7 @@ from _ir_models import (
     CatNet,
     ConvLast,
     EncoderNet,
+    GatedRMSNet,
     HandAttention,
     HandViT,
     MHANet,
@@ -35,6 +36,7 @@ USER = {
     "encoder": (EncoderNet, (torch.randn(2, 5, 5, dtype=F64),)),
     "hand_vit": (HandViT, (torch.randn(2, 1, 8, 8, dtype=F64),)),
     "split_vit": (lambda: HandViT(attention=SplitAttention), (torch.randn(2, 1, 8, 8, dtype=F64),)),
+    "gated_rms": (GatedRMSNet, (torch.randint(0, 20, (3, 4)),)),
 }
 # Llama's RMSNorm computes in float32 even in a float64 model: a permuted copy differs in float32 rounding
 TWIN_TOL = {"llama": 1e-5}
@@ -155,7 +157,9 @@ def test_functional_normalizer_refuses_widening():
         build([a, b], graph, Plan.ensemble(graph, (0.5, 0.5)))
 
 
-@pytest.mark.parametrize("name", ["mha", "encoder", "hand_vit", "catnet"] + [n for n in ("bert", "llama") if n in HF])
+@pytest.mark.parametrize(
+    "name", ["mha", "encoder", "hand_vit", "catnet", "gated_rms"] + [n for n in ("bert", "llama") if n in HF]
+)
 def test_partial_layout_with_the_permuted_copy_is_the_model(name):
     """At an intermediate layout ([shared | branch_1 | branch_2], half of each group's units isolated) the fused
     model of a network and its permuted copy is the network, LayerNorm / RMSNorm streams included: the member-view

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ir_models import CatNet, ConvLast, EncoderNet, HandViT, MHANet, SplitAttention, hf_models
+from _ir_models import CatNet, ConvLast, EncoderNet, GatedRMSNet, HandViT, MHANet, SplitAttention, hf_models
 from torch import nn
 
 from pyfusion import models
@@ -85,6 +85,16 @@ def test_transformer_encoder_layers():
     assert len(g.ties()) == 2
     stream = _group(g, "inp")
     assert len(stream.normalizers) == 4 and all(n.wrappable for n in stream.normalizers)
+
+
+def test_swiglu_and_rmsnorm_modules_called_twice():
+    g = trace_groups(GatedRMSNet(), torch.randint(0, 20, (3, 4)))
+    ffn = _group(g, "gate")
+    assert {r.key for r in ffn.producers} == {"gate.weight", "up.weight"} and ffn.activation == "functional:silu"
+    stream = _group(g, "emb")
+    assert [(n.module, n.kind, n.wrappable) for n in stream.normalizers] == [
+        ("n1", "RMSNorm", True), ("n2", "UserRMSNorm", True)
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("attention", ["packed", "split"])

@@ -1348,7 +1348,22 @@ class Engine:
             self._io[ck] = self._region_io(nodes)
         return self._io[ck]
 
+    def dynamic(self) -> set[str]:
+        """Names of the nodes whose value depends on the user inputs (not only on parameters / buffers /
+        constants): values such as a cast of a buffer may be shared by the export between module calls."""
+        if not hasattr(self, "_dynamic"):
+            dyn: set[str] = set()
+            for n in self.ep.graph.nodes:
+                if n.op == "placeholder":
+                    if n.name not in self.param_of and n.name not in self.buffer_of and n.name not in self.const_of:
+                        dyn.add(n.name)
+                elif any(a.name in dyn for a in n.all_input_nodes):
+                    dyn.add(n.name)
+            self._dynamic = dyn
+        return self._dynamic
+
     def _region_io(self, nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+        dyn = self.dynamic()
         inside = {n.name for n in nodes}
         ins: list[fx.Node] = []
         outs: list[fx.Node] = []
@@ -1359,10 +1374,10 @@ class Engine:
                 if a.op == "placeholder" and (a.name in self.param_of or a.name in self.buffer_of or
                                               a.name in self.const_of):  # fmt: skip
                     continue
-                if _shape(a.meta.get("val")) is None:
+                if _shape(a.meta.get("val")) is None or a.name not in dyn:
                     continue
                 ins.append(a)
-            if any(u.name not in inside for u in n.users) and n.op != "output":
+            if any(u.name not in inside for u in n.users) and n.op != "output" and n.name in dyn:
                 outs.append(n)
         # a value-preserving op on the input that the export shares with outside users (a no-op ``.to`` of the
         # residual in Hugging Face RMSNorms) is the input passed through, not an output of the module
@@ -1659,33 +1674,41 @@ def _activation_label(E: Engine, node: fx.Node, op: str) -> tuple[str, tuple[str
 
 
 def _wrappable(E: Engine, nrec: _Norm, keys: set, names: dict, groups: dict) -> tuple[bool, str]:
+    """Whether the normalizer's module is exactly the normalization of one group (so the builder may replace it by
+    a member-view module): every call of the module reads one tensor and returns one, both holding exactly that
+    group in order on the last dim, reduces over the last dim only, and the module's own parameters are
+    per-neuron parameters of the group."""
     node = E.nodes[nrec.node]
     if len(keys) != 1 or nrec.dims != [-1]:
         return False, nrec.op
-    key, nodes = E.region_of(node)
+    key, _nodes = E.region_of(node)
     if key is None:
         return False, nrec.op
     path = E._key_path[key]
     mod = E.mods.get(path)
-    if mod is None or E.calls_of(path) != 1:
-        return False, nrec.op
-    ins, outs = E.region_io(nodes)
-    if len(ins) != 1 or len(outs) != 1:
-        return False, nrec.op
-    vi, vo = E.tval(ins[0]), E.env.get(outs[0].name)
-    if not isinstance(vi, tuple) or not isinstance(vo, tuple) or len(vi) != len(vo) or not vi:
-        return False, nrec.op
-    S = E.S
-    ri, ro = S.resolve(vi[-1]), S.resolve(vo[-1])
-    if ri != ro or len(ri) != 1:
+    if mod is None:
         return False, nrec.op
     (gkey,) = keys
-    atoms = [f for f in ri[0] if f >= 0]
-    if len(atoms) != len(ri[0]) or tuple(atoms) != tuple(x for x in gkey if x is not None):
-        return False, nrec.op
-    for other in E.norms:
-        if other.node in {n.name for n in nodes} and other.dims != [-1]:
+    S = E.S
+    for call, nodes in E.regions().items():
+        if E._key_path.get(call) != path:
+            continue
+        ins, outs = E.region_io(nodes)
+        if len(ins) != 1 or len(outs) != 1:
             return False, nrec.op
+        vi, vo = E.tval(ins[0]), E.env.get(outs[0].name)
+        if not isinstance(vi, tuple) or not isinstance(vo, tuple) or len(vi) != len(vo) or not vi:
+            return False, nrec.op
+        ri, ro = S.resolve(vi[-1]), S.resolve(vo[-1])
+        if ri != ro or len(ri) != 1:
+            return False, nrec.op
+        atoms = [f for f in ri[0] if f >= 0]
+        if len(atoms) != len(ri[0]) or tuple(atoms) != tuple(x for x in gkey if x is not None):
+            return False, nrec.op
+        inside = {n.name for n in nodes}
+        for other in E.norms:
+            if other.node in inside and other.dims != [-1]:
+                return False, nrec.op
     gname = names[gkey]
     for p, _t in mod.named_parameters():
         full = f"{path}.{p}" if path else p
