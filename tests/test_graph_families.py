@@ -323,3 +323,20 @@ def test_neuron_view_rows_follow_the_permutation(name):
     assert None in checked and any(p is not None and ("inner", 4 if name == "mha" else 16) in p for p in checked)
     if name == "llama":  # o_proj reads each kv head once per q head of its group
         assert (("unit", 2), ("rep", 2), ("inner", 16)) in checked
+
+
+def test_encoder_fast_path_does_not_hide_the_heads_under_export():
+    """In eval mode without gradients nn.TransformerEncoderLayer takes a fused C++ fast path eagerly; under
+    torch.export it traces the Python path (linear / sdpa / layer_norm), so the heads are found all the same."""
+    from pyfusion.graph.export import clear_cache, export_program
+
+    m = EncoderNet().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 5, 5)
+    clear_cache()
+    with torch.no_grad():
+        ops = {str(n.target) for n in export_program(m, (x,)).graph.nodes}
+        g = trace_groups(m, x)
+    assert not any("_transformer_encoder_layer_fwd" in o or "_native_multi_head_attention" in o for o in ops)
+    assert len(g.groups) == 7 and g.verified

@@ -21,6 +21,24 @@ from pyfusion.graph.groups import FusionGraph
 __all__ = ["GroupPlan", "Plan", "unit_map"]
 
 
+def _unit_blocks_problem(m: Tensor, d: int) -> str:
+    """'' when every (d x d) block of ``m`` (slots x n) is zero or ``coef * P`` with P a permutation, else why not."""
+    s, n = m.shape
+    blocks = m.reshape(s // d, d, n // d, d).permute(0, 2, 1, 3)  # (slot unit, member unit, d, d)
+    nz = blocks != 0
+    rows, cols = nz.sum(3), nz.sum(2)  # non-zeros per row / column inside each block
+    used = nz.any(3).any(2)
+    bad = used & ~((rows == 1).all(2) & (cols == 1).all(2))
+    if bool(bad.any()):
+        su, mu = (int(i) for i in bad.nonzero()[0])
+        return f"block (slot unit {su}, member unit {mu}) is not a scaled permutation"
+    vals = blocks.sum(3)  # each row's single entry
+    spread = (vals.amax(2) - vals.amin(2)).abs()
+    if bool((spread[used] > 1e-12 * vals.abs().amax().clamp_min(1)).any()):
+        return "a block mixes different coefficients"
+    return ""
+
+
 def unit_map(m: Tensor, unit_size: int) -> Tensor:
     """Unit-level map of a neuron-level map of a unit group: block (s, u) summed and divided by ``unit_size``
     (the coefficient ``coef`` of a block ``coef * P_{s,u}``). ``m`` is (slots, n); returns (slots/D, n/D)."""
@@ -168,6 +186,15 @@ class Plan:
                 raise ValueError(
                     f"plan for group {name!r}: slots {gp.slots} and layout {gp.layout} must be whole units of {d}"
                 )
+            if d > 1:
+                for k in range(self.num_members):
+                    for side, m in (("A", gp.A[k]), ("B", gp.B[k].T)):
+                        why = _unit_blocks_problem(m, d)
+                        if why:
+                            raise ValueError(
+                                f"plan for group {name!r} (units of {d}): {side}[{k}] must map whole units, each "
+                                f"block (slot unit, member unit) a multiple of a permutation of the inner dims; {why}"
+                            )
         for tie, names in graph.ties().items():
             planned = [n for n in names if n in self.groups]
             if not planned:
