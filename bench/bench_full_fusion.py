@@ -27,7 +27,7 @@ from pyfusion import models
 from pyfusion.graph import trace_groups
 from pyfusion.match.align import permute_state
 from pyfusion.stats import as_samples, batch_inputs
-from pyfusion.stats.groups import group_points, tapped_module
+from pyfusion.stats.groups import group_points
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST = os.path.join(HERE, "..", "..", "..", "shared", "data", "mnist")
@@ -38,8 +38,8 @@ def _stored_activations(members, graph, data):
     """Run the data through each member and keep every group's activations (N*HW, C) in memory (float32)."""
     pts = group_points(graph, "post")
     out = []
-    for m in members:
-        gm, points = tapped_module(m, graph.traced, {g: pts[g][0] for g in graph.groups})
+    runners, points = graph.traced.runners(members, {g: pts[g][0] for g in graph.groups})
+    for gm in runners:
         store: dict[str, list[torch.Tensor]] = {g: [] for g in graph.groups}
         hooks = []
         mods = dict(gm.named_modules())

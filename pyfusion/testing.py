@@ -7,28 +7,48 @@ that aligns neurons must give the network back when fusing the two (DESIGN §8).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
-from pyfusion.graph import trace_groups
-from pyfusion.match.align import permute_state
+from pyfusion.graph import permuted_state, trace_groups
 
 __all__ = ["permuted_copy", "randomize_batchnorm"]
 
 
-def permuted_copy(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """A deep copy of ``model`` (in eval mode) with the neurons of every traced group randomly permuted.
+def permuted_copy(model: nn.Module, generator: torch.Generator | None = None, example_inputs: Any = None) -> nn.Module:
+    """A deep copy of ``model`` (in eval mode) with the neurons of every traced group randomly permuted: whole
+    units (attention heads) with one permutation per tie set, inner dims per unit where they are free.
 
     Args:
         model: the network (not modified).
         generator: random source of the permutations (default: torch's global generator).
+        example_inputs: inputs to trace with (see :func:`pyfusion.graph.trace_groups`; synthesized when omitted).
     """
-    graph = trace_groups(model)
-    perm = {name: torch.randperm(g.size, generator=generator) for name, g in graph.groups.items()}
-    state = {k: v.detach() for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    graph = trace_groups(model, example_inputs)
+    perm: dict[str, torch.Tensor] = {}
+    for names in graph.tie_sets():
+        first = graph.groups[names[0]]
+        if len(names) == 1 and first.unit_size == 1:
+            perm[names[0]] = torch.randperm(first.size, generator=generator)
+            continue
+        units = torch.randperm(first.units, generator=generator)
+        for name in names:
+            g = graph.groups[name]
+            inner = None
+            if g.unit_size > 1:
+                inner = torch.stack([torch.randperm(g.unit_size, generator=generator) for _ in range(g.units)])
+            perm[name] = g.neuron_permutation(units, inner)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    new = permuted_state({k: v.detach() for k, v in state.items()}, graph, perm)
     out = copy.deepcopy(model)
-    out.load_state_dict(permute_state(state, graph, perm))
+    own = dict(out.named_parameters(remove_duplicate=False))
+    own.update(dict(out.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for k, v in new.items():
+            own[k].copy_(v)
     return out.eval()
 
 

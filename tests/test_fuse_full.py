@@ -305,7 +305,7 @@ def test_repair_matches_member_statistics(arch, method):
 
 
 class _Custom(nn.Module):
-    """A model the tracer rejects (a custom parametrised module): groups declared by hand."""
+    """A custom parametrised module: traced (the gain is a per-neuron parameter), and declarable by hand."""
 
     class Gain(nn.Module):
         def __init__(self, n):
@@ -325,11 +325,10 @@ class _Custom(nn.Module):
 
 @pytest.mark.parametrize("method", ["weight_matching", "activation_matching", "ot"])
 def test_declared_groups_for_custom_model(method):
-    from pyfusion.graph import UnsupportedModuleError, declare_groups
+    from pyfusion.graph import declare_groups
 
     m = _Custom().eval()
-    with pytest.raises(UnsupportedModuleError, match="'gain.g'.*declare the groups"):
-        trace_groups(m)
+    (traced,) = trace_groups(m).groups.values()  # ``x * self.g`` is now traced (a per-neuron parameter)
     spec = {
         "h": {
             "producers": ["fc1.weight", "fc1.bias"],
@@ -340,6 +339,11 @@ def test_declared_groups_for_custom_model(method):
         }
     }
     graph = declare_groups(m, spec)
+    (declared,) = graph.groups.values()
+    assert sorted((r.key, r.axis, r.role) for r in traced.refs) == sorted(
+        (r.key, r.axis, r.role) for r in declared.refs
+    )
+    assert (traced.pre_points, traced.post_points) == (declared.pre_points, declared.post_points)
     perm = torch.randperm(10)
     m2 = copy.deepcopy(m)
     m2.load_state_dict(permute_state({k: v.detach() for k, v in m.state_dict().items()}, graph, {"h": perm}))

@@ -126,8 +126,13 @@ def test_unsupported_module_named():
         def forward(self, x):
             return self.out(torch.cat([self.a(x), self.b(x)], 1))
 
-    with pytest.raises(UnsupportedModuleError, match="cat"):
-        trace_groups(Cat())
+    # torch.cat is understood (issue 12): the consumer's input axis holds one segment per concatenated group
+    g = trace_groups(Cat())
+    a, b = g.groups.values()
+    assert (a.size, b.size) == (3, 3) and a.producers[0].module == "a" and b.producers[0].module == "b"
+    (ca,), (cb,) = a.consumers, b.consumers
+    assert (ca.key, ca.axis, ca.offset, ca.pattern) == ("out.weight", 1, 0, (("unit", 3),))
+    assert (cb.key, cb.axis, cb.offset, cb.pattern) == ("out.weight", 1, 3, (("unit", 3),))
 
 
 def test_declare_groups_and_walk():

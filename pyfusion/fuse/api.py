@@ -15,8 +15,12 @@ from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import MethodSpec, get_method, method_for_config
 from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
 from pyfusion.graph import FusionGraph, trace_groups
+from pyfusion.stats.collect import batch_inputs
 
 __all__ = ["fuse"]
+
+# methods whose plans respect units, ties and segments of the IR (the others assume MLP / VGG / ResNet groups)
+IR_METHODS = {"average"}
 
 
 def fuse(
@@ -45,7 +49,8 @@ def fuse(
         config: the method's settings (e.g. :class:`pyfusion.fuse.PartialConfig`; see
             :mod:`pyfusion.fuse.config`); ``**options`` given as well replace its fields.
         lambdas: member weights (default uniform), non-negative, summing to 1.
-        graph: neuron groups (default: traced from ``models[0]`` with :func:`pyfusion.graph.trace_groups`).
+        graph: neuron groups (default: traced from ``models[0]`` with :func:`pyfusion.graph.trace_groups`, on the
+            first samples of ``data``, or on synthesized inputs without data).
         reset_bn: recompute BatchNorm running statistics on ``data`` (default: when data is given and the model
             has BatchNorm).
         repair: REPAIR (Jordan et al. 2023): rescale each fused neuron to the lambda-weighted mean and standard
@@ -82,9 +87,17 @@ def fuse(
         raise ValueError("repair=True needs calibration data")
     t0 = time.perf_counter()
     if graph is None:
-        graph = trace_groups(members[0])
+        # the first calibration batch to trace with (its shape is the one the statistics capture then runs; the
+        # verification uses two of its samples), or synthesized inputs without data
+        example = None if data is None else batch_inputs(next(iter(data)))
+        graph = trace_groups(members[0], example)
     else:
         graph.validate(members[0])
+    if not graph.is_simple and method not in IR_METHODS:
+        raise ValueError(
+            f"method {method!r} does not handle head groups, tied groups, segments or tied parameters yet (the "
+            f"groups of {type(members[0]).__name__} have them; issue 12 item 6); methods that do: {sorted(IR_METHODS)}"
+        )
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = spec.call(members, graph, lam, data, cfg, **options)

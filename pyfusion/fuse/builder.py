@@ -1,92 +1,46 @@
 """The one builder (DESIGN §3): ``W' = sum_k A_k^{out} W_k B_k^{in}``, ``b' = sum_k A_k b_k``, per-neuron params by A_k.
 
-Every tensor of the members (parameters and floating-point buffers) is transformed along each axis a neuron
-group indexes: producer and per-neuron axes (axis 0) by ``A_k`` (which carries lambda_k), consumer axes by
-``B_k`` (expanded as ``B_k kron I_e`` after a flatten of ``e`` spatial positions). A tensor with no producer or
-per-neuron axis (the last layer, whose outputs are the logits) is weighted by lambda_k instead. The fused module
-is a deep copy of member 0 in which every Linear / Conv2d / BatchNorm / LayerNorm whose size changes is
-re-created; the members are never modified. Each group's layout is recorded on the result in
-``fusion_layouts`` (group -> segment sizes) and ``fusion_module_layouts`` (module path -> {"out", "in",
-"in_expand"}) so that execution modules (pyfusion.nn.PartialLinear.from_dense, ...) can be swapped in.
+Every tensor of the members (parameters and floating-point buffers, under every name a tied tensor has) is
+transformed along each axis segment a neuron group indexes, through the segment's factor pattern
+(:mod:`pyfusion.graph.transform`): the tensor's output axis (its lowest producer / per-neuron axis) by ``A_k``
+(which carries lambda_k), every other referenced axis by ``B_k^T`` (expanded as ``B_k kron I_e`` after a flatten
+of ``e`` spatial positions); gaps keep their values (scaled by lambda_k on the output axis). A tensor with no
+output axis (the last layer, whose outputs are the logits) is weighted by lambda_k instead.
+
+The fused module is a deep copy of member 0 in which every module whose tensors change shape is re-created
+(Linear, Conv1d / Conv2d, BatchNorm, LayerNorm, Embedding) or resized in place (any other module: its
+parameters are replaced, and the size attributes its forward reads are updated by an adapter registered for its
+class: Hugging Face ``Conv1D``, GPT-2 / BERT / ViT attention, ``nn.MultiheadAttention``, ...). Normalized groups
+(a LayerNorm / RMSNorm over a stream) whose maps are not permutations of the full width get their normalizer
+replaced by :class:`pyfusion.nn.norm.MemberViewNorm` (``y = sum_k A_k norm_k(B_k x)``, exact at alpha = 1).
+Tied parameters stay tied when their fused values are equal (permutation fusion) and are untied otherwise
+(Hugging Face ``config.tie_word_embeddings`` is then set to False). The members are never modified.
+
+Each group's layout is recorded on the result in ``fusion_layouts`` (group -> segment sizes) and
+``fusion_module_layouts`` (module path -> {"out", "in", "in_expand"}) so that execution modules
+(pyfusion.nn.PartialLinear.from_dense, ...) can be swapped in; modules whose axes hold segments or unit patterns
+are recorded without layouts (they stay dense).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.graph.groups import AxisRef, FusionGraph
+from pyfusion.graph.transform import apply_map, axis_plan, member_tensor, selection
+from pyfusion.nn.norm import MemberViewNorm
 
-__all__ = ["build", "fused_tensors"]
+__all__ = ["build", "fused_tensors", "register_adapter", "is_permutation_plan"]
 
-
-def _selection(m: Tensor) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
-    """(rows, cols, values or None when all 1, injective) if ``m`` has at most one non-zero per column, else None.
-
-    Analysed in numpy: torch's column reductions on small bool matrices cost ~100 ms each with 2 threads on a
-    loaded 2-core machine (thread barriers), numpy's ~1 ms.
-    """
-    if m.dim() != 2 or m.shape[1] == 0:
-        return None
-    mn = m.detach().cpu().numpy()
-    r, c = np.nonzero(mn != 0)  # on a bool copy: 0.65 ms instead of 1.5-1.8 ms for a (896, 512) float64 map
-    if c.size and np.bincount(c, minlength=mn.shape[1]).max() > 1:
-        return None
-    vals = mn[r, c]
-    injective = not r.size or np.bincount(r, minlength=mn.shape[0]).max() <= 1
-    v = None if bool((vals == 1).all()) else torch.from_numpy(vals)
-    return torch.from_numpy(r), torch.from_numpy(c), v, bool(injective)
-
-
-def _apply(
-    t: Tensor,
-    m: Tensor,
-    axis: int,
-    expand: int = 1,
-    sel: tuple[Tensor, Tensor, Tensor | None, bool] | None | str = "compute",
-) -> Tensor:
-    """Contract ``m kron I_expand`` (new, old) with axis ``axis`` of ``t``.
-
-    Maps with at most one non-zero per column (permutations, partial-fusion slot maps, cluster indicators: each
-    old neuron goes to one slot) take a gather / scatter path, O(size of t) instead of a dense product: the dense
-    products would be about 90 GFLOP (float64) for a VGG11-sized pair at alpha = 0.5, the copies move a few
-    hundred MB. The result is the same sum (each product with a zero entry is skipped). ``expand`` > 1 is a
-    flatten into a Linear: each neuron covers ``expand`` consecutive columns (channel-major). Dense maps (OT)
-    use tensordot. ``sel`` is ``_selection(m)`` when the caller has it already.
-    """
-    if isinstance(sel, str):
-        sel = _selection(m)
-    if sel is not None:
-        rows, cols, vals, injective = sel
-        n_new = m.shape[0] * expand
-        if expand > 1:
-            ar = torch.arange(expand)
-            rows = (rows[:, None] * expand + ar).reshape(-1)
-            cols = (cols[:, None] * expand + ar).reshape(-1)
-            vals = None if vals is None else vals.repeat_interleave(expand)
-        src = t.movedim(axis, 0).index_select(0, cols.to(t.device))
-        if vals is not None:
-            src = src * vals.to(device=src.device, dtype=src.dtype).reshape(-1, *([1] * (src.dim() - 1)))
-        if injective:  # a copy per row (index_add_ is ~5x slower here); only the rows nobody maps to are zeroed
-            out = src.new_empty((n_new, *src.shape[1:]))
-            out.index_copy_(0, rows.to(t.device), src)
-            hit = np.zeros(n_new, dtype=bool)
-            hit[rows.numpy()] = True
-            if not hit.all():
-                out.index_fill_(0, torch.from_numpy(np.flatnonzero(~hit)).to(t.device), 0)
-        else:
-            out = src.new_zeros((n_new, *src.shape[1:]))
-            out.index_add_(0, rows.to(t.device), src)
-        return out.movedim(0, axis)
-    if expand > 1:
-        m = torch.kron(m, torch.eye(expand, dtype=m.dtype, device=m.device))
-    return torch.tensordot(m, t.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
+# kept under their historical names (tests and benchmarks call them)
+_selection = selection
+_apply = apply_map
 
 
 def _scatter_fused(
@@ -114,6 +68,8 @@ def _scatter_fused(
     axes = sorted(r.axis for _, r in refs)
     if len(set(axes)) != len(axes) or axes != list(range(axes[0], axes[0] + len(axes))):
         return None
+    if any(not r.is_simple for _, r in refs) or sum(r.role != "consumer" for _, r in refs) > 1:
+        return None  # segments / unit patterns, or a second per-neuron axis (B_k^T there): the general path
     plans: list[list[tuple[int, Tensor, Tensor | None, int]]] = []
     new_shape = list(states[0][key].shape)
     for k in range(len(states)):
@@ -167,11 +123,23 @@ def _scatter_fused(
     return out
 
 
+def _group_maps(graph: FusionGraph, plan: Plan) -> dict[str, GroupPlan]:
+    maps: dict[str, GroupPlan] = {}
+    lambdas = plan.lambdas
+    for name, g in graph.groups.items():
+        gp = plan.groups.get(name)
+        if gp is None:
+            eye = torch.eye(g.size, dtype=torch.float64)
+            gp = GroupPlan([lam * eye for lam in lambdas], [eye] * len(lambdas), (g.size,) + (0,) * len(lambdas))
+        maps[name] = gp
+    return maps
+
+
 def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan) -> dict[str, Tensor]:
     """Compute every fused tensor in float64.
 
     Args:
-        states: K state dicts (parameters and buffers) of the members.
+        states: K state dicts (parameters and buffers) of the members (tied tensors under each of their names).
         graph: the members' neuron groups.
         plan: maps per group (groups missing from the plan are averaged: A_k = lambda_k I, B_k = I).
 
@@ -181,16 +149,10 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
     by_key = graph.refs_by_key()
     lambdas = plan.lambdas
     out: dict[str, Tensor] = {}
-    maps: dict[str, GroupPlan] = {}
-    for name, g in graph.groups.items():
-        gp = plan.groups.get(name)
-        if gp is None:
-            eye = torch.eye(g.size, dtype=torch.float64)
-            gp = GroupPlan([lam * eye for lam in lambdas], [eye] * len(lambdas), (g.size,) + (0,) * len(lambdas))
-        maps[name] = gp
+    maps = _group_maps(graph, plan)
     sel_cache: dict[tuple[str, int, bool], tuple[Tensor, Tensor, Tensor | None, bool] | None] = {}
 
-    def selection(gname: str, k: int, consumer: bool) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
+    def sel_of(gname: str, k: int, consumer: bool) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
         # one analysis per (group, member, side), not per tensor: a group's map is shared by all its tensors
         ck = (gname, k, consumer)
         if ck not in sel_cache:
@@ -198,54 +160,180 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
             sel_cache[ck] = _selection(gp.B[k].T if consumer else gp.A[k])
         return sel_cache[ck]
 
+    class _MemberSel(dict):
+        def __init__(self, k: int):
+            super().__init__()
+            self.k = k
+
+        def get(self, key, default=None):  # noqa: ANN001, ANN202 - (group, uses_B) -> selection
+            return sel_of(key[0], self.k, key[1])
+
+    member_sel = [_MemberSel(k) for k in range(len(states))]
     for key, t0 in states[0].items():
         if not torch.is_floating_point(t0):
             out[key] = t0.clone()
             continue
         refs: list[tuple[str, AxisRef]] = by_key.get(key, [])
         has_out = any(r.role in ("producer", "neuron") for _, r in refs)
-        fast = _scatter_fused(states, key, refs, maps, selection, lambdas, has_out)
+        fast = _scatter_fused(states, key, refs, maps, sel_of, lambdas, has_out)
         if fast is not None:
             out[key] = fast
             continue
+        ax = axis_plan(refs, graph.groups)
         acc = None
         for k, st in enumerate(states):
             t = st[key].detach().to(torch.float64)
-            for gname, r in refs:
-                gp = maps[gname]
-                if r.role == "consumer":
-                    t = _apply(t, gp.B[k].to(t.device).T, r.axis, r.expand, selection(gname, k, True))
-                else:
-                    t = _apply(t, gp.A[k].to(t.device), r.axis, 1, selection(gname, k, False))
-            if not has_out:
-                t = t * lambdas[k]
-            # t is always a new tensor here (every path above allocates), so the sum can accumulate in place
+            mk = {g: (maps[g].A[k].to(t.device), maps[g].B[k].to(t.device)) for g, _ in refs}
+            t = member_tensor(t, ax, mk, lambdas[k], member_sel[k])
+            # t is always a new tensor here (member_tensor allocates), so the sum can accumulate in place
             acc = t if acc is None else acc.add_(t)
         out[key] = acc
     return out
 
 
-def _recreate(mod: nn.Module, shapes: dict[str, tuple[int, ...]], path: str) -> nn.Module:
+# ---- module re-creation and adapters --------------------------------------------------------------------
+Adapter = Callable[[nn.Module, str, nn.Module], None]
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(class_name: str) -> Callable[[Adapter], Adapter]:
+    """Register ``fn(module, path, original)`` to update the size attributes a module class's forward reads after
+    the builder changed the shapes of its (or its children's) tensors; ``original`` is member 0's module at the
+    same path (before fusion), so sizes can be scaled (e.g. ``heads = original.heads * new_width // old_width``).
+    Keyed by class name, so that pyfusion does not import the libraries defining the classes. Raise
+    ``ValueError`` for sizes the class cannot express. A module whose forward reads a size no adapter updates is
+    caught by the re-trace check of :func:`build`.
+
+    Example::
+
+        @register_adapter("MyAttention")
+        def _(mod, path, original):
+            mod.n_heads = mod.qkv.out_features // 3 // (original.qkv.out_features // 3 // original.n_heads)
+    """
+
+    def deco(fn: Adapter) -> Adapter:
+        _ADAPTERS[class_name] = fn
+        return fn
+
+    return deco
+
+
+@register_adapter("Conv1D")
+def _adapt_hf_conv1d(mod: nn.Module, path: str, original: nn.Module) -> None:
+    # transformers.pytorch_utils.Conv1D: weight (nx, nf), forward reads nf
+    mod.nx, mod.nf = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+
+
+@register_adapter("GPT2Attention")
+def _adapt_gpt2_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    if getattr(mod, "is_cross_attention", False):
+        raise ValueError(f"{path}: resizing GPT-2 cross attention is not supported")
+    split = int(mod.c_attn.weight.shape[1]) // 3  # c_attn writes q | k | v, split by split_size
+    mod.split_size = split
+    mod.embed_dim = split
+    mod.num_heads = split // int(mod.head_dim)
+
+
+def _adapt_bert_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    mod.all_head_size = int(mod.query.weight.shape[0])
+    mod.num_attention_heads = mod.all_head_size // int(mod.attention_head_size)
+
+
+for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention"):
+    register_adapter(_name)(_adapt_bert_attention)
+
+
+@register_adapter("ViTSelfAttention")
+def _adapt_vit_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    proj = getattr(mod, "q_proj", None) or getattr(mod, "query", None)
+    head_dim = int(getattr(mod, "head_dim", 0) or getattr(mod, "attention_head_size", 0))
+    mod.num_attention_heads = int(proj.weight.shape[0]) // head_dim
+    if hasattr(mod, "all_head_size"):
+        mod.all_head_size = int(proj.weight.shape[0])
+
+
+@register_adapter("MultiheadAttention")
+def _adapt_mha(mod: nn.Module, path: str, original: nn.Module) -> None:
+    if not mod._qkv_same_embed_dim:
+        raise ValueError(f"{path}: resizing nn.MultiheadAttention with kdim / vdim != embed_dim is not supported")
+    heads = int(mod.in_proj_weight.shape[0]) // 3
+    stream = int(mod.in_proj_weight.shape[1])
+    if heads != stream or int(mod.out_proj.weight.shape[0]) != stream:
+        raise ValueError(
+            f"{path}: nn.MultiheadAttention needs its heads ({heads} = in_proj rows / 3) as wide as its input and "
+            f"output ({stream}); fuse the stream and the heads with the same layout (e.g. the same alpha)"
+        )
+    mod.embed_dim = mod.kdim = mod.vdim = stream
+    mod.num_heads = heads // int(mod.head_dim)
+
+
+@register_adapter("TransformerEncoderLayer")
+def _adapt_encoder_layer(mod: nn.Module, path: str, original: nn.Module) -> None:
+    if isinstance(mod.norm1, MemberViewNorm) or isinstance(mod.norm2, MemberViewNorm):
+        # the fused C++ fast path reads norm1.weight / eps directly; the Python path calls the modules
+        mod.activation_relu_or_gelu = False
+
+
+def _builtin_attrs(mod: nn.Module) -> None:
+    """Size attributes of torch's own layers after their tensors were replaced in place."""
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        mod.out_channels = int(mod.weight.shape[0])
+        mod.in_channels = int(mod.weight.shape[1]) * mod.groups
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        ref = mod.weight if mod.weight is not None else mod.running_mean
+        mod.num_features = int(ref.shape[0])
+    elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+        mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.Embedding):
+        mod.num_embeddings, mod.embedding_dim = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    elif isinstance(mod, getattr(nn, "RMSNorm", ())) and mod.weight is not None:
+        mod.normalized_shape = tuple(mod.weight.shape)
+
+
+def _recreate(mod: nn.Module, shapes: dict[str, tuple[int, ...]], path: str) -> nn.Module | None:
+    """A new module of exactly ``type(mod)`` with the new sizes (torch's own layers), or None (resize in place)."""
     p = next(iter(mod.parameters()), None)
     if p is None:
         p = next(iter(mod.buffers()))
     kw = {"dtype": p.dtype}
-    if isinstance(mod, nn.Linear):
+    t = type(mod)
+    if t is nn.Linear:
         out_f, in_f = shapes["weight"]
         return nn.Linear(in_f, out_f, bias=mod.bias is not None, **kw)
-    if isinstance(mod, nn.Conv2d):
+    if t in (nn.Conv1d, nn.Conv2d):
         out_c, in_c = shapes["weight"][:2]
-        return nn.Conv2d(
-            in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
+        return t(
+            in_c * mod.groups, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
             mod.bias is not None, mod.padding_mode, **kw,
         )  # fmt: skip
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d):
         n = next(iter(shapes.values()))[0]
-        return type(mod)(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **kw)
-    if isinstance(mod, nn.LayerNorm):
+        return t(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **kw)
+    if t is nn.LayerNorm and len(mod.normalized_shape) == 1:
         n = next(iter(shapes.values()))[0]
         return nn.LayerNorm((n,), mod.eps, mod.elementwise_affine, bias=mod.bias is not None, **kw)
-    raise ValueError(f"cannot re-create module {path!r} of type {type(mod).__name__} with new sizes {shapes}")
+    if t is nn.Embedding:
+        num, dim = shapes["weight"]
+        return nn.Embedding(
+            num, dim, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq, mod.sparse, **kw
+        )
+    return None
+
+
+def _resize_in_place(mod: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
+        if name in mod._parameters and mod._parameters[name] is not None:
+            old = mod._parameters[name]
+            if tuple(old.shape) != tuple(shape):
+                mod._parameters[name] = nn.Parameter(
+                    torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+                )
+        elif name in mod._buffers and mod._buffers[name] is not None:
+            old = mod._buffers[name]
+            if tuple(old.shape) != tuple(shape):
+                mod._buffers[name] = torch.empty(shape, dtype=old.dtype, device=old.device)
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -254,68 +342,244 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan) -> nn.Module:
+def is_permutation_plan(gp: GroupPlan, lambdas: Sequence[float], tol: float = 1e-12) -> bool:
+    """Whether every member's maps are ``A_k = lambda_k P_k``, ``B_k = P_k^T`` with ``P_k`` a permutation of the
+    full width (full fusion by permutations: a normalizer then keeps its usual form with combined parameters)."""
+    for a, b, lam in zip(gp.A, gp.B, lambdas):
+        n, slots = b.shape
+        if slots != n:
+            return False
+        if not (bool(((b == 0) | (b == 1)).all()) and bool((b.sum(0) == 1).all()) and bool((b.sum(1) == 1).all())):
+            return False
+        if float((a - lam * b.T).abs().max()) > tol:
+            return False
+    return True
+
+
+def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPlan]) -> dict[str, str]:
+    """module path -> group, for the normalizers to replace by member-view modules.
+
+    Raises:
+        ValueError: a normalized group whose maps widen or mix it while its normalizer is functional code.
+    """
+    out: dict[str, str] = {}
+    for name, g in graph.groups.items():
+        if not g.normalizers or name not in plan.groups:
+            continue
+        if is_permutation_plan(maps[name], plan.lambdas):
+            continue
+        for nz in g.normalizers:
+            if not nz.wrappable:
+                raise ValueError(
+                    f"group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node {nz.node!r}), which is "
+                    "functional code inside a bigger module: the group may be permuted but not widened, clustered "
+                    "or softly mapped (use a permutation method, or alpha = 0, for this group)"
+                )
+            out[nz.module] = name
+    return out
+
+
+def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check: bool | None = None) -> nn.Module:
     """Build the fused module of a plan.
 
     Args:
         members: K networks of one architecture (not modified).
         graph: their neuron groups.
         plan: maps per group; ``plan.lambdas`` weights tensors with no group on their output axis.
+        check: re-trace the fused model and check that its groups have the widths the plan says (catches
+            attention code that hard-codes a head count). Default: when the graph was traced and has unit
+            groups, segments, normalizers that were replaced, tied parameters or modules resized through adapters
+            (plain Linear / Conv / BatchNorm / LayerNorm re-creation needs no check).
 
     Returns:
         A new module (a deep copy of member 0 with re-created layers where sizes change), with attributes
         ``fusion_layouts`` and ``fusion_module_layouts``.
+
+    Raises:
+        ValueError: a plan for another number of members or other group sizes, a module that cannot take the new
+            sizes, a normalized group that cannot be widened, or a fused model whose re-traced widths differ.
     """
     if len(members) != plan.num_members:
         raise ValueError(f"plan is for {plan.num_members} members; got {len(members)} models")
     plan.validate(graph)
-    states = [dict(list(m.named_parameters()) + list(m.named_buffers())) for m in members]
+    maps = _group_maps(graph, plan)
+    wrap = _normalizer_modules(graph, plan, maps)
+    states = [
+        dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
+        for m in members
+    ]
     tensors = fused_tensors(states, graph, plan)
     fused = copy.deepcopy(members[0])
-    own = dict(list(fused.named_parameters()) + list(fused.named_buffers()))
-    # re-create modules whose tensors change shape
+    own = dict(list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)))
+    # the normalizers replaced by member-view modules keep their members' own tensors: not fused
+    inside_wrapped = {key for key in tensors for path in wrap if path and key.startswith(path + ".")}
+    # re-create or resize the modules whose tensors change shape
     changed: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in tensors.items():
+        if key in inside_wrapped:
+            continue
         if tuple(own[key].shape) != tuple(t.shape):
             mpath, _, pname = key.rpartition(".")
             changed.setdefault(mpath, {})[pname] = tuple(t.shape)
+    resized: list[str] = []
     for mpath, shapes in changed.items():
         mod = fused.get_submodule(mpath)
         for pname, _t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            shapes.setdefault(pname, tuple(tensors[f"{mpath}.{pname}" if mpath else pname].shape))
+            key = f"{mpath}.{pname}" if mpath else pname
+            if key in tensors:
+                shapes.setdefault(pname, tuple(tensors[key].shape))
         dev = next(iter(list(mod.parameters()) + list(mod.buffers()))).device
         # built on the meta device, then given uninitialised storage: every tensor is overwritten below, so the
         # default random initialisation (0.5 s for a VGG11 pair) would be wasted
         with torch.device("meta"):
             new = _recreate(mod, shapes, mpath)
+        if new is None:
+            _resize_in_place(mod, shapes)
+            resized.append(mpath)
+            continue
         new = new.to_empty(device=dev)
         new.train(mod.training)
         _set_module(fused, mpath, new)
-    own = dict(list(fused.named_parameters()) + list(fused.named_buffers()))
-    with torch.no_grad():
-        for key, t in tensors.items():
-            dst = own[key]
-            if tuple(dst.shape) != tuple(t.shape):  # pragma: no cover - guarded by _recreate
-                raise ValueError(f"fused tensor {key} has shape {tuple(t.shape)}, module expects {tuple(dst.shape)}")
-            if t.dtype == dst.dtype and t.device == dst.device and t.is_contiguous():
-                # fused_tensors allocates every tensor it returns: adopting its storage saves a copy of the whole
-                # fused network (~60 ms of 0.45 s for a VGG11-sized pair at alpha 0.75)
-                dst.data = t
-            else:
-                dst.copy_(t.to(dst.dtype))
+    _assign(fused, tensors, graph, inside_wrapped)
+    for mpath in resized:
+        _builtin_attrs(fused.get_submodule(mpath))
+    for mpath, gname in wrap.items():
+        gp = maps[gname]
+        norms = [copy.deepcopy(m.get_submodule(mpath)) for m in members]
+        new = MemberViewNorm(norms, gp.A, gp.B)
+        new.train(fused.get_submodule(mpath).training)
+        _set_module(fused, mpath, new)
+    originals = dict(members[0].named_modules())
+    for mpath, mod in fused.named_modules():
+        fn = _ADAPTERS.get(type(mod).__name__)
+        if fn is not None and mpath in originals:
+            fn(mod, mpath, originals[mpath])
     layouts = {name: tuple(gp.layout) for name, gp in plan.groups.items()}
     for name, g in graph.groups.items():
         layouts.setdefault(name, (g.size,) + (0,) * plan.num_members)
     module_layouts: dict[str, dict[str, object]] = {}
+    complex_modules = {r.module for g in graph.groups.values() for r in g.refs if not r.is_simple}
+    complex_modules |= {r.module for g in graph.groups.values() if g.unit_size > 1 for r in g.refs}
     for name, g in graph.groups.items():
         for r in g.refs:
             entry = module_layouts.setdefault(
                 r.module, {"out": None, "in": None, "in_expand": 1, "out_group": None, "in_group": None}
             )
+            if r.module in complex_modules:
+                continue
             if r.role == "consumer":
                 entry.update(**{"in": layouts[name], "in_expand": r.expand, "in_group": name})
             else:
                 entry.update(out=layouts[name], out_group=name)
     fused.fusion_layouts = layouts
     fused.fusion_module_layouts = module_layouts
+    if check is None:
+        check = graph.source == "export" and bool(
+            wrap or graph.tied_params or resized or not graph.is_simple
+            or any(g.unit_size > 1 for g in graph.groups.values())
+        )  # fmt: skip
+    if check:
+        check_fused_widths(fused, graph, plan)
     return fused
+
+
+def _assign(fused: nn.Module, tensors: dict[str, Tensor], graph: FusionGraph, skip: set[str]) -> None:
+    """Write the fused tensors into ``fused``; tied tensors stay one tensor when their fused values agree."""
+    tied_sets = [tuple(k for k in keys if k in tensors and k not in skip) for keys in graph.tied_params]
+    in_tie = {k for keys in tied_sets for k in keys}
+    own = dict(list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)))
+    untied = False
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key in skip or key in in_tie:
+                continue
+            _write(fused, own, key, t)
+        for keys in tied_sets:
+            if not keys:
+                continue
+            first = tensors[keys[0]]
+            same = all(
+                tensors[k].shape == first.shape and bool(torch.allclose(tensors[k], first, rtol=1e-12, atol=1e-14))
+                for k in keys[1:]
+            )
+            if same:
+                ref = own[keys[0]]
+                param = nn.Parameter(first.to(ref.dtype).contiguous(), requires_grad=ref.requires_grad)
+                for k in keys:
+                    mpath, _, pname = k.rpartition(".")
+                    setattr(fused.get_submodule(mpath) if mpath else fused, pname, param)
+            else:
+                untied = True
+                for k in keys:
+                    ref = own[k]
+                    mpath, _, pname = k.rpartition(".")
+                    mod = fused.get_submodule(mpath) if mpath else fused
+                    setattr(mod, pname, nn.Parameter(tensors[k].to(ref.dtype).contiguous(), ref.requires_grad))
+    cfg = getattr(fused, "config", None)
+    if untied and cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+        cfg.tie_word_embeddings = False
+    fused.fusion_untied_params = [keys for keys in tied_sets if keys] if untied else []
+
+
+def _write(fused: nn.Module, own: dict[str, Tensor], key: str, t: Tensor) -> None:
+    dst = own[key]
+    if tuple(dst.shape) != tuple(t.shape):
+        # a tensor of a re-created module: look it up again
+        mpath, _, pname = key.rpartition(".")
+        mod = fused.get_submodule(mpath) if mpath else fused
+        dst = getattr(mod, pname)
+        if tuple(dst.shape) != tuple(t.shape):  # pragma: no cover - guarded by _recreate / _resize_in_place
+            raise ValueError(f"fused tensor {key} has shape {tuple(t.shape)}, module expects {tuple(dst.shape)}")
+    if t.dtype == dst.dtype and t.device == dst.device and t.is_contiguous():
+        # fused_tensors allocates every tensor it returns: adopting its storage saves a copy of the whole
+        # fused network (~60 ms of 0.45 s for a VGG11-sized pair at alpha 0.75)
+        dst.data = t
+    else:
+        dst.copy_(t.to(dst.dtype))
+
+
+def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None:
+    """Re-trace ``fused`` on the graph's example inputs and check every group has the width the plan gives it.
+
+    Raises:
+        ValueError: naming the group, the expected and the traced width (e.g. attention code that hard-codes a
+            head count, or a size attribute no adapter updated).
+    """
+    from pyfusion.graph import trace_groups
+
+    if graph.example_inputs is None:
+        return
+    try:
+        new = trace_groups(fused, graph.example_inputs, allow_walk=False, verify=False)
+    except Exception as exc:
+        raise ValueError(
+            f"the fused {type(fused).__name__} does not run / trace with the fused widths ({type(exc).__name__}: "
+            f"{exc}); a module's forward probably reads a size attribute no adapter updated (see "
+            "pyfusion.fuse.builder.register_adapter)"
+        ) from exc
+
+    def segments(gr: FusionGraph) -> dict[tuple, Any]:
+        # (key, axis, role, index of the segment on that axis) -> group: offsets change with the widths
+        per_axis: dict[tuple, list[tuple[int, Any]]] = {}
+        for g in gr.groups.values():
+            for r in g.refs:
+                per_axis.setdefault((r.key, r.axis, r.role), []).append((r.offset, g))
+        out = {}
+        for k, segs in per_axis.items():
+            for i, (_off, g) in enumerate(sorted(segs, key=lambda s: s[0])):
+                out[k + (i,)] = g
+        return out
+
+    old_segs, new_segs = segments(graph), segments(new)
+    for name, g in graph.groups.items():
+        slots = plan.groups[name].slots if name in plan.groups else g.size
+        r = next((r for r in g.refs if r.role == "producer"), g.refs[0])
+        idx = next(k for k, v in old_segs.items() if v is g and k[:3] == (r.key, r.axis, r.role))
+        ng = new_segs.get(idx)
+        if ng is None or ng.size != slots or ng.unit_size != g.unit_size:
+            got = "no group" if ng is None else f"{ng.size} neurons in units of {ng.unit_size}"
+            raise ValueError(
+                f"group {name!r}: the plan gives it {slots} slots in units of {g.unit_size}, but the fused model "
+                f"traces to {got} at {r.key} axis {r.axis}; a module's forward probably hard-codes a size (see "
+                "pyfusion.fuse.builder.register_adapter)"
+            )

@@ -18,7 +18,34 @@ from torch import Tensor
 from pyfusion.fuse.validate import all_finite
 from pyfusion.graph.groups import FusionGraph
 
-__all__ = ["GroupPlan", "Plan"]
+__all__ = ["GroupPlan", "Plan", "unit_map"]
+
+
+def _unit_blocks_problem(m: Tensor, d: int) -> str:
+    """'' when every (d x d) block of ``m`` (slots x n) is zero or ``coef * P`` with P a permutation, else why not."""
+    s, n = m.shape
+    blocks = m.reshape(s // d, d, n // d, d).permute(0, 2, 1, 3)  # (slot unit, member unit, d, d)
+    nz = blocks != 0
+    rows, cols = nz.sum(3), nz.sum(2)  # non-zeros per row / column inside each block
+    used = nz.any(3).any(2)
+    bad = used & ~((rows == 1).all(2) & (cols == 1).all(2))
+    if bool(bad.any()):
+        su, mu = (int(i) for i in bad.nonzero()[0])
+        return f"block (slot unit {su}, member unit {mu}) is not a scaled permutation"
+    vals = blocks.sum(3)  # each row's single entry
+    spread = (vals.amax(2) - vals.amin(2)).abs()
+    if bool((spread[used] > 1e-12 * vals.abs().amax().clamp_min(1)).any()):
+        return "a block mixes different coefficients"
+    return ""
+
+
+def unit_map(m: Tensor, unit_size: int) -> Tensor:
+    """Unit-level map of a neuron-level map of a unit group: block (s, u) summed and divided by ``unit_size``
+    (the coefficient ``coef`` of a block ``coef * P_{s,u}``). ``m`` is (slots, n); returns (slots/D, n/D)."""
+    if unit_size == 1:
+        return m
+    s, n = m.shape
+    return m.reshape(s // unit_size, unit_size, n // unit_size, unit_size).sum((1, 3)) / unit_size
 
 
 @dataclass
@@ -122,11 +149,68 @@ class Plan:
             groups[name] = GroupPlan(maps_a, maps_b, (g.size,) + (0,) * len(lambdas))
         return cls(tuple(float(x) for x in lambdas), groups)
 
+    @classmethod
+    def ensemble(cls, graph: FusionGraph, lambdas: Sequence[float]) -> Plan:
+        """The ensemble as a plan: every group's slots are ``[branch_1 | ... | branch_K]`` (layout
+        ``(0, n, ..., n)``), ``A_k`` and ``B_k`` the 0/1 maps of member k's neurons into its own branch; the
+        outputs carry lambda_k, so the built network computes ``sum_k lambda_k f_k(x)`` (DESIGN §8, alpha = 1)."""
+        k_all = len(lambdas)
+        groups = {}
+        for name, g in graph.groups.items():
+            n = g.size
+            maps_a, maps_b = [], []
+            for k in range(k_all):
+                a = torch.zeros(k_all * n, n, dtype=torch.float64)
+                a[k * n + torch.arange(n), torch.arange(n)] = 1.0
+                maps_a.append(a)
+                maps_b.append(a.T.contiguous())
+            groups[name] = GroupPlan(maps_a, maps_b, (0,) + (n,) * k_all)
+        return cls(tuple(float(x) for x in lambdas), groups)
+
     def validate(self, graph: FusionGraph) -> None:
-        """Check every group's maps against the graph's group sizes (all members have the same width)."""
+        """Check every group's maps against the graph's group sizes (all members have the same width), whole
+        units for unit groups, and equal unit-level maps for tied groups.
+
+        Raises:
+            ValueError: naming the group and what is wrong.
+        """
         for name, gp in self.groups.items():
             if name not in graph.groups:
                 raise ValueError(
                     f"plan has group {name!r}, which the graph does not have (groups: {list(graph.groups)})"
                 )
-            gp.validate(name, [graph.groups[name].size] * self.num_members)
+            g = graph.groups[name]
+            gp.validate(name, [g.size] * self.num_members)
+            d = g.unit_size
+            if d > 1 and (gp.slots % d or any(s % d for s in gp.layout)):
+                raise ValueError(
+                    f"plan for group {name!r}: slots {gp.slots} and layout {gp.layout} must be whole units of {d}"
+                )
+            if d > 1:
+                for k in range(self.num_members):
+                    for side, m in (("A", gp.A[k]), ("B", gp.B[k].T)):
+                        why = _unit_blocks_problem(m, d)
+                        if why:
+                            raise ValueError(
+                                f"plan for group {name!r} (units of {d}): {side}[{k}] must map whole units, each "
+                                f"block (slot unit, member unit) a multiple of a permutation of the inner dims; {why}"
+                            )
+        for tie, names in graph.ties().items():
+            planned = [n for n in names if n in self.groups]
+            if not planned:
+                continue
+            if len(planned) != len(names):
+                raise ValueError(f"plan maps tied groups {planned} but not {sorted(set(names) - set(planned))}")
+            ref_name = planned[0]
+            ref = self.groups[ref_name]
+            d0 = graph.groups[ref_name].unit_size
+            for other in planned[1:]:
+                gp, d1 = self.groups[other], graph.groups[other].unit_size
+                for k in range(self.num_members):
+                    for side, m0, m1 in (("A", ref.A[k], gp.A[k]), ("B", ref.B[k].T, gp.B[k].T)):
+                        u0, u1 = unit_map(m0, d0), unit_map(m1, d1)
+                        if u0.shape != u1.shape or float((u0 - u1).abs().max()) > 1e-9:
+                            raise ValueError(
+                                f"tied groups {ref_name!r} and {other!r} (tie {tie!r}) need the same unit-level map; "
+                                f"{side}[{k}] differs"
+                            )

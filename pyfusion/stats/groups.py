@@ -5,12 +5,14 @@ neuron groups (``pyfusion.graph``) and the statistics engine: every method, REPA
 these statistics, so they sit below all of them in the data flow graph -> stats -> match -> fuse.
 
 Each group's activations are observed at its pre-activation points (producer / BatchNorm / LayerNorm outputs,
-residual sums) or post-activation points (activation outputs). When the graph was traced with torch.fx, an
-``nn.Identity`` tap is inserted after each point's node in a GraphModule that shares the member's modules (so
-functional activations such as ``F.relu(out + shortcut)`` can be observed too, and a module called twice is
-observed at the right call); otherwise the module paths recorded on the group are hooked directly. Samples
-of all points of a group are stacked (a residual stream is observed at every block), conv maps contribute
-one sample per spatial position.
+residual sums) or post-activation points (activation outputs). When the graph was traced (``torch.export``), a
+tap is inserted after each point's node in the exported graph, run with each member's own weights
+(:class:`pyfusion.graph.capture.TracedGraph`): functional activations such as ``F.relu(out + shortcut)`` can be
+observed too, and a tap clones the value when its node has run, so in-place ops that run later
+(``nn.ReLU(inplace=True)``, ``out += shortcut``) cannot overwrite it. Otherwise the module paths recorded on the
+group are hooked directly, and the hooked outputs are cloned for the same reason. Samples of all points of a
+group are stacked (a residual stream is observed at every block), conv maps contribute one sample per spatial
+position.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.activation_stats import ActivationStats
 from pyfusion.stats.collect import collect_stats
 
-__all__ = ["group_points", "group_statistics", "tapped_module"]
+__all__ = ["group_points", "group_statistics"]
 
 
 def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -40,30 +42,6 @@ def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], l
             nodes, paths = g.pre_nodes, g.pre_points
         out[name] = (list(nodes), list(paths))
     return out
-
-
-def tapped_module(member: nn.Module, traced: fx.GraphModule, taps: dict[str, list[str]]) -> tuple[nn.Module, dict]:
-    """A GraphModule over ``member``'s own submodules with an Identity tap after every listed node."""
-    g = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    out = g.graph_copy(traced.graph, val_map)
-    g.output(out)
-    by_name = {old.name: new for old, new in val_map.items()}
-    root: dict[str, Any] = {}
-    for node in g.nodes:
-        if node.op == "call_module":
-            root[node.target] = member.get_submodule(node.target)
-    points: dict[str, list[str]] = {}
-    i = 0
-    for gname, nodes in taps.items():
-        for nname in nodes:
-            target = f"_pf_tap_{i}"
-            i += 1
-            root[target] = nn.Identity()
-            with g.inserting_after(by_name[nname]):
-                g.call_module(target, (by_name[nname],))
-            points.setdefault(gname, []).append(target)
-    return fx.GraphModule(root, g), points
 
 
 def group_statistics(
@@ -96,12 +74,9 @@ def group_statistics(
     pts = group_points(graph, point)
     modes = [{m: m.training for m in member.modules()} for member in members]
     try:
+        transform = None
         if graph.traced is not None:
-            runners, points = [], {}
-            for member in members:
-                gm, points = tapped_module(member, graph.traced, {g: pts[g][0] for g in wanted})
-                gm.train(member.training)
-                runners.append(gm)
+            runners, points = graph.traced.runners(members, {g: pts[g][0] for g in wanted})
         else:
             runners = list(members)
             points = {g: pts[g][1] for g in wanted}
@@ -111,7 +86,10 @@ def group_statistics(
                     f"groups {missing} have no module whose output gives their activations; declare pre_points / "
                     "post_points for them"
                 )
-        return collect_stats(runners, data, points, max_batches=max_batches, device=device, progress=progress)
+            transform = torch.clone  # a hooked module output may be overwritten later by an in-place op
+        return collect_stats(
+            runners, data, points, max_batches=max_batches, device=device, progress=progress, transform=transform
+        )
     finally:
         for mm in modes:
             for m, mode in mm.items():

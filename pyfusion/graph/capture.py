@@ -1,0 +1,159 @@
+"""The exported graph of an architecture, and activation capture through it (immune to in-place ops).
+
+:class:`TracedGraph` holds the ``torch.export`` program the groups were read from. For statistics it builds one
+runner per member: the program's graph (unlifted to a GraphModule) called with that member's own parameters and
+buffers (``torch.func.functional_call``: no copy of the weights), with a tap after every capture node. A tap
+returns a *clone* of the value as it is when the node has run, so an in-place op that runs later
+(``nn.ReLU(inplace=True)``, ``x.relu_()``, ``out += shortcut``) cannot change what was captured: ``point="pre"``
+statistics really are pre-activation values.
+
+The program is exported with static shapes; a batch of another shape (the last, smaller calibration batch) is
+exported again for that shape (cached), and the capture nodes must exist in it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TracedGraph", "input_signature"]
+
+
+def input_signature(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """Shapes / dtypes of tensor inputs (and values of the others): what a static export specializes on."""
+
+    def sig(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return ("T", tuple(x.shape), str(x.dtype), x.device.type)
+        if isinstance(x, (tuple, list)):
+            return (type(x).__name__, tuple(sig(v) for v in x))
+        if isinstance(x, dict):
+            return ("dict", tuple((k, sig(v)) for k, v in sorted(x.items())))
+        return ("V", repr(x))
+
+    return (sig(tuple(args)), sig(dict(kwargs)))
+
+
+class _Tap(nn.Module):
+    """A capture point of one member: returns a clone of its input (what forward hooks on it observe)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().clone()
+
+
+class _Switch(nn.Module):
+    """The tap node in the shared graph: forwards to the tap of the member being run."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+        self.active: list[nn.Module] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self.active
+        return taps[self.index](x) if taps is not None else x
+
+
+class TracedGraph:
+    """An exported program of an architecture (see the module docstring).
+
+    Attributes:
+        program: the ``torch.export.ExportedProgram`` the groups were read from.
+        signature: its input signature (:func:`input_signature`).
+    """
+
+    def __init__(self, program: Any, signature: tuple):
+        self.program = program
+        self.signature = signature
+        self._programs: dict[tuple, Any] = {signature: program}
+        self._tapped: dict[tuple, tuple[Any, list[_Switch], tuple[str, ...]]] = {}
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.program.graph.nodes]
+
+    def _program_for(self, model: nn.Module, args: tuple, kwargs: dict, sig: tuple) -> Any:
+        if sig not in self._programs:
+            from pyfusion.graph.export import export_program
+
+            self._programs[sig] = export_program(model, args, kwargs)
+        return self._programs[sig]
+
+    def _module_for(self, model: nn.Module, args: tuple, kwargs: dict, nodes: tuple[str, ...]) -> tuple:
+        sig = input_signature(args, kwargs)
+        key = (sig, nodes)
+        if key not in self._tapped:
+            prog = self._program_for(model, args, kwargs, sig)
+            # the tapped module depends only on the program and the nodes: share it between graphs of one
+            # architecture (unlifting and recompiling costs ~50 ms; runs never leave taps active)
+            shared = prog.__dict__.setdefault("_pyfusion_tapped", {})
+            if nodes in shared:
+                self._tapped[key] = shared[nodes]
+                return shared[nodes]
+            targets = {n.name: n.target for n in self.program.graph.nodes}
+            gm = prog.module()
+            by_name = {n.name: n for n in gm.graph.nodes}
+            switches = []
+            for i, name in enumerate(nodes):
+                node = by_name.get(name)
+                if node is None or node.target != targets.get(name):
+                    raise ValueError(
+                        f"cannot capture node {name!r}: the exported graph for inputs {sig} differs from the one the "
+                        "groups were traced with; use calibration batches of one shape"
+                    )
+                sw = _Switch(i)
+                gm.add_submodule(f"_pf_tap_{i}", sw)
+                with gm.graph.inserting_after(node):
+                    gm.graph.call_module(f"_pf_tap_{i}", (node,))
+                switches.append(sw)
+            gm.recompile()
+            names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+            names |= {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+            self._tapped[key] = shared[nodes] = (gm, switches, tuple(sorted(names)))
+        return self._tapped[key]
+
+    def runners(
+        self, members: Sequence[nn.Module], taps: Mapping[str, Sequence[str]]
+    ) -> tuple[list[nn.Module], dict[str, list[str]]]:
+        """One runner per member (called like the member) and, per group, the module paths of its taps in the
+        runners (for :func:`pyfusion.stats.collect_stats`).
+
+        Args:
+            members: the K members (their own weights are used; nothing is copied or modified).
+            taps: group -> node names of the exported graph to observe.
+        """
+        nodes = tuple(dict.fromkeys(n for ns in taps.values() for n in ns))
+        index = {n: i for i, n in enumerate(nodes)}
+        points = {g: [f"taps.{index[n]}" for n in ns] for g, ns in taps.items()}
+        return [_Runner(self, m, nodes) for m in members], points
+
+
+class _Runner(nn.Module):
+    """Runs one member's weights through the exported graph, with that member's taps active."""
+
+    def __init__(self, traced: TracedGraph, member: nn.Module, nodes: tuple[str, ...]):
+        super().__init__()
+        self.taps = nn.ModuleList([_Tap() for _ in nodes])
+        object.__setattr__(self, "_traced", traced)
+        object.__setattr__(self, "_member", member)
+        object.__setattr__(self, "_nodes", nodes)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        member = self._member
+        gm, switches, names = self._traced._module_for(member, args, kwargs, self._nodes)
+        state = dict(member.named_parameters(remove_duplicate=False))
+        state.update(dict(member.named_buffers(remove_duplicate=False)))
+        state = {k: v for k, v in state.items() if k in names}
+        for sw in switches:
+            sw.active = list(self.taps)
+        try:
+            return torch.func.functional_call(gm, state, args, kwargs)
+        finally:
+            for sw in switches:
+                sw.active = None
