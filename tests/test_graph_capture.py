@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from _ir_models import CatNet, ConvLast
-from pyfusion.fuse.activations import group_statistics
+from pyfusion.stats.groups import group_statistics
 from torch import nn
 
 from pyfusion import models
