@@ -49,7 +49,10 @@ def fuse(
         reset_bn: recompute BatchNorm running statistics on ``data`` (default: when data is given and the model
             has BatchNorm).
         repair: REPAIR (Jordan et al. 2023): rescale each fused neuron to the lambda-weighted mean and standard
-            deviation of its members' neurons (needs data).
+            deviation of its members' neurons (needs data). Groups it cannot correct (residual streams, a producer
+            without bias and no normalisation after it, ...) are listed with their modules and the reason in
+            ``fusion_info["repair"]["skipped"]`` and announced by a
+            :class:`~pyfusion.fuse.repair.RepairSkippedWarning`.
         bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
