@@ -15,7 +15,12 @@ Maps (DESIGN §3): ``A_k = lambda_k diag(1/a) T_k`` (each slot a barycentric com
 rows, all producers of the group, normalised to sum 1), or a dict group -> K mass vectors. With uniform masses
 an optimal plan is a permutation / n (Birkhoff), solved exactly by pyfusion.ops.linear_assignment; general
 masses use POT's exact network simplex ``ot.emd`` (optional dependency: ``pip install pot``); both in
-:func:`pyfusion.match.solvers.transport`. The costs and masses are :mod:`pyfusion.match` functions
+:func:`pyfusion.match.solvers.transport`. With ``reg`` (a float > 0) every group is solved by entropic OT instead
+(Cuturi 2013, POT's Sinkhorn; the log-domain iteration for small reg), on the ground cost divided by its largest
+entry so that reg means the same in every layer (:func:`pyfusion.match.solvers.entropic_transport`); the maps are
+then soft even with uniform masses, and tend to an exact plan's as reg -> 0. ``fusion_info`` records the solver of
+every group ("linear_assignment", "emd", "sinkhorn" or "sinkhorn_log"), reg and the Sinkhorn iterations.
+The costs and masses are :mod:`pyfusion.match` functions
 (:func:`~pyfusion.match.activations.activation_costs`, :func:`~pyfusion.match.weights.ot_weight_cost`,
 :func:`~pyfusion.match.weights.neuron_masses`).
 """
@@ -36,14 +41,16 @@ from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.activations import activation_costs
 from pyfusion.match.align import SoftMap
-from pyfusion.match.solvers import check_finite, transport
+from pyfusion.match.solvers import check_finite, entropic_transport, transport
 from pyfusion.match.weights import neuron_masses, ot_weight_cost
 from pyfusion.stats.groups import group_statistics
 
 __all__ = ["ot_plan"]
 
 
-@register_method("ot", config=OTConfig, needs_data="optional", summary="OT fusion (exact transport; importance masses)")
+@register_method(
+    "ot", config=OTConfig, needs_data="optional", summary="OT fusion (exact or entropic transport; importance masses)"
+)
 def ot_plan(
     members: Sequence[nn.Module],
     graph: FusionGraph,
@@ -52,7 +59,8 @@ def ot_plan(
     config: OTConfig,
 ) -> Plan:
     """OT fusion plan with soft maps ``A_k = lambda_k diag(1/a) T_k``, ``B_k = A_k^T / lambda_k`` (options:
-    :class:`OTConfig`: ``cost``, ``masses``, ``point``, ``reference``, ``max_batches``)."""
+    :class:`OTConfig`: ``cost``, ``masses``, ``point``, ``reference``, ``max_batches``, ``reg``, ``max_iter``,
+    ``tol``)."""
     k_all = len(members)
     reference = check_reference(config.reference, k_all)
     masses = config.masses
@@ -71,6 +79,9 @@ def ot_plan(
         t_stats = time.perf_counter() - t0
     uniform = isinstance(masses, str) and masses == "uniform"
     maps: dict[str, list[Tensor]] = {}  # group -> K maps M_k = diag(1/a) T_k (slots x n)
+    solver_of: dict[str, list[str]] = {}  # group -> the solver of each non-reference member
+    iterations: dict[str, list[int]] = {}  # group -> Sinkhorn iterations per non-reference member
+    unconverged: list[str] = []
     t_solve = 0.0
     by_key = graph.refs_by_key()
     for name, g in graph.groups.items():
@@ -99,19 +110,36 @@ def ot_plan(
                 aligned = {gname: SoftMap(m[k]) for gname, m in maps.items()}
                 c = ot_weight_cost(states[reference], states[k], graph, name, aligned, by_key=by_key)
             check_finite(c, f"group {name!r}: OT ground cost against member {k}")
-            t, dt = transport(a, mass[k], c, uniform)
+            if config.reg is None:
+                t, dt = transport(a, mass[k], c, uniform)
+                solver_of.setdefault(name, []).append("linear_assignment" if uniform and c.shape[0] == c.shape[1]
+                                                      else "emd")  # fmt: skip
+            else:
+                t, dt, res = entropic_transport(a, mass[k], c, float(config.reg), max_iter=config.max_iter,
+                                                tol=config.tol)  # fmt: skip
+                solver_of.setdefault(name, []).append(res.solver)
+                iterations.setdefault(name, []).append(res.iterations)
+                if not res.converged:
+                    unconverged.append(f"{name} (member {k}): marginal error {res.marginal_error:.3g}")
             t_solve += dt
-            mk.append(t / a[:, None])
+            mk.append((t / a[:, None]).contiguous())
         maps[name] = mk
+    # B_k is handed over as the transposed view of the contiguous (slots, n) map M_k: the builder contracts
+    # B_k^T, and a consumer after a flatten expands it as B_k^T kron I_e, which torch.kron refuses for a
+    # non-contiguous (transposed) matrix ("view size is not compatible with input tensor's size and stride").
     groups = {
         name: GroupPlan(
             [lam * m for lam, m in zip(lambdas, mk)],
-            [m.T.contiguous() for m in mk],
+            [m.T for m in mk],
             (graph.groups[name].size,) + (0,) * k_all,
         )
         for name, mk in maps.items()
     }
     plan = Plan(tuple(float(x) for x in lambdas), groups)
+    solvers = sorted({s for v in solver_of.values() for s in v})
     plan.info.update(method="ot", cost=cost, masses=masses if isinstance(masses, str) else "custom",
+                     solver=solvers[0] if len(solvers) == 1 else solvers, solver_by_group=solver_of, reg=config.reg,
                      time_stats_s=t_stats, time_solve_s=t_solve)  # fmt: skip
+    if config.reg is not None:
+        plan.info.update(sinkhorn_iterations=iterations, sinkhorn_unconverged=unconverged)
     return plan

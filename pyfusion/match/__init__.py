@@ -14,9 +14,10 @@ cost matrix partial fusion solves, the transport plan OT fusion finds) without b
   :func:`weight_cost` (partial fusion's weights and pcd), :func:`weight_feature_costs`, :func:`ot_weight_cost`,
   :func:`hf_pair_cost` and :func:`hf_cost` (neuron-interpolation pair costs from Gram statistics);
 * solvers: :func:`linear_assignment` (exact, batched, partial forms), :func:`assignments`,
-  :func:`partial_assignments`, :func:`transport` (OT coupling: assignment or POT), :func:`weighted_kmeans`,
-  :func:`align_weights` (permutation coordinate descent); the partial matching of a whole graph
-  (:func:`partial_activation_assignments`, :func:`partial_weight_assignments`, :class:`PartialAssignment`).
+  :func:`partial_assignments`, :func:`transport` (OT coupling: assignment or POT), :func:`entropic_transport`
+  (Sinkhorn), :func:`weighted_kmeans`, :func:`align_weights` (permutation coordinate descent); the partial
+  matching of a whole graph (:func:`partial_activation_assignments`, :func:`partial_weight_assignments`,
+  :class:`PartialAssignment`).
 
 Plans are made by the methods, which live one layer up: ``pyfusion.fuse.partial_plan``, ``weight_matching_plan``,
 ``activation_matching_plan``, ``ot_plan``, ``cluster_plan``, ``prune_plan`` (and ``Plan`` / ``GroupPlan``). The
@@ -56,6 +57,8 @@ _EXPORTS = {
     "assignments": "pyfusion.match.solvers",
     "partial_assignments": "pyfusion.match.solvers",
     "transport": "pyfusion.match.solvers",
+    "entropic_transport": "pyfusion.match.solvers",
+    "SinkhornResult": "pyfusion.match.solvers",
     "neuron_masses": "pyfusion.match.weights",
     "ot_weight_cost": "pyfusion.match.weights",
     "weight_cost": "pyfusion.match.weights",
