@@ -11,7 +11,10 @@ bias when there is no normalisation. Groups are processed in forward order, each
 calibration data, so that a group's statistics are measured after all earlier groups were corrected.
 Skipped (and listed in the result): residual streams (several producers add into one value, so no single
 affine map owns the sum), groups whose producer has no bias and no normalisation (the mean cannot be moved),
-and neurons that are constant on the data (standard deviation 0: left unscaled).
+groups with units or segments (attention heads, packed projections: their pre-activations feed the attention,
+not a per-neuron activation), and neurons that are constant on the data (standard deviation 0: left unscaled).
+The correction is applied along each tensor's axis of the group (``Conv1D`` rows are inputs: its outputs are
+axis 1).
 """
 
 from __future__ import annotations
@@ -78,14 +81,24 @@ def repair(
         if name not in targets:
             skipped.append(f"{name}: not in the plan")
             continue
+        if not g.is_simple:
+            skipped.append(f"{name}: units / segments (attention heads, packed projections)")
+            continue
         producers = sorted({r.module for r in g.producers})
         norms = sorted({r.module for r in g.per_neuron})
         if len(producers) != 1 or len(norms) > 1:
             skipped.append(f"{name}: residual stream / several producers")
             continue
-        owner = fused.get_submodule(norms[0] if norms else producers[0])
-        if getattr(owner, "weight", None) is None or getattr(owner, "bias", None) is None:
-            skipped.append(f"{name}: {norms[0] if norms else producers[0]} has no affine weight and bias")
+        owner_path = norms[0] if norms else producers[0]
+        own = {r.param: r for r in (g.per_neuron if norms else g.producers) if r.module == owner_path}
+        owner = fused.get_submodule(owner_path)
+        if (
+            "weight" not in own
+            or "bias" not in own
+            or getattr(owner, "bias", None) is None
+            or getattr(owner, "weight", None) is None
+        ):
+            skipped.append(f"{name}: {owner_path} has no affine weight and bias")
             continue
         st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
@@ -94,9 +107,10 @@ def repair(
         scale = torch.where(live, t_sd / f_sd.clamp_min(eps), torch.ones_like(f_sd))
         shift = torch.where(live, t_mu - f_mu * scale, t_mu - f_mu)
         with torch.no_grad():
-            w = owner.weight
-            view = (-1,) + (1,) * (w.ndim - 1)
-            w.mul_(scale.to(w.dtype).view(view))
-            owner.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
+            w, b = owner.weight, owner.bias
+            rw, rb = own["weight"], own["bias"]
+            sw = scale.to(w.dtype).repeat_interleave(rw.expand)
+            w.mul_(sw.view([-1 if i == rw.axis else 1 for i in range(w.ndim)]))
+            b.mul_(scale.to(b.dtype).repeat_interleave(rb.expand)).add_(shift.to(b.dtype).repeat_interleave(rb.expand))
         done.append(name)
     return {"repaired": done, "skipped": skipped}
