@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from pyfusion.fuse.config import ClusterConfig, PruneConfig
 from pyfusion.fuse.partial import isolated_count, resolve_alpha, tie_set_alphas
-from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.graph.transform import neuron_view
@@ -190,24 +190,10 @@ def _active(lambdas: Sequence[float]) -> list[int]:
     return [k for k, lam in enumerate(lambdas) if lam > 0]
 
 
-def _permute_only(graph: FusionGraph, names: Sequence[str]) -> tuple[str, Any] | None:
-    """(group, normalizer) of a tie set normalized by functional code (it may only be permuted), or None."""
-    for name in names:
-        for nz in graph.groups[name].normalizers:
-            if not nz.wrappable:
-                return name, nz
-    return None
-
-
-def _refuse_widening(method: str, names: Sequence[str], hit: tuple[str, Any], opt: str) -> ValueError:
-    name, nz = hit
-    zero = ", ".join(f"{n!r}: 0.0" for n in names)
-    keep = "alpha 0" if opt == "alpha" else "its width (width 1.0, or alpha 0)"
-    return ValueError(
-        f"method {method!r}: group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node {nz.node!r}), "
-        f"functional code inside that module, so the group may be permuted but not widened, narrowed or mixed; "
-        f"give it {keep} with the dict form, e.g. alpha={{{zero}, '*': 0.5}}"
-    )
+def _keep_hint(names: Sequence[str], config: ClusterConfig | PruneConfig) -> str:
+    if config.alpha is not None:
+        return zero_hint(names, "alpha", config.alpha)
+    return zero_hint(names, "width", config.width, keep=1.0)
 
 
 def _frames(
@@ -289,9 +275,9 @@ def cluster_plan(
     units = target_units(graph, len(active), config.width, config.alpha)
     tie_sets = graph.tie_sets()
     for names in tie_sets:
-        hit = _permute_only(graph, names)
+        hit = permute_only(graph, names)
         if hit is not None and units[names[0]] != graph.groups[names[0]].units:
-            raise _refuse_widening("cluster", names, hit, "alpha" if config.alpha is not None else "width")
+            raise refuse_widening("cluster", hit, _keep_hint(names, config))
     act_members = [members[k] for k in active]
     t0 = time.perf_counter()
     stats = group_statistics(act_members, graph, data, point=config.point, max_batches=config.max_batches)
@@ -304,7 +290,7 @@ def cluster_plan(
     # that may only be permuted (fused by the reference matching)
     framed = [
         t for t, names in enumerate(tie_sets)
-        if len(active) > 1 and (_permute_only(graph, names) or any(graph.groups[n].unit_size > 1 for n in names))
+        if len(active) > 1 and (permute_only(graph, names) or any(graph.groups[n].unit_size > 1 for n in names))
     ]  # fmt: skip
     ucs, cols = _frames(graph, [tie_sets[t] for t in framed], stats, states) if framed else ({}, {})
     frames_of: dict[str, list[Tensor]] = {}
@@ -317,7 +303,7 @@ def cluster_plan(
     groups, inertia, t_cluster = {}, {}, 0.0
     for t, names in enumerate(tie_sets):
         g0 = graph.groups[names[0]]
-        if _permute_only(graph, names) is not None:
+        if permute_only(graph, names) is not None:
             for name in names:
                 g = graph.groups[name]
                 frames = frames_of.get(name, [torch.arange(g.unit_size).repeat(g.units, 1)])
@@ -405,9 +391,10 @@ def prune_plan(
     active = _active(lambdas)
     units = target_units(graph, len(active), config.width, config.alpha)
     for names in graph.tie_sets():
-        hit = _permute_only(graph, names)
+        hit = permute_only(graph, names)
         if hit is not None and not (len(active) == 1 and units[names[0]] == graph.groups[names[0]].units):
-            raise _refuse_widening("prune", names, hit, "alpha" if config.alpha is not None else "width")
+            fix = "pruning the ensemble mixes members' neurons; prune one network at its full width (or use cluster)"
+            raise refuse_widening("prune", hit, _keep_hint(names, config) if len(active) == 1 else fix)
     if criterion == "activation_std":
         stats = group_statistics(
             [members[k] for k in active], graph, data, point=config.point, max_batches=config.max_batches

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from pyfusion.fuse.config import OTConfig
-from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening
 from pyfusion.fuse.registry import register_method
 from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
@@ -88,8 +88,10 @@ def ot_plan(
         stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
         t_stats = time.perf_counter() - t0
     uniform = isinstance(masses, str) and masses == "uniform"
-    if not uniform:
-        _check_permutable_groups(graph)
+    for names in graph.tie_sets() if not uniform else []:
+        hit = permute_only(graph, names)
+        if hit is not None:  # soft maps mix neurons
+            raise refuse_widening("ot", hit, "non-uniform masses give soft maps; use masses='uniform' (permutations)")
     maps: dict[str, list[Tensor]] = {}  # group -> K maps M_k = diag(1/a) T_k (slots x n)
     t_solve = 0.0
     by_key = graph.refs_by_key()
@@ -160,15 +162,3 @@ def _given_masses(masses: Any, names: list[str], units: int, k_all: int) -> list
             raise ValueError(f"masses of the tied groups {given} differ: a tie set has one unit-mass vector per member")
         out = mass
     return out  # type: ignore[return-value]
-
-
-def _check_permutable_groups(graph: FusionGraph) -> None:
-    """Soft maps mix neurons: refuse them on groups normalized by functional code (permutations only)."""
-    for name, g in graph.groups.items():
-        for nz in g.normalizers:
-            if not nz.wrappable:
-                raise ValueError(
-                    f"group {name!r} is normalized by {nz.kind} in module {nz.module!r} (functional code inside that "
-                    "module): it may be permuted but not mixed; OT with non-uniform masses gives soft maps there, use "
-                    "masses='uniform' (a permutation plan)"
-                )

@@ -80,16 +80,14 @@ import torch
 from torch import Tensor, nn
 
 from pyfusion.fuse.config import PartialConfig, alpha_number
-from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
 from pyfusion.fuse.registry import register_method
 from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.partial import PartialAssignment, partial_activation_assignments, partial_weight_assignments
 from pyfusion.stats.groups import group_statistics
 
-__all__ = [
-    "assignment_group_plan", "check_widening", "isolated_count", "partial_plan", "resolve_alpha", "tie_set_alphas"
-]  # fmt: skip
+__all__ = ["assignment_group_plan", "isolated_count", "partial_plan", "resolve_alpha", "tie_set_alphas"]
 
 
 def isolated_count(alpha: float, n: int) -> int:
@@ -145,37 +143,6 @@ def tie_set_alphas(alphas: Mapping[str, float], graph: FusionGraph) -> dict[str,
                 f"alpha; got {{{got}}}"
             )
     return dict(alphas)
-
-
-def check_widening(graph: FusionGraph, widened: Mapping[str, bool], method: str, **option: Any) -> None:
-    """Refuse to widen (or mix) a group normalized by functional code (a LayerNorm / RMSNorm / softmax over the
-    group inside a bigger module, which the builder cannot replace by a member-view normalizer): such a group may
-    only be permuted.
-
-    Args:
-        graph: the neuron groups.
-        widened: group -> whether the method would give it more slots than neurons, or non-permutation maps.
-        method: the method's name (for the message).
-        option: the option (one ``name=value``) to suggest the dict form of.
-
-    Raises:
-        ValueError: naming the group, the normalizer's module and kind, and the dict form that sets alpha 0 for it.
-    """
-    ((opt, value),) = option.items()
-    for names in graph.tie_sets():
-        if not any(widened.get(n, False) for n in names):
-            continue
-        for name in names:
-            for nz in graph.groups[name].normalizers:
-                if nz.wrappable:
-                    continue
-                rest = value if not isinstance(value, Mapping) else value.get("*", 0.5)
-                zero = ", ".join(f"{n!r}: 0.0" for n in names)
-                raise ValueError(
-                    f"method {method!r}: group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node "
-                    f"{nz.node!r}), functional code inside that module, so the group may be permuted but not widened "
-                    f"or mixed; give it {opt} 0 with the dict form, e.g. {opt}={{{zero}, '*': {rest!r}}}"
-                )
 
 
 def assignment_group_plan(asg: PartialAssignment, lambdas: Sequence[float]) -> GroupPlan:
@@ -237,7 +204,10 @@ def partial_plan(
     unit_alphas = tie_set_alphas(alphas, graph)
     # per tie set: isolated units (neurons for ordinary groups), the same for all its groups
     iso_units = {name: isolated_count(unit_alphas[name], g.units) for name, g in graph.groups.items()}
-    check_widening(graph, {name: iso > 0 for name, iso in iso_units.items()}, "partial", alpha=config.alpha)
+    for names in graph.tie_sets():
+        hit = permute_only(graph, names) if iso_units[names[0]] > 0 else None
+        if hit is not None:
+            raise refuse_widening("partial", hit, zero_hint(names, "alpha", config.alpha))
     isolated = {name: iso_units[name] * g.unit_size for name, g in graph.groups.items()}
     matches_n = {name: graph.groups[name].units - iso_units[name] for name in graph.groups}
     info: dict[str, Any] = {"method": "partial", "features": features, "alpha": alphas, "isolated": isolated}
