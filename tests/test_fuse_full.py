@@ -14,8 +14,7 @@ from pyfusion import models
 from pyfusion.fuse import available_methods
 from pyfusion.fuse.bn import reset_bn_stats
 from pyfusion.fuse.repair import RepairSkippedWarning
-from pyfusion.graph import trace_groups
-from pyfusion.match.align import permute_state
+from pyfusion.graph import permuted_state, trace_groups
 from pyfusion.testing import permuted_copy, randomize_batchnorm
 
 
@@ -133,7 +132,7 @@ def test_weight_matching_beats_identity_objective():
     perms = {name: plan.groups[name].B[1].argmax(0) for name in g.groups}
     sb = {k: v.detach().double() for k, v in b.named_parameters()}
     sa = {k: v.detach().double() for k, v in a.named_parameters()}
-    moved = permute_state(sb, g, perms)
+    moved = permuted_state(sb, g, perms)
     score = sum((sa[k] * moved[k]).sum() for k in sa)
     score_id = sum((sa[k] * sb[k]).sum() for k in sa)
     assert score >= score_id
@@ -360,7 +359,7 @@ def test_declared_groups_for_custom_model(method):
     assert (traced.pre_points, traced.post_points) == (declared.pre_points, declared.post_points)
     perm = torch.randperm(10)
     m2 = copy.deepcopy(m)
-    m2.load_state_dict(permute_state({k: v.detach() for k, v in m.state_dict().items()}, graph, {"h": perm}))
+    m2.load_state_dict(permuted_state({k: v.detach() for k, v in m.state_dict().items()}, graph, {"h": perm}))
     fused = pyfusion.fuse([m, m2], [torch.randn(16, 6) for _ in range(3)], method=method, graph=graph)
     x = torch.randn(7, 6)
     torch.testing.assert_close(fused(x), m(x), rtol=1e-5, atol=1e-5)

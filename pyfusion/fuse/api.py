@@ -19,9 +19,6 @@ from pyfusion.stats.collect import batch_inputs
 
 __all__ = ["fuse"]
 
-# methods whose plans respect units, ties and segments of the IR (the others assume MLP / VGG / ResNet groups)
-IR_METHODS = {"average"}
-
 
 def fuse(
     models: Sequence[nn.Module],
@@ -102,11 +99,6 @@ def fuse(
         graph = trace_groups(members[0], example)
     else:
         graph.validate(members[0])
-    if not graph.is_simple and method not in IR_METHODS:
-        raise ValueError(
-            f"method {method!r} does not handle head groups, tied groups, segments or tied parameters yet (the "
-            f"groups of {type(members[0]).__name__} have them; issue 12 item 6); methods that do: {sorted(IR_METHODS)}"
-        )
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = spec.call(members, graph, lam, data, cfg, **options)

@@ -14,6 +14,9 @@ announced by one :class:`RepairSkippedWarning`: residual streams (several produc
 single affine map owns the sum), groups whose producer has no bias and no normalisation after it (the mean
 cannot be moved), normalisations without affine parameters, and groups the plan leaves out. Neurons that are
 constant on the data (standard deviation 0) are shifted but not scaled.
+Groups with units or segments (attention heads, packed projections: their pre-activations feed the
+attention, not a per-neuron activation) are skipped the same way. The correction is applied along each tensor's
+axis of the group (``Conv1D`` rows are inputs: its outputs are axis 1).
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ def repair(
         if name not in targets:
             skipped[name] = {"modules": producers, "reason": "not in the plan (averaged, nothing to match)"}
             continue
+        if not g.is_simple:
+            skipped[name] = {
+                "modules": producers,
+                "reason": "units / segments (attention heads, packed projections feed the attention, not a neuron)",
+            }
+            continue
         if len(producers) != 1 or len(norms) > 1:
             skipped[name] = {
                 "modules": producers + norms,
@@ -97,8 +106,14 @@ def repair(
             }
             continue
         path = norms[0] if norms else producers[0]
+        own = {r.param: r for r in (g.per_neuron if norms else g.producers) if r.module == path}
         owner = fused.get_submodule(path)
-        if getattr(owner, "weight", None) is None or getattr(owner, "bias", None) is None:
+        if (
+            getattr(owner, "weight", None) is None
+            or getattr(owner, "bias", None) is None
+            or "weight" not in own
+            or "bias" not in own
+        ):
             kind = type(owner).__name__
             if norms:
                 why = f"{kind} without affine weight and bias: nothing to fold the correction into"
@@ -113,10 +128,11 @@ def repair(
         scale = torch.where(live, t_sd / f_sd.clamp_min(eps), torch.ones_like(f_sd))
         shift = torch.where(live, t_mu - f_mu * scale, t_mu - f_mu)
         with torch.no_grad():
-            w = owner.weight
-            view = (-1,) + (1,) * (w.ndim - 1)
-            w.mul_(scale.to(w.dtype).view(view))
-            owner.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
+            w, b = owner.weight, owner.bias
+            rw, rb = own["weight"], own["bias"]
+            sw = scale.to(w.dtype).repeat_interleave(rw.expand)
+            w.mul_(sw.view([-1 if i == rw.axis else 1 for i in range(w.ndim)]))
+            b.mul_(scale.to(b.dtype).repeat_interleave(rb.expand)).add_(shift.to(b.dtype).repeat_interleave(rb.expand))
         done.append(name)
     if skipped:
         listed = "; ".join(f"{name} ({', '.join(v['modules'])}): {v['reason']}" for name, v in skipped.items())

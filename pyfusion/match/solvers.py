@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.align import Permutation, aligned_features
+from pyfusion.match.units import neuron_perms, tie_set_costs
 from pyfusion.ops.assignment import linear_assignment
 
 __all__ = [
@@ -250,8 +251,12 @@ def align_weights(
 
     For group g the permutation maximises :math:`\sum_{r \in g} \langle T_r, P W_{k,r} \rangle` with the other
     groups' axes permuted by their current permutations: one linear assignment on the similarity
-    ``S = sum_r T_r W'_{k,r}^T`` (n, n). Groups are visited in random order; a group's permutation changes only
-    when it strictly improves the objective; the sweeps stop when one changes nothing (or after ``max_iter``).
+    ``S = sum_r T_r W'_{k,r}^T`` (n, n), each reference's rows read with :func:`pyfusion.graph.neuron_view`. The
+    coordinates are the tie sets: a tie set of unit groups (attention heads) is one unit-level assignment on the
+    sum over its groups of the best inner matchings of each (unit, unit) block (:mod:`pyfusion.match.units`),
+    so heads move whole and within-head dims only inside matched heads. Tie sets are visited in random order; a
+    tie set's permutation changes only when it strictly improves the objective; the sweeps stop when one changes
+    nothing (or after ``max_iter``).
 
     Args:
         perm: group -> (n,) long, the starting permutations (not modified).
@@ -273,7 +278,7 @@ def _align_weights(
     rng: np.random.Generator,
     max_iter: int,
 ) -> tuple[dict[str, Tensor], int, float]:
-    names = list(graph.groups)
+    tie_sets = graph.tie_sets()
     by_key = graph.refs_by_key()
     perm = {k: v.clone() for k, v in perm.items()}
     solve_s = 0.0
@@ -281,22 +286,33 @@ def _align_weights(
     for _ in range(max_iter):
         sweeps += 1
         changed = False
-        for gi in rng.permutation(len(names)):
-            g = graph.groups[names[gi]]
-            # every other group's axes through its current permutation; g's own other axes (a tensor with two
-            # axes in g) stay as they are, which keeps the objective linear in g's permutation
-            maps = {name: Permutation(p) for name, p in perm.items() if name != g.name}
-            sim = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for fr, fm in aligned_features(target, member, graph, g.name, g.refs, maps, missing="keep", by_key=by_key):
-                sim += fr @ fm.T
+        for ti in rng.permutation(len(tie_sets)):
+            names = tie_sets[ti]
+            inside = set(names)
+            # every other group's axes through its current permutation; the tie set's own other axes (a tensor with
+            # two axes in it) stay as they are, which keeps the objective linear in the tie set's permutation
+            maps = {name: Permutation(p) for name, p in perm.items() if name not in inside}
+            sims: dict[str, Tensor] = {}
+            for name in names:
+                g = graph.groups[name]
+                sim = torch.zeros(g.size, g.size, dtype=torch.float64)
+                feats = aligned_features(target, member, graph, name, g.refs, maps, missing="keep", by_key=by_key)
+                for fr, fm in feats:
+                    sim += fr @ fm.T
+                sims[name] = sim
             t0 = time.perf_counter()
-            _, cols = linear_assignment(sim, maximize=True)
+            if len(names) == 1 and graph.groups[names[0]].unit_size == 1:
+                _, cols = linear_assignment(sims[names[0]], maximize=True)
+                new = {names[0]: torch.as_tensor(cols, dtype=torch.long)}
+            else:  # whole units, the best inner matching inside each pair (pyfusion.match.units)
+                (uc,), _ = tie_set_costs(graph, [sims], maximize=True)
+                _, cols = linear_assignment(uc.cost, maximize=True)
+                new = neuron_perms(graph, uc, cols)
             solve_s += time.perf_counter() - t0
-            new = torch.as_tensor(cols, dtype=torch.long)
-            ar = torch.arange(g.size)
-            old_val, new_val = sim[ar, perm[g.name]].sum(), sim[ar, new].sum()
-            if new_val > old_val + 1e-12 * max(1.0, abs(float(old_val))):
-                perm[g.name] = new
+            old_val = sum(float(sims[n][torch.arange(len(perm[n])), perm[n]].sum()) for n in names)
+            new_val = sum(float(sims[n][torch.arange(len(new[n])), new[n]].sum()) for n in names)
+            if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
+                perm.update(new)
                 changed = True
         if not changed:
             break
