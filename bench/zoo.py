@@ -15,10 +15,10 @@ claim must include (each member, best member, ensemble, sub-ensembles, vanilla w
   (Fashion-MNIST) or ``digits`` (scikit-learn 8x8); arch ``mlp`` (ReLU), ``mlp_gelu``, ``mlp_celu`` (the user-written
   :class:`MLPNet`), ``cnn`` (the user-written :class:`SkipCNN`: ``torch.cat`` skip, in-place ReLU), ``vgg_bn``
   (:func:`pyfusion.models.vgg` with BatchNorm), ``resnet`` (:class:`pyfusion.models.ResNet`, basic blocks
-  [1, 1, 1], base width 8: a ResNet-8) or ``vit`` (Hugging Face ``ViTForImageClassification``); split ``iid`` (every member
-  trains on the whole pool, different seeds), ``dirichlet{a}`` (per class, member shares ~ Dirichlet(a, ..., a);
-  ``dirichlet`` alone: the neuron-interpolation paper's ``linspace(1, 5, K)`` concentrations shuffled per class) or
-  ``shard`` (disjoint class subsets); ``K`` >= 1 members;
+  [1, 1, 1], base width 8: a ResNet-8) or ``vit`` (Hugging Face ``ViTForImageClassification``); split ``iid``
+  (every member trains on the whole pool, different seeds), ``dirichlet{a}`` (per class, member shares ~
+  Dirichlet(a, ..., a); ``dirichlet`` alone: the neuron-interpolation paper's ``linspace(1, 5, K)`` concentrations
+  shuffled per class) or ``shard`` (disjoint class subsets); ``K`` >= 1 members;
 * text: ``text/{arch}/K{k}[/tiny]`` with arch ``gpt2`` (``GPT2LMHeadModel``, tied embeddings) or ``llama_gqa``
   (``LlamaForCausalLM``, 4 query heads sharing 2 key/value heads, ``use_cache=False``), character-level on the
   texts of :func:`pyfusion.data.local_text_corpus`; every member sees the whole training text (different seeds).
@@ -32,9 +32,11 @@ non-IID splits, the data) differs. ``tiny``: a few-hundred-sample, two-epoch, na
 cache entry: the IID members of ``.../iid/K2`` are the first two of ``.../iid/K4``.
 
 **Data.** Calibration data is a class-balanced slice held out of the training set (500 images per class on
-MNIST / Fashion-MNIST, 20 on digits; 5% of every text document), never the test set; members train on the rest
-(the *pool*). Test: the official test sets (digits: a stratified 25% split; text: the last 10% of every
-document). Images are read from ``$PYFUSION_DATA`` (default ``/work/shared/data``), never downloaded.
+MNIST / Fashion-MNIST, 20 on digits), never the test set; members train on the rest (the *pool*). Test: the
+official test sets (digits: a stratified 25% split). Text: the documents are cut into blocks of 16 windows
+(16 x 128 + 1 characters), and a seeded permutation deals 10% of the blocks to the test set, 5% to calibration and
+the rest to training (so all three mix the same documents; no window crosses a block). Images are read from
+``$PYFUSION_DATA`` (default ``/work/shared/data``), never downloaded.
 
 **Cache.** ``$PYFUSION_ZOO`` (default ``~/.cache/pyfusion/zoo``): ``members/<dataset>-<arch>-<key>.safetensors``
 (the state dict, ``safetensors``; never pickle) and ``.json`` (the member's definition, its training time, threads,
@@ -44,8 +46,9 @@ Files are written to a temporary name and renamed (the JSON, which records the w
 per-member file lock keeps concurrent builds from training the same member twice.
 
 **Determinism.** Training runs under ``torch.use_deterministic_algorithms(True, warn_only=True)`` with a pinned
-number of threads (default 1, recorded); with the same threads and library versions a member retrains
-bit-identically.
+number of threads (default 1; part of the member's definition, since the bits depend on it): with the same library
+versions a member retrains bit-identically, in any process (checked across processes for MLP, VGG+BN, ResNet, ViT
+and Llama members). On the loaded 2-core machine 2 threads made a digits ResNet 20x slower than 1.
 
 CLI: ``python bench/zoo.py build [--cases PATTERN[,PATTERN]] [--list] [--md bench/results/zoo.md]`` and
 ``python bench/zoo.py show NAME``.
@@ -68,6 +71,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,8 +287,8 @@ def train_config(arch: str, dataset: str, tiny: bool = False) -> dict[str, Any]:
     """Training hyper-parameters of ``arch`` on ``dataset`` (keyword arguments of :func:`pyfusion.train.train`,
     with ``batch_size`` and ``warmup_fraction`` of the total steps for the cosine schedule).
 
-    Chosen so that a member trains in about 1-3 minutes on one CPU thread (measured under load, see
-    bench/results/zoo.md) with accuracy near what these widths reach (MNIST MLP >= 98%, VGG / ResNet >= 99%)."""
+    Chosen so that a member trains in about 1-5 minutes on one (shared) CPU thread, with test accuracy on MNIST of
+    about 97.8% (MLP), 99% (VGG), 98.6% (ResNet), 98% (ViT); see bench/results/zoo.md for every member."""
     fam = _family(arch)
     base: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0,
                             "lr_schedule": "cosine", "warmup_fraction": 0.0}  # fmt: skip
@@ -292,6 +296,8 @@ def train_config(arch: str, dataset: str, tiny: bool = False) -> dict[str, Any]:
         base["epochs"] = 60 if dataset == "digits" else 6
     elif fam in ("cnn", "vgg_bn", "resnet"):
         base["epochs"] = 40 if dataset == "digits" else 2
+        if fam == "resnet":
+            base["lr"] = 3e-3  # MNIST, 2 epochs: 98.6% at 3e-3 against 97.5% at 1e-3 (SGD 0.1 + momentum: 98.5%)
     elif fam == "vit":
         base.update(optimizer="adamw", lr=2e-3, weight_decay=0.05, lr_schedule="cosine", warmup_fraction=0.05)
         base["epochs"] = 60 if dataset == "digits" else 10
@@ -326,7 +332,8 @@ def cache_dir() -> str:
 
 _CALIB_PER_CLASS = {"mnist": 500, "fmnist": 500, "digits": 20}
 _TINY = {"n_train": 300, "n_test": 200, "calib_per_class": 10, "text_chars_per_doc": 1500}
-_TEXT_PARTS = (0.85, 0.90)  # per document: [0, 85%) train, [85%, 90%) calibration, [90%, 100%) test
+_TEXT_BLOCK_WINDOWS = 16  # text blocks of 16 evaluation windows
+_TEXT_FRACTIONS = (0.05, 0.10)  # of the blocks: calibration, test (the rest trains)
 
 
 @dataclass
@@ -349,8 +356,13 @@ def _sha256_tensors(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=8)
 def _load_data(dataset: str, tiny: bool) -> _Data:
+    """The data of ``dataset`` (memoized per process, per data folder)."""
+    return _load_data_from(dataset, tiny, "" if dataset in ("digits", "text") else os.path.abspath(data_dir()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_data_from(dataset: str, tiny: bool, folder: str) -> _Data:
     if dataset == "text":
         return _load_text(tiny)
     if dataset == "digits":
@@ -358,10 +370,10 @@ def _load_data(dataset: str, tiny: bool) -> _Data:
         xte, yte = pdata.load_digits("test")
         source = "sklearn.datasets.load_digits (stratified 25% test split, seed 0)"
     else:
-        folder = os.path.join(data_dir(), {"mnist": "mnist", "fmnist": "fashion-mnist"}[dataset])
-        xtr, ytr = pdata.load_idx_dataset(folder, "train")
-        xte, yte = pdata.load_idx_dataset(folder, "test")
-        source = os.path.abspath(folder)
+        sub = os.path.join(folder, {"mnist": "mnist", "fmnist": "fashion-mnist"}[dataset])
+        xtr, ytr = pdata.load_idx_dataset(sub, "train")
+        xte, yte = pdata.load_idx_dataset(sub, "test")
+        source = sub
     per_class = _TINY["calib_per_class"] if tiny else _CALIB_PER_CLASS[dataset]
     calib_idx = pdata.class_balanced_indices(ytr, per_class, seed=0)
     pool_idx = np.setdiff1d(np.arange(ytr.shape[0]), calib_idx)
@@ -382,33 +394,41 @@ def _load_text(tiny: bool) -> _Data:
     docs, source = pdata.local_text_corpus()
     if tiny:
         docs = [(n, t[: _TINY["text_chars_per_doc"]]) for n, t in docs]
-    parts: list[list[str]] = [[], [], []]
-    for _, text in docs:
-        a, b = (int(round(f * len(text))) for f in _TEXT_PARTS)
-        for i, piece in enumerate((text[:a], text[a:b], text[b:])):
-            parts[i].append(piece)
     full = "".join(t for _, t in docs)
-    vocab = pdata.char_vocab(full + "\n")
+    vocab = pdata.char_vocab(full)
     context = arch_config("gpt2", "text", tiny, vocab_size=len(vocab))["n_positions"]
-    ids = [pdata.encode_chars("\n\n".join(p), vocab) for p in parts]
-    train_xy = pdata.token_windows(ids[0], context, stride=context // 2)
-    calib_xy = pdata.token_windows(ids[1], context)
-    test_xy = pdata.token_windows(ids[2], context)
+    # Blocks of 16 evaluation windows (16 T + 1 characters) cut from every document, dealt to test / calibration /
+    # train by a seeded permutation, so that the three parts are drawn from the same mix of documents. Windows never
+    # cross a block boundary.
+    size = _TEXT_BLOCK_WINDOWS * context + 1
+    blocks = [t[i : i + size] for _, t in docs for i in range(0, len(t), size)]
+    blocks = [b for b in blocks if len(b) > context]
+    order = np.random.default_rng([0, 0x7E]).permutation(len(blocks))
+    n_test = max(1, int(round(_TEXT_FRACTIONS[1] * len(blocks))))
+    n_calib = max(1, int(round(_TEXT_FRACTIONS[0] * len(blocks))))
+    parts = {"test": order[:n_test], "calib": order[n_test : n_test + n_calib], "train": order[n_test + n_calib :]}
+    xy: dict[str, tuple[Tensor, Tensor]] = {}
+    for part, idx in parts.items():
+        stride = context // 2 if part == "train" else context
+        windows = [pdata.token_windows(pdata.encode_chars(blocks[i], vocab), context, stride) for i in sorted(idx)]
+        xy[part] = (torch.cat([w[0] for w in windows]), torch.cat([w[1] for w in windows]))
     info = {
         "source": source,
         "files": [n for n, _ in docs],
         "n_chars": len(full),
         "vocab_size": len(vocab),
         "context": context,
-        "chars": {"train": int(ids[0].numel()), "calib": int(ids[1].numel()), "test": int(ids[2].numel())},
-        "windows": {"train": int(train_xy[0].shape[0]), "calib": int(calib_xy[0].shape[0]),
-                    "test": int(test_xy[0].shape[0])},
-        "n_pool": int(train_xy[0].shape[0]),
-        "n_calib": int(calib_xy[0].shape[0]),
-        "n_test": int(test_xy[0].shape[0]),
-    }  # fmt: skip
+        "blocks": {part: int(idx.size) for part, idx in parts.items()},
+        "block_chars": size,
+        "chars": {part: int(sum(len(blocks[i]) for i in idx)) for part, idx in parts.items()},
+        "tokens": {part: int(v[1].numel()) for part, v in xy.items()},
+        "windows": {part: int(v[0].shape[0]) for part, v in xy.items()},
+        "n_pool": int(xy["train"][0].shape[0]),
+        "n_calib": int(xy["calib"][0].shape[0]),
+        "n_test": int(xy["test"][0].shape[0]),
+    }
     fingerprint = hashlib.sha256(("\x00".join(f"{n}\x01{t}" for n, t in docs)).encode()).hexdigest()
-    return _Data(pool=train_xy, calib=calib_xy, test=test_xy, fingerprint=fingerprint, info=info, vocab=vocab)
+    return _Data(pool=xy["train"], calib=xy["calib"], test=xy["test"], fingerprint=fingerprint, info=info, vocab=vocab)
 
 
 def _split_indices(labels: Tensor, split: str, k: int, index: int, seed: int = 0) -> np.ndarray:
@@ -540,8 +560,9 @@ def case_names(pattern: str | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _member_definition(spec: CaseSpec, index: int, data: _Data) -> dict[str, Any]:
-    """Everything that determines member ``index`` of ``spec`` (hashed into its cache key)."""
+def _member_definition(spec: CaseSpec, index: int, data: _Data, threads: int = 1) -> dict[str, Any]:
+    """Everything that determines member ``index`` of ``spec`` (hashed into its cache key). The training threads
+    are part of it: a different number of threads changes the floating-point reduction order, hence the bits."""
     vocab = len(data.vocab) if data.vocab is not None else None
     subset: dict[str, Any] = {"split": spec.split}
     if spec.split != "iid":
@@ -558,6 +579,7 @@ def _member_definition(spec: CaseSpec, index: int, data: _Data) -> dict[str, Any
         "init_seed": spec.init_seeds[index],
         "seed": spec.seeds[index],
         "train": train_config(spec.arch, spec.dataset, spec.tiny),
+        "threads": threads,
     }
 
 
@@ -585,6 +607,11 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 def _sha256_file(path: str) -> str:
@@ -659,13 +686,18 @@ def _load_member(definition: dict[str, Any], weights: str, record: dict[str, Any
     from safetensors.torch import load_model
 
     if not os.path.isfile(weights) or _sha256_file(weights) != record.get("weights_sha256"):
+        warnings.warn(
+            f"zoo cache: {weights} is missing or does not match the SHA-256 in its manifest; it is not loaded "
+            "(it will be retrained when training is allowed)",
+            stacklevel=3,
+        )
         return None
     model = build_model(definition["arch"], definition["arch_config"])
     load_model(model, weights, strict=True)
     return model.eval()
 
 
-def _train_member(definition: dict[str, Any], data: _Data, threads: int, verbose: bool) -> tuple[nn.Module, dict]:
+def _train_member(definition: dict[str, Any], data: _Data, verbose: bool) -> tuple[nn.Module, dict]:
     hp = dict(definition["train"])
     sub = definition["subset"]
     if sub["split"] == "iid":
@@ -683,7 +715,7 @@ def _train_member(definition: dict[str, Any], data: _Data, threads: int, verbose
     task = "lm" if definition["dataset"] == "text" else "classification"
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    with _pinned_threads(threads), _deterministic():
+    with _pinned_threads(definition["threads"]), _deterministic():
         torch.manual_seed(definition["init_seed"])
         model = build_model(definition["arch"], definition["arch_config"])
         history = train(model, loader, seed=definition["seed"], **hp)
@@ -699,7 +731,7 @@ def _train_member(definition: dict[str, Any], data: _Data, threads: int, verbose
         "train_samples": int(x.shape[0]),
         "steps": int(hp["epochs"] * len(loader)),
         "loss_history": [round(v, 5) for v in history],
-        "threads": threads,
+        "threads": definition["threads"],
         "load_average_at_start": [round(v, 2) for v in load0],
         "versions": _versions(),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -711,8 +743,9 @@ def _train_member(definition: dict[str, Any], data: _Data, threads: int, verbose
     return model.eval(), record
 
 
-def _get_member(definition: dict[str, Any], data: _Data, root: str, train_missing: bool, threads: int,
-                verbose: bool) -> tuple[nn.Module, dict]:  # fmt: skip
+def _get_member(
+    definition: dict[str, Any], data: _Data, root: str, train_missing: bool, verbose: bool
+) -> tuple[nn.Module, dict]:
     from safetensors.torch import save_model
 
     key = _key(definition)
@@ -738,12 +771,12 @@ def _get_member(definition: dict[str, Any], data: _Data, root: str, train_missin
         hit = cached()  # another process may have trained it while we waited
         if hit is not None:
             return hit
-        model, record = _train_member(definition, data, threads, verbose)
+        model, record = _train_member(definition, data, verbose)
         _atomic_write(weights, lambda tmp: save_model(model, tmp))
         record["key"] = key
         record["weights_sha256"] = _sha256_file(weights)
         record["weights_bytes"] = os.path.getsize(weights)
-        _atomic_write(manifest, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1, sort_keys=True)))
+        _atomic_write(manifest, lambda tmp: _write_text(tmp, json.dumps(record, indent=1, sort_keys=True)))
     return model, record
 
 
@@ -862,7 +895,8 @@ def get_case(
         name: a case name (module docstring), e.g. ``"mnist/vgg_bn/dirichlet0.5/K4"``.
         cache: cache folder (default :func:`cache_dir`: ``$PYFUSION_ZOO`` or ``~/.cache/pyfusion/zoo``).
         train_missing: train members that are not cached (else raise ``FileNotFoundError``).
-        threads: torch threads for training (default ``$PYFUSION_ZOO_THREADS`` or 1); recorded per member.
+        threads: torch threads of training (default ``$PYFUSION_ZOO_THREADS`` or 1). Part of each member's
+            definition (the bits depend on it), so members trained with other thread counts are other cache entries.
         verbose: print a line per member trained.
 
     Returns:
@@ -876,8 +910,8 @@ def get_case(
     data = _load_data(spec.dataset, spec.tiny)
     members, records, indices = [], [], []
     for i in range(spec.k):
-        definition = _member_definition(spec, i, data)
-        model, record = _get_member(definition, data, root, train_missing, nthreads, verbose)
+        definition = _member_definition(spec, i, data, nthreads)
+        model, record = _get_member(definition, data, root, train_missing, verbose)
         members.append(model)
         records.append(record)
         if spec.split == "iid":
@@ -1232,7 +1266,7 @@ def _markdown(results: list[tuple[Case, dict[str, Any]]], root: str) -> str:
         "ensembles average the members' logits or their softmax probabilities with uniform weights. FLOPs per "
         "sample count every matmul / linear / convolution (2 x MACs, attention included; text: per window of "
         "128 tokens). Calibration data: a class-balanced slice held out of the training set (5,000 images on "
-        "MNIST / Fashion-MNIST, 200 on digits; 5% of every text document).",
+        "MNIST / Fashion-MNIST, 200 on digits; 5% of the text blocks).",
         "",
         f"Cache: {n} members, {size / 2**20:.1f} MiB of safetensors (not committed; `python bench/zoo.py build` "
         f"retrains any missing member, deterministically). Zoo version {ZOO_VERSION}, torch {torch.__version__}.",
@@ -1241,12 +1275,27 @@ def _markdown(results: list[tuple[Case, dict[str, Any]]], root: str) -> str:
     if text_info:
         lines += [
             f"Text: {text_info['source']}: {', '.join(text_info['files'])} ({text_info['n_chars']:,} characters, "
-            f"vocabulary of {text_info['vocab_size']} characters); per document the first 85% train, the next 5% "
-            f"calibration, the last 10% test; context {text_info['context']}; windows train / calib / test "
-            f"{text_info['windows']['train']} / {text_info['windows']['calib']} / {text_info['windows']['test']}.",
+            f"vocabulary of {text_info['vocab_size']} characters), cut into blocks of {text_info['block_chars']} "
+            f"characters: train / calibration / test blocks {text_info['blocks']['train']} / "
+            f"{text_info['blocks']['calib']} / {text_info['blocks']['test']} ({text_info['chars']['train']:,} / "
+            f"{text_info['chars']['calib']:,} / {text_info['chars']['test']:,} characters); context "
+            f"{text_info['context']}, training windows with stride {text_info['context'] // 2}, evaluation windows "
+            f"tiled ({text_info['tokens']['calib']:,} calibration and {text_info['tokens']['test']:,} test target "
+            "tokens).",
             "",
         ]
     lines += _table(results)
+    lines += ["", "## Architectures and training", ""]
+    lines += ["| dataset | arch | constructor arguments | training (pyfusion.train.train) |", "|---|---|---|---|"]
+    seen: set[tuple[str, str]] = set()
+    for case, _ in results:
+        d = case.records[0]["definition"]
+        if (d["dataset"], d["arch"]) in seen:
+            continue
+        seen.add((d["dataset"], d["arch"]))
+        cfg = ", ".join(f"{k}={v}" for k, v in d["arch_config"].items() if v is not None)
+        hp = ", ".join(f"{k}={v}" for k, v in d["train"].items())
+        lines.append(f"| {d['dataset']} | {d['arch']} | {cfg} | {hp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1288,7 +1337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n, size = _cache_size(root)
         print(f"cache {root}: {n} members, {size / 2**20:.1f} MiB")
         if args.md:
-            _atomic_write(args.md, lambda tmp: open(tmp, "w").write(_markdown(results, root)))
+            _atomic_write(args.md, lambda tmp: _write_text(tmp, _markdown(results, root)))
         return 0
     case = get_case(args.name, cache=root, train_missing=args.train)
     print(f"{case.name}: {case.k} members, task {case.task}, data {json.dumps(case.data_info)}")

@@ -128,9 +128,10 @@ def test_corrupted_weights_are_retrained_identically(tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError), pytest.warns(UserWarning, match="does not match the SHA-256"):
         zoo.get_case(name, cache=str(tmp_path), train_missing=False)  # a damaged file is never loaded
-    again = zoo.get_case(name, cache=str(tmp_path))
+    with pytest.warns(UserWarning, match="does not match"):
+        again = zoo.get_case(name, cache=str(tmp_path))
     assert _states_equal(first.members[0], again.members[0])
 
 
@@ -455,3 +456,10 @@ def test_train_language_model_with_cosine_schedule_and_clipping():
         train(model, [(x, y)], epochs=1, lr=0.1, grad_clip=0.0)
     with pytest.raises(ValueError, match="length"):
         train(model, iter([(x, y)]), epochs=1, lr=0.1, lr_schedule="cosine")
+
+
+def test_threads_are_part_of_the_definition(tmp_path):
+    one = zoo.get_case("digits/mlp/iid/K1/tiny", cache=str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        zoo.get_case("digits/mlp/iid/K1/tiny", cache=str(tmp_path), threads=2, train_missing=False)
+    assert one.records[0]["threads"] == one.records[0]["definition"]["threads"] == 1
