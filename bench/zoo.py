@@ -96,12 +96,14 @@ __all__ = [
     "SkipCNN",
     "baselines",
     "best_subset",
+    "best_within",
     "build_model",
     "cache_dir",
     "case_names",
     "combine_outputs",
     "count_flops",
     "get_case",
+    "is_realizable",
     "metric_value",
     "parse_case",
     "subset_mean",
@@ -1202,6 +1204,31 @@ def baselines(
         row("vanilla average", tuple(range(k)), 1, metric_value(z_eval.double(), y_eval, task),
             metric_value(z_cal.double(), y_cal, task), int(counter(avg, case.example)), _params(avg))  # fmt: skip
     return rows
+
+
+def is_realizable(row: BaselineRow) -> bool:
+    """Whether a user could pick this baseline without looking at the evaluation labels: every row except the
+    oracle best member and the individual ``member k`` rows (choosing member k because it is best on the test set
+    is the oracle)."""
+    return not (row.method.startswith("member ") or "oracle" in row.method)
+
+
+def best_within(rows: Sequence[BaselineRow], max_flops: float, *, realizable_only: bool = True) -> BaselineRow | None:
+    """The most accurate (lowest-perplexity) baseline whose FLOPs per sample are at most ``max_flops``.
+
+    Args:
+        rows: from :func:`baselines`.
+        max_flops: the budget in FLOPs per sample (e.g. ``0.5 * ensemble_flops``).
+        realizable_only: consider only :func:`is_realizable` rows (default); False adds the oracle best member.
+
+    Returns:
+        The best row, or None when none fits (ties: the cheaper row, then the first).
+    """
+    fits = [r for r in rows if r.flops <= max_flops and (is_realizable(r) or not realizable_only)]
+    if not fits:
+        return None
+    sign = 1.0 if fits[0].metric == "accuracy" else -1.0
+    return max(fits, key=lambda r: (sign * r.value, -r.flops))
 
 
 # --------------------------------------------------------------------------------------------------------------

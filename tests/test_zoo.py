@@ -463,3 +463,19 @@ def test_threads_are_part_of_the_definition(tmp_path):
     with pytest.raises(FileNotFoundError):
         zoo.get_case("digits/mlp/iid/K1/tiny", cache=str(tmp_path), threads=2, train_missing=False)
     assert one.records[0]["threads"] == one.records[0]["definition"]["threads"] == 1
+
+
+def test_best_within_a_budget():
+    def r(method, value, flops, metric="accuracy"):
+        return zoo.BaselineRow(method, (0,), 1, metric, value, None, flops, 1, flops / 400)
+
+    rows = [r("member 0", 0.99, 100), r("best member (test, oracle)", 0.99, 100),
+            r("best member (calibration)", 0.9, 100), r("sub-ensemble best 2/4 (calibration, logits)", 0.95, 200),
+            r("vanilla average", 0.95, 100), r("ensemble (logits)", 0.97, 400)]  # fmt: skip
+    assert zoo.best_within(rows, 99) is None
+    assert zoo.best_within(rows, 150).method == "vanilla average"
+    assert zoo.best_within(rows, 250).method == "vanilla average"  # a tie goes to the cheaper row
+    assert zoo.best_within(rows, 400).method == "ensemble (logits)"
+    assert zoo.best_within(rows, 400, realizable_only=False).method == "member 0"
+    lm = [r("best member (calibration)", 4.0, 100, "perplexity"), r("ensemble (logits)", 3.5, 200, "perplexity")]
+    assert zoo.best_within(lm, 200).method == "ensemble (logits)"
