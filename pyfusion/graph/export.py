@@ -5,13 +5,18 @@ structural fingerprint of the model (module classes and their plain attributes, 
 which tensors are tied, hooks, Hugging Face configs) plus the input signature, so that fusing many members of one
 architecture (and the test suite) exports each architecture once: an MLP exports in ~0.03 s, a ResNet-20 in
 ~0.2 s, a two-layer Hugging Face model in ~0.6-1 s after the ~2 s first call of a process (2-core VM, loaded).
+
+Hugging Face models are exported with ``config.use_cache = False`` (restored afterwards): a key/value cache in the
+outputs (``DynamicCache``) is not a pytree torch.export knows, and it is generation state, not part of the function
+the neuron groups describe (a fused model builds its own cache, in its own head layout, when it generates).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -73,8 +78,27 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` on every (Hugging Face) config of ``model`` for the duration; restored after."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    saved = [(c, c.use_cache) for c in configs.values() if getattr(c, "use_cache", None) is True]
+    try:
+        for c, _ in saved:
+            c.use_cache = False
+        yield
+    finally:
+        for c, v in saved:
+            c.use_cache = v
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None) -> Any:
     """``torch.export.export(model, args, kwargs, strict=False)`` in eval mode, cached (see the module docstring)."""
+    with _without_kv_cache(model):
+        return _export_program(model, args, kwargs)
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: Mapping[str, Any] | None) -> Any:
     kwargs = dict(kwargs or {})
     key = fingerprint(model, args, kwargs)
     hit = _CACHE.get(key)
