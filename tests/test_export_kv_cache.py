@@ -34,3 +34,21 @@ def test_gpt2_with_kv_cache_traces_fuses_and_keeps_its_config():
         full = fused(x).logits[:, -1]
         step = fused(x[:, -1:], past_key_values=fused(x[:, :-1]).past_key_values).logits[:, -1]
         torch.testing.assert_close(step, full, rtol=1e-9, atol=1e-9)
+
+
+def test_export_failure_is_named_before_the_walk_refusal():
+    class DataDependent(torch.nn.Module):  # data-dependent control flow: torch.export refuses it
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, ids):
+            h = self.emb(ids).mean(1)
+            return self.fc(h) if bool(h.sum() > 0) else -self.fc(h)
+
+    from pyfusion.graph import UnsupportedModuleError
+
+    with pytest.raises(UnsupportedModuleError, match=r"torch.export could not trace DataDependent \(.*\), and the "
+                       r"leaf modules cannot be read as a chain: unsupported module 'emb'"):  # fmt: skip
+        trace_groups(DataDependent(), torch.randint(0, 10, (2, 3)))

@@ -69,7 +69,14 @@ def trace_groups(
         if not allow_walk:
             raise
         why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-        graph = FusionGraph(walk_groups(model), None, example_inputs=(args, kwargs), source="walk")
+        try:
+            walked = walk_groups(model)
+        except UnsupportedModuleError as err:  # say why the export failed first: that is the cause to fix
+            raise UnsupportedModuleError(
+                f"torch.export could not trace {type(model).__name__} ({why}), and the leaf modules cannot be read "
+                f"as a chain: {err}"
+            ) from exc
+        graph = FusionGraph(walked, None, example_inputs=(args, kwargs), source="walk")
         graph.validate(model)
         try:
             verify_groups(model, graph)
