@@ -538,17 +538,22 @@ def _write(fused: nn.Module, own: dict[str, Tensor], key: str, t: Tensor) -> Non
         dst.copy_(t.to(dst.dtype))
 
 
-def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None:
-    """Re-trace ``fused`` on the graph's example inputs and check every group has the width the plan gives it.
+def fused_groups(fused: nn.Module, graph: FusionGraph) -> tuple[FusionGraph, dict[str, Any]]:
+    """Re-trace ``fused`` on the graph's example inputs and pair each member group with the fused model's group
+    at the same place (same tensor, axis and role, same segment index along that axis: offsets change with the
+    widths).
+
+    Returns:
+        ``(fused_graph, {member group name: fused NeuronGroup or None})``.
 
     Raises:
-        ValueError: naming the group, the expected and the traced width (e.g. attention code that hard-codes a
-            head count, or a size attribute no adapter updated).
+        ValueError: the fused model does not run / trace (a module's forward reads a size attribute no adapter
+            updated), or the graph has no example inputs.
     """
     from pyfusion.graph import trace_groups
 
     if graph.example_inputs is None:
-        return
+        raise ValueError("the graph has no example inputs to re-trace the fused model with")
     try:
         new = trace_groups(fused, graph.example_inputs, allow_walk=False, verify=False)
     except Exception as exc:
@@ -571,11 +576,28 @@ def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None
         return out
 
     old_segs, new_segs = segments(graph), segments(new)
+    pairs: dict[str, Any] = {}
+    for name, g in graph.groups.items():
+        r = next((r for r in g.refs if r.role == "producer"), g.refs[0])
+        idx = next(k for k, v in old_segs.items() if v is g and k[:3] == (r.key, r.axis, r.role))
+        pairs[name] = new_segs.get(idx)
+    return new, pairs
+
+
+def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None:
+    """Re-trace ``fused`` on the graph's example inputs and check every group has the width the plan gives it.
+
+    Raises:
+        ValueError: naming the group, the expected and the traced width (e.g. attention code that hard-codes a
+            head count, or a size attribute no adapter updated).
+    """
+    if graph.example_inputs is None:
+        return
+    _new, pairs = fused_groups(fused, graph)
     for name, g in graph.groups.items():
         slots = plan.groups[name].slots if name in plan.groups else g.size
         r = next((r for r in g.refs if r.role == "producer"), g.refs[0])
-        idx = next(k for k, v in old_segs.items() if v is g and k[:3] == (r.key, r.axis, r.role))
-        ng = new_segs.get(idx)
+        ng = pairs[name]
         if ng is None or ng.size != slots or ng.unit_size != g.unit_size:
             got = "no group" if ng is None else f"{ng.size} neurons in units of {ng.unit_size}"
             raise ValueError(

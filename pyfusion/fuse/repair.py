@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyfusion.fuse.builder import fused_groups
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.groups import group_statistics
@@ -85,6 +86,14 @@ def repair(
     if plan is None:
         raise ValueError("repair needs the fusion plan (the method returned no plan)")
     targets = repair_targets(list(members), graph, plan, data, max_batches=max_batches)
+    # the fused model's statistics: its own traced graph when fusion changed widths (the members' exported program
+    # has their shapes baked in), each member group paired with the fused group at the same place
+    fused_graph, fused_name = graph, {name: name for name in graph.groups}
+    widened = any(gp.slots != graph.groups[name].size for name, gp in plan.groups.items() if name in graph.groups)
+    if widened and graph.traced is not None:
+        fused_graph, pairs = fused_groups(fused, graph)
+        by_id = {id(g): n for n, g in fused_graph.groups.items()}
+        fused_name = {name: by_id[id(ng)] for name, ng in pairs.items() if ng is not None}
     done: list[str] = []
     skipped: dict[str, dict[str, Any]] = {}
     for name, g in graph.groups.items():
@@ -121,7 +130,11 @@ def repair(
                 why = f"{kind} without bias and no BatchNorm / LayerNorm after it: the mean cannot be moved"
             skipped[name] = {"modules": [path], "reason": why}
             continue
-        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
+        if name not in fused_name:
+            skipped[name] = {"modules": producers, "reason": "no group at its place in the re-traced fused model"}
+            continue
+        fname = fused_name[name]
+        st = group_statistics([fused], fused_graph, data, point="pre", groups=[fname], max_batches=max_batches)[fname]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
         t_mu, t_sd = targets[name]
         live = f_sd > eps
