@@ -103,8 +103,10 @@ def fuse(
     result = spec.call(members, graph, lam, data, cfg, **options)
     t_method = time.perf_counter() - t0
     info: dict[str, Any] = {"method": method, "lambdas": lam, "time_graph_s": t_graph}
+    from pyfusion.fuse.fast import finish, order_shared_slots  # (loads the execution modules: not at import)
+
     if isinstance(result, Plan):
-        plan = result
+        plan = order_shared_slots(result, graph)  # one segment per member subset (K >= 3): fewer, larger blocks
         t0 = time.perf_counter()
         fused = build(members, graph, plan)
         info["time_build_s"] = time.perf_counter() - t0
@@ -131,10 +133,8 @@ def fuse(
         t0 = time.perf_counter()
         info["repair"] = _repair(fused, members, graph, plan, data, max_batches=bn_batches)
         info["time_repair_s"] = time.perf_counter() - t0
-    if fast_modules:
-        from pyfusion.fuse.fast import swap_partial_modules
-
-        info["fast_modules"] = swap_partial_modules(fused, len(members))
+    # never costlier than the ensemble (issue 14: else the exact ensemble, said in info), then execution modules
+    fused, plan = finish(fused, members, graph, plan, lam, info, fast_modules=fast_modules)
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused
