@@ -286,6 +286,7 @@ def swap_partial_modules(
     batch: int = DECISION_BATCH,
     fuse_activations: bool = True,
     decisions: dict[str, str] | None = None,
+    always: bool = False,
 ) -> list[str]:
     """Replace (in place) the layers whose member-mask segments skip blocks by PartialLinear / PartialConv2d.
 
@@ -299,6 +300,8 @@ def swap_partial_modules(
         fuse_activations: fold a ReLU / GELU / SiLU module that follows the layer in an ``nn.Sequential`` into the
             partial module's epilogue (the activation module becomes ``nn.Identity``).
         decisions: filled with module path -> "partial", "dense (predicted faster: ...)" or "dense (why)".
+        always: swap every block-sparse layer that can be swapped exactly, without asking the cost model (tests,
+            and machines the cost model was not calibrated on).
 
     Returns:
         The module paths that were swapped.
@@ -343,7 +346,7 @@ def swap_partial_modules(
             rows = batch * (math.prod(int(v) for v in shape[:-1]) if shape is not None and len(shape) > 1 else 1)
             t_part = predict_time("linear", plan, rows)
             t_dense = predict_time("linear", plan, rows, dense=True)
-        if t_part > t_dense:
+        if t_part > t_dense and not always:
             why[path] = f"dense (predicted faster at batch {batch}: {t_dense * 1e6:.0f} vs {t_part * 1e6:.0f} us)"
             continue
         chosen[path] = segs
@@ -422,7 +425,7 @@ def finish(
     lambdas: Sequence[float],
     info: dict[str, Any],
     *,
-    fast_modules: bool = True,
+    fast_modules: bool | str = True,
     example: Any = None,
 ) -> tuple[nn.Module, Plan | None]:
     """The last step of :func:`pyfusion.fuse`: cap the effective FLOPs at the ensemble's, then swap in the
@@ -471,6 +474,8 @@ def finish(
     if fast_modules:
         shapes = _input_shapes(fused, example) if example is not None else None
         decisions: dict[str, str] = {}
-        info["fast_modules"] = swap_partial_modules(fused, len(members), input_shapes=shapes, decisions=decisions)
+        info["fast_modules"] = swap_partial_modules(
+            fused, len(members), input_shapes=shapes, decisions=decisions, always=fast_modules == "always"
+        )
         info["fast_decisions"] = {p: d for p, d in decisions.items() if d != "partial"}
     return fused, plan

@@ -124,6 +124,53 @@ class _SegmentedMixin:
         n = plan.out_segments[o][0] * plan.k_of_out[o] * taps
         return self.weight[off : off + n].view(plan.out_segments[o][0], plan.k_of_out[o], *self._taps_shape)  # type: ignore[attr-defined]
 
+    # ---- saving (pyfusion.save / load: the constructor arguments as JSON) ----
+    _CONFIG_EXTRA: tuple[str, ...] = ()
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable (:func:`pyfusion.serialization.register_module`): segments
+        as ``[[size, member_mask], ...]`` (every layout, member subsets of K >= 3 included), bias, activation, and
+        a convolution's kernel / stride / padding / dilation."""
+        cfg: dict[str, Any] = {
+            "in_segments": [list(s) for s in self.in_segments],
+            "out_segments": [list(s) for s in self.out_segments],
+            "bias": self.bias is not None,  # type: ignore[attr-defined]
+            "activation": None if self.activation == "none" else self.activation,
+        }
+        for name in self._CONFIG_EXTRA:
+            cfg[name] = list(getattr(self, name))
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> nn.Module:
+        """Build from :meth:`get_config`'s dict (files of the earlier format, with standard ``in_layout`` /
+        ``out_layout`` lists, too).
+
+        Raises:
+            ValueError: a key the config does not have, a missing key, or a value of the wrong type.
+        """
+        cfg = dict(config)
+        for new, old in (("in_segments", "in_layout"), ("out_segments", "out_layout")):
+            if old in cfg and new not in cfg:
+                cfg[new] = cfg.pop(old)
+        want = {"in_segments", "out_segments", "bias", "activation", *cls._CONFIG_EXTRA}
+        if set(cfg) != want:
+            raise ValueError(
+                f"{cls.__name__} config must have the keys {sorted(want)}; got {sorted(config)} "
+                f"(unexpected {sorted(set(cfg) - want)}, missing {sorted(want - set(cfg))})"
+            )
+        if not isinstance(cfg["bias"], bool):
+            raise ValueError(f"{cls.__name__} config 'bias' must be a bool; got {cfg['bias']!r}")
+        if cfg["activation"] is not None and not isinstance(cfg["activation"], str):
+            raise ValueError(f"{cls.__name__} config 'activation' must be a string or None; got {cfg['activation']!r}")
+        for name in ("in_segments", "out_segments", *cls._CONFIG_EXTRA):
+            v = cfg[name]
+            flat = [u for item in v for u in (item if isinstance(item, list) else [item])] if isinstance(v, list) else [v]
+            if not isinstance(v, list) or not all(type(u) is int for u in flat):
+                raise ValueError(f"{cls.__name__} config {name!r} must be a list of ints / int pairs; got {v!r}")
+        extra = {name: tuple(cfg[name]) for name in cls._CONFIG_EXTRA}
+        return cls(cfg["in_segments"], cfg["out_segments"], bias=cfg["bias"], activation=cfg["activation"], **extra)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
         legacy = prefix + "weight_shared" in state_dict and prefix + "weight" not in state_dict
         if legacy:
@@ -449,6 +496,8 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
     stride / padding / dilation (zero padding, groups = 1).
     """
 
+    _CONFIG_EXTRA = ("kernel_size", "stride", "padding", "dilation")
+
     def __init__(
         self,
         in_segments: Any,
@@ -614,3 +663,15 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
             f"{what}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"dilation={self.dilation}, bias={self.bias is not None}, activation={self.activation}"
         )
+
+
+def _register_for_saving() -> None:
+    """Let :func:`pyfusion.save` / :func:`pyfusion.load` rebuild these modules from :meth:`get_config` (segments of
+    every layout, which a standard ``in_layout`` list cannot describe for K >= 3)."""
+    from pyfusion.serialization import register_module
+
+    for cls in (PartialLinear, PartialConv2d):
+        register_module(cls)
+
+
+_register_for_saving()
