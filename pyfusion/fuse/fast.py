@@ -11,10 +11,12 @@ parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.bui
   :class:`pyfusion.nn.PartialLinear` / :class:`pyfusion.nn.PartialConv2d` (``from_dense``, which checks that the
   skipped blocks are exactly zero): widened Linears anywhere in a model (transformer FFNs, q / k / v / o and packed
   q|k|v projections, classifier heads, user classes), convolutions, and Hugging Face ``Conv1D`` (transposed
-  weight). A ReLU / GELU / SiLU module right after the layer in an ``nn.Sequential`` is fused into the layer's
-  epilogue. A layer stays dense where the dense zero-block layer is predicted to be faster (:func:`predict_time`,
-  a cost model calibrated by measurement) or where the swap cannot be exact (tied weights, modules whose parent
-  reads the weight directly such as ``nn.MultiheadAttention``'s ``out_proj``).
+  weight); an ``nn.MultiheadAttention`` (packed ``in_proj_weight``, read directly) as a whole by
+  :class:`pyfusion.nn.PartialMultiheadAttention`. A ReLU / GELU / SiLU module right after the layer in an
+  ``nn.Sequential`` is fused into the layer's epilogue. A layer stays dense where the dense zero-block layer is
+  predicted to be faster (:func:`predict_time`, a cost model calibrated by measurement; ``always=True`` /
+  ``fuse(fast_modules="always")`` skips it) or where the swap cannot be exact (tied weights, modules whose parent
+  reads the weight directly). An ``nn.TransformerEncoderLayer`` holding a swapped module runs its Python path.
 * :func:`finish` (the api's hook): the effective-FLOP cap of issue 14 (a fused point costing more than the
   ensemble is replaced by the exact ensemble, said in ``fusion_info``), then the swap.
 """
@@ -31,12 +33,13 @@ from torch import Tensor, nn
 
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.graph.groups import FusionGraph
-from pyfusion.nn import PartialConv2d, PartialLinear, replace_
-from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan
+from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
+from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan, slice_segments
 
 __all__ = [
     "DECISION_BATCH",
     "finish",
+    "mha_segments",
     "module_segments",
     "order_shared_slots",
     "predict_time",
@@ -161,6 +164,47 @@ def module_segments(
     return ins, outs
 
 
+def _mha_swappable(mod: nn.Module) -> bool:
+    return (
+        type(mod) is nn.MultiheadAttention
+        and mod._qkv_same_embed_dim
+        and mod.bias_k is None
+        and not mod.add_zero_attn
+    )
+
+
+def mha_segments(
+    model: nn.Module, layouts: Mapping[str, Mapping[str, Any]], path: str, num_members: int
+) -> tuple[Segments, Segments, Segments, Segments] | None:
+    """(in_proj input segments, in_proj row segments (q | k | v), out_proj input segments, out_proj output
+    segments) of the ``nn.MultiheadAttention`` at ``path`` from the builder's records, or None."""
+    mod = model.get_submodule(path)
+    entry = layouts.get(path)
+    if not _mha_swappable(mod) or entry is None or "segments" not in entry:
+        return None
+    rec = entry["segments"].get("in_proj_weight")  # type: ignore[union-attr]
+    if rec is None:
+        return None
+    w = mod.in_proj_weight
+    every = (1 << num_members) - 1
+
+    def side(axis: int) -> Segments:
+        segs = rec["axes"].get(str(axis))
+        if segs is None:
+            return ((int(w.shape[axis]), every),)
+        return as_segments([tuple(int(v) for v in s) for s in segs], f"{path}.in_proj_weight axis {axis}")
+
+    ins, rows = side(1), side(0)
+    out_path = f"{path}.out_proj"
+    out = module_segments(model, layouts, out_path, num_members)
+    if out is None:
+        e = int(mod.out_proj.weight.shape[0])
+        out = (((int(mod.out_proj.weight.shape[1]), every),), ((e, every),))
+    if sum(s for s, _ in ins) != int(w.shape[1]) or sum(s for s, _ in rows) != int(w.shape[0]):
+        return None
+    return ins, rows, out[0], out[1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cost model: partial module or dense zero-block layer
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +245,8 @@ def predict_time(kind: str, plan, rows: int, geom=None, positions: int = 1, dens
     """
     if kind == "linear":
         if dense:
-            return LAYER_CALL_S + GEMM_CALL_S + 2.0 * rows * plan.o_total * plan.i_total / _rate(plan.o_total,
-                                                                                                 plan.i_total)  # fmt: skip
+            flops = 2.0 * rows * plan.o_total * plan.i_total
+            return LAYER_CALL_S + GEMM_CALL_S + flops / _rate(plan.o_total, plan.i_total)
         from pyfusion.ops.partial_linear.backends import BatchedStep, blas_steps, cpp_max_rows
 
         if rows <= cpp_max_rows(plan):
@@ -312,13 +356,16 @@ def swap_partial_modules(
     chosen: dict[str, tuple[Segments, Segments]] = {}
     why: dict[str, str] = {}
     parents = {name: mod for name, mod in model.named_modules()}
+    chosen_mha: dict[str, tuple[Segments, Segments, Segments, Segments]] = {}
     for path, mod in model.named_modules():
+        if path and isinstance(mod, nn.MultiheadAttention):
+            _choose_mha(model, layouts, path, mod, num_members, shapes, batch, always, shared, chosen_mha, why)
+            continue
         if path == "" or _axes_of(mod) is None:
             continue
         parent_path = path.rpartition(".")[0]
-        if _reads_child_weights(parents[parent_path]):
-            why[path] = f"dense ({type(parents[parent_path]).__name__} reads the weight directly)"
-            continue
+        if parent_path in chosen_mha:
+            continue  # the attention module is replaced as a whole
         segs = module_segments(model, layouts, path, num_members)
         if segs is None:
             continue
@@ -326,6 +373,9 @@ def swap_partial_modules(
         plan = segment_plan(ins, outs)
         if plan.stored == plan.o_total * plan.i_total:
             continue  # no block is skipped: the dense layer is the partial layer
+        if _reads_child_weights(parents[parent_path]):
+            why[path] = f"dense ({type(parents[parent_path]).__name__} reads the weight directly)"
+            continue
         if any(id(p) in shared for p in mod.parameters()):
             why[path] = "dense (its weight is tied to another module's)"
             continue
@@ -354,17 +404,79 @@ def swap_partial_modules(
     swapped: list[str] = []
 
     def make(mod: nn.Module, fqn: str) -> nn.Module:
-        ins, outs = chosen[fqn]
         swapped.append(fqn)
         why[fqn] = "partial"
+        if fqn in chosen_mha:
+            try:
+                return PartialMultiheadAttention.from_dense(mod, *chosen_mha[fqn])
+            except ValueError as exc:
+                raise ValueError(f"{fqn}: {exc}") from exc
+        ins, outs = chosen[fqn]
         return _build(mod, ins, outs, fqn)
 
-    replace_(model, make, lambda m, fqn: fqn in chosen)
+    replace_(model, make, lambda m, fqn: fqn in chosen or fqn in chosen_mha)
+    if swapped:
+        _no_fused_fast_path(model, swapped)
     if fuse_activations:
         _fuse_activations(model, swapped)
     if decisions is not None:
         decisions.update(why)
     return swapped
+
+
+def _choose_mha(
+    model: nn.Module,
+    layouts: Mapping[str, Mapping[str, Any]],
+    path: str,
+    mod: nn.MultiheadAttention,
+    num_members: int,
+    shapes: Mapping[str, Sequence[int]],
+    batch: int,
+    always: bool,
+    shared: set[int],
+    chosen: dict[str, tuple[Segments, Segments, Segments, Segments]],
+    why: dict[str, str],
+) -> None:
+    """Decide whether the nn.MultiheadAttention at ``path`` becomes a PartialMultiheadAttention."""
+    segs = mha_segments(model, layouts, path, num_members)
+    if segs is None:
+        if not _mha_swappable(mod) and path in layouts:
+            why[path] = "dense (nn.MultiheadAttention with kdim / vdim, bias_k / bias_v or add_zero_attn)"
+        return
+    ins, rows, o_in, o_out = segs
+    e = int(mod.out_proj.weight.shape[0])
+    plans = [segment_plan(ins, slice_segments(rows, j * e, (j + 1) * e)) for j in range(3)]
+    plans.append(segment_plan(o_in, o_out))
+    if all(p.stored == p.o_total * p.i_total for p in plans):
+        return
+    if any(id(p) in shared for p in mod.parameters()):
+        why[path] = "dense (its weights are tied to another module's)"
+        return
+    shape = shapes.get(path)
+    tokens = math.prod(int(v) for v in shape[:-1]) if shape is not None and len(shape) > 1 else 1
+    r = batch * tokens
+    t_part = sum(predict_time("linear", p, r) for p in plans)
+    t_dense = predict_time("linear", segment_plan(((e, 1),), ((3 * e, 1),)), r, dense=True) + predict_time(
+        "linear", plans[3], r, dense=True
+    )
+    if t_part > t_dense and not always:
+        why[path] = f"dense (predicted faster at batch {batch}: {t_dense * 1e6:.0f} vs {t_part * 1e6:.0f} us)"
+        return
+    chosen[path] = segs
+
+
+def _no_fused_fast_path(model: nn.Module, swapped: list[str]) -> None:
+    """``nn.TransformerEncoderLayer``'s inference fast path (one C++ op) reads ``linear1.weight``,
+    ``self_attn.in_proj_weight``, ... directly: a layer holding a swapped module runs its Python path (the same
+    function, module calls), and an ``nn.TransformerEncoder`` above it no longer converts to nested tensors."""
+    for path, mod in model.named_modules():
+        inside = any(p.startswith(path + ".") for p in swapped) if path else bool(swapped)
+        if not inside:
+            continue
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            mod.activation_relu_or_gelu = False  # the fast path's condition (the Python path uses .activation)
+        elif isinstance(mod, nn.TransformerEncoder):
+            mod.use_nested_tensor = False
 
 
 def _fuse_activations(model: nn.Module, swapped: list[str]) -> None:
@@ -399,12 +511,15 @@ def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for path, mod in model.named_modules():
-        if _axes_of(mod) is None:
+        if _axes_of(mod) is None and not isinstance(mod, nn.MultiheadAttention):
             continue
 
         def hook(m: nn.Module, args: tuple, path: str = path) -> None:
             if args and isinstance(args[0], Tensor) and args[0].dim() >= 1:
-                shapes.setdefault(path, tuple(int(v) for v in args[0].shape[1:]))
+                shape = tuple(int(v) for v in args[0].shape)
+                if isinstance(m, nn.MultiheadAttention) and not m.batch_first and len(shape) == 3:
+                    shape = (shape[1], shape[0], shape[2])  # (T, B, E): the batch is the second dimension
+                shapes.setdefault(path, shape[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:

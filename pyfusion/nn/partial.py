@@ -165,7 +165,8 @@ class _SegmentedMixin:
             raise ValueError(f"{cls.__name__} config 'activation' must be a string or None; got {cfg['activation']!r}")
         for name in ("in_segments", "out_segments", *cls._CONFIG_EXTRA):
             v = cfg[name]
-            flat = [u for item in v for u in (item if isinstance(item, list) else [item])] if isinstance(v, list) else [v]
+            items = v if isinstance(v, list) else [v]
+            flat = [u for item in items for u in (item if isinstance(item, list) else [item])]
             if not isinstance(v, list) or not all(type(u) is int for u in flat):
                 raise ValueError(f"{cls.__name__} config {name!r} must be a list of ints / int pairs; got {v!r}")
         extra = {name: tuple(cfg[name]) for name in cls._CONFIG_EXTRA}

@@ -43,6 +43,7 @@ __all__ = [
     "pack_segment_weight",
     "segment_plan",
     "segments_from_layout",
+    "slice_segments",
     "segments_key",
     "standard_masks",
     "unpack_segment_weight",
@@ -126,6 +127,26 @@ def canonical_segments(segments: Segments) -> Segments:
         else:
             out.append([size, mask])
     return tuple((s, m) for s, m in out)
+
+
+def slice_segments(segments: Segments, lo: int, hi: int) -> Segments:
+    """The segments of the index range ``[lo, hi)`` of an axis described by ``segments`` (segments cut at the
+    range's ends; empty ones dropped): e.g. the q, k or v rows of a packed ``in_proj`` weight.
+
+    Raises:
+        ValueError: ``0 <= lo <= hi <= total`` does not hold.
+    """
+    total = sum(s for s, _ in segments)
+    if not 0 <= lo <= hi <= total:
+        raise ValueError(f"slice [{lo}, {hi}) must lie inside the {total} indices of the segments")
+    out: list[tuple[int, int]] = []
+    start = 0
+    for size, mask in segments:
+        a, b = max(lo, start), min(hi, start + size)
+        if b > a:
+            out.append((b - a, mask))
+        start += size
+    return tuple(out)
 
 
 def segments_key(segments: Segments) -> tuple[tuple[int, ...], tuple[int, ...]]:
