@@ -1,5 +1,5 @@
-"""Backends of ``pyfusion::partial_conv2d`` and its dispatcher (segments and the packed weight: :mod:`pyfusion.ops.layout`,
-on channels, ``W_o`` stored as (O_o, K_o, kh, kw)).
+"""Backends of ``pyfusion::partial_conv2d`` and its dispatcher (segments and the packed weight:
+:mod:`pyfusion.ops.layout`, on channels, ``W_o`` stored as (O_o, K_o, kh, kw)).
 
 ``y = act(conv2d(x, W) + b)`` with ``W`` (O_total, I_total, kh, kw) zero outside the blocks whose member masks
 intersect (DESIGN §7):
