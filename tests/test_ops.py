@@ -16,7 +16,6 @@ from pyfusion.ops import OP_MODULES
 from pyfusion.ops._registry import LAZY_OPS
 from pyfusion.ops.layout import as_segments, segment_plan
 
-
 # K = 3 segments with a subset shared slot: {0,1,2} | {0,1} | b0 | b1 | b2
 _SEG_IN = [(2, 0b111), (1, 0b011), (2, 0b001), (1, 0b010), (2, 0b100)]
 _SEG_OUT = [(2, 0b111), (2, 0b011), (1, 0b001), (2, 0b010), (1, 0b100)]
@@ -49,7 +48,9 @@ def _sample_args(name: str) -> tuple:
     """Arguments of the registered op (the validated form the public function hands it)."""
     rng = np.random.default_rng(0)
     if name == "partial_linear":
-        return _pl_args(rows=200)  # > the panel engine's crossover (forward-only: it declines inside the op): BLAS in both
+        return _pl_args(
+            rows=200
+        )  # > the panel engine's crossover (forward-only: it declines inside the op): BLAS in both
     if name == "partial_conv2d":
         return _pc_args()
     if name == "linear_assignment":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _segments import ACT_FNS, ACTS, K3_IN, K3_OUT, K4_IN, K4_OUT, LAYOUTS, assert_close, dense_of, make_weight
+from _segments import pack as pack_dense
 
 from pyfusion.backends import triton_interpreter_reasons
 from pyfusion.dispatch import NoBackendError
@@ -19,8 +21,6 @@ from pyfusion.ops.layout import as_segments, segment_plan
 from pyfusion.ops.partial_linear import DISPATCHER, OP, partial_linear_flops
 from pyfusion.ops.partial_linear import backends as PL
 from pyfusion.ops.reference import partial_linear_ref
-from _segments import ACT_FNS, ACTS, K3_IN, K3_OUT, K4_IN, K4_OUT, LAYOUTS, assert_close, dense_of, make_weight
-from _segments import pack as pack_dense
 
 CPP_OK = not PL._cpp_available()
 needs_cpp = pytest.mark.skipif(not CPP_OK, reason="; ".join(PL._cpp_available()) or "-")
@@ -139,7 +139,9 @@ def test_blas_steps_cover_every_stored_block_once():
         for st in steps:
             count = getattr(st, "count", 1)
             for b in range(count):
-                cover[st.o0 + b * st.n_out : st.o0 + (b + 1) * st.n_out, st.col + b * st.n_in : st.col + (b + 1) * st.n_in] += 1  # noqa: E501
+                cover[
+                    st.o0 + b * st.n_out : st.o0 + (b + 1) * st.n_out, st.col + b * st.n_in : st.col + (b + 1) * st.n_in
+                ] += 1  # noqa: E501
         assert torch.equal(cover.bool(), plan.dense_block_mask()) and (cover.numel() == 0 or int(cover.max()) <= 1)
         for o in idle:
             assert plan.k_of_out[o] == 0
@@ -168,7 +170,7 @@ def test_masks_decide_the_stored_blocks():
 
 def test_standard_layout_is_the_special_case_of_masks():
     il, ol = [4, 2, 2], [3, 5, 5]
-    segs_in, segs_out = as_segments(il, "in"), as_segments(ol, "out")
+    segs_in = as_segments(il, "in")
     assert segs_in == ((4, 0b11), (2, 0b01), (2, 0b10))
     plan = plan_of(il, ol)
     assert plan.standard == ((4, 2, 2), (3, 5, 5))
@@ -285,9 +287,15 @@ def test_dispatcher_explains_and_forces(monkeypatch):
 # ---------------------------------------------------------------- autograd
 
 
+GRAD_CASES = [
+    ([3, 2, 2], [2, 3, 1]),
+    ([0, 2, 3, 1], [2, 1, 0, 2]),
+    ([(2, 7), (1, 3), (2, 5), (1, 1), (2, 4)], [(1, 6), (2, 3), (1, 1), (2, 2)]),
+]
+
+
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("ins,outs", [([3, 2, 2], [2, 3, 1]), ([0, 2, 3, 1], [2, 1, 0, 2]),
-                                      ([(2, 7), (1, 3), (2, 5), (1, 1), (2, 4)], [(1, 6), (2, 3), (1, 1), (2, 2)])])  # fmt: skip
+@pytest.mark.parametrize("ins,outs", GRAD_CASES)
 def test_gradcheck(ins, outs, act):
     w, b = make_weight(ins, outs, torch.float64, requires_grad=True)
     x = torch.randn(4, plan_of(ins, outs).i_total, dtype=torch.float64, requires_grad=True)

@@ -356,7 +356,7 @@ def cost(model: nn.Module, example: Any, *, members: Sequence[nn.Module] | None 
     for path in layers:
         mod = model.get_submodule(path)
         if isinstance(mod, nn.MultiheadAttention):
-            weight_tensors += (mod.in_proj_weight.numel() if mod.in_proj_weight is not None else 0)
+            weight_tensors += mod.in_proj_weight.numel() if mod.in_proj_weight is not None else 0
             weight_tensors += mod.out_proj.weight.numel()
         else:
             weight_tensors += mod.weight.numel()

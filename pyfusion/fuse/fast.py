@@ -166,10 +166,7 @@ def module_segments(
 
 def _mha_swappable(mod: nn.Module) -> bool:
     return (
-        type(mod) is nn.MultiheadAttention
-        and mod._qkv_same_embed_dim
-        and mod.bias_k is None
-        and not mod.add_zero_attn
+        type(mod) is nn.MultiheadAttention and mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn
     )
 
 
@@ -259,8 +256,10 @@ def predict_time(kind: str, plan, rows: int, geom=None, positions: int = 1, dens
     taps = geom.taps
     m = rows * positions
     if dense:
-        return LAYER_CALL_S + CONV_CALL_S + 2.0 * m * plan.o_total * plan.i_total * taps / _rate(
-            plan.o_total, plan.i_total * taps
+        return (
+            LAYER_CALL_S
+            + CONV_CALL_S
+            + 2.0 * m * plan.o_total * plan.i_total * taps / _rate(plan.o_total, plan.i_total * taps)
         )
     from pyfusion.ops.partial_conv2d.backends import conv_runs
 

@@ -51,8 +51,7 @@ def _check_args(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) ->
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != plan.i_total:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
-            f"x must have shape (N, I_total = {plan.i_total}, H, W) (in_segments={list(plan.in_segments)}); "
-            f"got {shape}"
+            f"x must have shape (N, I_total = {plan.i_total}, H, W) (in_segments={list(plan.in_segments)}); got {shape}"
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16/float64; got dtype {x.dtype}")

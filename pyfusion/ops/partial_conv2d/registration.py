@@ -106,8 +106,10 @@ def _backward(ctx, grad_y: Tensor):
     for run in runs:
         g_r = g[:, run.o0 : run.o0 + run.n_out]
         w_r = weight[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(run.n_out, run.k_o, kh, kw)
-        gw_r = None if gw is None else gw[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(
-            run.n_out, run.k_o, kh, kw
+        gw_r = (
+            None
+            if gw is None
+            else gw[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(run.n_out, run.k_o, kh, kw)
         )
         q = 0
         for col, n in run.ranges:

@@ -244,9 +244,10 @@ def blas_steps(plan: SegmentPlan, taps: int = 1) -> tuple[tuple[GemmStep | Batch
             j += 1
         if j - i >= 2:
             common = 0
-            while all(common < len(pieces_of[t]) for t in range(i, j)) and len(
-                {pieces_of[t][common] for t in range(i, j)}
-            ) == 1:
+            while (
+                all(common < len(pieces_of[t]) for t in range(i, j))
+                and len({pieces_of[t][common] for t in range(i, j)}) == 1
+            ):
                 common += 1
             if common:
                 o0, n_rows = segs[i][0], segs[j - 1][0] + segs[j - 1][1] - segs[i][0]
@@ -340,9 +341,7 @@ def _blas_forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, plan: Segm
     return y
 
 
-def _functional_forward_2d(
-    x2: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, taps: int = 1
-) -> Tensor:
+def _functional_forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, taps: int = 1) -> Tensor:
     """Same result as :func:`_blas_forward_2d` without in-place writes into views: the form traced for
     torch.compile / torch.export / torch.jit.trace (functionalization cannot replay in-place BLAS into views)."""
     m = x2.shape[0]
