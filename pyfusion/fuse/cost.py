@@ -8,8 +8,9 @@ no weight layer owns) records what each call costs:
 * ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` of a fused network whose segments the
   builder recorded (``fusion_module_layouts``): the blocks the segments allow (the zero blocks of the dense
   zero-block layer are not effective work); any other such layer: its full size;
-* ``nn.MultiheadAttention``: its in / out projections (effective, by their recorded segments) and the attention
-  products, ``2 * 2 * heads * T * S * head_dim`` per example (QK^T and AV);
+* ``nn.MultiheadAttention``: its in / out projections (effective, by their recorded segments: q and out on the T
+  query tokens, k and v on the S key tokens) and the attention products, ``2 * 2 * heads * T * S * head_dim``
+  FLOPs per example (QK^T and AV);
 * attention written with ``matmul`` / ``bmm`` / ``F.scaled_dot_product_attention`` (Hugging Face, user classes):
   the products as they run, so a fused model's QK^T and AV scale with the number of heads in every segment (shared
   and branch heads), ``T^2 x head_dim`` each;
@@ -44,7 +45,8 @@ class Cost:
             products of member-view norms.
         dense_params: parameters of the equivalent dense network (zero blocks included).
         dense_flops: FLOPs of the equivalent dense network.
-        attention_flops: the part of ``flops`` in matrix products no weight layer owns (attention QK^T and AV).
+        attention_flops: the part of ``flops`` in the attention products QK^T and AV (``nn.MultiheadAttention``'s,
+            and every matrix product no weight layer owns).
         ensemble_flops: FLOPs of the ensemble of ``members`` (each member on the same example, summed), when
             members were given.
         layers: module path -> (effective params, effective FLOPs, dense params, dense FLOPs) of each weight layer.
@@ -98,8 +100,8 @@ def _num_members(root: nn.Module) -> int | None:
 
 
 def _mha_counts(root: nn.Module, path: str, mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple:
-    """(effective weight params, effective MACs, dense params, dense MACs) of one nn.MultiheadAttention call
-    (projections + attention products), for the whole batch."""
+    """(effective weight params, effective projection MACs, dense params, dense projection MACs, attention MACs)
+    of one nn.MultiheadAttention call, for the whole batch."""
     q = args[0] if args else kwargs.get("query")
     k = args[1] if len(args) > 1 else kwargs.get("key", q)
     if mod.batch_first:
@@ -111,27 +113,27 @@ def _mha_counts(root: nn.Module, path: str, mod: nn.MultiheadAttention, args: tu
     e, h = mod.embed_dim, mod.num_heads
     dense_in = mod.in_proj_weight.numel() if mod.in_proj_weight is not None else 3 * e * e
     dense_out = mod.out_proj.weight.numel()
-    eff_in, eff_out = dense_in, dense_out
+    eff_qkv = [dense_in // 3] * 3  # the q, k and v rows of in_proj_weight
     layouts = getattr(root, "fusion_module_layouts", None) or {}
     kk = _num_members(root)
-    if kk is not None and path in layouts and "segments" in layouts[path]:
-        from pyfusion.ops.layout import as_segments, segment_plan
+    if kk is not None and path in layouts and "segments" in layouts[path] and mod.in_proj_weight is not None:
+        from pyfusion.ops.layout import as_segments, segment_plan, slice_segments
 
         rec = layouts[path]["segments"].get("in_proj_weight")
         if rec is not None:
             every = (1 << kk) - 1
             w = mod.in_proj_weight
-            sides = [as_segments(rec["axes"].get(str(a), [[int(w.shape[a]), every]]), "in_proj") for a in (1, 0)]
-            eff_in = segment_plan(*sides).stored
+            ins, rows = (as_segments(rec["axes"].get(str(a), [[int(w.shape[a]), every]]), "in_proj") for a in (1, 0))
+            n = int(w.shape[0]) // 3
+            eff_qkv = [segment_plan(ins, slice_segments(rows, j * n, (j + 1) * n)).stored for j in range(3)]
     out_path = f"{path}.out_proj" if path else "out_proj"
     stored = _recorded_stored(root, out_path, mod.out_proj)
-    if stored is not None:
-        eff_out = stored
-    # in projection on the query tokens (self attention: q, k, v from the same tokens), out projection on them
-    proj_eff = eff_in * t + eff_out * t
-    proj_dense = dense_in * t + dense_out * t
-    attn = 2 * h * t * s * (e // h)
-    return eff_in + eff_out, (proj_eff + attn) * nb, dense_in + dense_out, (proj_dense + attn) * nb
+    eff_out = dense_out if stored is None else stored
+    # q and the output projection on the query tokens, k and v on the key / value tokens
+    proj_eff = eff_qkv[0] * t + (eff_qkv[1] + eff_qkv[2]) * s + eff_out * t
+    proj_dense = (dense_in // 3) * (t + 2 * s) + dense_out * t
+    attn = 2 * h * t * s * (e // h)  # QK^T and AV: h * t * s * head_dim multiply-accumulates each
+    return sum(eff_qkv) + eff_out, proj_eff * nb, dense_in + dense_out, proj_dense * nb, attn * nb
 
 
 def _weight_layer_counts(root: nn.Module, path: str, mod: nn.Module, out: Tensor) -> tuple[int, int, int, int] | None:
@@ -296,7 +298,8 @@ def cost(model: nn.Module, example: Any, *, members: Sequence[nn.Module] | None 
             kw = {}
         path = owners[mod]
         if isinstance(mod, nn.MultiheadAttention):
-            counts = _mha_counts(model, path, mod, a, kw or {})
+            *counts, attn = _mha_counts(model, path, mod, a, kw or {})
+            free[0] += attn  # the attention products: counted with those of the other attention modules
         elif isinstance(mod, MemberViewNorm):
             if isinstance(out, Tensor):
                 e, d = _norm_counts(mod, out)
