@@ -89,7 +89,7 @@ class _MHABlock(nn.Module):
 
 
 class _HandAttention(nn.Module):
-    """Hand-written attention: q/k/v Linears, (B, H, T, d) heads, matmul + softmax, or F.scaled_dot_product_attention."""
+    """Hand-written attention: q/k/v Linears, (B, H, T, d) heads, matmul + softmax or F.scaled_dot_product_attention."""
 
     def __init__(self, e: int, h: int, sdpa: bool):
         super().__init__()

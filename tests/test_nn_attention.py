@@ -23,7 +23,7 @@ HEADS = ((3, 0b11), (3, 0b01), (3, 0b10), (3, 0b01))
 ROWS = HEADS * 3  # q | k | v rows
 
 
-def _mha(batch_first: bool, seed: int = 0, bias: bool = True) -> tuple[nn.MultiheadAttention, PartialMultiheadAttention]:
+def _mha(batch_first: bool, seed: int = 0, bias: bool = True) -> tuple[nn.Module, PartialMultiheadAttention]:
     """A dense nn.MultiheadAttention with zero blocks and its PartialMultiheadAttention."""
     torch.manual_seed(seed)
     mha = nn.MultiheadAttention(E, H, batch_first=batch_first, bias=bias, dtype=F64).eval()
