@@ -279,3 +279,68 @@ def test_torch_compile_forward_and_backward():
     torch.testing.assert_close(y, y0)
     for g, p in zip(grads, m.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+# ---- saving: member-mask segments of every layout (pyfusion.save / load) ----------------------------------------
+
+
+def test_save_and_load_keep_member_mask_segments(tmp_path):
+    """K = 3 / 4 segments (no standard layout describes them) survive pyfusion.save / load, with the activation,
+    the conv parameters and PartialMultiheadAttention's projections; a fresh process can load the file."""
+    import subprocess
+    import sys
+
+    import pyfusion
+    from pyfusion.nn import PartialMultiheadAttention
+
+    torch.manual_seed(0)
+    conv = PartialConv2d(K3_IN, K3_OUT, (3, 1), stride=(2, 1), padding=(1, 0), activation="relu")
+    lin = PartialLinear(K4_IN, K4_OUT, activation="silu")
+    heads = [(2, 0b11), (2, 0b01), (2, 0b10)]
+    projs = [PartialLinear(heads, heads) for _ in range(4)]
+    mha = PartialMultiheadAttention(*projs, num_heads=3, batch_first=True)
+    model = nn.ModuleDict({"conv": conv, "lin": lin, "mha": mha})
+    path = pyfusion.save(model, tmp_path / "m.safetensors")
+    loaded = pyfusion.load(path)
+    assert loaded.conv.in_segments == conv.in_segments and loaded.conv.out_segments == conv.out_segments
+    assert (loaded.conv.kernel_size, loaded.conv.stride, loaded.conv.padding) == ((3, 1), (2, 1), (1, 0))
+    assert loaded.lin.in_layout is None and loaded.lin.out_segments == lin.out_segments
+    assert loaded.lin.activation == "silu" and loaded.conv.activation == "relu"
+    x = torch.randn(2, width(K3_IN), 5, 4)
+    torch.testing.assert_close(loaded.conv(x), conv(x), rtol=0, atol=0)
+    v = torch.randn(3, width(K4_IN))
+    torch.testing.assert_close(loaded.lin(v), lin(v), rtol=0, atol=0)
+    t = torch.randn(2, 4, 6)
+    torch.testing.assert_close(loaded.mha(t, t, t)[0], mha(t, t, t)[0], rtol=0, atol=0)
+    code = f"import pyfusion; m = pyfusion.load({str(path)!r}); print(type(m['mha']).__name__, m['lin'].out_segments)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split()[0] == "PartialMultiheadAttention"
+
+
+def test_from_config_refuses_bad_configs():
+    from pyfusion.nn import PartialMultiheadAttention
+
+    good = PartialLinear(K3_IN, K3_OUT).get_config()
+    assert PartialLinear.from_config(good).get_config() == good
+    legacy = {"in_layout": [3, 2, 2], "out_layout": [1, 2, 2], "bias": True, "activation": None}
+    assert PartialLinear.from_config(legacy).in_layout == (3, 2, 2)  # files of the earlier format
+    with pytest.raises(ValueError, match="unexpected \\['weights'\\]"):
+        PartialLinear.from_config({**good, "weights": 1})
+    with pytest.raises(ValueError, match="missing \\['activation'\\]"):
+        PartialLinear.from_config({k: v for k, v in good.items() if k != "activation"})
+    with pytest.raises(ValueError, match="'bias' must be a bool"):
+        PartialLinear.from_config({**good, "bias": 1})
+    with pytest.raises(ValueError, match="'in_segments' must be a list"):
+        PartialLinear.from_config({**good, "in_segments": [[2, "3"]]})
+    with pytest.raises(ValueError, match="member_mask"):
+        PartialLinear.from_config({**good, "in_segments": [[2, 0]]})
+    conv = PartialConv2d([2, 1, 1], [1, 1, 1], 3).get_config()
+    with pytest.raises(ValueError, match="'stride' must be a list"):
+        PartialConv2d.from_config({**conv, "stride": [1.5, 1]})
+    mcfg = {"embed_dim": 6, "num_heads": 3, "batch_first": True, "dropout": 0.0}
+    assert PartialMultiheadAttention.from_config(mcfg).get_config() == mcfg
+    with pytest.raises(ValueError, match="dropout"):
+        PartialMultiheadAttention.from_config({**mcfg, "dropout": 2.0})
+    with pytest.raises(ValueError, match="keys"):
+        PartialMultiheadAttention.from_config({**mcfg, "kdim": 4})

@@ -121,6 +121,37 @@ class PartialMultiheadAttention(nn.Module):
         new.train(mha.training)
         return new
 
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments for :func:`pyfusion.save` (the projections are saved as children)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "num_heads": self.num_heads,
+            "batch_first": self.batch_first,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PartialMultiheadAttention:
+        """A module of :meth:`get_config`'s sizes with placeholder ``nn.Linear`` projections (:func:`pyfusion.load`
+        then attaches the saved ones).
+
+        Raises:
+            ValueError: keys other than get_config's, or values of the wrong type.
+        """
+        want = {"embed_dim", "num_heads", "batch_first", "dropout"}
+        if set(config) != want:
+            raise ValueError(
+                f"PartialMultiheadAttention config must have the keys {sorted(want)}; got {sorted(config)}"
+            )
+        e, h = config["embed_dim"], config["num_heads"]
+        if type(e) is not int or type(h) is not int or e < 1 or not isinstance(config["batch_first"], bool):
+            raise ValueError(f"PartialMultiheadAttention config has invalid values: {config}")
+        p = config["dropout"]
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"PartialMultiheadAttention config 'dropout' must be in [0, 1]; got {p!r}")
+        lin = [nn.Linear(e, e) for _ in range(4)]
+        return cls(*lin, num_heads=h, batch_first=config["batch_first"], dropout=float(p))
+
     def forward(
         self,
         query: Tensor,
@@ -212,3 +243,12 @@ def _merged_mask(
         kp = _additive(key_padding_mask, dtype).reshape(bsz, 1, 1, s)
         out = kp if out is None else out + kp
     return out
+
+
+def _register_for_saving() -> None:
+    from pyfusion.serialization import register_module
+
+    register_module(PartialMultiheadAttention)
+
+
+_register_for_saving()

@@ -669,10 +669,16 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
 def _register_for_saving() -> None:
     """Let :func:`pyfusion.save` / :func:`pyfusion.load` rebuild these modules from :meth:`get_config` (segments of
     every layout, which a standard ``in_layout`` list cannot describe for K >= 3)."""
+    import sys
+
     from pyfusion.serialization import register_module
 
     for cls in (PartialLinear, PartialConv2d):
         register_module(cls)
+    # pyfusion.load imports this module (not the lazy package's others): PartialMultiheadAttention registers itself
+    # when its module is imported, done here unless that module is the one importing this one right now
+    if "pyfusion.nn.attention" not in sys.modules:
+        import pyfusion.nn.attention  # noqa: F401
 
 
 _register_for_saving()
