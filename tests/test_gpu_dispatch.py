@@ -57,3 +57,26 @@ def test_partial_modules_on_cuda_match_float64():
             assert_close(conv(xc).cpu(), ref, dtype=torch.float32)
         finally:
             torch.backends.cudnn.allow_tf32 = True
+
+
+def test_fused_transformer_block_on_cuda_matches_float64():
+    """A partially fused nn.MultiheadAttention block with its fast modules (PartialMultiheadAttention, PartialLinear
+    FFN: the Triton kernel) on CUDA in float32 equals the float64 dense zero-block model on CPU."""
+    from _ir_families import randomize
+    from _ir_models import MHANet
+
+    import pyfusion
+    from pyfusion.graph import trace_groups
+    from pyfusion.nn import PartialMultiheadAttention
+
+    members = [randomize(MHANet(), seed) for seed in (1, 2)]
+    data = [torch.randn(4, 5, 5, dtype=torch.float64) for _ in range(2)]
+    kw = {"method": "partial", "alpha": 0.5, "reset_bn": False, "graph": trace_groups(members[0], data[0])}
+    dense = pyfusion.fuse(members, data, fast_modules=False, **kw).eval()
+    fast = pyfusion.fuse(members, data, fast_modules="always", **kw).eval()
+    assert isinstance(fast.mha, PartialMultiheadAttention)
+    x = torch.randn(33, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = dense(x)
+        got = fast.float().cuda()(x.float().cuda()).cpu()
+    assert_close(got, ref, dtype=torch.float32)
