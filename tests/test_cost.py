@@ -154,3 +154,24 @@ def test_partial_multihead_attention_counts_as_the_dense_module():
     ens = sum(pyfusion.cost(m, x).flops for m in members)
     assert cd.flops == cf.flops < ens and cd.attention_flops == cf.attention_flops > 0
     assert cf.attention_flops == 2 * 2 * fast.mha.num_heads * 5 * 5 * fast.mha.head_dim
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_attention_flops_of_hugging_face_blocks_by_hand(family):
+    """2 * 2 * heads * T^2 * head_dim per layer (QK^T and AV; Llama's grouped k / v heads are repeated to every
+    query head, its rotary embedding is not a product)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _ir_models import hf_models
+
+    models_ = hf_models()
+    if family not in models_:
+        pytest.skip("transformers is not installed")
+    m = models_[family][0]().eval()
+    t = 6
+    c = pyfusion.cost(m, ((torch.randint(0, 100, (2, t)),), {}))
+    cfg = m.config
+    heads, layers = cfg.num_attention_heads, cfg.num_hidden_layers
+    assert c.attention_flops == 2 * 2 * heads * t * t * (cfg.hidden_size // heads) * layers
