@@ -193,3 +193,16 @@ def test_a_point_costlier_than_the_ensemble_is_replaced_by_the_ensemble():
     assert _flops(out, x[:1]) == ens_flops == info["effective_flops"]
     torch.testing.assert_close(out(x), ens, rtol=1e-12, atol=1e-12)
     assert out_plan is not plan and all(gp.layout[0] == 0 for gp in out_plan.groups.values())
+
+
+def test_fast_transformer_block_exports_with_a_dynamic_batch():
+    """torch.export of a fused MHA block with its fast modules (PartialMultiheadAttention, PartialLinear) records the
+    ops and is correct at another batch size."""
+    members, data, graph = _members("mha")
+    fast = _fuse(members, data, graph, 0.5, "always", LAM)
+    assert isinstance(fast.mha, PartialMultiheadAttention)
+    ep = torch.export.export(fast, (data[0][:3],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert "pyfusion.partial_linear" in str(ep.graph_module.code)
+    x = torch.randn(7, 5, 5, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), fast(x), rtol=1e-12, atol=1e-12)
