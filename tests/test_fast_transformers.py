@@ -94,6 +94,7 @@ def _scale(ys):
     return max(1.0, max(float(t.abs().max()) for t in ys))
 
 
+@pytest.mark.slow  # 3-8 s per family (6 fusions)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fast_modules_equal_the_dense_model_and_cost_at_most_the_ensemble(family):
     members, data, graph = _members(family)
@@ -130,6 +131,7 @@ def test_fast_modules_equal_the_dense_model_and_cost_at_most_the_ensemble(family
     assert flops[0.0] < flops[0.5] < flops[1.0] == sum(member_flops)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mha", "gpt2", "llama"])
 def test_three_members_cost_the_ensemble_at_alpha_1(family):
     if family in ("gpt2", "llama") and family not in HF:
