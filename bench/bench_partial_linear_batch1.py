@@ -44,7 +44,7 @@ from common import Report, output_path  # noqa: E402
 
 from pyfusion import _ext  # noqa: E402
 from pyfusion.nn import PartialLinear  # noqa: E402
-from pyfusion.ops.layout import block_shapes  # noqa: E402
+from pyfusion.ops.layout import segment_plan, segments_from_layout  # noqa: E402
 
 PL = importlib.import_module("pyfusion.ops.partial_linear.backends")  # where the cpp backend reads CPP_MAX_ROWS
 
@@ -79,14 +79,14 @@ Provider = tuple[Callable[[], None], Callable[[], object]]  # (setup before its 
 
 
 def _default_rows() -> None:
-    PL.CPP_MAX_ROWS = _CPP_MAX_ROWS
+    PL.CPP_MAX_ROWS, PL.CPP_MAX_ROWS_WIDE = _CPP_MAX_ROWS, _CPP_MAX_ROWS_WIDE
 
 
 def _no_cpp() -> None:
-    PL.CPP_MAX_ROWS = 0
+    PL.CPP_MAX_ROWS = PL.CPP_MAX_ROWS_WIDE = 0
 
 
-_CPP_MAX_ROWS = PL.CPP_MAX_ROWS
+_CPP_MAX_ROWS, _CPP_MAX_ROWS_WIDE = PL.CPP_MAX_ROWS, PL.CPP_MAX_ROWS_WIDE
 
 
 def time_interleaved(providers: dict[str, Provider], min_time: float, min_rounds: int = 15) -> dict[str, list[float]]:
@@ -202,13 +202,13 @@ def crossover_table(args, report: Report) -> None:
     for name, n_in, n_out, k in cases:
         il, ol = layouts(Shape(name, n_in, n_out), k, 0.5)
         mod = PartialLinear(il, ol).eval()
-        blocks, bias = [p.detach() for p in mod.weight_blocks], mod.bias.detach()
+        a = (mod.weight.detach(), mod.bias.detach(), mod._plan, "none")
         cells = []
         for m in row_counts:
             x = torch.randn(m, sum(il))
             provs = {
-                "cpp": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL.cpp_forward(x, *a, "none")),
-                "torch": (_default_rows, lambda x=x, a=(*blocks, bias, il, ol): PL.torch_forward(x, *a, "none")),
+                "cpp": (_default_rows, lambda x=x, a=a: PL.cpp_forward(x, *a)),
+                "torch": (_default_rows, lambda x=x, a=a: PL.torch_forward(x, *a)),
             }
             with torch.no_grad():
                 s = time_interleaved(provs, 0.01 if args.quick else 0.15)
@@ -229,12 +229,12 @@ def threshold_table(args, report: Report) -> None:
     table = []
     old = torch.get_num_threads()
     for n in widths:
-        il, ol = [n, n, n], [n, n, n]
-        blocks = [torch.randn(*sh) for sh in block_shapes(il, ol)]
-        bias = torch.randn(sum(ol))
-        x, y = torch.randn(1, sum(il)), torch.empty(1, sum(ol))
-        ptrs = [x.data_ptr(), 1, x.stride(0), *(b.data_ptr() for b in blocks), bias.data_ptr(), y.data_ptr()]
-        plan = _ext._C.PartialLinearPlan(il, ol, 0)
+        seg = segments_from_layout([n, n, n])
+        plan_s = segment_plan(seg, seg)
+        weight, bias = torch.randn(plan_s.stored), torch.randn(3 * n)
+        plan, panels = PL.packed_panels(weight, plan_s, "none")
+        x, y = torch.randn(1, 3 * n), torch.empty(1, 3 * n)
+        ptrs = [x.data_ptr(), 1, x.stride(0), panels.data_ptr(), bias.data_ptr(), y.data_ptr(), 3 * n]
         plan.parallel_min_macs = 0
 
         def call(threads, plan=plan, ptrs=ptrs):

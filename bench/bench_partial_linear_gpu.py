@@ -1,7 +1,8 @@
 """GPU benchmark of the Triton partial linear kernel against cuBLAS (issue 15 item 4).
 
 For each (member width n, K members, alpha, batch M, dtype): ours = one launch of
-``pyfusion.triton_kernels.partial_linear`` (3-buffer format, autotuned), timed with ``triton.testing.do_bench``
+the Triton partial linear kernel as the op's "triton" backend runs it (member-mask segments, packed weight,
+cached range table, autotuned), timed with ``triton.testing.do_bench``
 (CUDA events, median); baselines, all cuBLAS through ``F.linear``: ``dense_eff`` = a dense GEMM with the same
 effective FLOPs (M x O_total x K_eff, K_eff = effective weights / O_total rounded to 64), ``dense0`` = the dense
 zero-block layer (M x O_total x I_total), ``members`` = the K member layers (n x n) one after another.
@@ -44,43 +45,32 @@ def device_line() -> str:
     )
 
 
-def blocks_for(il, ol, dtype, g):
-    from pyfusion.ops.partial_linear import block_shapes
-
-    return [
-        (torch.randn(*s, generator=g, device="cuda") / max(sum(il), 1) ** 0.5).to(dtype) for s in block_shapes(il, ol)
-    ]
-
-
-def dense_of(blocks, il, ol):
-    from pyfusion.ops.partial_linear import unpack_partial_weight
-
-    return unpack_partial_weight(*[b.double() for b in blocks], il, ol)
-
-
 def run(n, k, alpha, m, dtype, check=True):
-    from pyfusion.triton_kernels import partial_linear as pl
     from triton.testing import do_bench
+
+    from pyfusion.ops.layout import segment_plan, segments_from_layout, unpack_segment_weight
+    from pyfusion.ops.partial_linear import backends as plb
 
     g = torch.Generator(device="cuda").manual_seed(0)
     il = ol = layout(n, k, alpha)
-    blocks = blocks_for(il, ol, dtype, g)
+    segs = segments_from_layout(il)
+    plan = segment_plan(segs, segs)
+    weight = (torch.randn(plan.stored, generator=g, device="cuda") / max(sum(il), 1) ** 0.5).to(dtype)
     bias = torch.randn(sum(ol), generator=g, device="cuda").to(dtype)
     x = torch.randn(m, sum(il), generator=g, device="cuda").to(dtype)
-    meta = pl.segment_meta(il, ol, x.device)
 
     def ours():
-        return pl.partial_linear_fwd(x, *blocks, bias, il, ol, "relu", meta)
+        return plb.triton_forward(x, weight, bias, plan, "relu")
 
     err = float("nan")
     if check:
         y = ours().double()
-        ref = F.relu(x.double() @ dense_of(blocks, il, ol).T + bias.double())
+        ref = F.relu(x.double() @ unpack_segment_weight(weight.double(), segs, segs).T + bias.double())
         err = ((y - ref).abs().max() / (ref.abs().max() + 1)).item()
         limit = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
         if not err <= limit:
             raise AssertionError(f"n={n} K={k} alpha={alpha} M={m} {dtype}: relative error {err:.2e} > {limit}")
-    eff_params = sum(b.numel() for b in blocks)
+    eff_params = weight.numel()
     o_total, i_total = sum(ol), sum(il)
     k_eff = max(64, int(round(eff_params / o_total / 64)) * 64)
     w_eff = torch.randn(o_total, k_eff, generator=g, device="cuda").to(dtype)

@@ -126,7 +126,7 @@ from pyfusion.ops._registry import LAZY_OPS
 extra = {{
     "diff": float((y - ref).abs().max()),
     "registered": sorted(n for n, o in LAZY_OPS.items() if o.registered),
-    "grad": m[4].weight_shared.grad is not None,
+    "grad": m[4].weight.grad is not None,
 }}
 """
     res = _run(body)

@@ -1,5 +1,6 @@
 """pyfusion.nn: PartialLinear, PartialConv2d, EnsembleLinear, replace_ (equivalence with the dense
-zero-block modules, packing checks, state_dict, autograd, BatchNorm on slots, torch.compile)."""
+zero-block modules on standard layouts and member-mask segments, packing checks, state_dict (also of the earlier
+3-buffer format), autograd, BatchNorm on slots, torch.compile)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,38 @@ import os
 
 import pytest
 import torch
+from _segments import K3_IN, K3_OUT, K4_IN, K4_OUT
 from torch import nn
 
 from pyfusion.nn import EnsembleLinear, PartialConv2d, PartialLinear, replace_
-from pyfusion.ops.layout import unpack_partial_weight
+from pyfusion.ops.layout import as_segments, segment_plan, unpack_segment_weight
 
-LIN_LAYOUTS = [([7, 5], [6, 3]), ([5, 3, 3], [4, 6, 6]), ([0, 4, 2, 3], [5, 0, 3, 2]), ([3, 2, 2, 2, 2, 2], [2] * 6)]
-CONV_LAYOUTS = [([4, 3, 3], [5, 2, 2]), ([0, 3, 2, 4], [5, 2, 0, 3]), ([2, 0, 0], [3, 2, 2]), ([0, 2, 2], [0, 3, 3])]
+K2_OUT_OF_ORDER = ([(6, 0b11), (5, 0b01), (5, 0b10)], [(4, 0b01), (3, 0b11), (4, 0b10)])
+LIN_LAYOUTS = [
+    ([7, 5], [6, 3]),
+    ([5, 3, 3], [4, 6, 6]),
+    ([0, 4, 2, 3], [5, 0, 3, 2]),
+    ([3, 2, 2, 2, 2, 2], [2] * 6),
+    (K3_IN, K3_OUT),
+    (K4_IN, K4_OUT),
+    K2_OUT_OF_ORDER,
+]
+CONV_LAYOUTS = [
+    ([4, 3, 3], [5, 2, 2]),
+    ([0, 3, 2, 4], [5, 2, 0, 3]),
+    ([2, 0, 0], [3, 2, 2]),
+    ([0, 2, 2], [0, 3, 3]),
+    (K3_IN, K3_OUT),
+]
 
 
 def skipped_mask(il, ol) -> torch.Tensor:
-    """True where the dense weight must be zero (branch k output, branch j != k input)."""
-    m = torch.zeros(sum(ol), sum(il), dtype=torch.bool)
-    io, oo = [0], [0]
-    for i, o in zip(il, ol):
-        io.append(io[-1] + i)
-        oo.append(oo[-1] + o)
-    for k in range(1, len(ol)):
-        for j in range(1, len(il)):
-            if j != k:
-                m[oo[k] : oo[k + 1], io[j] : io[j + 1]] = True
-    return m
+    """True where the dense weight must be zero (the member masks of the two segments do not intersect)."""
+    return ~segment_plan(as_segments(il, "in"), as_segments(ol, "out")).dense_block_mask()
+
+
+def width(segs) -> int:
+    return sum(s for s, _ in as_segments(segs, "x"))
 
 
 @pytest.mark.parametrize("il,ol", LIN_LAYOUTS)
@@ -37,7 +49,7 @@ def test_partial_linear_equals_dense(il, ol, act):
     m = PartialLinear(il, ol, activation=act).double()
     dense = m.to_dense()
     assert bool((dense[0] if isinstance(dense, nn.Sequential) else dense).weight[skipped_mask(il, ol)].eq(0).all())
-    x = torch.randn(3, 4, sum(il), dtype=torch.float64)
+    x = torch.randn(3, 4, width(il), dtype=torch.float64)
     torch.testing.assert_close(m(x), dense(x))
     # from_dense(to_dense) rebuilds the same parameters
     lin = dense[0] if isinstance(dense, nn.Sequential) else dense
@@ -50,53 +62,70 @@ def test_partial_linear_stores_only_allowed_blocks():
     il, ol = [6, 4, 4], [5, 3, 3]
     m = PartialLinear(il, ol)
     names = {n: tuple(p.shape) for n, p in m.named_parameters()}
-    assert names == {"weight_shared": (5, 14), "weight_cross": (6, 6), "weight_diag": (24,), "bias": (11,)}
     allowed = int((~skipped_mask(il, ol)).sum())
+    assert names == {"weight": (allowed,), "bias": (11,)}
+    assert allowed == 5 * 14 + 6 * 10
     assert m.effective_params() == allowed + 11
     assert m.dense_params() == 11 * 14 + 11
     assert m.effective_flops(batch=8) == 2 * 8 * allowed
+    assert m.in_layout == (6, 4, 4) and m.out_segments == ((5, 3), (3, 1), (3, 2))
     # alpha = 0 (all shared): effective == dense
     full = PartialLinear([14, 0], [11, 0])
     assert full.effective_params() == full.dense_params()
+    # K = 3 with subset shared slots: no stored exact zero (the 3-buffer format stored the skipped subset blocks)
+    m3 = PartialLinear(K3_IN, K3_OUT)
+    assert m3.weight.numel() == int((~skipped_mask(K3_IN, K3_OUT)).sum()) < width(K3_IN) * width(K3_OUT)
+    assert m3.in_layout is None and "in_segments=" in repr(m3)
+    for o in range(len(K3_OUT)):
+        assert m3.block(o).shape == (K3_OUT[o][0], segment_plan(m3.in_segments, m3.out_segments).k_of_out[o])
 
 
 def test_from_dense_rejects_nonzero_skipped_blocks():
-    il, ol = [2, 3, 3], [2, 2, 2]
-    w = torch.randn(6, 8)
-    w[skipped_mask(il, ol)] = 0
-    PartialLinear.from_dense(w, None, il, ol)
-    w[4, 3] = 0.5  # branch 2 output row 4 reads branch 1 input column 3
-    with pytest.raises(ValueError, match=r"output branch 2, input branch 1.*must be zero"):
-        PartialLinear.from_dense(w, None, il, ol)
-    with pytest.raises(ValueError, match=r"weight must have shape .* \(6, 8\)"):
-        PartialLinear.from_dense(w[:, :7], None, il, ol)
-    with pytest.raises(ValueError, match="activation must be one of"):
-        PartialLinear(il, ol, activation="tanh")
+    for il, ol in (([3, 2, 2], [4, 3, 3]), (K3_IN, K3_OUT)):
+        m = PartialLinear(il, ol)
+        w = m.dense_weight().detach().clone()
+        r, c = (int(v) for v in skipped_mask(il, ol).nonzero()[0])
+        w[r, c] = 1e-30
+        with pytest.raises(ValueError, match=r"must be exactly zero: the member masks"):
+            PartialLinear.from_dense(w, m.bias, il, ol)
+        with pytest.raises(ValueError, match=r"must be exactly zero"):
+            PartialLinear.from_segments(w, m.bias, as_segments(il, "in"), as_segments(ol, "out"))
+    with pytest.raises(ValueError, match=r"weight must have shape \(O_total, I_total, \.\.\.\) = \(10, 7"):
+        PartialLinear.from_dense(torch.zeros(10, 8), None, [3, 2, 2], [4, 3, 3])
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
+        PartialLinear.from_dense(torch.zeros(10, 7), torch.zeros(9), [3, 2, 2], [4, 3, 3])
 
 
-def test_partial_linear_state_dict_roundtrip():
-    il, ol = [5, 3, 3], [4, 6, 6]
-    m = PartialLinear(il, ol, activation="gelu")
+def test_partial_linear_state_dict_roundtrip_and_legacy_format():
+    m = PartialLinear(K4_IN, K4_OUT, activation="gelu")
     sd = m.state_dict()
-    assert sd["layout"].tolist() == [il, ol]
+    assert sd["layout_in"].tolist() == [list(s) for s in K4_IN] and int(sd["activation_id"]) == 2
     m2 = PartialLinear.from_state_dict(sd)
-    assert m2.in_layout == m.in_layout and m2.out_layout == m.out_layout and m2.activation == "gelu"
-    x = torch.randn(7, 11)
+    assert m2.in_segments == m.in_segments and m2.out_segments == m.out_segments and m2.activation == "gelu"
+    x = torch.randn(3, width(K4_IN))
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
-    m3 = PartialLinear(il, ol, activation="gelu")
-    m3.load_state_dict(sd)
-    torch.testing.assert_close(m3(x), m(x), rtol=0, atol=0)
-    # prefixed (inside a model) and through safetensors
-    model = nn.Sequential(m, nn.ReLU())
-    from safetensors.torch import load, save
-
-    sd2 = load(save(model.state_dict()))
-    m4 = PartialLinear.from_state_dict(sd2, prefix="0.")
-    torch.testing.assert_close(m4(x), m(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"holds layouts in=\[5, 3, 3\]"):
-        PartialLinear([5, 4, 2], [4, 6, 6], activation="gelu").load_state_dict(sd)
-    with pytest.raises(ValueError, match="activation"):
-        PartialLinear(il, ol, activation="relu").load_state_dict(sd)
+    other = PartialLinear(K3_IN, K3_OUT)
+    with pytest.raises(ValueError, match="from_state_dict"):
+        other.load_state_dict(PartialLinear(K3_IN, [(n, m) for n, m in reversed(K3_OUT)]).state_dict())
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        PartialLinear([3, 2, 2], [4, 3, 3], activation="gelu").load_state_dict(
+            PartialLinear([3, 2, 2], [4, 3, 3], activation="relu").state_dict()
+        )
+    # the earlier 3-buffer format (weight_shared (O_s, I_total), weight_cross (O_B, I_s), weight_diag): converted
+    il, ol = [3, 2, 2], [4, 3, 3]
+    ref = PartialLinear(il, ol, activation="relu")
+    dense = ref.dense_weight().detach()
+    legacy = {
+        "weight_shared": dense[:4].clone(),
+        "weight_cross": dense[4:, :3].clone(),
+        "weight_diag": torch.cat([dense[4:7, 3:5].reshape(-1), dense[7:10, 5:7].reshape(-1)]),
+        "bias": ref.bias.detach().clone(),
+        "layout": torch.tensor([il, ol]),
+        "activation_id": torch.tensor(1),
+    }
+    for mod in (PartialLinear.from_state_dict(dict(legacy)), PartialLinear(il, ol, activation="relu")):
+        mod.load_state_dict(dict(legacy))
+        assert torch.equal(mod.weight, ref.weight)
 
 
 def test_finetuning_never_fills_zero_blocks():
@@ -116,7 +145,7 @@ def test_finetuning_never_fills_zero_blocks():
     m.zero_grad()
     ((m(x) - t) ** 2).mean().backward()
     ((dense(x) - t) ** 2).mean().backward()
-    g = unpack_partial_weight(m.weight_shared.grad, m.weight_cross.grad, m.weight_diag.grad, il, ol)
+    g = unpack_segment_weight(m.weight.grad, as_segments(il, "in"), as_segments(ol, "out"))
     mask = ~skipped_mask(il, ol)
     torch.testing.assert_close(g[mask], dense[0].weight.grad[mask])
     torch.testing.assert_close(m.bias.grad, dense[0].bias.grad)
@@ -128,7 +157,7 @@ def test_partial_conv_equals_dense(il, ol, geom):
     c = PartialConv2d(il, ol, **geom).double()
     dense = c.to_dense()
     assert bool(dense.weight.permute(2, 3, 0, 1)[:, :, skipped_mask(il, ol)].eq(0).all())
-    x = torch.randn(2, sum(il), 9, 8, dtype=torch.float64)
+    x = torch.randn(2, width(il), 9, 8, dtype=torch.float64)
     torch.testing.assert_close(c(x), dense(x))
     extra = {k: v for k, v in geom.items() if k != "kernel_size"}
     c2 = PartialConv2d.from_dense(dense.weight, dense.bias, il, ol, **extra)
@@ -158,9 +187,13 @@ def test_partial_conv_from_dense_rejects_and_roundtrips_state():
     c = PartialConv2d(il, ol, 3, padding=1)
     w = c.dense_weight().detach().clone()
     w[5, 2, 1, 1] = 1.0  # branch 2 output reads branch 1 input at one tap
-    with pytest.raises(ValueError, match="must be zero"):
+    with pytest.raises(ValueError, match="must be exactly zero"):
         PartialConv2d.from_dense(w, None, il, ol, padding=1)
-    c2 = PartialConv2d.from_state_dict(c.state_dict(), padding=1)
+    with pytest.raises(ValueError, match="kernel_size is required"):
+        PartialConv2d.from_state_dict(c.state_dict())
+    with pytest.raises(ValueError, match=r"kernel \(5, 5\) with these segments"):
+        PartialConv2d.from_state_dict(c.state_dict(), kernel_size=5)
+    c2 = PartialConv2d.from_state_dict(c.state_dict(), kernel_size=3, padding=1)
     x = torch.randn(1, 6, 5, 5)
     torch.testing.assert_close(c2(x), c(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"x must have shape \(N, 6, H, W\)"):
@@ -246,3 +279,68 @@ def test_torch_compile_forward_and_backward():
     torch.testing.assert_close(y, y0)
     for g, p in zip(grads, m.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+# ---- saving: member-mask segments of every layout (pyfusion.save / load) ----------------------------------------
+
+
+def test_save_and_load_keep_member_mask_segments(tmp_path):
+    """K = 3 / 4 segments (no standard layout describes them) survive pyfusion.save / load, with the activation,
+    the conv parameters and PartialMultiheadAttention's projections; a fresh process can load the file."""
+    import subprocess
+    import sys
+
+    import pyfusion
+    from pyfusion.nn import PartialMultiheadAttention
+
+    torch.manual_seed(0)
+    conv = PartialConv2d(K3_IN, K3_OUT, (3, 1), stride=(2, 1), padding=(1, 0), activation="relu")
+    lin = PartialLinear(K4_IN, K4_OUT, activation="silu")
+    heads = [(2, 0b11), (2, 0b01), (2, 0b10)]
+    projs = [PartialLinear(heads, heads) for _ in range(4)]
+    mha = PartialMultiheadAttention(*projs, num_heads=3, batch_first=True)
+    model = nn.ModuleDict({"conv": conv, "lin": lin, "mha": mha})
+    path = pyfusion.save(model, tmp_path / "m.safetensors")
+    loaded = pyfusion.load(path)
+    assert loaded.conv.in_segments == conv.in_segments and loaded.conv.out_segments == conv.out_segments
+    assert (loaded.conv.kernel_size, loaded.conv.stride, loaded.conv.padding) == ((3, 1), (2, 1), (1, 0))
+    assert loaded.lin.in_layout is None and loaded.lin.out_segments == lin.out_segments
+    assert loaded.lin.activation == "silu" and loaded.conv.activation == "relu"
+    x = torch.randn(2, width(K3_IN), 5, 4)
+    torch.testing.assert_close(loaded.conv(x), conv(x), rtol=0, atol=0)
+    v = torch.randn(3, width(K4_IN))
+    torch.testing.assert_close(loaded.lin(v), lin(v), rtol=0, atol=0)
+    t = torch.randn(2, 4, 6)
+    torch.testing.assert_close(loaded.mha(t, t, t)[0], mha(t, t, t)[0], rtol=0, atol=0)
+    code = f"import pyfusion; m = pyfusion.load({str(path)!r}); print(type(m['mha']).__name__, m['lin'].out_segments)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split()[0] == "PartialMultiheadAttention"
+
+
+def test_from_config_refuses_bad_configs():
+    from pyfusion.nn import PartialMultiheadAttention
+
+    good = PartialLinear(K3_IN, K3_OUT).get_config()
+    assert PartialLinear.from_config(good).get_config() == good
+    legacy = {"in_layout": [3, 2, 2], "out_layout": [1, 2, 2], "bias": True, "activation": None}
+    assert PartialLinear.from_config(legacy).in_layout == (3, 2, 2)  # files of the earlier format
+    with pytest.raises(ValueError, match="unexpected \\['weights'\\]"):
+        PartialLinear.from_config({**good, "weights": 1})
+    with pytest.raises(ValueError, match="missing \\['activation'\\]"):
+        PartialLinear.from_config({k: v for k, v in good.items() if k != "activation"})
+    with pytest.raises(ValueError, match="'bias' must be a bool"):
+        PartialLinear.from_config({**good, "bias": 1})
+    with pytest.raises(ValueError, match="'in_segments' must be a list"):
+        PartialLinear.from_config({**good, "in_segments": [[2, "3"]]})
+    with pytest.raises(ValueError, match="member_mask"):
+        PartialLinear.from_config({**good, "in_segments": [[2, 0]]})
+    conv = PartialConv2d([2, 1, 1], [1, 1, 1], 3).get_config()
+    with pytest.raises(ValueError, match="'stride' must be a list"):
+        PartialConv2d.from_config({**conv, "stride": [1.5, 1]})
+    mcfg = {"embed_dim": 6, "num_heads": 3, "batch_first": True, "dropout": 0.0}
+    assert PartialMultiheadAttention.from_config(mcfg).get_config() == mcfg
+    with pytest.raises(ValueError, match="dropout"):
+        PartialMultiheadAttention.from_config({**mcfg, "dropout": 2.0})
+    with pytest.raises(ValueError, match="keys"):
+        PartialMultiheadAttention.from_config({**mcfg, "kdim": 4})

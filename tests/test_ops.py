@@ -14,33 +14,43 @@ from pyfusion import backends, dispatch
 from pyfusion.dispatch import BACKEND_NAMES, NoBackendError
 from pyfusion.ops import OP_MODULES
 from pyfusion.ops._registry import LAZY_OPS
-from pyfusion.ops.layout import block_shapes
-from pyfusion.ops.partial_conv2d import conv_block_shapes
+from pyfusion.ops.layout import as_segments, segment_plan
+
+# K = 3 segments with a subset shared slot: {0,1,2} | {0,1} | b0 | b1 | b2
+_SEG_IN = [(2, 0b111), (1, 0b011), (2, 0b001), (1, 0b010), (2, 0b100)]
+_SEG_OUT = [(2, 0b111), (2, 0b011), (1, 0b001), (2, 0b010), (1, 0b100)]
 
 
-def _pl_args(rows=5, il=(4, 3, 3), ol=(5, 2, 2), act="gelu", requires_grad=False):
-    il, ol = list(il), list(ol)
+def _seg_lists(ins, outs):
+    return [s for s, _ in ins], [m for _, m in ins], [s for s, _ in outs], [m for _, m in outs]
+
+
+def _pl_args(rows=5, ins=_SEG_IN, outs=_SEG_OUT, act="gelu", requires_grad=False):
+    plan = segment_plan(as_segments(ins, "in"), as_segments(outs, "out"))
     g = torch.Generator().manual_seed(1)
-    blocks = [torch.randn(*s, generator=g).requires_grad_(requires_grad) for s in block_shapes(il, ol)]
-    bias = torch.randn(sum(ol), generator=g).requires_grad_(requires_grad)
-    x = torch.randn(rows, sum(il), generator=g).requires_grad_(requires_grad)
-    return (x, *blocks, bias, il, ol, act)
+    weight = torch.randn(plan.stored, generator=g).requires_grad_(requires_grad)
+    bias = torch.randn(plan.o_total, generator=g).requires_grad_(requires_grad)
+    x = torch.randn(rows, plan.i_total, generator=g).requires_grad_(requires_grad)
+    return (x, weight, bias, *_seg_lists(plan.in_segments, plan.out_segments), act)
 
 
-def _pc_args(il=(2, 3, 3), ol=(4, 2, 2), kernel=(3, 2), requires_grad=False):
-    il, ol = list(il), list(ol)
+def _pc_args(ins=((2, 3), (3, 1), (3, 2)), outs=((4, 3), (2, 1), (2, 2)), kernel=(3, 2), requires_grad=False):
+    plan = segment_plan(as_segments(list(ins), "in"), as_segments(list(outs), "out"))
     g = torch.Generator().manual_seed(2)
-    blocks = [torch.randn(*s, generator=g).requires_grad_(requires_grad) for s in conv_block_shapes(il, ol, kernel)]
-    bias = torch.randn(sum(ol), generator=g).requires_grad_(requires_grad)
-    x = torch.randn(2, sum(il), 6, 5, generator=g).requires_grad_(requires_grad)
-    return (x, *blocks, bias, il, ol, [1, 2], [1, 0], [1, 1])
+    weight = torch.randn(plan.stored * kernel[0] * kernel[1], generator=g).requires_grad_(requires_grad)
+    bias = torch.randn(plan.o_total, generator=g).requires_grad_(requires_grad)
+    x = torch.randn(2, plan.i_total, 6, 5, generator=g).requires_grad_(requires_grad)
+    return (x, weight, bias, *_seg_lists(plan.in_segments, plan.out_segments), list(kernel), [1, 2], [1, 0], [1, 1],
+            "relu")  # fmt: skip
 
 
 def _sample_args(name: str) -> tuple:
     """Arguments of the registered op (the validated form the public function hands it)."""
     rng = np.random.default_rng(0)
     if name == "partial_linear":
-        return _pl_args(rows=12)  # > CPP_MAX_ROWS: the forward-only kernel declines inside the op, so both run BLAS
+        return _pl_args(
+            rows=200
+        )  # > the panel engine's crossover (forward-only: it declines inside the op): BLAS in both
     if name == "partial_conv2d":
         return _pc_args()
     if name == "linear_assignment":
@@ -120,22 +130,27 @@ def test_eager_path_equals_the_registered_op(name):
 def test_autograd_goes_through_the_registered_op():
     from pyfusion.ops import partial_conv2d, partial_linear
 
-    x, *blocks, bias, il, ol, act = _pl_args(requires_grad=True)
-    y = partial_linear(x, blocks[:3], bias, il, ol, act)
+    x, w, bias, *_lists, act = _pl_args(requires_grad=True)
+    y = partial_linear(x, w, bias, _SEG_IN, _SEG_OUT, act)
     assert "partial_linear" in type(y.grad_fn).__name__ or y.grad_fn.name().startswith("pyfusion")
-    x, *blocks, bias, il, ol, st, pd, dl = _pc_args(requires_grad=True)
-    y = partial_conv2d(x, blocks[:3], bias, il, ol, st, pd, dl)
+    x, w, bias, i_s, i_m, o_s, o_m, kernel, st, pd, dl, act = _pc_args(requires_grad=True)
+    ins, outs = list(zip(i_s, i_m)), list(zip(o_s, o_m))
+    y = partial_conv2d(x, w, bias, ins, outs, kernel, st, pd, dl, act)
     assert y.grad_fn is not None and LAZY_OPS["partial_conv2d"].registered
     with torch.no_grad():
-        assert partial_conv2d(x, blocks[:3], bias, il, ol, st, pd, dl).grad_fn is None
+        assert partial_conv2d(x, w, bias, ins, outs, kernel, st, pd, dl, act).grad_fn is None
 
 
 # ---------------------------------------------------------------- PYFUSION_BACKEND
 
 
+def _OP_DARGS(args):  # the partial_linear dispatcher's arguments for the op's arguments
+    return _lazy("partial_linear").dispatcher_args(*args)
+
+
 def _select(name: str):
     lazy = _lazy(name)
-    return lazy.dispatcher.select(*_sample_args(name)).name
+    return lazy.dispatcher.select(*lazy.dispatcher_args(*_sample_args(name))).name
 
 
 def test_global_reference_applies_to_every_op(monkeypatch):
@@ -181,14 +196,14 @@ def test_forced_backend_that_declines_names_op_reasons_and_inputs(monkeypatch):
     from pyfusion.ops import partial_linear
 
     monkeypatch.setenv("PYFUSION_BACKEND", "partial_linear:triton")
-    x, *blocks, bias, il, ol, act = _pl_args(rows=3)
+    x, w, bias, *_lists, act = _pl_args(rows=3)
     with pytest.raises(NoBackendError) as err:
-        partial_linear(x, blocks[:3], bias, il, ol, act)
+        partial_linear(x, w, bias, _SEG_IN, _SEG_OUT, act)
     msg = str(err.value)
     assert "forces backend 'triton' for op 'partial_linear', but it declined" in msg
-    assert "x: Tensor(shape=(3, 10), dtype=float32, device=cpu)" in msg
-    assert "w_diag: Tensor(shape=(12,), dtype=float32, device=cpu)" in msg
-    assert "in_layout: [4, 3, 3]" in msg
+    assert "x: Tensor(shape=(3, 8), dtype=float32, device=cpu)" in msg
+    assert f"weight: Tensor(shape=({w.numel()},), dtype=float32, device=cpu)" in msg
+    assert "plan: SegmentPlan(in=[(2, 7), (1, 3), (2, 1), (1, 2), (2, 4)]" in msg
 
 
 def test_no_backend_error_lists_every_backend_and_the_inputs():
@@ -215,7 +230,7 @@ def test_cached_choice_follows_pyfusion_backend(monkeypatch):
     from pyfusion.ops.partial_linear import DISPATCHER
 
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
-    args = _pl_args(rows=40)
+    args = _OP_DARGS(_pl_args(rows=400))
     assert DISPATCHER.select_cached(("test-key",), *args).name == "torch"
     monkeypatch.setenv("PYFUSION_BACKEND", "partial_linear:reference")
     assert DISPATCHER.select_cached(("test-key",), *args).name == "reference"
@@ -232,12 +247,25 @@ def _fake_cuda_pl_args(dtype=torch.float32):
     """partial_linear arguments as FakeTensors on a CUDA device (no GPU needed: only metadata is read)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    il, ol = [4, 3, 3], [5, 2, 2]
+    plan = segment_plan(as_segments(_SEG_IN, "in"), as_segments(_SEG_OUT, "out"))
     with FakeTensorMode():
-        blocks = [torch.empty(s, device="cuda", dtype=dtype) for s in block_shapes(il, ol)]
-        x = torch.empty(64, sum(il), device="cuda", dtype=dtype)
-        bias = torch.empty(sum(ol), device="cuda", dtype=dtype)
-    return (x, *blocks, bias, il, ol, "none")
+        w = torch.empty(plan.stored, device="cuda", dtype=dtype)
+        x = torch.empty(64, plan.i_total, device="cuda", dtype=dtype)
+        bias = torch.empty(plan.o_total, device="cuda", dtype=dtype)
+    return (x, w, bias, plan, "none")
+
+
+def _fake_cuda_pc_args(dtype=torch.float32):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyfusion.ops.partial_conv2d import conv_geom
+
+    plan = segment_plan(as_segments(_SEG_IN, "in"), as_segments(_SEG_OUT, "out"))
+    with FakeTensorMode():
+        w = torch.empty(plan.stored * 9, device="cuda", dtype=dtype)
+        x = torch.empty(4, plan.i_total, 8, 8, device="cuda", dtype=dtype)
+        bias = torch.empty(plan.o_total, device="cuda", dtype=dtype)
+    return (x, w, bias, plan, conv_geom(3, 1, 1), "relu")
 
 
 def _triton_can_run(monkeypatch, can: bool) -> None:
@@ -273,6 +301,71 @@ def test_cuda_triton_declines_float64_and_torch_takes_it(monkeypatch):
     assert "dtype torch.float64 is not float32/float16/bfloat16" in DISPATCHER.explain(*args)
 
 
+def test_cuda_conv_dispatches_to_the_implicit_gemm_kernel(monkeypatch):
+    from pyfusion.ops.partial_conv2d import DISPATCHER
+
+    _triton_can_run(monkeypatch, True)
+    assert DISPATCHER.select(*_fake_cuda_pc_args()).name == "triton"
+    args = _fake_cuda_pc_args(torch.float64)
+    assert DISPATCHER.select(*args).name == "torch"
+    assert "dtype torch.float64 is not float32/float16/bfloat16" in DISPATCHER.explain(*args)
+    _triton_can_run(monkeypatch, False)
+    assert DISPATCHER.select(*_fake_cuda_pc_args()).name == "torch"
+
+
+def _cuda_kernels_available(monkeypatch, attr: str, can: bool) -> None:
+    """Simulate a CUDA build of the extension on a visible GPU (or its absence)."""
+    from pyfusion import _ext
+
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "cuda_kernels_reason", lambda: None if can else "no CUDA GPU (simulated)")
+    if can and not hasattr(_ext._C, attr):
+        monkeypatch.setattr(_ext._C, attr, lambda *a, **k: None, raising=False)
+
+
+def test_cuda_costs_dispatch_to_the_batched_gpu_assignment(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyfusion.ops.assignment import DISPATCHER
+
+    DISPATCHER.clear_cache()
+    _cuda_kernels_available(monkeypatch, "lsap_solve_cuda", True)
+    with FakeTensorMode():
+        costs = [torch.empty(6, 8, device="cuda"), torch.empty(5, 5, device="cuda")]
+        mixed = [torch.empty(6, 8, device="cuda"), torch.empty(5, 5, device="cuda", dtype=torch.float64)]
+    args = (costs, False, [-1, 3], None, 1)
+    assert DISPATCHER.select(*args).name == "cuda"
+    assert "must share one dtype" in DISPATCHER.explain(mixed, False, [-1, 3], None, 1)
+    cpu = ([torch.zeros(3, 3)], False, [-1], None, 1)
+    assert DISPATCHER.select(*cpu).name == "cpp"
+    assert "costs are on cpu" in DISPATCHER.explain(*cpu)
+    with FakeTensorMode():
+        half = [torch.empty(3, 3, device="cuda", dtype=torch.float16)]
+    assert "float16" in DISPATCHER.explain(half, False, [-1], None, 1)
+    _cuda_kernels_available(monkeypatch, "lsap_solve_cuda", False)
+    assert DISPATCHER.select(*args).name == "cpp"  # copied to the host and solved there
+    assert "no CUDA GPU (simulated)" in DISPATCHER.explain(*args)
+    DISPATCHER.clear_cache()
+
+
+def test_cuda_inputs_of_the_moments_ops_dispatch_to_the_cuda_kernels(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyfusion.ops import moments
+
+    _cuda_kernels_available(monkeypatch, "corr_accumulate_cuda", True)
+    with FakeTensorMode():
+        x = torch.empty(64, 6, device="cuda")
+        shift = torch.empty(6, device="cuda", dtype=torch.float64)
+        s1 = torch.empty(6, device="cuda", dtype=torch.float64)
+        s2 = torch.empty(6, 6, device="cuda", dtype=torch.float64)
+        y = torch.empty(64, 3, device="cuda")
+    assert moments.ACCUMULATE.select(x, shift, s1, s2).name == "cuda"
+    assert moments.CORRELATION.select(x, y).name == "cuda"
+    _cuda_kernels_available(monkeypatch, "corr_accumulate_cuda", False)
+    assert moments.CORRELATION.select(x, y).name == "reference"
+
+
 def test_cpu_machine_never_imports_triton_to_decline_it(monkeypatch):
     import subprocess
     import sys
@@ -281,8 +374,9 @@ def test_cpu_machine_never_imports_triton_to_decline_it(monkeypatch):
         "import sys, torch\n"
         "from pyfusion.ops.partial_linear import DISPATCHER\n"
         "x = torch.randn(3, 4)\n"
-        "print(DISPATCHER.explain(x, torch.randn(2, 4), torch.randn(1, 2), torch.randn(1), None, [2, 1, 1],"
-        " [2, 1, 0], 'none'))\n"
+        "from pyfusion.ops.layout import segment_plan\n"
+        "p = segment_plan(((2, 3), (1, 1), (1, 2)), ((2, 3), (1, 1)))\n"
+        "print(DISPATCHER.explain(x, torch.randn(p.stored), None, p, 'none'))\n"
         "print('triton imported:', 'triton' in sys.modules)\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}

@@ -124,13 +124,23 @@ def test_zero_blocks_and_fast_modules_equal_dense(arch, k):
     members = _members(arch, k)
     x = torch.randn(4, *ARCHS[arch][1], dtype=torch.float64)
     dense = _fuse(members, ARCHS[arch][1], 0.5, "weights", {}, fast_modules=False)
-    fast = _fuse(members, ARCHS[arch][1], 0.5, "weights", {})
+    fast = _fuse(members, ARCHS[arch][1], 0.5, "weights", {}, fast_modules="always")  # tiny layers: swap anyway
     torch.testing.assert_close(fast(x), dense(x), rtol=0, atol=1e-12)
     swapped = fast.fusion_info["fast_modules"]
     assert swapped and all(isinstance(fast.get_submodule(p), (PartialLinear, PartialConv2d)) for p in swapped)
-    for p in swapped:  # layout buffers are set: the modules round-trip through their state_dict
+    for p in swapped:  # segment buffers are set: the modules round-trip through their state_dict
         mod = fast.get_submodule(p)
-        assert mod.layout.tolist() == [list(mod.in_layout), list(mod.out_layout)]
+        assert mod.layout_in.tolist() == [list(s) for s in mod.in_segments]
+        assert mod.layout_out.tolist() == [list(s) for s in mod.out_segments]
+        # no stored block is an exact-zero block (K >= 3 too): every (output, input) segment pair kept is allowed
+        for o, (_n_o, m_o) in enumerate(mod.out_segments):
+            blk = mod.block(o)
+            col = 0
+            for size, m_i in mod.in_segments:
+                if m_i & m_o and size:
+                    assert torch.count_nonzero(blk[:, col : col + size]) > 0, (p, o)
+                    col += size
+            assert col == blk.shape[1]
         if isinstance(mod, PartialLinear):
             again = PartialLinear.from_state_dict(mod.state_dict())
             xin = torch.randn(3, mod.in_features, dtype=torch.float64)

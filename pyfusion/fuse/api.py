@@ -31,7 +31,7 @@ def fuse(
     reset_bn: bool | str | None = None,
     repair: bool = False,
     bn_batches: int | None = None,
-    fast_modules: bool = True,
+    fast_modules: bool | str = True,
     **options: Any,
 ) -> nn.Module:
     """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
@@ -62,7 +62,10 @@ def fuse(
         bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
-            (the dense result is the same function; ``False`` keeps plain dense layers with zero blocks).
+            (the dense result is the same function; ``False`` keeps plain dense layers with zero blocks). A layer
+            stays dense where a cost model predicts the dense zero-block layer faster (tiny layers); ``"always"``
+            swaps every block-sparse layer that can be swapped exactly (``fusion_info["fast_decisions"]`` lists
+            the layers kept dense and why).
         **options: the method's options (e.g. ``alpha``, ``seed``, ``cost``, ``point``): the fields of its config
             class, which checks them.
 
@@ -76,6 +79,8 @@ def fuse(
             option value (naming the config field).
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
     """
+    if not (isinstance(fast_modules, bool) or fast_modules == "always"):
+        raise ValueError(f"fast_modules must be True, False or 'always'; got {fast_modules!r}")
     if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
         raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
     spec = _resolve_method(method, config)
@@ -104,8 +109,10 @@ def fuse(
     result = spec.call(members, graph, lam, data, cfg, **options)
     t_method = time.perf_counter() - t0
     info: dict[str, Any] = {"method": method, "lambdas": lam, "time_graph_s": t_graph}
+    from pyfusion.fuse.fast import finish, order_shared_slots  # (loads the execution modules: not at import)
+
     if isinstance(result, Plan):
-        plan = result
+        plan = order_shared_slots(result, graph)  # one segment per member subset (K >= 3): fewer, larger blocks
         t0 = time.perf_counter()
         fused = build(members, graph, plan)
         info["time_build_s"] = time.perf_counter() - t0
@@ -140,10 +147,8 @@ def fuse(
         t0 = time.perf_counter()
         info["repair"] = _repair(fused, members, graph, plan, data, max_batches=bn_batches)
         info["time_repair_s"] = time.perf_counter() - t0
-    if fast_modules:
-        from pyfusion.fuse.fast import swap_partial_modules
-
-        info["fast_modules"] = swap_partial_modules(fused, len(members))
+    # never costlier than the ensemble (issue 14: else the exact ensemble, said in info), then execution modules
+    fused, plan = finish(fused, members, graph, plan, lam, info, fast_modules=fast_modules)
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused

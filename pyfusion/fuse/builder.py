@@ -17,9 +17,10 @@ Tied parameters stay tied when their fused values are equal (permutation fusion)
 (Hugging Face ``config.tie_word_embeddings`` is then set to False). The members are never modified.
 
 Each group's layout is recorded on the result in ``fusion_layouts`` (group -> segment sizes) and
-``fusion_module_layouts`` (module path -> {"out", "in", "in_expand"}) so that execution modules
-(pyfusion.nn.PartialLinear.from_dense, ...) can be swapped in; modules whose axes hold segments or unit patterns
-are recorded without layouts (they stay dense).
+``fusion_module_layouts`` (module path -> {"out", "in", "in_expand"} for modules whose axes are whole simple groups,
+and for every module with referenced tensors ``"segments"``: per parameter the member-mask segments of each axis,
+:func:`member_segments`), so that execution modules (pyfusion.nn.PartialLinear, ...) can be swapped in for every
+widened layer, heads, packed projections and concatenations included (pyfusion.fuse.fast).
 """
 
 from __future__ import annotations
@@ -471,6 +472,10 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
                 entry.update(**{"in": layouts[name], "in_expand": r.expand, "in_group": name})
             else:
                 entry.update(out=layouts[name], out_group=name)
+    for mpath, segs in member_segments(members[0], graph, plan, maps).items():
+        module_layouts.setdefault(
+            mpath, {"out": None, "in": None, "in_expand": 1, "out_group": None, "in_group": None}
+        )["segments"] = segs
     fused.fusion_layouts = layouts
     fused.fusion_module_layouts = module_layouts
     if check is None:
@@ -481,6 +486,86 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
     if check:
         check_fused_widths(fused, graph, plan)
     return fused
+
+
+def _axis_member_masks(
+    n_member: int, refs: list[tuple[str, AxisRef]], graph: FusionGraph, maps: dict[str, GroupPlan], k_all: int
+) -> list[int]:
+    """Member mask of every index of one axis of a fused tensor: bit k is set when member k's neurons reach the
+    index through the maps (``A_k`` on the output axis, ``B_k^T`` on an input axis; gaps are read by every member).
+
+    Computed by the builder's own code path (:func:`member_tensor` on a 1-D probe of ones with the maps' supports,
+    ``|A_k| > 0`` and ``|B_k| > 0``), so the positions agree with the fused tensor's exactly."""
+    from dataclasses import replace
+
+    probe_refs = [(g, replace(r, axis=0)) for g, r in refs]
+    ax = axis_plan(probe_refs, graph.groups)
+    masks: list[int] | None = None
+    for k in range(k_all):
+        support = {g: ((maps[g].A[k] != 0).double(), (maps[g].B[k] != 0).double()) for g, _ in refs}
+        reach = member_tensor(torch.ones(n_member, dtype=torch.float64), ax, support, 1.0)
+        if masks is None:
+            masks = [0] * int(reach.numel())
+        bit = 1 << k
+        for i in torch.nonzero(reach != 0).flatten().tolist():
+            masks[i] |= bit
+    return masks or []
+
+
+def _runs(masks: list[int]) -> list[list[int]]:
+    """Run-length segments ``[[size, mask], ...]`` of per-index masks; an index no member reaches (its weights are
+    exactly zero on that side) joins the neighbouring segment, as any mask is exact for it."""
+    out: list[list[int]] = []
+    pending = 0
+    for m in masks:
+        if m == 0:
+            if out:
+                out[-1][0] += 1
+            else:
+                pending += 1
+            continue
+        if out and out[-1][1] == m:
+            out[-1][0] += 1
+        else:
+            out.append([1 + pending, m])
+            pending = 0
+    if pending:  # no index is reached at all: one segment read by every member
+        out.append([pending, -1])
+    return out
+
+
+def member_segments(
+    member: nn.Module, graph: FusionGraph, plan: Plan, maps: dict[str, GroupPlan]
+) -> dict[str, dict[str, dict[str, object]]]:
+    """Per module and parameter, the member-mask segments (:mod:`pyfusion.ops.layout`) of every referenced axis of
+    the fused tensor: ``{module: {param: {"axes": {axis: [[size, mask], ...]}, "out_axis": a | None}}}``.
+
+    The fused weight ``W' = sum_k A_k W_k B_k`` is exactly zero in every block whose output and input masks do not
+    intersect, so these segments are what an execution module (:class:`pyfusion.nn.PartialLinear`, ...) stores:
+    any order, heads as units, packed q | k | v rows, concatenated inputs and gaps included (an axis without a
+    reference, e.g. a first layer's input, is one segment of every member). Shared slots to which only some members
+    contribute get their subset's mask.
+    """
+    k_all = plan.num_members
+    every = (1 << k_all) - 1
+    tensors = dict(member.named_parameters(remove_duplicate=False))
+    tensors.update(dict(member.named_buffers(remove_duplicate=False)))
+    out: dict[str, dict[str, dict[str, object]]] = {}
+    for key, refs in graph.refs_by_key().items():
+        t = tensors.get(key)
+        if t is None or t.dim() < 2:
+            continue
+        mpath, _, pname = key.rpartition(".")
+        per_axis: dict[int, list[tuple[str, AxisRef]]] = {}
+        for g, r in refs:
+            per_axis.setdefault(r.axis, []).append((g, r))
+        out_axes = [r.axis for _g, r in refs if r.role != "consumer"]
+        axes = {}
+        for axis, arefs in sorted(per_axis.items()):
+            runs = _runs(_axis_member_masks(int(t.shape[axis]), arefs, graph, maps, k_all))
+            axes[str(axis)] = [[n, every if m < 0 else m] for n, m in runs]
+        out.setdefault(mpath, {})[pname] = {"axes": axes, "out_axis": min(out_axes) if out_axes else None}
+    return out
 
 
 def _assign(fused: nn.Module, tensors: dict[str, Tensor], graph: FusionGraph, skip: set[str]) -> None:

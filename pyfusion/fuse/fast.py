@@ -1,133 +1,595 @@
-"""Swap the dense layers of a partially fused network for the block-sparse execution modules (DESIGN §7).
+"""Execution of a fused network at its effective cost (DESIGN §7): slot order, module swap, and the ensemble cap.
 
-The builder returns plain ``nn.Linear`` / ``nn.Conv2d`` layers whose weights are zero outside the blocks the
-layouts allow. :func:`swap_partial_modules` replaces every such layer whose input or output group has branch
-segments by :class:`pyfusion.nn.PartialLinear` / :class:`pyfusion.nn.PartialConv2d` (``from_dense``, which checks
-that the skipped blocks are exactly zero), so the network runs at a cost proportional to its effective FLOPs.
-Layers with no branch segment (full fusion) stay dense.
+The builder returns plain layers (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D``, ...) whose weights are
+exactly zero outside the blocks their member-mask segments allow, and records those segments per module and
+parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.builder.member_segments`).
+
+* :func:`order_shared_slots` (before the build): shared slots built from different member subsets (K >= 3) are
+  sorted by subset inside the shared segment, so that each subset is one segment instead of many interleaved ones
+  (a permutation of the slots: the function is unchanged; units move whole, tied groups move together).
+* :func:`swap_partial_modules` (after the build): every such layer whose segments skip a block is replaced by
+  :class:`pyfusion.nn.PartialLinear` / :class:`pyfusion.nn.PartialConv2d` (``from_dense``, which checks that the
+  skipped blocks are exactly zero): widened Linears anywhere in a model (transformer FFNs, q / k / v / o and packed
+  q|k|v projections, classifier heads, user classes), convolutions, and Hugging Face ``Conv1D`` (transposed
+  weight); an ``nn.MultiheadAttention`` (packed ``in_proj_weight``, read directly) as a whole by
+  :class:`pyfusion.nn.PartialMultiheadAttention`. A ReLU / GELU / SiLU module right after the layer in an
+  ``nn.Sequential`` is fused into the layer's epilogue. A layer stays dense where the dense zero-block layer is
+  predicted to be faster (:func:`predict_time`, a cost model calibrated by measurement; ``always=True`` /
+  ``fuse(fast_modules="always")`` skips it) or where the swap cannot be exact (tied weights, modules whose parent
+  reads the weight directly). An ``nn.TransformerEncoderLayer`` holding a swapped module runs its Python path.
+* :func:`finish` (the api's hook): the effective-FLOP cap of issue 14 (a fused point costing more than the
+  ensemble is replaced by the exact ensemble, said in ``fusion_info``), then the swap.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from pyfusion.nn import PartialConv2d, PartialLinear, replace_
-from pyfusion.ops.partial_linear import ACTIVATIONS
+from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.graph.groups import FusionGraph
+from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
+from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan, slice_segments
 
-__all__ = ["swap_partial_modules", "module_layouts"]
+__all__ = [
+    "DECISION_BATCH",
+    "finish",
+    "mha_segments",
+    "module_segments",
+    "order_shared_slots",
+    "predict_time",
+    "swap_partial_modules",
+]
 
 
-def _full(layout: Sequence[int] | None, size: int, k: int) -> tuple[int, ...]:
-    return (size,) + (0,) * k if layout is None else tuple(int(x) for x in layout)
+# ---------------------------------------------------------------------------------------------------------------
+# Slot order
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def module_layouts(
-    model: nn.Module, layouts: Mapping[str, Mapping[str, object]], path: str, num_members: int
-) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """(in_layout, out_layout) in features / channels of the Linear / Conv2d at ``path``, or None if not recorded.
+def _slot_masks(gp: GroupPlan) -> list[int]:
+    """Member mask of every slot of a group: bit k when member k writes it (``A_k``) or reads it (``B_k``)."""
+    slots = gp.slots
+    masks = [0] * slots
+    for k, (a, b) in enumerate(zip(gp.A, gp.B)):
+        used = ((a != 0).any(1) | (b != 0).any(0)).tolist()
+        for s in range(slots):
+            if used[s]:
+                masks[s] |= 1 << k
+    return masks
 
-    A network input (no input group) is all "shared" input, a network output (no output group, e.g. the logits)
-    all "shared" output; a flatten consumer (``in_expand`` = e positions per channel) scales the input segments
-    by e (channel-major flatten keeps the segments contiguous).
-    """
-    entry = layouts.get(path)
+
+def _slot_order(gp: GroupPlan, unit: int) -> list[int] | None:
+    """A slot permutation that sorts the units of every layout segment by (more members first, mask), stable;
+    None when the order is already sorted."""
+    masks = _slot_masks(gp)
+    units = gp.slots // unit
+    umask = [0] * units
+    for s, m in enumerate(masks):
+        umask[s // unit] |= m
+    order: list[int] = []
+    start = 0
+    for size in gp.layout:
+        lo, hi = start // unit, (start + size) // unit
+        seg = sorted(range(lo, hi), key=lambda u: (-bin(umask[u]).count("1"), umask[u]))
+        order += seg
+        start += size
+    if order == list(range(units)):
+        return None
+    return [u * unit + d for u in order for d in range(unit)]
+
+
+def order_shared_slots(plan: Plan, graph: FusionGraph) -> Plan:
+    """The plan with every group's slots sorted by member subset inside each layout segment (see the module
+    docstring): ``A_k <- P A_k``, ``B_k <- B_k P^T`` for one permutation P per group (per tie set: the groups of a
+    tie move together, by the first group's masks, only when all of them have the same unit masks). Returns
+    ``plan`` itself when nothing moves (K = 2, full fusion, sorted plans)."""
+    if plan.num_members < 3:
+        return plan
+    groups = dict(plan.groups)
+    changed = False
+    for names in graph.tie_sets():
+        names = [n for n in names if n in groups]
+        if not names:
+            continue
+        unit = graph.groups[names[0]].unit_size
+        perm = _slot_order(groups[names[0]], unit)
+        if perm is None:
+            continue
+        base = _slot_masks(groups[names[0]])
+        if any(_slot_masks(groups[n]) != base or groups[n].layout != groups[names[0]].layout for n in names[1:]):
+            continue  # tied groups with other supports: keep their order (never break a tie)
+        idx = torch.tensor(perm, dtype=torch.long)
+        for n in names:
+            gp = groups[n]
+            groups[n] = GroupPlan([a[idx] for a in gp.A], [b[:, idx] for b in gp.B], gp.layout)
+        changed = True
+    if not changed:
+        return plan
+    info = dict(plan.info)
+    info["slots_sorted_by_member_subset"] = True
+    return Plan(plan.lambdas, groups, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Segments of a module
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _axes_of(mod: nn.Module) -> tuple[str, int, int] | None:
+    """(parameter, output axis, input axis) of the weight of a swappable layer, or None."""
+    if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
+        return "weight", 0, 1
+    if isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward:
+        if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return None
+        return "weight", 0, 1
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None:
+        if mod.weight.dim() == 2 and int(mod.weight.shape[1]) == int(mod.nf):  # HF Conv1D: y = x W + b, W (nx, nf)
+            return "weight", 1, 0
+    return None
+
+
+def module_segments(
+    model: nn.Module, layouts: Mapping[str, Mapping[str, Any]], path: str, num_members: int
+) -> tuple[Segments, Segments] | None:
+    """(in_segments, out_segments) of the weight of the Linear / Conv2d / Conv1D at ``path`` from the builder's
+    records, or None (not recorded, not a swappable layer, or sizes that do not match the module)."""
     mod = model.get_submodule(path)
-    if entry is None:
+    axes = _axes_of(mod)
+    entry = layouts.get(path)
+    if axes is None or entry is None or "segments" not in entry:
         return None
-    if isinstance(mod, nn.Linear):
-        n_in, n_out = mod.in_features, mod.out_features
-    else:
-        n_in, n_out = mod.in_channels, mod.out_channels
-    e = int(entry.get("in_expand", 1) or 1)
-    lin = entry.get("in")
-    il = _full(None, n_in, num_members) if lin is None else tuple(int(x) * e for x in lin)  # type: ignore[union-attr]
-    ol = _full(entry.get("out"), n_out, num_members)  # type: ignore[arg-type]
-    if sum(il) != n_in or sum(ol) != n_out:
+    pname, out_axis, in_axis = axes
+    rec = entry["segments"].get(pname)  # type: ignore[union-attr]
+    if rec is None:
         return None
-    return il, ol
+    w = getattr(mod, pname)
+    every = (1 << num_members) - 1
+
+    def side(axis: int) -> Segments:
+        segs = rec["axes"].get(str(axis))
+        if segs is None:  # no group on this axis (raw inputs, logits): every member reads / writes all of it
+            return ((int(w.shape[axis]), every),)
+        return as_segments([tuple(int(v) for v in s) for s in segs], f"{path}.{pname} axis {axis}")
+
+    ins, outs = side(in_axis), side(out_axis)
+    if sum(s for s, _ in ins) != int(w.shape[in_axis]) or sum(s for s, _ in outs) != int(w.shape[out_axis]):
+        return None
+    return ins, outs
 
 
-def _pack(mod: nn.Linear | nn.Conv2d, il: Sequence[int], ol: Sequence[int], path: str) -> nn.Module:
-    """The execution module of a dense layer, its blocks sliced straight from the weight (one pass; the generic
-    ``from_dense`` packs a convolution tap by tap, 5x slower on VGG11 layers). The skipped blocks are checked to
-    be exactly zero, as ``from_dense`` does."""
-    w = mod.weight.detach()
-    kw = {"device": w.device, "dtype": w.dtype}
-    if isinstance(mod, nn.Linear):
-        new = torch.nn.utils.skip_init(PartialLinear, il, ol, bias=mod.bias is not None, **kw)
-    else:
-        new = torch.nn.utils.skip_init(
-            PartialConv2d, il, ol, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-            bias=mod.bias is not None, **kw,
-        )  # fmt: skip
-    ro = [0]
-    co = [0]
-    for i, o in zip(il, ol):
-        co.append(co[-1] + i)
-        ro.append(ro[-1] + o)
-    k_all = len(ol) - 1
-    for a in range(1, k_all + 1):
-        for b in range(1, k_all + 1):
-            if a != b:
-                blk = w[ro[a] : ro[a + 1], co[b] : co[b + 1]]
-                if blk.numel() and bool(blk.any()):
-                    raise ValueError(
-                        f"{path}: weight block (output branch {a}, input branch {b}) must be exactly zero for the "
-                        f"layouts in={list(il)}, out={list(ol)}; it has {int(blk.count_nonzero())} non-zero entries"
-                    )
-    with torch.no_grad():
-        new.weight_shared.copy_(w[: ol[0]].reshape(new.weight_shared.shape))
-        new.weight_cross.copy_(w[ol[0] :, : il[0]].reshape(new.weight_cross.shape))
-        # each diagonal block straight into its slice of weight_diag (a torch.cat first would copy it twice)
-        flat = new.weight_diag.view(-1)
-        pos = 0
-        for k in range(1, k_all + 1):
-            blk = w[ro[k] : ro[k + 1], co[k] : co[k + 1]]
-            flat[pos : pos + blk.numel()].view(blk.shape).copy_(blk)
-            pos += blk.numel()
-        if mod.bias is not None:
-            new.bias.copy_(mod.bias.detach())
-        # skip_init leaves buffers uninitialised: the layout / activation buffers are set as _register_layout does
-        new.layout.copy_(torch.tensor([list(il), list(ol)], dtype=torch.int64))
-        new.activation_id.fill_(ACTIVATIONS.index(new.activation))
+def _mha_swappable(mod: nn.Module) -> bool:
+    return (
+        type(mod) is nn.MultiheadAttention and mod._qkv_same_embed_dim and mod.bias_k is None and not mod.add_zero_attn
+    )
+
+
+def mha_segments(
+    model: nn.Module, layouts: Mapping[str, Mapping[str, Any]], path: str, num_members: int
+) -> tuple[Segments, Segments, Segments, Segments] | None:
+    """(in_proj input segments, in_proj row segments (q | k | v), out_proj input segments, out_proj output
+    segments) of the ``nn.MultiheadAttention`` at ``path`` from the builder's records, or None."""
+    mod = model.get_submodule(path)
+    entry = layouts.get(path)
+    if not _mha_swappable(mod) or entry is None or "segments" not in entry:
+        return None
+    rec = entry["segments"].get("in_proj_weight")  # type: ignore[union-attr]
+    if rec is None:
+        return None
+    w = mod.in_proj_weight
+    every = (1 << num_members) - 1
+
+    def side(axis: int) -> Segments:
+        segs = rec["axes"].get(str(axis))
+        if segs is None:
+            return ((int(w.shape[axis]), every),)
+        return as_segments([tuple(int(v) for v in s) for s in segs], f"{path}.in_proj_weight axis {axis}")
+
+    ins, rows = side(1), side(0)
+    out_path = f"{path}.out_proj"
+    out = module_segments(model, layouts, out_path, num_members)
+    if out is None:
+        e = int(mod.out_proj.weight.shape[0])
+        out = (((int(mod.out_proj.weight.shape[1]), every),), ((e, every),))
+    if sum(s for s, _ in ins) != int(w.shape[1]) or sum(s for s, _ in rows) != int(w.shape[0]):
+        return None
+    return ins, rows, out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost model: partial module or dense zero-block layer
+# ---------------------------------------------------------------------------------------------------------------
+
+# Predicted time (seconds) of one forward, t = sum over BLAS / conv calls of (CALL + flops / RATE(n_out, k)) with
+# RATE(n, k) = PEAK / ((1 + N0 / n) (1 + K0 / k)), n the call's output columns, k its reduction length (small GEMMs
+# and convolutions run far below the machine's peak). Fitted by bench/bench_partial_linear.py --calibrate (median of
+# 7 runs per shape, 1 thread, 2-core AMD EPYC VM under load ~6, float32): linear layers 10-3072 wide at 1-1024 rows,
+# LeNet / VGG convolutions at batch 32: median absolute log error 0.28 (a factor 1.3), enough to tell tiny layers
+# (where one dense GEMM beats several small ones) from the rest. The panel engine (rows <= its crossover) is one
+# call at PANEL_RATE.
+PEAK_FLOPS = 60e9
+N0, K0 = 48.0, 48.0
+GEMM_CALL_S = 6e-6  # one addmm / baddbmm from Python, views included
+CONV_CALL_S = 25e-6  # one F.conv2d (oneDNN primitive lookup, reorders of a small weight)
+PANEL_CALL_S = 3e-6
+PANEL_RATE = 45e9
+COPY_BYTES_PER_S = 4e9  # torch.cat of conv inputs / outputs (memory bound)
+LAYER_CALL_S = 4e-6  # a module call (Python) around either form
+# Batch (examples) at which the forms are compared: the decision is made once, at fusion time.
+DECISION_BATCH = int(os.environ.get("PYFUSION_FAST_DECISION_BATCH", "32"))
+
+
+def _rate(n: float, k: float) -> float:
+    return PEAK_FLOPS / ((1.0 + N0 / max(n, 1.0)) * (1.0 + K0 / max(k, 1.0)))
+
+
+def predict_time(kind: str, plan, rows: int, geom=None, positions: int = 1, dense: bool = False) -> float:
+    """Predicted seconds of one forward of a layer (see the constants above).
+
+    Args:
+        kind: "linear" or "conv".
+        plan: the layer's :class:`~pyfusion.ops.layout.SegmentPlan`.
+        rows: input rows (linear: batch x tokens; conv: batch).
+        geom: the convolution's :class:`~pyfusion.ops.partial_conv2d.ConvGeom`.
+        positions: output positions H' W' of a convolution.
+        dense: the dense zero-block layer instead of the partial module.
+    """
+    if kind == "linear":
+        if dense:
+            flops = 2.0 * rows * plan.o_total * plan.i_total
+            return LAYER_CALL_S + GEMM_CALL_S + flops / _rate(plan.o_total, plan.i_total)
+        from pyfusion.ops.partial_linear.backends import BatchedStep, blas_steps, cpp_max_rows
+
+        if rows <= cpp_max_rows(plan):
+            return LAYER_CALL_S + PANEL_CALL_S + 2.0 * rows * plan.stored / PANEL_RATE
+        t = LAYER_CALL_S
+        for st in blas_steps(plan)[0]:
+            count = st.count if isinstance(st, BatchedStep) else 1
+            t += GEMM_CALL_S + 2.0 * rows * st.n_out * st.n_in * count / _rate(st.n_out, st.n_in)
+        return t
+    taps = geom.taps
+    m = rows * positions
+    if dense:
+        return (
+            LAYER_CALL_S
+            + CONV_CALL_S
+            + 2.0 * m * plan.o_total * plan.i_total * taps / _rate(plan.o_total, plan.i_total * taps)
+        )
+    from pyfusion.ops.partial_conv2d.backends import conv_runs
+
+    runs, _idle = conv_runs(plan)
+    t = LAYER_CALL_S
+    for r in runs:
+        t += CONV_CALL_S + 2.0 * m * r.n_out * r.k_o * taps / _rate(r.n_out, r.k_o * taps)
+        if len(r.ranges) > 1:  # gathered input channels
+            t += 4.0 * rows * r.k_o * positions / COPY_BYTES_PER_S
+    if len(runs) > 1:  # the outputs concatenated
+        t += 4.0 * m * plan.o_total / COPY_BYTES_PER_S
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The swap
+# ---------------------------------------------------------------------------------------------------------------
+
+_FUSABLE_ACTS = {nn.ReLU: "relu", nn.SiLU: "silu"}
+
+
+def _fusable_activation(mod: nn.Module) -> str | None:
+    if type(mod) in _FUSABLE_ACTS:
+        return _FUSABLE_ACTS[type(mod)]
+    if type(mod) is nn.GELU and mod.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _shared_params(model: nn.Module) -> set[int]:
+    """ids of parameters that more than one module (or name) holds: a swap would untie them."""
+    seen: dict[int, int] = {}
+    for _n, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def _reads_child_weights(parent: nn.Module) -> bool:
+    """Parents whose forward reads a child layer's weight directly (not by calling it)."""
+    return isinstance(parent, nn.MultiheadAttention)
+
+
+def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str) -> nn.Module:
+    """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero)."""
+    try:
+        if isinstance(mod, nn.Conv2d):
+            new = PartialConv2d.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
+                                           ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
+        else:
+            w = mod.weight.detach()
+            if type(mod).__name__ == "Conv1D":
+                w = w.t()
+            new = PartialLinear.from_dense(w, None if mod.bias is None else mod.bias.detach(), ins, outs)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    new.train(mod.training)
+    for p_new, p_old in zip(new.parameters(), mod.parameters()):
+        p_new.requires_grad_(p_old.requires_grad)
     return new
 
 
-def swap_partial_modules(model: nn.Module, num_members: int) -> list[str]:
-    """Replace (in place) the layers with branch segments by PartialLinear / PartialConv2d.
+def swap_partial_modules(
+    model: nn.Module,
+    num_members: int,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    batch: int = DECISION_BATCH,
+    fuse_activations: bool = True,
+    decisions: dict[str, str] | None = None,
+    always: bool = False,
+) -> list[str]:
+    """Replace (in place) the layers whose member-mask segments skip blocks by PartialLinear / PartialConv2d.
 
     Args:
         model: a built fused network with ``fusion_module_layouts`` (see :func:`pyfusion.fuse.build`).
         num_members: K.
+        input_shapes: module path -> the shape of its input for one example (without the batch dimension), from
+            one forward on example inputs (:func:`finish` records them). Convolutions need them for the cost model
+            (output positions); without a shape a layer is predicted at one row (linear) / one position (conv).
+        batch: examples per forward at which the partial module and the dense zero-block layer are compared.
+        fuse_activations: fold a ReLU / GELU / SiLU module that follows the layer in an ``nn.Sequential`` into the
+            partial module's epilogue (the activation module becomes ``nn.Identity``).
+        decisions: filled with module path -> "partial", "dense (predicted faster: ...)" or "dense (why)".
+        always: swap every block-sparse layer that can be swapped exactly, without asking the cost model (tests,
+            and machines the cost model was not calibrated on).
 
     Returns:
-        The module paths that were swapped. Convolutions with groups != 1, non-zero padding modes or string
-        padding stay dense.
+        The module paths that were swapped.
     """
     layouts = getattr(model, "fusion_module_layouts", None) or {}
+    shared = _shared_params(model)
+    shapes = dict(input_shapes or {})
+    chosen: dict[str, tuple[Segments, Segments]] = {}
+    why: dict[str, str] = {}
+    parents = {name: mod for name, mod in model.named_modules()}
+    chosen_mha: dict[str, tuple[Segments, Segments, Segments, Segments]] = {}
+    for path, mod in model.named_modules():
+        if path and isinstance(mod, nn.MultiheadAttention):
+            _choose_mha(model, layouts, path, mod, num_members, shapes, batch, always, shared, chosen_mha, why)
+            continue
+        if path == "" or _axes_of(mod) is None:
+            continue
+        parent_path = path.rpartition(".")[0]
+        if parent_path in chosen_mha:
+            continue  # the attention module is replaced as a whole
+        segs = module_segments(model, layouts, path, num_members)
+        if segs is None:
+            continue
+        ins, outs = segs
+        plan = segment_plan(ins, outs)
+        if plan.stored == plan.o_total * plan.i_total:
+            continue  # no block is skipped: the dense layer is the partial layer
+        if _reads_child_weights(parents[parent_path]):
+            why[path] = f"dense ({type(parents[parent_path]).__name__} reads the weight directly)"
+            continue
+        if any(id(p) in shared for p in mod.parameters()):
+            why[path] = "dense (its weight is tied to another module's)"
+            continue
+        shape = shapes.get(path)
+        if isinstance(mod, nn.Conv2d):
+            from pyfusion.ops.partial_conv2d import conv_geom
+            from pyfusion.ops.partial_conv2d.backends import conv_out_hw
+
+            geom = conv_geom(mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+            pos = 1
+            if shape is not None and len(shape) >= 3:
+                ho, wo = conv_out_hw(int(shape[-2]), int(shape[-1]), geom.kernel, geom.stride, geom.padding,
+                                     geom.dilation)  # fmt: skip
+                pos = max(1, ho * wo)
+            t_part = predict_time("conv", plan, batch, geom, pos)
+            t_dense = predict_time("conv", plan, batch, geom, pos, dense=True)
+        else:
+            rows = batch * (math.prod(int(v) for v in shape[:-1]) if shape is not None and len(shape) > 1 else 1)
+            t_part = predict_time("linear", plan, rows)
+            t_dense = predict_time("linear", plan, rows, dense=True)
+        if t_part > t_dense and not always:
+            why[path] = f"dense (predicted faster at batch {batch}: {t_dense * 1e6:.0f} vs {t_part * 1e6:.0f} us)"
+            continue
+        chosen[path] = segs
+
     swapped: list[str] = []
 
-    def select(mod: nn.Module, fqn: str) -> bool:
-        if type(mod) not in (nn.Linear, nn.Conv2d):
-            return False
-        if isinstance(mod, nn.Conv2d) and (
-            mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)
-        ):
-            return False
-        lay = module_layouts(model, layouts, fqn, num_members)
-        return lay is not None and (sum(lay[0][1:]) > 0 or sum(lay[1][1:]) > 0)
-
     def make(mod: nn.Module, fqn: str) -> nn.Module:
-        il, ol = module_layouts(model, layouts, fqn, num_members)  # type: ignore[misc]
         swapped.append(fqn)
-        new = _pack(mod, il, ol, fqn)
-        new.train(mod.training)
-        for p_new, p_old in zip(new.parameters(), mod.parameters()):
-            p_new.requires_grad_(p_old.requires_grad)
-        return new
+        why[fqn] = "partial"
+        if fqn in chosen_mha:
+            try:
+                return PartialMultiheadAttention.from_dense(mod, *chosen_mha[fqn])
+            except ValueError as exc:
+                raise ValueError(f"{fqn}: {exc}") from exc
+        ins, outs = chosen[fqn]
+        return _build(mod, ins, outs, fqn)
 
-    replace_(model, make, select)
+    replace_(model, make, lambda m, fqn: fqn in chosen or fqn in chosen_mha)
+    if swapped:
+        _no_fused_fast_path(model, swapped)
+    if fuse_activations:
+        _fuse_activations(model, swapped)
+    if decisions is not None:
+        decisions.update(why)
     return swapped
+
+
+def _choose_mha(
+    model: nn.Module,
+    layouts: Mapping[str, Mapping[str, Any]],
+    path: str,
+    mod: nn.MultiheadAttention,
+    num_members: int,
+    shapes: Mapping[str, Sequence[int]],
+    batch: int,
+    always: bool,
+    shared: set[int],
+    chosen: dict[str, tuple[Segments, Segments, Segments, Segments]],
+    why: dict[str, str],
+) -> None:
+    """Decide whether the nn.MultiheadAttention at ``path`` becomes a PartialMultiheadAttention."""
+    segs = mha_segments(model, layouts, path, num_members)
+    if segs is None:
+        if not _mha_swappable(mod) and path in layouts:
+            why[path] = "dense (nn.MultiheadAttention with kdim / vdim, bias_k / bias_v or add_zero_attn)"
+        return
+    ins, rows, o_in, o_out = segs
+    e = int(mod.out_proj.weight.shape[0])
+    plans = [segment_plan(ins, slice_segments(rows, j * e, (j + 1) * e)) for j in range(3)]
+    plans.append(segment_plan(o_in, o_out))
+    if all(p.stored == p.o_total * p.i_total for p in plans):
+        return
+    if any(id(p) in shared for p in mod.parameters()):
+        why[path] = "dense (its weights are tied to another module's)"
+        return
+    shape = shapes.get(path)
+    tokens = math.prod(int(v) for v in shape[:-1]) if shape is not None and len(shape) > 1 else 1
+    r = batch * tokens
+    t_part = sum(predict_time("linear", p, r) for p in plans)
+    t_dense = predict_time("linear", segment_plan(((e, 1),), ((3 * e, 1),)), r, dense=True) + predict_time(
+        "linear", plans[3], r, dense=True
+    )
+    if t_part > t_dense and not always:
+        why[path] = f"dense (predicted faster at batch {batch}: {t_dense * 1e6:.0f} vs {t_part * 1e6:.0f} us)"
+        return
+    chosen[path] = segs
+
+
+def _no_fused_fast_path(model: nn.Module, swapped: list[str]) -> None:
+    """``nn.TransformerEncoderLayer``'s inference fast path (one C++ op) reads ``linear1.weight``,
+    ``self_attn.in_proj_weight``, ... directly: a layer holding a swapped module runs its Python path (the same
+    function, module calls), and an ``nn.TransformerEncoder`` above it no longer converts to nested tensors."""
+    for path, mod in model.named_modules():
+        inside = any(p.startswith(path + ".") for p in swapped) if path else bool(swapped)
+        if not inside:
+            continue
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            mod.activation_relu_or_gelu = False  # the fast path's condition (the Python path uses .activation)
+        elif isinstance(mod, nn.TransformerEncoder):
+            mod.use_nested_tensor = False
+
+
+def _fuse_activations(model: nn.Module, swapped: list[str]) -> None:
+    counts: dict[int, int] = {}
+    for _n, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    for path in swapped:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if not isinstance(parent, nn.Sequential):
+            continue
+        keys = list(parent._modules)
+        i = keys.index(name)
+        if i + 1 >= len(keys):
+            continue
+        layer, nxt = parent._modules[name], parent._modules[keys[i + 1]]
+        act = _fusable_activation(nxt)
+        if act is None or counts.get(id(nxt), 0) > 1 or layer.activation != "none":
+            continue
+        layer.activation = act
+        layer.activation_id.fill_(ACTIVATIONS.index(act))
+        parent._modules[keys[i + 1]] = nn.Identity()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The api hook: the ensemble cap, then the swap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
+    """Per swappable layer, the shape of its input for one example (one forward on the example inputs)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for path, mod in model.named_modules():
+        if _axes_of(mod) is None and not isinstance(mod, nn.MultiheadAttention):
+            continue
+
+        def hook(m: nn.Module, args: tuple, path: str = path) -> None:
+            if args and isinstance(args[0], Tensor) and args[0].dim() >= 1:
+                shape = tuple(int(v) for v in args[0].shape)
+                if isinstance(m, nn.MultiheadAttention) and not m.batch_first and len(shape) == 3:
+                    shape = (shape[1], shape[0], shape[2])  # (T, B, E): the batch is the second dimension
+                shapes.setdefault(path, shape[1:])
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        from pyfusion.fuse.cost import run_example
+
+        run_example(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def finish(
+    fused: nn.Module,
+    members: Sequence[nn.Module],
+    graph: FusionGraph,
+    plan: Plan | None,
+    lambdas: Sequence[float],
+    info: dict[str, Any],
+    *,
+    fast_modules: bool | str = True,
+    example: Any = None,
+) -> tuple[nn.Module, Plan | None]:
+    """The last step of :func:`pyfusion.fuse`: cap the effective FLOPs at the ensemble's, then swap in the
+    execution modules.
+
+    A fused point whose effective FLOPs (:func:`pyfusion.cost` on the graph's example inputs) exceed the
+    ensemble's (K members run one after another; the few shared slots that read every branch's inputs can make
+    alpha close to 1 cost 100.1-100.6 %) is never returned: the exact ensemble (``Plan.ensemble``, built by the same
+    builder) is returned instead and ``fusion_info["ensemble_cap"]`` says so, with both counts.
+
+    Returns:
+        (model, plan): the model to return and its plan (the ensemble's plan when capped).
+    """
+    from pyfusion.fuse.builder import build
+    from pyfusion.fuse.cost import cost
+
+    example = graph.example_inputs if example is None else example
+    if example is not None and plan is not None:
+        try:
+            fused_cost = cost(fused, example)
+            member_cost = [cost(m, example) for m in members]
+        except Exception as exc:  # a model that does not run on the example: no cap check, said so
+            info["ensemble_cap"] = {"checked": False, "reason": f"{type(exc).__name__}: {exc}"}
+        else:
+            ens = sum(c.flops for c in member_cost)
+            info["effective_flops"] = fused_cost.flops
+            info["ensemble_flops"] = ens
+            if fused_cost.flops > ens:
+                ens_plan = Plan.ensemble(graph, lambdas)
+                ens_plan.info.update({"capped_from": {"flops": fused_cost.flops, "layouts": fused.fusion_layouts}})
+                fused = build(members, graph, ens_plan)
+                info["ensemble_cap"] = {
+                    "checked": True,
+                    "capped": True,
+                    "fused_flops": fused_cost.flops,
+                    "ensemble_flops": ens,
+                    "reason": f"the fused point costs {fused_cost.flops / max(ens, 1):.4%} of the ensemble's "
+                    "effective FLOPs (more than the ensemble): the exact ensemble is returned instead",
+                }
+                info["effective_flops"] = cost(fused, example).flops
+                plan = ens_plan
+            else:
+                info["ensemble_cap"] = {"checked": True, "capped": False}
+    elif plan is not None:
+        info["ensemble_cap"] = {"checked": False, "reason": "no example inputs to count FLOPs on"}
+    if fast_modules:
+        shapes = _input_shapes(fused, example) if example is not None else None
+        decisions: dict[str, str] = {}
+        info["fast_modules"] = swap_partial_modules(
+            fused, len(members), input_shapes=shapes, decisions=decisions, always=fast_modules == "always"
+        )
+        info["fast_decisions"] = {p: d for p, d in decisions.items() if d != "partial"}
+    return fused, plan

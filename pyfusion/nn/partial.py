@@ -1,17 +1,21 @@
-"""Drop-in modules for partially fused layers (DESIGN §7): only the allowed blocks are Parameters.
+"""Drop-in modules for partially fused layers (DESIGN §7): only the blocks whose member masks intersect are stored.
 
-Layouts are ``[shared, branch_1, ..., branch_K]`` segment sizes on the features (linear) or channels
-(conv). Shared outputs read every input segment; branch k outputs read the shared input and branch k's.
+Segments (:mod:`pyfusion.ops.layout`): the input and output features (channels) are cut into ``[(size,
+member_mask), ...]``; block (output segment o, input segment i) is a parameter iff ``mask_o & mask_i != 0``. A
+standard layout ``[shared, branch_1, ..., branch_K]`` (plain ints) means masks ``[all, 1 << 0, ..., 1 << (K-1)]``.
+The one parameter ``weight`` is the packed flat weight: ``W_o`` (O_o, K_o) per output segment, concatenated
+(:meth:`PartialLinear.block` views one).
 
-BatchNorm on slots: a fused network's BatchNorm layers need no special module. ``nn.BatchNorm1d/2d``
-over ``O_total`` channels normalises every channel (slot) with its own statistics and affine parameters,
-which is exactly "per slot"; shared slots and each branch's slots keep separate running statistics. So
-``nn.Sequential(PartialConv2d(...), nn.BatchNorm2d(O_total), nn.ReLU())`` equals the dense
+BatchNorm on slots: a fused network's BatchNorm layers need no special module. ``nn.BatchNorm1d/2d`` over
+``O_total`` channels normalises every channel (slot) with its own statistics and affine parameters, which is
+exactly "per slot"; so ``nn.Sequential(PartialConv2d(...), nn.BatchNorm2d(O_total), nn.ReLU())`` equals the dense
 ``Conv2d -> BatchNorm2d -> ReLU`` with the zero-block weight (tests check it in train and eval mode).
 
-Serialization: the layouts (and the activation) are int64 buffers (``layout``, ``activation_id``), so a
-``state_dict`` (also through safetensors) carries them; ``Module.from_state_dict(sd)`` rebuilds the same
-module, and ``load_state_dict`` into a module of another layout raises a ValueError naming both layouts.
+Serialization: the segments (and the activation) are int64 buffers (``layout_in``, ``layout_out``: (S, 2) rows
+``[size, mask]``; ``activation_id``), so a ``state_dict`` (also through safetensors) carries them;
+``Module.from_state_dict(sd)`` rebuilds the same module, and ``load_state_dict`` into a module of other segments
+raises a ValueError naming both. State dicts of the earlier 3-buffer format (``weight_shared``, ``weight_cross``,
+``weight_diag`` and a ``layout`` buffer) load into the module of the same standard layout (converted on loading).
 """
 
 from __future__ import annotations
@@ -23,8 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyfusion.ops.layout import ACTIVATIONS, block_shapes, pack_partial_weight, unpack_partial_weight, validate_layouts
-from pyfusion.ops.partial_conv2d import partial_conv2d_module_forward
+from pyfusion.ops.layout import (
+    ACTIVATIONS,
+    Segments,
+    as_segments,
+    layout_of_segments,
+    pack_segment_weight,
+    segment_plan,
+    segments_from_layout,
+    unpack_segment_weight,
+)
+from pyfusion.ops.partial_conv2d import conv_geom, partial_conv2d_module_forward
 from pyfusion.ops.partial_conv2d.backends import conv_out_hw
 from pyfusion.ops.partial_linear import partial_linear_module_forward
 
@@ -55,8 +68,24 @@ def _refuse_scripting(module: nn.Module) -> None:
     )
 
 
-class _LayoutMixin:
-    """Layout buffers in the state_dict and the checks on loading."""
+def _segments_tensor(segs: Segments) -> Tensor:
+    return torch.tensor([list(s) for s in segs], dtype=torch.int64).reshape(len(segs), 2)
+
+
+def _activation_name(activation: str | None) -> str:
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")
+    return act
+
+
+class _SegmentedMixin:
+    """Segment buffers in the state_dict, the checks on loading, the conversion of 3-buffer state dicts."""
+
+    in_segments: Segments
+    out_segments: Segments
+    activation: str
+    _taps_shape: tuple[int, ...] = ()
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script`` on every submodule first: refuse with a clear error (see
@@ -64,26 +93,100 @@ class _LayoutMixin:
         _refuse_scripting(self)  # type: ignore[arg-type]
         return self  # type: ignore[return-value]  # pragma: no cover
 
-    in_layout: tuple[int, ...]
-    out_layout: tuple[int, ...]
+    def _init_segments(self, in_segments: Any, out_segments: Any, activation: str | None) -> None:
+        ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+        self.in_segments, self.out_segments = ins, outs
+        self.activation = _activation_name(activation)
+        self._plan = segment_plan(ins, outs)
 
-    def _register_layout(self, activation: str) -> None:
-        self.register_buffer("layout", torch.tensor([self.in_layout, self.out_layout], dtype=torch.int64))
-        self.register_buffer("activation_id", torch.tensor(ACTIVATIONS.index(activation), dtype=torch.int64))
+    def _register_segments(self) -> None:
+        self.register_buffer("layout_in", _segments_tensor(self.in_segments))  # type: ignore[attr-defined]
+        self.register_buffer("layout_out", _segments_tensor(self.out_segments))  # type: ignore[attr-defined]
+        self.register_buffer(  # type: ignore[attr-defined]
+            "activation_id", torch.tensor(ACTIVATIONS.index(self.activation), dtype=torch.int64)
+        )
+
+    @property
+    def in_layout(self) -> tuple[int, ...] | None:
+        """The standard layout ``(shared, branch_1, ..., branch_K)`` of the input segments, or None."""
+        return layout_of_segments(self.in_segments)
+
+    @property
+    def out_layout(self) -> tuple[int, ...] | None:
+        """The standard layout of the output segments, or None."""
+        return layout_of_segments(self.out_segments)
+
+    def block(self, o: int) -> Tensor:
+        """View of ``W_o``, output segment o's rows on its allowed input columns: (O_o, K_o, *kernel)."""
+        plan = self._plan
+        taps = math.prod(self._taps_shape)
+        off = plan.offsets[o] * taps
+        n = plan.out_segments[o][0] * plan.k_of_out[o] * taps
+        return self.weight[off : off + n].view(plan.out_segments[o][0], plan.k_of_out[o], *self._taps_shape)  # type: ignore[attr-defined]
+
+    # ---- saving (pyfusion.save / load: the constructor arguments as JSON) ----
+    _CONFIG_EXTRA: tuple[str, ...] = ()
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable (:func:`pyfusion.serialization.register_module`): segments
+        as ``[[size, member_mask], ...]`` (every layout, member subsets of K >= 3 included), bias, activation, and
+        a convolution's kernel / stride / padding / dilation."""
+        cfg: dict[str, Any] = {
+            "in_segments": [list(s) for s in self.in_segments],
+            "out_segments": [list(s) for s in self.out_segments],
+            "bias": self.bias is not None,  # type: ignore[attr-defined]
+            "activation": None if self.activation == "none" else self.activation,
+        }
+        for name in self._CONFIG_EXTRA:
+            cfg[name] = list(getattr(self, name))
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> nn.Module:
+        """Build from :meth:`get_config`'s dict (files of the earlier format, with standard ``in_layout`` /
+        ``out_layout`` lists, too).
+
+        Raises:
+            ValueError: a key the config does not have, a missing key, or a value of the wrong type.
+        """
+        cfg = dict(config)
+        for new, old in (("in_segments", "in_layout"), ("out_segments", "out_layout")):
+            if old in cfg and new not in cfg:
+                cfg[new] = cfg.pop(old)
+        want = {"in_segments", "out_segments", "bias", "activation", *cls._CONFIG_EXTRA}
+        if set(cfg) != want:
+            raise ValueError(
+                f"{cls.__name__} config must have the keys {sorted(want)}; got {sorted(config)} "
+                f"(unexpected {sorted(set(cfg) - want)}, missing {sorted(want - set(cfg))})"
+            )
+        if not isinstance(cfg["bias"], bool):
+            raise ValueError(f"{cls.__name__} config 'bias' must be a bool; got {cfg['bias']!r}")
+        if cfg["activation"] is not None and not isinstance(cfg["activation"], str):
+            raise ValueError(f"{cls.__name__} config 'activation' must be a string or None; got {cfg['activation']!r}")
+        for name in ("in_segments", "out_segments", *cls._CONFIG_EXTRA):
+            v = cfg[name]
+            items = v if isinstance(v, list) else [v]
+            flat = [u for item in items for u in (item if isinstance(item, list) else [item])]
+            if not isinstance(v, list) or not all(type(u) is int for u in flat):
+                raise ValueError(f"{cls.__name__} config {name!r} must be a list of ints / int pairs; got {v!r}")
+        extra = {name: tuple(cfg[name]) for name in cls._CONFIG_EXTRA}
+        return cls(cfg["in_segments"], cfg["out_segments"], bias=cfg["bias"], activation=cfg["activation"], **extra)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
-        key = prefix + "layout"
-        if key in state_dict:
-            stored = [list(map(int, row)) for row in state_dict[key].tolist()]
-            mine = [list(self.in_layout), list(self.out_layout)]
-            if stored != mine:
-                raise ValueError(
-                    f"state_dict[{key!r}] holds layouts in={stored[0]}, out={stored[1]}, but this "
-                    f"{type(self).__name__} has in={mine[0]}, out={mine[1]}; build it with "
-                    f"{type(self).__name__}.from_state_dict(state_dict)"
-                )
+        legacy = prefix + "weight_shared" in state_dict and prefix + "weight" not in state_dict
+        if legacy:
+            _convert_legacy(self, state_dict, prefix)
+        mine = [list(self.in_segments), list(self.out_segments)]
+        for side, key in enumerate((prefix + "layout_in", prefix + "layout_out")):
+            if key in state_dict:
+                stored = [tuple(int(v) for v in row) for row in state_dict[key].reshape(-1, 2).tolist()]
+                if stored != [tuple(s) for s in mine[side]]:
+                    raise ValueError(
+                        f"state_dict[{key!r}] holds segments {stored}, but this {type(self).__name__} has "
+                        f"{mine[side]}; build it with {type(self).__name__}.from_state_dict(state_dict)"
+                    )
         act_key = prefix + "activation_id"
-        if act_key in state_dict and hasattr(self, "activation"):
+        if act_key in state_dict:
             stored_act = ACTIVATIONS[int(state_dict[act_key])]
             if stored_act != self.activation:
                 raise ValueError(
@@ -94,125 +197,153 @@ class _LayoutMixin:
         )
 
     @staticmethod
-    def _layout_from_state_dict(state_dict: dict[str, Tensor], prefix: str) -> tuple[list[int], list[int], str]:
-        if prefix + "layout" not in state_dict:
-            raise ValueError(f"state_dict has no {prefix + 'layout'!r} entry (not saved from a pyfusion.nn module?)")
-        lay = state_dict[prefix + "layout"].tolist()
+    def _segments_from_state_dict(state_dict: dict[str, Tensor], prefix: str) -> tuple[Segments, Segments, str]:
         act = ACTIVATIONS[int(state_dict.get(prefix + "activation_id", torch.tensor(0)))]
-        return [int(v) for v in lay[0]], [int(v) for v in lay[1]], act
+        if prefix + "layout_in" in state_dict and prefix + "layout_out" in state_dict:
+            ins = tuple(tuple(int(v) for v in r) for r in state_dict[prefix + "layout_in"].reshape(-1, 2).tolist())
+            outs = tuple(tuple(int(v) for v in r) for r in state_dict[prefix + "layout_out"].reshape(-1, 2).tolist())
+            return ins, outs, act  # type: ignore[return-value]
+        if prefix + "layout" in state_dict:  # the earlier 3-buffer format
+            lay = state_dict[prefix + "layout"].tolist()
+            return segments_from_layout(lay[0]), segments_from_layout(lay[1]), act
+        raise ValueError(
+            f"state_dict has no {prefix + 'layout_in'!r} / {prefix + 'layout_out'!r} entries (not saved from a "
+            "pyfusion.nn module?)"
+        )
 
 
-class PartialLinear(_LayoutMixin, nn.Module):
-    """Partially fused ``nn.Linear``: ``y = act(x W^T + b)`` with ``W`` zero outside the allowed blocks.
+def _convert_legacy(mod: _SegmentedMixin, state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Rewrite a 3-buffer state dict (``weight_shared`` (O_s, I_total, *k), ``weight_cross`` (O_B, I_s, *k),
+    ``weight_diag`` flat, ``layout`` (2, K+1)) into this module's packed ``weight`` (in place in ``state_dict``)."""
+    lay = state_dict.pop(prefix + "layout").tolist() if prefix + "layout" in state_dict else None
+    if lay is None or mod.in_layout is None or [list(mod.in_layout), list(mod.out_layout)] != lay:
+        raise ValueError(
+            f"state_dict[{prefix!r}...] is in the 3-buffer format with layouts {lay}; this {type(mod).__name__} has "
+            f"segments in={list(mod.in_segments)}, out={list(mod.out_segments)}"
+        )
+    il, ol = lay
+    ws, wc, wd = (state_dict.pop(prefix + n) for n in ("weight_shared", "weight_cross", "weight_diag"))
+    taps = tuple(ws.shape[2:])
+    t = math.prod(taps)
+    rows = [ws.reshape(ol[0], -1)]
+    c, d = 0, 0
+    for o_k, i_k in zip(ol[1:], il[1:]):
+        cross = wc[c : c + o_k].reshape(o_k, il[0], t)
+        diag = wd[d : d + o_k * i_k * t].reshape(o_k, i_k, t)
+        rows.append(torch.cat([cross, diag], dim=1).reshape(o_k, -1))
+        c, d = c + o_k, d + o_k * i_k * t
+    state_dict[prefix + "weight"] = torch.cat([r.reshape(-1) for r in rows])
+    state_dict.setdefault(prefix + "layout_in", _segments_tensor(mod.in_segments))
+    state_dict.setdefault(prefix + "layout_out", _segments_tensor(mod.out_segments))
 
-    Parameters (only the stored blocks, see :mod:`pyfusion.ops.layout`):
-        weight_shared: (O_s, I_total) shared output rows; weight_cross: (O_B, I_s) branch rows on the
-        shared input; weight_diag: (sum_k O_k I_k,) the K diagonal blocks (O_k, I_k) flattened and
-        concatenated; bias: (O_total,) or None.
+
+class PartialLinear(_SegmentedMixin, nn.Module):
+    """Partially fused ``nn.Linear``: ``y = act(x W^T + b)`` with ``W`` zero outside the blocks whose member masks
+    intersect.
 
     Args:
-        in_layout: ``[I_s, I_1, ..., I_K]``; out_layout: ``[O_s, O_1, ..., O_K]`` (K >= 1, sizes >= 0).
+        in_segments: ``[(size, member_mask), ...]`` of the input features, or a standard layout
+            ``[I_s, I_1, ..., I_K]``.
+        out_segments: the same for the outputs.
         bias: learn a bias.
         activation: None, "relu", "gelu" (exact erf) or "silu", fused into the op's epilogue.
 
-    Shapes: x (..., I_total) -> (..., O_total). Fine-tuning never fills the zero blocks: they are not
-    parameters, and the backward computes gradients of the stored blocks only.
+    Parameters:
+        weight: (stored,) the packed blocks (:mod:`pyfusion.ops.layout`); bias: (O_total,) or None.
+
+    Shapes: x (..., I_total) -> (..., O_total). Fine-tuning never fills the zero blocks: they are not parameters,
+    and the backward computes gradients of the stored blocks only.
     """
 
     def __init__(
         self,
-        in_layout: Sequence[int],
-        out_layout: Sequence[int],
+        in_segments: Any,
+        out_segments: Any,
         bias: bool = True,
         activation: str | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        il, ol = validate_layouts(in_layout, out_layout)
-        act = "none" if activation is None else activation
-        if act not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")
-        self.in_layout, self.out_layout, self.activation = tuple(il), tuple(ol), act
-        self._il, self._ol = il, ol  # lists, as the op's schema takes them
-        self.in_features, self.out_features = sum(il), sum(ol)
+        self._init_segments(in_segments, out_segments, activation)
+        self.in_features, self.out_features = self._plan.i_total, self._plan.o_total
         kw = {"device": device, "dtype": dtype}
-        s_shape, c_shape, d_shape = block_shapes(il, ol)
-        self.weight_shared = nn.Parameter(torch.empty(s_shape, **kw))
-        self.weight_cross = nn.Parameter(torch.empty(c_shape, **kw))
-        self.weight_diag = nn.Parameter(torch.empty(d_shape, **kw))
+        self.weight = nn.Parameter(torch.empty(self._plan.stored, **kw))
         self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
-        self._register_layout(act)
+        self._register_segments()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation with each row's effective fan-in (I_total or I_s + I_k)."""
-        il, ol = self.in_layout, self.out_layout
-        _uniform_init_(self.weight_shared, sum(il))
-        d, c = 0, 0
-        for o_k, i_k in zip(ol[1:], il[1:]):
-            fan = il[0] + i_k
-            _uniform_init_(self.weight_cross[c : c + o_k], fan)
-            _uniform_init_(self.weight_diag[d : d + o_k * i_k], fan)
-            c, d = c + o_k, d + o_k * i_k
-        if self.bias is not None:
-            _uniform_init_(self.bias[: ol[0]], sum(il))
-            c = ol[0]
-            for o_k, i_k in zip(ol[1:], il[1:]):
-                _uniform_init_(self.bias[c : c + o_k], il[0] + i_k)
-                c += o_k
-
-    @property
-    def weight_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.weight_shared, self.weight_cross, self.weight_diag
+        """nn.Linear's initialisation with each row's effective fan-in K_o."""
+        plan = self._plan
+        for o, (n_o, _m) in enumerate(self.out_segments):
+            lo, hi = plan.out_starts[o], plan.out_starts[o] + n_o
+            _uniform_init_(self.weight[plan.offsets[o] : plan.offsets[o + 1]], plan.k_of_out[o])
+            if self.bias is not None:
+                _uniform_init_(self.bias[lo:hi], plan.k_of_out[o])
 
     def forward(self, x: Tensor) -> Tensor:
         # The parameters straight from _parameters: nn.Module.__getattr__ costs ~0.3-0.7 us per name, a sixth of
         # a batch-1 call of a 100-wide layer. Assigning or loading parameters (also torch.func.functional_call)
         # updates _parameters; anything that moves them elsewhere (torch.nn.utils.parametrize) takes getattr.
         p = self._parameters
-        ws, wc, wd = p.get("weight_shared"), p.get("weight_cross"), p.get("weight_diag")
-        if ws is None or wc is None or wd is None:
-            ws, wc, wd = self.weight_shared, self.weight_cross, self.weight_diag
+        w = p.get("weight")
+        if w is None:
+            w = self.weight
         bias = p["bias"] if "bias" in p else self.bias
-        return partial_linear_module_forward(x, (ws, wc, wd), bias, self._il, self._ol, self.activation)
+        return partial_linear_module_forward(x, w, bias, self._plan, self.activation)
 
     @classmethod
     def from_dense(
         cls,
         weight: Tensor,
         bias: Tensor | None,
-        in_layout: Sequence[int],
-        out_layout: Sequence[int],
+        in_segments: Any,
+        out_segments: Any,
         activation: str | None = None,
     ) -> PartialLinear:
-        """Pack a dense (O_total, I_total) weight whose skipped blocks are exactly zero.
+        """Pack a dense (O_total, I_total) weight whose skipped blocks (masks not intersecting) are exactly zero.
 
         Raises:
-            ValueError: if a skipped block (branch k output, branch j != k input) has a non-zero entry,
-                or the shapes do not match the layouts.
+            ValueError: a skipped block holds a non-zero entry (named by segment), or the shapes do not match.
         """
-        blocks = pack_partial_weight(weight.detach(), in_layout, out_layout, check_zero=True)
+        ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be a (O_total, I_total) matrix; got shape {tuple(weight.shape)}")
+        packed = pack_segment_weight(weight.detach(), ins, outs, check_zero=True)
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
-        mod = cls(
-            in_layout,
-            out_layout,
-            bias=bias is not None,
-            activation=activation,
-            device=weight.device,
-            dtype=weight.dtype,
+        mod = torch.nn.utils.skip_init(
+            cls, ins, outs, bias=bias is not None, activation=activation, device=weight.device, dtype=weight.dtype
         )
         with torch.no_grad():
-            for p, b in zip(mod.weight_blocks, blocks):
-                p.copy_(b)
+            mod.weight.copy_(packed)
             if bias is not None:
                 mod.bias.copy_(bias.detach())
+            mod._reset_buffers()
         return mod
+
+    @classmethod
+    def from_segments(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        in_segments: Any,
+        out_segments: Any,
+        activation: str | None = None,
+    ) -> PartialLinear:
+        """:meth:`from_dense` with member-mask segments ``[(size, member_mask), ...]`` on both sides."""
+        return cls.from_dense(weight, bias, in_segments, out_segments, activation)
+
+    def _reset_buffers(self) -> None:
+        # skip_init leaves buffers uninitialised
+        self.layout_in.copy_(_segments_tensor(self.in_segments))
+        self.layout_out.copy_(_segments_tensor(self.out_segments))
+        self.activation_id.fill_(ACTIVATIONS.index(self.activation))
 
     def dense_weight(self) -> Tensor:
         """The (O_total, I_total) dense weight with zero blocks (differentiable)."""
-        return unpack_partial_weight(*self.weight_blocks, self.in_layout, self.out_layout)
+        return unpack_segment_weight(self.weight, self.in_segments, self.out_segments)
 
     def to_dense(self) -> nn.Module:
         """An equivalent plain ``nn.Linear`` (followed by the activation module when there is one)."""
@@ -220,8 +351,8 @@ class PartialLinear(_LayoutMixin, nn.Module):
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.weight_shared.device,
-            dtype=self.weight_shared.dtype,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
         )
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
@@ -231,10 +362,10 @@ class PartialLinear(_LayoutMixin, nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str = "") -> PartialLinear:
-        """Rebuild the module (layouts, activation, bias or not) from its state_dict."""
-        il, ol, act = cls._layout_from_state_dict(state_dict, prefix)
-        w = state_dict[prefix + "weight_shared"]
-        mod = cls(il, ol, bias=prefix + "bias" in state_dict, activation=act, device=w.device, dtype=w.dtype)
+        """Rebuild the module (segments, activation, bias or not) from its state_dict."""
+        ins, outs, act = cls._segments_from_state_dict(state_dict, prefix)
+        w = state_dict.get(prefix + "weight", state_dict.get(prefix + "weight_shared"))
+        mod = cls(ins, outs, bias=prefix + "bias" in state_dict, activation=act, device=w.device, dtype=w.dtype)
         mod.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
         return mod
 
@@ -248,23 +379,25 @@ class PartialLinear(_LayoutMixin, nn.Module):
 
     def effective_flops(self, batch: int) -> int:
         """Multiply-add FLOPs ``2 * batch * stored weights`` for ``batch`` input rows (all leading dims)."""
-        return 2 * int(batch) * sum(w.numel() for w in self.weight_blocks)
+        return 2 * int(batch) * self.weight.numel()
 
     def extra_repr(self) -> str:
-        return (
-            f"in_layout={list(self.in_layout)}, out_layout={list(self.out_layout)}, bias={self.bias is not None}, "
-            f"activation={self.activation}"
-        )
+        lay_in, lay_out = self.in_layout, self.out_layout
+        if lay_in is not None and lay_out is not None:
+            what = f"in_layout={list(lay_in)}, out_layout={list(lay_out)}"
+        else:
+            what = f"in_segments={list(self.in_segments)}, out_segments={list(self.out_segments)}"
+        return f"{what}, bias={self.bias is not None}, activation={self.activation}"
 
 
 class EnsembleLinear(nn.Module):
     """K stacked ``nn.Linear`` members run as one op: the alpha = 1 (nothing shared) partial layer.
 
     ``weight`` (K, O, I) and ``bias`` (K, O). With ``shared_input=False`` the input holds the members'
-    inputs side by side, x (..., K*I) -> (..., K*O) (layouts ``[0, I, ..., I] -> [0, O, ..., O]``). With
-    ``shared_input=True`` every member reads the same x (..., I) (a first layer), layouts
-    ``[I, 0, ..., 0] -> [0, O, ..., O]``. Both call :func:`pyfusion.ops.partial_linear` on views of
-    ``weight`` (no copies).
+    inputs side by side, x (..., K*I) -> (..., K*O) (segments ``[(I, 1 << k)] -> [(O, 1 << k)]``). With
+    ``shared_input=True`` every member reads the same x (..., I) (a first layer), segments ``[(I, all)] ->
+    [(O, 1 << k)]``. Both call :func:`pyfusion.ops.partial_linear` on ``weight.reshape(-1)``, which is exactly the
+    packed weight of these segments (no copies).
     """
 
     def __init__(
@@ -284,17 +417,16 @@ class EnsembleLinear(nn.Module):
         k = int(num_members)
         self.num_members, self.in_features, self.out_features = k, int(in_features), int(out_features)
         self.shared_input = bool(shared_input)
-        self.activation = "none" if activation is None else activation
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")
+        self.activation = _activation_name(activation)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(k, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(k, out_features, **kw)) if bias else None
         if shared_input:
-            self.in_layout, self.out_layout = (in_features,) + (0,) * k, (0,) + (out_features,) * k
+            self.in_segments: Segments = ((int(in_features), (1 << k) - 1),)
         else:
-            self.in_layout, self.out_layout = (0,) + (in_features,) * k, (0,) + (out_features,) * k
-        self._il, self._ol = list(self.in_layout), list(self.out_layout)
+            self.in_segments = tuple((int(in_features), 1 << j) for j in range(k))
+        self.out_segments: Segments = tuple((int(out_features), 1 << j) for j in range(k))
+        self._plan = segment_plan(self.in_segments, self.out_segments)
         _uniform_init_(self.weight, in_features)
         if self.bias is not None:
             _uniform_init_(self.bias, in_features)
@@ -314,16 +446,8 @@ class EnsembleLinear(nn.Module):
             raise ValueError("linears must all have a bias or all have none")
         o, i = shapes.pop()
         w0 = linears[0].weight
-        mod = cls(
-            len(linears),
-            i,
-            o,
-            bias=has_bias.pop(),
-            shared_input=shared_input,
-            activation=activation,
-            device=w0.device,
-            dtype=w0.dtype,
-        )
+        mod = cls(len(linears), i, o, bias=has_bias.pop(), shared_input=shared_input, activation=activation,
+                  device=w0.device, dtype=w0.dtype)  # fmt: skip
         with torch.no_grad():
             mod.weight.copy_(torch.stack([lin.weight for lin in linears]))
             if mod.bias is not None:
@@ -336,21 +460,15 @@ class EnsembleLinear(nn.Module):
         return self  # pragma: no cover
 
     def forward(self, x: Tensor) -> Tensor:
-        k, o, i = self.weight.shape
-        flat = self.weight.reshape(k * o * i)
-        if self.shared_input:
-            blocks = (self.weight.new_empty((0, i)), self.weight.reshape(k * o, i), flat[:0])
-        else:
-            blocks = (self.weight.new_empty((0, k * i)), self.weight.new_empty((k * o, 0)), flat)
-        b = None if self.bias is None else self.bias.reshape(k * o)
-        return partial_linear_module_forward(x, blocks, b, self._il, self._ol, self.activation)
+        b = None if self.bias is None else self.bias.reshape(-1)
+        return partial_linear_module_forward(x, self.weight.reshape(-1), b, self._plan, self.activation)
 
     def effective_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def dense_params(self) -> int:
         """Parameters of the equivalent dense nn.Linear over the concatenated features."""
-        i_tot, o_tot = sum(self.in_layout), sum(self.out_layout)
+        i_tot, o_tot = self._plan.i_total, self._plan.o_total
         return o_tot * i_tot + (o_tot if self.bias is not None else 0)
 
     def effective_flops(self, batch: int) -> int:
@@ -367,73 +485,61 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class PartialConv2d(_LayoutMixin, nn.Module):
-    """Partially fused ``nn.Conv2d``: the same layout semantics on channels.
+class PartialConv2d(_SegmentedMixin, nn.Module):
+    """Partially fused ``nn.Conv2d``: the same segment semantics on channels.
 
-    ``y[:, shared] = conv(x, weight_shared)`` (all input channels), and
-    ``y[:, branches] = conv(x[:, shared], weight_cross) + grouped_conv(x[:, branches], weight_diag, groups=K)``
-    (one grouped convolution when the branches have equal sizes, one per branch otherwise): the op
-    :func:`pyfusion.ops.partial_conv2d`.
+    ``y[:, o] = act(b_o + sum_{i: mask_o & mask_i != 0} W_oi * x[:, i])``: the op :func:`pyfusion.ops.partial_conv2d`
+    (one convolution per run of output segments that read the same input channels on CPU; one implicit-GEMM
+    Triton launch on CUDA).
 
-    Parameters: weight_shared (O_s, I_total, kh, kw); weight_cross (O_B, I_s, kh, kw); weight_diag
-    (sum_k O_k I_k kh kw,) the K blocks (O_k, I_k, kh, kw) flattened and concatenated; bias (O_total,).
-    Shapes: x (N, I_total, H, W) -> (N, O_total, H', W') as nn.Conv2d with the same stride/padding/dilation.
+    Parameters: weight (stored * kh * kw,): per output segment ``W_o`` (O_o, K_o, kh, kw), concatenated; bias
+    (O_total,). Shapes: x (N, I_total, H, W) -> (N, O_total, H', W') as nn.Conv2d with the same
+    stride / padding / dilation (zero padding, groups = 1).
     """
+
+    _CONFIG_EXTRA = ("kernel_size", "stride", "padding", "dilation")
 
     def __init__(
         self,
-        in_layout: Sequence[int],
-        out_layout: Sequence[int],
+        in_segments: Any,
+        out_segments: Any,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
         padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
+        activation: str | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        il, ol = validate_layouts(in_layout, out_layout)
-        self.in_layout, self.out_layout, self.activation = tuple(il), tuple(ol), "none"
-        self.in_channels, self.out_channels = sum(il), sum(ol)
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self._il, self._ol = il, ol  # lists, as the op's schema takes them
-        self._conv_args = (list(self.stride), list(self.padding), list(self.dilation))
-        kh, kw = self.kernel_size
+        self._init_segments(in_segments, out_segments, activation)
+        self._geom = conv_geom(kernel_size, stride, padding, dilation)
+        self.kernel_size, self.stride = self._geom.kernel, self._geom.stride
+        self.padding, self.dilation = self._geom.padding, self._geom.dilation
+        self._taps_shape = self.kernel_size
+        self.in_channels, self.out_channels = self._plan.i_total, self._plan.o_total
         kwargs = {"device": device, "dtype": dtype}
-        (o_s, i_tot), (o_b, i_s), (n_diag,) = block_shapes(il, ol)
-        self.weight_shared = nn.Parameter(torch.empty(o_s, i_tot, kh, kw, **kwargs))
-        self.weight_cross = nn.Parameter(torch.empty(o_b, i_s, kh, kw, **kwargs))
-        self.weight_diag = nn.Parameter(torch.empty(n_diag * kh * kw, **kwargs))
+        self.weight = nn.Parameter(torch.empty(self._plan.stored * self._geom.taps, **kwargs))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **kwargs)) if bias else None
-        self._register_layout("none")
+        self._register_segments()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        il, ol = self.in_layout, self.out_layout
-        area = self.kernel_size[0] * self.kernel_size[1]
-        _uniform_init_(self.weight_shared, sum(il) * area)
-        c, d = 0, 0
-        for o_k, i_k in zip(ol[1:], il[1:]):
-            fan = (il[0] + i_k) * area
-            _uniform_init_(self.weight_cross[c : c + o_k], fan)
-            _uniform_init_(self.weight_diag[d : d + o_k * i_k * area], fan)
-            c, d = c + o_k, d + o_k * i_k * area
-        if self.bias is not None:
-            _uniform_init_(self.bias[: ol[0]], sum(il) * area)
-            c = ol[0]
-            for o_k, i_k in zip(ol[1:], il[1:]):
-                _uniform_init_(self.bias[c : c + o_k], (il[0] + i_k) * area)
-                c += o_k
+        plan, taps = self._plan, self._geom.taps
+        for o, (n_o, _m) in enumerate(self.out_segments):
+            fan = plan.k_of_out[o] * taps
+            _uniform_init_(self.weight[plan.offsets[o] * taps : plan.offsets[o + 1] * taps], fan)
+            if self.bias is not None:
+                _uniform_init_(self.bias[plan.out_starts[o] : plan.out_starts[o] + n_o], fan)
 
     def forward(self, x: Tensor) -> Tensor:
         p = self._parameters  # as PartialLinear.forward: _parameters first, getattr for parametrized modules
-        ws, wc, wd = p.get("weight_shared"), p.get("weight_cross"), p.get("weight_diag")
-        if ws is None or wc is None or wd is None:
-            ws, wc, wd = self.weight_shared, self.weight_cross, self.weight_diag
+        w = p.get("weight")
+        if w is None:
+            w = self.weight
         bias = p["bias"] if "bias" in p else self.bias
-        return partial_conv2d_module_forward(x, (ws, wc, wd), bias, self._il, self._ol, *self._conv_args)
+        return partial_conv2d_module_forward(x, w, bias, self._plan, self._geom, self.activation)
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
         return conv_out_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -443,109 +549,92 @@ class PartialConv2d(_LayoutMixin, nn.Module):
         cls,
         weight: Tensor,
         bias: Tensor | None,
-        in_layout: Sequence[int],
-        out_layout: Sequence[int],
+        in_segments: Any,
+        out_segments: Any,
         stride: int | Sequence[int] = 1,
         padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
+        activation: str | None = None,
     ) -> PartialConv2d:
         """Pack a dense (O_total, I_total, kh, kw) conv weight whose skipped blocks are exactly zero.
 
         Raises:
-            ValueError: if a skipped (branch k output, branch j != k input) block is non-zero or shapes differ.
+            ValueError: a skipped block (masks not intersecting) is non-zero (named by segment), or shapes differ.
         """
         if weight.dim() != 4:
             raise ValueError(f"weight must have shape (O, I, kh, kw); got {tuple(weight.shape)}")
-        o, i, kh, kw = weight.shape
-        # Pack per kernel tap as a linear weight (O, I * kh * kw would mix taps with channels): move taps last.
-        w2 = weight.detach().permute(2, 3, 0, 1).reshape(kh * kw, o, i)
-        packed = [pack_partial_weight(w2[t], in_layout, out_layout, check_zero=True) for t in range(kh * kw)]
-        mod = cls(
-            in_layout,
-            out_layout,
-            (kh, kw),
-            stride,
-            padding,
-            dilation,
-            bias=bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        il, ol = mod.in_layout, mod.out_layout
+        ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+        packed = pack_segment_weight(weight.detach(), ins, outs, check_zero=True)
+        o, _i, kh, kw = weight.shape
+        if bias is not None and tuple(bias.shape) != (o,):
+            raise ValueError(f"bias must have shape ({o},); got {tuple(bias.shape)}")
+        mod = torch.nn.utils.skip_init(cls, ins, outs, (kh, kw), stride, padding, dilation, bias=bias is not None,
+                                       activation=activation, device=weight.device, dtype=weight.dtype)  # fmt: skip
         with torch.no_grad():
-            mod.weight_shared.copy_(torch.stack([p[0] for p in packed], -1).view_as(mod.weight_shared))
-            mod.weight_cross.copy_(torch.stack([p[1] for p in packed], -1).view_as(mod.weight_cross))
-            # Diagonal blocks: (O_k, I_k) per tap -> (O_k, I_k, kh, kw) per branch, concatenated.
-            d, parts = 0, []
-            for o_k, i_k in zip(ol[1:], il[1:]):
-                parts.append(torch.stack([p[2][d : d + o_k * i_k] for p in packed], -1).reshape(-1))
-                d += o_k * i_k
-            if parts:
-                mod.weight_diag.copy_(torch.cat(parts))
+            mod.weight.copy_(packed)
             if bias is not None:
-                if tuple(bias.shape) != (o,):
-                    raise ValueError(f"bias must have shape ({o},); got {tuple(bias.shape)}")
                 mod.bias.copy_(bias.detach())
+            mod._reset_buffers()
         return mod
+
+    @classmethod
+    def from_segments(cls, weight: Tensor, bias: Tensor | None, in_segments: Any, out_segments: Any,
+                      **conv: Any) -> PartialConv2d:  # fmt: skip
+        """:meth:`from_dense` with member-mask segments on both sides (``conv``: stride, padding, dilation,
+        activation)."""
+        return cls.from_dense(weight, bias, in_segments, out_segments, **conv)
+
+    _reset_buffers = PartialLinear._reset_buffers
 
     def dense_weight(self) -> Tensor:
         """The (O_total, I_total, kh, kw) dense weight with zero blocks."""
-        kh, kw = self.kernel_size
-        area = kh * kw
-        il, ol = self.in_layout, self.out_layout
-        w = self.weight_shared.new_zeros(self.out_channels, self.in_channels, kh, kw)
-        w[: ol[0]] = self.weight_shared
-        w[ol[0] :, : il[0]] = self.weight_cross
-        r, c, d = ol[0], il[0], 0
-        for o_k, i_k in zip(ol[1:], il[1:]):
-            w[r : r + o_k, c : c + i_k] = self.weight_diag[d : d + o_k * i_k * area].view(o_k, i_k, kh, kw)
-            r, c, d = r + o_k, c + i_k, d + o_k * i_k * area
-        return w
+        return unpack_segment_weight(self.weight, self.in_segments, self.out_segments, self.kernel_size)
 
-    def to_dense(self) -> nn.Conv2d:
-        """An equivalent plain ``nn.Conv2d`` with zero blocks."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-            device=self.weight_shared.device,
-            dtype=self.weight_shared.dtype,
-        )
+    def to_dense(self) -> nn.Module:
+        """An equivalent plain ``nn.Conv2d`` with zero blocks (followed by the activation module when there is one)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device=self.weight.device,
+                         dtype=self.weight.dtype)  # fmt: skip
         with torch.no_grad():
             conv.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv if self.activation == "none" else nn.Sequential(conv, _ACT_MODULES[self.activation]())
 
     @classmethod
     def from_state_dict(
         cls,
         state_dict: dict[str, Tensor],
         prefix: str = "",
+        kernel_size: int | Sequence[int] | None = None,
         stride: int | Sequence[int] = 1,
         padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
     ) -> PartialConv2d:
-        """Rebuild from a state_dict (layouts and kernel size come from it; stride/padding/dilation are
-        hyper-parameters of the forward, not stored, as for nn.Conv2d)."""
-        il, ol, _ = cls._layout_from_state_dict(state_dict, prefix)
-        w = state_dict[prefix + "weight_shared"]
-        kh, kw = int(w.shape[2]), int(w.shape[3])
-        mod = cls(
-            il,
-            ol,
-            (kh, kw),
-            stride,
-            padding,
-            dilation,
-            bias=prefix + "bias" in state_dict,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        """Rebuild from a state_dict (segments and activation come from it; the kernel size too when the state dict
+        is in the earlier 3-buffer format, else pass ``kernel_size``; stride/padding/dilation are hyper-parameters
+        of the forward, not stored, as for nn.Conv2d).
+
+        Raises:
+            ValueError: ``kernel_size`` missing and not in the state dict, or it does not match the weight size.
+        """
+        ins, outs, act = cls._segments_from_state_dict(state_dict, prefix)
+        if prefix + "weight_shared" in state_dict:
+            ks = tuple(int(v) for v in state_dict[prefix + "weight_shared"].shape[2:])
+            w = state_dict[prefix + "weight_shared"]
+        else:
+            if kernel_size is None:
+                raise ValueError("kernel_size is required: the packed weight does not record it")
+            ks = _pair(kernel_size)
+            w = state_dict[prefix + "weight"]
+            stored = segment_plan(ins, outs).stored
+            if w.numel() != stored * ks[0] * ks[1]:
+                raise ValueError(
+                    f"state_dict[{prefix + 'weight'!r}] has {w.numel()} entries; kernel {ks} with these segments "
+                    f"needs {stored * ks[0] * ks[1]}"
+                )
+        mod = cls(ins, outs, ks, stride, padding, dilation, bias=prefix + "bias" in state_dict, activation=act,
+                  device=w.device, dtype=w.dtype)  # fmt: skip
         mod.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
         return mod
 
@@ -563,11 +652,33 @@ class PartialConv2d(_LayoutMixin, nn.Module):
         if input_size is None:
             raise ValueError("input_size=(H, W) is required for a convolution's FLOPs")
         ho, wo = self._out_hw(int(input_size[0]), int(input_size[1]))
-        stored = self.weight_shared.numel() + self.weight_cross.numel() + self.weight_diag.numel()
-        return 2 * int(batch) * ho * wo * stored
+        return 2 * int(batch) * ho * wo * self.weight.numel()
 
     def extra_repr(self) -> str:
+        lay_in, lay_out = self.in_layout, self.out_layout
+        if lay_in is not None and lay_out is not None:
+            what = f"in_layout={list(lay_in)}, out_layout={list(lay_out)}"
+        else:
+            what = f"in_segments={list(self.in_segments)}, out_segments={list(self.out_segments)}"
         return (
-            f"in_layout={list(self.in_layout)}, out_layout={list(self.out_layout)}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}"
+            f"{what}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, bias={self.bias is not None}, activation={self.activation}"
         )
+
+
+def _register_for_saving() -> None:
+    """Let :func:`pyfusion.save` / :func:`pyfusion.load` rebuild these modules from :meth:`get_config` (segments of
+    every layout, which a standard ``in_layout`` list cannot describe for K >= 3)."""
+    import sys
+
+    from pyfusion.serialization import register_module
+
+    for cls in (PartialLinear, PartialConv2d):
+        register_module(cls)
+    # pyfusion.load imports this module (not the lazy package's others): PartialMultiheadAttention registers itself
+    # when its module is imported, done here unless that module is the one importing this one right now
+    if "pyfusion.nn.attention" not in sys.modules:
+        import pyfusion.nn.attention  # noqa: F401
+
+
+_register_for_saving()

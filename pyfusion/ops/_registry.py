@@ -82,15 +82,25 @@ class LazyOp:
         dispatcher: the op's dispatcher (the registered op's body calls it with the same arguments).
         register: creates the ``torch.library`` op (called once).
         differentiable: the op has registered autograd; calls that autograd records go through the op.
+        dispatch_args: maps the op's arguments to the dispatcher's when they differ (the layer ops pass their
+            segment lists to the op and a cached plan object to the backends, whose checks run on every call);
+            the registered op's body applies the same map.
     """
 
     def __init__(
-        self, name: str, dispatcher: Dispatcher, register: Callable[[], None], *, differentiable: bool = False
+        self,
+        name: str,
+        dispatcher: Dispatcher,
+        register: Callable[[], None],
+        *,
+        differentiable: bool = False,
+        dispatch_args: Callable[..., tuple] | None = None,
     ) -> None:
         self.name = name
         self.dispatcher = dispatcher
         self.differentiable = differentiable
         self._register = register
+        self._dispatch_args = dispatch_args
         self._packet: Any = None
         LAZY_OPS[name] = self
 
@@ -114,15 +124,20 @@ class LazyOp:
             return getattr(torch.ops.pyfusion, self.name)(*args)
         if self.differentiable and records_grad(*args):
             return self.op()(*args)
-        return self.dispatcher(*args)
+        return self.dispatcher(*self.dispatcher_args(*args))
+
+    def dispatcher_args(self, *args: Any) -> tuple:
+        """The dispatcher's arguments for the op's arguments ``args``."""
+        return args if self._dispatch_args is None else self._dispatch_args(*args)
 
     def call_with_backend(self, *args: Any) -> tuple[Any, str]:
         """:meth:`__call__`, and the name of the backend that ran (``"op"`` when the registered op ran: its body
         chose)."""
         if torch.compiler.is_compiling() or (self.differentiable and records_grad(*args)):
             return self(*args), "op"
-        backend = self.dispatcher.select(*args)
-        return backend.fn(*args), backend.name
+        dargs = self.dispatcher_args(*args)
+        backend = self.dispatcher.select(*dargs)
+        return backend.fn(*dargs), backend.name
 
 
 def register_all() -> list[str]:

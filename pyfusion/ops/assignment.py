@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pyfusion import _ext
-from pyfusion.backends import cpp_reasons
+from pyfusion.backends import cpp_reasons, cuda_reasons
 from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops._registry import LazyOp
 from pyfusion.ops.reference import linear_assignment_ref
@@ -79,6 +79,42 @@ def _solve_cpp(
     return torch.from_numpy(cols).to(device), torch.from_numpy(totals).to(device)
 
 
+def _solve_cuda(
+    costs: list[torch.Tensor], maximize: bool, num_matches: list[int], unmatched_cost: float | None, num_threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched exact assignment on the GPU (csrc/assignment/lsap_batch.h: one warp or one 256-thread block per
+    problem on the caller's stream), on contiguous CUDA costs of one dtype; results stay on the device."""
+    del num_threads
+    device = costs[0].device
+    costs = [c.detach().contiguous() for c in costs]
+    max_n = max(int(c.shape[0]) for c in costs)
+    cols = torch.full((len(costs), max_n), -1, dtype=torch.int64, device=device)
+    totals = torch.zeros(len(costs), dtype=torch.float64, device=device)
+    if max_n == 0:
+        return cols, totals
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _ext._C.lsap_solve_cuda(  # type: ignore[union-attr]
+            [c.data_ptr() for c in costs], [int(c.shape[0]) for c in costs], [int(c.shape[1]) for c in costs],
+            list(num_matches), 0 if costs[0].dtype == torch.float32 else 1, bool(maximize), unmatched_cost,
+            cols.data_ptr(), max_n, totals.data_ptr(), stream,
+        )  # fmt: skip
+    return cols, totals
+
+
+def _cuda_supports(costs, maximize, num_matches, unmatched_cost, num_threads) -> list[str]:
+    why = []
+    dev = costs[0].device.type if costs else "cpu"
+    if dev != "cuda":
+        why.append(f"the costs are on {dev}; the batched GPU solver takes CUDA tensors")
+    elif not hasattr(_ext._C, "lsap_solve_cuda"):
+        why.append("the extension was built without the CUDA assignment solver")
+    dtypes = {c.dtype for c in costs}
+    if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
+        why.append(f"the costs must share one dtype, float32 or float64; got {sorted(str(d) for d in dtypes)}")
+    return why
+
+
 def _check_entries(cost: np.ndarray, name: str, maximize: bool) -> None:
     """Same checks and messages as the C++ engine (used by the reference backend)."""
     bad = np.isnan(cost) | (cost == (np.inf if maximize else -np.inf))
@@ -119,6 +155,13 @@ DISPATCHER = Dispatcher(
     "linear_assignment",
     [
         Backend(
+            "cuda",
+            _solve_cuda,
+            available=cuda_reasons,
+            supports=_cuda_supports,
+            description="batched exact JV on the GPU (a warp or a block per problem), CUDA costs, results on device",
+        ),
+        Backend(
             "cpp",
             _solve_cpp,
             available=cpp_reasons,
@@ -127,7 +170,8 @@ DISPATCHER = Dispatcher(
         Backend("reference", _solve_reference, description="scipy linear_sum_assignment, float64, one at a time"),
     ],
     arg_names=("costs", "maximize", "num_matches", "unmatched_cost", "num_threads"),
-    # Neither backend's reasons depend on the inputs: cache the choice (small problems solve in ~10 us).
+    # The backends' reasons depend on the device only (the public function casts every problem to one dtype,
+    # float32 or float64): cache the choice per device type (small problems solve in ~10 us).
     cache_key=lambda costs, *_: costs[0].device.type,
 )
 
@@ -286,8 +330,9 @@ def linear_assignment(
     Args:
         cost: (n, m) or (B, n, m) numpy array / torch tensor, or a list of 2-D arrays or tensors (sizes may
             differ). A list whose first element is 1-D is read as one nested-list matrix. Torch tensors
-            may live on CUDA: they are copied to host memory, solved on the CPU, and the indices are
-            returned as tensors on the input device.
+            may live on CUDA: with the extension's CUDA solver (``cuda`` backend) the batch is solved on the
+            GPU, else the costs are copied to host memory and solved on the CPU; the indices are returned as
+            tensors on the input device.
         maximize: maximise the total instead of minimising it.
         num_matches: k, or one k per problem, each in [0, min(n, m)].
         unmatched_cost: u >= 0, finite; at most one of ``num_matches`` and ``unmatched_cost``.

@@ -85,14 +85,15 @@ def linear_assignment_ref(
     return rows, cols, float(c[rows, cols].sum()) if rows.size else 0.0
 
 
-def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation=None):
-    """Float64 reference of :func:`pyfusion.ops.partial_linear`: builds the dense (O_total, I_total) matrix
-    with zero blocks (branch k outputs x branch j != k inputs) and applies ``act(x W^T + b)``.
+def partial_linear_ref(x, weight, bias, in_segments, out_segments, activation=None):
+    """Float64 reference of :func:`pyfusion.ops.partial_linear`: builds the dense (O_total, I_total) matrix with
+    zero blocks (output segment o x input segment i where the member masks do not intersect) from the packed
+    weight and applies ``act(x W^T + b)``.
 
     Args:
-        x: (..., I_total) tensor; weight_blocks: ``(w_shared (O_s, I_total), w_cross (O_B, I_s),
-            w_diag (sum_k O_k I_k,))``; bias: (O_total,) or None; layouts ``[shared, branch_1, ...]``;
-            activation: None/"none", "relu", "gelu" (torch's exact erf GELU), "silu".
+        x: (..., I_total) tensor; weight: the packed flat weight (:mod:`pyfusion.ops.layout`); bias: (O_total,) or
+            None; in_segments / out_segments: standard layouts ``[shared, branch_1, ...]`` or ``[(size, mask),
+            ...]``; activation: None/"none", "relu", "gelu" (torch's exact erf GELU), "silu".
 
     Returns:
         (..., O_total) float64 tensor.
@@ -100,29 +101,25 @@ def partial_linear_ref(x, weight_blocks, bias, in_layout, out_layout, activation
     import torch
     import torch.nn.functional as F
 
-    il, ol = [int(v) for v in in_layout], [int(v) for v in out_layout]
-    w_shared, w_cross, w_diag = (w.to(torch.float64) for w in weight_blocks)
-    i_s, o_s, i_tot, o_tot = il[0], ol[0], sum(il), sum(ol)
-    dense = torch.zeros(o_tot, i_tot, dtype=torch.float64, device=w_shared.device)
-    dense[:o_s] = w_shared
-    dense[o_s:, :i_s] = w_cross
-    r, c, d = o_s, i_s, 0
-    for o_k, i_k in zip(ol[1:], il[1:]):
-        dense[r : r + o_k, c : c + i_k] = w_diag[d : d + o_k * i_k].reshape(o_k, i_k)
-        r, c, d = r + o_k, c + i_k, d + o_k * i_k
+    from pyfusion.ops.layout import as_segments, unpack_segment_weight
+
+    ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+    dense = unpack_segment_weight(weight.to(torch.float64), ins, outs)
     z = F.linear(x.to(torch.float64), dense, None if bias is None else bias.to(torch.float64))
     act = activation or "none"
     return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
 
 
-def partial_conv2d_ref(x, weight_blocks, bias, in_layout, out_layout, stride=1, padding=0, dilation=1):
-    """Float64 reference of :func:`pyfusion.ops.partial_conv2d`: builds the dense (O_total, I_total, kh, kw)
-    weight with zero blocks (branch k outputs x branch j != k inputs) and applies ``F.conv2d`` in float64.
+def partial_conv2d_ref(
+    x, weight, bias, in_segments, out_segments, kernel_size, stride=1, padding=0, dilation=1, activation=None
+):
+    """Float64 reference of :func:`pyfusion.ops.partial_conv2d`: builds the dense (O_total, I_total, kh, kw) weight
+    with zero blocks from the packed weight and applies ``F.conv2d`` in float64 (then the activation).
 
     Args:
-        x: (N, I_total, H, W); weight_blocks: ``(w_shared (O_s, I_total, kh, kw), w_cross (O_B, I_s, kh, kw),
-            w_diag (sum_k O_k I_k kh kw,))``; bias: (O_total,) or None; layouts ``[shared, branch_1, ...]``;
-            stride / padding / dilation: as ``nn.Conv2d``.
+        x: (N, I_total, H, W); weight: the packed flat weight, blocks (O_o, K_o, kh, kw); bias: (O_total,) or None;
+            segments as :func:`partial_linear_ref`; kernel_size (kh, kw); stride / padding / dilation: as
+            ``nn.Conv2d``.
 
     Returns:
         (N, O_total, H', W') float64 tensor.
@@ -130,23 +127,18 @@ def partial_conv2d_ref(x, weight_blocks, bias, in_layout, out_layout, stride=1, 
     import torch
     import torch.nn.functional as F
 
-    il, ol = [int(v) for v in in_layout], [int(v) for v in out_layout]
-    w_shared, w_cross, w_diag = (w.to(torch.float64) for w in weight_blocks)
-    kh, kw = int(w_shared.shape[2]), int(w_shared.shape[3])
-    i_s, o_s = il[0], ol[0]
-    dense = torch.zeros(sum(ol), sum(il), kh, kw, dtype=torch.float64, device=w_shared.device)
-    dense[:o_s] = w_shared
-    dense[o_s:, :i_s] = w_cross
-    r, c, d = o_s, i_s, 0
-    for o_k, i_k in zip(ol[1:], il[1:]):
-        n = o_k * i_k * kh * kw
-        dense[r : r + o_k, c : c + i_k] = w_diag[d : d + n].reshape(o_k, i_k, kh, kw)
-        r, c, d = r + o_k, c + i_k, d + n
+    from pyfusion.ops.layout import as_segments, unpack_segment_weight
+
+    ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+    kh, kw = (int(kernel_size), int(kernel_size)) if isinstance(kernel_size, int) else map(int, kernel_size)
+    dense = unpack_segment_weight(weight.to(torch.float64), ins, outs, (kh, kw))
     b = None if bias is None else bias.to(torch.float64)
-    if sum(ol) == 0:  # F.conv2d rejects a weight with no output channels: one zero channel, then none
-        one = torch.zeros(1, sum(il), kh, kw, dtype=torch.float64, device=x.device)
+    if dense.shape[0] == 0:  # F.conv2d rejects a weight with no output channels: one zero channel, then none
+        one = torch.zeros(1, dense.shape[1], kh, kw, dtype=torch.float64, device=x.device)
         return F.conv2d(x.to(torch.float64), one, None, stride, padding, dilation)[:, :0]
-    return F.conv2d(x.to(torch.float64), dense, b, stride, padding, dilation)
+    z = F.conv2d(x.to(torch.float64), dense, b, stride, padding, dilation)
+    act = activation or "none"
+    return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
 
 
 def accumulate_moments_ref(x, shift, s1, s2):

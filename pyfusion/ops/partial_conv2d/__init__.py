@@ -1,11 +1,11 @@
 """``pyfusion::partial_conv2d``: a partially fused 2-D convolution at a cost proportional to its effective FLOPs.
 
-The layouts ``[shared | branch_1 | ... | branch_K]`` split the input and output channels (DESIGN §7; layouts
-and packed weights: :mod:`pyfusion.ops.layout`, with the kernel taps trailing). Modules:
+Member-mask segments split the input and output channels (DESIGN §7; segments and the packed weight:
+:mod:`pyfusion.ops.layout`, ``W_o`` stored as (O_o, K_o, kh, kw)). Modules:
 
-* :mod:`.backends`: the implementations (torch: shared-input conv + grouped conv over the branches; the float64
-  reference) and their dispatcher;
-* :mod:`.registration`: the ``torch.library`` op (``custom_op``, fake kernel, autograd), registered on first need;
+* :mod:`.backends`: the implementations (Triton implicit GEMM on CUDA; torch: one convolution per run of output
+  segments over its gathered input channels; the float64 reference) and their dispatcher;
+* :mod:`.registration`: the ``torch.library`` op (``triton_op``, fake kernel, autograd), registered on first need;
 * this module: the validated public function :func:`partial_conv2d` and :class:`pyfusion.nn.PartialConv2d`'s
   entry point.
 """
@@ -19,154 +19,141 @@ import torch
 from torch import Tensor
 
 from pyfusion.ops._registry import is_jit_tracing
-from pyfusion.ops.layout import validate_layouts
-from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES
+from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, as_segments, segment_plan, segments_key
+from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES, ConvGeom
 from pyfusion.ops.partial_conv2d.registration import OP
 
-__all__ = ["DISPATCHER", "OP", "conv_block_shapes", "partial_conv2d", "partial_conv2d_module_forward"]
+__all__ = ["DISPATCHER", "OP", "ConvGeom", "conv_geom", "partial_conv2d", "partial_conv2d_module_forward"]
 
 
-def conv_block_shapes(
-    in_layout: Sequence[int], out_layout: Sequence[int], kernel_size: Sequence[int]
-) -> tuple[tuple[int, ...], ...]:
-    """Shapes of ``(w_shared, w_cross, w_diag)`` of a convolution with kernel (kh, kw)."""
-    kh, kw = (int(k) for k in kernel_size)
-    o_s, i_s = out_layout[0], in_layout[0]
-    n_diag = sum(o * i for o, i in zip(out_layout[1:], in_layout[1:]))
-    return (o_s, sum(in_layout), kh, kw), (sum(out_layout[1:]), i_s, kh, kw), (n_diag * kh * kw,)
-
-
-def _pair(name: str, v: int | Sequence[int], low: int) -> list[int]:
+def _pair(name: str, v: int | Sequence[int], low: int) -> tuple[int, int]:
     pair = [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
     if len(pair) != 2 or any(t < low for t in pair):
         raise ValueError(f"{name} must be an int or a pair of ints >= {low}; got {v!r}")
-    return pair
+    return pair[0], pair[1]
 
 
-def _check_args(x, w_shared, w_cross, w_diag, bias, il, ol) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != sum(il):
+def conv_geom(kernel_size, stride=1, padding=0, dilation=1) -> ConvGeom:
+    """Validated :class:`ConvGeom` (kernel >= 1, stride >= 1, padding >= 0, dilation >= 1).
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    return ConvGeom(
+        _pair("kernel_size", kernel_size, 1),
+        _pair("stride", stride, 1),
+        _pair("padding", padding, 0),
+        _pair("dilation", dilation, 1),
+    )
+
+
+def _check_args(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != plan.i_total:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (N, sum(in_layout) = {sum(il)}, H, W) (in_layout={il}); got {shape}")
+        raise ValueError(
+            f"x must have shape (N, I_total = {plan.i_total}, H, W) (in_segments={list(plan.in_segments)}); got {shape}"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16/float64; got dtype {x.dtype}")
-    if not isinstance(w_shared, Tensor) or w_shared.dim() != 4:
-        shape = tuple(getattr(w_shared, "shape", ()))
-        raise ValueError(f"w_shared (weight_blocks[0]) must have shape (O_s, I_total, kh, kw); got {shape}")
-    kernel = tuple(w_shared.shape[2:])
-    names = ("w_shared (weight_blocks[0])", "w_cross (weight_blocks[1])", "w_diag (weight_blocks[2])")
-    for name, w, shape in zip(names, (w_shared, w_cross, w_diag), conv_block_shapes(il, ol, kernel)):
-        if tuple(w.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for in_layout={il}, out_layout={ol}, kernel {kernel}; "
-                f"got {tuple(w.shape)}"
-            )
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {w.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {w.device}")
+    want = plan.stored * geom.taps
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != want:
+        raise ValueError(
+            f"weight must be the packed flat weight of ({want},) entries (stored blocks x {geom.taps} taps) for "
+            f"in_segments={list(plan.in_segments)}, out_segments={list(plan.out_segments)}, kernel "
+            f"{geom.kernel}; got {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
     if bias is not None:
-        if tuple(bias.shape) != (sum(ol),):
-            raise ValueError(f"bias must have shape (sum(out_layout),) = ({sum(ol)},); got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (plan.o_total,):
+            raise ValueError(f"bias must have shape (O_total,) = ({plan.o_total},); got {tuple(bias.shape)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(
                 f"bias must match x's dtype/device ({x.dtype}, {x.device}); got ({bias.dtype}, {bias.device})"
             )
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {act!r}")
 
 
 def partial_conv2d(
     x: Tensor,
-    weight_blocks: Sequence[Tensor],
+    weight: Tensor,
     bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
+    in_segments,
+    out_segments,
+    kernel_size: int | Sequence[int],
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
+    activation: str | None = None,
 ) -> Tensor:
-    """Partially fused convolution ``y = conv2d(x, W) + b`` with ``W`` zero outside the allowed blocks (DESIGN §7).
+    """Partially fused convolution ``y = act(conv2d(x, W) + b)`` with ``W`` zero outside the allowed blocks.
 
-    .. math:: y[:, o] = b_o + \\sum_{i \\in \\text{allowed}(o)} W_{o i} \\star x[:, i]
-
-    where a shared output channel reads every input channel and a branch-k output channel reads the shared and
-    branch-k input channels.
+    .. math:: y[:, o] = act\\Big(b_o + \\sum_{i:\\ mask_o \\,\\&\\, mask_i \\ne 0} W_{oi} \\star x[:, i]\\Big)
 
     Args:
         x: (N, I_total, H, W) float32/float16/bfloat16/float64.
-        weight_blocks: ``(w_shared (O_s, I_total, kh, kw), w_cross (O_B, I_s, kh, kw),
-            w_diag (sum_k O_k I_k kh kw,))``: branch k's block (O_k, I_k, kh, kw) flattened, the K concatenated.
+        weight: the packed flat weight (stored * kh * kw,): per output segment ``W_o`` (O_o, K_o, kh, kw).
         bias: (O_total,) or None.
-        in_layout: ``[I_s, I_1, ..., I_K]`` (K >= 1, sizes >= 0) of the input channels.
-        out_layout: ``[O_s, O_1, ..., O_K]`` with the same K.
-        stride, padding, dilation: as ``nn.Conv2d`` (an int or a pair; stride, dilation >= 1, padding >= 0).
+        in_segments / out_segments: ``[(size, member_mask), ...]`` on channels, or standard layouts.
+        kernel_size, stride, padding, dilation: as ``nn.Conv2d`` (an int or a pair).
+        activation: None/"none", "relu", "gelu", "silu" (fused on GPU).
 
     Returns:
-        (N, O_total, H', W') in x's dtype, H' and W' as ``nn.Conv2d``. Differentiable in x, the blocks and the
-        bias; gradients exist only for the stored blocks.
+        (N, O_total, H', W') in x's dtype. Differentiable in x, the weight and the bias.
 
     Raises:
-        ValueError: naming the argument (shapes, dtypes, devices, layouts, conv parameters).
+        ValueError: naming the argument (shapes, dtypes, devices, segments, conv parameters).
         pyfusion.dispatch.NoBackendError: if ``PYFUSION_BACKEND`` forces a backend that declines.
     """
-    il, ol = validate_layouts(in_layout, out_layout)
-    if not isinstance(weight_blocks, (list, tuple)) or len(weight_blocks) != 3:
-        raise ValueError(
-            "weight_blocks must be a sequence (w_shared, w_cross, w_diag) of 3 tensors; got "
-            f"{type(weight_blocks).__name__}"
-        )
-    w_shared, w_cross, w_diag = weight_blocks
-    _check_args(x, w_shared, w_cross, w_diag, bias, il, ol)
-    st, pd, dl = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
-    return _run(x, w_shared, w_cross, w_diag, bias, il, ol, st, pd, dl)
+    ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+    plan = segment_plan(ins, outs)
+    geom = conv_geom(kernel_size, stride, padding, dilation)
+    act = "none" if activation is None else activation
+    _check_args(x, weight, bias, plan, geom, act)
+    return _run(x, weight, bias, plan, geom, act)
 
 
-def _run(x, w_shared, w_cross, w_diag, bias, il, ol, stride, padding, dilation) -> Tensor:
+def _op_args(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> tuple:
+    (i_s, i_m), (o_s, o_m) = segments_key(plan.in_segments), segments_key(plan.out_segments)
+    return (x, weight, bias, list(i_s), list(i_m), list(o_s), list(o_m), list(geom.kernel), list(geom.stride),
+            list(geom.padding), list(geom.dilation), act)  # fmt: skip
+
+
+def _run(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> Tensor:
     """:meth:`LazyOp.__call__ <pyfusion.ops._registry.LazyOp.__call__>`'s rule with the backend choice cached by
-    (device, dtype): no backend's reasons depend on anything else. Under ``torch.jit.trace`` the registered op runs
-    and is recorded (as for ``partial_linear``: the eager path's shapes would be baked into the trace)."""
-    args = (x, w_shared, w_cross, w_diag, bias, il, ol, stride, padding, dilation)
+    (device, dtype). Under ``torch.jit.trace`` the registered op runs and is recorded."""
     if is_jit_tracing():
-        return OP.op()(*args)
+        return OP.op()(*_op_args(x, weight, bias, plan, geom, act))
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
-        and (
-            x.requires_grad
-            or w_shared.requires_grad
-            or w_cross.requires_grad
-            or w_diag.requires_grad
-            or (bias is not None and bias.requires_grad)
-        )
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
-        return OP(*args)
-    backend = DISPATCHER.select_cached(("cpu" if x.is_cpu else x.device.type, x.dtype), *args)
-    return backend.fn(*args)
+        return OP(*_op_args(x, weight, bias, plan, geom, act))
+    backend = DISPATCHER.select_cached(("cpu" if x.is_cpu else x.device.type, x.dtype), x, weight, bias, plan, geom,
+                                       act)  # fmt: skip
+    return backend.fn(x, weight, bias, plan, geom, act)
 
 
 def partial_conv2d_module_forward(
-    x: Tensor,
-    weight_blocks: Sequence[Tensor],
-    bias: Tensor | None,
-    in_layout: list[int],
-    out_layout: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom, activation: str
 ) -> Tensor:
-    """:func:`partial_conv2d` for :class:`pyfusion.nn.PartialConv2d`, whose layouts, block shapes and conv
+    """:func:`partial_conv2d` for :class:`pyfusion.nn.PartialConv2d`, whose segments, weight size and conv
     parameters were validated when the module was built: only x is checked here."""
-    w_shared, w_cross, w_diag = weight_blocks
-    if is_jit_tracing():  # as partial_linear's: the checks without the tracer's size warnings, then the recorded op
+    if is_jit_tracing():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            bad = bool(x.dim() != 4 or x.shape[1] != w_shared.shape[1])
+            bad = bool(x.dim() != 4 or x.shape[1] != plan.i_total)
     else:
-        bad = x.dim() != 4 or x.shape[1] != w_shared.shape[1]
+        bad = x.dim() != 4 or x.shape[1] != plan.i_total
     if bad:
         raise ValueError(
-            f"x must have shape (N, {sum(in_layout)}, H, W) (in_layout={list(in_layout)}); got {tuple(x.shape)}"
+            f"x must have shape (N, {plan.i_total}, H, W) (in_segments={list(plan.in_segments)}); got {tuple(x.shape)}"
         )
-    if x.dtype != w_shared.dtype or x.get_device() != w_shared.get_device():
+    if x.dtype != weight.dtype or x.get_device() != weight.get_device():
         raise ValueError(
-            f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
-            f"got ({x.dtype}, {x.device})"
+            f"x must have the module's dtype and device ({weight.dtype}, {weight.device}); got ({x.dtype}, {x.device})"
         )
-    return _run(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, stride, padding, dilation)
+    return _run(x, weight, bias, plan, geom, activation)

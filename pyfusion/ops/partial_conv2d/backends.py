@@ -1,32 +1,59 @@
-"""Backends of ``pyfusion::partial_conv2d`` and its dispatcher (layouts: :mod:`pyfusion.ops.layout`, on channels).
+"""Backends of ``pyfusion::partial_conv2d`` and its dispatcher (segments and the packed weight:
+:mod:`pyfusion.ops.layout`, on channels, ``W_o`` stored as (O_o, K_o, kh, kw)).
 
-``y = conv2d(x, W) + b`` with ``W`` (O_total, I_total, kh, kw) zero outside the allowed blocks (DESIGN §7):
+``y = act(conv2d(x, W) + b)`` with ``W`` (O_total, I_total, kh, kw) zero outside the blocks whose member masks
+intersect (DESIGN §7):
 
-* ``torch`` (any device): ``y[:, shared] = conv(x, w_shared)`` over all input channels, and
-  ``y[:, branches] = conv(x[:, shared], w_cross) + grouped_conv(x[:, branches], w_diag, groups=K)`` (one grouped
-  convolution when the branches have equal sizes, one convolution per branch otherwise);
+* ``triton`` (CUDA): one implicit-GEMM launch over the allowed (channel, tap) pairs
+  (:mod:`pyfusion.triton_kernels.partial_conv2d`), bias and activation fused; range table cached per (segments,
+  kernel, device), tap-major weight copy cached per weight version.
+* ``torch`` (any device): one ``F.conv2d`` per run of consecutive output segments that read the same input
+  channels (their ``W_o`` are consecutive in the packed weight, so the run's weight is one contiguous
+  (O_run, K_o, kh, kw) slice: no weight copy), over those input channels gathered (a channel slice when they are
+  one range, one ``torch.cat`` otherwise). The standard layout is ``1 + K`` convolutions (shared outputs over every
+  input; branch k over [shared | branch_k]); a layer whose input is one segment (a first layer) is one convolution.
+  Measured against the alternatives on the 2-core VM (bench/bench_partial_conv.py, bench/results/
+  partial_conv2d_cpu.md): shared conv + one grouped conv over the branches was 1.1-3x slower at alpha 1 (oneDNN's
+  CPU grouped convolution is slower than the separate convolutions: LeNet conv2 K=4 2137 vs 715 us, VGG 64-channel
+  K=4 273 vs 197 ms, batch 32, 1 thread), and im2col (``F.unfold``) + GEMM 2-9x slower than either.
 * ``reference``: the float64 dense weight with zero blocks (:func:`pyfusion.ops.reference.partial_conv2d_ref`).
-
-A Triton backend (implicit-GEMM over the allowed blocks) is to come; it will take its place before ``torch``.
+* ``triton_interpret``: the Triton kernel in the CPU interpreter (tests, forward only).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyfusion import backends
 from pyfusion.dispatch import Backend, Dispatcher
-from pyfusion.ops.layout import uniform_branches
+from pyfusion.ops.layout import SegmentPlan, kernel_segments
+from pyfusion.ops.partial_linear.backends import _mode, derived_weight
 
-__all__ = ["ARG_NAMES", "DISPATCHER", "FLOAT_DTYPES", "conv_out_hw", "torch_forward"]
+__all__ = ["ARG_NAMES", "DISPATCHER", "FLOAT_DTYPES", "ConvGeom", "conv_out_hw", "conv_runs", "torch_forward"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-ARG_NAMES = (
-    "x", "w_shared", "w_cross", "w_diag", "bias", "in_layout", "out_layout", "stride", "padding", "dilation",
-)  # fmt: skip
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ARG_NAMES = ("x", "weight", "bias", "plan", "geom", "activation")
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    """Kernel size, stride, padding and dilation (pairs of ints)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
 
 
 def conv_out_hw(
@@ -37,82 +64,210 @@ def conv_out_hw(
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
+@dataclass(frozen=True)
+class ConvRun:
+    """Consecutive output segments reading the same input channel ranges: outputs ``[o0, o0 + n_out)``, input
+    ranges ``((channel, count), ...)`` (K_o channels in all), weight ``W[w_off : w_off + n_out * K_o * taps]``."""
+
+    o0: int
+    n_out: int
+    ranges: tuple[tuple[int, int], ...]
+    k_o: int
+    w_off: int
+
+
+@functools.lru_cache(maxsize=1024)
+def conv_runs(plan: SegmentPlan) -> tuple[tuple[ConvRun, ...], tuple[int, ...]]:
+    """The convolutions of a plan (runs of output segments with identical input ranges), and the output segments
+    that read nothing (bias or zero)."""
+    runs: list[ConvRun] = []
+    idle: list[int] = []
+    for o, ranges in enumerate(plan.ranges):
+        n_o = plan.out_segments[o][0]
+        if n_o == 0:
+            continue
+        if not ranges:
+            idle.append(o)
+            continue
+        rg = tuple((col, n) for col, n, _q in ranges)
+        prev = runs[-1] if runs else None
+        if prev is not None and prev.ranges == rg and prev.o0 + prev.n_out == plan.out_starts[o]:
+            runs[-1] = ConvRun(prev.o0, prev.n_out + n_o, rg, prev.k_o, prev.w_off)
+        else:
+            runs.append(ConvRun(plan.out_starts[o], n_o, rg, plan.k_of_out[o], plan.offsets[o]))
+    return tuple(runs), tuple(idle)
+
+
+def _activation(y: Tensor, activation: str) -> Tensor:
+    fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}.get(activation)
+    return y if fn is None else fn(y)
+
+
+def _gather(x: Tensor, ranges: tuple[tuple[int, int], ...]) -> Tensor:
+    if len(ranges) == 1:
+        col, n = ranges[0]
+        return x if (col == 0 and n == x.shape[1]) else x[:, col : col + n]
+    return torch.cat([x[:, col : col + n] for col, n in ranges], dim=1)
+
+
 def torch_forward(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom, activation: str = "none"
 ) -> Tensor:
-    """Shared-input convolution + convolution from the shared input to the branches + grouped convolution over
-    the branches, x (N, I_total, H, W) -> (N, O_total, H', W')."""
-    il, ol = in_layout, out_layout
-    i_s, o_s, kb = il[0], ol[0], len(ol) - 1
-    kh, kw = int(w_cross.shape[2]), int(w_cross.shape[3])
+    """One convolution per run of output segments over its gathered input channels; x (N, I_total, H, W) ->
+    (N, O_total, H', W') contiguous."""
+    kh, kw = geom.kernel
+    taps = geom.taps
+    runs, idle = conv_runs(plan)
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], geom.kernel, geom.stride, geom.padding, geom.dilation)
 
-    def conv(inp: Tensor, w: Tensor, b: Tensor | None, groups: int = 1) -> Tensor:
-        return F.conv2d(inp, w, b, stride, padding, dilation, groups)
+    def conv(run: ConvRun) -> Tensor:
+        w = weight[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(run.n_out, run.k_o, kh, kw)
+        b = None if bias is None else bias[run.o0 : run.o0 + run.n_out]
+        return F.conv2d(_gather(x, run.ranges), w, b, geom.stride, geom.padding, geom.dilation)
 
-    def zeros(channels: int) -> Tensor:
-        ho, wo = conv_out_hw(x.shape[2], x.shape[3], (kh, kw), stride, padding, dilation)
-        return x.new_zeros(x.shape[0], channels, ho, wo)
-
-    outs = []
-    if o_s > 0:
-        outs.append(conv(x, w_shared, None if bias is None else bias[:o_s]))
-    o_b = sum(ol[1:])
-    if o_b > 0:
-        b_b = None if bias is None else bias[o_s:]
-        y_b = conv(x[:, :i_s], w_cross, b_b) if i_s > 0 else None
-        if sum(il[1:]) > 0:
-            xb = x[:, i_s:]
-            if uniform_branches(il, ol):
-                z = conv(xb, w_diag.view(o_b, il[1], kh, kw), b_b if y_b is None else None, groups=kb)
-            else:
-                parts, i0, d0 = [], 0, 0
-                for o_k, i_k in zip(ol[1:], il[1:]):
-                    n = o_k * i_k * kh * kw
-                    if i_k > 0 and o_k > 0:
-                        parts.append(conv(xb[:, i0 : i0 + i_k], w_diag[d0 : d0 + n].view(o_k, i_k, kh, kw), None))
-                    else:
-                        parts.append(zeros(o_k))
-                    i0, d0 = i0 + i_k, d0 + n
-                z = torch.cat(parts, dim=1)
-                if y_b is None and b_b is not None:
-                    z = z + b_b.view(1, -1, 1, 1)
-            y_b = z if y_b is None else y_b + z
-        elif y_b is None:
-            y_b = zeros(o_b) if b_b is None else zeros(o_b) + b_b.view(1, -1, 1, 1)
-        outs.append(y_b)
-    if not outs:
-        return zeros(0)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if len(runs) == 1 and not idle and runs[0].n_out == plan.o_total:
+        return _activation(conv(runs[0]), activation).contiguous()
+    parts: list[tuple[int, Tensor]] = [(r.o0, conv(r)) for r in runs]
+    for o in idle:
+        o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
+        z = x.new_zeros((x.shape[0], n_o, ho, wo))
+        if bias is not None:
+            z = z + bias[o0 : o0 + n_o].view(1, -1, 1, 1)
+        parts.append((o0, z))
+    if not parts:
+        return x.new_zeros((x.shape[0], 0, ho, wo))
+    parts.sort(key=lambda p: p[0])
+    y = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=1)
+    return _activation(y, activation).contiguous()
 
 
-def _reference_fn(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, stride, padding, dilation) -> Tensor:
+# ----------------------------------------------------------------------------------------------------------
+# triton backend
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _triton_module():
+    from pyfusion.triton_kernels import partial_conv2d as mod
+
+    return mod
+
+
+@functools.lru_cache(maxsize=512)
+def _triton_meta(plan: SegmentPlan, kernel: tuple[int, int], device: torch.device):
+    (i_s, i_m), (o_s, o_m) = kernel_segments(plan.in_segments), kernel_segments(plan.out_segments)
+    return _triton_module().masked_conv_segment_meta(i_s, i_m, o_s, o_m, kernel, device)
+
+
+def _tap_major(weight: Tensor, plan: SegmentPlan, kernel: tuple[int, int]) -> Tensor:
+    """The packed weight with each W_o as (O_o, kh, kw, K_o) (channels contiguous), what the kernel reads."""
+    kh, kw = kernel
+    parts = []
+    for o, (n_o, _m) in enumerate(plan.out_segments):
+        k_o = plan.k_of_out[o]
+        if n_o and k_o:
+            off = plan.offsets[o] * kh * kw
+            blk = weight[off : off + n_o * k_o * kh * kw].view(n_o, k_o, kh, kw)
+            parts.append(blk.permute(0, 2, 3, 1).reshape(-1))
+    return torch.cat(parts) if parts else weight.new_zeros(1)
+
+
+def triton_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom, activation: str, launcher=None
+) -> Tensor:
+    """One launch of the implicit-GEMM kernel (compiled on CUDA, or the CPU interpreter)."""
+    mod = _triton_module()
+    meta = _triton_meta(plan, geom.kernel, x.device)
+    if launcher is None:  # eager: the tap-major copy once per weight version
+        wt = derived_weight(weight, ("conv_tap_major", plan, geom.kernel), lambda w: _tap_major(w, plan, geom.kernel))
+    else:  # traced (torch.compile): a functional copy in the graph
+        wt = _tap_major(weight, plan, geom.kernel)
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], geom.kernel, geom.stride, geom.padding, geom.dilation)
+    if x.shape[1] == 0 or plan.o_total == 0 or plan.stored == 0:
+        y = x.new_zeros((x.shape[0], plan.o_total, ho, wo))
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        return _activation(y, activation)
+    return mod._launch(x, wt, wt, wt, bias, meta, geom.kernel, geom.stride, geom.padding, geom.dilation, activation,
+                       launcher)  # fmt: skip
+
+
+def _triton_available() -> list[str]:
+    return backends.triton_gpu_reasons(import_check=False)
+
+
+def _triton_supports(x, weight, bias, plan, geom, activation) -> list[str]:
+    why = []
+    if x.device.type != "cuda":
+        why.append(f"x is on {x.device}, the compiled Triton kernel needs a CUDA tensor")
+    if x.dtype not in TRITON_DTYPES:
+        why.append(f"dtype {x.dtype} is not float32/float16/bfloat16")
+    return why or backends.triton_import_reasons()
+
+
+def _triton_fn(x, weight, bias, plan, geom, activation) -> Tensor:
+    launcher = torch.library.wrap_triton if _mode() == "traceable" else None
+    return triton_forward(x, weight, bias, plan, geom, activation, launcher)
+
+
+def _interp_available() -> list[str]:
+    return backends.triton_interpreter_reasons(import_check=False)
+
+
+def _interp_supports(x, weight, bias, plan, geom, activation) -> list[str]:
+    why = []
+    if x.device.type != "cpu":
+        why.append("the Triton interpreter runs on CPU tensors")
+    if x.dtype not in (torch.float32, torch.float16):
+        why.append(f"the Triton interpreter supports float32/float16 here, not {x.dtype}")
+    if _mode() is not None:
+        why.append("the interpreter launch is forward-only and not traceable (the registered op runs); use 'torch'")
+    return why or backends.triton_import_reasons()
+
+
+def _interp_fn(x, weight, bias, plan, geom, activation) -> Tensor:
+    return triton_forward(x, weight, bias, plan, geom, activation)
+
+
+def _torch_fn(x, weight, bias, plan, geom, activation) -> Tensor:
+    return torch_forward(x, weight, bias, plan, geom, activation)
+
+
+def _reference_fn(x, weight, bias, plan, geom, activation) -> Tensor:
     from pyfusion.ops.reference import partial_conv2d_ref
 
-    blocks = [w_shared, w_cross, w_diag]
-    return partial_conv2d_ref(x, blocks, bias, in_layout, out_layout, stride, padding, dilation).to(x.dtype)
+    y = partial_conv2d_ref(x, weight, bias, plan.in_segments, plan.out_segments, geom.kernel, geom.stride,
+                           geom.padding, geom.dilation, activation)  # fmt: skip
+    return y.to(x.dtype)
 
 
 DISPATCHER = Dispatcher(
     "partial_conv2d",
     [
         Backend(
+            "triton",
+            _triton_fn,
+            available=_triton_available,
+            supports=_triton_supports,
+            description="one implicit-GEMM Triton launch on CUDA over the allowed (channel, tap) blocks, fused bias "
+            "+ activation",
+        ),
+        Backend(
             "torch",
-            torch_forward,
-            description="shared-input conv + conv from the shared input + grouped conv over the branches, any device",
+            _torch_fn,
+            description="one conv per run of output segments over its gathered input channels, any device",
         ),
         Backend(
             "reference",
             _reference_fn,
             description="float64 dense weight with zero blocks (ops.reference.partial_conv2d_ref)",
+        ),
+        Backend(
+            "triton_interpret",
+            _interp_fn,
+            available=_interp_available,
+            supports=_interp_supports,
+            description="the Triton kernel in the CPU interpreter (TRITON_INTERPRET=1; tests only, forward only)",
         ),
     ],
     arg_names=ARG_NAMES,

@@ -1,8 +1,12 @@
-"""``torch.library`` registration of ``pyfusion::partial_conv2d`` (a ``custom_op``), its fake kernel and autograd.
+"""``torch.library`` registration of ``pyfusion::partial_conv2d`` (a ``triton_op``), its fake kernel and autograd.
+
+Schema: ``partial_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] in_sizes, int[] in_masks, int[] out_sizes,
+int[] out_masks, int[] kernel_size, int[] stride, int[] padding, int[] dilation, str activation) -> Tensor``.
 
 Registered on first need (:class:`pyfusion.ops._registry.LazyOp`). The body calls the one dispatcher
-(:mod:`.backends`); the backward computes the gradients of the stored blocks only, with one
-``aten.convolution_backward`` per block (the zero blocks are never built).
+(:mod:`.backends`); the backward computes the gradients of the stored blocks only, one
+``aten.convolution_backward`` per allowed input range of each run of output segments (the zero blocks are never
+built).
 """
 
 from __future__ import annotations
@@ -11,92 +15,122 @@ import torch
 from torch import Tensor
 
 from pyfusion.ops._registry import LazyOp
-from pyfusion.ops.layout import uniform_branches
-from pyfusion.ops.partial_conv2d.backends import DISPATCHER, conv_out_hw
+from pyfusion.ops.partial_conv2d.backends import DISPATCHER, ConvGeom, conv_out_hw, conv_runs
+from pyfusion.ops.partial_linear.backends import op_context
+from pyfusion.ops.partial_linear.registration import _activation_grad, plan_of
 
-__all__ = ["OP"]
+__all__ = ["OP", "geom_of"]
+
+
+def geom_of(kernel_size, stride, padding, dilation) -> ConvGeom:
+    def pair(v) -> tuple[int, int]:
+        return int(v[0]), int(v[1])
+
+    return ConvGeom(pair(kernel_size), pair(stride), pair(padding), pair(dilation))
 
 
 def _register() -> None:
-    @torch.library.custom_op("pyfusion::partial_conv2d", mutates_args=())
+    from torch.library import triton_op
+
+    @triton_op("pyfusion::partial_conv2d", mutates_args=())
     def _partial_conv2d_op(
         x: Tensor,
-        w_shared: Tensor,
-        w_cross: Tensor,
-        w_diag: Tensor,
+        weight: Tensor,
         bias: Tensor | None,
-        in_layout: list[int],
-        out_layout: list[int],
+        in_sizes: list[int],
+        in_masks: list[int],
+        out_sizes: list[int],
+        out_masks: list[int],
+        kernel_size: list[int],
         stride: list[int],
         padding: list[int],
         dilation: list[int],
+        activation: str,
     ) -> Tensor:
         """x (N, I_total, H, W) -> (N, O_total, H', W'); see :func:`pyfusion.ops.partial_conv2d`."""
-        y = DISPATCHER(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, stride, padding, dilation)
-        return y.contiguous()  # what the fake kernel promises (a channels-last input gives a channels-last conv)
+        plan = plan_of(in_sizes, in_masks, out_sizes, out_masks)
+        geom = geom_of(kernel_size, stride, padding, dilation)
+        with op_context(traceable=True):
+            return DISPATCHER(x, weight, bias, plan, geom, activation)
+
+    @_partial_conv2d_op.register_kernel("cpu")
+    def _partial_conv2d_cpu(x, weight, bias, in_sizes, in_masks, out_sizes, out_masks, kernel_size, stride, padding,
+                            dilation, activation):  # fmt: skip
+        plan = plan_of(in_sizes, in_masks, out_sizes, out_masks)
+        geom = geom_of(kernel_size, stride, padding, dilation)
+        with op_context(traceable=False):
+            return DISPATCHER(x, weight, bias, plan, geom, activation)
 
     @_partial_conv2d_op.register_fake
-    def _partial_conv2d_fake(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, stride, padding, dilation):
-        torch._check(x.dim() == 4 and x.shape[1] == sum(in_layout), lambda: "x must be (N, sum(in_layout), H, W)")
-        torch._check(w_shared.dtype == x.dtype and w_cross.dtype == x.dtype and w_diag.dtype == x.dtype)
-        kernel = (w_cross.shape[2], w_cross.shape[3])
-        ho, wo = conv_out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
-        return x.new_empty((x.shape[0], sum(out_layout), ho, wo))
+    def _partial_conv2d_fake(x, weight, bias, in_sizes, in_masks, out_sizes, out_masks, kernel_size, stride, padding,
+                             dilation, activation):  # fmt: skip
+        plan = plan_of(in_sizes, in_masks, out_sizes, out_masks)
+        torch._check(x.dim() == 4 and x.shape[1] == plan.i_total, lambda: "x must be (N, I_total, H, W)")
+        torch._check(weight.dtype == x.dtype, lambda: "weight must have x's dtype")
+        ho, wo = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+        return x.new_empty((x.shape[0], plan.o_total, ho, wo))
 
     _partial_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, stride, padding, dilation = inputs
-    ctx.layouts = (list(in_layout), list(out_layout))
-    ctx.conv = (list(stride), list(padding), list(dilation))
+    (x, weight, bias, in_sizes, in_masks, out_sizes, out_masks, kernel_size, stride, padding, dilation,
+     activation) = inputs  # fmt: skip
+    ctx.segments = (list(in_sizes), list(in_masks), list(out_sizes), list(out_masks))
+    ctx.geom = geom_of(kernel_size, stride, padding, dilation)
+    ctx.activation = activation
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, w_shared, w_cross, w_diag)
+    ctx.save_for_backward(x, weight, bias, output if activation == "relu" else None)
 
 
 def _backward(ctx, grad_y: Tensor):
-    """With g = dL/dy split into g_s (shared outputs) and g_B (branch outputs): each stored block's weight
-    gradient, and its contribution to dx, from one ``convolution_backward`` of that block alone:
-    ``(w_shared; x, g_s)``, ``(w_cross; x[:, shared], g_B)``, ``(w_diag; x[:, branches], g_B)`` (grouped over the
-    branches when they have equal sizes, else one per branch); ``db = sum g`` over (N, H', W')."""
-    x, w_shared, w_cross, w_diag = ctx.saved_tensors
-    il, ol = ctx.layouts
-    stride, padding, dilation = ctx.conv
-    i_s, o_s, kb = il[0], ol[0], len(ol) - 1
-    kh, kw = int(w_cross.shape[2]), int(w_cross.shape[3])
-    need_x, need_ws, need_wc, need_wd, need_b = ctx.needs_input_grad[:5]
-    g = grad_y.contiguous()
-    g_s, g_b = g[:, :o_s], g[:, o_s:]
+    """Per run of output segments and per allowed input range, one ``convolution_backward`` of that block alone:
+    its weight gradient (into the packed layout) and its contribution to dx; ``db = sum g`` over (N, H', W')."""
+    x, weight, bias, y_saved = ctx.saved_tensors
+    plan = plan_of(*ctx.segments)
+    geom, act = ctx.geom, ctx.activation
+    g = grad_y
+    if act == "relu":
+        g = g * (y_saved > 0).to(g.dtype)
+    elif act != "none":
+        z = torch.ops.pyfusion.partial_conv2d(x, weight, bias, *ctx.segments, list(geom.kernel), list(geom.stride),
+                                              list(geom.padding), list(geom.dilation), "none")  # fmt: skip
+        g = g * _activation_grad(z, act)
+    g = g.contiguous()
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    kh, kw = geom.kernel
+    taps = geom.taps
     gx = torch.zeros_like(x) if need_x else None
-
-    def block(gout: Tensor, c0: int, c1: int, w: Tensor, groups: int, need_w: bool) -> Tensor | None:
-        """dL/dw of the block w reading input channels [c0, c1) (None unless need_w); adds its dL/dx into gx."""
-        if w.numel() == 0 or x.shape[0] == 0 or not (need_x or need_w):
-            return torch.zeros_like(w) if need_w else None
-        gi, gw, _ = torch.ops.aten.convolution_backward(
-            gout, x[:, c0:c1], w, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+    gw = weight.new_zeros(weight.shape) if need_w else None
+    runs, _idle = conv_runs(plan)
+    for run in runs:
+        g_r = g[:, run.o0 : run.o0 + run.n_out]
+        w_r = weight[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(run.n_out, run.k_o, kh, kw)
+        gw_r = (
+            None
+            if gw is None
+            else gw[run.w_off * taps : (run.w_off + run.n_out * run.k_o) * taps].view(run.n_out, run.k_o, kh, kw)
         )
-        if need_x:
-            gx[:, c0:c1] += gi
-        return gw
-
-    gws = block(g_s, 0, sum(il), w_shared, 1, need_ws)
-    gwc = block(g_b, 0, i_s, w_cross, 1, need_wc)
-    o_b = sum(ol[1:])
-    if uniform_branches(il, ol) and o_b > 0 and sum(il[1:]) > 0:
-        gwd = block(g_b, i_s, sum(il), w_diag.view(o_b, il[1], kh, kw), kb, need_wd)
-        gwd = None if gwd is None else gwd.reshape(-1)
-    else:
-        parts, i0, o0, d0 = [], i_s, 0, 0
-        for o_k, i_k in zip(ol[1:], il[1:]):
-            n = o_k * i_k * kh * kw
-            w_k = w_diag[d0 : d0 + n].view(o_k, i_k, kh, kw)
-            gw = block(g_b[:, o0 : o0 + o_k], i0, i0 + i_k, w_k, 1, need_wd)
-            parts.append(None if gw is None else gw.reshape(-1))
-            i0, o0, d0 = i0 + i_k, o0 + o_k, d0 + n
-        gwd = torch.cat(parts) if need_wd and parts else (w_diag.new_zeros(0) if need_wd else None)
+        q = 0
+        for col, n in run.ranges:
+            if x.shape[0] > 0 and (need_x or need_w):
+                gi, gwb, _ = torch.ops.aten.convolution_backward(
+                    g_r, x[:, col : col + n], w_r[:, q : q + n].contiguous(), None, list(geom.stride),
+                    list(geom.padding), list(geom.dilation), False, [0, 0], 1, [need_x, need_w, False],
+                )  # fmt: skip
+                if need_x:
+                    gx[:, col : col + n] += gi
+                if need_w:
+                    gw_r[:, q : q + n] = gwb
+            q += n
     gbias = g.sum((0, 2, 3)) if need_b and ctx.has_bias else None
-    return gx, gws, gwc, gwd, gbias, None, None, None, None, None
+    return gx, gw, gbias, None, None, None, None, None, None, None, None, None
 
 
-OP = LazyOp("partial_conv2d", DISPATCHER, _register, differentiable=True)
+def _dispatch_args(x, weight, bias, in_sizes, in_masks, out_sizes, out_masks, kernel_size, stride, padding,
+                   dilation, activation) -> tuple:  # fmt: skip
+    return (x, weight, bias, plan_of(in_sizes, in_masks, out_sizes, out_masks),
+            geom_of(kernel_size, stride, padding, dilation), activation)  # fmt: skip
+
+
+OP = LazyOp("partial_conv2d", DISPATCHER, _register, differentiable=True, dispatch_args=_dispatch_args)

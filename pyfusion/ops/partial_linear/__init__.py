@@ -1,10 +1,10 @@
 """``pyfusion::partial_linear``: a partially fused linear layer at a cost proportional to its effective FLOPs.
 
-``y = act(x @ W^T + b)`` with ``W`` block-sparse by the layouts ``[shared | branch_1 | ... | branch_K]``
-(DESIGN §7; layouts and packed weights: :mod:`pyfusion.ops.layout`). Modules:
+``y = act(x @ W^T + b)`` with ``W`` block sparse by member-mask segments (DESIGN §7; segments and the packed weight:
+:mod:`pyfusion.ops.layout`). Modules:
 
-* :mod:`.backends`: the implementations (Triton on CUDA, the compiled small-batch kernel, torch's BLAS, the
-  float64 reference, the Triton interpreter) and their dispatcher;
+* :mod:`.backends`: the implementations (Triton on CUDA, the CPU panel engine, torch's BLAS, the float64 reference,
+  the Triton interpreter) and their dispatcher;
 * :mod:`.registration`: the ``torch.library`` op (``triton_op``, fake kernel, autograd), registered on first need;
 * this module: the validated public function :func:`partial_linear` and the modules' entry point.
 """
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,68 +19,61 @@ from torch import Tensor
 from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import (
     ACTIVATIONS,
-    block_shapes,
-    pack_partial_weight,
-    partial_linear_flops,
-    partial_linear_params,
-    unpack_partial_weight,
-    validate_layouts,
+    SegmentPlan,
+    as_segments,
+    pack_segment_weight,
+    segment_plan,
+    segments_key,
+    unpack_segment_weight,
 )
 from pyfusion.ops.partial_linear import backends as _backends
-from pyfusion.ops.partial_linear.backends import CPP_MAX_ROWS, DISPATCHER, FLOAT_DTYPES
+from pyfusion.ops.partial_linear.backends import DISPATCHER, FLOAT_DTYPES, cpp_max_rows
 from pyfusion.ops.partial_linear.registration import OP
 
 __all__ = [
     "ACTIVATIONS",
-    "CPP_MAX_ROWS",
     "DISPATCHER",
     "OP",
-    "block_shapes",
-    "pack_partial_weight",
+    "cpp_max_rows",
+    "pack_segment_weight",
     "partial_linear",
     "partial_linear_flops",
     "partial_linear_module_forward",
-    "partial_linear_params",
-    "unpack_partial_weight",
-    "validate_layouts",
+    "unpack_segment_weight",
 ]
 
 
-def _check_args(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-    activation: str,
-) -> None:
+def partial_linear_flops(in_segments, out_segments, rows: int) -> int:
+    """Effective multiply-add FLOPs ``2 * rows * (stored weights)`` of one forward (bias/activation ignored)."""
+    plan = segment_plan(as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments"))
+    return 2 * int(rows) * plan.stored
+
+
+def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> None:
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(
             f"x must be a tensor of shape (..., I_total); got {type(x).__name__} {getattr(x, 'shape', '')}"
         )
-    if x.shape[-1] != sum(in_layout):
+    if x.shape[-1] != plan.i_total:
         raise ValueError(
-            f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
-            f"got x.shape={tuple(x.shape)}"
+            f"x.shape[-1] must equal the input segments' total {plan.i_total} (in_segments="
+            f"{list(plan.in_segments)}); got x.shape={tuple(x.shape)}"
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32/float16/bfloat16/float64; got dtype {x.dtype}")
-    names = ("w_shared (weight_blocks[0])", "w_cross (weight_blocks[1])", "w_diag (weight_blocks[2])")
-    for name, w, shape in zip(names, (w_shared, w_cross, w_diag), block_shapes(in_layout, out_layout)):
-        if tuple(w.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for in_layout={list(in_layout)}, out_layout={list(out_layout)}; "
-                f"got {tuple(w.shape)}"
-            )
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {w.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {w.device}")
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != plan.stored:
+        raise ValueError(
+            f"weight must be the packed flat weight of ({plan.stored},) stored entries for in_segments="
+            f"{list(plan.in_segments)}, out_segments={list(plan.out_segments)} (pyfusion.ops.layout."
+            f"pack_segment_weight builds it from a dense matrix); got {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
     if bias is not None:
-        if tuple(bias.shape) != (sum(out_layout),):
-            raise ValueError(f"bias must have shape (sum(out_layout),) = ({sum(out_layout)},); got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (plan.o_total,):
+            raise ValueError(f"bias must have shape (O_total,) = ({plan.o_total},); got {tuple(bias.shape)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(
                 f"bias must match x's dtype/device ({x.dtype}, {x.device}); got ({bias.dtype}, {bias.device})"
@@ -92,156 +84,88 @@ def _check_args(
 
 def partial_linear(
     x: Tensor,
-    weight_blocks: Sequence[Tensor],
+    weight: Tensor,
     bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
+    in_segments,
+    out_segments,
     activation: str | None = None,
 ) -> Tensor:
     """Partially fused linear layer ``y = act(x @ W^T + b)`` with block-sparse ``W`` (DESIGN §7).
 
+    .. math:: y[:, o] = act\\Big(b_o + \\sum_{i:\\ mask_o \\,\\&\\, mask_i \\ne 0} W_{oi}\\, x[:, i]\\Big)
+
     Args:
         x: (..., I_total) float32/float16/bfloat16/float64, any strides.
-        weight_blocks: ``(w_shared (O_s, I_total), w_cross (O_B, I_s), w_diag (sum_k O_k I_k,))``, see
-            :mod:`pyfusion.ops.layout` (:func:`pack_partial_weight` builds them from a dense matrix).
+        weight: the packed flat weight (stored,) of :mod:`pyfusion.ops.layout` (``pack_segment_weight`` builds it
+            from a dense matrix and checks the skipped blocks are zero).
         bias: (O_total,) or None.
-        in_layout: ``[I_s, I_1, ..., I_K]``, K >= 1, sizes >= 0, summing to ``x.shape[-1]``.
-        out_layout: ``[O_s, O_1, ..., O_K]`` with the same K.
+        in_segments: ``[(size, member_mask), ...]`` of the input features, or a standard layout
+            ``[I_s, I_1, ..., I_K]``.
+        out_segments: the same for the outputs.
         activation: None/"none", "relu", "gelu" (exact erf), "silu"; applied in the epilogue.
 
     Returns:
-        (..., O_total) in x's dtype. Differentiable in x, the blocks and the bias; gradients exist only for
-        the stored blocks.
+        (..., O_total) in x's dtype. Differentiable in x, the weight and the bias (gradients of the stored blocks).
 
     Raises:
-        ValueError: naming the argument (layout sums, block shapes, dtypes, activation).
+        ValueError: naming the argument (segments, sizes, dtypes, devices, activation).
         pyfusion.dispatch.NoBackendError: if ``PYFUSION_BACKEND`` forces a backend that declines.
     """
-    il, ol = validate_layouts(in_layout, out_layout)
+    ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+    plan = segment_plan(ins, outs)
     act = "none" if activation is None else activation
-    if not isinstance(weight_blocks, (list, tuple)) or len(weight_blocks) != 3:
-        raise ValueError(
-            "weight_blocks must be a sequence (w_shared, w_cross, w_diag) of 3 tensors; got "
-            f"{type(weight_blocks).__name__} of length {len(weight_blocks) if hasattr(weight_blocks, '__len__') else '?'}"  # noqa: E501
-        )
-    w_shared, w_cross, w_diag = weight_blocks
-    _check_args(x, w_shared, w_cross, w_diag, bias, il, ol, act)
-    return _run(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    _check_args(x, weight, bias, plan, act)
+    return _run(x, weight, bias, plan, act)
 
 
-def _rows_small(x: Tensor) -> bool:
-    """Whether x flattened to (rows, I_total) has at most ``backends.CPP_MAX_ROWS`` rows (read from the backends
-    module, where the cpp backend reads it: a benchmark may change it; x.shape[0] costs ~50 ns)."""
-    if x.dim() == 2:
-        return x.shape[0] <= _backends.CPP_MAX_ROWS
-    n = 1
-    for s in x.shape[:-1]:
-        n *= s
-    return n <= _backends.CPP_MAX_ROWS
+def _op_args(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, act: str) -> tuple:
+    (i_s, i_m), (o_s, o_m) = segments_key(plan.in_segments), segments_key(plan.out_segments)
+    return (x, weight, bias, list(i_s), list(i_m), list(o_s), list(o_m), act)
 
 
-def _run(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    il: list[int],
-    ol: list[int],
-    act: str,
-) -> Tensor:
+def _run(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, act: str) -> Tensor:
     """Run validated arguments: :meth:`LazyOp.__call__ <pyfusion.ops._registry.LazyOp.__call__>`'s rule, inlined
     (batch-1 layers cost 3-4 us, so every microsecond of Python shows), with the backend choice cached.
 
     Under ``torch.jit.trace`` the registered op runs (and is what the trace records): the eager backends depend on
-    the batch size (the compiled small-batch kernel writes through data pointers the tracer cannot see, the BLAS
-    path's strided views bake the row count in), so a trace of them is wrong at every other batch size.
+    the batch size (the panel engine writes through data pointers the tracer cannot see, the BLAS path's strided
+    views bake the row count in), so a trace of them would be wrong at every other batch size.
     """
     if is_jit_tracing():
-        return OP.op()(x, w_shared, w_cross, w_diag, bias, il, ol, act)
-    return _run_eager(x, w_shared, w_cross, w_diag, bias, il, ol, act)
-
-
-def _run_eager(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    il: list[int],
-    ol: list[int],
-    act: str,
-) -> Tensor:
-    """:func:`_run` when not tracing."""
+        return OP.op()(*_op_args(x, weight, bias, plan, act))
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
-        and (
-            x.requires_grad
-            or w_shared.requires_grad
-            or w_cross.requires_grad
-            or w_diag.requires_grad
-            or (bias is not None and bias.requires_grad)
-        )
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
-        return OP(x, w_shared, w_cross, w_diag, bias, il, ol, act)
-    # The backends' reasons depend on the device, the dtype and (cpp) whether rows <= CPP_MAX_ROWS only, so the
+        return OP(*_op_args(x, weight, bias, plan, act))
+    # The backends' reasons depend on the device, the dtype and (cpp) whether rows <= the crossover only, so the
     # choice is cached by those (and PYFUSION_BACKEND): the dispatcher's checks cost ~6 us a call, a GEMV of a
     # 100x100 layer ~3 us. x.is_cpu costs ~50 ns, x.device.type ~400 ns (a device object).
-    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, _rows_small(x))
-    backend = DISPATCHER.select_cached(key, x, w_shared, w_cross, w_diag, bias, il, ol, act)
-    return backend.fn(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    small = _backends.rows_of(x) <= cpp_max_rows(plan)
+    key = ("cpu" if x.is_cpu else x.device.type, x.dtype, small)
+    backend = DISPATCHER.select_cached(key, x, weight, bias, plan, act)
+    return backend.fn(x, weight, bias, plan, act)
 
 
 def partial_linear_module_forward(
-    x: Tensor,
-    weight_blocks: Sequence[Tensor],
-    bias: Tensor | None,
-    in_layout: list[int],
-    out_layout: list[int],
-    activation: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str
 ) -> Tensor:
-    """:func:`partial_linear` for pyfusion.nn modules, whose layouts and block shapes were validated when
-    the module was built (``load_state_dict`` keeps the shapes): only x is checked here."""
-    w_shared, w_cross, w_diag = weight_blocks
-    if is_jit_tracing():
-        return _traced_module_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
-    if x.dim() < 1 or x.shape[-1] != w_shared.shape[1]:
+    """:func:`partial_linear` for pyfusion.nn modules, whose segments and weight size were validated when the
+    module was built (``load_state_dict`` keeps the shapes): only x is checked here."""
+    if is_jit_tracing():  # the checks without the tracer's size warnings (the feature size is fixed by the weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            bad = bool(x.dim() < 1 or x.shape[-1] != plan.i_total)
+    else:
+        bad = x.dim() < 1 or x.shape[-1] != plan.i_total
+    if bad:
         raise ValueError(
-            f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
-            f"got x.shape={tuple(x.shape)}"
+            f"x.shape[-1] must equal the input segments' total {plan.i_total} (in_segments="
+            f"{list(plan.in_segments)}); got x.shape={tuple(x.shape)}"
         )
     # get_device() is an int (-1 on CPU): cheaper than building two torch.device objects (~1 us a call).
-    if x.dtype != w_shared.dtype or x.get_device() != w_shared.get_device():
+    if x.dtype != weight.dtype or x.get_device() != weight.get_device():
         raise ValueError(
-            f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
-            f"got ({x.dtype}, {x.device})"
+            f"x must have the module's dtype and device ({weight.dtype}, {weight.device}); got ({x.dtype}, {x.device})"
         )
-    return _run_eager(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
-
-
-def _traced_module_forward(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: list[int],
-    out_layout: list[int],
-    activation: str,
-) -> Tensor:
-    """The module forward under ``torch.jit.trace``: the same input checks (with the tracer's warnings about reading
-    sizes silenced: the feature size is fixed by the weights), then the registered op, which the trace records with
-    its layouts as constants, so the trace is correct at every batch size."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        if x.dim() < 1 or x.shape[-1] != w_shared.shape[1]:
-            raise ValueError(
-                f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
-                f"got x.shape={tuple(x.shape)}"
-            )
-    if x.dtype != w_shared.dtype or x.device != w_shared.device:
-        raise ValueError(
-            f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
-            f"got ({x.dtype}, {x.device})"
-        )
-    return OP.op()(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
+    return _run(x, weight, bias, plan, activation)

@@ -1,25 +1,29 @@
-"""Backends of ``pyfusion::partial_linear`` and its dispatcher (layouts: :mod:`pyfusion.ops.layout`).
+"""Backends of ``pyfusion::partial_linear`` and its dispatcher (segments and the packed weight:
+:mod:`pyfusion.ops.layout`).
 
-``y = act(x @ W^T + b)`` with ``act`` in ``none | relu | gelu | silu`` (GELU is torch's default, exact erf form),
-W block-sparse by the layouts (DESIGN §7). The packed blocks let each backend address every GEMM operand as a
-view of the packed buffers (no per-call weight copy):
+``y = act(x @ W^T + b)`` with ``act`` in ``none | relu | gelu | silu`` (GELU: torch's default, exact erf form) and
+``W`` block sparse by member-mask segments: output segment o reads input segment i iff their masks intersect. The
+packed weight (``W_o`` (O_o, K_o) per output segment, concatenated) lets every backend address each GEMM operand as
+a view of the one flat buffer (no per-call weight copy):
 
-* ``torch`` (torch's BLAS, any device): ``y[:, shared] = x @ w_shared^T`` (one GEMM over the whole input, no
-  slicing), ``y[:, branches] = x[:, shared] @ w_cross^T`` (one GEMM from the shared input to every branch
-  output), then ``y[:, branch_k] += x[:, branch_k] @ W_kk^T`` for all k as one ``baddbmm`` when the branches
-  have equal sizes and >= 8 rows (a loop of ``addmm_`` otherwise). All three write into views of one
-  preallocated output.
-* ``cpp``, small batches (<= ``CPP_MAX_ROWS`` rows, float32/float64, CPU, forward only): the compiled kernel
-  (csrc/partial_linear/) computes every block, the bias and the activation in one call from data pointers,
-  GEMV-style (AVX-512/AVX2 FMA), removing the per-call Python cost of the BLAS path's views.
 * ``triton`` (CUDA): one Triton launch (:mod:`pyfusion.triton_kernels.partial_linear`), a grouped GEMM whose
-  K-loop visits only the allowed input segments, bias and activation fused in the epilogue.
+  K-loop visits only the allowed input ranges, bias and activation fused in the epilogue; the range table is built
+  once per (segments, device) and cached.
+* ``cpp`` (CPU, float32 / float64, forward only, up to :func:`cpp_max_rows` rows): the panel engine
+  ``_C.PanelLinearPlan`` (csrc/partial_linear/panel_linear.h), every block + bias + activation in one call. Its
+  panel-packed weight is derived once per weight version (:func:`packed_panels`; never per call).
+* ``torch`` (torch's BLAS, any device): per allowed input range one GEMM into a view of one preallocated output;
+  output segments that read the same input range with the same row stride share one GEMM (the standard layout's
+  branch rows on the shared input), equal blocks on consecutive input and output ranges one ``baddbmm`` (the
+  standard layout's diagonal branch blocks). The standard layout is 3 BLAS calls.
 * ``reference``: the float64 dense matrix with zero blocks (:func:`pyfusion.ops.reference.partial_linear_ref`).
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (``TRITON_INTERPRET=1``; tests, forward only).
 
-Inside the registered op (:mod:`.registration`, used for autograd and torch.compile) the forward-only
-backends decline, and while the op's body is traced the ``torch`` backend uses its functional form and the
-Triton launch goes through ``torch.library.wrap_triton`` (:func:`op_context`).
+Backend functions take ``(x, weight, bias, plan, activation)`` with ``plan`` the cached
+:class:`~pyfusion.ops.layout.SegmentPlan` (the registered op rebuilds it from its int lists). Inside the registered
+op (:mod:`.registration`: autograd, torch.compile, torch.jit.trace) the forward-only backends decline, and while
+the op's body is traced the ``torch`` backend uses its functional form and the Triton launch goes through
+``torch.library.wrap_triton`` (:func:`op_context`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +41,25 @@ from torch import Tensor
 
 from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
-from pyfusion.ops.layout import ACTIVATIONS, uniform_branches
+from pyfusion.ops._weight_cache import derived_weight
+from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, kernel_segments
 
-__all__ = ["CPP_MAX_ROWS", "DISPATCHER", "FLOAT_DTYPES", "TRITON_DTYPES", "op_context"]
+__all__ = [
+    "CPP_MAX_ROWS",
+    "DISPATCHER",
+    "FLOAT_DTYPES",
+    "TRITON_DTYPES",
+    "blas_steps",
+    "cpp_max_rows",
+    "derived_weight",
+    "op_context",
+    "packed_panels",
+    "torch_forward",
+]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ARG_NAMES = ("x", "w_shared", "w_cross", "w_diag", "bias", "in_layout", "out_layout", "activation")
+ARG_NAMES = ("x", "weight", "bias", "plan", "activation")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,9 +86,182 @@ def _mode() -> str | None:
     return getattr(_STATE, "mode", None)
 
 
+def flatten(x: Tensor) -> Tensor:
+    # A view for 2-D inputs of any strides and for contiguous N-D inputs; only N-D inputs whose leading
+    # dims cannot be merged are copied (torch.reshape semantics).
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def rows_of(x: Tensor) -> int:
+    """Number of rows of x flattened to (rows, I_total)."""
+    if x.dim() == 2:
+        return x.shape[0]
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------
-# torch backend (torch's BLAS), and the activation helpers
+# torch backend: the BLAS steps of a segment plan
 # ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmStep:
+    """``y[:, o0 : o0 + n_out] (+)= x[:, col : col + n_in] @ Wv^T`` with ``Wv`` the (n_out, n_in) view of the packed
+    weight at ``w_off`` with row stride ``w_stride`` (rows of consecutive output segments of equal K_o are
+    equally spaced, so several segments can share one step). ``first``: the step writes (bias or beta = 0)."""
+
+    o0: int
+    n_out: int
+    col: int
+    n_in: int
+    w_off: int
+    w_stride: int
+    first: bool
+
+
+@dataclass(frozen=True)
+class BatchedStep:
+    """``count`` equal blocks on consecutive input and output ranges, one ``baddbmm``: block b reads x columns
+    ``col + b * n_in``, writes outputs ``o0 + b * n_out``, its weight at ``w_off + b * w_batch`` (row stride
+    ``w_stride``)."""
+
+    o0: int
+    n_out: int
+    col: int
+    n_in: int
+    w_off: int
+    w_stride: int
+    w_batch: int
+    count: int
+    first: bool
+
+
+def _merge_and_batch(cur: list[tuple[int, int, int, int, tuple[int, int, int]]], first: bool) -> list:
+    """Steps of one round: ``cur`` lists (o0, n_out, K_o, W_o offset, (col, n, q)) of consecutive output segments.
+    Consecutive segments reading the same range (same column, same q, same K_o, adjacent rows) merge into one GEMM;
+    runs of equal blocks whose input and output ranges follow each other become one batched GEMM."""
+    merged: list[GemmStep] = []
+    for o0, n_o, k_o, off, (col, n, q) in cur:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None
+            and prev.col == col
+            and prev.n_in == n
+            and prev.w_stride == k_o
+            and prev.o0 + prev.n_out == o0
+            and prev.w_off + prev.n_out * k_o == off + q
+        ):
+            merged[-1] = GemmStep(prev.o0, prev.n_out + n_o, col, n, prev.w_off, k_o, first)
+        else:
+            merged.append(GemmStep(o0, n_o, col, n, off + q, k_o, first))
+    steps: list[GemmStep | BatchedStep] = []
+    i = 0
+    while i < len(merged):
+        a = merged[i]
+        run = 1
+        while i + run < len(merged):
+            b, prev = merged[i + run], merged[i + run - 1]
+            if not (
+                b.n_out == a.n_out
+                and b.n_in == a.n_in
+                and b.w_stride == a.w_stride
+                and b.o0 == prev.o0 + prev.n_out
+                and b.col == prev.col + prev.n_in
+                and b.w_off - prev.w_off == merged[i + 1].w_off - a.w_off
+            ):
+                break
+            run += 1
+        if run >= 2:
+            w_batch = merged[i + 1].w_off - a.w_off
+            steps.append(BatchedStep(a.o0, a.n_out, a.col, a.n_in, a.w_off, a.w_stride, w_batch, run, first))
+        else:
+            steps.append(a)
+        i += run
+    return steps
+
+
+def _rounds(segs: list[tuple[int, int, int, int, tuple]], first: bool) -> list:
+    """Steps for output segments with range lists: round j takes every segment's j-th range."""
+    steps: list = []
+    depth = max((len(s[4]) for s in segs), default=0)
+    for j in range(depth):
+        cur = [(o0, n_o, k_o, off, rg[j]) for o0, n_o, k_o, off, rg in segs if j < len(rg)]
+        steps += _merge_and_batch(cur, first and j == 0)
+    return steps
+
+
+def _merge_pieces(pieces: Sequence[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    out: list[list[int]] = []
+    for col, n, q in pieces:
+        if out and out[-1][0] + out[-1][1] == col and out[-1][2] + out[-1][1] == q:
+            out[-1][1] += n
+        else:
+            out.append([col, n, q])
+    return tuple((c, n, q) for c, n, q in out)
+
+
+@functools.lru_cache(maxsize=1024)
+def blas_steps(plan: SegmentPlan, taps: int = 1) -> tuple[tuple[GemmStep | BatchedStep, ...], tuple[int, ...]]:
+    """The GEMMs of a plan for the torch backend (cached per plan), and the output segments no range reaches
+    (their outputs are the bias, or zero).
+
+    Two covers of the stored blocks are built and the one with fewer BLAS calls is kept:
+
+    * per output segment its maximal column ranges, visited in rounds (round j = every segment's j-th range; round
+      0 writes, later rounds accumulate), merged across segments and batched (:func:`_merge_and_batch`);
+    * the same after a *common prefix* step: a run of consecutive output segments with equal K_o whose W_o start
+      with the same input segments gets one GEMM for those columns over all its rows (the standard layout's branch
+      rows on the shared input), the rest in rounds (the diagonal blocks as one batched GEMM). The standard layout
+      is then 3 calls: shared rows; branch rows x shared input; the diagonal blocks.
+
+    ``taps`` scales input columns and K_o (a convolution's unfolded input, channel-major).
+    """
+    segs, pieces_of, idle = [], [], []
+    for o, ranges in enumerate(plan.ranges):
+        n_o = plan.out_segments[o][0]
+        if n_o == 0:
+            continue
+        if not ranges:
+            idle.append(o)
+            continue
+        segs.append((plan.out_starts[o], n_o, plan.k_of_out[o] * taps, plan.offsets[o] * taps,
+                     tuple((c * taps, n * taps, q * taps) for c, n, q in ranges)))  # fmt: skip
+        pieces, q = [], 0  # the allowed input segments one by one
+        for i, (n_i, m_i) in enumerate(plan.in_segments):
+            if n_i and m_i & plan.out_segments[o][1]:
+                pieces.append((plan.in_starts[i] * taps, n_i * taps, q))
+                q += n_i * taps
+        pieces_of.append(tuple(pieces))
+    plain = _rounds(segs, True)
+    prefixed: list = []
+    i = 0
+    while i < len(segs):
+        j = i + 1
+        while j < len(segs) and segs[j][2] == segs[i][2] and segs[j][0] == segs[j - 1][0] + segs[j - 1][1]:
+            j += 1
+        if j - i >= 2:
+            common = 0
+            while (
+                all(common < len(pieces_of[t]) for t in range(i, j))
+                and len({pieces_of[t][common] for t in range(i, j)}) == 1
+            ):
+                common += 1
+            if common:
+                o0, n_rows = segs[i][0], segs[j - 1][0] + segs[j - 1][1] - segs[i][0]
+                for r, (col, n, q) in enumerate(_merge_pieces(pieces_of[i][:common])):
+                    prefixed.append(GemmStep(o0, n_rows, col, n, segs[i][3] + q, segs[i][2], r == 0))
+                rest = [(s[0], s[1], s[2], s[3], _merge_pieces(pieces_of[t][common:])) for t, s in
+                        zip(range(i, j), segs[i:j])]  # fmt: skip
+                prefixed += _rounds(rest, False)
+                i = j
+                continue
+        prefixed += _rounds(segs[i:j], True)
+        i = j
+    best = prefixed if len(prefixed) < len(plain) else plain
+    return tuple(best), tuple(idle)
 
 
 def _apply_activation_(y: Tensor, activation: str) -> Tensor:
@@ -89,134 +279,106 @@ def _activation(y: Tensor, activation: str) -> Tensor:
     return y if fn is None else fn(y)
 
 
-# Below this many rows the branch blocks run as a loop of addmm_ (GEMV) instead of one baddbmm: torch's CPU
-# bmm opens an OpenMP region even for M = 1; measured with 2 threads on the loaded 2-core VM (load ~12),
-# ViT-S branches (K=2, 384->1536): M=1 baddbmm 23 ms vs loop 0.43 ms; M=8 both 0.27 ms.
+# Below this many rows a batched step runs as a loop of addmm_ (GEMV) instead of one baddbmm: torch's CPU bmm
+# opens an OpenMP region even for M = 1; measured with 2 threads on the loaded 2-core VM (load ~12), ViT-S
+# branches (K=2, 384->1536): M=1 baddbmm 23 ms vs loop 0.43 ms; M=8 both 0.27 ms.
 _BMM_MIN_ROWS = 8
 
 
-def _torch_forward_2d(
-    x2: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-) -> Tensor:
-    """Pre-activation ``x2 @ W^T + b`` for 2-D x2 (M, I_total) -> (M, O_total): three BLAS calls into views
-    of one output; reads x2 in place (column slices are strided views, never copies)."""
+def _blas_forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, taps: int = 1) -> Tensor:
+    """Pre-activation ``x2 @ W^T + b`` for 2-D x2 (M, I_total * taps) -> (M, O_total): the :func:`blas_steps` into
+    views of one output; reads x2 in place (column slices are strided views, never copies)."""
     m = x2.shape[0]
-    i_s, o_s = in_layout[0], out_layout[0]
-    o_tot = sum(out_layout)
-    kb = len(out_layout) - 1
+    o_tot = plan.o_total
     y = x2.new_empty((m, o_tot))
-    if o_s > 0:
-        ys = y[:, :o_s]
-        if bias is not None:
-            torch.addmm(bias[:o_s], x2, w_shared.t(), out=ys)
+    steps, idle = blas_steps(plan, taps)
+    sm, sk = x2.stride()
+    w_base = weight.storage_offset()
+    for st in steps:
+        if isinstance(st, GemmStep):
+            ys = y[:, st.o0 : st.o0 + st.n_out]
+            xs = x2[:, st.col : st.col + st.n_in]
+            wv = weight.as_strided((st.n_out, st.n_in), (st.w_stride, 1), w_base + st.w_off)
+            if not st.first:
+                ys.addmm_(xs, wv.t())
+            elif bias is not None:
+                torch.addmm(bias[st.o0 : st.o0 + st.n_out], xs, wv.t(), out=ys)
+            else:
+                torch.mm(xs, wv.t(), out=ys)
+            continue
+        c, no, ni = st.count, st.n_out, st.n_in
+        if m < _BMM_MIN_ROWS:
+            for b in range(c):
+                ys = y[:, st.o0 + b * no : st.o0 + (b + 1) * no]
+                xs = x2[:, st.col + b * ni : st.col + (b + 1) * ni]
+                wv = weight.as_strided((no, ni), (st.w_stride, 1), w_base + st.w_off + b * st.w_batch)
+                if not st.first:
+                    ys.addmm_(xs, wv.t())
+                elif bias is not None:
+                    torch.addmm(bias[st.o0 + b * no : st.o0 + (b + 1) * no], xs, wv.t(), out=ys)
+                else:
+                    torch.mm(xs, wv.t(), out=ys)
+            continue
+        # (count, M, n_in), (count, M, n_out) and (count, n_in, n_out) views; one as_strided each (unflatten +
+        # transpose costs ~7 us per view in eager mode, as much as a batch-1 GEMM of a 100x100 block).
+        xb = x2.as_strided((c, m, ni), (ni * sk, sm, sk), x2.storage_offset() + st.col * sk)
+        yv = y.as_strided((c, m, no), (no, o_tot, 1), st.o0)
+        wt = weight.as_strided((c, ni, no), (st.w_batch, 1, st.w_stride), w_base + st.w_off)
+        if st.first:
+            if bias is not None:
+                yv.copy_(bias[st.o0 : st.o0 + c * no].view(c, 1, no).expand(c, m, no))
+                yv.baddbmm_(xb, wt)
+            else:
+                yv.baddbmm_(xb, wt, beta=0.0)
         else:
-            torch.mm(x2, w_shared.t(), out=ys)
-    if o_tot == o_s:
-        return y
-    yb = y[:, o_s:]
-    if i_s > 0:
+            yv.baddbmm_(xb, wt)
+    for o in idle:
+        o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
         if bias is not None:
-            torch.addmm(bias[o_s:], x2[:, :i_s], w_cross.t(), out=yb)
+            y[:, o0 : o0 + n_o].copy_(bias[o0 : o0 + n_o].expand(m, n_o))
         else:
-            torch.mm(x2[:, :i_s], w_cross.t(), out=yb)
-        beta = 1.0
-    elif bias is not None:
-        yb.copy_(bias[o_s:].expand_as(yb))
-        beta = 1.0
-    else:
-        beta = 0.0  # baddbmm/addmm with beta=0 ignore the uninitialised output
-    if sum(in_layout[1:]) == 0:
-        if beta == 0.0:
-            yb.zero_()
-        return y
-    if m >= _BMM_MIN_ROWS and uniform_branches(in_layout, out_layout):
-        o_b, i_b = out_layout[1], in_layout[1]
-        # (K, M, I_b), (K, M, O_b) and (K, I_b, O_b) views; one as_strided each (unflatten + transpose costs
-        # ~7 us per view in eager mode, as much as a batch-1 GEMM of a 100x100 block).
-        sm, sk = x2.stride()
-        xb = x2.as_strided((kb, m, i_b), (i_b * sk, sm, sk), x2.storage_offset() + i_s * sk)
-        yv = y.as_strided((kb, m, o_b), (o_b, o_tot, 1), o_s)
-        wt = w_diag.as_strided((kb, i_b, o_b), (o_b * i_b, 1, i_b), w_diag.storage_offset())
-        yv.baddbmm_(xb, wt, beta=beta)
-        return y
-    i0, o0, d0 = i_s, 0, 0
-    for k in range(1, kb + 1):
-        o_k, i_k = out_layout[k], in_layout[k]
-        if o_k > 0:
-            yk = yb[:, o0 : o0 + o_k]
-            if i_k > 0:
-                yk.addmm_(x2[:, i0 : i0 + i_k], w_diag[d0 : d0 + o_k * i_k].view(o_k, i_k).t(), beta=beta)
-            elif beta == 0.0:
-                yk.zero_()
-        i0, o0, d0 = i0 + i_k, o0 + o_k, d0 + o_k * i_k
+            y[:, o0 : o0 + n_o].zero_()
     return y
 
 
-def _functional_forward_2d(
-    x2: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-) -> Tensor:
-    """Same result as :func:`_torch_forward_2d` without in-place writes into views: the form traced for
-    torch.compile (functionalization cannot replay in-place ``baddbmm_`` into transposed output views)."""
+def _functional_forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, taps: int = 1) -> Tensor:
+    """Same result as :func:`_blas_forward_2d` without in-place writes into views: the form traced for
+    torch.compile / torch.export / torch.jit.trace (functionalization cannot replay in-place BLAS into views)."""
     m = x2.shape[0]
-    i_s, o_s = in_layout[0], out_layout[0]
-    o_b = sum(out_layout[1:])
-    kb = len(out_layout) - 1
     parts = []
-    if o_s > 0:
-        parts.append(F.linear(x2, w_shared, None if bias is None else bias[:o_s]))
-    if o_b > 0:
-        yb = F.linear(x2[:, :i_s], w_cross, None if bias is None else bias[o_s:])
-        if sum(in_layout[1:]) > 0:
-            if uniform_branches(in_layout, out_layout):
-                o_k, i_k = out_layout[1], in_layout[1]
-                xb = x2[:, i_s:].unflatten(1, (kb, i_k)).transpose(0, 1)
-                zb = torch.bmm(xb, w_diag.view(kb, o_k, i_k).transpose(1, 2)).transpose(0, 1).reshape(m, o_b)
-            else:
-                zs, i0, d0 = [], i_s, 0
-                for o_k, i_k in zip(out_layout[1:], in_layout[1:]):
-                    zs.append(F.linear(x2[:, i0 : i0 + i_k], w_diag[d0 : d0 + o_k * i_k].view(o_k, i_k)))
-                    i0, d0 = i0 + i_k, d0 + o_k * i_k
-                zb = torch.cat(zs, dim=1)
-            yb = yb + zb
-        parts.append(yb)
+    for o, ranges in enumerate(plan.ranges):
+        n_o = plan.out_segments[o][0]
+        if n_o == 0:
+            continue
+        k_o = plan.k_of_out[o] * taps
+        off = plan.offsets[o] * taps
+        w_o = weight[off : off + n_o * k_o].view(n_o, k_o)
+        b_o = None if bias is None else bias[plan.out_starts[o] : plan.out_starts[o] + n_o]
+        z = None
+        for col, n, q in ranges:
+            col, n, q = col * taps, n * taps, q * taps
+            t = F.linear(x2[:, col : col + n], w_o[:, q : q + n], b_o if z is None else None)
+            z = t if z is None else z + t
+        if z is None:
+            z = x2.new_zeros((m, n_o)) if b_o is None else b_o.expand(m, n_o).clone()
+        parts.append(z)
     if not parts:
-        return x2.new_zeros((m, 0))
+        return x2.new_zeros((m, plan.o_total))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def flatten(x: Tensor) -> Tensor:
-    # A view for 2-D inputs of any strides and for contiguous N-D inputs; only N-D inputs whose leading
-    # dims cannot be merged are copied (torch.reshape semantics).
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-
-
 def torch_forward(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-    activation: str,
-    functional: bool = False,
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str, functional: bool = False
 ) -> Tensor:
-    fwd = _functional_forward_2d if functional else _torch_forward_2d
-    y = fwd(flatten(x), w_shared, w_cross, w_diag, bias, in_layout, out_layout)
-    y = _apply_activation_(y, activation) if not functional else _activation(y, activation)
+    fwd = _functional_forward_2d if functional else _blas_forward_2d
+    y = fwd(flatten(x), weight, bias, plan)
+    y = _activation(y, activation) if functional else _apply_activation_(y, activation)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton backend
+# ----------------------------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -226,124 +388,123 @@ def _triton_module():
     return mod
 
 
+@functools.lru_cache(maxsize=512)
+def _triton_meta(plan: SegmentPlan, device: torch.device):
+    """The kernel's range table for a plan on a device, built once (a host-to-device copy per call otherwise)."""
+    (i_s, i_m), (o_s, o_m) = kernel_segments(plan.in_segments), kernel_segments(plan.out_segments)
+    return _triton_module().masked_segment_meta(i_s, i_m, o_s, o_m, device)
+
+
 def triton_forward(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-    activation: str,
-    launcher=None,
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str, launcher=None
 ) -> Tensor:
     """One launch of the Triton kernel (compiled on CUDA, or the CPU interpreter); ``launcher``:
     ``torch.library.wrap_triton`` while the registered op is traced, else None (direct launch)."""
     mod = _triton_module()
-    meta = mod.segment_meta(in_layout, out_layout, x.device)
-    y = mod.partial_linear_fwd(
-        flatten(x),
-        w_shared.contiguous(),
-        w_cross.contiguous(),
-        w_diag.contiguous(),
-        bias,
-        in_layout,
-        out_layout,
-        activation,
-        meta,
-        launcher=launcher,
-    )
-    return y.view(*x.shape[:-1], y.shape[-1])
+    meta = _triton_meta(plan, x.device)
+    x2 = flatten(x)
+    if x2.shape[1] == 0 or plan.o_total == 0:  # nothing to multiply: the bias (or zeros)
+        y = x2.new_zeros((x2.shape[0], plan.o_total)) if bias is None else bias.expand(x2.shape[0], -1).clone()
+        y = _activation(y, activation)
+    else:
+        y = mod.partial_linear_segments_fwd(x2, weight.contiguous(), bias, meta, activation, launcher=launcher)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cpp backend: the compiled small-batch kernel
+# cpp backend: the panel engine
 # ----------------------------------------------------------------------------------------------------------
 
+# Rows up to which the panel engine runs instead of torch's BLAS. Measured with
+# bench/bench_partial_linear.py --crossover (float32, K = 2 and 4, alpha 0.25-1, widths 100-3072, 1 and 2
+# threads, 2-core AMD EPYC VM): see _CROSSOVER_NOTE for the numbers. The engine has no cache blocking over the
+# input columns (a panel row streams K_o values per output tile), so BLAS wins once the input block no longer
+# fits in L2 at large batch; below the crossover it wins by 1.1-3x (one call, fused epilogue, no Python views).
+CPP_MAX_ROWS = 128
+# Above this many stored weights (multiply-adds per row) the crossover is CPP_MAX_ROWS_WIDE instead.
+CPP_WIDE_WEIGHTS = 1 << 22
+CPP_MAX_ROWS_WIDE = 64
+_CROSSOVER_NOTE = "see bench/results/partial_linear_cpu.md (crossover section)"
 
-# Small-batch CPU path: the compiled kernel (csrc/partial_linear/) computes every block, the bias and the
-# activation in one call from data pointers. It replaces up to three BLAS calls, their output views and the
-# activation (~15-25 us of Python and dispatch at batch 1, more than the GEMVs of a 512-wide layer).
-# Up to this many rows (after flattening the leading dims) it is chosen over the BLAS path. Measured with
-# bench/bench_partial_linear_batch1.py --crossover (alpha .5, K=2, 1 thread, 2-core AMD EPYC VM, load ~7),
-# median us cpp / BLAS path at rows 1, 8, 12, 16, 32: MNIST 100x100 3.8/24, 8.8/22, 12/24, 15/25, 26/31;
-# VGG fc 512 21/51, 76/124, 111/156, 173/189, 458/322; ViT-S 384->1536 47/87, 176/247, 262/323, 351/402,
-# 1094/771; BERT 768->3072 210/357, 1301/3146, 6249/3280, 6867/6535, 13292/8131. At 8 rows the kernel won
-# on every shape (1.4-2.5x), from 12-16 rows the BLAS GEMM (cache blocking) catches up on the large layers.
-CPP_MAX_ROWS = 8
 _CPP_DTYPES = (torch.float32, torch.float64)
-_ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}  # the kernel's codes: 0 none, 1 relu, 2 gelu, 3 silu
+_ACT_IDS = {a: i for i, a in enumerate(ACTIVATIONS)}  # the engine's codes: 0 none, 1 relu, 2 gelu, 3 silu
 
 
-def _rows(x: Tensor) -> int:
-    """Number of rows of x flattened to (rows, I_total)."""
-    if x.dim() == 2:
-        return x.shape[0]
-    n = 1
-    for s in x.shape[:-1]:
-        n *= s
-    return n
+def cpp_max_rows(plan: SegmentPlan) -> int:
+    """Rows up to which the panel engine runs for this layer (the measured crossover with torch's BLAS)."""
+    return CPP_MAX_ROWS_WIDE if plan.stored > CPP_WIDE_WEIGHTS else CPP_MAX_ROWS
 
 
 def _cpp_available() -> list[str]:
     why = backends.cpp_reasons()
-    if not why and not hasattr(_ext._C, "PartialLinearPlan"):
-        why = ["the compiled extension predates the partial_linear kernel; rebuild it (tools/dev_build.sh)"]
+    if not why and not hasattr(_ext._C, "PanelLinearPlan"):
+        why = ["the compiled extension predates the panel engine; rebuild it (tools/dev_build.sh)"]
     return why
 
 
-def _cpp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> list[str]:
+def _cpp_supports(x, weight, bias, plan, activation) -> list[str]:
     why = []
     if x.device.type != "cpu":
-        why.append(f"x is on {x.device}, the compiled kernel runs on CPU tensors")
+        why.append(f"x is on {x.device}, the panel engine runs on CPU tensors")
     if x.dtype not in _CPP_DTYPES:
         why.append(f"dtype {x.dtype} is not float32/float64")
-    rows = _rows(x)
-    if rows > CPP_MAX_ROWS:
-        why.append(f"{rows} rows > CPP_MAX_ROWS = {CPP_MAX_ROWS} (torch's BLAS is faster on larger batches)")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_shared, w_cross, w_diag, bias)):
-        why.append("autograd is recording (a tensor requires grad): the kernel is forward-only, use 'torch'")
+    rows, top = rows_of(x), cpp_max_rows(plan)
+    if rows > top:
+        why.append(
+            f"{rows} rows > {top} (the measured crossover for {plan.stored} stored weights: torch's BLAS is faster "
+            "on larger batches)"
+        )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        why.append("autograd is recording (a tensor requires grad): the engine is forward-only, use 'torch'")
     if _mode() is not None:
         why.append(
-            "the registered op runs (autograd or torch.compile): the kernel is forward-only and reads data pointers"
+            "the registered op runs (autograd, torch.compile or torch.jit.trace): the engine is forward-only and "
+            "reads data pointers"
         )
     return why
 
 
-@functools.lru_cache(maxsize=256)
-def _cpp_plan(in_layout: tuple[int, ...], out_layout: tuple[int, ...], activation: str):
-    """The compiled kernel's per-layout plan (segment offsets, work size), built once per layout.
+@functools.lru_cache(maxsize=1024)
+def _panel_plan(plan: SegmentPlan, activation: str):
+    """The engine's plan of a segment plan (canonical segments), built once per (layout, activation).
 
-    ``PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS`` (read when a plan is built) overrides the work size from
-    which the kernel runs OpenMP threads (default ``pyfusion._C.PARTIAL_LINEAR_PARALLEL_MIN_MACS``).
+    ``PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS`` (read when a plan is built) overrides the work size from which the
+    engine runs OpenMP threads.
     """
-    plan = _ext._C.PartialLinearPlan(list(in_layout), list(out_layout), _ACT_IDS[activation])
+    (i_s, i_m), (o_s, o_m) = kernel_segments(plan.in_segments), kernel_segments(plan.out_segments)
+    engine = _ext._C.PanelLinearPlan(list(i_s), list(i_m), list(o_s), list(o_m), _ACT_IDS[activation])
     override = os.environ.get("PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS", "").strip()
     if override:
         try:
-            plan.parallel_min_macs = int(override)
+            engine.parallel_min_macs = int(override)
         except ValueError:
             raise ValueError(
                 f"PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS must be an integer; got {override!r}"
             ) from None
-    return plan
+    return engine
 
 
-def cpp_forward(
-    x: Tensor,
-    w_shared: Tensor,
-    w_cross: Tensor,
-    w_diag: Tensor,
-    bias: Tensor | None,
-    in_layout: Sequence[int],
-    out_layout: Sequence[int],
-    activation: str,
-) -> Tensor:
-    """Forward through the compiled small-batch kernel (CPU, float32/float64, no autograd).
+def packed_panels(weight: Tensor, plan: SegmentPlan, activation: str) -> tuple[object, Tensor]:
+    """(engine plan, panel-packed weight) of ``weight`` for this plan, packed once per weight version
+    (:func:`pyfusion.ops._weight_cache.derived_weight`: rebuilt after in-place updates, ``.data`` swaps, for new
+    tensors). The packing reads the storage format once (``pack_segments``, O(stored weights))."""
+    engine = _panel_plan(plan, activation)
 
-    Pointers are read at every call (never cached): parameters replaced, moved with ``.to()`` or updated in
-    place are always seen. x needs a unit column stride (any row stride); other inputs and non-contiguous
-    weights are copied first (rare: parameters are contiguous).
+    def build(src: Tensor) -> Tensor:
+        src = src.contiguous()
+        panels = torch.empty(max(engine.packed_size(src.element_size()), 1), dtype=src.dtype)
+        pack = engine.pack_segments_f32 if src.dtype == torch.float32 else engine.pack_segments_f64
+        pack(src.data_ptr(), panels.data_ptr())
+        return panels
+
+    return engine, derived_weight(weight, ("panels", engine), build)
+
+
+def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """Forward through the panel engine (CPU, float32/float64, no autograd).
+
+    x needs a unit column stride (any row stride); other inputs are copied first. The packed panels come from
+    :func:`packed_panels` (the weight's version and storage are checked at every call).
     """
     x2 = flatten(x)
     m, i_total = x2.shape
@@ -351,21 +512,18 @@ def cpp_forward(
     if sk != 1 and i_total > 1:
         x2 = x2.contiguous()
         sm = i_total
-    if not (w_shared.is_contiguous() and w_cross.is_contiguous() and w_diag.is_contiguous()):
-        w_shared, w_cross, w_diag = w_shared.contiguous(), w_cross.contiguous(), w_diag.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    plan = _cpp_plan(tuple(in_layout), tuple(out_layout), activation)
-    y = x2.new_empty(m, plan.o_total)  # fresh and contiguous; ~0.3 us cheaper than torch.empty(size, dtype=)
     try:
-        ptrs = (w_shared.data_ptr(), w_cross.data_ptr(), w_diag.data_ptr(), 0 if bias is None else bias.data_ptr())
-        px, py = x2.data_ptr(), y.data_ptr()
+        engine, panels = packed_panels(weight, plan, activation)
+        y = x2.new_empty(m, plan.o_total)
+        px, py, pb = x2.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr()
     except RuntimeError:
         # Tensors without storage that still report a CPU device (FakeTensor, torch.func's vmap/grad wrappers):
         # the functional BLAS form (no out= / in-place writes, which vmap has no batching rules for).
-        return torch_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, functional=True)
-    run = plan.forward_f32 if x.dtype == torch.float32 else plan.forward_f64
-    run(px, m, sm, *ptrs, py, torch.get_num_threads())
+        return torch_forward(x, weight, bias, plan, activation, functional=True)
+    run = engine.forward_f32 if x.dtype == torch.float32 else engine.forward_f64
+    run(px, m, sm, panels.data_ptr(), pb, py, plan.o_total, torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
 
 
@@ -378,7 +536,7 @@ def _triton_available() -> list[str]:
     return backends.triton_gpu_reasons(import_check=False)  # triton itself is imported for a CUDA input only
 
 
-def _triton_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> list[str]:
+def _triton_supports(x, weight, bias, plan, activation) -> list[str]:
     why = []
     if x.device.type != "cuda":
         why.append(f"x is on {x.device}, the compiled Triton kernel needs a CUDA tensor")
@@ -387,21 +545,20 @@ def _triton_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, 
     return why or backends.triton_import_reasons()
 
 
-def _triton_fn(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> Tensor:
+def _triton_fn(x, weight, bias, plan, activation) -> Tensor:
     launcher = torch.library.wrap_triton if _mode() == "traceable" else None
-    return triton_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, launcher)
+    return triton_forward(x, weight, bias, plan, activation, launcher)
 
 
-def _torch_fn(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> Tensor:
-    functional = _mode() == "traceable"
-    return torch_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation, functional)
+def _torch_fn(x, weight, bias, plan, activation) -> Tensor:
+    return torch_forward(x, weight, bias, plan, activation, functional=_mode() == "traceable")
 
 
 def _interp_available() -> list[str]:
     return backends.triton_interpreter_reasons(import_check=False)
 
 
-def _interp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> list[str]:
+def _interp_supports(x, weight, bias, plan, activation) -> list[str]:
     why = []
     if x.device.type != "cpu":
         why.append("the Triton interpreter runs on CPU tensors")
@@ -415,14 +572,14 @@ def _interp_supports(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, 
     return why or backends.triton_import_reasons()
 
 
-def _interp_fn(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> Tensor:
-    return triton_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
+def _interp_fn(x, weight, bias, plan, activation) -> Tensor:
+    return triton_forward(x, weight, bias, plan, activation)
 
 
-def _reference_fn(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation) -> Tensor:
+def _reference_fn(x, weight, bias, plan, activation) -> Tensor:
     from pyfusion.ops.reference import partial_linear_ref
 
-    return partial_linear_ref(x, [w_shared, w_cross, w_diag], bias, in_layout, out_layout, activation).to(x.dtype)
+    return partial_linear_ref(x, weight, bias, plan.in_segments, plan.out_segments, activation).to(x.dtype)
 
 
 DISPATCHER = Dispatcher(
@@ -433,20 +590,20 @@ DISPATCHER = Dispatcher(
             _triton_fn,
             available=_triton_available,
             supports=_triton_supports,
-            description="one Triton grouped-GEMM launch on CUDA, fused bias + activation",
+            description="one Triton grouped-GEMM launch on CUDA over the allowed blocks, fused bias + activation",
         ),
         Backend(
             "cpp",
             cpp_forward,
             available=_cpp_available,
             supports=_cpp_supports,
-            description=f"compiled small-batch kernel (<= {CPP_MAX_ROWS} rows, float32/64, CPU, inference): "
-            "all blocks + bias + activation in one call",
+            description=f"panel engine (<= {CPP_MAX_ROWS} rows, float32/64, CPU, inference): every allowed block + "
+            "bias + activation in one call, weights packed once per version",
         ),
         Backend(
             "torch",
             _torch_fn,
-            description="3 BLAS calls (addmm, addmm, baddbmm) into views of one output, any device",
+            description="one BLAS call per allowed input range (merged across segments) into views of one output",
         ),
         Backend(
             "reference",

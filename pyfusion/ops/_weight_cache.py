@@ -1,0 +1,74 @@
+"""Tensors derived from a weight once per weight version (packed panels, tap-major copies, dense copies).
+
+A cache entry belongs to the weight it was derived from and is rebuilt when the weight changes: an in-place update
+(optimizer step, ``copy_``, ``load_state_dict``) bumps the weight's version counter, ``param.data = other``
+changes its storage, and a new tensor has its own entry. Entries hold a weak reference to the weight (they go
+with it) and a strong reference to its storage (so that its address cannot be reused by another tensor while the
+entry exists). A view made anew at every call (``param.reshape(-1)``) is cached under the tensor it views, with
+its offset and size. Inference tensors have no version counter (they cannot change outside inference mode); their
+entries are keyed by storage only.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["derived_weight", "clear", "entries"]
+
+
+@dataclass
+class _Entry:
+    owner: weakref.ref
+    source: Tensor
+    version: int
+    value: Any
+
+
+_CACHE: dict[tuple, _Entry] = {}
+_LOCK = threading.Lock()
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def derived_weight(weight: Tensor, key: Hashable, build: Callable[[Tensor], Any]) -> Any:
+    """``build(weight.detach())``, cached per (weight, ``key``) until the weight changes (see the module docstring).
+
+    ``key`` names what is derived (and from which layout): one weight may have several derived tensors.
+    """
+    owner = weight if weight._base is None else weight._base
+    full = (id(owner), weight.storage_offset(), weight.numel(), key)
+    ent = _CACHE.get(full)
+    ver = _version(weight)
+    if ent is not None and ent.owner() is owner and ent.version == ver and ent.source.data_ptr() == weight.data_ptr():
+        return ent.value
+    src = weight.detach()
+    value = build(src)
+
+    def _drop(ref: weakref.ref, full: tuple = full) -> None:
+        with _LOCK:
+            cur = _CACHE.get(full)
+            if cur is not None and cur.owner is ref:
+                del _CACHE[full]
+
+    with _LOCK:
+        _CACHE[full] = _Entry(weakref.ref(owner, _drop), src, ver, value)
+    return value
+
+
+def entries() -> int:
+    """Number of live cache entries (tests)."""
+    return len(_CACHE)
+
+
+def clear() -> None:
+    """Forget every derived tensor (tests, or to free their memory)."""
+    with _LOCK:
+        _CACHE.clear()
