@@ -1,10 +1,11 @@
 """Swap the dense layers of a partially fused network for the block-sparse execution modules (DESIGN §7).
 
 The builder returns plain ``nn.Linear`` / ``nn.Conv2d`` layers whose weights are zero outside the blocks the
-layouts allow. :func:`swap_partial_modules` replaces every such layer whose input or output group has branch
-segments by :class:`pyfusion.nn.PartialLinear` / :class:`pyfusion.nn.PartialConv2d` (``from_dense``, which checks
-that the skipped blocks are exactly zero), so the network runs at a cost proportional to its effective FLOPs.
-Layers with no branch segment (full fusion) stay dense.
+layouts allow. :func:`swap_partial_modules` replaces every such layer whose input and output groups both have
+branch segments (the layers with zero blocks to skip) by :class:`pyfusion.nn.PartialLinear` /
+:class:`pyfusion.nn.PartialConv2d` (``from_dense``, which checks that the skipped blocks are exactly zero), so the
+network runs at a cost proportional to its effective FLOPs. The other layers (full fusion, the first layer on the
+shared input, the head writing shared logits) stay dense: they cost the same either way.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def swap_partial_modules(model: nn.Module, num_members: int) -> list[str]:
         num_members: K.
 
     Returns:
-        The module paths that were swapped. Convolutions with groups != 1, non-zero padding modes or string
-        padding stay dense.
+        The module paths that were swapped: the layers with branch segments on both their input and output (the
+        others have no zero block, so the dense layer costs the same). Convolutions with groups != 1, non-zero
+        padding modes or string padding stay dense.
     """
     layouts = getattr(model, "fusion_module_layouts", None) or {}
     swapped: list[str] = []
@@ -118,7 +120,11 @@ def swap_partial_modules(model: nn.Module, num_members: int) -> list[str]:
         ):
             return False
         lay = module_layouts(model, layouts, fqn, num_members)
-        return lay is not None and (sum(lay[0][1:]) > 0 or sum(lay[1][1:]) > 0)
+        # Zero blocks (output branch a, input branch b != a) exist only when both sides have branch segments; a layer
+        # reading the shared network input or writing the shared logits has none to skip and stays dense (its
+        # PartialLinear / PartialConv2d would cost the same, and code such as Hugging Face ViT's forward reads the
+        # patch projection's ``.weight``, which the execution modules do not have).
+        return lay is not None and sum(lay[0][1:]) > 0 and sum(lay[1][1:]) > 0
 
     def make(mod: nn.Module, fqn: str) -> nn.Module:
         il, ol = module_layouts(model, layouts, fqn, num_members)  # type: ignore[misc]
