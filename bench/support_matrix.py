@@ -5,8 +5,9 @@ The families are the IR test models (tests/_ir_models.py): MLP, VGG + BatchNorm,
 Hugging Face BERT, ViT, GPT-2 and Llama (grouped-query attention) models. Each model is float64 with every
 parameter re-drawn (no symmetric initialisation hides a wrong map) and is fused with a copy of itself whose neurons,
 heads and free within-head dims are randomly permuted (:func:`pyfusion.testing.permuted_copy`). A cell is ✓ when
-the fused network gives back the model's outputs on fresh inputs (relative max error below the tolerance), else ✗
-with the first line of the error (or the measured error). What each column checks:
+the fused network gives back the model's outputs on fresh inputs (relative max error below the tolerance; the
+calibration data are 16 other samples), else ✗ with the first line of the error (or the measured errors). What
+each column checks:
 
 * ``average``: fused with an *unpermuted* copy (vanilla averaging cannot undo a permutation); gives the model.
 * ``weight_matching``, ``activation_matching``, ``ot``: the permuted copy comes back.
@@ -14,8 +15,8 @@ with the first line of the error (or the measured error). What each column check
 * ``cluster``: clustering the two copies' neurons to one member's width (alpha 0) gives the model.
 * ``prune``: pruning the ensemble of the two copies at the ensemble's width gives the model (the ensemble).
 * ``hf``, ``kf``, ``kf_gradient`` (neuron interpolation; kf_gradient with 1 epoch per level): the model comes back.
-* ``repair``: activation matching with ``repair=True`` (the REPAIR statistics of a model and its permuted copy
-  agree, so the rescaling must be the identity).
+* ``repair``: activation matching and partial fusion at alpha 0.5, each with ``repair=True`` (the REPAIR
+  statistics of a model and its permuted copy agree, so the rescaling must be the identity).
 * ``fast_modules``: partial fusion at alpha 0.5 with ``fast_modules=True``: the model comes back and at least one
   layer runs block-sparse (``PartialLinear`` / ``PartialConv2d``).
 * ``save/load``: that fast partially fused model through ``pyfusion.save`` / ``pyfusion.load`` gives the same
@@ -25,7 +26,8 @@ Tolerances (relative to the outputs' max magnitude): 1e-8; Llama 1e-5 where a st
 RMSNorm computes in float32); neuron interpolation 1e-3 (least squares with a 1e-6 relative ridge; the measured
 error is in the details table).
 
-Writes bench/results/support_matrix.md (+ CSV). ``--quick``: MLP and GPT-2 only, into a temporary folder.
+Writes bench/results/support_matrix.md (+ CSV); ``--readme`` also pastes the matrix into README.md. ``--quick``:
+MLP and GPT-2 only, into a temporary folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +108,8 @@ METHODS = (
     "save/load",
 )
 QUICK_FAMILIES = ("MLP", "HF GPT-2")
+README = Path(HERE).parent / "README.md"
+BEGIN, END = "<!-- SUPPORT-MATRIX:BEGIN -->", "<!-- SUPPORT-MATRIX:END -->"
 
 
 class Mismatch(AssertionError):
@@ -144,7 +149,12 @@ def check_family(factory: Callable[[], torch.nn.Module], batch: Callable[[torch.
         tol = max(tol, wide_tol) if widened(fused) else tol
         err = max_diff(run(fused, test[0]), want) / scale
         if not err <= tol:
-            raise Mismatch(f"the model does not come back: relative error {err:.2e} > {tol:g}")
+            y = run(model, data[0])
+            on_calib = max_diff(run(fused, data[0]), y) / max(1.0, max(float(t.abs().max()) for t in y))
+            raise Mismatch(
+                f"the model does not come back: relative error {err:.2e} > {tol:g} on fresh inputs "
+                f"({on_calib:.1e} on the calibration inputs)"
+            )
         return err
 
     def check(method: str) -> str:
@@ -159,7 +169,7 @@ def check_family(factory: Callable[[], torch.nn.Module], batch: Callable[[torch.
                 except Mismatch as exc:
                     raise Mismatch(f"alpha {alpha:g}: {exc}") from None
         elif method == "cluster":
-            expect(fuse([model, twin], "cluster", alpha=0.0, n_restarts=10))
+            expect(fuse([model, twin], "cluster", alpha=0.0))  # default n_restarts (200)
         elif method == "prune":
             expect(fuse([model, twin], "prune", width=2.0))
         elif method in ("hf", "kf"):
@@ -169,6 +179,10 @@ def check_family(factory: Callable[[], torch.nn.Module], batch: Callable[[torch.
             return f"relative error {err:.1e}"
         elif method == "repair":
             expect(fuse([model, twin], "activation_matching", repair=True))
+            try:
+                expect(fuse([model, twin], "partial", alpha=0.5, repair=True))
+            except Exception as exc:
+                raise type(exc)(f"partial alpha 0.5 + REPAIR: {exc}") from None
         elif method in ("fast_modules", "save/load"):
             fused = fuse([model, twin], "partial", alpha=0.5, fast_modules=True)
             swapped = [p for p, m in fused.named_modules() if isinstance(m, (PartialLinear, PartialConv2d))]
@@ -204,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default=None, help="comma-separated row labels (default: all)")
     ap.add_argument("--methods", default=None, help=f"comma-separated columns (default: {','.join(METHODS)})")
     ap.add_argument("--out", default=None, help="Markdown output (default bench/results/support_matrix.md)")
+    ap.add_argument("--readme", action="store_true", help=f"also paste the matrix into README.md between {BEGIN}, END")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     register_test_adapters()
@@ -234,8 +249,30 @@ def main(argv: list[str] | None = None) -> int:
     report.table("details", ["family", "method", "result", "message", "seconds"], notes, formats={"seconds": ".1f"})
     n_fail = sum(not matrix[n][m][0] for n in names for m in methods)
     report.text(f"{len(names) * len(methods) - n_fail} of {len(names) * len(methods)} cells pass.")
-    report.write(output_path(args.out, "support_matrix.md", args.quick))
+    written = report.write(output_path(args.out, "support_matrix.md", args.quick))
+    if args.readme:
+        paste_into_readme(report.tables()[0].markdown(), written[0], names, methods)
     return 0
+
+
+def paste_into_readme(table: list[str], source: Path, names: list[str], methods: tuple[str, ...]) -> None:
+    """Replace the README's matrix (between the BEGIN / END markers) by ``table`` (the full matrix only)."""
+    if set(names) != set(families()) or set(methods) != set(METHODS):
+        raise SystemExit("--readme needs the full matrix (every family and method)")
+    text = README.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise SystemExit(f"README.md must contain {BEGIN} and {END} once each")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    try:
+        where = source.resolve().relative_to(README.parent).as_posix()
+    except ValueError:
+        where = source.name
+    block = [BEGIN, f"<!-- generated by `python bench/support_matrix.py --readme` from {where}; do not edit -->", ""]
+    tmp = README.with_name(f".{README.name}.{os.getpid()}.tmp")
+    tmp.write_text(head + "\n".join([*block, *table, ""]) + END + tail)
+    os.replace(tmp, README)
+    print(f"wrote {README}", flush=True)
 
 
 if __name__ == "__main__":

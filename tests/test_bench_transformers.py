@@ -64,3 +64,19 @@ def test_support_matrix_quick(tmp_path):
     for family in ("MLP", "HF GPT-2"):
         assert all(rows[family][m] == "✓" for m in core), rows[family]
     assert rows["MLP"]["fast_modules"] == "✓" and rows["MLP"]["save/load"] == "✓", rows["MLP"]
+
+
+def test_readme_support_matrix_is_the_generated_table():
+    """The README's matrix is the one bench/support_matrix.py pastes: every family a row, every method a column."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import support_matrix as sm
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    text = (ROOT / "README.md").read_text()
+    block = text.split(sm.BEGIN)[1].split(sm.END)[0]
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    assert lines[0] == "| " + " | ".join(["family", *sm.METHODS]) + " |"
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
+    assert rows == list(sm.families()), rows
+    assert all(set(line.strip("| ").split(" | ")[1:]) <= {"✓", "✗"} for line in lines[2:])
