@@ -46,11 +46,12 @@ def test_transformers_fusion_quick(tmp_path):
         rows = _rows(tmp_path / f"transformers.{table}.csv")
         by = {(r["method"], r["setting"]): r for r in rows}
         ens, full = by[("ensemble (logits)", "-")], by[("partial", "alpha 1")]
-        # alpha = 1 is exactly the ensemble (logits averaged): same metric, and the cost of both members
+        # alpha = 1 is exactly the ensemble (logits averaged): the same metric, at no less than the ensemble's cost
+        # (more where layers stay dense with zero blocks: attention projections, GPT-2's Conv1D)
         assert abs(float(full[metric]) - float(ens[metric])) <= 1e-4 * abs(float(ens[metric])), (table, full, ens)
-        assert abs(float(full["FLOPs/ens (pyfusion.cost)"]) - 1.0) < 1e-9, full
-        one = float(by[("partial", "alpha 0")]["FLOPs/ens (pyfusion.cost)"])
-        assert abs(one - 0.5) < 1e-9, one  # alpha 0: one network's width
+        assert float(ens["FLOPs/ens (all)"]) == 1.0 and float(full["FLOPs/ens (all)"]) >= 1.0 - 1e-9, full
+        for column in ("FLOPs/ens (all)", "FLOPs/ens (pyfusion.cost)"):  # alpha 0: one network, half the ensemble
+            assert abs(float(by[("partial", "alpha 0")][column]) - 0.5) < 1e-9, by[("partial", "alpha 0")]
         assert all(r[metric] != "" for r in rows), [r for r in rows if r[metric] == ""]
 
 
@@ -60,10 +61,10 @@ def test_support_matrix_quick(tmp_path):
     out = tmp_path / "support_matrix.md"
     _run("support_matrix.py", out)
     rows = {r["family"]: r for r in _rows(tmp_path / "support_matrix.matrix.csv")}
-    core = ["average", "weight_matching", "activation_matching", "ot", "partial", "cluster", "prune", "repair"]
+    core = ["average", "weight_matching", "activation_matching", "ot", "partial", "cluster", "prune"]
     for family in ("MLP", "HF GPT-2"):
         assert all(rows[family][m] == "✓" for m in core), rows[family]
-    assert rows["MLP"]["fast_modules"] == "✓" and rows["MLP"]["save/load"] == "✓", rows["MLP"]
+    assert all(rows["MLP"][m] == "✓" for m in ("repair", "fast_modules", "save/load", "hf", "kf")), rows["MLP"]
 
 
 def test_readme_support_matrix_is_the_generated_table():
