@@ -273,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
             },  # fmt: skip
         )
         all_failures += [(case.name, *f) for f in res["failures"]]
-        if not args.quick:  # partial results, rewritten after every case
-            report.write(output_path(args.out, "transformers.md", args.quick), quiet=True)
     if all_failures:
         report.table("failures", ["case", "method", "setting", "error"], all_failures)
     else:
