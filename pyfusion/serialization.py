@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -245,32 +246,13 @@ def _register_pyfusion_types() -> None:
     except ImportError:  # pragma: no cover - a build without pyfusion.nn
         pnn = None
     if pnn is not None:
-
-        def partial_cfg(m: nn.Module) -> dict[str, Any]:
-            act = getattr(m, "activation", "none")
-            return {
-                "in_layout": list(m.in_layout),
-                "out_layout": list(m.out_layout),
-                "bias": m.bias is not None,
-                "activation": None if act == "none" else act,
-            }
-
-        specs: list[tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]], tuple[str, ...]]] = [
-            (pnn.PartialLinear, partial_cfg, ("in_layout", "out_layout", "bias", "activation")),
-            (
-                pnn.PartialConv2d,
-                lambda m: {
-                    "in_layout": list(m.in_layout),
-                    "out_layout": list(m.out_layout),
-                    "kernel_size": list(m.kernel_size),
-                    "stride": list(m.stride),
-                    "padding": list(m.padding),
-                    "dilation": list(m.dilation),
-                    "bias": m.bias is not None,
-                },
-                ("in_layout", "out_layout", "kernel_size", "stride", "padding", "dilation", "bias"),
-            ),
-            (
+        for cls in (pnn.PartialLinear, pnn.PartialConv2d):
+            if _spec_name_of_class(cls) is None:
+                get, fields = _partial_spec(cls)
+                _register(cls, get, _build(cls), fields)
+        ensemble = ("num_members", "in_features", "out_features", "bias", "shared_input", "activation")
+        if _spec_name_of_class(pnn.EnsembleLinear) is None:
+            _register(
                 pnn.EnsembleLinear,
                 lambda m: {
                     "num_members": m.num_members,
@@ -280,12 +262,9 @@ def _register_pyfusion_types() -> None:
                     "shared_input": m.shared_input,
                     "activation": None if m.activation == "none" else m.activation,
                 },
-                ("num_members", "in_features", "out_features", "bias", "shared_input", "activation"),
-            ),
-        ]
-        for cls, get, fields in specs:
-            if _spec_name_of_class(cls) is None:
-                _register(cls, get, _build(cls), fields)
+                _build(pnn.EnsembleLinear),
+                ensemble,
+            )
     try:
         from pyfusion.nn.norm import MemberViewNorm
     except ImportError:  # pragma: no cover - a build without pyfusion.nn
@@ -309,6 +288,34 @@ def _register_pyfusion_types() -> None:
     if _spec_name_of_class(pm.ResNet) is None:
         # forward does not depend on the block type; every layer comes from the saved children
         _register(pm.ResNet, lambda m: {}, lambda cfg: pm.ResNet(pm.BasicBlock, [0, 0, 0], 1), ())
+
+
+def _partial_spec(cls: type[nn.Module]) -> tuple[Callable[[nn.Module], dict[str, Any]], tuple[str, ...]]:
+    """Config of ``PartialLinear`` / ``PartialConv2d`` from the arguments their constructor takes: the layouts
+    (``in_layout``, ``out_layout``: ``[shared, branch_1, ..., branch_K]``) or member-mask segments (``in_segments``,
+    ``out_segments``: ``[[size, member_mask], ...]``), the convolution geometry, ``bias`` and ``activation``. Read
+    from the signature so that a file stores exactly what rebuilds the module (``get_config(from_config(c)) == c``
+    is checked on load)."""
+    params = inspect.signature(cls.__init__).parameters
+    segmented = "in_segments" in params
+    io = ("in_segments", "out_segments") if segmented else ("in_layout", "out_layout")
+    geometry = tuple(k for k in ("kernel_size", "stride", "padding", "dilation") if k in params)
+    fields = (*io, *geometry, "bias", *(("activation",) if "activation" in params else ()))
+
+    def get(m: nn.Module) -> dict[str, Any]:
+        cfg: dict[str, Any] = {}
+        for k in io:
+            v = getattr(m, k)
+            cfg[k] = [[int(size), int(mask)] for size, mask in v] if segmented else [int(n) for n in v]
+        for k in geometry:
+            cfg[k] = [int(n) for n in getattr(m, k)]
+        cfg["bias"] = m.bias is not None
+        if "activation" in fields:
+            act = getattr(m, "activation", "none")
+            cfg["activation"] = None if act == "none" else act
+        return cfg
+
+    return get, fields
 
 
 # class -> check of a loaded module's tensor values (index ranges...), run after its tensors are assigned
