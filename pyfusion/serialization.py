@@ -1,19 +1,27 @@
 """Safe save / load of fused and partially fused models: one safetensors file, architecture in its header.
 
-File layout: a standard safetensors file. The tensors are the module's ``state_dict()``; the header's
-metadata holds ``format`` (``pyfusion.module/1``), ``architecture`` (the module tree as JSON: each node
-``{"type": name, "config": {...}, "children": {name: node}}``), ``attributes`` (JSON-serialisable
-fusion records such as layouts) and ``checksum`` (``sha256:<hex>`` of the three records and of every
-tensor's name, dtype, shape and bytes).
+Two formats, both standard safetensors files whose tensors are the module's ``state_dict()`` and whose header
+metadata holds JSON records and ``checksum`` (``sha256:<hex>`` of the records and of every tensor's name, dtype,
+shape and bytes). Nothing is pickled.
+
+* ``pyfusion.module/1``, a module made only of allowlisted types (torch built-ins, pyfusion's own modules and
+  whatever the user registers with :func:`register_module`): ``architecture`` (the module tree as JSON: each node
+  ``{"type": name, "config": {...}, "children": {name: node}}``) and ``attributes`` (JSON-serialisable fusion
+  records such as layouts).
+* ``pyfusion.module/2``, any other model (a user's class, a Hugging Face ``PreTrainedModel``), fused or not:
+  ``base`` (how to rebuild one member: the caller's ``factory`` or the Hugging Face class name and config, with a
+  module-by-module description of that member architecture), ``changes`` (what fusion changed: re-created or
+  replaced modules as allowlisted trees, resized tensors, updated plain attributes), ``ties`` and ``attributes``;
+  see :mod:`pyfusion._member_files`.
 
 Loading never trusts the file. Every field of the header is checked (types, dtypes, offsets that tile the
 data region exactly, architecture depth <= :data:`MAX_DEPTH` and size <= :data:`MAX_NODES`); the module
-tree is rebuilt from an allowlist of module types (torch built-ins, pyfusion's own modules and whatever
-the user registers with :func:`register_module`) **on the meta device**, so a forged architecture costs
-no memory; its tensor names, shapes and dtypes are compared with the file's before anything is
-allocated; the checksum is verified; only then are the file's tensors assigned to the module. Any
-inconsistency raises :class:`SerializationError` naming the file and the first problem. Nothing named by
-the file is imported or executed.
+tree is rebuilt from the allowlist (or from the factory / config, checked against the file's description of the
+member) **on the meta device**, so a forged architecture costs no memory; its tensor names, shapes and dtypes are
+compared with the file's before anything is allocated; the checksum is verified; only then are the file's tensors
+assigned to the module. Any inconsistency raises :class:`SerializationError` naming the file and the first
+problem. Nothing named by the file is imported or executed (a Hugging Face class is looked up only among the
+``PreTrainedModel`` subclasses that ``transformers`` exports).
 
 Writes are atomic: temporary file, fsync, reload and compare (or the caller's ``check``), rename. A
 failure at any step (an exception, ``KeyboardInterrupt``, or SIGTERM in the main thread) removes the
