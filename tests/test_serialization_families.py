@@ -138,8 +138,21 @@ def test_fused_model_loads_in_a_fresh_process_without_pickle(saved, family, meth
             assert float((y - w).abs().max()) <= 1e-12 * scale
         else:
             assert torch.equal(y, w)
-    if method == "partial" and fast:  # the branch segments run as PartialLinear / PartialConv2d
-        assert any(c.startswith("pyfusion.nn.partial.Partial") for _, c in got["classes"])
+
+
+def test_fast_modules_are_saved_as_pyfusion_modules(saved):
+    """The fast-module files hold pyfusion's execution modules (PartialLinear, PartialConv2d...), rebuilt as such: the
+    classes compared above include them. Which layers pyfusion.fuse.fast swaps is its own decision; here several
+    families must have some, so that the files of fast modules are really exercised."""
+    _, expected, report = saved
+    swapped = [
+        cid
+        for cid in expected
+        if cid.endswith("-partial-fast") and any(c.startswith("pyfusion.nn.") for _, c in expected[cid]["classes"])
+    ]
+    assert len(swapped) >= 3, swapped
+    for cid in swapped:
+        assert report[cid]["classes"] == expected[cid]["classes"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
