@@ -1,19 +1,27 @@
 """Safe save / load of fused and partially fused models: one safetensors file, architecture in its header.
 
-File layout: a standard safetensors file. The tensors are the module's ``state_dict()``; the header's
-metadata holds ``format`` (``pyfusion.module/1``), ``architecture`` (the module tree as JSON: each node
-``{"type": name, "config": {...}, "children": {name: node}}``), ``attributes`` (JSON-serialisable
-fusion records such as layouts) and ``checksum`` (``sha256:<hex>`` of the three records and of every
-tensor's name, dtype, shape and bytes).
+Two formats, both standard safetensors files whose tensors are the module's ``state_dict()`` and whose header
+metadata holds JSON records and ``checksum`` (``sha256:<hex>`` of the records and of every tensor's name, dtype,
+shape and bytes). Nothing is pickled.
+
+* ``pyfusion.module/1``, a module made only of allowlisted types (torch built-ins, pyfusion's own modules and
+  whatever the user registers with :func:`register_module`): ``architecture`` (the module tree as JSON: each node
+  ``{"type": name, "config": {...}, "children": {name: node}}``) and ``attributes`` (JSON-serialisable fusion
+  records such as layouts).
+* ``pyfusion.module/2``, any other model (a user's class, a Hugging Face ``PreTrainedModel``), fused or not:
+  ``base`` (how to rebuild one member: the caller's ``factory`` or the Hugging Face class name and config, with a
+  module-by-module description of that member architecture), ``changes`` (what fusion changed: re-created or
+  replaced modules as allowlisted trees, resized tensors, updated plain attributes), ``ties`` and ``attributes``;
+  see :mod:`pyfusion._member_files`.
 
 Loading never trusts the file. Every field of the header is checked (types, dtypes, offsets that tile the
 data region exactly, architecture depth <= :data:`MAX_DEPTH` and size <= :data:`MAX_NODES`); the module
-tree is rebuilt from an allowlist of module types (torch built-ins, pyfusion's own modules and whatever
-the user registers with :func:`register_module`) **on the meta device**, so a forged architecture costs
-no memory; its tensor names, shapes and dtypes are compared with the file's before anything is
-allocated; the checksum is verified; only then are the file's tensors assigned to the module. Any
-inconsistency raises :class:`SerializationError` naming the file and the first problem. Nothing named by
-the file is imported or executed.
+tree is rebuilt from the allowlist (or from the factory / config, checked against the file's description of the
+member) **on the meta device**, so a forged architecture costs no memory; its tensor names, shapes and dtypes are
+compared with the file's before anything is allocated; the checksum is verified; only then are the file's tensors
+assigned to the module. Any inconsistency raises :class:`SerializationError` naming the file and the first
+problem. Nothing named by the file is imported or executed (a Hugging Face class is looked up only among the
+``PreTrainedModel`` subclasses that ``transformers`` exports).
 
 Writes are atomic: temporary file, fsync, reload and compare (or the caller's ``check``), rename. A
 failure at any step (an exception, ``KeyboardInterrupt``, or SIGTERM in the main thread) removes the
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -41,6 +50,7 @@ from torch import nn
 
 __all__ = [
     "FORMAT",
+    "FORMAT_MEMBER",
     "MAX_DEPTH",
     "MAX_HEADER_BYTES",
     "MAX_NODES",
@@ -52,6 +62,8 @@ __all__ = [
 ]
 
 FORMAT = "pyfusion.module/1"
+# files of a user's class or a Hugging Face model: member architecture + changes (pyfusion._member_files)
+FORMAT_MEMBER = "pyfusion.module/2"
 SAVED_ATTRIBUTES = ("fusion_layouts", "fusion_info")
 # Modules that register their classes when imported (pyfusion's own layers and reference models).
 _PYFUSION_PROVIDERS = ("pyfusion.nn", "pyfusion.models")
@@ -199,6 +211,11 @@ def _register_builtins() -> None:
     )
     gn = ("num_groups", "num_channels", "eps", "affine")
     _register(nn.GroupNorm, _attrs(*gn), _build(nn.GroupNorm), gn, name="torch.nn.GroupNorm")
+    emb = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    _register(nn.Embedding, _attrs(*emb), _build(nn.Embedding), emb, name="torch.nn.Embedding")
+    if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+        rms = ("normalized_shape", "eps", "elementwise_affine")
+        _register(nn.RMSNorm, _attrs(*rms), _build(nn.RMSNorm), rms, name="torch.nn.RMSNorm")
     simple: list[tuple[type[nn.Module], tuple[str, ...]]] = [
         (nn.ReLU, ("inplace",)),
         (nn.GELU, ("approximate",)),
@@ -237,32 +254,13 @@ def _register_pyfusion_types() -> None:
     except ImportError:  # pragma: no cover - a build without pyfusion.nn
         pnn = None
     if pnn is not None:
-
-        def partial_cfg(m: nn.Module) -> dict[str, Any]:
-            act = getattr(m, "activation", "none")
-            return {
-                "in_layout": list(m.in_layout),
-                "out_layout": list(m.out_layout),
-                "bias": m.bias is not None,
-                "activation": None if act == "none" else act,
-            }
-
-        specs: list[tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]], tuple[str, ...]]] = [
-            (pnn.PartialLinear, partial_cfg, ("in_layout", "out_layout", "bias", "activation")),
-            (
-                pnn.PartialConv2d,
-                lambda m: {
-                    "in_layout": list(m.in_layout),
-                    "out_layout": list(m.out_layout),
-                    "kernel_size": list(m.kernel_size),
-                    "stride": list(m.stride),
-                    "padding": list(m.padding),
-                    "dilation": list(m.dilation),
-                    "bias": m.bias is not None,
-                },
-                ("in_layout", "out_layout", "kernel_size", "stride", "padding", "dilation", "bias"),
-            ),
-            (
+        for cls in (pnn.PartialLinear, pnn.PartialConv2d):
+            if _spec_name_of_class(cls) is None:
+                get, fields = _partial_spec(cls)
+                _register(cls, get, _build(cls), fields)
+        ensemble = ("num_members", "in_features", "out_features", "bias", "shared_input", "activation")
+        if _spec_name_of_class(pnn.EnsembleLinear) is None:
+            _register(
                 pnn.EnsembleLinear,
                 lambda m: {
                     "num_members": m.num_members,
@@ -272,12 +270,16 @@ def _register_pyfusion_types() -> None:
                     "shared_input": m.shared_input,
                     "activation": None if m.activation == "none" else m.activation,
                 },
-                ("num_members", "in_features", "out_features", "bias", "shared_input", "activation"),
-            ),
-        ]
-        for cls, get, fields in specs:
-            if _spec_name_of_class(cls) is None:
-                _register(cls, get, _build(cls), fields)
+                _build(pnn.EnsembleLinear),
+                ensemble,
+            )
+    try:
+        from pyfusion.nn.norm import MemberViewNorm
+    except ImportError:  # pragma: no cover - a build without pyfusion.nn
+        MemberViewNorm = None
+    if MemberViewNorm is not None and _spec_name_of_class(MemberViewNorm) is None:
+        _register(MemberViewNorm, _member_view_config, _member_view_from_config, ("slots", "members"))
+        _VALIDATORS[MemberViewNorm] = _validate_member_view
     try:
         from pyfusion import models as pm
     except ImportError:  # pragma: no cover - a build without pyfusion.models
@@ -296,6 +298,110 @@ def _register_pyfusion_types() -> None:
         _register(pm.ResNet, lambda m: {}, lambda cfg: pm.ResNet(pm.BasicBlock, [0, 0, 0], 1), ())
 
 
+def _partial_spec(cls: type[nn.Module]) -> tuple[Callable[[nn.Module], dict[str, Any]], tuple[str, ...]]:
+    """Config of ``PartialLinear`` / ``PartialConv2d`` from the arguments their constructor takes: the layouts
+    (``in_layout``, ``out_layout``: ``[shared, branch_1, ..., branch_K]``) or member-mask segments (``in_segments``,
+    ``out_segments``: ``[[size, member_mask], ...]``), the convolution geometry, ``bias`` and ``activation``. Read
+    from the signature so that a file stores exactly what rebuilds the module (``get_config(from_config(c)) == c``
+    is checked on load)."""
+    params = inspect.signature(cls.__init__).parameters
+    segmented = "in_segments" in params
+    io = ("in_segments", "out_segments") if segmented else ("in_layout", "out_layout")
+    geometry = tuple(k for k in ("kernel_size", "stride", "padding", "dilation") if k in params)
+    fields = (*io, *geometry, "bias", *(("activation",) if "activation" in params else ()))
+
+    def get(m: nn.Module) -> dict[str, Any]:
+        cfg: dict[str, Any] = {}
+        for k in io:
+            v = getattr(m, k)
+            cfg[k] = [[int(size), int(mask)] for size, mask in v] if segmented else [int(n) for n in v]
+        for k in geometry:
+            cfg[k] = [int(n) for n in getattr(m, k)]
+        cfg["bias"] = m.bias is not None
+        if "activation" in fields:
+            act = getattr(m, "activation", "none")
+            cfg["activation"] = None if act == "none" else act
+        return cfg
+
+    return get, fields
+
+
+# class -> check of a loaded module's tensor values (index ranges...), run after its tensors are assigned
+_VALIDATORS: dict[type, Callable[[nn.Module, str], None]] = {}
+
+
+def _member_view_config(m: nn.Module) -> dict[str, Any]:
+    """``MemberViewNorm``: the slots and, per member, its width and which map forms its buffers hold (a gather
+    index or a dense B; a scatter of ``nnz`` entries or a dense A)."""
+    members = []
+    for k in range(m.num_members):
+        width = getattr(m, f"b_index_{k}").shape[0] if m._gather[k] else getattr(m, f"b_map_{k}").shape[0]
+        nnz = int(getattr(m, f"a_rows_{k}").shape[0]) if m._scatter[k] else None
+        members.append({"width": int(width), "gather": bool(m._gather[k]), "scatter": nnz})
+    return {"slots": int(m.slots), "members": members}
+
+
+def _member_view_from_config(cfg: dict[str, Any]) -> nn.Module:
+    """A ``MemberViewNorm`` with the config's buffer shapes and no memory: built from 2-slot stand-in maps of the
+    same forms (on the CPU: a few bytes), then its buffers replaced by empty ones (on the caller's device, meta when
+    loading) of the declared shapes; the file's children then replace the identity norms."""
+    from pyfusion.nn.norm import MemberViewNorm
+
+    slots, members = cfg["slots"], cfg["members"]
+    if not (_is_int(slots) and slots >= 0 and isinstance(members, list) and members):
+        raise ValueError(f"slots must be an integer >= 0 and members a non-empty list; got {slots!r}, {members!r}")
+    for mem in members:
+        if not (
+            isinstance(mem, dict)
+            and set(mem) == {"width", "gather", "scatter"}
+            and _is_int(mem["width"])
+            and mem["width"] >= 0
+            and isinstance(mem["gather"], bool)
+            and (mem["scatter"] is None or (_is_int(mem["scatter"]) and 0 <= mem["scatter"] <= mem["width"]))
+        ):
+            raise ValueError(f"a member entry must be {{width, gather, scatter}} with integers >= 0; got {mem!r}")
+    with torch.device("cpu"):
+        a_maps, b_maps = [], []
+        for mem in members:
+            b_maps.append(torch.tensor([[1.0, 0.0]]) if mem["gather"] else torch.zeros(1, 2))
+            a_maps.append(torch.tensor([[1.0], [0.0]]) if mem["scatter"] is not None else torch.ones(2, 1))
+        module = MemberViewNorm([nn.Identity() for _ in members], a_maps, b_maps)
+    module.slots = slots
+    real = torch.get_default_dtype()
+    for k, mem in enumerate(members):
+        n = mem["width"]
+        if mem["gather"]:
+            module._buffers[f"b_index_{k}"] = torch.empty(n, dtype=torch.long)
+        else:
+            module._buffers[f"b_map_{k}"] = torch.empty(n, slots, dtype=real)
+        if mem["scatter"] is not None:
+            for name, dtype in (("a_rows", torch.long), ("a_cols", torch.long), ("a_vals", real)):
+                module._buffers[f"{name}_{k}"] = torch.empty(mem["scatter"], dtype=dtype)
+        else:
+            module._buffers[f"a_map_{k}"] = torch.empty(slots, n, dtype=real)
+    return module
+
+
+def _validate_member_view(m: nn.Module, where: str) -> None:
+    """The index buffers of a loaded MemberViewNorm stay inside its slots and member widths (a forged index would
+    fail, or read out of bounds on a GPU, at the first forward)."""
+    if len(m.norms) != m.num_members:
+        raise ValueError(f"{len(m.norms)} member norms for {m.num_members} members")
+    for k in range(m.num_members):
+        width = getattr(m, f"b_index_{k}").shape[0] if m._gather[k] else getattr(m, f"b_map_{k}").shape[0]
+        checks = []
+        if m._gather[k]:
+            checks.append((f"b_index_{k}", m.slots))
+        if m._scatter[k]:
+            checks += [(f"a_rows_{k}", m.slots), (f"a_cols_{k}", width)]
+        for name, bound in checks:
+            t = getattr(m, name)
+            if t.dtype != torch.long:
+                raise ValueError(f"{name} is {t.dtype}, expected torch.int64")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+                raise ValueError(f"{name} holds indices outside [0, {bound})")
+
+
 def _spec_name_of_class(cls: type) -> str | None:
     for name, spec in _REGISTRY.items():
         if spec.cls is cls:
@@ -310,6 +416,15 @@ def _load_providers() -> None:
         except ImportError:  # a provider that is not part of this build
             pass
     _register_pyfusion_types()
+
+
+def record_member_architecture(fused: nn.Module, member: nn.Module) -> None:
+    """Remember the member architecture of a fused model of a user's class (a meta-device copy of ``member``, no
+    tensor memory, as ``fused.fusion_member_architecture``), so that :func:`save` can describe what fusion changed
+    without a factory. A no-op for allowlisted trees and Hugging Face models. Called by the fusion builder."""
+    from pyfusion import _member_files as mf
+
+    mf.record_member_architecture(fused, member)
 
 
 def _spec_name(module: nn.Module) -> str | None:
@@ -439,45 +554,75 @@ def save(
     *,
     verify: bool = True,
     check: Callable[[nn.Module], None] | None = None,
+    factory: Callable[[], nn.Module] | None = None,
 ) -> Path:
     """Save ``module`` (architecture, tensors and fusion records) to one safetensors file, atomically.
 
+    A module made only of allowlisted types (torch's layers, pyfusion's, registered ones) is saved with its module
+    tree (``pyfusion.module/1``). Any other model, a user's class or a Hugging Face model, fused or not, is saved as
+    its member architecture plus the changes fusion made (``pyfusion.module/2``; see :mod:`pyfusion._member_files`):
+    a Hugging Face model by its class name and config; a user's class by its name, for messages only, so that
+    :func:`load` needs the same ``factory``. The member architecture of a user's class is, in this order: the one
+    ``factory()`` builds; the one :func:`pyfusion.fuse` recorded on the fused model (``fusion_member_architecture``);
+    the module itself (an unfused model).
+
     The file is written to a temporary file beside ``path`` and fsynced. With ``verify`` (default) the temporary
-    file is loaded back (all of :func:`load`'s checks, the checksum included) and compared with ``module``
-    (module types, bit-identical tensors); then ``check(reloaded)`` runs if given (e.g. compare outputs: raise
-    to refuse). Only then does the temporary file replace ``path``. Any failure, ``KeyboardInterrupt`` or
-    SIGTERM removes the temporary file and leaves a previous file at ``path`` untouched.
+    file is loaded back (all of :func:`load`'s checks, the checksum included; a user's class is rebuilt from its
+    member architecture as above) and compared with ``module`` (module types, bit-identical tensors, ties and plain
+    attributes); then ``check(reloaded)`` runs if given (e.g. compare outputs: raise to refuse). Only then does the
+    temporary file replace ``path``. Any failure, ``KeyboardInterrupt`` or SIGTERM removes the temporary file and
+    leaves a previous file at ``path`` untouched.
 
     Args:
-        module: the module to save (every submodule of an allowed type, see :func:`register_module`).
+        module: the module to save.
         path: the target file (its folder must exist).
         verify: reload and compare before replacing (costs about one :func:`load`; ``False`` for speed).
         check: a further test of the reloaded module, run before replacing ``path``.
+        factory: a callable returning one member-architecture model of a user's class (checked against the member
+            architecture the fusion recorded, when there is one); ignored for the other models.
 
     Raises:
-        SerializationError: a submodule type is not allowed (names its path and type), a config or record is
-            not JSON-serialisable, or the written file does not read back the same. Nothing is left behind.
+        SerializationError: a module that cannot be described (a submodule that is neither allowlisted nor part of
+            the member architecture at its path, a member module whose tensors fusion added or removed, an attribute
+            that is not a plain value), a config or record that is not JSON-serialisable, a factory of another
+            architecture, or a written file that does not read back the same. Nothing is left behind.
         FileNotFoundError: the folder of ``path`` does not exist.
     """
     from safetensors.torch import save as st_save
 
+    from pyfusion import _member_files as mf
+
     if not isinstance(module, nn.Module):
         raise SerializationError(f"save: module must be a torch.nn.Module; got {type(module).__name__}")
+    if factory is not None and not callable(factory):
+        raise ValueError(f"save: factory must be a callable returning one member model; got {type(factory).__name__}")
     _load_providers()
     target = Path(path)
-    arch = _describe(module, "")
-    attributes = _saved_attributes(module)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, value in module.state_dict().items():
-        t = value.detach().to("cpu").contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        if t.dtype not in _DTYPE_NAMES:
-            raise SerializationError(f"tensor {key!r} has dtype {t.dtype}, which pyfusion files cannot store")
-        tensors[key] = t
-    records = {"format": FORMAT, "architecture": json.dumps(arch), "attributes": json.dumps(attributes)}
+    reload_factory: Callable[[], nn.Module] | None = None
+    if mf.all_allowed(module):
+        arch = _describe(module, "")
+        attributes = _saved_attributes(module)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, value in module.state_dict().items():
+            t = value.detach().to("cpu").contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            if t.dtype not in _DTYPE_NAMES:
+                raise SerializationError(f"tensor {key!r} has dtype {t.dtype}, which pyfusion files cannot store")
+            tensors[key] = t
+        records = {"format": FORMAT, "architecture": json.dumps(arch), "attributes": json.dumps(attributes)}
+
+        def same(reloaded: nn.Module) -> None:
+            _same_contents(module, tensors, reloaded)
+
+    else:
+        records, tensors, reload_factory = mf.encode(module, factory)
+
+        def same(reloaded: nn.Module) -> None:
+            mf.same_contents(module, reloaded)
+
     checksum = _digest(
         records.values(), ((k, _DTYPE_NAMES[t.dtype], tuple(t.shape), _tensor_bytes(t)) for k, t in tensors.items())
     )
@@ -493,9 +638,9 @@ def save(
                 f.flush()
                 os.fsync(f.fileno())
             if verify or check is not None:
-                reloaded = _load(Path(tmp), "cpu", verify=True, shown=str(target))
+                reloaded = _load(Path(tmp), "cpu", verify=True, shown=str(target), factory=reload_factory)
                 if verify:
-                    _same_contents(module, tensors, reloaded)
+                    same(reloaded)
                 if check is not None:
                     check(reloaded)
             os.replace(tmp, target)
@@ -592,8 +737,10 @@ def _parse_header(where: str, raw: bytes, data_len: int) -> tuple[dict[str, str]
     return metadata, entries
 
 
-def _check_tree(where: str, arch: Any) -> None:
-    """Every node an object ``{type: str, config: object, children: object}``, depth and size within the limits.
+def _check_tree(where: str, arch: Any, *, allow_member: bool = False) -> int:
+    """Every node an object ``{type: str, config: object, children: object}``, depth and size within the limits;
+    returns the number of nodes. With ``allow_member`` (``pyfusion.module/2`` changes) a node may also be a leaf
+    ``{"type": "@member", "class": str, "source": str}``: a copy of the member architecture's module at ``source``.
 
     Iterative, so a forged 10 000-deep tree is refused here instead of overflowing the stack later.
     """
@@ -611,6 +758,16 @@ def _check_tree(where: str, arch: Any) -> None:
             raise SerializationError(
                 f"{where}: architecture node {at!r} is malformed (expected an object with a string 'type')"
             )
+        if node["type"] == "@member":
+            if not allow_member:
+                raise SerializationError(f"{where}: architecture node {at!r} refers to a member module")
+            if set(node) != {"type", "class", "source"} or not all(
+                isinstance(node[k], str) and len(node[k]) <= 100_000 for k in ("class", "source")
+            ):
+                raise SerializationError(
+                    f"{where}: member node {at!r} is malformed (expected exactly type, class and source strings)"
+                )
+            continue
         extra = sorted(set(node) - {"type", "config", "children"})
         if extra:
             raise SerializationError(f"{where}: architecture node {at!r} has unknown fields {extra}")
@@ -626,11 +783,20 @@ def _check_tree(where: str, arch: Any) -> None:
                     "names are non-empty and contain no '.')"
                 )
             stack.append((child, f"{path}.{name}" if path else name, depth + 1))
+    return count
 
 
-def _rebuild(where: str, node: dict[str, Any], path: str) -> nn.Module:
-    """Build the module tree of a checked architecture (:func:`_check_tree`), under the caller's device."""
+def _rebuild(
+    where: str,
+    node: dict[str, Any],
+    path: str,
+    member: Callable[[dict[str, Any], str], nn.Module] | None = None,
+) -> nn.Module:
+    """Build the module tree of a checked architecture (:func:`_check_tree`), under the caller's device;
+    ``member(node, path)`` gives the module of a ``@member`` leaf (``pyfusion.module/2`` files)."""
     at = path or "<root>"
+    if node["type"] == "@member" and member is not None:
+        return member(node, path)
     spec = _REGISTRY.get(node["type"])
     if spec is None:
         raise SerializationError(
@@ -673,7 +839,7 @@ def _rebuild(where: str, node: dict[str, Any], path: str) -> nn.Module:
                 f"(the file says {said}, they build {gives})"
             )
     for name, child in node.get("children", {}).items():
-        built = _rebuild(where, child, f"{path}.{name}" if path else name)
+        built = _rebuild(where, child, f"{path}.{name}" if path else name, member)
         try:
             if isinstance(module, nn.ModuleList):
                 if name != str(len(module)):
@@ -704,30 +870,75 @@ def _has_meta_tensors(module: nn.Module) -> bool:
     return False
 
 
-def _load(p: Path, map_location: str | torch.device, *, verify: bool, shown: str | None = None) -> nn.Module:
+def _check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[str, _Entry]) -> None:
+    """The file holds exactly the tensors ``expected`` names, with their shapes and dtype kinds (nothing is read)."""
+    missing = [k for k in expected if k not in entries]
+    if missing:
+        raise SerializationError(
+            f"{where} is missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    unexpected = [k for k in entries if k not in expected]
+    if unexpected:
+        raise SerializationError(f"{where} has tensor {unexpected[0]!r}, which the architecture does not use")
+    for k, v in expected.items():
+        e = entries[k]
+        if e.shape != tuple(v.shape):
+            raise SerializationError(
+                f"{where}: tensor {k!r} has shape {e.shape} in the file, but the architecture expects {tuple(v.shape)}"
+            )
+        if _kind(_DTYPES[e.dtype]) != _kind(v.dtype):
+            raise SerializationError(
+                f"{where}: tensor {k!r} is {e.dtype} in the file, but the architecture expects "
+                f"a {_kind(v.dtype)} tensor"
+            )
+
+
+def _checksum_status(
+    where: str,
+    records: list[str],
+    stored: str | None,
+    entries: dict[str, _Entry],
+    data: bytes,
+    base: int,
+    verify: bool,
+) -> str:
+    """Verify the checksum of the records and tensor bytes: "verified", "skipped" (``verify=False``) or "absent"."""
+    if stored is not None and verify:
+        view = memoryview(data)
+        actual = _digest(
+            records, ((k, e.dtype, e.shape, view[base + e.start : base + e.end]) for k, e in entries.items())
+        )
+        if actual != stored:
+            raise SerializationError(
+                f"{where} is corrupted: its checksum does not match its contents (stored {stored[:23]}..., "
+                f"computed {actual[:23]}...); the file was damaged or edited after it was saved"
+            )
+        return "verified"
+    if stored is not None:
+        return "skipped"
+    warnings.warn(
+        f"{where} has no checksum (written before pyfusion checksummed its files): its integrity is not "
+        "verified; save it again to add one",
+        UnverifiedFileWarning,
+        stacklevel=5,  # the caller of pyfusion.load
+    )
+    return "absent"
+
+
+def _read_tensors(where: str, data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
 
-    where = repr(shown if shown is not None else str(p))
-    size = p.stat().st_size
-    with p.open("rb") as f:
-        data = f.read()
-    if len(data) != size or len(data) < 8:
-        if len(data) < 8:
-            raise SerializationError(f"{where} is not a pyfusion model file: it is only {len(data)} bytes long")
-        raise SerializationError(f"{where} changed while it was read")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise SerializationError(
-            f"{where} is truncated: its header claims {header_len} bytes but the file has {len(data) - 8}"
-        )
-    if header_len > MAX_HEADER_BYTES:
-        raise SerializationError(f"{where} has a header of {header_len} bytes (limit {MAX_HEADER_BYTES})")
-    metadata, entries = _parse_header(where, data[8 : 8 + header_len], len(data) - 8 - header_len)
-    if metadata.get("format") != FORMAT:
-        raise SerializationError(
-            f"{where} is not a pyfusion model file (format {metadata.get('format')!r}, expected {FORMAT!r}); "
-            "a plain state dict loads with safetensors.torch.load_file"
-        )
+    try:
+        return st_load(data)
+    except Exception as exc:
+        raise SerializationError(f"{where} is corrupted: safetensors could not read it ({exc})") from exc
+
+
+def _load_tree(
+    where: str, metadata: dict[str, str], entries: dict[str, _Entry], data: bytes, base: int, verify: bool
+) -> tuple[nn.Module, Any, str]:
+    """A ``pyfusion.module/1`` file: the allowlisted module tree of its architecture record."""
     # save writes exactly these records (files from before checksums: the first three), so a damaged key cannot
     # turn a checksummed file into an unchecked one
     unknown = sorted(set(metadata) - {"format", "architecture", "attributes", "checksum"})
@@ -753,58 +964,12 @@ def _load(p: Path, map_location: str | torch.device, *, verify: bool, shown: str
     except RecursionError:  # pragma: no cover - depth is limited by _check_tree
         raise SerializationError(f"{where}: the architecture is nested too deeply") from None
     # 2. names, shapes and dtypes against the file's header, before a byte of tensor data is read
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in entries]
-    if missing:
-        raise SerializationError(
-            f"{where} is missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    unexpected = [k for k in entries if k not in expected]
-    if unexpected:
-        raise SerializationError(f"{where} has tensor {unexpected[0]!r}, which the architecture does not use")
-    for k, v in expected.items():
-        e = entries[k]
-        if e.shape != tuple(v.shape):
-            raise SerializationError(
-                f"{where}: tensor {k!r} has shape {e.shape} in the file, but the architecture expects {tuple(v.shape)}"
-            )
-        if _kind(_DTYPES[e.dtype]) != _kind(v.dtype):
-            raise SerializationError(
-                f"{where}: tensor {k!r} is {e.dtype} in the file, but the architecture expects "
-                f"a {_kind(v.dtype)} tensor"
-            )
+    _check_entries(where, module.state_dict(), entries)
     # 3. integrity of the records and the tensor bytes
-    stored = metadata.get("checksum")
-    status = "absent"
-    if stored is not None and verify:
-        records = [metadata["format"], metadata["architecture"], metadata.get("attributes", "{}")]
-        base = 8 + header_len
-        view = memoryview(data)
-        actual = _digest(
-            records, ((k, e.dtype, e.shape, view[base + e.start : base + e.end]) for k, e in entries.items())
-        )
-        if actual != stored:
-            raise SerializationError(
-                f"{where} is corrupted: its checksum does not match its contents (stored {stored[:23]}..., "
-                f"computed {actual[:23]}...); the file was damaged or edited after it was saved"
-            )
-        status = "verified"
-    elif stored is not None:
-        status = "skipped"
-    else:
-        warnings.warn(
-            f"{where} has no checksum (written before pyfusion checksummed its files): its integrity is not "
-            "verified; save it again to add one",
-            UnverifiedFileWarning,
-            stacklevel=3,
-        )
+    records = [metadata["format"], metadata["architecture"], metadata.get("attributes", "{}")]
+    status = _checksum_status(where, records, metadata.get("checksum"), entries, data, base, verify)
     # 4. the tensors, assigned to the module (dtypes as saved)
-    try:
-        tensors = st_load(data)
-    except Exception as exc:
-        raise SerializationError(f"{where} is corrupted: safetensors could not read it ({exc})") from exc
-    del data
+    tensors = _read_tensors(where, data)
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
         if _has_meta_tensors(module):  # state outside the state dict (non-persistent buffers): build for real
@@ -814,6 +979,98 @@ def _load(p: Path, map_location: str | torch.device, *, verify: bool, shown: str
         raise
     except Exception as exc:
         raise SerializationError(f"{where}: the tensors do not load into the architecture: {exc}") from exc
+    return module, attributes, status
+
+
+def _load_member(
+    where: str,
+    metadata: dict[str, str],
+    entries: dict[str, _Entry],
+    data: bytes,
+    base_offset: int,
+    verify: bool,
+    factory: Callable[[], nn.Module] | None,
+) -> tuple[nn.Module, Any, str]:
+    """A ``pyfusion.module/2`` file: the member architecture (the caller's factory or a Hugging Face config), checked
+    against the file's description of it, then the recorded changes, then the tensors (see
+    :mod:`pyfusion._member_files`)."""
+    from pyfusion import _member_files as mf
+
+    base, changes, ties, attributes = mf.parse_records(where, metadata)
+    what = "the factory" if base["kind"] == "user" else f"{base['class']} built from the file's config"
+    tensors: dict[str, torch.Tensor] | None = None
+    status = "absent"
+    # meta first; a user class holding tensors outside its parameters and buffers (a plain tensor attribute) is then
+    # built for real on the CPU, its shapes already checked against the file
+    for device in ("meta", "cpu"):
+        model = mf.build_base(where, base, factory, device)
+        mf.check_member(where, model, base, what)
+        member = mf.meta_replica(model) if base["kind"] == "user" else None
+        mf.apply_changes(where, model, changes, device)
+        expected, transient = mf.expected_tensors(model)
+        aliases = mf.check_ties(where, ties, expected)
+        _check_entries(where, {k: v for k, v in expected.items() if k not in aliases}, entries)
+        if tensors is None:
+            records = [metadata[r] for r in mf.RECORDS]
+            status = _checksum_status(where, records, metadata["checksum"], entries, data, base_offset, verify)
+            tensors = _read_tensors(where, data)
+        mf.assign(where, model, tensors, aliases, transient, ties)
+        if not _has_meta_tensors(model):
+            break
+        if base["kind"] != "user":
+            raise SerializationError(
+                f"{where}: the {base['class']} built from the config keeps tensors outside its parameters and "
+                "buffers, which a file cannot restore"
+            )
+    else:
+        raise SerializationError(f"{where}: the factory builds meta tensors outside the model's parameters and buffers")
+    if member is not None:  # a reloaded model saves again with the same member architecture
+        model.fusion_member_architecture = mf.MemberArchitecture(member)
+    return model, attributes, status
+
+
+def _load(
+    p: Path,
+    map_location: str | torch.device,
+    *,
+    verify: bool,
+    shown: str | None = None,
+    factory: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    where = repr(shown if shown is not None else str(p))
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        data = f.read()
+    if len(data) != size or len(data) < 8:
+        if len(data) < 8:
+            raise SerializationError(f"{where} is not a pyfusion model file: it is only {len(data)} bytes long")
+        raise SerializationError(f"{where} changed while it was read")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise SerializationError(
+            f"{where} is truncated: its header claims {header_len} bytes but the file has {len(data) - 8}"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise SerializationError(f"{where} has a header of {header_len} bytes (limit {MAX_HEADER_BYTES})")
+    metadata, entries = _parse_header(where, data[8 : 8 + header_len], len(data) - 8 - header_len)
+    fmt = metadata.get("format")
+    if fmt == FORMAT:
+        module, attributes, status = _load_tree(where, metadata, entries, data, 8 + header_len, verify)
+    elif fmt == FORMAT_MEMBER:
+        module, attributes, status = _load_member(where, metadata, entries, data, 8 + header_len, verify, factory)
+    else:
+        raise SerializationError(
+            f"{where} is not a pyfusion model file (format {fmt!r}, expected {FORMAT!r} or {FORMAT_MEMBER!r}); "
+            "a plain state dict loads with safetensors.torch.load_file"
+        )
+    del data
+    for mpath, m in module.named_modules():
+        check = _VALIDATORS.get(type(m))
+        if check is not None:
+            try:
+                check(m, where)
+            except ValueError as exc:
+                raise SerializationError(f"{where}: module {mpath or '<root>'!r} ({type(m).__name__}): {exc}") from None
     mods = dict(module.named_modules())
     for mpath, attrs in attributes.items():
         if mpath in mods:
@@ -828,18 +1085,35 @@ def _load(p: Path, map_location: str | torch.device, *, verify: bool, shown: str
     return module.eval()
 
 
-def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Load a module saved by :func:`save`, rebuilt from allowed types only, in eval mode.
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    factory: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
+    """Load a module saved by :func:`save`, in eval mode, never running code the file names.
 
     Every field of the file is checked before it is used; the architecture is built on the meta device and its
     tensor names, shapes and dtype kinds are compared with the file's before any tensor memory is allocated
     (so a forged header cannot make this allocate more than the file holds); then the checksum is verified.
+
+    * Files of allowlisted modules (``pyfusion.module/1``): the module tree is rebuilt from the allowlist.
+    * Files of a user's class (``pyfusion.module/2``, user base): ``factory()`` builds one member (the class the
+      members were made of, with their constructor arguments; called under ``torch.device("meta")``); it is checked
+      against the member architecture the file describes (modules, classes, tensor shapes, plain attributes, ties),
+      then the changes fusion made are applied (re-created / resized / replaced modules, updated size attributes,
+      untied parameters) and the tensors loaded.
+    * Files of a Hugging Face model (``pyfusion.module/2``, Hugging Face base): rebuilt from the saved config; the
+      class must be a ``transformers`` ``PreTrainedModel`` subclass that transformers exports under that name.
 
     Args:
         path: a file written by :func:`save`.
         map_location: device of the returned module.
         verify: check the checksum (sha256 over the records and the tensor bytes; about 1 s per GB). ``False``
             skips it for speed. Files written before checksums load with a :class:`UnverifiedFileWarning`.
+        factory: a callable returning one member-architecture model, for files of a user's class (e.g. ``Net`` or
+            ``lambda: Net(hidden=64)``); ignored by the other files.
 
     Returns:
         The module, with ``fusion_checksum`` set to "verified", "skipped" (``verify=False``) or "absent" (an
@@ -848,13 +1122,18 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cp
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        SerializationError: the file is truncated or corrupted (malformed header, offsets, checksum mismatch), is
-            not a pyfusion file, exceeds a limit (:data:`MAX_HEADER_BYTES`, :data:`MAX_DEPTH`, :data:`MAX_NODES`),
-            names a module type that is not allowed or a config it does not take, or its tensors do not match
-            the architecture (missing tensor, unexpected tensor, wrong shape or dtype: each named).
+        ValueError: ``factory`` is not callable.
+        SerializationError: the file is truncated or corrupted (malformed header, offsets, records, checksum
+            mismatch), is not a pyfusion file, exceeds a limit (:data:`MAX_HEADER_BYTES`, :data:`MAX_DEPTH`,
+            :data:`MAX_NODES`), names a module type that is not allowed or a config it does not take, its tensors do
+            not match the architecture (missing tensor, unexpected tensor, wrong shape or dtype: each named), it
+            needs a factory and none was given (the message names the class), or the factory / the config builds
+            another member architecture than the file describes (the first difference is named).
     """
+    if factory is not None and not callable(factory):
+        raise ValueError(f"load: factory must be a callable returning one member model; got {type(factory).__name__}")
     _load_providers()
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no pyfusion model file at {str(p)!r}")
-    return _load(p, map_location, verify=verify)
+    return _load(p, map_location, verify=verify, factory=factory)

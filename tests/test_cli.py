@@ -797,12 +797,40 @@ def test_unsupported_operation_hint_does_not_list_method_options(custom_members,
     assert "declare_groups" in hint and "options" not in hint
 
 
-def test_unsaveable_class_exit_5_says_so(custom_members, tmp_path, capsys):
+def test_fused_user_class_is_saved_and_loads_with_its_factory(custom_members, tmp_path, capsys):
+    """A member class of the user's own (--model module:Class) is saved as its member architecture + changes."""
+    import cli_custom_models
+
     target = tmp_path / "f.safetensors"
     target.write_bytes(b"previous file")
     rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:Net"))
-    line = assert_one_line_error(capsys, 5, rc, "cannot save the fused model", "cli_custom_models.Net")
-    assert "not an allowed type" in line
+    assert rc == 0, capsys.readouterr().err
+    with pytest.raises(pyfusion.serialization.SerializationError, match=r"cli_custom_models\.Net.*factory=Net"):
+        pyfusion.load(target)
+    fused = pyfusion.load(target, factory=cli_custom_models.Net)
+    assert isinstance(fused, cli_custom_models.Net) and fused.fusion_checksum == "verified"
+    from safetensors.torch import load_file
+
+    states = [load_file(path) for path in custom_members]
+    for name, p in fused.state_dict().items():  # average of two members: every tensor is their mean
+        torch.testing.assert_close(p, (states[0][name] + states[1][name]) / 2)
+
+
+def test_unsaveable_model_exit_5_says_so(custom_members, tmp_path, capsys, monkeypatch):
+    """A model pyfusion.save cannot describe (simulated: the member-architecture encoder refuses it) is exit 5 with the
+    hint to register its class; the previous file stays."""
+    from pyfusion import _member_files
+
+    def refuse(module, factory):
+        raise pyfusion.serialization.SerializationError(
+            "cannot save module 'fc1' of type cli_custom_models.Odd: it is not in the member architecture at that path"
+        )
+
+    monkeypatch.setattr(_member_files, "encode", refuse)
+    target = tmp_path / "f.safetensors"
+    target.write_bytes(b"previous file")
+    rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:Net"))
+    assert_one_line_error(capsys, 5, rc, "cannot save the fused model", "cli_custom_models.Odd")
     rc = main(fuse_args(custom_members, tmp_path, *quick(), model="cli_custom_models:Net"))
     hint = next(ln for ln in capsys.readouterr().err.splitlines() if "hint:" in ln)
     assert "register_module" in hint and "disk space" not in hint

@@ -108,18 +108,39 @@ def _deep(depth: int, leaf: str = "1") -> str:
     return "[" * depth + leaf + "]" * depth
 
 
+def _rechecksum(header: dict, body: bytes) -> None:
+    """Recompute the checksum of a mutated header (a forger's file: only the structural checks can catch it)."""
+    from pyfusion._member_files import RECORDS
+    from pyfusion.serialization import _digest
+
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(r), str) for r in RECORDS):
+        return
+    try:
+        tensors = [
+            (k, e["dtype"], tuple(e["shape"]), body[e["data_offsets"][0] : e["data_offsets"][1]])
+            for k, e in header.items()
+            if k != "__metadata__"
+        ]
+        meta["checksum"] = _digest([meta[r] for r in RECORDS], tensors)
+    except Exception:  # noqa: BLE001 - a mutated entry: the file stays as it is
+        return
+
+
 @st.composite
-def mutated_files(draw, data: bytes):
+def mutated_files(draw, data: bytes, recompute: bool = False):
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
     meta = header["__metadata__"]
-    records = {"architecture": json.loads(meta["architecture"]), "attributes": json.loads(meta["attributes"])}
+    # the JSON records: architecture + attributes (pyfusion.module/1), base + changes + ties + attributes (/2)
+    names = [r for r in ("architecture", "base", "changes", "ties", "attributes") if r in meta]
+    records = {r: json.loads(meta[r]) for r in names}
     keep_checksum = draw(st.booleans())
     if not keep_checksum:
         meta.pop("checksum", None)
-    # which document to mutate: the header itself, the architecture or the attributes record
-    target = draw(st.sampled_from(["header", "architecture", "attributes"]))
+    # which document to mutate: the header itself or one of the records
+    target = draw(st.sampled_from(["header", *names]))
     doc = header if target == "header" else records[target]
     for _ in range(draw(st.integers(1, 3))):
         paths = list(_paths(doc))
@@ -149,12 +170,14 @@ def mutated_files(draw, data: bytes):
         records[target] = doc
     if isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
         m = header["__metadata__"]
-        for name in ("architecture", "attributes"):
+        for name in names:
             if name in m:
                 m[name] = json.dumps(records[name]) if target == name else m[name]
         # very deep records as raw text (json.dumps itself refuses them)
         if target != "header" and draw(st.booleans()) and draw(st.booleans()):
             m[target] = _deep(draw(st.integers(900, 5000)), json.dumps(records[target]))
+    if recompute and keep_checksum and isinstance(header, dict) and draw(st.booleans()):
+        _rechecksum(header, body)
     raw = json.dumps(header).encode()
     return len(raw).to_bytes(8, "little") + raw + body
 
@@ -173,6 +196,82 @@ def test_mutated_headers_load_or_raise_serialization_error(saved, data):
         x = torch.randn(4, 1, 8)
         with torch.no_grad():
             torch.testing.assert_close(module(x), ref.eval()(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ files of user classes / Hugging Face
+def _member_fused(kind: str):
+    """(fused model, factory, input): a partially fused user transformer (nn.MultiheadAttention resized in place,
+    MemberViewNorm, PartialLinear) or Hugging Face GPT-2 (Conv1D resized, tied embeddings untied)."""
+    from _ir_families import partial_plan, permuted_twin, randomize
+    from _ir_models import MHANet, hf_models
+
+    from pyfusion.fuse.builder import build
+    from pyfusion.fuse.fast import swap_partial_modules
+    from pyfusion.graph import trace_groups
+
+    if kind == "user":
+        factory, x = MHANet, (torch.randn(2, 5, 5, dtype=torch.float64),)
+    else:
+        hf = hf_models()
+        if not hf:
+            pytest.skip("transformers is not installed")
+        factory, x = hf["gpt2"]
+    a = randomize(factory(), 1)
+    graph = trace_groups(a, x)
+    twin, perms = permuted_twin(a, graph)
+    fused = build([a, twin], graph, partial_plan(graph, perms))
+    swap_partial_modules(fused, 2)
+    return fused.eval(), (factory if kind == "user" else None), x
+
+
+@pytest.fixture(scope="module", params=["user", "hf"])
+def saved_member(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"fuzz_{request.param}")
+    fused, factory, x = _member_fused(request.param)
+    data = pyfusion.save(fused, folder / "m.safetensors").read_bytes()
+    with torch.no_grad():
+        want = fused(*x)
+    return data, folder, factory, x, want
+
+
+def _load_member_or_error(path, factory) -> nn.Module | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = pyfusion.load(path, factory=factory)
+    except SerializationError:
+        return None
+    assert isinstance(module, nn.Module)
+    return module
+
+
+def _outputs(y):
+    return [y] if isinstance(y, torch.Tensor) else [t for t in y.to_tuple() if isinstance(t, torch.Tensor)]
+
+
+@fuzz(60)
+@given(bits=st.lists(st.integers(min_value=0), min_size=1, max_size=6, unique=True))
+def test_member_file_bit_flips_are_always_refused(saved_member, bits):
+    data, folder, factory, _, _ = saved_member
+    b = bytearray(data)
+    for i in sorted({i % (8 * len(b)) for i in bits}):
+        b[i // 8] ^= 1 << (i % 8)
+    if bytes(b) == data:
+        return
+    path = folder / "flipped.safetensors"
+    path.write_bytes(bytes(b))
+    assert _load_member_or_error(path, factory) is None, "flipped bits loaded"
+
+
+@fuzz(80)
+@given(st.data())
+def test_member_file_mutated_records_load_or_raise_serialization_error(saved_member, data):
+    """Mutations of the base (member description, Hugging Face config), changes and ties records, some with their
+    checksum recomputed (a forger's file: only the structural checks stand): a typed error or a module."""
+    original, folder, factory, _, _ = saved_member
+    path = folder / "mutated.safetensors"
+    path.write_bytes(data.draw(mutated_files(original, recompute=True)))
+    _load_member_or_error(path, factory)  # a module or a SerializationError; anything else fails the test
 
 
 # --------------------------------------------------------------------------------------------- fuse arguments

@@ -137,12 +137,30 @@ class _Custom(nn.Module):
         return self.fc(x) + x
 
 
-def test_unregistered_module_writes_nothing_and_keeps_old_file(tmp_path):
+def test_unregistered_class_saves_and_loads_with_its_factory(tmp_path):
+    """A class outside the allowlist is saved as member architecture + changes (none here); loading it needs the
+    function that builds it, which the error names."""
+    model = nn.Sequential(OrderedDict(block=_Custom()))
+    path = pyfusion.save(model, tmp_path / "m.safetensors")
+    with pytest.raises(SerializationError, match=r"class 'torch.nn.modules.container.Sequential'.*factory="):
+        pyfusion.load(path)
+    loaded = pyfusion.load(path, factory=lambda: nn.Sequential(OrderedDict(block=_Custom())))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+class _Complex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_unsaveable_module_writes_nothing_and_keeps_old_file(tmp_path):
     target = tmp_path / "m.safetensors"
     pyfusion.save(_mlp(), target)
     before = target.read_bytes()
-    with pytest.raises(SerializationError, match=r"module 'block' of type .*_Custom: it is not an allowed type"):
-        pyfusion.save(nn.Sequential(OrderedDict(block=_Custom())), target)
+    with pytest.raises(SerializationError, match=r"tensor 'block.w' has dtype torch.complex64"):
+        pyfusion.save(nn.Sequential(OrderedDict(block=_Complex())), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary left behind
 

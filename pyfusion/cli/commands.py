@@ -492,9 +492,9 @@ def _save_fused(fused: nn.Module, output: Path, example: torch.Tensor) -> None:
         raise CLIError(
             f"{where}: {exc}",
             EXIT_OUTPUT,
-            "pyfusion.save stores allowed module classes only: register the class named above with "
-            "pyfusion.serialization.register_module(cls, get_config, from_config) in the module --model imports, "
-            "or fuse a model built from torch / pyfusion layers",
+            "pyfusion.save stores torch / pyfusion layers and, for a class of your own, its member architecture and "
+            "the changes fusion made; register a class it cannot describe (named above) with "
+            "pyfusion.serialization.register_module(cls, get_config, from_config) in the module --model imports",
         ) from exc
     except OSError as exc:
         raise CLIError(f"{where}: {exc}", EXIT_OUTPUT, "check the path and free disk space") from exc

@@ -485,6 +485,10 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
         )  # fmt: skip
     if check:
         check_fused_widths(fused, graph, plan)
+    # pyfusion.save describes a fused user class as member architecture + changes: keep the member's (meta, no memory)
+    from pyfusion.serialization import record_member_architecture
+
+    record_member_architecture(fused, members[0])
     return fused
 
 
