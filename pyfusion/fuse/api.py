@@ -17,7 +17,7 @@ from pyfusion.fuse.registry import MethodSpec, get_method, method_for_config
 from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
 from pyfusion.graph import FusionGraph, trace_groups
 from pyfusion.stats.collect import batch_inputs
-from pyfusion.stats.distributed import broadcast_module, check_same, reducing, world_info
+from pyfusion.stats.distributed import agree, broadcast_module, check_same, reducing, world_info
 
 __all__ = ["DISTRIBUTED_METHODS", "fuse"]
 
@@ -95,39 +95,44 @@ def fuse(
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
         NotImplementedError: a distributed fusion with data by a method outside :data:`DISTRIBUTED_METHODS`.
     """
-    if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
-        raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
-    spec = _resolve_method(method, config)
-    method = spec.name
-    cfg = spec.make_config(options, config)
-    members = check_members(models, spec.min_members)
-    lam = check_lambdas(lambdas, len(members))
-    if spec.config is None:  # a method with a config checked its options in make_config
-        check_options(spec.fn, options, method)
-    data = prepare_data(data)
-    check_data(members, data)
-    if spec.needs_data == "yes" and data is None:
-        raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
-    if repair and data is None:
-        raise ValueError("repair=True needs calibration data")
     world = world_info() if distributed else None
-    if world is not None and world[1] > 1:
-        if data is not None and method not in DISTRIBUTED_METHODS:
+    world = world if world is not None and world[1] > 1 else None
+    try:  # a rank whose arguments fail tells the others (they would wait for it in the first collective)
+        if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
+            raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
+        spec = _resolve_method(method, config)
+        method = spec.name
+        cfg = spec.make_config(options, config)
+        members = check_members(models, spec.min_members)
+        lam = check_lambdas(lambdas, len(members))
+        if spec.config is None:  # a method with a config checked its options in make_config
+            check_options(spec.fn, options, method)
+        data = prepare_data(data)
+        check_data(members, data)
+        if spec.needs_data == "yes" and data is None:
+            raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
+        if repair and data is None:
+            raise ValueError("repair=True needs calibration data")
+        if world is not None and data is not None and method not in DISTRIBUTED_METHODS:
             raise NotImplementedError(
                 f"method {method!r} does not reduce its statistics over torch.distributed ranks yet (distributed "
                 f"methods: {', '.join(sorted(DISTRIBUTED_METHODS))}); pass distributed=False to fuse each rank's "
                 "data alone"
             )
+    except Exception:
+        if world is not None:
+            agree(False, "the argument checks of fuse")
+        raise
+    ctx: Any = contextlib.nullcontext()
+    if world is not None:
+        agree(True, "the argument checks of fuse")
         arch = ";".join(f"{n}:{tuple(t.shape)}" for n, t in members[0].state_dict().items())
         check_same(
             repr((method, cfg, options if cfg is None else None, lam, len(members), data is None, graph is None))
             + repr((reset_bn, repair, bn_batches, fast_modules, arch)),
             "the members' architecture, the method and its options",
         )
-        ctx: Any = reducing()
-    else:
-        world = None
-        ctx = contextlib.nullcontext()
+        ctx = reducing()
     with ctx:
         fused = _fuse(members, data, spec, cfg, lam, graph, reset_bn, repair, bn_batches, fast_modules, world, options)
     return fused
