@@ -44,7 +44,7 @@ def repair_targets(
     members: list[nn.Module], graph: FusionGraph, plan: Plan, data: Iterable[Any], *, max_batches: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """group -> (target mean, target std) per slot, from the members' pre-activation statistics and the plan."""
-    stats = group_statistics(members, graph, data, point="pre", max_batches=max_batches)
+    stats = group_statistics(members, graph, data, point="pre", max_batches=max_batches, pairs="diag")
     out = {}
     for name in graph.groups:
         gp = plan.groups.get(name)
@@ -121,7 +121,9 @@ def repair(
                 why = f"{kind} without bias and no BatchNorm / LayerNorm after it: the mean cannot be moved"
             skipped[name] = {"modules": [path], "reason": why}
             continue
-        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
+        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches, pairs="diag")[
+            name
+        ]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
         t_mu, t_sd = targets[name]
         live = f_sd > eps

@@ -149,11 +149,12 @@ def partial_conv2d_ref(x, weight_blocks, bias, in_layout, out_layout, stride=1, 
     return F.conv2d(x.to(torch.float64), dense, b, stride, padding, dilation)
 
 
-def accumulate_moments_ref(x, shift, s1, s2):
+def accumulate_moments_ref(x, shift, s1, s2, rects=None):
     """Float64 reference of :func:`pyfusion.ops.accumulate_moments`, in place:
     ``s1 += sum_n (x_n - c)`` (D,) and ``s2 += sum_n (x_n - c)(x_n - c)^T`` (D, D), c = ``shift``.
 
-    The full s2 is written (the engines write only its lower triangle; readers use only that).
+    The full s2 is written (the engines write only its lower triangle, or its requested ``rects`` and diagonal;
+    readers use only those), so ``rects`` changes nothing here.
     """
     import torch
 

@@ -64,6 +64,7 @@ def group_statistics(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    pairs: Sequence[tuple[int, int]] | str | None = None,
 ) -> dict[str, ActivationStats]:
     """Joint statistics of the members' activations per group (block k = member k).
 
@@ -76,6 +77,8 @@ def group_statistics(
         max_batches: stop after this many batches.
         device: move inputs there first.
         progress: show collect_stats' progress bar.
+        pairs: the member pairs (a, b) whose cross moments the caller reads, "diag" for means and variances only,
+            None (default) for all: the engine computes only those blocks (:class:`ActivationStats`).
 
     Returns:
         group -> ActivationStats with K blocks.
@@ -100,7 +103,14 @@ def group_statistics(
         dist_group = current_group()
         try:
             stats = collect_stats(
-                runners, data, points, max_batches=max_batches, device=device, progress=progress, transform=transform
+                runners,
+                data,
+                points,
+                max_batches=max_batches,
+                device=device,
+                progress=progress,
+                transform=transform,
+                pairs=pairs,
             )
         except Exception:
             if dist_group is not None:  # the other ranks must not wait for this one in the all-reduce
