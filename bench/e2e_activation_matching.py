@@ -154,7 +154,19 @@ def main() -> None:
     report.text(__doc__.split("\n\n")[1].replace("\n", " "))
     report.table(
         "activation matching",
-        ["MLP", "samples", "script s", "pyfusion s", "speed-up", "trace s", "stats s", "cost s", "solve s", "objective gap", "max diff"],
+        [
+            "MLP",
+            "samples",
+            "script s",
+            "pyfusion s",
+            "speed-up",
+            "trace s",
+            "stats s",
+            "cost s",
+            "solve s",
+            "objective gap",
+            "max diff",
+        ],
         rows,
         formats={c: ".3f" for c in ("script s", "pyfusion s", "trace s", "stats s", "cost s", "solve s")}
         | {"speed-up": ".2f"},
