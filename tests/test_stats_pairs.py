@@ -105,3 +105,19 @@ def test_correlation_of_x_with_itself_and_with_another(offset):
     assert bool((cxx[7] == 0).all())
     torch.testing.assert_close(correlation(x, y), correlation_ref(x, y), rtol=0, atol=2e-6)
     torch.testing.assert_close(correlation(x[:, :40], x), correlation_ref(x[:, :40], x), rtol=0, atol=2e-6)
+
+
+def test_recentring_of_a_few_neurons_updates_their_rows_and_columns_only():
+    """One neuron jumps (dead on the first batch, offset 50 later): the O(D m) re-centring of its row and column
+    gives the float64 statistics, as the full re-centring does."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 40, generator=g)
+    x[:, 20:] += 0.5 * x[:, :20]
+    x[:200, 3] = 0.0
+    x[200:, 3] = 50.0 + torch.randn(2800, generator=g)
+    st = ActivationStats([40])
+    for lo in range(0, 3000, 200):
+        st.update(x[lo : lo + 200])
+    assert st.recentred_batches >= 1
+    torch.testing.assert_close(st.corr(), correlation_ref(x, x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(st.mean(), x.double().mean(0), rtol=1e-9, atol=1e-7)

@@ -216,10 +216,19 @@ class ActivationStats:
     def _move_shift(self, new: Tensor) -> None:
         """Re-express the state about the shift ``new`` (D,), exactly in float64 (the statistics do not change):
         with d = c - c', ``s1 += N d`` and ``s2 += s1 d^T + d s1^T + N d d^T = u d^T + d u^T``, u = s1 + N d / 2
-        (only the lower triangle of s2 is read)."""
+        (only the lower triangle of s2 is read).
+
+        d is non-zero only at the neurons whose shift moved (usually a few: a neuron nearly dead on the first
+        batch), so only their rows and columns change: O(D m) for m moved neurons instead of two passes over the
+        (D, D) state (7 re-centrings cost 0.6 of 8 s of an activation matching at D = 2048 under load)."""
         d = self._shift - new  # x - new = (x - shift) + d
         u = self._s1 + d * (0.5 * self.count)
-        self._s2.addr_(u, d).addr_(d, u)
+        moved = d.nonzero().flatten()
+        if moved.numel() * 4 < self.dim:
+            dm = d[moved]
+            self._s2.index_add_(1, moved, torch.outer(u, dm)).index_add_(0, moved, torch.outer(dm, u))
+        else:
+            self._s2.addr_(u, d).addr_(d, u)
         self._s1 = self._s1 + d * self.count
         self._shift = new
 

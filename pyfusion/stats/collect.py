@@ -145,7 +145,8 @@ def collect_stats(
                             raise ValueError(
                                 f"points[{name!r}] modules {list(paths)} did not run in member {k}'s forward pass"
                             )
-                    blocks = [torch.cat(buffers[k].pop(name), dim=0) for k in range(len(models))]
+                    parts = [buffers[k].pop(name) for k in range(len(models))]
+                    blocks = [p[0] if len(p) == 1 else torch.cat(p, dim=0) for p in parts]  # one point: no copy
                     if name not in stats:
                         where = stats_device if stats_device is not None else blocks[0].device
                         stats[name] = ActivationStats([b.shape[1] for b in blocks], device=where, pairs=pairs)
