@@ -103,7 +103,7 @@ def tie_set_costs(
         u = units.pop()
         inner: dict[str, Tensor | None] = {}
         if len(names) == 1 and graph.groups[names[0]].unit_size == 1:  # one plain group: its cost as it is
-            out.append(UnitCost(names, costs[names[0]].detach().cpu().double(), {names[0]: None}))
+            out.append(UnitCost(names, costs[names[0]].detach().cpu().double().contiguous(), {names[0]: None}))
             continue
         total = torch.zeros(u, u, dtype=torch.float64)
         for name, c in costs.items():

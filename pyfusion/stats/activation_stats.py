@@ -355,7 +355,8 @@ class ActivationStats:
         if sa.start >= sb.stop:  # strictly below the diagonal
             return self._s2[sa, sb].clone()
         if sb.start >= sa.stop:  # strictly above: mirror of the (sb, sa) block
-            return self._s2[sb, sa].T.clone()
+            # always a copy (callers modify it in place), row-major (a plain clone() keeps the transposed strides)
+            return self._s2[sb, sa].T.clone(memory_format=torch.contiguous_format)
         lo, hi = min(sa.start, sb.start), max(sa.stop, sb.stop)
         blk = self._s2[lo:hi, lo:hi]
         full = torch.tril(blk)
