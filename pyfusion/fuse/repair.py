@@ -121,9 +121,7 @@ def repair(
                 why = f"{kind} without bias and no BatchNorm / LayerNorm after it: the mean cannot be moved"
             skipped[name] = {"modules": [path], "reason": why}
             continue
-        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches, pairs="diag")[
-            name
-        ]
+        st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
         t_mu, t_sd = targets[name]
         live = f_sd > eps
