@@ -2,6 +2,7 @@
 
 Methods (all end with a float64 (D, D) correlation, or torch.corrcoef's float32 one):
   pyfusion          ActivationStats([D]).update(X).corr(): the C++ engine (lower-triangle SYRK of shifted data)
+  ops.correlation   pyfusion.ops.correlation(X, X): the same engine through the op (the lower triangle of X alone)
   torch f32 comp.   X.T @ X and X.sum(0) in float32, then mean / covariance / correlation in float64
   torch f64 comp.   the same after X.double()
   torch.corrcoef    torch.corrcoef(X.T) (float32)
@@ -12,6 +13,10 @@ printed). Peak extra memory: in a fresh
 subprocess per (method, D), peak RSS of the call (VmHWM reset by /proc/self/clear_refs) minus the RSS before it.
 Error: max |corr - float64 two-pass reference| on "offset" data X = 1e3 + 1e-2 * Z (Z correlated Gaussian)
 and on "plain" data X = Z. FLOPs: the full Gram is 2 N D^2; the engine computes the lower triangle only.
+
+Cross table (the case fusion computes: two members' activations X, Y of D neurons each, corr(X, Y) (D, D)):
+``ops.correlation(X, Y)``, ``ActivationStats([D, D], pairs=[(0, 1)])`` (the cross block and the diagonal only) and
+the float32 torch composite ``X.T @ Y`` + column sums and squares, float64 finalize.
 
 Usage: python bench/bench_correlation.py [--quick] [--out bench/results/correlation_cpu.md]
 """
@@ -34,7 +39,14 @@ if ROOT not in sys.path:
 
 from common import Report, output_path  # noqa: E402
 
-METHODS = ["pyfusion", "torch f32 composite", "torch f64 composite", "torch.corrcoef", "numpy.corrcoef"]
+METHODS = [
+    "pyfusion",
+    "ops.correlation",
+    "torch f32 composite",
+    "torch f64 composite",
+    "torch.corrcoef",
+    "numpy.corrcoef",
+]
 
 
 def make_data(n: int, d: int, offset: bool, seed: int = 0) -> torch.Tensor:
@@ -58,6 +70,10 @@ def run_method(name: str, x: torch.Tensor):
         from pyfusion.stats import ActivationStats
 
         return ActivationStats([x.shape[1]]).update(x).corr()
+    if name == "ops.correlation":
+        from pyfusion.ops import correlation
+
+        return correlation(x, x)
     if name == "torch f32 composite":
         return _finalize64(x.T @ x, x.sum(0), n)
     if name == "torch f64 composite":
@@ -68,6 +84,33 @@ def run_method(name: str, x: torch.Tensor):
     if name == "numpy.corrcoef":
         return torch.from_numpy(np.corrcoef(x.numpy().T))
     raise ValueError(f"unknown method {name!r}")
+
+
+CROSS_METHODS = ["ops.correlation(X, Y)", "ActivationStats pairs", "torch f32 composite"]
+
+
+def run_cross(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    if name == "ops.correlation(X, Y)":
+        from pyfusion.ops import correlation
+
+        return correlation(x, y)
+    if name == "ActivationStats pairs":
+        from pyfusion.stats import ActivationStats
+
+        return ActivationStats([x.shape[1], y.shape[1]], pairs=[(0, 1)]).update([x, y]).corr(0, 1)
+    if name == "torch f32 composite":
+        mx, my = x.sum(0).double() / n, y.sum(0).double() / n
+        cov = (x.T @ y).double() / n - torch.outer(mx, my)
+        vx = ((x * x).sum(0).double() / n - mx * mx).clamp_min(0).sqrt()
+        vy = ((y * y).sum(0).double() / n - my * my).clamp_min(0).sqrt()
+        return cov / torch.outer(vx, vy).clamp_min(1e-300)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def reference_cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return (xc.T @ yc) / torch.outer(xc.norm(dim=0), yc.norm(dim=0))
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +137,7 @@ def time_methods(x: torch.Tensor, repeats: int, ref: torch.Tensor | None = None)
     err = {}
     for r in range(repeats):
         for m in METHODS:
-            if r >= 2 and m not in ("pyfusion", "torch f32 composite"):
+            if r >= 2 and m not in ("pyfusion", "ops.correlation", "torch f32 composite"):
                 continue
             t0 = time.perf_counter()
             out = run_method(m, x)
@@ -222,6 +265,29 @@ def main() -> None:
                  "peak extra MiB": ".1f", "err offset": ".1e", "err plain": ".1e", "load": ".1f"},
         align={"D": "left", "threads": "left"},
     )  # fmt: skip
+    cross_rows = []
+    for d in dims:
+        x, y = make_data(n, d, False, seed=1), make_data(n, d, False, seed=2)
+        ref = reference_cross(x, y)
+        with set_threads(threads[0]):
+            best: dict[str, float] = {}
+            errs: dict[str, float] = {}
+            for _ in range(repeats):
+                for m in CROSS_METHODS:
+                    t0 = time.perf_counter()
+                    out = run_cross(m, x, y)
+                    best[m] = min(best.get(m, float("inf")), time.perf_counter() - t0)
+                    errs[m] = (out.double() - ref).abs().max().item()
+        for m in CROSS_METHODS:
+            cross_rows.append([d, threads[0], m, best[m], best["torch f32 composite"] / best[m], errs[m]])
+            print(f"cross D={d} {m:24s} {best[m]:.4f}s x{best['torch f32 composite'] / best[m]:.2f}")
+    report.table(
+        "cross (two members)",
+        ["D each", "threads", "method", "time (s)", "speedup vs f32 composite", "err"],
+        cross_rows,
+        formats={"time (s)": ".4f", "speedup vs f32 composite": "{:.2f}x".format, "err": ".1e"},
+        align={"D each": "left", "threads": "left"},
+    )
     ok_speed = all(sp >= 1.2 for d, t, m, tm, sp, *_ in rows if m == "pyfusion")
     ok_err = all(eo <= 1e-6 for d, t, m, tm, sp, gf, mb, eo, *_ in rows if m == "pyfusion")
     report.text(

@@ -1,14 +1,18 @@
 """Fusion time of pyfusion's partial fusion and clustering against a direct reimplementation of the reference.
 
 1. Partial fusion of a VGG11-sized pair (widths 64-128-256-256-512-512-512-512, 3x3 convs without bias or BN,
-   max pools, 32x32 inputs, a 512 -> 10 classifier; random weights), weight features, alpha in {.25, .5, .75},
-   lambda .5. Reference (Morelli & Eckstein's ``PartialFusion``, papers.md A.3-A.5): per layer, features =
+   max pools, 32x32 inputs, a 512 -> 10 classifier; random weights) and of an MLP-1024 pair (784-1024-1024-1024-10,
+   no bias), weight features, alpha in {.25, .5, .75}, lambda .5. Reference (Morelli & Eckstein's
+   ``PartialFusion``, papers.md A.3-A.5): per layer, features =
    incoming weights with A's input side mapped through the previous backward kernel (fused inputs only),
    ``ot.dist`` squared Euclidean, POT ``ot.emd`` on the sink-augmented (n+1) x (n+1) problem with the mass
    vectors ``[(1-s)/n]*n + [s]``, ``s = alpha / (1 + alpha)``, sink-sink cost max(C)+1, kernels from the coupling,
-   and the dense [fused | isoA | isoB] block assembly with einsum / matrix products (float64). pyfusion: the whole
+   and the dense [fused | isoA | isoB] block assembly (float64), written competently: every kernel product is one
+   BLAS matrix product on the weights reshaped to matrices (the bench's former reference contracted conv weights
+   with ``np.einsum`` ellipsis subscripts, which numpy does without BLAS). pyfusion: the whole
    ``pyfusion.fuse(method="partial", features="weights")`` call (tracing, features, partial assignments, build,
-   swap to PartialConv2d / PartialLinear). The two fused networks are checked to compute the same function.
+   swap to PartialConv2d / PartialLinear). The two fused networks must give the same logits to 1e-12 (relative
+   to the largest logit; the script stops otherwise). Times: median of ``--repeats`` interleaved runs.
 2. Clustering of one group of 2 x n neurons (activation features: N samples), k = n (1 + alpha) clusters, R
    restarts. Reference: the paper's ``StochHierarchical`` made direct: per restart, randomized Ward in Python /
    numpy (Lance-Williams updates, one of the top-5 cheapest pairs sampled with softmax-like probabilities), then
@@ -51,6 +55,29 @@ def vgg11(widths, seed: int, side: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers).double().eval()
 
 
+def mlp1024(seed: int, width: int = 1024, depth: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    c = 784
+    for _ in range(depth):
+        layers += [nn.Linear(c, width, bias=False), nn.ReLU()]
+        c = width
+    layers.append(nn.Linear(c, 10, bias=False))
+    return nn.Sequential(*layers).double().eval()
+
+
+def _map_in(w: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``einsum("oi...,if->of...", w, k)`` as one matrix product: w (o, i, *s), k (i, f) -> (o, f, *s)."""
+    wm = np.moveaxis(w, 1, -1)
+    out = wm.reshape(-1, w.shape[1]) @ k
+    return np.moveaxis(out.reshape(*wm.shape[:-1], k.shape[1]), -1, 1)
+
+
+def _map_out(k: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``einsum("fa,a...->f...", k, w)`` as one matrix product: k (f, a), w (a, ...) -> (f, ...)."""
+    return (k @ w.reshape(w.shape[0], -1)).reshape(k.shape[0], *w.shape[1:])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the reference partial fusion (two members, dense)
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +111,7 @@ def reference_partial_fusion(ma: nn.Sequential, mb: nn.Sequential, alpha: float,
         else:
             fa_in, fb_in, _, _, k_back = prev
             # A's rows on its fused inputs, mapped to B's fused order through the backward kernel
-            xa = np.einsum("oi...,if->of...", wa[:, fa_in], k_back)
+            xa = _map_in(wa[:, fa_in], k_back)
             xb = wb[:, fb_in]
         if last:
             n = wa.shape[0]
@@ -106,17 +133,17 @@ def reference_partial_fusion(ma: nn.Sequential, mb: nn.Sequential, alpha: float,
             k_back_out = pf / nu_f[None, fb]  # fa x fb
         # dense assembly, input order [fused | isoA | isoB], output order [fused | isoA | isoB]
         if prev is None:
-            rows_f = lb * wb[fb] + np.einsum("fa,a...->f...", k_for, la * wa[fa])
+            rows_f = lb * wb[fb] + _map_out(k_for, la * wa[fa])
             blocks = [[rows_f], [wa[ia]], [wb[ib]]]
         else:
             fa_in, fb_in, ia_in, ib_in, k_back = prev
 
             def cols(w, rows, c_idx, kb=None):
                 blk = w[rows][:, c_idx]
-                return blk if kb is None else np.einsum("oi...,if->of...", blk, kb)
+                return blk if kb is None else _map_in(blk, kb)
 
-            ff = lb * cols(wb, fb, fb_in) + np.einsum("fa,a...->f...", k_for, la * cols(wa, fa, fa_in, k_back))
-            fia = np.einsum("fa,a...->f...", k_for, la * cols(wa, fa, ia_in))
+            ff = lb * cols(wb, fb, fb_in) + _map_out(k_for, la * cols(wa, fa, fa_in, k_back))
+            fia = _map_out(k_for, la * cols(wa, fa, ia_in))
             fib = lb * cols(wb, fb, ib_in)
             za = np.zeros((len(ia), len(ib_in), *wa.shape[2:]))
             zb = np.zeros((len(ib), len(ia_in), *wa.shape[2:]))
@@ -211,6 +238,8 @@ def main() -> None:
         help="torch and BLAS threads for both sides (1: on the shared, loaded 2-core VM, 2 threads made torch's "
         "small reductions 10-100x slower through thread barriers)",
     )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration (median)")
+    ap.add_argument("--skip-clustering", action="store_true", help="only the partial-fusion table")
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -218,39 +247,60 @@ def main() -> None:
     limits = threadpool_limits(args.threads)  # the reference's numpy / BLAS work gets the same threads
     os.environ.setdefault("TQDM_DISABLE", "1")
     widths = [8, "M", 16, "M", 32, 32, "M", 32, 32, "M", 32, 32, "M"] if args.quick else VGG11
-    ma, mb = vgg11(widths, 0), vgg11(widths, 1)
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    width = 64 if args.quick else 1024
+    pairs = {
+        "VGG11": ((vgg11(widths, 0), vgg11(widths, 1)), torch.randn(4, 3, 32, 32, dtype=torch.float64)),
+        f"MLP-{width}": ((mlp1024(0, width), mlp1024(1, width)), torch.randn(4, 784, dtype=torch.float64)),
+    }
+    repeats = 1 if args.quick else args.repeats
     report = Report("Fusion time: pyfusion vs a direct reimplementation of the reference", quick=args.quick)
     report.text(
         f"torch and BLAS threads {torch.get_num_threads()} for both sides in the partial-fusion part; clustering: "
         "both sides with their defaults (2 threads); the machine is shared with other jobs: times are noisy."
     )
-    report.text("## Partial fusion of a VGG11-sized pair (weight features, lambda 0.5, float64)")
+    report.text(
+        "## Partial fusion (weight features, lambda 0.5, float64): pyfusion vs ot.dist + ot.emd + numpy assembly"
+    )
     fusion_rows = []
-    pyfusion.fuse([ma, mb], method="partial", alpha=0.5, features="weights")  # warm-up (imports)
-    for alpha in (0.25, 0.5, 0.75):  # alpha * n integer for every width: no mass splitting
-        t0 = time.perf_counter()
-        ref = reference_partial_fusion(ma, mb, alpha)
-        r = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ours = pyfusion.fuse([ma, mb], method="partial", alpha=alpha, features="weights")
-        o = time.perf_counter() - t0
-        inf = ours.fusion_info
-        swap = o - inf["time_method_s"] - inf["time_build_s"] - inf["time_graph_s"]
-        diff = float((ref(x) - ours.eval()(x)).abs().max())
-        fusion_rows.append([alpha, r, o, inf["time_method_s"], inf["time_build_s"], swap, r / o, diff])
-        print(fusion_rows[-1], flush=True)
+    for pair, ((ma, mb), x) in pairs.items():
+        pyfusion.fuse([ma, mb], method="partial", alpha=0.5, features="weights")  # warm-up (imports)
+        reference_partial_fusion(ma, mb, 0.5)
+        for alpha in (0.25, 0.5, 0.75):  # alpha * n integer for every width: no mass splitting
+            rs, os_, stages = [], [], []
+            for _ in range(repeats):  # interleaved: load swings hit both sides alike
+                t0 = time.perf_counter()
+                ref = reference_partial_fusion(ma, mb, alpha)
+                rs.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ours = pyfusion.fuse([ma, mb], method="partial", alpha=alpha, features="weights")
+                os_.append(time.perf_counter() - t0)
+                inf = ours.fusion_info
+                swap = os_[-1] - inf["time_method_s"] - inf["time_build_s"] - inf["time_graph_s"]
+                stages.append((inf["time_graph_s"], inf["time_method_s"], inf["time_build_s"], swap))
+            with torch.no_grad():
+                want, got = ref(x), ours.eval()(x)
+            diff = float((want - got).abs().max())
+            rel = diff / float(want.abs().max())
+            if rel > 1e-12:
+                raise SystemExit(f"{pair} alpha {alpha}: logits differ by {diff:.2e} ({rel:.1e} relative)")
+            r, o = float(np.median(rs)), float(np.median(os_))
+            st = [float(np.median([s_[i] for s_ in stages])) for i in range(4)]
+            fusion_rows.append([pair, alpha, r, o, *st, r / o, diff, rel])
+            print(fusion_rows[-1], flush=True)
     report.table(
         "partial_fusion",
-        ["alpha", "reference (ot.emd + dense assembly) s", "pyfusion.fuse s", "matching s", "build s", "swap s",
-         "speed-up", "max abs diff of logits"],
+        ["pair", "alpha", "reference (ot.emd + numpy assembly) s", "pyfusion.fuse s", "trace s", "matching s",
+         "build s", "swap s", "speed-up", "max abs diff of logits", "relative"],
         fusion_rows,
-        formats={"alpha": "g", "reference (ot.emd + dense assembly) s": ".2f", "pyfusion.fuse s": ".2f",
-                 "matching s": ".2f", "build s": ".2f", "swap s": ".2f", "speed-up": "{:.1f}x".format,
-                 "max abs diff of logits": ".1e"},
+        formats={"alpha": "g", "reference (ot.emd + numpy assembly) s": ".3f", "pyfusion.fuse s": ".3f",
+                 "trace s": ".3f", "matching s": ".3f", "build s": ".3f", "swap s": ".3f",
+                 "speed-up": "{:.2f}x".format, "max abs diff of logits": ".1e", "relative": ".1e"},
     )  # fmt: skip
     limits.restore_original_limits()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.skip_clustering:
+        report.write(output_path(args.out, "partial_fusion_time.md", args.quick))
+        return
     report.text("## Clustering one group (2 x n neurons, activation features), k = n (1 + alpha)")
     from pyfusion.ops import weighted_kmeans
 

@@ -1,6 +1,7 @@
 // pybind11 bindings of the correlation engine. Buffers travel as integer addresses (data_ptr) plus sizes and
 // strides, so the module stays torch-free; the Python wrapper (pyfusion.stats) owns and validates them.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -36,17 +37,20 @@ void bind_correlation(py::module_& m) {
   m.def(
       "corr_accumulate",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d, uintptr_t shift,
-         uintptr_t s1, uintptr_t s2, int threads, const std::string& isa) {
+         uintptr_t s1, uintptr_t s2, int threads, const std::string& isa, const std::vector<int64_t>& rects) {
         const corr::Isa which = parse_isa(isa);
         const corr::DType dt = parse_dtype(dtype);
         py::gil_scoped_release release;
         return corr::accumulate_cpu(ptr<const void>(x), dt, n, d, stride_n, stride_d, ptr<const double>(shift),
-                                    ptr<double>(s1), ptr<double>(s2), threads, which);
+                                    ptr<double>(s1), ptr<double>(s2), threads, which, rects);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("stride_n"), py::arg("stride_d"),
       py::arg("shift"), py::arg("s1"), py::arg("s2"), py::arg("threads") = 0, py::arg("isa") = "auto",
+      py::arg("rects") = std::vector<int64_t>{},
       "Add rows of x (n, d) shifted by `shift` (d,) to s1 (d,) and the lower triangle of s2 (d, d), float64, in "
-      "place. Addresses are integers (tensor.data_ptr()); strides in elements. Returns the micro-kernel name.");
+      "place. Addresses are integers (tensor.data_ptr()); strides in elements. `rects` [r0, r1, c0, c1, ...]: "
+      "accumulate only the diagonal macro blocks and those meeting these rectangles of the lower triangle (empty: "
+      "all). Returns the micro-kernel name.");
   m.def("corr_best_isa", &corr::best_isa, "The micro-kernel the CPU path uses by default");
 #ifdef PYFUSION_HAS_CUDA
   m.def(

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pyfusion {
 namespace correlation {
@@ -21,9 +22,14 @@ enum class Isa : int { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
 
 // Adds the rows of x (n x d, element (i, j) at x[i * stride_n + j * stride_d], strides in elements) to the
 // state: s1 += sum_i (x_i - shift), lower(s2) += sum_i (x_i - shift)(x_i - shift)^T.
+// `rects` (4 integers per rectangle: rows [r0, r1) x columns [c0, c1), inside the lower triangle) restricts the
+// work: empty = the whole lower triangle; else only the diagonal macro blocks (every variance) and those meeting a
+// rectangle are accumulated, so the entries of the requested rectangles and of the diagonal are valid and the
+// others are left as they were (a cross block of two members costs one GEMM instead of the SYRK of both).
 // Returns the name of the micro-kernel used.
 std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
-                           const double* shift, double* s1, double* s2, int threads, Isa isa);
+                           const double* shift, double* s1, double* s2, int threads, Isa isa,
+                           const std::vector<int64_t>& rects = {});
 
 // The best micro-kernel this CPU supports ("avx512", "avx2" or "scalar").
 std::string best_isa();

@@ -362,15 +362,24 @@ PF_VARIANT(VarAvx2, __attribute__((target("avx2,fma,f16c"))), 6, 16, kernel_avx2
 
 template <typename V, typename T>
 void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1, double* s2,
-         int threads) {
+         int threads, const std::vector<int64_t>& rects) {
   constexpr int MR = V::MR, NR = V::NR;
   const int64_t npanels = (d + kPanelW - 1) / kPanelW;
   const int64_t nmacro = (d + kMacro - 1) / kMacro;
-  // Lower-triangle macro blocks (bi >= bj); the dynamic schedule evens out the half-empty diagonal ones.
+  // Lower-triangle macro blocks (bi >= bj); the dynamic schedule evens out the half-empty diagonal ones. With
+  // `rects`, only the diagonal blocks and those meeting a requested rectangle (see accumulate_cpu).
   std::vector<std::pair<int32_t, int32_t>> blocks;
   blocks.reserve(static_cast<size_t>(nmacro * (nmacro + 1) / 2));
+  auto wanted = [&](int64_t bi, int64_t bj) {
+    if (rects.empty() || bi == bj) return true;
+    const int64_t i0 = bi * kMacro, i1 = std::min(d, i0 + kMacro), j0 = bj * kMacro, j1 = std::min(d, j0 + kMacro);
+    for (size_t r = 0; r + 3 < rects.size(); r += 4)
+      if (i0 < rects[r + 1] && rects[r] < i1 && j0 < rects[r + 3] && rects[r + 2] < j1) return true;
+    return false;
+  };
   for (int64_t bi = 0; bi < nmacro; ++bi)
-    for (int64_t bj = 0; bj <= bi; ++bj) blocks.emplace_back(static_cast<int32_t>(bi), static_cast<int32_t>(bj));
+    for (int64_t bj = 0; bj <= bi; ++bj)
+      if (wanted(bi, bj)) blocks.emplace_back(static_cast<int32_t>(bi), static_cast<int32_t>(bj));
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
 
   const int64_t dp = npanels * kPanelW;
@@ -460,7 +469,7 @@ void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double*
 
 template <typename T>
 std::string dispatch_isa(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1,
-                         double* s2, int threads, Isa isa) {
+                         double* s2, int threads, Isa isa, const std::vector<int64_t>& rects) {
   if (isa == Isa::kAuto) {
     const std::string best = best_isa();
     isa = best == "avx512" ? Isa::kAvx512 : best == "avx2" ? Isa::kAvx2 : Isa::kScalar;
@@ -468,19 +477,19 @@ std::string dispatch_isa(const T* x, int64_t n, int64_t d, int64_t sn, int64_t s
 #ifdef PF_X86
   if (isa == Isa::kAvx512) {
     PF_CHECK(__builtin_cpu_supports("avx512f"), "correlation: isa='avx512' requested but this CPU lacks AVX-512F");
-    run<VarAvx512, T>(x, n, d, sn, sd, shift, s1, s2, threads);
+    run<VarAvx512, T>(x, n, d, sn, sd, shift, s1, s2, threads, rects);
     return "avx512";
   }
   if (isa == Isa::kAvx2) {
     PF_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"),
              "correlation: isa='avx2' requested but this CPU lacks AVX2/FMA/F16C");
-    run<VarAvx2, T>(x, n, d, sn, sd, shift, s1, s2, threads);
+    run<VarAvx2, T>(x, n, d, sn, sd, shift, s1, s2, threads, rects);
     return "avx2";
   }
 #else
   PF_CHECK(isa == Isa::kScalar, "correlation: SIMD micro-kernels exist only on x86-64; use isa='scalar'");
 #endif
-  run<VarScalar, T>(x, n, d, sn, sd, shift, s1, s2, threads);
+  run<VarScalar, T>(x, n, d, sn, sd, shift, s1, s2, threads, rects);
   return "scalar";
 }
 
@@ -495,18 +504,25 @@ std::string best_isa() {
 }
 
 std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
-                           const double* shift, double* s1, double* s2, int threads, Isa isa) {
+                           const double* shift, double* s1, double* s2, int threads, Isa isa,
+                           const std::vector<int64_t>& rects) {
   PF_CHECK(n >= 0 && d >= 0, "correlation: x must have non-negative shape (n, d); got (", n, ", ", d, ")");
+  PF_CHECK(rects.size() % 4 == 0, "correlation: rects must hold 4 integers per rectangle; got ", rects.size());
+  for (size_t r = 0; r < rects.size(); r += 4)
+    PF_CHECK(0 <= rects[r] && rects[r] <= rects[r + 1] && rects[r + 1] <= d && 0 <= rects[r + 2] &&
+                 rects[r + 2] <= rects[r + 3] && rects[r + 3] <= d,
+             "correlation: rectangle ", r / 4, " = [", rects[r], ", ", rects[r + 1], ") x [", rects[r + 2], ", ",
+             rects[r + 3], ") is not inside [0, ", d, ")^2");
   if (n == 0 || d == 0) return best_isa();
   PF_CHECK(x != nullptr && shift != nullptr && s1 != nullptr && s2 != nullptr, "correlation: null buffer pointer");
   const int t = resolve_threads(threads);
   switch (dtype) {
     case DType::kFloat32:
-      return dispatch_isa(static_cast<const float*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa);
+      return dispatch_isa(static_cast<const float*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa, rects);
     case DType::kFloat16:
-      return dispatch_isa(static_cast<const Half*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa);
+      return dispatch_isa(static_cast<const Half*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa, rects);
     case DType::kBFloat16:
-      return dispatch_isa(static_cast<const BHalf*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa);
+      return dispatch_isa(static_cast<const BHalf*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa, rects);
   }
   fail("correlation: unknown dtype code ", static_cast<int>(dtype), " (expected 0=float32, 1=float16, 2=bfloat16)");
 }

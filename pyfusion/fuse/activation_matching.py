@@ -54,7 +54,8 @@ def activation_matching_plan(
     k_all = len(members)
     reference = check_reference(config.reference, k_all)
     t0 = time.perf_counter()
-    stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
+    pairs = [(reference, k) for k in range(k_all) if k != reference]  # the costs read these cross blocks only
+    stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches, pairs=pairs)
     t_stats = time.perf_counter() - t0
     t0 = time.perf_counter()
     states = [

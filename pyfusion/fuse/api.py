@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +17,16 @@ from pyfusion.fuse.registry import MethodSpec, get_method, method_for_config
 from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
 from pyfusion.graph import FusionGraph, trace_groups
 from pyfusion.stats.collect import batch_inputs
+from pyfusion.stats.distributed import agree, broadcast_module, check_same, reducing, world_info
 
-__all__ = ["fuse"]
+__all__ = ["DISTRIBUTED_METHODS", "fuse"]
+
+# Methods whose every data-dependent step goes through the reduced statistics (pyfusion.stats.distributed): they run
+# on several processes. Neuron interpolation ("hf", "kf", "kf_gradient") fits weights on its own Gram statistics and,
+# for kf_gradient, by gradient steps: not reduced yet, so it refuses (distributed=False runs it on each rank's shard).
+DISTRIBUTED_METHODS = frozenset(
+    {"average", "weight_matching", "activation_matching", "ot", "partial", "cluster", "prune"}
+)
 
 
 def fuse(
@@ -32,6 +41,7 @@ def fuse(
     repair: bool = False,
     bn_batches: int | None = None,
     fast_modules: bool | str = True,
+    distributed: bool = True,
     **options: Any,
 ) -> nn.Module:
     """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
@@ -66,6 +76,14 @@ def fuse(
             stays dense where a cost model predicts the dense zero-block layer faster (tiny layers); ``"always"``
             swaps every block-sparse layer that can be swapped exactly (``fusion_info["fast_decisions"]`` lists
             the layers kept dense and why).
+        distributed: with ``torch.distributed`` initialized (more than one rank: gloo on CPU, NCCL on GPU), every
+            rank passes its own calibration shard as ``data``, the statistics (activation statistics, BatchNorm
+            recalibration, REPAIR) are all-reduced over the ranks (:mod:`pyfusion.stats.distributed`), and every
+            rank returns the same fused network, the one a single process makes from the union of the shards (to
+            float64 rounding of the statistics; the parameters are then broadcast from rank 0, so the ranks' results
+            are bit-identical). Every rank must call ``fuse`` with the same members and options (checked: a
+            :class:`~pyfusion.stats.distributed.DistributedMismatchError` on every rank otherwise); ``max_batches``
+            and ``bn_batches`` count each rank's batches. ``False``: each rank fuses on its own data alone.
         **options: the method's options (e.g. ``alpha``, ``seed``, ``cost``, ``point``): the fields of its config
             class, which checks them.
 
@@ -78,24 +96,69 @@ def fuse(
             needing data without data, an unknown method, an unsupported layer (named by path and type), an invalid
             option value (naming the config field).
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
+        NotImplementedError: a distributed fusion with data by a method outside :data:`DISTRIBUTED_METHODS`.
     """
-    if not (isinstance(fast_modules, bool) or fast_modules == "always"):
-        raise ValueError(f"fast_modules must be True, False or 'always'; got {fast_modules!r}")
-    if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
-        raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
-    spec = _resolve_method(method, config)
+    world = world_info() if distributed else None
+    world = world if world is not None and world[1] > 1 else None
+    try:  # a rank whose arguments fail tells the others (they would wait for it in the first collective)
+        if not (isinstance(fast_modules, bool) or fast_modules == "always"):
+            raise ValueError(f"fast_modules must be True, False or 'always'; got {fast_modules!r}")
+        if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
+            raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
+        spec = _resolve_method(method, config)
+        method = spec.name
+        cfg = spec.make_config(options, config)
+        members = check_members(models, spec.min_members)
+        lam = check_lambdas(lambdas, len(members))
+        if spec.config is None:  # a method with a config checked its options in make_config
+            check_options(spec.fn, options, method)
+        data = prepare_data(data)
+        check_data(members, data)
+        if spec.needs_data == "yes" and data is None:
+            raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
+        if repair and data is None:
+            raise ValueError("repair=True needs calibration data")
+        if world is not None and data is not None and method not in DISTRIBUTED_METHODS:
+            raise NotImplementedError(
+                f"method {method!r} does not reduce its statistics over torch.distributed ranks yet (distributed "
+                f"methods: {', '.join(sorted(DISTRIBUTED_METHODS))}); pass distributed=False to fuse each rank's "
+                "data alone"
+            )
+    except Exception:
+        if world is not None:
+            agree(False, "the argument checks of fuse")
+        raise
+    ctx: Any = contextlib.nullcontext()
+    if world is not None:
+        agree(True, "the argument checks of fuse")
+        arch = ";".join(f"{n}:{tuple(t.shape)}" for n, t in members[0].state_dict().items())
+        check_same(
+            repr((method, cfg, options if cfg is None else None, lam, len(members), data is None, graph is None))
+            + repr((reset_bn, repair, bn_batches, fast_modules, arch)),
+            "the members' architecture, the method and its options",
+        )
+        ctx = reducing()
+    with ctx:
+        fused = _fuse(members, data, spec, cfg, lam, graph, reset_bn, repair, bn_batches, fast_modules, world, options)
+    return fused
+
+
+def _fuse(
+    members: list[nn.Module],
+    data: Any,
+    spec: MethodSpec,
+    cfg: MethodConfig | None,
+    lam: list[float],
+    graph: FusionGraph | None,
+    reset_bn: bool | str | None,
+    repair: bool,
+    bn_batches: int | None,
+    fast_modules: bool | str,
+    world: tuple[int, int] | None,
+    options: dict[str, Any],
+) -> nn.Module:
+    """:func:`fuse` after the argument checks (inside the reducing context when ``world`` is set)."""
     method = spec.name
-    cfg = spec.make_config(options, config)
-    members = check_members(models, spec.min_members)
-    lam = check_lambdas(lambdas, len(members))
-    if spec.config is None:  # a method with a config checked its options in make_config
-        check_options(spec.fn, options, method)
-    data = prepare_data(data)
-    check_data(members, data)
-    if spec.needs_data == "yes" and data is None:
-        raise ValueError(f"method {method!r} needs calibration data: pass data=DataLoader or a list of batches")
-    if repair and data is None:
-        raise ValueError("repair=True needs calibration data")
     t0 = time.perf_counter()
     if graph is None:
         # the first calibration batch to trace with (its shape is the one the statistics capture then runs; the
@@ -147,6 +210,10 @@ def fuse(
         t0 = time.perf_counter()
         info["repair"] = _repair(fused, members, graph, plan, data, max_batches=bn_batches)
         info["time_repair_s"] = time.perf_counter() - t0
+    if world is not None:
+        t0 = time.perf_counter()
+        broadcast_module(fused)  # bit-identical on every rank, whatever the ranks' float rounding
+        info["distributed"] = {"rank": world[0], "world_size": world[1], "time_broadcast_s": time.perf_counter() - t0}
     # never costlier than the ensemble (issue 14: else the exact ensemble, said in info), then execution modules
     fused, plan = finish(fused, members, graph, plan, lam, info, fast_modules=fast_modules)
     fused.fusion_plan = plan

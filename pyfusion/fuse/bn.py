@@ -36,6 +36,10 @@ each pass stopping at that BatchNorm):
 Branch slots keep their member's statistics even when they read shared input slots: they are the member's
 neurons and its normalisation. :func:`reset_bn_stats` is the plain reset of every BatchNorm (``reset_bn="all"``).
 
+Several processes (``pyfusion.fuse`` with ``torch.distributed`` initialized): every rank runs its own batches and
+the moments (recalibration) or the batch-count-weighted running averages (plain reset) are summed over the ranks,
+so every rank gets the statistics of the union of the shards.
+
 Cost: one eval pass per member, then for each BatchNorm with changed slots a pass that stops at it (the statistics
 of a BatchNorm's input depend on every BatchNorm before it, so they are measured after those are final): about
 K + L/2 forward passes for L BatchNorms, against one train-mode pass for the plain reset. Measured on the loaded
@@ -57,6 +61,7 @@ from torch import Tensor, nn
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats import batch_inputs
+from pyfusion.stats.distributed import all_reduce_sum, current_group
 
 __all__ = ["changed_slots", "has_batchnorm", "recalibrate_bn", "reset_bn_stats"]
 
@@ -117,6 +122,26 @@ class _Moments:
         return self.m2 / max(self.count - 1, 1)
 
 
+def _reduce_moments(moments: dict[str, _Moments], sizes: dict[str, int], group: Any) -> None:
+    """Combine each path's moments over the ranks of ``group``, in place (Chan et al. 1979 as sums over disjoint
+    samples: mu = sum_r n_r mu_r / n, M2 = sum_r M2_r + n_r (mu_r - mu)^2); a rank without samples adds nothing."""
+    paths = list(moments)
+    counts = torch.tensor([float(moments[p].count) for p in paths], dtype=torch.float64)
+    all_reduce_sum([counts], group)
+    for p, n in zip(paths, counts.tolist()):
+        m = moments[p]
+        if n == 0:
+            continue
+        zero = torch.zeros(sizes[p], dtype=torch.float64)
+        mean = m.mean if m.mean is not None else zero
+        weighted = (mean * m.count).clone()
+        all_reduce_sum([weighted], group)
+        mu = weighted / n
+        part = (m.m2 + (mean - mu).square() * m.count) if m.m2 is not None else zero.to(mu.device)
+        all_reduce_sum([part], group)
+        m.count, m.mean, m.m2 = int(n), mu, part
+
+
 class _Stop(Exception):
     """Ends a forward pass once the measured BatchNorm has seen its input."""
 
@@ -171,6 +196,9 @@ def _moments(model: nn.Module, paths: Sequence[str], batches: Iterable[Tensor], 
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
+    dist_group = current_group()
+    if dist_group is not None:  # every rank's paths and their order are the same (the same network)
+        _reduce_moments(moments, {p: int(m.num_features) for p, m in mods.items()}, dist_group[0])
     return moments, order
 
 
@@ -222,6 +250,11 @@ def recalibrate_bn(
     count = 0
     for x in batches:
         count += int(x.shape[0])
+    dist_group = current_group()
+    if dist_group is not None:  # the samples of all ranks (a rank with an empty shard still takes part)
+        total = torch.tensor([float(count)], dtype=torch.float64)
+        all_reduce_sum([total], dist_group[0])
+        count = int(total.item())
     if count == 0:
         raise ValueError("data is empty: cannot recalibrate BatchNorm statistics")
     member_moments = []
@@ -317,6 +350,9 @@ def reset_bn_stats(
                     x = x.to(device)
                 model(x)
                 count += int(x.shape[0])
+        dist_group = current_group()
+        if dist_group is not None:
+            count = _reduce_running_averages(bns, count, dist_group[0])
         if count == 0:
             raise ValueError("data is empty: cannot recompute BatchNorm statistics")
     except BaseException:
@@ -331,3 +367,22 @@ def reset_bn_stats(
         for m, mode in modes.items():
             m.train(mode)
     return count
+
+
+def _reduce_running_averages(bns: Sequence[nn.Module], count: int, group: Any) -> int:
+    """Combine, over the ranks of ``group``, the cumulative averages (``momentum=None``) of batch means and
+    variances the plain reset left in ``bns``: the average over all ranks' batches is the batch-count-weighted mean of
+    the ranks' averages. Returns the samples of all ranks."""
+    parts = [torch.tensor([float(count)], dtype=torch.float64)]
+    for m in bns:
+        nb = m.num_batches_tracked.to(torch.float64)
+        parts += [nb.reshape(1), m.running_mean.to(torch.float64) * nb, m.running_var.to(torch.float64) * nb]
+    all_reduce_sum(parts, group)
+    for i, m in enumerate(bns):
+        nb, rm, rv = parts[1 + 3 * i : 4 + 3 * i]
+        if nb.item() > 0:
+            with torch.no_grad():
+                m.running_mean.copy_(rm / nb)
+                m.running_var.copy_(rv / nb)
+                m.num_batches_tracked.fill_(int(nb.item()))
+    return int(parts[0].item())

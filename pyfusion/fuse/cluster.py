@@ -396,8 +396,8 @@ def prune_plan(
             fix = "pruning the ensemble mixes members' neurons; prune one network at its full width (or use cluster)"
             raise refuse_widening("prune", hit, _keep_hint(names, config) if len(active) == 1 else fix)
     if criterion == "activation_std":
-        stats = group_statistics(
-            [members[k] for k in active], graph, data, point=config.point, max_batches=config.max_batches
+        stats = group_statistics(  # the scores read variances only
+            [members[k] for k in active], graph, data, point=config.point, max_batches=config.max_batches, pairs="diag"
         )
     states = [
         dict(m.named_parameters(remove_duplicate=False)) | dict(m.named_buffers(remove_duplicate=False))

@@ -93,7 +93,8 @@ def ot_plan(
     stats = None
     if cost != "weights":
         t0 = time.perf_counter()
-        stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
+        pairs = [(reference, k) for k in range(k_all) if k != reference]  # the costs read these cross blocks only
+        stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches, pairs=pairs)
         t_stats = time.perf_counter() - t0
     uniform = isinstance(masses, str) and masses == "uniform"
     soft = not uniform or config.reg is not None  # soft maps mix neurons

@@ -214,7 +214,8 @@ def partial_plan(
     t_stats = 0.0
     if features == "activations":
         t0 = time.perf_counter()
-        stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
+        pairs = [(ref, k) for k in range(len(members)) if k != ref]  # the costs read these cross blocks only
+        stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches, pairs=pairs)
         t_stats = time.perf_counter() - t0
         states = [
             dict(m.named_parameters(remove_duplicate=False)) | dict(m.named_buffers(remove_duplicate=False))

@@ -101,8 +101,11 @@ def tie_set_costs(
         if len(units) != 1:
             raise ValueError(f"groups {names} of one tie set have different unit counts {sorted(units)}")
         u = units.pop()
-        total = torch.zeros(u, u, dtype=torch.float64)
         inner: dict[str, Tensor | None] = {}
+        if len(names) == 1 and graph.groups[names[0]].unit_size == 1:  # one plain group: its cost as it is
+            out.append(UnitCost(names, costs[names[0]].detach().cpu().double().contiguous(), {names[0]: None}))
+            continue
+        total = torch.zeros(u, u, dtype=torch.float64)
         for name, c in costs.items():
             if graph.groups[name].unit_size > 1:
                 tot, cols = solved[(p, name)]

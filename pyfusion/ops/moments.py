@@ -12,7 +12,8 @@ cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with flo
 :class:`pyfusion.stats.ActivationStats` streams batches through it.
 
 ``pyfusion::correlation`` is the Pearson correlation between the columns of x (N, Dx) and y (N, Dy): the
-moments of ``[x | y]`` from one accumulation, then the (x, y) block (backends ``cpp``, ``cuda``), or the
+moments of ``[x | y]`` from one accumulation of its cross block and diagonal (of x alone for ``correlation(x, x)``),
+then the (x, y) block (backends ``cpp``, ``cuda``), or the
 two-pass float64 :func:`pyfusion.ops.reference.correlation_ref` (``reference``, also for float64 input).
 """
 
@@ -74,17 +75,20 @@ def _kernel_args(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> tuple[int,
     )  # fmt: skip
 
 
-def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-    _ext._C.corr_accumulate(*_kernel_args(x, shift, s1, s2), torch.get_num_threads(), "auto")  # type: ignore[union-attr]
+def _acc_cpp(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> None:
+    _ext._C.corr_accumulate(  # type: ignore[union-attr]
+        *_kernel_args(x, shift, s1, s2), torch.get_num_threads(), "auto", list(rects or ())
+    )
 
 
-def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> None:
+    # the CUDA kernel accumulates the whole lower triangle (a superset of any rects)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         _ext._C.corr_accumulate_cuda(*_kernel_args(x, shift, s1, s2), stream)  # type: ignore[union-attr]
 
 
-def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> list[str]:
     why = []
     if x.dtype not in _DTYPE_CODES:
         why.append(f"x has dtype {x.dtype}; the engine takes float32, float16 or bfloat16 (float64 uses reference)")
@@ -95,14 +99,14 @@ def _layout_reasons(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[st
     return why
 
 
-def _acc_cpp_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+def _acc_cpp_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> list[str]:
     why = _layout_reasons(x, shift, s1, s2)
     if x.device.type != "cpu":
         why.append(f"x is on {x.device}, the C++ engine runs on CPU tensors")
     return why
 
 
-def _acc_cuda_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> list[str]:
+def _acc_cuda_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> list[str]:
     why = _layout_reasons(x, shift, s1, s2)
     if x.device.type != "cuda":
         why.append(f"x is on {x.device}, the CUDA kernel runs on CUDA tensors")
@@ -118,18 +122,21 @@ ACCUMULATE = Dispatcher(
         Backend("cuda", _acc_cuda, cuda_reasons, _acc_cuda_supports, "CUDA tiled SYRK with float64 atomics"),
         Backend("reference", accumulate_moments_ref, description="float64 torch matmul (also for float64 input)"),
     ],
-    arg_names=("x", "shift", "s1", "s2"),
+    arg_names=("x", "shift", "s1", "s2", "rects"),
 )
 
 
 def _register_accumulate() -> None:
     @torch.library.custom_op("pyfusion::accumulate_moments", mutates_args=("s1", "s2"))
-    def _accumulate_moments_op(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> None:
-        """In place: s1 (D,) += sum (x - shift); lower triangle of s2 (D, D) += sum (x - shift)(x - shift)^T."""
-        ACCUMULATE(x, shift, s1, s2)
+    def _accumulate_moments_op(
+        x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None
+    ) -> None:
+        """In place: s1 (D,) += sum (x - shift); lower triangle of s2 (D, D) += sum (x - shift)(x - shift)^T (at
+        least the diagonal and the rectangles ``rects`` of it when given)."""
+        ACCUMULATE(x, shift, s1, s2, rects)
 
     @_accumulate_moments_op.register_fake
-    def _(x, shift, s1, s2):
+    def _(x, shift, s1, s2, rects=None):
         torch._check(x.dim() == 2 and s1.shape == (x.shape[1],), lambda: "x must be (N, D) and s1 (D,)")
         return None
 
@@ -160,7 +167,7 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> str:
+def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> str:
     """Add a batch to a shifted moment state, in place (see the module docstring).
 
     Args:
@@ -170,6 +177,10 @@ def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> str:
         s1: (D,) float64, ``+= sum_n (x_n - c)``.
         s2: (D, D) float64, lower triangle ``+= sum_n (x_n - c)(x_n - c)^T`` (the strict upper triangle is
             scratch: the engines leave it, the reference writes the full matrix).
+        rects: restrict the second moment to the diagonal and these rectangles of the lower triangle, 4 integers
+            each (rows [r0, r1) x columns [c0, c1), r0 >= c1 or the same range: e.g. the cross block of two
+            members); the other entries are unspecified afterwards (the C++ engine skips their macro blocks: the
+            cross block of two equal members costs half the lower triangle). None: the whole lower triangle.
 
     Returns:
         The name of the backend that ran (``cpp``, ``cuda`` or ``reference``).
@@ -178,28 +189,66 @@ def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> str:
         ValueError: wrong shapes, dtypes or devices (nothing is changed then).
     """
     _check_state(x, shift, s1, s2)
-    return ACCUMULATE_OP.call_with_backend(x, shift, s1, s2)[1]
+    rl = _check_rects(rects, x.shape[1])
+    return ACCUMULATE_OP.call_with_backend(x, shift, s1, s2, rl)[1]
+
+
+def _check_rects(rects: list[int] | None, d: int) -> list[int]:
+    """``rects`` as a flat list of ints, checked: 4 per rectangle, inside [0, d) and in the lower triangle."""
+    if rects is None:
+        return []
+    rl = [int(v) for v in rects]
+    if len(rl) % 4:
+        raise ValueError(f"rects must hold 4 integers per rectangle (r0, r1, c0, c1); got {len(rl)} integers")
+    for i in range(0, len(rl), 4):
+        r0, r1, c0, c1 = rl[i : i + 4]
+        if not (0 <= r0 <= r1 <= d and 0 <= c0 <= c1 <= d) or not (r0 >= c1 or (r0, r1) == (c0, c1)):
+            raise ValueError(
+                f"rects[{i // 4}] = rows [{r0}, {r1}) x columns [{c0}, {c1}) must lie in [0, {d}) and in the lower "
+                "triangle (r0 >= c1, or a diagonal block with the same rows and columns)"
+            )
+    return rl
 
 
 # ---- correlation ---------------------------------------------------------------------------------------------
+def _same_tensor(x: Tensor, y: Tensor) -> bool:
+    return x is y or (
+        x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+    )
+
+
 def _corr_via_engine(x: Tensor, y: Tensor, accumulate) -> Tensor:
-    """Moments of [x | y] from one accumulation, then the (Dx, Dy) correlation block (population moments;
-    0 for pairs with a constant column, the :class:`pyfusion.stats.ActivationStats` rule)."""
+    """Moments of [x | y] from one accumulation of the (y, x) cross block and the diagonal only (about one GEMM of
+    x^T y, not the SYRK of [x | y]: twice the work for Dx = Dy), then the (Dx, Dy) correlation block (population
+    moments; 0 for pairs with a constant column, the :class:`pyfusion.stats.ActivationStats` rule). For
+    ``correlation(x, x)`` the lower triangle of x alone (half of x^T x: a quarter of the SYRK of [x | x])."""
     n, dx = x.shape
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+    if _same_tensor(x, y):
+        xy, rects = x, None
+    else:
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+        rects = [dx, xy.shape[1], 0, dx]
     shift = moment_shift(xy)
     d = xy.shape[1]
     s1 = torch.zeros(d, dtype=torch.float64, device=x.device)
     s2 = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    accumulate(xy, shift, s1, s2)
-    # (y, x) block: strictly below the diagonal, so it is stored; cov_xy = (s2_xy - s1_x s1_y^T / N) / N.
-    cov = s2[dx:, :dx].T.clone().addr_(s1[:dx], s1[dx:], alpha=-1.0 / n).div_(n)
+    accumulate(xy, shift, s1, s2, rects)
     mu = shift + s1 / n
     var = ((torch.diagonal(s2) - s1 * s1 / n) / n).clamp_min(0)
     std = var.sqrt()
     const = (var == 0) | (std <= CONST_RTOL * mu.abs())
     inv = torch.where(const, torch.zeros_like(std), 1.0 / torch.where(const, torch.ones_like(std), std))
+    if rects is None:  # symmetric: the lower triangle, mirrored
+        cov = torch.tril(s2)
+        cov += torch.tril(s2, -1).T
+        cov.addr_(s1, s1, alpha=-1.0 / n).div_(n)
+        cov.mul_(torch.outer(inv, inv)).clamp_(-1.0, 1.0)
+        out = torch.tril(cov)  # the lower triangle mirrored: exactly symmetric (addr_ rounds its SIMD lanes and
+        out += torch.tril(cov, -1).T  # its scalar tail differently, 1e-17 apart)
+        return out
+    # (y, x) block: strictly below the diagonal, so it is stored; cov_xy = (s2_xy - s1_x s1_y^T / N) / N.
+    cov = s2[dx:, :dx].T.clone().addr_(s1[:dx], s1[dx:], alpha=-1.0 / n).div_(n)
     return cov.mul_(inv[:dx, None]).mul_(inv[None, dx:]).clamp_(-1.0, 1.0).contiguous()
 
 

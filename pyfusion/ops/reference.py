@@ -141,11 +141,12 @@ def partial_conv2d_ref(
     return {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
 
 
-def accumulate_moments_ref(x, shift, s1, s2):
+def accumulate_moments_ref(x, shift, s1, s2, rects=None):
     """Float64 reference of :func:`pyfusion.ops.accumulate_moments`, in place:
     ``s1 += sum_n (x_n - c)`` (D,) and ``s2 += sum_n (x_n - c)(x_n - c)^T`` (D, D), c = ``shift``.
 
-    The full s2 is written (the engines write only its lower triangle; readers use only that).
+    The full s2 is written (the engines write only its lower triangle, or its requested ``rects`` and diagonal;
+    readers use only those), so ``rects`` changes nothing here.
     """
     import torch
 

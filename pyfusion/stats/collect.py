@@ -53,6 +53,7 @@ def collect_stats(
     channel_dim: int | None = None,
     progress: bool = True,
     stats_device: torch.device | str | None = None,
+    pairs: Sequence[tuple[int, int]] | str | None = None,
 ) -> dict[str, ActivationStats]:
     """Run every member on the same batches and stream hooked activations into per-point statistics.
 
@@ -70,6 +71,8 @@ def collect_stats(
             conv maps, last for 3-D token sequences).
         progress: show a tqdm progress bar over the batches.
         stats_device: where the statistics live (default: the device of the first captured activation).
+        pairs: the member pairs whose cross moments are needed (:class:`ActivationStats`; "diag": means and
+            variances only; None: all).
 
     Returns:
         name -> ActivationStats with K blocks (block k = member k's neurons).
@@ -142,10 +145,11 @@ def collect_stats(
                             raise ValueError(
                                 f"points[{name!r}] modules {list(paths)} did not run in member {k}'s forward pass"
                             )
-                    blocks = [torch.cat(buffers[k].pop(name), dim=0) for k in range(len(models))]
+                    parts = [buffers[k].pop(name) for k in range(len(models))]
+                    blocks = [p[0] if len(p) == 1 else torch.cat(p, dim=0) for p in parts]  # one point: no copy
                     if name not in stats:
                         where = stats_device if stats_device is not None else blocks[0].device
-                        stats[name] = ActivationStats([b.shape[1] for b in blocks], device=where)
+                        stats[name] = ActivationStats([b.shape[1] for b in blocks], device=where, pairs=pairs)
                     stats[name].update(blocks)
                 if bar is not None:
                     bar.update(1)

@@ -13,6 +13,9 @@ observed too, and a tap clones the value when its node has run, so in-place ops 
 group are hooked directly, and the hooked outputs are cloned for the same reason. Samples of all points of a
 group are stacked (a residual stream is observed at every block), conv maps contribute one sample per spatial
 position.
+
+Inside :func:`pyfusion.stats.distributed.reducing` (``pyfusion.fuse`` with ``torch.distributed`` initialized), each
+rank streams its own batches, then the statistics are all-reduced: every rank gets those of the union of the shards.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.activation_stats import ActivationStats
 from pyfusion.stats.collect import collect_stats
+from pyfusion.stats.distributed import agree, current_group
 
 __all__ = ["group_points", "group_statistics"]
 
@@ -60,6 +64,7 @@ def group_statistics(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    pairs: Sequence[tuple[int, int]] | str | None = None,
 ) -> dict[str, ActivationStats]:
     """Joint statistics of the members' activations per group (block k = member k).
 
@@ -72,6 +77,8 @@ def group_statistics(
         max_batches: stop after this many batches.
         device: move inputs there first.
         progress: show collect_stats' progress bar.
+        pairs: the member pairs (a, b) whose cross moments the caller reads, "diag" for means and variances only,
+            None (default) for all: the engine computes only those blocks (:class:`ActivationStats`).
 
     Returns:
         group -> ActivationStats with K blocks.
@@ -93,9 +100,27 @@ def group_statistics(
                     "post_points for them"
                 )
             transform = torch.clone  # a hooked module output may be overwritten later by an in-place op
-        return collect_stats(
-            runners, data, points, max_batches=max_batches, device=device, progress=progress, transform=transform
-        )
+        dist_group = current_group()
+        try:
+            stats = collect_stats(
+                runners,
+                data,
+                points,
+                max_batches=max_batches,
+                device=device,
+                progress=progress,
+                transform=transform,
+                pairs=pairs,
+            )
+        except Exception:
+            if dist_group is not None:  # the other ranks must not wait for this one in the all-reduce
+                agree(False, "activation statistics", dist_group[0])
+            raise
+        if dist_group is not None:
+            agree(True, "activation statistics", dist_group[0])
+            for g in wanted:  # the same order on every rank
+                stats[g].all_reduce(dist_group[0])
+        return stats
     finally:
         for mm in modes:
             for m, mode in mm.items():
