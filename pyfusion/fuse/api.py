@@ -20,7 +20,7 @@ from pyfusion.stats.collect import batch_inputs
 __all__ = ["fuse"]
 
 # methods whose plans respect units, ties and segments of the IR (the others assume MLP / VGG / ResNet groups)
-IR_METHODS = {"average"}
+IR_METHODS = {"average", "hf", "kf", "kf_gradient"}
 
 
 def fuse(
