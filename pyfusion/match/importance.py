@@ -203,6 +203,23 @@ def _target(logits: Tensor, y: Tensor) -> Tensor:
     return logits.gather(-1, y[..., None].long()).sum()
 
 
+def _grads(target: Tensor, vals: Sequence[Any]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The values (copies concatenated) and d target / d value (None where the target does not depend on it)."""
+    flat = [t for v in vals for t in (v if isinstance(v, (list, tuple)) else [v])]
+    gs = torch.autograd.grad(target, flat, allow_unused=True)
+    out_v, out_g, i = [], [], 0
+    for v in vals:
+        parts = list(v) if isinstance(v, (list, tuple)) else [v]
+        g = gs[i : i + len(parts)]
+        i += len(parts)
+        out_v.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        if all(x is None for x in g):
+            out_g.append(None)
+        else:
+            out_g.append(torch.cat([torch.zeros_like(p) if x is None else x for p, x in zip(parts, g)]))
+    return out_v, out_g
+
+
 def attribute(
     forward: Callable[[Sequence[float]], tuple[Tensor, Sequence[Tensor]]],
     y: Tensor | None,
@@ -216,7 +233,8 @@ def attribute(
         forward: ``alphas -> (logits, values)``: runs the model on its inputs scaled by each alpha (the conductance
             path from the zero baseline; ``[1.0]`` is the plain forward), the copies stacked alpha-major along dim
             0, and returns the logits and the observed values, which must be part of the autograd graph when
-            gradients are enabled (e.g. through a zero probe that requires grad).
+            gradients are enabled (e.g. through a zero probe that requires grad). A value may also be given as a
+            list of the graph tensors of consecutive copies (a forward that runs the copies one by one).
         y: target classes (the logits' shape without its last dim, for one copy), or None for ``argmax logits``.
         method: "uniform" (ones), "activation_gradient" or "conductance" (see the module docstring).
         n_steps: conductance Riemann intervals.
@@ -228,20 +246,20 @@ def attribute(
     if method == "uniform":
         with torch.no_grad():
             _logits, vals = forward([1.0])
-        return [torch.ones_like(v) for v in vals]
+        return [torch.ones_like(torch.cat(list(v)) if isinstance(v, (list, tuple)) else v) for v in vals]
     if y is None:
         with torch.no_grad():
             y = forward([1.0])[0].argmax(-1)
     if method == "activation_gradient":
         with torch.enable_grad():
             logits, vals = forward([1.0])
-            grads = torch.autograd.grad(_target(logits, y), list(vals), allow_unused=True)
+            vals, grads = _grads(_target(logits, y), vals)
         return [(a * (g if g is not None else 0.0)).detach() for a, g in zip(vals, grads)]
     steps = int(n_steps)
     with torch.enable_grad():
         logits, vals = forward([m / steps for m in range(steps + 1)])
         yy = y.repeat(steps + 1, *([1] * (y.dim() - 1)))
-        grads = torch.autograd.grad(_target(logits, yy), list(vals), allow_unused=True)
+        vals, grads = _grads(_target(logits, yy), vals)
     out = []
     for a, g in zip(vals, grads):
         a = a.detach().reshape(steps + 1, -1, *a.shape[1:])

@@ -375,6 +375,8 @@ class _Interp:
         t0 = time.perf_counter()
         parts: dict[str, list[PairParts]] = {}
         points: dict[str, Tensor] = {}
+        groups = [self.graph.groups[g] for g in ts]
+        pairwise = self.method == "hf" or len(ts) > 1 or any(g.unit_size > 1 for g in groups)
         for f in step.fits:
             if not any(s.group in ts for s in f.segments):
                 continue
@@ -390,11 +392,13 @@ class _Interp:
                 wv = [w[:, idx] for w in ws]
                 cv = [c[:, idx] for c in st.cs]
                 nv = [ns[idx] for ns in st.ns]
-                pk = [ls_pair_parts(st.g, wv[0], cv[0], nv[0], wv[k], cv[k], nv[k]) for k in range(1, self.k)]
                 g = seg.group
-                parts[g] = pk if g not in parts else [a + b for a, b in zip(parts[g], pk)]
-                pg = ls_points_gram(st.g, torch.cat(wv, 1))
-                points[g] = pg if g not in points else points[g] + pg
+                if pairwise:  # HF pair costs (member 0 vs k)
+                    pk = [ls_pair_parts(st.g, wv[0], cv[0], nv[0], wv[k], cv[k], nv[k]) for k in range(1, self.k)]
+                    parts[g] = pk if g not in parts else [a + b for a, b in zip(parts[g], pk)]
+                else:  # KF points: the Gram of every member's LS predictions
+                    pg = ls_points_gram(st.g, torch.cat(wv, 1))
+                    points[g] = pg if g not in points else points[g] + pg
         self.times["solve_s"] += time.perf_counter() - t0
         return parts, points
 

@@ -68,7 +68,7 @@ def group_scores(
                 logits.append(out[prog.logits])
                 for i, t in enumerate(points):
                     vals[i].append(out[t])
-            return torch.cat(logits), [torch.cat(v) for v in vals]
+            return torch.cat(logits), vals
 
         attrs = attribute(forward, y, method=method, n_steps=n_steps)
         for t, a in zip(points, attrs):
