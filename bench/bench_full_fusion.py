@@ -24,8 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 import pyfusion
 from pyfusion import models
-from pyfusion.graph import trace_groups
-from pyfusion.match.align import permute_state
+from pyfusion.graph import permuted_state, trace_groups
 from pyfusion.stats import as_samples, batch_inputs
 from pyfusion.stats.groups import group_points
 
@@ -101,7 +100,7 @@ def peer_ot(members, graph, data):
 
 def _average_permuted(members, graph, perms):
     sa = {k: v.detach() for k, v in members[0].state_dict().items()}
-    sb = permute_state({k: v.detach() for k, v in members[1].state_dict().items()}, graph, perms)
+    sb = permuted_state({k: v.detach() for k, v in members[1].state_dict().items()}, graph, perms)
     return {k: (sa[k] + sb[k]) / 2 if torch.is_floating_point(sa[k]) else sa[k] for k in sa}
 
 

@@ -11,12 +11,18 @@ Data regimes (neuron-interpolation fusion, Luenam et al. 2025, ``utils/dataset_u
   concentrations are ``linspace(1, 5, K)`` shuffled independently per class, so every member is
   rich in some classes and poor in others;
 * sharded: disjoint class subsets per member.
+
+Text (character-level language models, offline): :func:`local_text_corpus` reads documents that every
+Debian / Ubuntu system carries (the license texts under ``/usr/share/common-licenses``; fallback: the
+Python standard library's sources), :func:`char_vocab` / :func:`encode_chars` map characters to ids and
+:func:`token_windows` cuts an id sequence into ``(input, next-token target)`` windows.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import sysconfig
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,17 +30,21 @@ import torch
 
 __all__ = [
     "class_balanced_indices",
+    "char_vocab",
     "class_shares",
     "dirichlet_concentrations",
     "dirichlet_split",
+    "encode_chars",
     "load_digits",
     "load_fashion_mnist",
     "load_idx_dataset",
     "load_mnist",
+    "local_text_corpus",
     "make_loader",
     "read_idx",
     "shard_split",
     "subset",
+    "token_windows",
 ]
 
 _IDX_FILES = {
@@ -333,3 +343,109 @@ def make_loader(
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen
     )
+
+
+LICENSE_DIR = "/usr/share/common-licenses"
+
+
+def local_text_corpus(
+    directory: str | None = LICENSE_DIR, fallback_chars: int = 300_000
+) -> tuple[list[tuple[str, str]], str]:
+    """Documents readable on this machine without a download, for character-level language models.
+
+    The regular files of ``directory`` (default ``/usr/share/common-licenses``: GPL, LGPL, Apache, MPL, ...;
+    symbolic links such as ``GPL -> GPL-3`` are skipped, so no text appears twice), sorted by name. When the
+    directory is missing or empty, the ``.py`` files of Python's standard library
+    (``sysconfig.get_paths()["stdlib"]``, sorted by relative path, ``test`` folders skipped) are read until
+    ``fallback_chars`` characters are collected.
+
+    Returns:
+        ``(documents, source)``: a list of ``(name, text)`` pairs (non-empty texts, UTF-8 with undecodable bytes
+        replaced) and a short description of where they came from ("licenses:<dir>" or "stdlib:<dir>").
+
+    Raises:
+        FileNotFoundError: neither source yields any text.
+    """
+    docs: list[tuple[str, str]] = []
+    if directory and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+            if text:
+                docs.append((name, text))
+        if docs:
+            return docs, f"licenses:{directory}"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    total = 0
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "idlelib", "site-packages", "__pycache__"))
+        for name in sorted(files):
+            if not name.endswith(".py") or total >= fallback_chars:
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read()[: fallback_chars - total]
+            if text:
+                docs.append((os.path.relpath(path, stdlib), text))
+                total += len(text)
+        if total >= fallback_chars:
+            break
+    if not docs:
+        raise FileNotFoundError(f"no text found in {directory!r} nor under the Python standard library {stdlib!r}")
+    return docs, f"stdlib:{stdlib}"
+
+
+def char_vocab(text: str) -> list[str]:
+    """The sorted distinct characters of ``text`` (id i is ``vocab[i]``)."""
+    return sorted(set(text))
+
+
+def encode_chars(text: str, vocab: Sequence[str]) -> torch.Tensor:
+    """Character ids of ``text`` under ``vocab`` as an int64 tensor (len(text),).
+
+    Raises:
+        ValueError: ``vocab`` has repeated entries or ``text`` holds a character outside it (named).
+    """
+    index = {c: i for i, c in enumerate(vocab)}
+    if len(index) != len(vocab):
+        raise ValueError(f"vocab must hold distinct characters; got {len(vocab)} entries, {len(index)} distinct")
+    unknown = set(text) - index.keys()
+    if unknown:
+        raise ValueError(f"text holds characters outside the vocabulary: {sorted(unknown)[:10]!r}")
+    return torch.tensor([index[c] for c in text], dtype=torch.int64)
+
+
+def token_windows(ids: torch.Tensor, context: int, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a token sequence into language-model windows: ``x[w] = ids[s : s + T]``, ``y[w] = ids[s + 1 : s + T + 1]``
+    for ``s = w * stride`` (every window whole; the tail shorter than T + 1 is dropped).
+
+    With ``stride = context`` (the default) the windows tile the sequence: every token of ``ids[1 : W * T + 1]``
+    is a target exactly once (the evaluation windows); a smaller stride gives overlapping training windows.
+
+    Args:
+        ids: (L,) int64 token ids.
+        context: T >= 1.
+        stride: >= 1, default ``context``.
+
+    Returns:
+        ``(x, y)``, both int64 (W, T) with W = (L - T - 1) // stride + 1 (0 when L <= T).
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D (L,); got shape {tuple(ids.shape)}")
+    if int(context) != context or context < 1:
+        raise ValueError(f"context must be an integer >= 1; got {context}")
+    step = context if stride is None else stride
+    if int(step) != step or step < 1:
+        raise ValueError(f"stride must be an integer >= 1; got {stride}")
+    n = ids.numel()
+    if n <= context:
+        empty = torch.zeros((0, context), dtype=torch.int64)
+        return empty, empty.clone()
+    starts = torch.arange(0, n - context, step)
+    offsets = torch.arange(context)
+    x = ids[starts[:, None] + offsets]
+    y = ids[starts[:, None] + offsets + 1]
+    return x.long(), y.long()

@@ -12,34 +12,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyfusion.graph import permuted_state, trace_groups
+from pyfusion.graph import FusionGraph, permuted_state, random_group_permutations, trace_groups
 
 __all__ = ["permuted_copy", "randomize_batchnorm"]
 
 
-def permuted_copy(model: nn.Module, generator: torch.Generator | None = None, example_inputs: Any = None) -> nn.Module:
+def permuted_copy(
+    model: nn.Module,
+    generator: torch.Generator | None = None,
+    example_inputs: Any = None,
+    *,
+    graph: FusionGraph | None = None,
+    return_permutations: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, torch.Tensor]]:
     """A deep copy of ``model`` (in eval mode) with the neurons of every traced group randomly permuted: whole
-    units (attention heads) with one permutation per tie set, inner dims per unit where they are free.
+    units (attention heads) with one permutation per tie set, inner dims per unit where they are free
+    (:func:`pyfusion.graph.random_group_permutations`: derangements, so every neuron moves).
 
     Args:
         model: the network (not modified).
         generator: random source of the permutations (default: torch's global generator).
         example_inputs: inputs to trace with (see :func:`pyfusion.graph.trace_groups`; synthesized when omitted).
+        graph: the model's groups, when the caller traced them already (``example_inputs`` is then not used).
+        return_permutations: also return the permutations (group -> slot -> neuron of ``model``).
     """
-    graph = trace_groups(model, example_inputs)
-    perm: dict[str, torch.Tensor] = {}
-    for names in graph.tie_sets():
-        first = graph.groups[names[0]]
-        if len(names) == 1 and first.unit_size == 1:
-            perm[names[0]] = torch.randperm(first.size, generator=generator)
-            continue
-        units = torch.randperm(first.units, generator=generator)
-        for name in names:
-            g = graph.groups[name]
-            inner = None
-            if g.unit_size > 1:
-                inner = torch.stack([torch.randperm(g.unit_size, generator=generator) for _ in range(g.units)])
-            perm[name] = g.neuron_permutation(units, inner)
+    graph = trace_groups(model, example_inputs) if graph is None else graph
+    perm = random_group_permutations(graph, generator)
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
     new = permuted_state({k: v.detach() for k, v in state.items()}, graph, perm)
@@ -49,7 +47,8 @@ def permuted_copy(model: nn.Module, generator: torch.Generator | None = None, ex
     with torch.no_grad():
         for k, v in new.items():
             own[k].copy_(v)
-    return out.eval()
+    out = out.eval()
+    return (out, perm) if return_permutations else out
 
 
 def randomize_batchnorm(model: nn.Module) -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -10,7 +9,8 @@ from torch import nn
 
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.plan import Plan
-from pyfusion.graph import permuted_state, random_group_permutations, trace_groups
+from pyfusion.graph import trace_groups
+from pyfusion.testing import permuted_copy
 
 
 def outputs(y):
@@ -56,17 +56,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
 
 def permuted_twin(model: nn.Module, graph, seed: int = 1):
     """A copy of ``model`` with every group permuted (units and inner dims too), and the permutations used."""
-    perms = random_group_permutations(graph, torch.Generator().manual_seed(seed))
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(dict(model.named_buffers(remove_duplicate=False)))
-    new = permuted_state({k: v.detach() for k, v in state.items()}, graph, perms)
-    twin = copy.deepcopy(model)
-    own = dict(twin.named_parameters(remove_duplicate=False))
-    own.update(dict(twin.named_buffers(remove_duplicate=False)))
-    with torch.no_grad():
-        for k, v in new.items():
-            own[k].copy_(v)
-    return twin, perms
+    return permuted_copy(model, torch.Generator().manual_seed(seed), graph=graph, return_permutations=True)
 
 
 def check_permuted_copy(model: nn.Module, x, graph=None, tol: float = 1e-10, twin_tol: float = 1e-10):

@@ -173,8 +173,8 @@ def test_partial_layout_with_the_permuted_copy_is_the_model(name):
 
 @pytest.mark.skipif("bert" not in HF, reason="transformers is not installed")
 def test_fuse_api_on_a_hugging_face_model():
-    """``pyfusion.fuse`` traces (inputs from the config), verifies and builds; methods that do not know units / ties
-    yet refuse loudly instead of fusing heads neuron by neuron."""
+    """``pyfusion.fuse`` traces (inputs from the config), verifies and builds; the aligning methods move whole heads
+    (a permuted copy, heads included, comes back)."""
     import pyfusion
 
     factory, x = HF["bert"]
@@ -183,5 +183,9 @@ def test_fuse_api_on_a_hugging_face_model():
     q = "bert.encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(fused.state_dict()[q], (a.state_dict()[q] + b.state_dict()[q]) / 2)
     assert fused(*x).logits.shape == (2, 3)
-    with pytest.raises(ValueError, match=r"method 'weight_matching' does not handle head groups"):
-        pyfusion.fuse([a, b], method="weight_matching")
+    from pyfusion.testing import permuted_copy
+
+    twin = permuted_copy(a, torch.Generator().manual_seed(0))
+    back = pyfusion.fuse([a, twin], method="weight_matching").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(*x).logits, a(*x).logits, rtol=1e-5, atol=1e-5)

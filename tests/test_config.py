@@ -19,7 +19,8 @@ DEFAULTS = {
     "average": {},
     "weight_matching": {"seed": 0, "max_iter": 100, "max_rounds": 20},
     "activation_matching": {"cost": "correlation", "point": "post", "reference": 0, "max_batches": None},
-    "ot": {"cost": None, "masses": "uniform", "point": "post", "reference": 0, "max_batches": None},
+    "ot": {"cost": None, "masses": "uniform", "point": "post", "reference": 0, "max_batches": None, "reg": None,
+           "max_iter": 10_000, "tol": 1e-9},  # fmt: skip
     "partial": {
         "alpha": 0.5, "features": None, "cost": None, "point": "post", "reference": 0, "sweeps": 10,
         "max_batches": None,

@@ -12,8 +12,7 @@ from torch import nn
 from pyfusion import models
 from pyfusion.fuse.builder import build, fused_tensors
 from pyfusion.fuse.plan import GroupPlan, Plan
-from pyfusion.graph import AxisRef, UnsupportedModuleError, declare_groups, trace_groups
-from pyfusion.match.align import permute_state
+from pyfusion.graph import AxisRef, UnsupportedModuleError, declare_groups, permuted_state, trace_groups
 
 
 @pytest.fixture(autouse=True)
@@ -263,7 +262,7 @@ def test_permute_state_preserves_function():
     perm = {n: torch.randperm(gr.size) for n, gr in g.groups.items()}
     st = {k: v.detach() for k, v in list(m.named_parameters()) + list(m.named_buffers())}
     m2 = copy.deepcopy(m)
-    m2.load_state_dict(permute_state(st, g, perm))
+    m2.load_state_dict(permuted_state(st, g, perm))
     x = torch.randn(3, 3, 8, 8)
     assert not torch.equal(m.conv1.weight, m2.conv1.weight)
     torch.testing.assert_close(m(x), m2(x), rtol=1e-5, atol=1e-5)

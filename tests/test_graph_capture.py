@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from _ir_models import CatNet, ConvLast
-from pyfusion.stats.groups import group_statistics
 from torch import nn
 
 from pyfusion import models
 from pyfusion.graph import declare_groups, trace_groups
+from pyfusion.stats.groups import group_statistics
 
 
 @pytest.fixture(autouse=True)

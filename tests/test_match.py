@@ -6,7 +6,7 @@ import torch
 
 import pyfusion
 from pyfusion.fuse.builder import build
-from pyfusion.graph import trace_groups
+from pyfusion.graph import permuted_state, trace_groups
 from pyfusion.models import mlp
 
 
@@ -89,7 +89,7 @@ def _vgg_pair():
     perm = {name: torch.randperm(g.size, generator=gen) for name, g in graph.groups.items()}
     state = {k: v.detach() for k, v in m.named_parameters()}
     inv = {name: torch.argsort(p) for name, p in perm.items()}
-    member = match.permute_state(state, graph, inv)  # member neuron inv[s] is reference neuron s ... slot s = perm
+    member = permuted_state(state, graph, inv)  # member neuron inv[s] is reference neuron s ... slot s = perm
     return graph, state, member, perm
 
 

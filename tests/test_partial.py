@@ -15,8 +15,7 @@ from torch import nn
 import pyfusion
 from pyfusion import models
 from pyfusion.fuse.partial import isolated_count, resolve_alpha
-from pyfusion.graph import trace_groups
-from pyfusion.match.align import permute_state
+from pyfusion.graph import permuted_state, trace_groups
 from pyfusion.nn import PartialConv2d, PartialLinear
 from pyfusion.testing import randomize_batchnorm
 
@@ -113,7 +112,7 @@ def test_permuted_copy_is_the_model_at_every_alpha(arch, feat, opts):
     g = trace_groups(m)
     perm = {n: torch.randperm(gr.size) for n, gr in g.groups.items()}
     other = copy.deepcopy(m)
-    other.load_state_dict(permute_state(m.state_dict(), g, perm))
+    other.load_state_dict(permuted_state(m.state_dict(), g, perm))
     x = torch.randn(5, *ARCHS[arch][1], dtype=torch.float64)
     for alpha in (0.0, 0.2, 0.5, 0.7, 1.0):
         fused = _fuse([m, other], ARCHS[arch][1], alpha, feat, opts)

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from pyfusion.fuse.bn import has_batchnorm, reset_bn_stats
+from pyfusion.fuse.bn import has_batchnorm, recalibrate_bn, reset_bn_stats
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import MethodConfig
 from pyfusion.fuse.plan import Plan
@@ -19,9 +19,6 @@ from pyfusion.stats.collect import batch_inputs
 
 __all__ = ["fuse"]
 
-# methods whose plans respect units, ties and segments of the IR (the others assume MLP / VGG / ResNet groups)
-IR_METHODS = {"average", "hf", "kf", "kf_gradient"}
-
 
 def fuse(
     models: Sequence[nn.Module],
@@ -31,7 +28,7 @@ def fuse(
     config: MethodConfig | None = None,
     lambdas: Sequence[float] | None = None,
     graph: FusionGraph | None = None,
-    reset_bn: bool | None = None,
+    reset_bn: bool | str | None = None,
     repair: bool = False,
     bn_batches: int | None = None,
     fast_modules: bool = True,
@@ -51,10 +48,17 @@ def fuse(
         lambdas: member weights (default uniform), non-negative, summing to 1.
         graph: neuron groups (default: traced from ``models[0]`` with :func:`pyfusion.graph.trace_groups`, on the
             first samples of ``data``, or on synthesized inputs without data).
-        reset_bn: recompute BatchNorm running statistics on ``data`` (default: when data is given and the model
-            has BatchNorm).
+        reset_bn: recalibrate BatchNorm running statistics on ``data``: True recalibrates only the slots fusion
+            changed, relative to the members (:func:`pyfusion.fuse.bn.recalibrate_bn`: branch slots and every slot
+            that is one member's neuron keep its statistics, so alpha = 1 stays exactly the ensemble); "all"
+            recomputes every BatchNorm on the data (the plain reset, :func:`~pyfusion.fuse.bn.reset_bn_stats`);
+            False leaves the statistics the maps give; None (default): True when data is given and the model has
+            BatchNorm.
         repair: REPAIR (Jordan et al. 2023): rescale each fused neuron to the lambda-weighted mean and standard
-            deviation of its members' neurons (needs data).
+            deviation of its members' neurons (needs data). Groups it cannot correct (residual streams, a producer
+            without bias and no normalisation after it, ...) are listed with their modules and the reason in
+            ``fusion_info["repair"]["skipped"]`` and announced by a
+            :class:`~pyfusion.fuse.repair.RepairSkippedWarning`.
         bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
@@ -72,6 +76,8 @@ def fuse(
             option value (naming the config field).
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
     """
+    if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
+        raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
     spec = _resolve_method(method, config)
     method = spec.name
     cfg = spec.make_config(options, config)
@@ -93,11 +99,6 @@ def fuse(
         graph = trace_groups(members[0], example)
     else:
         graph.validate(members[0])
-    if not graph.is_simple and method not in IR_METHODS:
-        raise ValueError(
-            f"method {method!r} does not handle head groups, tied groups, segments or tied parameters yet (the "
-            f"groups of {type(members[0]).__name__} have them; issue 12 item 6); methods that do: {sorted(IR_METHODS)}"
-        )
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = spec.call(members, graph, lam, data, cfg, **options)
@@ -121,9 +122,17 @@ def fuse(
         reset_bn = data is not None and has_batchnorm(fused) and not getattr(fused, "fusion_weights_fitted", False)
     if reset_bn:
         if data is None:
-            raise ValueError("reset_bn=True needs calibration data")
+            raise ValueError(f"reset_bn={reset_bn!r} needs calibration data")
         t0 = time.perf_counter()
-        info["bn_reset_samples"] = reset_bn_stats(fused, data, max_batches=bn_batches)
+        if reset_bn == "all" or plan is None:  # without a plan nothing says which slots changed
+            info["bn_reset"] = "all" if reset_bn == "all" else "all (the method returned no plan)"
+            info["bn_reset_samples"] = reset_bn_stats(fused, data, max_batches=bn_batches)
+        else:
+            rec = recalibrate_bn(fused, members, graph, plan, data, max_batches=bn_batches)
+            info["bn_reset"] = "changed slots"
+            info["bn_reset_samples"] = rec["samples"]
+            info["bn_recalibrated"] = rec["recalibrated"]
+            info["bn_kept"] = rec["kept"]
         info["time_bn_reset_s"] = time.perf_counter() - t0
     if repair:
         from pyfusion.fuse.repair import repair as _repair

@@ -276,6 +276,11 @@ class OTConfig(MethodConfig):
         point: activation point for the activation costs ("post" or "pre").
         reference: the member whose neurons define the slots.
         max_batches: calibration batches to use.
+        reg: None (exact transport, the default) or the entropic regularisation of Sinkhorn (a float > 0, relative
+            to each group's largest ground cost; :func:`pyfusion.match.solvers.entropic_transport`): soft maps even
+            with uniform masses, approaching the exact plan as reg -> 0.
+        max_iter: Sinkhorn iterations at most (reg only; a run that stops before ``tol`` warns).
+        tol: Sinkhorn stopping tolerance on the column-marginal violation (reg only).
     """
 
     cost: str | None = None
@@ -283,6 +288,9 @@ class OTConfig(MethodConfig):
     point: str = "post"
     reference: int = 0
     max_batches: int | None = None
+    reg: float | None = None
+    max_iter: int = 10_000
+    tol: float = 1e-9
 
     def __post_init__(self) -> None:
         self._check_choice("cost", OT_COSTS, optional=True)
@@ -291,6 +299,10 @@ class OTConfig(MethodConfig):
         self._check_choice("point", POINTS)
         self._check_int("reference", 0)
         self._check_int("max_batches", 0, optional=True)
+        if self.reg is not None and not (_is_real(self.reg) and math.isfinite(float(self.reg)) and self.reg > 0):
+            self._fail("reg", "None (exact transport) or a finite number > 0 (Sinkhorn)", self.reg)
+        self._check_int("max_iter", 1)
+        self._check_real("tol", 0.0, above=True)
 
 
 PARTIAL_FEATURES = ("weights", "activations", "pcd")

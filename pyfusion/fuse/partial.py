@@ -41,6 +41,29 @@ Neuron features (each gives an (n, n) cost between the reference's and member k'
   plans start as the identity, then sweeps over the groups re-solve each group under its neighbours' current
   plans, until a sweep changes nothing (or ``sweeps``; the paper uses 10).
 
+Units and ties (attention heads; notes/IR.md §1). In a group with ``unit_size = D > 1`` (a head group) alpha counts
+*units*: ``floor(alpha * U + 0.5)`` of each member's U heads stay isolated, and every group of a tie set (the q/k
+and v/o groups of one attention layer) gets the same count, so a head is shared or a branch as a whole, with its
+q, k, v rows and its output-projection columns. Tied groups must be given the same alpha. The unit-level
+matching is the rule above applied to units (:mod:`pyfusion.match.partial`: the cost between two heads is the
+sum over the tie set's groups of the best inner matching of their within-head dims); inside a shared head the
+members' inner dims are matched, so layouts in neurons are multiples of D, and block (slot head, member head) of
+every map is a scaled permutation. A grouped-query unit is a key/value head with its query heads.
+
+Normalized groups (a residual stream read by LayerNorm / RMSNorm modules). Widening a stream is not a per-neuron
+operation, so the fused normalizer is the builder's member-view rule (:class:`pyfusion.nn.norm.MemberViewNorm`):
+``y = sum_k A_k norm_k(B_k x)``. In the terms above: member k reads its own n neurons from the slots its
+``B_k`` maps them to (its shared slots and its branch slots), normalizes them with its own module (its own
+statistics over exactly its own neurons, its own weight and bias), and the results are written back with
+``A_k``, so a shared slot of the stream receives ``sum_{k in contributors} A_k[s, j] norm_k(...)_j``, the
+renormalised-lambda combination of the contributors' normalized values, and a branch slot of member k receives
+member k's normalized value. Consequences: at alpha = 1 every member normalizes its own branch (the ensemble,
+exactly); at alpha = 0 with permutation maps this is one normalizer with the combined parameters; and a model
+fused with a neuron-permuted copy of itself is the model at every alpha (each member's view is then the model's
+stream). A stream normalized by functional code inside a bigger module (not a module of its own) cannot be
+wrapped: such a group may be permuted but not widened, and a non-zero alpha for it raises naming the module
+(set it to 0 with the dict form, ``alpha={group: 0.0, "*": a}``).
+
 The matching (costs, partial assignments, the slot rule) is :mod:`pyfusion.match.partial`; this module checks
 the options, resolves alpha per group and turns the slot structure into the maps ``A_k``, ``B_k``.
 """
@@ -57,14 +80,14 @@ import torch
 from torch import Tensor, nn
 
 from pyfusion.fuse.config import PartialConfig, alpha_number
-from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
 from pyfusion.fuse.registry import register_method
 from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.partial import PartialAssignment, partial_activation_assignments, partial_weight_assignments
 from pyfusion.stats.groups import group_statistics
 
-__all__ = ["assignment_group_plan", "isolated_count", "partial_plan", "resolve_alpha"]
+__all__ = ["assignment_group_plan", "isolated_count", "partial_plan", "resolve_alpha", "tie_set_alphas"]
 
 
 def isolated_count(alpha: float, n: int) -> int:
@@ -103,6 +126,23 @@ def resolve_alpha(alpha: Any, graph: FusionGraph) -> dict[str, float]:
         return {n: alpha_number(v, f"alpha[{i}]") for i, (n, v) in enumerate(zip(names, vals))}
     x = alpha_number(alpha, "alpha")
     return dict.fromkeys(names, x)
+
+
+def tie_set_alphas(alphas: Mapping[str, float], graph: FusionGraph) -> dict[str, float]:
+    """Per-group alpha checked to be the same for every group of a tie set (a tie set has one unit-level layout).
+
+    Raises:
+        ValueError: tied groups given different alphas (naming them).
+    """
+    for names in graph.tie_sets():
+        vals = {alphas[n] for n in names}
+        if len(vals) > 1:
+            got = ", ".join(f"{n!r}: {alphas[n]}" for n in names)
+            raise ValueError(
+                f"groups {names} are one tie set (the heads of one attention layer move together): they need the same "
+                f"alpha; got {{{got}}}"
+            )
+    return dict(alphas)
 
 
 def assignment_group_plan(asg: PartialAssignment, lambdas: Sequence[float]) -> GroupPlan:
@@ -161,20 +201,34 @@ def partial_plan(
     ref = check_reference(config.reference, k_all)
     if features == "activations" and data is None:
         raise ValueError("features='activations' needs calibration data: pass data=DataLoader or a list of batches")
-    isolated = {name: isolated_count(alphas[name], g.size) for name, g in graph.groups.items()}
-    matches_n = {name: graph.groups[name].size - isolated[name] for name in graph.groups}
+    unit_alphas = tie_set_alphas(alphas, graph)
+    # per tie set: isolated units (neurons for ordinary groups), the same for all its groups
+    iso_units = {name: isolated_count(unit_alphas[name], g.units) for name, g in graph.groups.items()}
+    for names in graph.tie_sets():
+        hit = permute_only(graph, names) if iso_units[names[0]] > 0 else None
+        if hit is not None:
+            raise refuse_widening("partial", hit, zero_hint(names, "alpha", config.alpha))
+    isolated = {name: iso_units[name] * g.unit_size for name, g in graph.groups.items()}
+    matches_n = {name: graph.groups[name].units - iso_units[name] for name in graph.groups}
     info: dict[str, Any] = {"method": "partial", "features": features, "alpha": alphas, "isolated": isolated}
     t_stats = 0.0
     if features == "activations":
         t0 = time.perf_counter()
         stats = group_statistics(members, graph, data, point=config.point, max_batches=config.max_batches)
         t_stats = time.perf_counter() - t0
-        states = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in members]
+        states = [
+            dict(m.named_parameters(remove_duplicate=False)) | dict(m.named_buffers(remove_duplicate=False))
+            for m in members
+        ]
         assigns, t_solve = partial_activation_assignments(stats, states, graph, ref, matches_n, cost)
         info["stat_rows"] = next(iter(stats.values())).count if stats else 0
     else:
         states = [
-            {n: t.detach().to("cpu", torch.float64) for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+            {
+                n: t.detach().to("cpu", torch.float64)
+                for n, t in list(m.named_parameters(remove_duplicate=False))
+                + list(m.named_buffers(remove_duplicate=False))
+            }
             for m in members
         ]
         assigns, info["sweeps"], t_solve = partial_weight_assignments(

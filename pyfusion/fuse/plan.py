@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from pyfusion.fuse.validate import all_finite
-from pyfusion.graph.groups import FusionGraph
+from pyfusion.graph.groups import FusionGraph, Normalizer
 
-__all__ = ["GroupPlan", "Plan", "unit_map"]
+__all__ = ["GroupPlan", "Plan", "permute_only", "refuse_widening", "unit_map", "zero_hint"]
 
 
 def _unit_blocks_problem(m: Tensor, d: int) -> str:
@@ -214,3 +214,31 @@ class Plan:
                                 f"tied groups {ref_name!r} and {other!r} (tie {tie!r}) need the same unit-level map; "
                                 f"{side}[{k}] differs"
                             )
+
+
+def permute_only(graph: FusionGraph, names: Sequence[str]) -> tuple[str, Normalizer] | None:
+    """The first group of ``names`` (a tie set) that is normalized by functional code, with that normalizer, or
+    None. A LayerNorm / RMSNorm / softmax over a group written inside a bigger module cannot be replaced by the
+    builder's member-view normalizer, so such a group (and its tie set) may be permuted but never widened or mixed:
+    its plan must be a permutation plan (``A_k = lambda_k P_k``, ``B_k = P_k^T``)."""
+    for name in names:
+        for nz in graph.groups[name].normalizers:
+            if not nz.wrappable:
+                return name, nz
+    return None
+
+
+def zero_hint(names: Sequence[str], option: str, value: Any, keep: float = 0.0) -> str:
+    """How to keep a tie set at full width with the dict form of ``option`` (alpha 0, or width 1.0)."""
+    rest = value.get("*", value) if isinstance(value, Mapping) else value
+    zero = ", ".join(f"{n!r}: {keep}" for n in names)
+    return f"give it {option} {keep} with the dict form, e.g. {option}={{{zero}, '*': {rest!r}}}"
+
+
+def refuse_widening(method: str, hit: tuple[str, Normalizer], fix: str) -> ValueError:
+    """The error of a method that would widen or mix a group that may only be permuted (:func:`permute_only`)."""
+    name, nz = hit
+    return ValueError(
+        f"method {method!r}: group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node {nz.node!r}), "
+        f"functional code inside that module, so the group may be permuted but not widened or mixed; {fix}"
+    )

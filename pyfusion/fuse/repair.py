@@ -9,13 +9,19 @@ The correction ``y -> (y - mu_fused) * target_sd / sd_fused + target_mu`` is fol
 the neuron: the BatchNorm / LayerNorm after the producer (weight and bias), or the producer's weight rows and
 bias when there is no normalisation. Groups are processed in forward order, each with its own pass over the
 calibration data, so that a group's statistics are measured after all earlier groups were corrected.
-Skipped (and listed in the result): residual streams (several producers add into one value, so no single
-affine map owns the sum), groups whose producer has no bias and no normalisation (the mean cannot be moved),
-and neurons that are constant on the data (standard deviation 0: left unscaled).
+Skipped, listed in the result (``fusion_info["repair"]["skipped"]``: group -> the modules and the reason) and
+announced by one :class:`RepairSkippedWarning`: residual streams (several producers add into one value, so no
+single affine map owns the sum), groups whose producer has no bias and no normalisation after it (the mean
+cannot be moved), normalisations without affine parameters, and groups the plan leaves out. Neurons that are
+constant on the data (standard deviation 0) are shifted but not scaled.
+Groups with units or segments (attention heads, packed projections: their pre-activations feed the
+attention, not a per-neuron activation) are skipped the same way. The correction is applied along each tensor's
+axis of the group (``Conv1D`` rows are inputs: its outputs are axis 1).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,7 +32,12 @@ from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.groups import group_statistics
 
-__all__ = ["repair", "repair_targets"]
+__all__ = ["RepairSkippedWarning", "repair", "repair_targets"]
+
+
+class RepairSkippedWarning(UserWarning):
+    """REPAIR left some groups uncorrected (the message and ``fusion_info["repair"]["skipped"]`` say which
+    modules and why)."""
 
 
 def repair_targets(
@@ -68,24 +79,47 @@ def repair(
         eps: a fused neuron whose standard deviation is below ``eps`` is not rescaled.
 
     Returns:
-        {"repaired": [...], "skipped": ["group: reason", ...]}.
+        ``{"repaired": [group, ...], "skipped": {group: {"modules": [module path, ...], "reason": str}}}``; when
+        something is skipped a :class:`RepairSkippedWarning` lists the same.
     """
     if plan is None:
         raise ValueError("repair needs the fusion plan (the method returned no plan)")
     targets = repair_targets(list(members), graph, plan, data, max_batches=max_batches)
-    done, skipped = [], []
+    done: list[str] = []
+    skipped: dict[str, dict[str, Any]] = {}
     for name, g in graph.groups.items():
-        if name not in targets:
-            skipped.append(f"{name}: not in the plan")
-            continue
         producers = sorted({r.module for r in g.producers})
         norms = sorted({r.module for r in g.per_neuron})
-        if len(producers) != 1 or len(norms) > 1:
-            skipped.append(f"{name}: residual stream / several producers")
+        if name not in targets:
+            skipped[name] = {"modules": producers, "reason": "not in the plan (averaged, nothing to match)"}
             continue
-        owner = fused.get_submodule(norms[0] if norms else producers[0])
-        if getattr(owner, "weight", None) is None or getattr(owner, "bias", None) is None:
-            skipped.append(f"{name}: {norms[0] if norms else producers[0]} has no affine weight and bias")
+        if not g.is_simple:
+            skipped[name] = {
+                "modules": producers,
+                "reason": "units / segments (attention heads, packed projections feed the attention, not a neuron)",
+            }
+            continue
+        if len(producers) != 1 or len(norms) > 1:
+            skipped[name] = {
+                "modules": producers + norms,
+                "reason": "residual stream: several producers add into it, no single affine map owns the sum",
+            }
+            continue
+        path = norms[0] if norms else producers[0]
+        own = {r.param: r for r in (g.per_neuron if norms else g.producers) if r.module == path}
+        owner = fused.get_submodule(path)
+        if (
+            getattr(owner, "weight", None) is None
+            or getattr(owner, "bias", None) is None
+            or "weight" not in own
+            or "bias" not in own
+        ):
+            kind = type(owner).__name__
+            if norms:
+                why = f"{kind} without affine weight and bias: nothing to fold the correction into"
+            else:
+                why = f"{kind} without bias and no BatchNorm / LayerNorm after it: the mean cannot be moved"
+            skipped[name] = {"modules": [path], "reason": why}
             continue
         st = group_statistics([fused], graph, data, point="pre", groups=[name], max_batches=max_batches)[name]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
@@ -94,9 +128,17 @@ def repair(
         scale = torch.where(live, t_sd / f_sd.clamp_min(eps), torch.ones_like(f_sd))
         shift = torch.where(live, t_mu - f_mu * scale, t_mu - f_mu)
         with torch.no_grad():
-            w = owner.weight
-            view = (-1,) + (1,) * (w.ndim - 1)
-            w.mul_(scale.to(w.dtype).view(view))
-            owner.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
+            w, b = owner.weight, owner.bias
+            rw, rb = own["weight"], own["bias"]
+            sw = scale.to(w.dtype).repeat_interleave(rw.expand)
+            w.mul_(sw.view([-1 if i == rw.axis else 1 for i in range(w.ndim)]))
+            b.mul_(scale.to(b.dtype).repeat_interleave(rb.expand)).add_(shift.to(b.dtype).repeat_interleave(rb.expand))
         done.append(name)
+    if skipped:
+        listed = "; ".join(f"{name} ({', '.join(v['modules'])}): {v['reason']}" for name, v in skipped.items())
+        warnings.warn(
+            f"REPAIR corrected {len(done)} of {len(graph.groups)} neuron groups and skipped {len(skipped)}: {listed}",
+            RepairSkippedWarning,
+            stacklevel=2,
+        )
     return {"repaired": done, "skipped": skipped}

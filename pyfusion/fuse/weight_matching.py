@@ -6,6 +6,13 @@ For one group g and member k aligned to a target ``T`` (in slot order), the perm
 visited in random order; a group's permutation only changes when it strictly improves the objective, and the
 sweeps stop when a full sweep changes nothing (or after ``max_iter`` sweeps).
 
+Units and ties (attention heads): the coordinates of the descent are the tie sets; a tie set's permutation is one
+unit-level assignment on the sum over its groups of the best inner matchings (within-head dims) of each pair of
+units, so q, k, v rows and the output projection's columns move with their head (:mod:`pyfusion.match.units`).
+Weights are read through every segment and factor pattern (:func:`pyfusion.graph.neuron_view`): GPT-2's packed
+``c_attn`` (q | k in the q/k group, v in the v/o group), grouped-query heads (a unit is a key/value head with its
+query heads; rotary q/k dims are pinned reps), tied embeddings (both names of the tensor contribute).
+
 K > 2 (MergeMany rule, documented): every member k >= 1 is first aligned to member 0 as above; then, in rounds,
 each member (in random order) is re-aligned to the running average of the *other* members (each already
 permuted into slot order), until a round changes no permutation (or ``max_rounds``). For K = 2 this is exactly
@@ -29,7 +36,7 @@ from pyfusion.fuse.config import WeightMatchingConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
-from pyfusion.match.align import permute_state
+from pyfusion.graph.transform import permuted_state
 from pyfusion.match.solvers import align_weights
 
 __all__ = ["weight_matching_plan"]
@@ -53,8 +60,10 @@ def weight_matching_plan(
     seed, max_iter, max_rounds = config.seed, config.max_iter, config.max_rounds
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    params = {n for n, _ in members[0].named_parameters()}
-    states = [{n: t.detach().to("cpu", torch.float64) for n, t in m.named_parameters() if n in params} for m in members]
+    # every name of a tied tensor (GPT-2's wte / lm_head): each carries its own references
+    states = [
+        {n: t.detach().to("cpu", torch.float64) for n, t in m.named_parameters(remove_duplicate=False)} for m in members
+    ]
     ident = {name: torch.arange(g.size) for name, g in graph.groups.items()}
     perms = [dict(ident) for _ in members]
     solve_s, sweeps = 0.0, []
@@ -68,7 +77,7 @@ def weight_matching_plan(
             rounds += 1
             changed = False
             for k in rng.permutation(len(members)):
-                others = [permute_state(states[j], graph, perms[j]) for j in range(len(members)) if j != k]
+                others = [permuted_state(states[j], graph, perms[j]) for j in range(len(members)) if j != k]
                 target = {key: sum(o[key] for o in others) / len(others) for key in states[k]}
                 new, it, s = align_weights(target, states[k], graph, perms[k], rng, max_iter)
                 solve_s += s

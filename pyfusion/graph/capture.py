@@ -13,13 +13,16 @@ exported again for that shape (cached), and the capture nodes must exist in it u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["TracedGraph", "input_signature"]
+from pyfusion.graph.groups import CapturePoint
+
+__all__ = ["TracedGraph", "capture_view", "input_signature"]
 
 
 def input_signature(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
@@ -37,24 +40,56 @@ def input_signature(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
     return (sig(tuple(args)), sig(dict(kwargs)))
 
 
+def capture_view(x: torch.Tensor, point: CapturePoint) -> torch.Tensor:
+    """The neurons of a capture point as (samples, n): the segment ``[offset, offset + length)`` of dim
+    ``point.dim``, split into the point's factors; the unit and inner factors become the neuron index
+    (``unit * inner_size + inner``), rep factors (the pinned dims of a rotary q/k unit, the spatial positions of a
+    channels-last flatten, grouped-query copies) and every other dim become samples. A point without a pattern is
+    the whole dim, in order."""
+    x = x.movedim(point.dim, -1)
+    if point.pattern is None:
+        return x.reshape(-1, x.shape[-1])
+    kinds = [k for k, _ in point.pattern]
+    sizes = [int(s) for _, s in point.pattern]
+    x = x.narrow(-1, point.offset, math.prod(sizes))
+    lead = x.dim() - 1
+    x = x.reshape(*x.shape[:-1], *sizes)
+    neuron = [lead + kinds.index("unit")] + ([lead + kinds.index("inner")] if "inner" in kinds else [])
+    reps = [lead + i for i, k in enumerate(kinds) if k == "rep"]
+    x = x.permute(*range(lead), *reps, *neuron)
+    n = math.prod(x.shape[x.dim() - len(neuron) :])
+    return x.reshape(-1, n)
+
+
 class _Tap(nn.Module):
-    """A capture point of one member: returns a clone of its input (what forward hooks on it observe)."""
+    """A capture point of one member: returns a clone of its input (what forward hooks on it observe), or of the
+    :func:`capture_view` of a :class:`~pyfusion.graph.CapturePoint`."""
+
+    def __init__(self, point: CapturePoint | None = None):
+        super().__init__()
+        self.point = point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.detach().clone()
+        x = x.detach()
+        return x.clone() if self.point is None else capture_view(x, self.point).clone()
 
 
 class _Switch(nn.Module):
-    """The tap node in the shared graph: forwards to the tap of the member being run."""
+    """The tap node in the shared graph: forwards to the taps of the member being run (one per capture of the
+    node)."""
 
     def __init__(self, index: int):
         super().__init__()
         self.index = index
-        self.active: list[nn.Module] | None = None
+        self.active: list[list[nn.Module]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         taps = self.active
-        return taps[self.index](x) if taps is not None else x
+        if taps is None:
+            return x
+        for tap in taps[self.index]:
+            tap(x)
+        return x
 
 
 class TracedGraph:
@@ -119,30 +154,39 @@ class TracedGraph:
         return self._tapped[key]
 
     def runners(
-        self, members: Sequence[nn.Module], taps: Mapping[str, Sequence[str]]
+        self, members: Sequence[nn.Module], taps: Mapping[str, Sequence[str | CapturePoint]]
     ) -> tuple[list[nn.Module], dict[str, list[str]]]:
         """One runner per member (called like the member) and, per group, the module paths of its taps in the
         runners (for :func:`pyfusion.stats.collect_stats`).
 
         Args:
             members: the K members (their own weights are used; nothing is copied or modified).
-            taps: group -> node names of the exported graph to observe.
+            taps: group -> what to observe: node names of the exported graph (the tap gives the node's value), or
+                :class:`~pyfusion.graph.CapturePoint` s (the tap gives its :func:`capture_view`, (samples, n)).
         """
-        nodes = tuple(dict.fromkeys(n for ns in taps.values() for n in ns))
-        index = {n: i for i, n in enumerate(nodes)}
-        points = {g: [f"taps.{index[n]}" for n in ns] for g, ns in taps.items()}
-        return [_Runner(self, m, nodes) for m in members], points
+        captures = tuple(dict.fromkeys(c for cs in taps.values() for c in cs))
+        nodes = tuple(dict.fromkeys(c if isinstance(c, str) else c.node for c in captures))
+        index = {c: i for i, c in enumerate(captures)}
+        points = {g: [f"taps.{index[c]}" for c in cs] for g, cs in taps.items()}
+        return [_Runner(self, m, nodes, captures) for m in members], points
 
 
 class _Runner(nn.Module):
     """Runs one member's weights through the exported graph, with that member's taps active."""
 
-    def __init__(self, traced: TracedGraph, member: nn.Module, nodes: tuple[str, ...]):
+    def __init__(
+        self, traced: TracedGraph, member: nn.Module, nodes: tuple[str, ...], captures: tuple[str | CapturePoint, ...]
+    ):
         super().__init__()
-        self.taps = nn.ModuleList([_Tap() for _ in nodes])
+        self.taps = nn.ModuleList([_Tap(None if isinstance(c, str) else c) for c in captures])
+        node_of = {n: i for i, n in enumerate(nodes)}
+        by_node: list[list[nn.Module]] = [[] for _ in nodes]
+        for tap, c in zip(self.taps, captures):
+            by_node[node_of[c if isinstance(c, str) else c.node]].append(tap)
         object.__setattr__(self, "_traced", traced)
         object.__setattr__(self, "_member", member)
         object.__setattr__(self, "_nodes", nodes)
+        object.__setattr__(self, "_by_node", by_node)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         member = self._member
@@ -151,7 +195,7 @@ class _Runner(nn.Module):
         state.update(dict(member.named_buffers(remove_duplicate=False)))
         state = {k: v for k, v in state.items() if k in names}
         for sw in switches:
-            sw.active = list(self.taps)
+            sw.active = self._by_node
         try:
             return torch.func.functional_call(gm, state, args, kwargs)
         finally:

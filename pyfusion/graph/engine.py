@@ -1612,6 +1612,7 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                 pre_by_node.setdefault(r.node, []).append(g)
                 for s in r.supersedes:
                     superseded.add((s, g))
+    _activation_module_points(E, groups)
     for gr in groups.values():
         pre, post = [], []
         for cp in gr.captures:
@@ -1653,6 +1654,45 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
             gr = groups[names[key]]
             if not any((n.module, n.kind, n.wrappable) == (nrec.module, kind, wrappable) for n in gr.normalizers):
                 gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node))
+
+
+def _activation_region(E: Engine, node: fx.Node) -> tuple[set[str], fx.Node, str] | None:
+    """(node names, output node, module path) of the activation module call a node belongs to, when that call is
+    exactly an elementwise activation (one input, one output, elementwise ops only, no child modules), else None."""
+    key, nodes = E.region_of(node)
+    if key is None:
+        return None
+    path = E._key_path[key]
+    mod = E.mods.get(path)
+    ins, outs = E.region_io(nodes)
+    elementwise = all(_base(_opname(n)) in ACTIVATIONS | UNARY | ELEMENTWISE for n in nodes)
+    if mod is None or len(ins) != 1 or len(outs) != 1 or not elementwise or any(True for _ in mod.children()):
+        return None
+    return {n.name for n in nodes}, outs[0], path
+
+
+def _activation_module_points(E: Engine, groups: dict[str, NeuronGroup]) -> None:
+    """A composite activation module (GPT-2's NewGELU ``0.5 x (1 + tanh(c (x + 0.044715 x^3))))``, QuickGELU, ...):
+    the group's post-activation value is the module's output, not the op the activation was recognised at (tanh),
+    and the intermediate values inside the module (``x + 0.044715 x^3``) are not pre-activation points."""
+    for a in sorted(E.acts, key=lambda x: x.order):
+        region = _activation_region(E, E.nodes[a.node])
+        if region is None:
+            continue
+        inside, out, path = region
+        for gr in groups.values():
+            if not any(cp.node == a.node and cp.kind == "post" for cp in gr.captures):
+                continue
+            caps = []
+            for cp in gr.captures:
+                if cp.node in inside and cp.node != out.name and cp.kind in ("pre", "post"):
+                    if cp.kind == "post" and cp.node == a.node:
+                        cp = CapturePoint(out.name, "post", cp.dim, cp.offset, cp.pattern, path)
+                    else:
+                        continue
+                if cp not in caps:
+                    caps.append(cp)
+            gr.captures = caps
 
 
 def _activation_label(E: Engine, node: fx.Node, op: str) -> tuple[str, tuple[str, ...]]:

@@ -8,15 +8,19 @@ cost matrix partial fusion solves, the transport plan OT fusion finds) without b
 * features: :func:`neuron_features` (dead-neuron tie-break features), :func:`neuron_masses` (OT masses),
   :func:`neuron_importance` / :func:`attributions` (importance scores of neuron interpolation), and the
   alignment of member tensors through other groups' maps (:func:`aligned_features`, :class:`Permutation`,
-  :class:`MatchedPairs`, :class:`SoftMap`, :func:`permute_state`);
+  :class:`MatchedPairs`, :class:`SoftMap`; a whole state dict moves with :func:`pyfusion.graph.permuted_state`);
 * costs: :func:`sqdist`, :func:`correlation_cost`, :func:`combine_costs` (feature rows),
   :func:`activation_cost` / :func:`activation_costs` (from :class:`pyfusion.stats.ActivationStats`),
   :func:`weight_cost` (partial fusion's weights and pcd), :func:`weight_feature_costs`, :func:`ot_weight_cost`,
   :func:`hf_pair_cost` and :func:`hf_cost` (neuron-interpolation pair costs from Gram statistics);
 * solvers: :func:`linear_assignment` (exact, batched, partial forms), :func:`assignments`,
-  :func:`partial_assignments`, :func:`transport` (OT coupling: assignment or POT), :func:`weighted_kmeans`,
-  :func:`align_weights` (permutation coordinate descent); the partial matching of a whole graph
-  (:func:`partial_activation_assignments`, :func:`partial_weight_assignments`, :class:`PartialAssignment`).
+  :func:`partial_assignments`, :func:`transport` (OT coupling: assignment or POT), :func:`entropic_transport`
+  (Sinkhorn), :func:`weighted_kmeans`, :func:`align_weights` (permutation coordinate descent); the partial
+  matching of a whole graph (:func:`partial_activation_assignments`, :func:`partial_weight_assignments`,
+  :class:`PartialAssignment`);
+* units and ties (attention heads): :func:`tie_set_costs` (unit costs of a tie set from its groups' neuron costs,
+  best inner matchings in one batched call), :func:`neuron_perms`, :func:`neuron_pairs`, :func:`neuron_map`,
+  :func:`unit_frames` (neuron-level maps from a unit-level solution), :func:`unit_masses`.
 
 Plans are made by the methods, which live one layer up: ``pyfusion.fuse.partial_plan``, ``weight_matching_plan``,
 ``activation_matching_plan``, ``ot_plan``, ``cluster_plan``, ``prune_plan`` (and ``Plan`` / ``GroupPlan``). The
@@ -41,7 +45,6 @@ _EXPORTS = {
     "Permutation": "pyfusion.match.align",
     "SoftMap": "pyfusion.match.align",
     "aligned_features": "pyfusion.match.align",
-    "permute_state": "pyfusion.match.align",
     "combine_costs": "pyfusion.match.distance",
     "correlation_cost": "pyfusion.match.distance",
     "sqdist": "pyfusion.match.distance",
@@ -52,10 +55,20 @@ _EXPORTS = {
     "partial_activation_assignments": "pyfusion.match.partial",
     "partial_weight_assignments": "pyfusion.match.partial",
     "weight_feature_costs": "pyfusion.match.partial",
+    "expand_unit_assignment": "pyfusion.match.partial",
+    "UnitCost": "pyfusion.match.units",
+    "neuron_map": "pyfusion.match.units",
+    "neuron_pairs": "pyfusion.match.units",
+    "neuron_perms": "pyfusion.match.units",
+    "tie_set_costs": "pyfusion.match.units",
+    "unit_frames": "pyfusion.match.units",
+    "unit_masses": "pyfusion.match.weights",
     "align_weights": "pyfusion.match.solvers",
     "assignments": "pyfusion.match.solvers",
     "partial_assignments": "pyfusion.match.solvers",
     "transport": "pyfusion.match.solvers",
+    "entropic_transport": "pyfusion.match.solvers",
+    "SinkhornResult": "pyfusion.match.solvers",
     "neuron_masses": "pyfusion.match.weights",
     "ot_weight_cost": "pyfusion.match.weights",
     "weight_cost": "pyfusion.match.weights",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pyfusion.graph.groups import FusionGraph
+from pyfusion.graph.transform import neuron_view
 from pyfusion.match.distance import sqdist
 
 if TYPE_CHECKING:  # annotations only: the engine loads when statistics are computed
@@ -26,15 +27,16 @@ ACTIVATION_COSTS = ("correlation", "sqdist")
 
 
 def neuron_features(state: Mapping[str, Tensor], graph: FusionGraph, name: str) -> Tensor:
-    """Permutation-invariant per-neuron features of one member (n, F): the norm of each producer row, and the
-    values of 1-D per-neuron tensors (biases, BatchNorm / LayerNorm parameters and running statistics). They do
-    not depend on how the *input* neurons are ordered, so they can break ties between members' dead neurons."""
+    """Permutation-invariant per-neuron features of one member (n, F): the norm of each producer row (every
+    segment, read with :func:`pyfusion.graph.neuron_view`), and the values of 1-D per-neuron tensors (biases,
+    BatchNorm / LayerNorm parameters and running statistics). They do not depend on how the *input* neurons are
+    ordered, so they can break ties between members' dead neurons."""
     g = graph.groups[name]
     cols = []
     for r in g.producers + g.per_neuron:
         if r.key not in state:
             continue
-        t = state[r.key].detach().to("cpu", torch.float64).movedim(r.axis, 0).reshape(g.size, -1)
+        t = neuron_view(state[r.key].detach().to("cpu", torch.float64), r, g)
         cols.append(t[:, 0] if t.shape[1] == 1 else t.norm(dim=1))
     return torch.stack(cols, 1) if cols else torch.zeros(g.size, 1, dtype=torch.float64)
 

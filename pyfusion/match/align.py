@@ -12,9 +12,13 @@ occur, one per family of methods:
 * :class:`SoftMap` (OT fusion): the member's axis is mapped into slot space by a (slots, n) matrix
   ``M = diag(1/a) T``.
 
-:func:`aligned_pair` applies them to one tensor, :func:`aligned_features` to every tensor on one side of a group
-(producers, per-neuron tensors, consumers) and returns per-neuron feature rows; :func:`permute_state` moves a
-whole state dict into slot order.
+Each is a neuron-level map (slots x n) of one side; it is applied to every segment its group holds on an axis
+through the segment's factor pattern (:func:`pyfusion.graph.transform.apply_segment`, the builder's code path:
+packed q | k | v projections, heads, grouped-query reps, flattens), and the gaps between segments stay as they
+are. :func:`aligned_pair` applies the maps to one tensor, :func:`aligned_features` reads the per-neuron feature
+rows of one side of a group (producers, per-neuron tensors, consumers) with :func:`pyfusion.graph.neuron_view`.
+A whole state dict is moved into slot order by :func:`pyfusion.graph.permuted_state` (the one implementation,
+shared with the builder and the verification).
 """
 
 from __future__ import annotations
@@ -27,40 +31,37 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyfusion.graph.groups import AxisRef, FusionGraph
+from pyfusion.graph.groups import AxisRef, FusionGraph, NeuronGroup
+from pyfusion.graph.transform import Selection, apply_segment, neuron_view
 
 __all__ = [
     "Alignment",
     "MatchedPairs",
     "Permutation",
+    "SideMap",
     "SoftMap",
     "aligned_features",
     "aligned_pair",
-    "expand_index",
-    "flat_rows",
-    "permute_state",
 ]
 
-
-def expand_index(idx: Tensor | np.ndarray, expand: int) -> Tensor:
-    """Neuron indices (m,) as axis indices (m * expand,): neuron j owns positions ``j*expand ... j*expand+expand-1``
-    (a convolutional group read by a Linear after a flatten, channel-major)."""
-    t = torch.as_tensor(idx, dtype=torch.long)
-    if expand == 1:
-        return t
-    return (t[:, None] * expand + torch.arange(expand)).reshape(-1)
+# (map (slots, n), its selection or "compute"): what apply_segment takes. For index maps the matrix is a zero-stride
+# stand-in of the right shape: the selection path reads only its shape, so no n x n matrix is ever filled.
+SideMap = tuple[Tensor, "Selection | str"]
 
 
-def flat_rows(t: Tensor, axis: int, n: int) -> Tensor:
-    """``t`` as per-neuron feature rows (n, F): ``axis`` first, everything else flattened (neuron-major, so an axis
-    of n * expand positions gives each neuron its ``expand`` consecutive positions)."""
-    return t.movedim(axis, 0).reshape(n, -1)
+def _index_map(idx: Tensor | np.ndarray, n: int) -> SideMap:
+    """Slot s holds neuron ``idx[s]`` (distinct indices): a 0/1 selection map (len(idx), n)."""
+    cols = torch.as_tensor(np.asarray(idx), dtype=torch.long).reshape(-1)
+    rows = torch.arange(cols.numel())
+    return torch.zeros((), dtype=torch.float64).expand(cols.numel(), n), (rows, cols, None, True)
 
 
 class Alignment(Protocol):
-    """A map of one group, applied to the axis of a (reference, member) tensor pair that this group indexes."""
+    """A map of one group: the neuron-level maps of the reference's and the member's side."""
 
-    def apply(self, ref: Tensor, member: Tensor, axis: int, expand: int) -> tuple[Tensor, Tensor]: ...
+    def maps(self, n: int) -> tuple[SideMap | None, SideMap]:
+        """(reference side or None for "already in slot order", member side), each a (slots, n) map."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class Permutation:
 
     perm: Tensor
 
-    def apply(self, ref: Tensor, member: Tensor, axis: int, expand: int) -> tuple[Tensor, Tensor]:
-        return ref, member.index_select(axis, expand_index(self.perm, expand))
+    def maps(self, n: int) -> tuple[SideMap | None, SideMap]:
+        return None, _index_map(self.perm, n)
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,8 @@ class MatchedPairs:
     ref_idx: np.ndarray
     member_idx: np.ndarray
 
-    def apply(self, ref: Tensor, member: Tensor, axis: int, expand: int) -> tuple[Tensor, Tensor]:
-        return (
-            ref.index_select(axis, expand_index(self.ref_idx, expand)),
-            member.index_select(axis, expand_index(self.member_idx, expand)),
-        )
+    def maps(self, n: int) -> tuple[SideMap | None, SideMap]:
+        return _index_map(self.ref_idx, n), _index_map(self.member_idx, n)
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,44 @@ class SoftMap:
 
     m: Tensor
 
-    def apply(self, ref: Tensor, member: Tensor, axis: int, expand: int) -> tuple[Tensor, Tensor]:
-        # kron needs a contiguous operand (a transposed view raises in torch.kron)
-        m = self.m if expand == 1 else torch.kron(self.m.contiguous(), torch.eye(expand, dtype=self.m.dtype))
-        return ref, torch.tensordot(m, member.movedim(axis, 0), dims=([1], [0])).movedim(0, axis)
+    def maps(self, n: int) -> tuple[SideMap | None, SideMap]:
+        return None, (self.m, "compute")
+
+
+def _transform_axes(
+    t: Tensor,
+    entries: Sequence[tuple[str, AxisRef]],
+    own_axis: int,
+    groups: Mapping[str, NeuronGroup],
+    side: Mapping[str, SideMap | None],
+) -> Tensor:
+    """``t`` with every segment of every axis except ``own_axis`` transformed by its group's map in ``side`` (a
+    group missing from ``side`` or mapped to None keeps its segment as it is; gaps stay)."""
+    per_axis: dict[int, list[tuple[int, AxisRef, str]]] = {}
+    for gname, r in entries:
+        if r.axis != own_axis:
+            per_axis.setdefault(r.axis, []).append((r.offset, r, gname))
+    for axis in sorted(per_axis):
+        segs = sorted(per_axis[axis], key=lambda s: s[0])
+        if all(side.get(gname) is None for _, _, gname in segs):
+            continue
+        pieces, pos = [], 0
+        for offset, r, gname in segs:
+            g = groups[gname]
+            length = r.length(g)
+            if offset > pos:
+                pieces.append(t.narrow(axis, pos, offset - pos))
+            piece = t.narrow(axis, offset, length)
+            sm = side.get(gname)
+            if sm is not None:
+                m, sel = sm
+                piece = apply_segment(piece, m.to(t.device), axis, r.factors(g), sel)
+            pieces.append(piece)
+            pos = offset + length
+        if pos < t.shape[axis]:
+            pieces.append(t.narrow(axis, pos, t.shape[axis] - pos))
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+    return t
 
 
 def aligned_pair(
@@ -118,35 +150,45 @@ def aligned_pair(
     entries: Sequence[tuple[str, AxisRef]],
     own: tuple[str, int],
     maps: Mapping[str, Alignment],
+    graph: FusionGraph,
     *,
     missing: str = "drop",
 ) -> tuple[Tensor, Tensor] | None:
-    """One tensor of the reference and of a member with every axis except ``own`` aligned through ``maps``.
+    """One tensor of the reference and of a member with every axis except ``own``'s aligned through ``maps``.
 
     Args:
         ref: the reference's tensor.
         member: the member's tensor (same shape).
         entries: every (group, axis ref) on this tensor (``FusionGraph.refs_by_key()[key]``).
-        own: (group, axis) being matched: left as is.
+        own: (group, axis) being matched: that axis is left as is (whatever groups hold segments on it).
         maps: group -> alignment of the groups already decided.
-        missing: what to do with an axis whose group has no map: "drop" (return None: the tensor cannot be
-            compared yet) or "keep" (leave that axis unaligned).
+        graph: the neuron groups (for the segments' factor patterns).
+        missing: what to do with a segment whose group has no map: "drop" (return None: the tensor cannot be
+            compared yet) or "keep" (leave that segment unaligned).
 
     Returns:
-        (ref, member) aligned, or None (``missing="drop"`` and an axis without a map).
+        (ref, member) aligned, or None (``missing="drop"`` and a segment without a map).
     """
     if missing not in ("drop", "keep"):
         raise ValueError(f"missing must be 'drop' or 'keep'; got {missing!r}")
+    ref_side: dict[str, SideMap | None] = {}
+    mem_side: dict[str, SideMap | None] = {}
     for gname, r in entries:
-        if (gname, r.axis) == own:
+        if r.axis == own[1] or gname in mem_side:
             continue
         align = maps.get(gname)
         if align is None:
             if missing == "drop":
                 return None
+            ref_side[gname] = mem_side[gname] = None
             continue
-        ref, member = align.apply(ref, member, r.axis, r.expand)
-    return ref, member
+        ref_side[gname], mem_side[gname] = align.maps(graph.groups[gname].size)
+    if not mem_side:
+        return ref, member
+    return (
+        _transform_axes(ref, entries, own[1], graph.groups, ref_side),
+        _transform_axes(member, entries, own[1], graph.groups, mem_side),
+    )
 
 
 def aligned_features(
@@ -173,38 +215,19 @@ def aligned_features(
         by_key: ``graph.refs_by_key()``, when the caller already has it (the coordinate-descent loops do).
 
     Returns:
-        One (ref rows (n, F_t), member rows (n, F_t)) pair per usable tensor, in ``refs`` order.
+        One (ref rows (n, F_r), member rows (n, F_r)) pair per usable reference, in ``refs`` order: the rows of
+        :func:`pyfusion.graph.neuron_view` (row ``u * unit_size + d`` is unit u's inner neuron d; rep factors and
+        the other axes are the features).
     """
-    n = graph.groups[name].size
+    g = graph.groups[name]
     by_key = graph.refs_by_key() if by_key is None else by_key
     out = []
     for r in refs:
-        if r.key not in ref_state:
+        if r.key not in ref_state or r.key not in member_state:
             continue
         pair = aligned_pair(
-            ref_state[r.key], member_state[r.key], by_key.get(r.key, []), (name, r.axis), maps, missing=missing
+            ref_state[r.key], member_state[r.key], by_key.get(r.key, []), (name, r.axis), maps, graph, missing=missing
         )
         if pair is not None:
-            out.append((flat_rows(pair[0], r.axis, n), flat_rows(pair[1], r.axis, n)))
-    return out
-
-
-def permute_state(
-    state: Mapping[str, Tensor], graph: FusionGraph, perm: Mapping[str, Tensor], skip: str | None = None
-) -> dict[str, Tensor]:
-    """Member tensors moved into slot order: along every group axis, ``t' = t.index_select(axis, perm[g])``.
-
-    Args:
-        state: key -> tensor of one member.
-        graph: neuron groups.
-        perm: group -> (n,) long tensor, slot s holds neuron ``perm[g][s]``.
-        skip: a group left unpermuted.
-    """
-    out = dict(state)
-    for g in graph.groups.values():
-        if g.name == skip or g.name not in perm:
-            continue
-        for r in g.refs:
-            if r.key in out:
-                out[r.key] = out[r.key].index_select(r.axis, expand_index(perm[g.name], r.expand))
+            out.append((neuron_view(pair[0], r, g), neuron_view(pair[1], r, g)))
     return out

@@ -10,6 +10,13 @@ the plan's maps.
 Costs: activations (:func:`partial_activation_assignments`, one batched solve of all groups) or weights
 (:func:`partial_weight_assignments`: groups in forward order, each aligned through the input groups already
 decided; with ``pcd`` also the outgoing weights, refined by coordinate descent until a sweep changes nothing).
+
+Units and ties (attention heads): the matching is done per tie set on whole units. The unit cost is the sum over
+the tie set's groups of the best inner matching cost of each pair of units (:mod:`pyfusion.match.units`), the
+partial assignment matches ``num_matches`` *units*, and the slots of every group of the tie set follow from the
+unit slots: member k's unit v in slot unit s puts its inner neuron ``inner(v)[d]`` in slot ``s * D + d``, with
+``inner(v)`` the inner matching to the reference unit it shares the slot with (the identity for the reference's
+units and for branch units). So a tie set's groups have the same unit-level layout, a multiple of D in neurons.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.activations import activation_costs
 from pyfusion.match.align import Alignment, MatchedPairs
 from pyfusion.match.solvers import partial_assignments
+from pyfusion.match.units import UnitCost, neuron_pairs, tie_set_costs
 from pyfusion.match.weights import weight_cost
 from pyfusion.stats.activation_stats import ActivationStats
 
 __all__ = [
     "PartialAssignment",
+    "expand_unit_assignment",
     "partial_activation_assignments",
     "partial_weight_assignments",
     "slots_from_matches",
@@ -111,6 +120,40 @@ def slots_from_matches(
     return PartialAssignment(slot_of, (s, *(len(b) for b in branch)))
 
 
+def expand_unit_assignment(
+    graph: FusionGraph,
+    uc: Mapping[int, UnitCost],
+    name: str,
+    units: PartialAssignment,
+    matches: Mapping[int, tuple[np.ndarray, np.ndarray]],
+) -> PartialAssignment:
+    """The neuron-level slots of one group of a tie set from its unit-level slots (module docstring).
+
+    Args:
+        graph: neuron groups.
+        uc: member k (!= reference) -> the tie set's unit costs against the reference (for the inner matchings).
+        name: the group.
+        units: the unit-level assignment of the tie set.
+        matches: k -> (reference units, member units) of the matched pairs.
+    """
+    g = graph.groups[name]
+    d = g.unit_size
+    if d == 1:
+        return PartialAssignment([s.copy() for s in units.slot_of], tuple(units.layout))
+    slot_of = []
+    for k, su in enumerate(units.slot_of):
+        frame = np.tile(np.arange(d, dtype=np.int64), (g.units, 1))  # member unit v: inner neurons in slot order
+        if k in matches and len(matches[k][0]):
+            ru, mu = (np.asarray(x, dtype=np.int64) for x in matches[k])
+            _, mem = neuron_pairs(graph, uc[k], name, ru, mu)
+            frame[mu] = mem.reshape(len(mu), d) - mu[:, None] * d
+        slots = np.empty(g.size, dtype=np.int64)
+        neurons = np.arange(g.units, dtype=np.int64)[:, None] * d + frame
+        slots[neurons.reshape(-1)] = (np.asarray(su, dtype=np.int64)[:, None] * d + np.arange(d)).reshape(-1)
+        slot_of.append(slots)
+    return PartialAssignment(slot_of, tuple(int(x) * d for x in units.layout))
+
+
 class _MemberMaps(Mapping[str, Alignment]):
     """group -> member k's matched pairs, computed on first access (a tensor touches only a few groups)."""
 
@@ -163,6 +206,19 @@ def weight_feature_costs(
     return out
 
 
+def _tie_set_partial(
+    graph: FusionGraph,
+    names: list[str],
+    k_all: int,
+    ref: int,
+    unit_costs: Mapping[int, UnitCost],
+    solutions: Mapping[int, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, PartialAssignment]:
+    """Neuron-level assignments of the groups of one tie set from the unit-level partial matchings."""
+    units = slots_from_matches(graph.groups[names[0]].units, k_all, ref, solutions)
+    return {name: expand_unit_assignment(graph, unit_costs, name, units, solutions) for name in names}
+
+
 def partial_activation_assignments(
     stats: Mapping[str, ActivationStats],
     states: Sequence[Mapping[str, Tensor]],
@@ -171,34 +227,43 @@ def partial_activation_assignments(
     num_matches: Mapping[str, int],
     cost: str,
 ) -> tuple[dict[str, PartialAssignment], float]:
-    """Partial matching of every group on activation costs; all (group, member) problems in one solver call.
+    """Partial matching of every tie set on activation costs; all (tie set, member) problems in one solver call.
 
     Args:
         stats: group -> statistics (block k = member k).
         states: K state dicts (for the dead-neuron tie-break features).
         graph: neuron groups.
         ref: the reference member.
-        num_matches: group -> pairs to match per member.
+        num_matches: group -> units to match per member (neurons for ordinary groups; the same for every group
+            of a tie set: the first one's is used).
         cost: "sqdist" or "correlation".
 
     Returns:
         (group -> assignment, seconds in the solver).
     """
     k_all = len(states)
-    problems, ks, keys = [], [], []
-    for name in graph.groups:
-        for k, c in activation_costs(stats[name], states, graph, name, ref, cost).items():
-            problems.append(c)
-            ks.append(num_matches[name])
-            keys.append((name, k))
-    sol, t_solve = partial_assignments(problems, ks)
-    per_group: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    for (name, k), m in zip(keys, sol):
-        per_group.setdefault(name, {})[k] = m
-    assigns = {
-        name: slots_from_matches(g.size, k_all, ref, per_group.get(name, {})) for name, g in graph.groups.items()
-    }
-    return assigns, t_solve
+    problems: list[dict[str, Tensor]] = []
+    keys: list[tuple[int, int]] = []
+    tie_sets = graph.tie_sets()
+    for t, names in enumerate(tie_sets):
+        per_member: dict[int, dict[str, Tensor]] = {}
+        for name in names:
+            for k, c in activation_costs(stats[name], states, graph, name, ref, cost).items():
+                per_member.setdefault(k, {})[name] = c
+        for k, costs in per_member.items():
+            problems.append(costs)
+            keys.append((t, k))
+    unit_costs, t_inner = tie_set_costs(graph, problems)
+    sol, t_solve = partial_assignments([uc.cost for uc in unit_costs], [num_matches[tie_sets[t][0]] for t, _ in keys])
+    per_set: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    ucs: dict[int, dict[int, UnitCost]] = {}
+    for (t, k), m, uc in zip(keys, sol, unit_costs):
+        per_set.setdefault(t, {})[k] = m
+        ucs.setdefault(t, {})[k] = uc
+    assigns: dict[str, PartialAssignment] = {}
+    for t, names in enumerate(tie_sets):
+        assigns.update(_tie_set_partial(graph, names, k_all, ref, ucs.get(t, {}), per_set.get(t, {})))
+    return {name: assigns[name] for name in graph.groups}, t_solve + t_inner
 
 
 def partial_weight_assignments(
@@ -211,18 +276,18 @@ def partial_weight_assignments(
     sweeps: int,
     cost: str,
 ) -> tuple[dict[str, PartialAssignment], int, float]:
-    """Partial matching of every group on weight costs.
+    """Partial matching of every tie set on weight costs.
 
-    Without ``pcd``: one pass over the groups in forward order, each aligned through the groups before it (an
+    Without ``pcd``: one pass over the tie sets in forward order, each aligned through the groups before it (an
     input group not planned yet is left out of the features). With ``pcd``: every group starts as the identity and
-    sweeps re-solve each group under its neighbours' current assignments (incoming and outgoing weights), until a
-    sweep changes nothing or after ``sweeps`` sweeps (coordinate descent; the paper uses 10).
+    sweeps re-solve each tie set under its neighbours' current assignments (incoming and outgoing weights), until
+    a sweep changes nothing or after ``sweeps`` sweeps (coordinate descent; the paper uses 10).
 
     Args:
         states: K float64 state dicts (parameters and buffers).
         graph: neuron groups.
         ref: the reference member.
-        num_matches: group -> pairs to match per member.
+        num_matches: group -> units to match per member (see :func:`partial_activation_assignments`).
         pcd: use the outgoing weights too, with coordinate descent.
         sweeps: the most sweeps (pcd).
         cost: "sqdist" or "correlation".
@@ -240,15 +305,20 @@ def partial_weight_assignments(
     for _ in range(sweeps if pcd else 1):
         done += 1
         changed = False
-        for name, g in graph.groups.items():
-            costs = weight_feature_costs(states, graph, name, assigns, ref, outgoing=pcd, cost=cost)
-            sol, dt = partial_assignments([costs[k] for k in others], [num_matches[name]] * len(others))
+        for names in graph.tie_sets():
+            per_group = {
+                name: weight_feature_costs(states, graph, name, assigns, ref, outgoing=pcd, cost=cost) for name in names
+            }
+            unit_costs, dt = tie_set_costs(graph, [{name: per_group[name][k] for name in names} for k in others])
             t_solve += dt
-            new = slots_from_matches(g.size, k_all, ref, dict(zip(others, sol)))
-            old = assigns.get(name)
-            if old is None or any(not np.array_equal(a, b) for a, b in zip(old.slot_of, new.slot_of)):
-                changed = True
-            assigns[name] = new
+            sol, dt = partial_assignments([uc.cost for uc in unit_costs], [num_matches[names[0]]] * len(others))
+            t_solve += dt
+            new = _tie_set_partial(graph, names, k_all, ref, dict(zip(others, unit_costs)), dict(zip(others, sol)))
+            for name in names:
+                old = assigns.get(name)
+                if old is None or any(not np.array_equal(a, b) for a, b in zip(old.slot_of, new[name].slot_of)):
+                    changed = True
+                assigns[name] = new[name]
         if not changed:
             break
-    return assigns, done, t_solve
+    return {name: assigns[name] for name in graph.groups}, done, t_solve

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from pyfusion.graph.groups import AxisRef, FusionGraph
-from pyfusion.match.align import Alignment, aligned_features, flat_rows
+from pyfusion.graph.transform import neuron_view
+from pyfusion.match.align import Alignment, aligned_features
 from pyfusion.match.distance import combine_costs, correlation_cost, sqdist
 
-__all__ = ["MASSES", "WEIGHT_COSTS", "neuron_masses", "ot_weight_cost", "weight_cost"]
+__all__ = ["MASSES", "WEIGHT_COSTS", "neuron_masses", "ot_weight_cost", "unit_masses", "weight_cost"]
 
 WEIGHT_COSTS = ("sqdist", "correlation")
 MASSES = ("uniform", "l1", "l2")
@@ -96,6 +97,19 @@ def ot_weight_cost(
     return sqdist(torch.cat([f[0] for f in feats], 1), torch.cat([f[1] for f in feats], 1))
 
 
+def _importance(state: Mapping[str, Tensor], graph: FusionGraph, name: str, kind: str) -> Tensor:
+    """L1 / L2 norm (n,) of each neuron's incoming weight rows (all producer segments, read with neuron_view)."""
+    g = graph.groups[name]
+    rows = torch.cat([neuron_view(state[r.key], r, g) for r in g.producers], dim=1)
+    return rows.abs().sum(1) if kind == "l1" else rows.norm(dim=1)
+
+
+def _normalised(w: Tensor) -> Tensor:
+    # a dead neuron keeps a tiny mass (1e-12 of the largest) so that the marginals stay positive
+    w = w + 1e-12 * float(w.max().clamp_min(1e-300))
+    return w / w.sum()
+
+
 def neuron_masses(state: Mapping[str, Tensor], graph: FusionGraph, name: str, kind: str) -> Tensor:
     """Neuron masses (n,) of one member in one group, float64, summing to 1.
 
@@ -108,7 +122,20 @@ def neuron_masses(state: Mapping[str, Tensor], graph: FusionGraph, name: str, ki
         return torch.full((g.size,), 1.0 / g.size, dtype=torch.float64)
     if kind not in MASSES:
         raise ValueError(f"masses must be 'uniform', 'l1', 'l2' or a dict of mass vectors; got {kind!r}")
-    rows = torch.cat([flat_rows(state[r.key], r.axis, g.size) for r in g.producers], dim=1)
-    w = rows.abs().sum(1) if kind == "l1" else rows.norm(dim=1)
-    w = w + 1e-12 * float(w.max().clamp_min(1e-300))
-    return w / w.sum()
+    return _normalised(_importance(state, graph, name, kind))
+
+
+def unit_masses(state: Mapping[str, Tensor], graph: FusionGraph, names: list[str], kind: str) -> Tensor:
+    """Unit masses (U,) of one member in one tie set ``names``, summing to 1: "uniform" 1/U; "l1" / "l2" the sum
+    over the tie set's groups and the unit's inner neurons of the neurons' L1 / L2 incoming-weight norms,
+    normalised. For an untied group of ordinary neurons this is :func:`neuron_masses`."""
+    g0 = graph.groups[names[0]]
+    if kind == "uniform":
+        return torch.full((g0.units,), 1.0 / g0.units, dtype=torch.float64)
+    if kind not in MASSES:
+        raise ValueError(f"masses must be 'uniform', 'l1', 'l2' or a dict of mass vectors; got {kind!r}")
+    total = torch.zeros(g0.units, dtype=torch.float64)
+    for n in names:
+        g = graph.groups[n]
+        total += _importance(state, graph, n, kind).reshape(g.units, g.unit_size).sum(1)
+    return _normalised(total)

@@ -10,6 +10,7 @@ _LAZY: dict[str, str] = {
     "EnsembleLinear": "pyfusion.nn.partial",
     "PartialConv2d": "pyfusion.nn.partial",
     "PartialLinear": "pyfusion.nn.partial",
+    "TorchScriptUnsupportedError": "pyfusion.nn.partial",
     "replace_": "pyfusion.nn.swap",
 }
 

@@ -28,7 +28,7 @@ from pyfusion.ops.partial_conv2d import partial_conv2d_module_forward
 from pyfusion.ops.partial_conv2d.backends import conv_out_hw
 from pyfusion.ops.partial_linear import partial_linear_module_forward
 
-__all__ = ["PartialLinear", "PartialConv2d", "EnsembleLinear"]
+__all__ = ["PartialLinear", "PartialConv2d", "EnsembleLinear", "TorchScriptUnsupportedError"]
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -40,8 +40,29 @@ def _uniform_init_(t: Tensor, fan_in: int) -> None:
         t.uniform_(-bound, bound)
 
 
+class TorchScriptUnsupportedError(RuntimeError):
+    """``torch.jit.script`` of a pyfusion.nn module: TorchScript cannot compile these modules (their forward calls
+    the registered ``torch.ops.pyfusion`` ops through Python dispatch); export with ``torch.export.export`` (dynamic
+    batch: ``dynamic_shapes``) or trace with ``torch.jit.trace``, both of which record the ops."""
+
+
+def _refuse_scripting(module: nn.Module) -> None:
+    raise TorchScriptUnsupportedError(
+        f"torch.jit.script does not support {type(module).__name__} ({module.extra_repr()}). Export the model with "
+        "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)) (the supported path: "
+        "the ops are recorded as torch.ops.pyfusion.*, correct at every batch size), or torch.jit.trace(model, x); "
+        "or script a copy whose pyfusion.nn modules are replaced by their .to_dense() equivalents (dense speed)."
+    )
+
+
 class _LayoutMixin:
     """Layout buffers in the state_dict and the checks on loading."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` on every submodule first: refuse with a clear error (see
+        :class:`TorchScriptUnsupportedError`) instead of TorchScript's "Unknown type annotation"."""
+        _refuse_scripting(self)  # type: ignore[arg-type]
+        return self  # type: ignore[return-value]  # pragma: no cover
 
     in_layout: tuple[int, ...]
     out_layout: tuple[int, ...]
@@ -308,6 +329,11 @@ class EnsembleLinear(nn.Module):
             if mod.bias is not None:
                 mod.bias.copy_(torch.stack([lin.bias for lin in linears]))
         return mod
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` is refused with a clear error (:class:`TorchScriptUnsupportedError`)."""
+        _refuse_scripting(self)
+        return self  # pragma: no cover
 
     def forward(self, x: Tensor) -> Tensor:
         k, o, i = self.weight.shape

@@ -36,6 +36,7 @@ __all__ = [
     "all_finite",
     "correlation",
     "moment_shift",
+    "shift_probe",
 ]
 
 # A neuron is treated as constant (zero variance) when std <= CONST_RTOL * |mean|, or its variance is exactly 0.
@@ -43,17 +44,25 @@ __all__ = [
 CONST_RTOL = 1e-7
 
 # Samples used to choose the shift c: enough that |mean - c| is ~std/16, so the cancellation in s2 - s1 s1^T/N
-# is negligible, while costing one small pass over the first batch.
+# is negligible, while costing one small pass over the batch. They are spread evenly over the batch (every
+# ceil(N / 256)-th row), so that a batch sorted by value, or with a jump inside it, still gives its mean.
 SHIFT_SAMPLES = 256
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def shift_probe(x: Tensor) -> Tensor:
+    """At most ``SHIFT_SAMPLES`` rows of x (N, D) spread evenly over it (every ceil(N / SHIFT_SAMPLES)-th row),
+    as float64 (S, D): what the shift is estimated from."""
+    step = -(-x.shape[0] // SHIFT_SAMPLES)
+    return (x[::step] if step > 1 else x).to(torch.float64)
+
+
 def moment_shift(x: Tensor) -> Tensor:
-    """The shift c for a state's first batch x (N, D): the mean of its first ``SHIFT_SAMPLES`` rows, float64
-    rounded to float32 (so that x - c is exact or correctly rounded in the float32 kernels), (D,)."""
-    return x[:SHIFT_SAMPLES].to(torch.float64).mean(0).to(torch.float32).to(torch.float64)
+    """The shift c for a state's first batch x (N, D): the mean of :func:`shift_probe`'s rows, float64 rounded to
+    float32 (so that x - c is exact or correctly rounded in the float32 kernels), (D,)."""
+    return shift_probe(x).mean(0).to(torch.float32).to(torch.float64)
 
 
 # ---- accumulate_moments: backends --------------------------------------------------------------------------

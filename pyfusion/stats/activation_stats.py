@@ -1,10 +1,29 @@
 """Streaming joint moments of K members' activations, and the statistics matching methods need.
 
 The state of :class:`ActivationStats` is a *shifted* accumulation (DESIGN §5): a shift vector c (the mean of
-the first batch's first 256 samples, rounded to float32), s1 = sum_n (x_n - c) and the lower triangle of
+256 samples spread over the first batch, rounded to float32), s1 = sum_n (x_n - c) and the lower triangle of
 s2 = sum_n (x_n - c)(x_n - c)^T, all float64. Because c is close to the mean, the centered second moment
 M2 = s2 - s1 s1^T / N suffers no cancellation: a mean offset of 1e3 with unit or smaller variance costs no
 accuracy, unlike the one-pass formula E[x x^T] - E[x] E[x]^T in float32 (tests/test_stats.py shows both).
+
+The float32 kernels form the products (x - c)(x - c)^T, so their rounding grows with (x - c)^2, and c must stay
+near the data. Taking c from the first batch alone fails when that batch is unrepresentative (one sample, then 20k
+samples at offset 1e3: correlation errors of 4.6e-4 instead of 4e-8). So before each later batch its mean m_b (from
+its column sums, which also serve as the finiteness check) and variance (from 64 rows spread over it) are
+combined with the state's (Chan et al. 1979) into the mean mu and second moment M2 of all the data so far, and a
+neuron's shift moves when
+
+* this batch is far and heavy: ``N_b (m_b - c)^2 > DRIFT_FACTOR * M2`` and ``(m_b - c)^2 > DRIFT_FACTOR var_b``:
+  the shift moves to m_b (the batch about to be accumulated is then centred), or else
+* the shift has left the data: ``N (mu - c)^2 > DRIFT_FACTOR * M2``: the shift moves to mu;
+
+(rounded to float32), and the state is moved with it, exactly, in float64: with d = c - c', ``s1 += N d``,
+``s2 += s1 d^T + d s1^T + N d d^T`` (s1 before the update). The shift thus follows the data whatever the order (a
+tiny first batch, sorted data, a jump of the offset), and the float32 rounding stays that of centred data (the
+measurements are beside ``DRIFT_FACTOR``). An ordinary stream (batches alike) does not re-centre: its running mean
+moves by ~std / sqrt(N). The check costs one column sum of the batch (in place of the float32 total the
+finiteness check took) and about ten operations on (D,) vectors, which rule out almost every batch with the state's
+M2 as a lower bound; only a batch they cannot rule out pays for the probe's variance and the exact criteria.
 
 Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: the C++ engine, csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
@@ -16,12 +35,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, all_finite, moment_shift
 
-__all__ = ["ActivationStats", "CONST_RTOL"]
+__all__ = ["ActivationStats", "CONST_RTOL", "DRIFT_FACTOR"]
+
+# Re-centring threshold (squared offsets in units of the variance; see the module docstring), measured on orders of
+# 20k float32 samples of 24 correlated neurons (correlation error against float64; before = first-batch shift
+# only; iid batches of 256 at offset 1e3: 3.6e-8, no re-centring). With 1.0: one sample then 20k at offset 1e3:
+# 9.9e-10 (before: 4.6e-4); sorted by value at offset 1e3, std 1e-2: 5e-15 (6 re-centrings in 78 batches;
+# before: 7.9e-7); 100 samples at 0 then 19900 at 1e3: 9.6e-12 (before: 4.4e-6); 10k at 0 then 10k at 1e3: 5.5e-8
+# (2 re-centrings); 3000 single-sample batches: 1.9e-9 (9). 16 and 4 left the sorted and the 100-then-1e3 orders
+# at 8e-7 / 4e-6; 0.25 re-centred 3x as often for no better result. A re-centring costs two float64 passes over the
+# (D, D) state.
+DRIFT_FACTOR = 1.0
+# Rows (spread over the batch) from which a later batch's variance is estimated when the drift pre-check cannot rule
+# a re-centring out (its mean comes from the column sums): to ~1/4 relative, plenty for a threshold of 1.
+DRIFT_PROBE_ROWS = 64
 
 
 class ActivationStats:
@@ -51,6 +84,9 @@ class ActivationStats:
         self.dim = self.offsets[-1]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.count = 0
+        self.recentred_batches = 0  # batches before which the state was re-centred (module docstring)
+        self._last_recentred = 0
+        self._views: tuple = ((),)  # (ids of the state tensors, numpy views of them): _recentre_if_drifted
         self._shift = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self._s1 = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
@@ -93,13 +129,82 @@ class ActivationStats:
         n = x.shape[0]
         if n == 0:
             return self
-        if check_finite and not all_finite(x):
-            raise ValueError("activations contain NaN or inf; statistics were not updated")
         if self.count == 0:
+            if check_finite and not all_finite(x):
+                raise ValueError("activations contain NaN or inf; statistics were not updated")
             self._shift = moment_shift(x)  # float32-representable: x - c is exact or correctly rounded in float32
+        else:
+            # one pass gives the finiteness check (as all_finite: a non-finite sum triggers the exact check) and the
+            # batch mean for the drift check; float32 column sums cost what the float32 total did
+            colsum = x.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            colsum = colsum.numpy() if self.device.type == "cpu" else colsum
+            if check_finite and not bool(colsum.isfinite().all() if isinstance(colsum, Tensor) else
+                                         np.isfinite(colsum).all()) and not bool(torch.isfinite(x).all()):  # fmt: skip
+                raise ValueError("activations contain NaN or inf; statistics were not updated")
+            self._recentre_if_drifted(x, colsum)
         self.last_backend = accumulate_moments(x, self._shift, self._s1, self._s2)
         self.count += n
+        self.recentred_batches += self._last_recentred
         return self
+
+    def _recentre_if_drifted(self, x: Tensor, colsum: np.ndarray | Tensor) -> None:
+        """Move the shift of the neurons that drifted (module docstring) and re-express the state about the new
+        shift, exactly in float64. ``colsum`` (D,) are the column sums of the batch x (numpy for a CPU state).
+        Sets ``_last_recentred``.
+
+        A pre-check with the batch's exact mean and the state's M2 (a lower bound of the combined one: M2 only
+        grows) rules out almost every batch in about 14 operations on (D,) vectors, in numpy for a CPU state (views
+        of the state, ~1 us an operation against torch's 3 us); only a batch it cannot rule out pays for the
+        variance of the probe rows and the exact criteria.
+        """
+        self._last_recentred = 0
+        n_s, n_b = self.count, x.shape[0]
+        n = n_s + n_b
+        cpu = isinstance(colsum, np.ndarray)
+        if cpu:
+            key = (id(self._shift), id(self._s1), id(self._s2))
+            if self._views[0] != key:  # numpy views of the state, made again only when a tensor is replaced
+                self._views = (key, self._shift.numpy(), self._s1.numpy(), self._s2.numpy().diagonal())
+            shift, s1, diag = self._views[1:]
+        else:
+            shift, s1, diag = self._shift, self._s1, torch.diagonal(self._s2)
+        e_b = colsum - shift * n_b  # n_b * (batch mean - shift), float64 (the shift is)
+        a = s1 + e_b  # n * (mean of state + batch - shift)
+        lim = (diag - s1 * s1 / n_s) * (DRIFT_FACTOR * n_b)  # factor * n_b * M2 of the state (<= of state + batch)
+        # to-mean criterion n (mu - c)^2 > factor M2, to-batch criterion n_b (m_b - c)^2 > factor M2, times n_b
+        lhs = a * a * (n_b / n)
+        if not ((lhs > lim) | (e_b * e_b > lim)).any():
+            return
+        d_b = e_b / n_b  # batch mean - shift
+        d_s = s1 / n_s  # state mean - shift
+        d_all = a / n
+        d_b, d_s, d_all = (torch.as_tensor(v, device=self.device) for v in (d_b, d_s, d_all))
+        step = -(-n_b // DRIFT_PROBE_ROWS)
+        probe = (x[::step] if step > 1 else x).to(torch.float64) - self._shift
+        v_b = (probe - (d_b if step == 1 else probe.mean(0))).square_().mean(0)  # batch variance (probe rows)
+        # Chan: M2 of state + batch
+        m2 = (torch.diagonal(self._s2) - self._s1 * d_s).clamp_min_(0).add_(v_b, alpha=n_b)
+        m2.add_((d_b - d_s).square_(), alpha=n_s * n_b / n).mul_(DRIFT_FACTOR)
+        # the running mean left the shift, or this batch alone would add a large share of rounding
+        to_mean = d_all.square() * n > m2
+        excess = d_b.square()
+        to_batch = (excess * n_b > m2) & (excess > DRIFT_FACTOR * v_b)
+        moved = to_mean | to_batch
+        if not bool(moved.any()):
+            return
+        new = torch.where(to_batch, d_b, torch.where(to_mean, d_all, torch.zeros_like(d_all))) + self._shift
+        self._move_shift(torch.where(moved, new.to(torch.float32).to(torch.float64), self._shift))
+        self._last_recentred = 1
+
+    def _move_shift(self, new: Tensor) -> None:
+        """Re-express the state about the shift ``new`` (D,), exactly in float64 (the statistics do not change):
+        with d = c - c', ``s1 += N d`` and ``s2 += s1 d^T + d s1^T + N d d^T = u d^T + d u^T``, u = s1 + N d / 2
+        (only the lower triangle of s2 is read)."""
+        d = self._shift - new  # x - new = (x - shift) + d
+        u = self._s1 + d * (0.5 * self.count)
+        self._s2.addr_(u, d).addr_(d, u)
+        self._s1 = self._s1 + d * self.count
+        self._shift = new
 
     def _centered(self) -> tuple[Tensor, Tensor]:
         """(mean (D,), full M2 = sum (x - mean)(x - mean)^T (D, D)), float64."""
@@ -115,6 +220,7 @@ class ActivationStats:
         self._shift = shift
         self._s1 = d * count
         self._s2 = (m2 + torch.outer(d, d) * count).contiguous()
+        self._views = ((),)  # the cached numpy views would keep the old (D, D) state alive
 
     def merge(self, other: ActivationStats) -> ActivationStats:
         """Combine with another state over disjoint samples (Chan et al. 1979); in place, returns self.

@@ -30,17 +30,23 @@ from pyfusion.stats.collect import collect_stats
 __all__ = ["group_points", "group_statistics"]
 
 
-def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[str], list[str]]]:
-    """group -> (fx node names, module paths) of its ``point`` ("pre" or "post"; "post" falls back to "pre"
-    for groups without an activation)."""
+def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[Any], list[str]]]:
+    """group -> (graph points, module paths) of its ``point`` ("pre" or "post"; "post" falls back to "pre"
+    for groups without an activation). Graph points are node names where one dim holds exactly the group's
+    neurons; a traced group without such a node (attention heads: q | k segments of a packed projection, heads
+    with their inner dims) is observed at its :class:`~pyfusion.graph.CapturePoint` s of that kind instead."""
     if point not in ("pre", "post"):
         raise ValueError(f"point must be 'pre' or 'post'; got {point!r}")
-    out = {}
+    out: dict[str, tuple[list[Any], list[str]]] = {}
     for name, g in graph.groups.items():
         nodes, paths = (g.post_nodes, g.post_points) if point == "post" else (g.pre_nodes, g.pre_points)
         if not nodes and not paths:
             nodes, paths = g.pre_nodes, g.pre_points
-        out[name] = (list(nodes), list(paths))
+        nodes = list(nodes)
+        if not nodes and graph.traced is not None:
+            caps = [c for c in g.captures if c.kind == point] or [c for c in g.captures if c.kind == "pre"]
+            nodes = list(caps)
+        out[name] = (nodes, list(paths))
     return out
 
 

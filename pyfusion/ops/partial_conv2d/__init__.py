@@ -12,11 +12,13 @@ and packed weights: :mod:`pyfusion.ops.layout`, with the kernel taps trailing). 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import validate_layouts
 from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES
 from pyfusion.ops.partial_conv2d.registration import OP
@@ -119,8 +121,11 @@ def partial_conv2d(
 
 def _run(x, w_shared, w_cross, w_diag, bias, il, ol, stride, padding, dilation) -> Tensor:
     """:meth:`LazyOp.__call__ <pyfusion.ops._registry.LazyOp.__call__>`'s rule with the backend choice cached by
-    (device, dtype): no backend's reasons depend on anything else."""
+    (device, dtype): no backend's reasons depend on anything else. Under ``torch.jit.trace`` the registered op runs
+    and is recorded (as for ``partial_linear``: the eager path's shapes would be baked into the trace)."""
     args = (x, w_shared, w_cross, w_diag, bias, il, ol, stride, padding, dilation)
+    if is_jit_tracing():
+        return OP.op()(*args)
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
         and (
@@ -149,7 +154,13 @@ def partial_conv2d_module_forward(
     """:func:`partial_conv2d` for :class:`pyfusion.nn.PartialConv2d`, whose layouts, block shapes and conv
     parameters were validated when the module was built: only x is checked here."""
     w_shared, w_cross, w_diag = weight_blocks
-    if x.dim() != 4 or x.shape[1] != w_shared.shape[1]:
+    if is_jit_tracing():  # as partial_linear's: the checks without the tracer's size warnings, then the recorded op
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            bad = bool(x.dim() != 4 or x.shape[1] != w_shared.shape[1])
+    else:
+        bad = x.dim() != 4 or x.shape[1] != w_shared.shape[1]
+    if bad:
         raise ValueError(
             f"x must have shape (N, {sum(in_layout)}, H, W) (in_layout={list(in_layout)}); got {tuple(x.shape)}"
         )

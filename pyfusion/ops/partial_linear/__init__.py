@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import (
     ACTIVATIONS,
     block_shapes,
@@ -149,7 +151,28 @@ def _run(
     act: str,
 ) -> Tensor:
     """Run validated arguments: :meth:`LazyOp.__call__ <pyfusion.ops._registry.LazyOp.__call__>`'s rule, inlined
-    (batch-1 layers cost 3-4 us, so every microsecond of Python shows), with the backend choice cached."""
+    (batch-1 layers cost 3-4 us, so every microsecond of Python shows), with the backend choice cached.
+
+    Under ``torch.jit.trace`` the registered op runs (and is what the trace records): the eager backends depend on
+    the batch size (the compiled small-batch kernel writes through data pointers the tracer cannot see, the BLAS
+    path's strided views bake the row count in), so a trace of them is wrong at every other batch size.
+    """
+    if is_jit_tracing():
+        return OP.op()(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+    return _run_eager(x, w_shared, w_cross, w_diag, bias, il, ol, act)
+
+
+def _run_eager(
+    x: Tensor,
+    w_shared: Tensor,
+    w_cross: Tensor,
+    w_diag: Tensor,
+    bias: Tensor | None,
+    il: list[int],
+    ol: list[int],
+    act: str,
+) -> Tensor:
+    """:func:`_run` when not tracing."""
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
         and (
@@ -180,6 +203,8 @@ def partial_linear_module_forward(
     """:func:`partial_linear` for pyfusion.nn modules, whose layouts and block shapes were validated when
     the module was built (``load_state_dict`` keeps the shapes): only x is checked here."""
     w_shared, w_cross, w_diag = weight_blocks
+    if is_jit_tracing():
+        return _traced_module_forward(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
     if x.dim() < 1 or x.shape[-1] != w_shared.shape[1]:
         raise ValueError(
             f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
@@ -191,4 +216,32 @@ def partial_linear_module_forward(
             f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
             f"got ({x.dtype}, {x.device})"
         )
-    return _run(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
+    return _run_eager(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
+
+
+def _traced_module_forward(
+    x: Tensor,
+    w_shared: Tensor,
+    w_cross: Tensor,
+    w_diag: Tensor,
+    bias: Tensor | None,
+    in_layout: list[int],
+    out_layout: list[int],
+    activation: str,
+) -> Tensor:
+    """The module forward under ``torch.jit.trace``: the same input checks (with the tracer's warnings about reading
+    sizes silenced: the feature size is fixed by the weights), then the registered op, which the trace records with
+    its layouts as constants, so the trace is correct at every batch size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if x.dim() < 1 or x.shape[-1] != w_shared.shape[1]:
+            raise ValueError(
+                f"x.shape[-1] must equal sum(in_layout) = {sum(in_layout)} (in_layout={list(in_layout)}); "
+                f"got x.shape={tuple(x.shape)}"
+            )
+    if x.dtype != w_shared.dtype or x.device != w_shared.device:
+        raise ValueError(
+            f"x must have the module's dtype and device ({w_shared.dtype}, {w_shared.device}); "
+            f"got ({x.dtype}, {x.device})"
+        )
+    return OP.op()(x, w_shared, w_cross, w_diag, bias, in_layout, out_layout, activation)
