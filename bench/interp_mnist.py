@@ -43,8 +43,12 @@ SPLITS = ("iid/K2", "dirichlet0.5/K2", "iid/K4", "dirichlet0.5/K4")
 DEFAULT_CASES = [f"mnist/{a}/{s}" for a in ARCHS for s in SPLITS if a == "mlp" or s != "dirichlet0.5/K4"]
 DEFAULT_CASES = [c for c in DEFAULT_CASES if not c.startswith("mnist/vit/") or c.endswith("K2")]
 FUSIONS = ("hf", "kf", "kf_gradient", "average", "weight_matching", "activation_matching", "ot")
-ARCH_NAMES = {"mlp": "MLP user class (MLPNet 784-256-256-10, ReLU)", "vgg_bn": "VGG + BatchNorm",
-              "resnet": "ResNet-8 (pyfusion.models.ResNet)", "vit": "ViT (Hugging Face, 3 layers, 4 heads)"}  # fmt: skip
+ARCH_NAMES = {
+    "mlp": "MLP user class (MLPNet 784-256-256-10, ReLU)",
+    "vgg_bn": "VGG + BatchNorm",
+    "resnet": "ResNet-8 (pyfusion.models.ResNet)",
+    "vit": "ViT (Hugging Face, 3 layers, 4 heads)",
+}
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

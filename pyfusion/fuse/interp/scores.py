@@ -11,7 +11,7 @@ scores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +22,28 @@ from pyfusion.fuse.interp.program import Runner, _rows
 from pyfusion.match.importance import attribute
 
 __all__ = ["group_scores"]
+
+
+def _path_nodes(levels: InterpLevels, runner: Runner) -> list[str]:
+    """Where conductance's path from the zero baseline starts: the inputs themselves when one is floating point
+    (``[]``), else the outputs of the embedding lookups of the (integer) inputs: token models interpolate their
+    looked-up token embeddings from zero, with position / token-type embeddings kept (the usual integrated-
+    gradients baseline of language models, e.g. captum's ``LayerIntegratedGradients`` on the word embeddings).
+
+    Raises:
+        ValueError: no floating-point input and no embedding lookup of an input.
+    """
+    prog = levels.program
+    ph = [p.name for p in prog.placeholders]
+    if any(isinstance(runner.env[p], Tensor) and runner.env[p].is_floating_point() for p in ph):
+        return []
+    nodes = [s.node for s in levels.sites.values() if s.kind == "embedding" and s.input in prog.dep]
+    if not nodes:
+        raise ValueError(
+            "importance='conductance' interpolates the inputs (or the embeddings of integer inputs) from zero; "
+            "this model has integer inputs and no embedding lookup of them: use 'activation_gradient' or 'uniform'"
+        )
+    return nodes
 
 
 def group_scores(
@@ -36,16 +58,13 @@ def group_scores(
     """Per group, (n,) float64 scores of one member (``runner`` holds its state and the calibration inputs).
 
     Raises:
-        ValueError: conductance on integer inputs (token ids).
+        ValueError: conductance on integer inputs that no embedding lookup reads.
     """
     prog = levels.program
     graph = levels.graph
     points = [t for t, f in levels.fits.items() if f.segments]
     ph = [p.name for p in prog.placeholders]
-    if method == "conductance" and not any(
-        isinstance(runner.env[p], Tensor) and runner.env[p].is_floating_point() for p in ph
-    ):
-        raise ValueError("importance='conductance' interpolates the inputs from zero and needs floating-point inputs")
+    scaled = _path_nodes(levels, runner) if method == "conductance" else []
     end = max(prog.pos[o] for o in prog.outputs)
     start = max(prog.pos[p] for p in ph)
     sums: dict[str, Tensor] = {}
@@ -59,12 +78,18 @@ def group_scores(
         def forward(alphas: Sequence[float], base: dict = base) -> tuple[Tensor, list[Tensor]]:
             logits, vals = [], [[] for _ in points]
             for a in alphas:
-                env = {p: (a * v if a != 1.0 and torch.is_tensor(v) and v.is_floating_point() else v)
+                floats = not scaled
+                env = {p: (a * v if floats and a != 1.0 and torch.is_tensor(v) and v.is_floating_point() else v)
                        for p, v in base.items()}  # fmt: skip
-                hooks = None
+                hooks: dict[str, Callable[[Tensor], Tensor]] = {}
+                if a != 1.0:  # token inputs: the path runs over the looked-up embeddings instead
+                    hooks.update({t: (lambda v, a=a: a * v) for t in scaled})
                 if torch.is_grad_enabled():
-                    hooks = {t: (lambda v: v + torch.zeros_like(v).requires_grad_(True)) for t in points}
-                out = runner.run_chunk(start, end, env, c, [prog.logits, *points], hooks=hooks)
+                    for t in points:
+                        inner = hooks.get(t)
+                        hooks[t] = (lambda v, prev=inner: (prev(v) if prev is not None else v)
+                                    + torch.zeros_like(v).requires_grad_(True))  # fmt: skip
+                out = runner.run_chunk(start, end, env, c, [prog.logits, *points], hooks=hooks or None)
                 logits.append(out[prog.logits])
                 for i, t in enumerate(points):
                     vals[i].append(out[t])
