@@ -119,7 +119,8 @@ def _pair_loop_cost(x, w0, w1, a0, a1, s0, s1) -> torch.Tensor:
         for j0 in range(0, n1, 8):
             si, sj = s0[i0 : i0 + 8].float(), s1[j0 : j0 + 8].float()
             tot = si[:, None] + sj[None, :]
-            comb = si[None, :, None, None] * w0[:, i0 : i0 + 8, None] + sj[None, None, :, None] * w1[:, None, j0 : j0 + 8]
+            comb = si[None, :, None, None] * w0[:, i0 : i0 + 8, None]
+            comb = comb + sj[None, None, :, None] * w1[:, None, j0 : j0 + 8]
             comb = comb / tot[None, :, :, None]
             pred = torch.einsum("mp,pijr->mijr", x, comb)
             d0 = (pred - a0[:, i0 : i0 + 8, None]).square().sum((0, 3)).sqrt()
