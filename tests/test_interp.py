@@ -264,7 +264,7 @@ def test_one_hot_lambda_reproduces_that_member():
             torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("k", [3, 4])
+@pytest.mark.parametrize("k", [4])  # K = 3 on every family: tests/test_interp_families.py
 def test_k_members_deterministic(k):
     members = []
     for i in range(k):
