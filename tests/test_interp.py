@@ -185,10 +185,11 @@ def _first_layer_reference(members, x, y, importance):
                 cost[i, j] = s[0][i] * (pij - a[0][:, i]).norm() + s[k][j] * (pij - a[k][:, j]).norm()
         rows, cols = scipy.optimize.linear_sum_assignment(cost)
         partners.append(cols[np.argsort(rows)])
-    wf = torch.stack(
-        [sum(s[k][p[i]] * w[k][:, p[i]] for k, p in enumerate(partners)) / sum(s[k][p[i]] for k, p in enumerate(partners))
-         for i in range(n)]
-    )  # fmt: skip
+    def fused_column(i: int) -> torch.Tensor:
+        num = sum(s[k][p[i]] * w[k][:, p[i]] for k, p in enumerate(partners))
+        return num / sum(s[k][p[i]] for k, p in enumerate(partners))
+
+    wf = torch.stack([fused_column(i) for i in range(n)])
     return wf, partners
 
 

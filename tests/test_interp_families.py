@@ -273,3 +273,25 @@ def test_no_model_class_checks():
         text = f.read_text()
         assert "pyfusion.models" not in text and "from pyfusion import models" not in text, f
         assert not pattern.search(text), (f, pattern.search(text))
+
+
+@pytest.mark.parametrize("method", ["activation_gradient", "conductance"])
+def test_scores_through_the_graph_equal_module_hook_scores(method):
+    """On an nn.Sequential MLP the groups' points are the Linear outputs: the exported-graph scores equal
+    :func:`pyfusion.match.importance.neuron_importance` on those modules (hooks, labels given)."""
+    from pyfusion.match.importance import neuron_importance
+
+    torch.manual_seed(0)
+    model = models.mlp([8, 7, 6, 4]).double().eval()
+    x = torch.randn(40, 8, dtype=F64)
+    y = torch.randint(0, 4, (40,))
+    graph = trace_groups(model, x[:8])
+    levels = interp_levels(model, graph)
+    r = Runner(levels.program, model_state(model), [x], 8, lambda n: ((x[torch.arange(n) % 40],), {}))
+    got = group_scores(levels, r, y, method=method, n_steps=5)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
+    ref = neuron_importance(model, [(x[:20], y[:20]), (x[20:], y[20:])], linears, method=method, n_steps=5)
+    by_producer = {next(r.module for r in g.producers): g.name for g in graph.groups.values()}
+    assert set(by_producer) == set(linears)
+    for name in linears:
+        torch.testing.assert_close(got[by_producer[name]], ref[name].double(), rtol=1e-9, atol=1e-12)
