@@ -185,6 +185,7 @@ def _first_layer_reference(members, x, y, importance):
                 cost[i, j] = s[0][i] * (pij - a[0][:, i]).norm() + s[k][j] * (pij - a[k][:, j]).norm()
         rows, cols = scipy.optimize.linear_sum_assignment(cost)
         partners.append(cols[np.argsort(rows)])
+
     def fused_column(i: int) -> torch.Tensor:
         num = sum(s[k][p[i]] * w[k][:, p[i]] for k, p in enumerate(partners))
         return num / sum(s[k][p[i]] for k, p in enumerate(partners))
