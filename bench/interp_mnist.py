@@ -135,8 +135,8 @@ def main() -> None:
     results = {c: run_case(c, args, cache, save) for c in cases}
     report = Report("Neuron interpolation on the zoo: accuracy and fusion time", quick=args.quick)
     report.text(
-        f"torch threads {args.threads}; the machine was shared with other jobs (load average below): fusion times "
-        "are upper bounds, to be compared within a column.",
+        f"torch threads {args.threads}; the machine was shared with other jobs (the load average above is taken when "
+        "the table was written, from cached rows): fusion times are upper bounds and vary several-fold with the load.",
         f"Calibration: {args.calib} held-out training images; kf_gradient: {args.epochs} epochs per level, "
         f"{args.last_epochs} for the last (Adam 1e-3, batch 32, patience 5); hf / kf: uniform importance, "
         "ridge 1e-6; every other method with its defaults, BatchNorm recalibrated on the calibration data. "
