@@ -45,6 +45,7 @@ SPLITS = ("iid/K2", "dirichlet0.5/K2", "iid/K4", "dirichlet0.5/K4")
 DEFAULT_CASES = [f"mnist/{a}/{s}" for a in ARCHS for s in SPLITS if a == "mlp" or s != "dirichlet0.5/K4"]
 DEFAULT_CASES = [c for c in DEFAULT_CASES if not c.startswith("mnist/vit/") or c.endswith("K2")]
 FUSIONS = ("hf", "kf", "kf_gradient", "average", "weight_matching", "activation_matching", "ot")
+DATASET_NAMES = {"mnist": "MNIST", "fmnist": "Fashion-MNIST", "digits": "digits (8x8)"}
 ARCH_NAMES = {
     "mlp": "MLP user class (MLPNet 784-256-256-10, ReLU)",
     "vgg_bn": "VGG + BatchNorm",
@@ -162,7 +163,7 @@ def main() -> None:
                 else:
                     cells.append(f"{100 * v[0]:.2f}" + (f" ({v[1]:.1f} s)" if v[1] is not None else ""))
             body.append([m, *cells])
-        report.text(f"## {ds.upper() if ds == 'mnist' else ds}, {ARCH_NAMES.get(arch, arch)}")
+        report.text(f"## {DATASET_NAMES.get(ds, ds)}, {ARCH_NAMES.get(arch, arch)}")
         report.table(f"{ds}_{arch}", ["method", *labels], body)
     errors = [(k, v["error"]) for k, v in cache.items() if "error" in v and k[0] == "[" and json.loads(k)[0] in cases]
     if errors:
