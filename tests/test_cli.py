@@ -605,8 +605,15 @@ def test_usage_errors_before_any_work(args, capsys):
     assert_one_line_error(capsys, 2, rc)
 
 
-def test_sweep_keeps_going_when_a_method_fails(random_members, tmp_path, capsys):
-    """hf fuses exactly 2 members: with 3 it fails; partial and average are still measured and reported."""
+def test_sweep_keeps_going_when_a_method_fails(random_members, tmp_path, capsys, monkeypatch):
+    """A method that raises (hf, made to fail here: it fuses any K since issue 13) is reported as failed; partial and
+    average are still measured and reported."""
+    from pyfusion.fuse.interp import driver
+
+    def fail(self):
+        raise ValueError("hf refuses these members (test)")
+
+    monkeypatch.setattr(driver._Interp, "run", fail)
     rep = tmp_path / "sweep"
     rc = main(
         [
@@ -637,7 +644,7 @@ def test_sweep_keeps_going_when_a_method_fails(random_members, tmp_path, capsys)
         ("average", 0.0, True),
     ]
     failed = fused[2]
-    assert "exactly 2 members" in failed.error and failed.accuracy is None  # NaN is written as null
+    assert "refuses these members" in failed.error and failed.accuracy is None  # NaN is written as null
     assert report["failures"] == [{"method": "hf", "alpha": 0.0, "error": failed.error}]
     printed = {(c[0], c[1]): c for c in table_lines(captured.out)}
     assert printed[("hf", "0.00")][2:] == ["failed", "-", "-", "-", "-"]

@@ -488,7 +488,8 @@ class InterpConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class HFConfig(InterpConfig):
-    """``method="hf"``: Hungarian neuron-interpolation fusion of two members (fields: :class:`InterpConfig`)."""
+    """``method="hf"``: Hungarian neuron-interpolation fusion of K >= 2 members (K > 2: every member aligned to
+    member 0, see :mod:`pyfusion.fuse.interp`; fields: :class:`InterpConfig`)."""
 
 
 @dataclass(frozen=True)

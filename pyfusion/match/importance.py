@@ -23,17 +23,24 @@ weigh alike; the authors do this for uniform scores in KF only) and ``1e-8`` is 
 that every score is strictly positive (k-means weights and interpolation ratios need s > 0).
 The computation is ours (no captum needed); captum's LayerConductance uses Gauss-Legendre points by default, so
 its numbers differ from the Riemann sum at small ``n_steps``.
+
+Two front ends share one attribution core (:func:`attribute`, which takes any forward function returning the
+logits and the observed values): :func:`neuron_importance` / :func:`attributions` observe module outputs through
+forward hooks; neuron interpolation observes the values of its levels (any node of the exported graph, any layout)
+through :mod:`pyfusion.fuse.interp.scores`. The prediction may be ``(N, C)`` logits with labels ``(N,)`` or
+``(N, T, C)`` with ``(N, T)`` (a language model: the target logit of every position is summed). Conductance
+interpolates the inputs from zero, so it needs floating-point inputs (not token ids).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMPORTANCE_METHODS", "attributions", "neuron_importance"]
+__all__ = ["IMPORTANCE_METHODS", "attribute", "attributions", "neuron_importance"]
 
 IMPORTANCE_METHODS = ("uniform", "activation_gradient", "conductance")
 
@@ -73,8 +80,14 @@ def _hook_outputs(model: nn.Module, points: Sequence[str]) -> tuple[dict[str, Te
     captured: dict[str, Tensor] = {}
 
     def make_hook(name: str):
-        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> Tensor | None:
+            if torch.is_grad_enabled() and isinstance(out, Tensor) and out.is_floating_point():
+                # a zero probe: d target / d probe = d target / d out, even when no parameter requires grad
+                out = out + torch.zeros_like(out).requires_grad_(True)
+                captured[name] = out
+                return out
             captured[name] = out
+            return None
 
         return hook
 
@@ -181,6 +194,83 @@ def attributions(
             h.remove()
 
 
+def _target(logits: Tensor, y: Tensor) -> Tensor:
+    """Sum of the target logits: (N, C) with (N,) labels, or (N, T, C) with (N, T)."""
+    if logits.dim() < 2:
+        raise ValueError(f"the model output must have a class dim; got shape {tuple(logits.shape)}")
+    if tuple(y.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not fit logits of shape {tuple(logits.shape)}")
+    return logits.gather(-1, y[..., None].long()).sum()
+
+
+def _grads(target: Tensor, vals: Sequence[Any]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The values (copies concatenated) and d target / d value (None where the target does not depend on it)."""
+    flat = [t for v in vals for t in (v if isinstance(v, (list, tuple)) else [v])]
+    gs = torch.autograd.grad(target, flat, allow_unused=True)
+    out_v, out_g, i = [], [], 0
+    for v in vals:
+        parts = list(v) if isinstance(v, (list, tuple)) else [v]
+        g = gs[i : i + len(parts)]
+        i += len(parts)
+        out_v.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        if all(x is None for x in g):
+            out_g.append(None)
+        else:
+            out_g.append(torch.cat([torch.zeros_like(p) if x is None else x for p, x in zip(parts, g)]))
+    return out_v, out_g
+
+
+def attribute(
+    forward: Callable[[Sequence[float]], tuple[Tensor, Sequence[Tensor]]],
+    y: Tensor | None,
+    *,
+    method: str = "conductance",
+    n_steps: int = 10,
+) -> list[Tensor]:
+    """Signed per-sample attributions of the values a forward pass observes (the core of both front ends).
+
+    Args:
+        forward: ``alphas -> (logits, values)``: runs the model on its inputs scaled by each alpha (the conductance
+            path from the zero baseline; ``[1.0]`` is the plain forward), the copies stacked alpha-major along dim
+            0, and returns the logits and the observed values, which must be part of the autograd graph when
+            gradients are enabled (e.g. through a zero probe that requires grad). A value may also be given as a
+            list of the graph tensors of consecutive copies (a forward that runs the copies one by one).
+        y: target classes (the logits' shape without its last dim, for one copy), or None for ``argmax logits``.
+        method: "uniform" (ones), "activation_gradient" or "conductance" (see the module docstring).
+        n_steps: conductance Riemann intervals.
+
+    Returns:
+        One tensor per value, of its shape for one copy.
+    """
+    _check_method(method, n_steps)
+    if method == "uniform":
+        with torch.no_grad():
+            _logits, vals = forward([1.0])
+        return [torch.ones_like(torch.cat(list(v)) if isinstance(v, (list, tuple)) else v) for v in vals]
+    if y is None:
+        with torch.no_grad():
+            y = forward([1.0])[0].argmax(-1)
+    if method == "activation_gradient":
+        with torch.enable_grad():
+            logits, vals = forward([1.0])
+            vals, grads = _grads(_target(logits, y), vals)
+        return [(a * (g if g is not None else 0.0)).detach() for a, g in zip(vals, grads)]
+    steps = int(n_steps)
+    with torch.enable_grad():
+        logits, vals = forward([m / steps for m in range(steps + 1)])
+        yy = y.repeat(steps + 1, *([1] * (y.dim() - 1)))
+        vals, grads = _grads(_target(logits, yy), vals)
+    out = []
+    for a, g in zip(vals, grads):
+        a = a.detach().reshape(steps + 1, -1, *a.shape[1:])
+        if g is None:
+            out.append(torch.zeros_like(a[0]))
+            continue
+        g = g.reshape(steps + 1, -1, *g.shape[1:])
+        out.append((g[1:] * (a[1:] - a[:-1])).sum(0))
+    return out
+
+
 def _attribute(
     model: nn.Module,
     x: Tensor,
@@ -190,39 +280,18 @@ def _attribute(
     method: str,
     n_steps: int,
 ) -> dict[str, Tensor]:
-    """Per-sample attributions (N, C, ...) of every point for one chunk."""
-    if method == "uniform":
-        with torch.no_grad():
-            captured.clear()
-            model(x)
-        return {p: torch.ones_like(captured[p]) for p in points}
-    if y is None:
-        with torch.no_grad():
-            y = model(x).argmax(1)
-    if method == "activation_gradient":
+    """Per-sample attributions (N, C, ...) of every module point for one chunk."""
+    if method == "conductance" and not x.is_floating_point():
+        raise ValueError("conductance interpolates the inputs from zero and needs floating-point inputs")
+
+    def forward(alphas: Sequence[float]) -> tuple[Tensor, list[Tensor]]:
         captured.clear()
-        with torch.enable_grad():
-            logits = model(x)
-            acts = [captured[p] for p in points]
-            target = logits.gather(1, y[:, None]).sum()
-            grads = torch.autograd.grad(target, acts, allow_unused=True)
-        return {p: (a * (g if g is not None else 0.0)).detach() for p, a, g in zip(points, acts, grads)}
-    # conductance: all n_steps + 1 points of the path in one batch, alpha-major
-    n = x.shape[0]
-    alphas = torch.arange(n_steps + 1, dtype=x.dtype, device=x.device) / n_steps
-    xs = (alphas.view(-1, *([1] * x.ndim)) * x.unsqueeze(0)).reshape(-1, *x.shape[1:])
-    captured.clear()
-    with torch.enable_grad():
+        if list(alphas) == [1.0]:
+            xs = x
+        else:
+            a = torch.tensor(list(alphas), dtype=x.dtype, device=x.device)
+            xs = (a.view(-1, *([1] * x.dim())) * x.unsqueeze(0)).reshape(-1, *x.shape[1:])
         logits = model(xs)
-        acts = [captured[p] for p in points]
-        target = logits.gather(1, y.repeat(n_steps + 1)[:, None]).sum()
-        grads = torch.autograd.grad(target, acts, allow_unused=True)
-    out = {}
-    for p, a, g in zip(points, acts, grads):
-        a = a.detach().reshape(n_steps + 1, n, *a.shape[1:])
-        if g is None:
-            out[p] = torch.zeros_like(a[0])
-            continue
-        g = g.reshape(n_steps + 1, n, *g.shape[1:])
-        out[p] = (g[1:] * (a[1:] - a[:-1])).sum(0)
-    return out
+        return logits, [captured[p] for p in points]
+
+    return dict(zip(points, attribute(forward, y, method=method, n_steps=n_steps)))

@@ -1,71 +1,80 @@
-"""Neuron-interpolation fusion (Luenam et al. 2025, "Model Fusion via Neuron Interpolation"; papers.md part B).
+"""Neuron-interpolation fusion: ``method="hf"``, ``"kf"`` and ``"kf_gradient"`` (Luenam et al. 2025, "Model
+Fusion via Neuron Interpolation"; papers.md B.1-B.4), on any traced model.
 
-The fused network has the architecture of one member and is built level by level (a level is a Linear / Conv2d
-with the modules before it and its BatchNorm; for ResNets a stem, a residual block, the head). For level l:
+**What it does.** The fused network is built level by level in graph order. At each closed-form step (one target,
+or several fitted together) the members' values at the target are the *targets* ``A_k`` (m rows = samples x
+positions, one column per neuron), and the fused model's own inputs to the step's sites give the design ``X``.
+Each member's neuron j is predicted from the fused inputs by least squares, ``W_k = (X^T X)^-1 X^T A_k``
+(:func:`solve_ls`, Gram statistics accumulated chunk by chunk, :func:`ls_statistics`), the neurons of all
+members are *grouped* into n slots (below), and the step's weights are fitted so that slot c reproduces the
+importance-weighted mean target of its neurons, ``y_c = sum_{(k, j) in c} s_kj A_kj / sum s_kj``. Because the fit
+is linear, this equals the weighted mean of the members' LS weights; it is always solved on the fused model's
+inputs, so the errors of earlier levels are corrected, not compounded (the paper's point).
 
-1. X = the inputs of level l in the *fused* model built so far (so later levels correct earlier errors);
-   the targets are the members' own level outputs A_k (pre-activations; a residual block's output).
-2. Grouping: the K*n neurons of level l are grouped into n slots, each slot's target being the
-   importance-weighted mean of its neurons' outputs.
-3. Approximation: the fused level is fitted to reproduce the slot targets from X.
+**Grouping** (:mod:`.grouping`):
 
-Methods (``pyfusion.fuse(..., method=...)``, all need calibration data):
+* ``hf`` (any K >= 2): every member k >= 1 is aligned to member 0 by one exact assignment on the paper's pair cost
+  ``c_ij = s_0i ||X w_ij - a_0i|| + s_kj ||X w_ij - a_kj||`` with ``w_ij`` the weighted mean of the two LS weight
+  columns (computed from Gram products, never materialising the predictions: :mod:`pyfusion.match.interp`); a slot
+  is the tuple (member 0's neuron i, its partner in every other member), fused with weights ``s``. At K = 2 this
+  is exactly the paper's HF (tested against a scipy brute force). For K > 2 it is the multi-member rule chosen in
+  DESIGN §4: the exact K-dimensional matching is the axial assignment problem (NP-hard for K >= 3), and aligning
+  to a reference keeps every member's matching exact and optimal for its pair; it depends on which member is
+  the reference (member 0; reorder the members to change it), and a member with lambda = 0 does not change the
+  others' matching (so the K = 3 rule with lambda_3 = 0 is the K = 2 rule; tested).
+* ``kf`` (any K): importance-weighted k-means with k = n over the K*n neurons' LS predictions (their Gram only:
+  :func:`pyfusion.ops.weighted_kmeans`); slots may hold several neurons of one member or none of another.
+* ``kf_gradient``: the KF grouping (or member 0's neurons, ``level_init="member0"``, the authors' choice), then
+  every *level* (below) is trained with Adam to its targets, the last one to the lambda-weighted mean logits
+  (optionally weighted per class, ``class_weights``).
+* Attention heads and other unit groups (``unit_size`` D > 1) and groups tied to them move as whole units under
+  every method: units are matched on the sum over the tie set of their cheapest inner matchings, as HF, and the
+  inner dims inside matched units (see :mod:`.grouping`).
 
-* ``"hf"`` (K = 2): least-squares weights ``W_k = (X^T X + r I)^{-1} X^T A_k`` reproducing every member neuron
-  from the fused inputs (normal equations through a Cholesky factor, never ``pinv`` of the data; convolutions use
-  the unfolded patches, but only the Gram ``X^T X`` and ``X^T A_k`` are accumulated, chunk by chunk). The
-  interpolation cost of every pair (papers.md B.3) comes from Gram products (C.2 item 3;
-  :func:`pyfusion.ops.hf_cost`), the pairs from the exact assignment engine, and the fused weights are the
-  importance-weighted means ``(s0_i w0_i + s1_j w1_j) / (s0_i + s1_j)``. Last level: neuron i with neuron i.
-* ``"kf"`` (any K): importance-weighted k-means (k = n) over the K*n neurons in pre-activation space. The points
-  are the LS predictions ``X w_j``; their Gram is ``W^T (X^T X) W`` (Kn x Kn), so no activation matrix is ever
-  formed; :func:`pyfusion.ops.weighted_kmeans` (C++, restarts) clusters it. The fused weights are the centroids
-  ``sum_{j in c} s_j w_j / sum_{j in c} s_j`` (whose prediction is exactly the centroid of the points). Last level:
-  class c of every member forms cluster c.
-* ``"kf_gradient"``: the KF grouping, then every level is trained (Adam or SGD, mini-batches of the calibration
-  data, 80/20 split, early stopping on the validation MSE, the best state kept) to reproduce its slot targets
-  ``T_c = sum_{j in c} s_j a_j / sum s_j`` from the fused inputs; the last level is trained to reproduce the
-  lambda-weighted mean logits (optionally weighted per class by each member's class share). As in the authors'
-  code, the slots are k-means clusters of the members' activations, matched to member 0's neurons, and each level
-  starts from member 0's weights (``level_init="kf"`` starts Linear/Conv2d levels from the KF closed form instead;
-  a one-layer level is then already the least-squares optimum). Levels exist for
-  ``nn.Sequential`` chains (MLP, VGG) and for :class:`pyfusion.models.ResNet` (stem, one level per residual block,
-  head); ResNet levels start from member 0 with the targets' slots matched (exact assignment) to member 0's
-  neurons, so the identity shortcuts stay consistent.
+**Levels, residual blocks and transformer blocks** (:mod:`.levels`, read off the exported graph of the IR, never
+from module types). A *site* is an op applying a parameter tensor to an input-dependent value (Linear, Conv2d,
+GPT-2's Conv1D ``addmm``, embeddings). From each site the graph is walked forward through ops that keep it an
+affine per-neuron function (eval-mode BatchNorm is absorbed into the fit, biases / layer-scales / position
+embeddings are kept and compensated); where the walk stops is the site's *target*: a pre-activation (so any
+elementwise activation - ReLU, GELU, SiLU, tanh, ELU / CELU, LeakyReLU, ... - works: it is never modelled), a
+residual sum, the logits. Sites reaching the same target are fitted jointly.
 
-Deviations from the authors' code (documented choices):
+* ResNet: the stem, then per block its hidden layer(s) (targets grouped from LS predictions as above) and its
+  output sum ``conv2(h) + shortcut(x)`` (a projection shortcut is fitted jointly with conv2; an identity shortcut
+  is a *passthrough*, taken from the fused model and subtracted from the target). The residual stream is one
+  neuron group seen at every block's sum, and the sums depend on each other, so the stream is grouped **once**,
+  on the members' activations at all of its points together (HF: exact assignment on the activation pair cost;
+  KF: k-means of the activations), and every block is fitted to that one grouping: the paper's "group the
+  residual-stream outputs of a block and fit the block to them".
+* Transformers (ViT, BERT, GPT-2, Llama, ``nn.MultiheadAttention``, ``nn.TransformerEncoder``, hand-written
+  attention): per layer the q / k / v projections are fitted jointly (heads as units, tied q/k and v/o groups
+  grouped together), the attention output projection and the MLP output projection write into the residual
+  stream (their targets are the stream sums; the stream is a passthrough and is grouped once on activations,
+  as in a ResNet), the MLP input projection(s) (SwiGLU: gate and up jointly) have their pre-activation targets.
+  LayerNorm / RMSNorm parameters, embeddings, tied tensors (GPT-2's ``wte`` / ``lm_head``) and anything the walk
+  cannot fit are set from the grouping by the builder's formula ``sum_k A_k W_k B_k``.
+* kf_gradient's *levels* are the segments between *cuts*: targets after which nothing but the target's value is
+  read later (every layer of a chain, every ResNet block's output, the stream after each attention and each MLP
+  sublayer of a transformer block, the logits). :meth:`InterpLevels.describe` prints the levels, steps, fits and
+  passthroughs of any model.
 
-* k-means uses the squared distance (the objective of the C++ kernel and of Lloyd's centroid step); the authors'
-  KF minimises the sum of unsquared L2 distances with the same centroid rule. The points are the projections
-  ``X w_j`` instead of ``a_j``: for squared distances the two objectives differ by the constant
-  ``sum_j s_j ||a_j - X w_j||^2`` (exact least squares), so the clusterings are the same.
-* The Gram products of each chunk of samples are formed in float32 by default (``stats_dtype``) and accumulated
-  in float64; ``stats_dtype="float64"`` makes them exact to float64 rounding.
-* HF supports both the authors' L2 cost (``cost="l2"``, default) and the squared form (``cost="sqeuclidean"``).
-* The LS system has a ridge ``ridge * mean(diag(X^T X))`` (default 1e-6; zero columns such as always-black pixels
-  or dead ReLUs make X^T X singular); if the Cholesky factorisation fails the ridge grows 100x until it succeeds
-  (reported in ``fusion_info``).
-* Importance scores are normalised per level and member (:mod:`pyfusion.match.importance`) and multiplied by the
-  member weights lambda_k. The last level uses lambda only.
-* BatchNorm after a fitted layer is set to the identity (running mean 0, variance 1, weight sqrt(1 + eps),
-  bias 0): the LS fit produces the pre-activation directly. The fused module carries ``fusion_weights_fitted``,
-  so ``pyfusion.fuse`` does not reset its BatchNorm statistics by default.
+**Importance** (``importance=``): "uniform", "activation_gradient" or "conductance"
+(:mod:`pyfusion.match.importance`), observed at each group's targets through the exported graph
+(:mod:`.scores`); token models interpolate their looked-up embeddings from zero for conductance.
 
-The calibration data are held in memory (inputs and the current level's activations of every member), as in the
-authors' code: a few hundred to a few thousand samples.
-
-Modules: :mod:`.levels` (what a level is and how levels are found), :mod:`.statistics` (the Gram statistics of the
-least-squares fits), :mod:`.fitting` (solves, maps of a grouping, level training), :mod:`.driver` (the level loop
-and the three registered methods); the pair costs are :mod:`pyfusion.match.interp`, the importance scores
-:mod:`pyfusion.match.importance`.
+Options: one frozen config per method (:class:`~pyfusion.fuse.config.HFConfig`, ``KFConfig``,
+``KFGradientConfig``; fields in :class:`~pyfusion.fuse.config.InterpConfig`). Speed against the authors'
+approach (pinv + 8 x 8 pair loops, scikit-learn k-means): ``bench/bench_interp.py``; accuracy against the other
+methods and the trivial baselines: ``bench/interp_mnist.py``.
 """
 
 from pyfusion.fuse.interp.driver import fuse_hf, fuse_interp, fuse_kf, fuse_kf_gradient
 from pyfusion.fuse.interp.fitting import solve_ls
-from pyfusion.fuse.interp.levels import Level, interp_levels
+from pyfusion.fuse.interp.levels import InterpLevels, Level, interp_levels
 from pyfusion.fuse.interp.statistics import ls_statistics
 
 __all__ = [
+    "InterpLevels",
     "Level",
     "fuse_hf",
     "fuse_interp",

@@ -1,24 +1,33 @@
-"""Fitting of neuron-interpolation fusion: least-squares weights, the maps of a grouping, and level training.
+"""Fitting of neuron-interpolation fusion: least-squares solves, the slot targets of a grouping, the affine path of
+a fit, writing fitted weights, and level training (KF-Gradient).
 
-* :func:`solve_ls`: ``W_k = (G + r I)^{-1} C_k`` from the statistics of :mod:`.statistics`;
-* :func:`set_linear`: write fitted weights into a level's producer;
-* :func:`maps_from_labels` / :func:`mix_targets`: the plan maps of a grouping and the slot targets they define;
-* :func:`fit_level`: train a level to its slot targets (KF-Gradient).
+* :func:`solve_ls`: ``W = (G + r I)^{-1} C`` from the statistics of :mod:`.statistics`;
+* :func:`mix`: the slot targets ``T = sum_k A_k a_k`` along a value's neuron dim, through the groups' segments and
+  factor patterns (entries no group owns, such as the logits, take ``sum_k lambda_k a_k``): the same code the
+  builder uses on weights (:func:`pyfusion.graph.transform.member_tensor`);
+* :func:`chain_coefficients`: a fit's target as an affine function of its sites' outputs and passthroughs, read
+  off the graph by evaluating the chain on probe values (per-neuron scales such as a layer-scale gamma, offsets
+  such as position embeddings, the residual's own coefficient);
+* :func:`train_level`: train a level's parameters to its cut targets (Adam / SGD, 80/20 split, early stopping,
+  best state kept).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pyfusion.fuse.interp.levels import FLATTEN, Level, run_calls, run_chunked
+from pyfusion.fuse.interp.levels import Fit, Level, Segment, Site
+from pyfusion.fuse.interp.program import Runner, _rows
+from pyfusion.graph.groups import AxisRef, FusionGraph
+from pyfusion.graph.transform import axis_plan, member_tensor
 
-__all__ = ["fit_level", "maps_from_labels", "mix_targets", "set_linear", "solve_ls"]
+__all__ = ["chain_coefficients", "mix", "solve_ls", "train_level", "write_site"]
 
 
 def solve_ls(g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6) -> tuple[list[Tensor], float]:
@@ -28,7 +37,7 @@ def solve_ls(g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6) -> tuple[list
     ``ridge`` is 0) until it succeeds.
 
     Returns:
-        (the K solutions (p, n), the relative ridge used).
+        (the solutions (p, n_k), the relative ridge used).
     """
     scale = float(torch.diagonal(g).mean()) or 1.0
     rel = float(ridge)
@@ -41,68 +50,161 @@ def solve_ls(g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6) -> tuple[list
     raise ValueError("the input Gram matrix X^T X could not be factorised (NaN in the activations?)")
 
 
-def set_linear(fused: nn.Module, level: Level, w: Tensor) -> None:
-    """Write LS weights (p, n) into the producer (and make its BatchNorm the identity)."""
-    mods = dict(fused.named_modules())
-    prod = mods[level.producer]
-    with torch.no_grad():
-        p_w = prod.weight[0].numel()
-        prod.weight.copy_(w[:p_w].T.reshape(prod.weight.shape).to(prod.weight.dtype))
-        if prod.bias is not None:
-            prod.bias.copy_(w[p_w].to(prod.bias.dtype))
-        if level.norm is not None:
-            bn = mods[level.norm]
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1.0)
+def _axis_plan(graph: FusionGraph, segments: Sequence[Segment], axis: int) -> Any:
+    refs = [(s.group, AxisRef("", "value", axis, "producer", 1, s.offset, tuple(s.factors))) for s in segments]
+    return axis_plan(refs, graph.groups)
+
+
+def mix(
+    graph: FusionGraph,
+    segments: Sequence[Segment],
+    values: Sequence[Tensor],
+    axis: int,
+    maps: Mapping[str, tuple[Sequence[Tensor], Sequence[Tensor]]],
+    lambdas: Sequence[float],
+) -> Tensor:
+    """``sum_k A_k values_k`` along ``axis`` (float64): each segment by its group's A_k through its pattern, the
+    rest (no group: logits, pinned dims) by lambda_k."""
+    axis = axis % values[0].dim()
+    plan = _axis_plan(graph, segments, axis)
+    out = None
+    for k, v in enumerate(values):
+        mk = {s.group: (maps[s.group][0][k], maps[s.group][1][k]) for s in segments}
+        t = member_tensor(v.double(), plan, mk, float(lambdas[k])) if segments else v.double() * float(lambdas[k])
+        out = t if out is None else out.add_(t)
+    assert out is not None
+    return out
+
+
+def columns(graph: FusionGraph, seg: Segment) -> Tensor:
+    """(n, R) indices into the value's neuron dim of each of the group's neurons (R copies: rep factors)."""
+    from pyfusion.graph.transform import neuron_view
+
+    g = graph.groups[seg.group]
+    idx = torch.arange(seg.offset + seg.length)
+    return neuron_view(idx, AxisRef("", "value", 0, "producer", 1, seg.offset, tuple(seg.factors)), g)
+
+
+def _per_neuron(t: Tensor, dim: int, what: str, target: str) -> Tensor:
+    rows = t.movedim(dim, -1).reshape(-1, t.shape[dim]).double()
+    ref = rows[0]
+    scale = float(ref.abs().max()) or 1.0
+    if float((rows - ref).abs().max()) > 1e-6 * scale:
+        raise _NotPerNeuron(f"the {what} of the path to {target!r} varies along the positions")
+    return ref
+
+
+class _NotPerNeuron(ValueError):
+    pass
+
+
+def chain_coefficients(
+    runner: Runner, fit: Fit, state: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    """The target of ``fit`` as ``sum_p coef_p * z_p + const + sum_i coef_i * r_i`` (z_p the fitted sites' outputs,
+    r_i the passthroughs), evaluated on probe values with the current ``state`` (absorbed BatchNorms already the
+    identity).
+
+    Returns:
+        (site node -> (width,) coefficient, const (m, width) per sample, passthrough -> (width,) coefficient).
+
+    Raises:
+        ValueError (_NotPerNeuron): a coefficient that varies along positions, or a const that varies across
+            samples (the path is not a per-neuron affine map).
+    """
+    prog = runner.prog
+    sites = [s.node for s in fit.fitted]
+    leaves = sites + list(fit.passthrough)
+    if not fit.chain:
+        return {s: torch.ones(fit.width, dtype=torch.float64) for s in sites}, torch.zeros(1, fit.width), {}
+    b = prog.batch
+
+    def probe(hot: str | None) -> Tensor:
+        env = {}
+        for leaf in leaves:
+            val = prog.by_name[leaf].meta["val"]
+            env[leaf] = (torch.ones if leaf == hot else torch.zeros)(val.shape, dtype=val.dtype)
+        with torch.no_grad():
+            return runner.evaluate(fit.chain, env, b, state=state)[fit.target]
+
+    base = probe(None)
+    bd = runner.batch_dim(fit.target)
+    rows = base.movedim(bd, 0).movedim(fit.dim, -1).reshape(b, -1, fit.width).double()
+    const = rows[0]
+    if float((rows - const).abs().max()) > 1e-6 * (float(const.abs().max()) or 1.0):
+        raise _NotPerNeuron(f"the offset of the path to {fit.target!r} varies across samples")
+    coef = {s: _per_neuron(probe(s) - base, fit.dim, "scale", fit.target) for s in sites}
+    pcoef = {p: _per_neuron(probe(p) - base, fit.dim, "residual scale", fit.target) for p in fit.passthrough}
+    return coef, const, pcoef
+
+
+def set_identity_norms(state: dict[str, Tensor], sites: Sequence[Site]) -> None:
+    """Make the absorbed BatchNorms of fitted sites the identity (running mean 0, variance 1, weight
+    sqrt(1 + eps), bias 0)."""
+    for s in sites:
+        for bn in s.norms:
+            if bn.mean is not None:
+                state[bn.mean] = torch.zeros_like(state[bn.mean])
+            if bn.var is not None:
+                state[bn.var] = torch.full_like(state[bn.var], 1.0 if bn.weight is not None else 1.0 - bn.eps)
             if bn.weight is not None:
-                bn.weight.fill_(math.sqrt(1.0 + bn.eps))
-                bn.bias.zero_()
+                state[bn.weight] = torch.full_like(state[bn.weight], math.sqrt(1.0 + bn.eps))
+            if bn.bias is not None:
+                state[bn.bias] = torch.zeros_like(state[bn.bias])
 
 
-def maps_from_labels(labels: Tensor, weights: Sequence[Tensor], n: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Plan maps of a grouping: ``A_k[c, j] = s_kj / S_c`` for j in c, ``B_k[j, c] = 1`` (cluster indicator)."""
-    k_members = len(weights)
-    w = torch.cat([x.double() for x in weights])
-    lab = labels.long()
-    tot = torch.zeros(n, dtype=torch.float64).index_add_(0, lab, w)
-    maps_a, maps_b = [], []
-    for k in range(k_members):
-        sl = slice(k * n, (k + 1) * n)
-        a = torch.zeros(n, n, dtype=torch.float64)
-        a[lab[sl], torch.arange(n)] = w[sl] / tot[lab[sl]]
-        b = torch.zeros(n, n, dtype=torch.float64)
-        b[torch.arange(n), lab[sl]] = 1.0
-        maps_a.append(a)
-        maps_b.append(b)
-    return maps_a, maps_b
+def bias_slot(sites: Sequence[Site]) -> tuple[Site, str] | None:
+    """Where a fit's intercept goes: the first fitted site's own bias, else the bias of a BatchNorm absorbed on a
+    fitted site's path (None: the fit has no intercept)."""
+    for s in sites:
+        if s.bias is not None:
+            return s, s.bias
+    for s in sites:
+        for bn in s.norms:
+            if bn.bias is not None:
+                return s, bn.bias
+    return None
 
 
-def mix_targets(maps_a: Sequence[Tensor], outs: Sequence[Tensor]) -> Tensor:
-    """Slot targets ``T = sum_k A_k a_k`` along the neuron axis (dim 1) of the member outputs."""
-    t = None
-    for a, o in zip(maps_a, outs):
-        part = torch.einsum("cj,nj...->nc...", a.to(o.dtype), o)
-        t = part if t is None else t + part
-    assert t is not None
-    return t
+def write_site(state: dict[str, Tensor], site: Site, w: Tensor) -> None:
+    """Write LS weights ``w`` (design columns, outputs) into a site's weight tensor (its own layout)."""
+    old = state[site.weight]
+    if site.kind == "addmm":
+        new = w
+    else:
+        new = w.T.reshape(old.shape)
+    state[site.weight] = new.to(old.dtype).contiguous()
 
 
-def fit_level(model: nn.Module, level: Level, x: Tensor, t: Tensor, opts: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Train the level's parameters to map ``x`` to ``t`` (MSE), 80/20 split, early stopping, best state kept."""
-    mods = dict(model.named_modules())
-    params: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for c in level.calls:
-        if c == FLATTEN:
-            continue
-        for p in mods[c].parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    if not params:
+def train_level(
+    runner: Runner,
+    level: Level,
+    state: dict[str, Tensor],
+    frontier: Mapping[str, Any],
+    target: Tensor,
+    opts: Mapping[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Train the level's parameters so that the fused graph maps the frontier values at its start to ``target``
+    (MSE) at its cut: 80/20 split, mini-batches, early stopping on the validation loss, best state kept.
+
+    Args:
+        runner: the fused model's runner (its program and batch examples).
+        level: the level.
+        state: the fused state dict (the level's parameters are replaced by the trained tensors).
+        frontier: the input-dependent values the level reads, for all N samples.
+        target: (N, ...) the value the level's cut should take.
+        opts: epochs, last_epochs, lr, optimizer, batch_size, patience, val_fraction, weight_decay.
+        seed: shuffling seed.
+    """
+    keys = [k for k in level.params if state[k].is_floating_point()]
+    if not keys:
         return {"epochs": 0}
+    params = [state[k].detach().clone().requires_grad_(True) for k in keys]
+    for k, p in zip(keys, params):
+        state[k] = p
+    n = runner.n
     gen = torch.Generator().manual_seed(int(seed))
-    n = x.shape[0]
     perm = torch.randperm(n, generator=gen)
     n_val = int(round(opts["val_fraction"] * n)) if n >= 5 else 0
     val, tr = perm[:n_val], perm[n_val:]
@@ -111,25 +213,47 @@ def fit_level(model: nn.Module, level: Level, x: Tensor, t: Tensor, opts: dict[s
     else:
         opt = torch.optim.SGD(params, lr=opts["lr"], momentum=0.9, weight_decay=opts["weight_decay"])
     epochs = opts["last_epochs"] if level.last else opts["epochs"]
-    bs = opts["batch_size"]
-    model.eval()  # BatchNorm uses its running statistics: the level is a fixed function of its parameters
+    bs = int(min(opts["batch_size"], max(1, tr.numel())))
+    _order, reads = runner._range_plan(level.start, level.end)
+    tgt = target.to(next(p for p in params).dtype)
+
+    def take(v: Tensor, idx: Tensor) -> Tensor:
+        m = v.shape[0] // n
+        return v[(idx[:, None] * m + torch.arange(m)).reshape(-1)]
+
+    def loss_of(idx: Tensor, size: int) -> tuple[Tensor, int]:
+        sub = {r: take(frontier[r], idx) if isinstance(frontier[r], Tensor) else frontier[r] for r in reads}
+        real = idx.numel()
+        env = {}
+        for r in reads:  # the selected samples, padded to the program's batch, in the graph's layout
+            v = _rows(sub[r], real, 0, real, size)
+            d = runner.batch_dim(r) if isinstance(v, Tensor) else 0
+            env[r] = v.movedim(0, d) if d else v
+        out = runner.run_chunk(level.start, level.end, env, size, [level.target], state=state)
+        y = runner.stored(level.target, out[level.target], real, size)
+        return F.mse_loss(y, take(tgt, idx), reduction="sum"), y.numel()
 
     def val_loss() -> float:
-        idx = val if n_val else tr
+        idx_all = val if n_val else tr
+        total, count = 0.0, 0
         with torch.no_grad():
-            return float(F.mse_loss(run_chunked(model, level.calls, x[idx]), t[idx]))
+            for s in range(0, idx_all.numel(), runner.chunk):
+                loss, cnt = loss_of(idx_all[s : s + runner.chunk], runner.chunk)
+                total += float(loss)
+                count += cnt
+        return total / max(count, 1)
 
     best = val_loss()
     best_state = [p.detach().clone() for p in params]
     bad, done = 0, 0
-    for _ in range(epochs):
+    for _ in range(int(epochs)):
         order = tr[torch.randperm(tr.numel(), generator=gen)]
         for s in range(0, order.numel(), bs):
             idx = order[s : s + bs]
             opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():  # also when fuse() is called under torch.no_grad()
-                loss = F.mse_loss(run_calls(model, level.calls, x[idx]), t[idx])
-                loss.backward()
+            with torch.enable_grad():
+                loss, cnt = loss_of(idx, bs)
+                (loss / cnt).backward()
             opt.step()
         done += 1
         cur = val_loss()
@@ -140,7 +264,6 @@ def fit_level(model: nn.Module, level: Level, x: Tensor, t: Tensor, opts: dict[s
             bad += 1
             if bad >= opts["patience"]:
                 break
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
+    for k, b in zip(keys, best_state):
+        state[k] = b
     return {"epochs": done, "val_mse": best}
