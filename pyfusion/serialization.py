@@ -278,6 +278,10 @@ def _register_pyfusion_types() -> None:
         for cls, get, fields in specs:
             if _spec_name_of_class(cls) is None:
                 _register(cls, get, _build(cls), fields)
+        from pyfusion.nn.ensemble import SubEnsemble
+
+        if _spec_name_of_class(SubEnsemble) is None:
+            _register(SubEnsemble, SubEnsemble.get_config, SubEnsemble.from_config, ("num_members", "combine"))
     try:
         from pyfusion import models as pm
     except ImportError:  # pragma: no cover - a build without pyfusion.models

@@ -1,5 +1,5 @@
 """Drop-in modules for fused networks: partially fused layers at a cost proportional to their effective
-FLOPs, stacked ensembles, and an in-place module swap (DESIGN §7). Names load on first access."""
+FLOPs, stacked ensembles, executable sub-ensembles (``SubEnsemble``), and an in-place module swap (DESIGN §7). Names load on first access."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _LAZY: dict[str, str] = {
     "PartialConv2d": "pyfusion.nn.partial",
     "PartialLinear": "pyfusion.nn.partial",
     "TorchScriptUnsupportedError": "pyfusion.nn.partial",
+    "SubEnsemble": "pyfusion.nn.ensemble",
     "replace_": "pyfusion.nn.swap",
 }
 
