@@ -25,6 +25,7 @@ import types
 from typing import Any
 
 from pyfusion.fuse.api import fuse
+from pyfusion.fuse.budget import BudgetError, Flops, fuse_budgets, fuse_within_budget
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import (
     ActivationMatchingConfig,
@@ -58,7 +59,9 @@ _PLANS = {
 __all__ = [
     "ActivationMatchingConfig",
     "AverageConfig",
+    "BudgetError",
     "ClusterConfig",
+    "Flops",
     "GroupPlan",
     "HFConfig",
     "InterpConfig",
@@ -74,6 +77,8 @@ __all__ = [
     "available_methods",
     "build",
     "fuse",
+    "fuse_budgets",
+    "fuse_within_budget",
     "get_method",
     "register_method",
     *_PLANS,

@@ -32,6 +32,7 @@ def fuse(
     repair: bool = False,
     bn_batches: int | None = None,
     fast_modules: bool = True,
+    budget: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
@@ -63,6 +64,12 @@ def fuse(
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks
             (the dense result is the same function; ``False`` keeps plain dense layers with zero blocks).
+        budget: instead of one method, the most accurate model whose FLOPs per sample (as :func:`pyfusion.cost`
+            reports) fit: a fraction in (0, 1] of the ensemble's FLOPs, a FLOP count > 1, or
+            :class:`pyfusion.fuse.Flops` ``(n)``; chosen among the members, sub-ensembles and fused candidates by an
+            objective on held-out calibration samples (:mod:`pyfusion.fuse.budget`; ``fusion_info["budget"]`` says
+            what was chosen and why). ``method`` then restricts the search to one family; ``**options`` may hold
+            the search's options (``objective``, ``holdout``, ``candidates``, ``seed``, ...).
         **options: the method's options (e.g. ``alpha``, ``seed``, ``cost``, ``point``): the fields of its config
             class, which checks them.
 
@@ -78,6 +85,14 @@ def fuse(
     """
     if not (reset_bn is None or isinstance(reset_bn, bool) or reset_bn == "all"):
         raise ValueError(f"reset_bn must be None, True, False or 'all'; got {reset_bn!r}")
+    if budget is not None:
+        from pyfusion.fuse.budget import fuse_within_budget
+
+        if config is not None or graph is not None:
+            raise ValueError("fuse(budget=...) chooses the methods itself: it takes no config= or graph=")
+        fuse_kwargs = {"reset_bn": reset_bn, "repair": repair, "bn_batches": bn_batches, "fast_modules": fast_modules}
+        return fuse_within_budget(models, data, budget, method=method, lambdas=lambdas, fuse_kwargs=fuse_kwargs,
+                                  **options)  # fmt: skip
     spec = _resolve_method(method, config)
     method = spec.name
     cfg = spec.make_config(options, config)
