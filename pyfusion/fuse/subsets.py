@@ -97,7 +97,8 @@ def fuse_subsets(
     flat = sorted(int(i) for g in groups for i in g)
     if flat != list(range(len(members))) or any(len(g) == 0 for g in groups):
         raise ValueError(
-            f"groups must partition the members 0..{len(members) - 1} into non-empty groups; got {list(map(list, groups))}"
+            f"groups must partition the members 0..{len(members) - 1} into non-empty groups; "
+            f"got {list(map(list, groups))}"
         )
     fused, weights, infos = [], [], []
     for g in groups:

@@ -1,5 +1,6 @@
 """Drop-in modules for fused networks: partially fused layers at a cost proportional to their effective
-FLOPs, stacked ensembles, executable sub-ensembles (``SubEnsemble``), and an in-place module swap (DESIGN §7). Names load on first access."""
+FLOPs, stacked ensembles, executable sub-ensembles (``SubEnsemble``), and an in-place module swap (DESIGN §7).
+Names load on first access."""
 
 from __future__ import annotations
 
