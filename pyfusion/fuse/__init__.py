@@ -25,7 +25,7 @@ import types
 from typing import Any
 
 from pyfusion.fuse.api import fuse
-from pyfusion.fuse.budget import BudgetError, Flops, fuse_budgets, fuse_within_budget
+from pyfusion.fuse.budget import BudgetError, BudgetSearch, Flops, budget_search, fuse_budgets, fuse_within_budget
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import (
     ActivationMatchingConfig,
@@ -60,6 +60,7 @@ __all__ = [
     "ActivationMatchingConfig",
     "AverageConfig",
     "BudgetError",
+    "BudgetSearch",
     "ClusterConfig",
     "Flops",
     "GroupPlan",
@@ -75,6 +76,7 @@ __all__ = [
     "UnknownOptionError",
     "WeightMatchingConfig",
     "available_methods",
+    "budget_search",
     "build",
     "fuse",
     "fuse_budgets",

@@ -55,7 +55,16 @@ from pyfusion.fuse.validate import check_lambdas, check_members, prepare_data
 from pyfusion.nn.ensemble import SubEnsemble
 from pyfusion.stats.collect import batch_inputs
 
-__all__ = ["CANDIDATE_FAMILIES", "OBJECTIVES", "BudgetError", "Flops", "fuse_budgets", "fuse_within_budget"]
+__all__ = [
+    "CANDIDATE_FAMILIES",
+    "OBJECTIVES",
+    "BudgetError",
+    "BudgetSearch",
+    "Flops",
+    "budget_search",
+    "fuse_budgets",
+    "fuse_within_budget",
+]
 
 OBJECTIVES = ("auto", "ensemble", "cross_entropy", "error")
 CANDIDATE_FAMILIES = (
@@ -214,8 +223,10 @@ class _Candidate:
         }
 
 
-class _Search:
-    """State shared by the budgets of one search: the split, the members' outputs, every fusion built."""
+class BudgetSearch:
+    """One search over the candidates, shared by any number of budgets (:func:`budget_search`): the fit /
+    held-out split, the members' held-out outputs, every fusion built (memoized). :meth:`choose` returns the
+    model for one budget."""
 
     def __init__(
         self,
@@ -418,8 +429,8 @@ class _Search:
     def _largest_fitting(self, steps: Sequence[Any], budget: float, build: Callable[[Any], _Candidate | None]):
         """The candidate at the largest step whose measured cost fits ``budget`` (bisection over ``steps``, the
         cost assumed non-decreasing along them; a failed build counts as not fitting)."""
-        lo, hi = 0, len(steps) - 1
-        c_lo = build(steps[lo])
+        lo, c_lo = self._first_buildable(steps, build)
+        hi = len(steps) - 1
         if c_lo is None or c_lo.flops > budget:
             return None
         c_hi = build(steps[hi])
@@ -434,6 +445,16 @@ class _Search:
             else:
                 hi = mid
         return best
+
+    @staticmethod
+    def _first_buildable(steps: Sequence[Any], build: Callable[[Any], _Candidate | None]):
+        """(index, candidate) of the first of the lowest quarter of ``steps`` that builds (a width too narrow
+        for some group, e.g. below one slot, fails), or (0, None)."""
+        for i in range(max(1, len(steps) // 4)):
+            c = build(steps[i])
+            if c is not None:
+                return i, c
+        return 0, None
 
     def _partial(self, family: str, members: Sequence[int], j: int) -> _Candidate | None:
         alpha = j / _ALPHA_STEPS
@@ -526,15 +547,24 @@ class _Search:
 
     # -- choice ------------------------------------------------------------------------------------------------
 
-    def cheapest(self) -> tuple[str, int]:
-        """The cheapest candidate this search can produce (name, FLOPs), without the budget-dependent search."""
+    def cheapest(self, families: Sequence[str] | None = None) -> tuple[str, int]:
+        """The cheapest candidate of ``families`` (default: the search's) as (name, FLOPs), found without the
+        budget-dependent search (members, the narrowest cluster / prune, partial fusion at alpha = 0, ...)."""
+        saved = self.families
+        self.families = tuple(f for f in saved if families is None or f in families)
+        try:
+            return self._cheapest()
+        finally:
+            self.families = saved
+
+    def _cheapest(self) -> tuple[str, int]:
         options: list[tuple[str, int]] = []
         if "members" in self.families:
             i = min(range(self.k), key=lambda i: self.member_flops[i])
             options.append((f"member {i}", self.member_flops[i]))
         for fam in ("cluster", "prune"):
             if fam in self.families:
-                c = self._pruned(fam, 1)
+                _, c = self._first_buildable(range(1, _WIDTH_STEPS * self.k + 1), lambda j, f=fam: self._pruned(f, j))
                 if c is not None:
                     options.append((c.name, c.flops))
         if self.k >= 2 and ("partial" in self.families or "partial_fit" in self.families):
@@ -559,10 +589,22 @@ class _Search:
             )
         return min(options, key=lambda t: t[1])
 
-    def choose(self, budget: Any, read_as: str | None = None) -> nn.Module:
+    def choose(self, budget: Any, families: Sequence[str] | None = None) -> nn.Module:
+        """The feasible candidate with the lowest objective for ``budget`` (see :func:`fuse_within_budget`),
+        among ``families`` (default: every family of the search; e.g. the fused ones only, to compare them with
+        the trivial baselines).
+
+        Raises:
+            BudgetError: an invalid budget, or one below the cheapest candidate.
+        """
         t0 = time.perf_counter()
         flops, how = _budget_flops(budget, self.ensemble_flops)
-        cheapest = self.cheapest()
+        if families is not None:
+            unknown = [f for f in families if f not in self.families]
+            if unknown or not families:
+                raise ValueError(f"families must be a non-empty subset of the search's {self.families}; got {families}")
+        fams = tuple(self.families if families is None else families)
+        cheapest = self.cheapest(fams)
         if flops < cheapest[1]:
             raise BudgetError(
                 f"budget={budget!r} ({how}: {flops:,.0f} FLOPs per sample, {flops / self.ensemble_flops:.4g} of the "
@@ -571,7 +613,13 @@ class _Search:
                 flops,
                 cheapest,
             )
-        cands = self.static_candidates() + self.dynamic_candidates(flops)
+        static = [c for c in self.static_candidates() if c.family in fams]
+        saved = self.families
+        self.families = fams
+        try:
+            cands = static + self.dynamic_candidates(flops)
+        finally:
+            self.families = saved
         feasible = [c for c in cands if c.flops <= flops]
         if not feasible:  # pragma: no cover - the cheapest check above guarantees one
             raise BudgetError(f"no candidate fits budget={budget!r} ({flops:,.0f} FLOPs)", flops, cheapest)
@@ -609,7 +657,7 @@ class _Search:
             ),
             "candidates": rows,
             "failed": dict(self.failures),
-            "families": list(self.families),
+            "families": list(fams),
             "fusions": self.fusions,
             "time_fusions_s": self.fusion_time,
             "time_s": time.perf_counter() - self.t_start,
@@ -626,8 +674,17 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return search, options
 
 
-def _search(models: Sequence[nn.Module], data: Any, *, method: str | None, lambdas: Any, fuse_kwargs: dict[str, Any],
-            options: dict[str, Any]) -> _Search:  # fmt: skip
+def budget_search(
+    models: Sequence[nn.Module],
+    data: Any,
+    *,
+    method: str | None = None,
+    lambdas: Sequence[float] | None = None,
+    fuse_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> BudgetSearch:
+    """A :class:`BudgetSearch` (arguments as :func:`fuse_within_budget`); ``search.choose(budget)`` per budget."""
+    fuse_kwargs = dict(fuse_kwargs or {})
     members = check_members(models, 1)
     lam = check_lambdas(lambdas, len(members))
     data = prepare_data(data)
@@ -637,7 +694,7 @@ def _search(models: Sequence[nn.Module], data: Any, *, method: str | None, lambd
             "make the objective the task loss): candidates are compared on held-out calibration samples"
         )
     search, method_options = _split_options(dict(options))
-    return _Search(
+    return BudgetSearch(
         members,
         data,
         lam,
@@ -711,6 +768,5 @@ def fuse_budgets(
     for b in budgets:  # bad values before any work
         if not isinstance(b, Flops):
             _budget_flops(b, 1)
-    search = _search(models, data, method=method, lambdas=lambdas, fuse_kwargs=dict(fuse_kwargs or {}),
-                     options=options)  # fmt: skip
+    search = budget_search(models, data, method=method, lambdas=lambdas, fuse_kwargs=fuse_kwargs, **options)
     return [search.choose(b) for b in budgets]

@@ -49,7 +49,7 @@ def similar_groups(outputs: Tensor, size: int) -> list[list[int]]:
         if len(left) <= size or size == 1:
             take = left[:size]
         else:
-            sub = d[left][:, left] + torch.eye(len(left), dtype=d.dtype) * float("inf")
+            sub = d[left][:, left].masked_fill(torch.eye(len(left), dtype=torch.bool), float("inf"))
             flat = int(torch.argmin(sub))
             take = [left[flat // len(left)], left[flat % len(left)]]
             while len(take) < size:
