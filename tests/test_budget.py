@@ -269,6 +269,22 @@ def test_partial_fit_reduces_the_distance_to_the_targets():
         torch.testing.assert_close(big(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
+def test_partial_fit_probs_target_fits_the_probability_ensemble():
+    members, x, _ = _trained_mlps(2, seed=4)
+    data = _batches(x, None)
+    with torch.no_grad():
+        target = torch.log(sum(torch.softmax(m(x).double(), 1) for m in members) / 2)
+        logit_fit = pyfusion.fuse(members, data, method="partial_fit", alpha=1.0)
+        prob_fit = pyfusion.fuse(members, data, method="partial_fit", alpha=1.0, output_target="probs")
+        ens = sum(m(x) for m in members) / 2
+        torch.testing.assert_close(logit_fit(x), ens, rtol=1e-4, atol=1e-5)  # alpha = 1, logits: the ensemble
+        d_logits = float(((torch.log_softmax(logit_fit(x).double(), 1) - target) ** 2).mean())
+        d_probs = float(((torch.log_softmax(prob_fit(x).double(), 1) - target) ** 2).mean())
+    assert d_probs < d_logits
+    with pytest.raises(ValueError, match="output_target"):
+        pyfusion.fuse(members, data, method="partial_fit", output_target="mean")
+
+
 # ----------------------------------------------------------------------------------------------- subsets
 
 

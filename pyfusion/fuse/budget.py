@@ -18,7 +18,8 @@ listed but never returned):
 * partial fusion (Morelli & Eckstein 2026) at the largest alpha that fits, found by bisection on the measured
   cost over the alpha grid j/32 (the layout, hence the cost, depends on alpha only through
   ``floor(alpha n + 0.5)`` per group, and for K >= 3 also on which reference neurons are matched); at the same
-  alpha, ``partial_fit`` (:mod:`pyfusion.fuse.partial_fit`: the shared slots fitted by least squares);
+  alpha, ``partial_fit`` (:mod:`pyfusion.fuse.partial_fit`: the shared slots fitted by least squares; with
+  (N, C) outputs also with the logits fitted to the probability ensemble, ``output_target="probs"``);
 * generalized pruning: ``cluster`` and ``prune`` at the largest width that fits (width t of one member's,
   t in j/16; above one member's width through the partial-fusion slot count of ``alpha = (t - 1) / (K - 1)``);
 * fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
@@ -456,10 +457,13 @@ class BudgetSearch:
                 return i, c
         return 0, None
 
-    def _partial(self, family: str, members: Sequence[int], j: int) -> _Candidate | None:
+    def _partial(self, family: str, members: Sequence[int], j: int, **opts: Any) -> _Candidate | None:
         alpha = j / _ALPHA_STEPS
         name = f"{family} alpha={alpha:g}" + (f" of members {list(members)}" if len(members) < self.k else "")
-        return self._fuse((family, tuple(members), j), family, name, members, alpha=alpha)
+        if opts.get("output_target", "logits") != "logits":
+            name += f" ({opts['output_target']} target)"
+        key = (family, tuple(members), j, *sorted(opts.items()))
+        return self._fuse(key, family, name, members, alpha=alpha, **opts)
 
     def _width_options(self, t: float) -> dict[str, Any]:
         if t <= 1 or self.k == 1:
@@ -529,9 +533,10 @@ class BudgetSearch:
                     out.append(best)
                 if "partial_fit" in self.families:
                     j = int(round(best.options["alpha"] * _ALPHA_STEPS))
-                    fit = self._partial("partial_fit", range(self.k), j)
-                    if fit is not None and fit.flops <= budget:
-                        out.append(fit)
+                    for target in ("logits", "probs") if self.z.dim() == 3 else ("logits",):
+                        fit = self._partial("partial_fit", range(self.k), j, output_target=target)
+                        if fit is not None and fit.flops <= budget:
+                            out.append(fit)
         for fam in ("cluster", "prune"):
             if fam in self.families:
                 steps = list(range(1, _WIDTH_STEPS * max(self.k, 1) + 1))

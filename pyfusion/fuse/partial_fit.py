@@ -19,7 +19,9 @@ towards zero, so ``ridge -> inf`` is plain partial fusion, and where the average
 the Cholesky solve are neuron interpolation's (:func:`pyfusion.fuse.interp.ls_statistics`,
 :func:`pyfusion.fuse.interp.solve_ls`); branch slots keep their members' weights. The output layer (logits: a
 Linear / Conv2d whose outputs are no neuron group) is fitted the same way to the ensemble's outputs
-``sum_k lambda_k z_k`` (all its rows).
+``sum_k lambda_k z_k`` (all its rows), or with ``output_target="probs"`` to the log of the probability
+ensemble ``log sum_k lambda_k softmax(z_k)`` (then alpha = 1 is no longer the logit ensemble: it is the fit of the
+probability ensemble by the ensemble's features).
 
 A producer followed directly by a BatchNorm is fitted through it: the target is the members' BatchNorm output and
 ``W0`` the fused producer with the fused BatchNorm folded in; the BatchNorm of the fitted slots then becomes the
@@ -52,7 +54,10 @@ from pyfusion.fuse.registry import get_method, register_method
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.collect import batch_inputs
 
-__all__ = ["PartialFitConfig", "fit_shared_slots", "partial_fit"]
+__all__ = ["OUTPUT_TARGETS", "PartialFitConfig", "fit_shared_slots", "partial_fit"]
+
+OUTPUT_TARGETS = ("logits", "probs")
+_LOG_FLOOR = -30.0  # log-probability floor of the "probs" target (exp(-30) ~ 1e-13: no class is that certain)
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,15 @@ class PartialFitConfig(PartialConfig):
             was lowest for ridge in 1e-3-1e-1; 1e-6 overfits the few hundred digits calibration samples).
         max_samples: calibration samples used for the fit (held in memory with one layer's activations).
         fit_output: also fit the output layer to the ensemble's outputs.
+        output_target: the output layer's target: "logits" (``sum_k lambda_k z_k``, the ensemble partial fusion
+            reaches at alpha = 1) or "probs" (``log sum_k lambda_k softmax(z_k)``, the probability ensemble, much
+            better than the logit average when the members saw different classes; (N, C) outputs only).
     """
 
     ridge: float = 1e-2
     max_samples: int | None = 2048
     fit_output: bool = True
+    output_target: str = "logits"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +86,7 @@ class PartialFitConfig(PartialConfig):
         self._check_int("max_samples", 1, optional=True)
         if not isinstance(self.fit_output, bool):
             self._fail("fit_output", "a bool", self.fit_output)
+        self._check_choice("output_target", OUTPUT_TARGETS)
 
 
 def _inputs(data: Any, max_samples: int | None) -> Tensor:
@@ -226,6 +236,7 @@ def fit_shared_slots(
     ridge: float = 1e-2,
     max_samples: int | None = 2048,
     fit_output: bool = True,
+    output_target: str = "logits",
 ) -> dict[str, Any]:
     """Fit (in place) the shared slots of a dense built partial fusion ``fused`` (module docstring).
 
@@ -237,6 +248,7 @@ def fit_shared_slots(
         ridge: relative ridge towards the averaged weights.
         max_samples: calibration samples used.
         fit_output: also fit the output layer to the ensemble's outputs.
+        output_target: "logits" or "probs" (see :class:`PartialFitConfig`).
 
     Returns:
         ``{"fitted": {path: rows}, "skipped": {path: reason}, "ridge": {path: relative ridge used}, "samples": N}``.
@@ -276,11 +288,18 @@ def fit_shared_slots(
         # targets: T = sum_k A_k[rows] a_k (or sum_k lambda_k z_k), the members' outputs at the same point
         point = bn_path if bn is not None else path
         t = None
+        probs = output_layer and output_target == "probs"
         for k, m in enumerate(members):
             a = _run(m, x, {point: m.get_submodule(point)}, pre=False)[point].double()
+            if probs:
+                if a.dim() != 2:
+                    raise ValueError(f"output_target='probs' needs (N, C) outputs at {path!r}; got {tuple(a.shape)}")
+                a = torch.softmax(a, 1)
             part = lam[k] * a if maps is None else torch.einsum("cj,nj...->nc...", maps[k], a)
             t = part if t is None else t + part
         assert t is not None
+        if probs:
+            t = torch.log(t).clamp_min(_LOG_FLOOR)
         u = _run(fused, x, {path: prod}, pre=True)[path].double()
         w0, b0 = _fold(prod, bn, rows)
         bias = prod.bias is not None or bn is not None
@@ -325,7 +344,8 @@ def partial_fit(
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     fit = fit_shared_slots(fused, members, graph, plan, data, ridge=float(config.ridge),
-                           max_samples=config.max_samples, fit_output=config.fit_output)  # fmt: skip
+                           max_samples=config.max_samples, fit_output=config.fit_output,
+                           output_target=config.output_target)  # fmt: skip
     plan.info.update(method="partial_fit", fit=fit, time_build_s=t_build, time_fit_s=time.perf_counter() - t0)
     fused.fusion_plan = plan
     fused.fusion_weights_fitted = True
