@@ -239,6 +239,16 @@ def test_partial_fit_of_a_member_and_its_permuted_copy_is_the_member(alpha):
     assert fused.fusion_info["fit"]["fitted"]
 
 
+def test_partial_fit_on_token_inputs_permuted_copy_is_the_member():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(16, 5, 6)  # (N, T, features): the Linear layers act on the last dim
+    fused = pyfusion.fuse([m, permuted_copy(m, example_inputs=x[:2])], [x[:8], x[8:]], method="partial_fit",
+                          alpha=0.5)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-4, atol=1e-5)
+
+
 def test_partial_fit_conv_batchnorm_permuted_copy_and_cost():
     members, x = _vggs(1)
     m = members[0]

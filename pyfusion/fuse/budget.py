@@ -348,14 +348,19 @@ class BudgetSearch:
         try:
             fused = fuse([self.members[i] for i in members], self.fit_data, method=method, lambdas=lam,
                          **self.fuse_kwargs, **options)  # fmt: skip
-        except (ValueError, RuntimeError, NotImplementedError, TypeError) as exc:
+        except Exception as exc:  # a candidate that cannot be built is left out; why is in fusion_info["budget"]
             self.failures[name] = f"{type(exc).__name__}: {exc}"
             self._cache[key] = None
             return None
         finally:
             self.fusions += 1
             self.fusion_time += time.perf_counter() - t0
-        cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options})
+        try:
+            cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options})
+        except Exception as exc:  # built but cannot run (e.g. a model reading a swapped layer's .weight)
+            self.failures[name] = f"{type(exc).__name__} when running the fused model: {exc}"
+            self._cache[key] = None
+            return None
         self._cache[key] = cand
         return cand
 

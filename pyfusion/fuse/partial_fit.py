@@ -209,9 +209,8 @@ def _design_producer(prod: nn.Module, bias: bool) -> nn.Module:
 def _solve(prod: nn.Module, u: Tensor, t: Tensor, w0: Tensor, b0: Tensor, bias: bool, ridge: float):
     """(W (s, p), b (s,) or None, relative ridge used): ``(G + r I)^{-1} (X^T T + r W0)``."""
     design = _design_producer(prod, bias)
-    if isinstance(prod, nn.Linear) and u.dim() > 2:  # tokens are samples
+    if isinstance(prod, nn.Linear) and u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
         u = u.reshape(-1, u.shape[-1])
-        t = t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t.movedim(1, -1).reshape(-1, t.shape[1])
     g, cs, _ = ls_statistics(design, u, [t], dtype=torch.float64)
     prior = torch.cat([w0.T, b0[None]], 0) if bias else w0.T  # (p [+1], s)
     scale = float(torch.diagonal(g).mean()) or 1.0
@@ -291,6 +290,8 @@ def fit_shared_slots(
         probs = output_layer and output_target == "probs"
         for k, m in enumerate(members):
             a = _run(m, x, {point: m.get_submodule(point)}, pre=False)[point].double()
+            if isinstance(prod, nn.Linear):  # neurons on the last dim; every other dim (tokens) holds samples
+                a = a.reshape(-1, a.shape[-1])
             if probs:
                 if a.dim() != 2:
                     raise ValueError(f"output_target='probs' needs (N, C) outputs at {path!r}; got {tuple(a.shape)}")
