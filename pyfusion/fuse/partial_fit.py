@@ -65,9 +65,10 @@ class PartialFitConfig(PartialConfig):
     """``method="partial_fit"``: the options of :class:`~pyfusion.fuse.config.PartialConfig` and
 
     Attributes:
-        ridge: r / mean(diag X^T X) of the fit towards the averaged weights (module docstring). Default 1e-2
-            (measured on the zoo's digits and MNIST MLPs, K = 2-8, alpha 0.25-0.75: held-out cross-entropy
-            was lowest for ridge in 1e-3-1e-1; 1e-6 overfits the few hundred digits calibration samples).
+        ridge: r / mean(diag X^T X) of the fit towards the averaged weights (module docstring). Default 1e-2:
+            on 4 digits MLPs (64-64, 200 calibration samples) at alpha 0 / 0.25 / 0.5, test accuracy was
+            95.3 / 95.6 / 95.8% at ridge 1e-4, 95.6 / 96.0 / 95.8% at 1e-2 and 92.7 / 95.1 / 96.0% at 1
+            (plain partial fusion: 86.9 / 93.3 / 95.1%); one measurement, not a sweep over the zoo.
         max_samples: calibration samples used for the fit (held in memory with one layer's activations).
         fit_output: also fit the output layer to the ensemble's outputs.
         output_target: the output layer's target: "logits" (``sum_k lambda_k z_k``, the ensemble partial fusion
