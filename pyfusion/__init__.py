@@ -5,6 +5,8 @@ Public API (imported lazily so that ``import pyfusion`` stays cheap):
 * ``pyfusion.fuse(models, data=None, *, method, lambdas=None, **options)``: fuse K members. ``pyfusion.fuse`` is
   the package :mod:`pyfusion.fuse`, which is callable (``pyfusion.fuse.available_methods()``, the method configs
   such as ``pyfusion.fuse.PartialConfig`` and the plan functions live there too);
+  ``pyfusion.fuse(models, data, budget=0.5)``: the most accurate model within a FLOP budget (a fraction of the
+  ensemble's FLOPs, a FLOP count, or ``pyfusion.fuse.Flops(n)``; :mod:`pyfusion.fuse.budget`);
 * ``pyfusion.cost(model)``: effective and dense parameters / FLOPs;
 * ``pyfusion.save(module, path)`` / ``pyfusion.load(path)``: safe serialization;
 * subpackages ``ops`` (kernels), ``nn`` (drop-in modules), ``graph`` (neuron groups), ``stats`` (statistics),

@@ -273,6 +273,10 @@ def _register_pyfusion_types() -> None:
                 _build(pnn.EnsembleLinear),
                 ensemble,
             )
+        from pyfusion.nn.ensemble import SubEnsemble
+
+        if _spec_name_of_class(SubEnsemble) is None:
+            _register(SubEnsemble, SubEnsemble.get_config, SubEnsemble.from_config, ("num_members", "combine"))
     try:
         from pyfusion.nn.norm import MemberViewNorm
     except ImportError:  # pragma: no cover - a build without pyfusion.nn

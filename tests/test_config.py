@@ -39,6 +39,8 @@ INTERP_DEFAULTS = {
 }  # fmt: skip
 for _m in ("hf", "kf", "kf_gradient"):
     DEFAULTS[_m] = INTERP_DEFAULTS
+DEFAULTS["partial_fit"] = {**DEFAULTS["partial"], "ridge": 1e-2, "max_samples": 2048, "fit_output": True,
+                           "output_target": "logits"}  # fmt: skip
 
 
 def _members(k: int = 2) -> list[torch.nn.Module]:

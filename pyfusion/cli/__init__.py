@@ -182,7 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _members_args(p)
-    p.add_argument("--method", required=True, help="fusion method, e.g. partial, average, weight_matching, ...")
+    p.add_argument(
+        "--method",
+        help="fusion method, e.g. partial, average, weight_matching, ... (required unless --budget is given; with "
+        "--budget it restricts the search to that method)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_positive_float,
+        help="FLOP budget instead of one method: a fraction in (0, 1] of the ensemble's FLOPs per sample, or a FLOP "
+        "count > 1; saves the most accurate candidate that fits (pyfusion.fuse(..., budget=...), chosen on held-out "
+        "calibration samples: members, sub-ensembles, partial / fitted partial fusion, clustering, ...)",
+    )
     p.add_argument(
         "--alpha",
         help="fraction of neurons kept per member: one value, comma-separated per group, or JSON {group: value}",

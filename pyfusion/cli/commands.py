@@ -21,6 +21,7 @@ from torch import nn
 
 from pyfusion.cli._console import (
     EXIT_BENCH,
+    EXIT_FUSION,
     EXIT_INPUT,
     EXIT_OK,
     EXIT_OUTPUT,
@@ -39,11 +40,12 @@ from pyfusion.cli.inputs import (
     parse_normalize,
     parse_options,
 )
-from pyfusion.cli.measure import ensemble_logits
+from pyfusion.cli.measure import ensemble_logits, model_cost
 from pyfusion.cli.report import Row, format_table, write_report
 from pyfusion.cli.tradeoff import (
     Evaluation,
     MethodSpec,
+    _measure,
     available_methods,
     check_alphas,
     check_methods,
@@ -505,7 +507,11 @@ class _ReloadMismatch(Exception):
 
 
 def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
-    """Fuse members given as files with one method and save the result with pyfusion.save."""
+    """Fuse members given as files with one method (or within a FLOP budget) and save the result."""
+    if args.budget is not None:
+        return _fuse_budget(args, console)
+    if args.method is None:
+        raise CLIError("pyfusion fuse needs --method or --budget", EXIT_USAGE, "e.g. --method partial --alpha 0.5")
     device = _device(args.device)
     options = parse_options(args.option)
     if args.features:
@@ -541,6 +547,69 @@ def cmd_fuse(args: argparse.Namespace, console: Console) -> int:
     fused, row = run_point(members, _loader(calib, args.batch_size), spec, alpha, lambdas, ev, console)
     rows = [*measure_baselines(members, ev, lambdas), row]
     _print_table(console, rows, f"pyfusion fuse: {spec.label}")
+    _save_fused(fused.cpu(), output, ev.example)
+    console.result(f"fused model: {output}")
+    return EXIT_OK
+
+
+def _fuse_budget(args: argparse.Namespace, console: Console) -> int:
+    """``pyfusion fuse --budget B``: pyfusion.fuse(members, calibration, budget=B) (restricted to --method when given),
+    the chosen model measured next to the baselines, saved like any fused model."""
+    import pyfusion
+    from pyfusion.fuse.budget import CANDIDATE_FAMILIES
+
+    device = _device(args.device)
+    options = parse_options(args.option)
+    if args.features:
+        options["features"] = args.features
+    alpha = _alpha(args.alpha)
+    if alpha is not None:
+        raise CLIError("--alpha and --budget exclude each other", EXIT_USAGE, "the budget search chooses alpha itself")
+    if args.method is not None and args.method not in CANDIDATE_FAMILIES:
+        raise CLIError(
+            f"--budget with --method {args.method}: the budget search does not use that method",
+            EXIT_USAGE,
+            f"the methods it searches: {', '.join(CANDIDATE_FAMILIES)} (or leave --method out)",
+        )
+    lambdas = _lambdas(args.lambdas, len(args.members))
+    parse_normalize(args.normalize)
+    output = Path(args.output)
+    if not output.parent.exists():
+        raise CLIError(
+            f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist",
+            EXIT_OUTPUT,
+            "create the folder first or choose another path",
+        )
+    members = _load_members(args, console, device, 1)
+    calib, evd, _ = _calibration(args, console)
+    _check_input_fits(members, calib, device)
+    ev = _evaluation(
+        evd,
+        device,
+        args.batch_size,
+        args.latency_batch,
+        args.repeats,
+        ensemble_logits(members, lambdas),
+        need_labels=False,
+    )
+    t0 = time.perf_counter()
+    try:
+        fused = pyfusion.fuse(
+            members, _loader(calib, args.batch_size), budget=args.budget, method=args.method, lambdas=lambdas, **options
+        )
+    except ValueError as exc:
+        raise CLIError(f"fusion within --budget {args.budget:g} failed: {exc}", EXIT_FUSION, "see the message") from exc
+    elapsed = time.perf_counter() - t0
+    info = fused.fusion_info["budget"]
+    console.note(f"budget: {info['read_as']}; chose {info['chosen']} ({info['chosen_fraction']:.3f} of the ensemble)")
+    console.note(f"search: {info['fusions']} fusions, {info['time_s']:.1f} s; {info['reason']}")
+    fused.eval()
+    c = model_cost(fused, ev.example)
+    acc, lat, ref = _measure(fused, ev)
+    row = Row("fused", f"budget {args.budget:g}: {info['chosen']}", 0.0, acc, c.flops, c.params, lat, elapsed,
+              c.dense_flops, ref)  # fmt: skip
+    rows = [*measure_baselines(members, ev, lambdas), row]
+    _print_table(console, rows, f"pyfusion fuse --budget {args.budget:g}")
     _save_fused(fused.cpu(), output, ev.example)
     console.result(f"fused model: {output}")
     return EXIT_OK

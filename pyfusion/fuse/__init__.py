@@ -25,6 +25,7 @@ import types
 from typing import Any
 
 from pyfusion.fuse.api import fuse
+from pyfusion.fuse.budget import BudgetError, BudgetSearch, Flops, budget_search, fuse_budgets, fuse_within_budget
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import (
     ActivationMatchingConfig,
@@ -58,7 +59,10 @@ _PLANS = {
 __all__ = [
     "ActivationMatchingConfig",
     "AverageConfig",
+    "BudgetError",
+    "BudgetSearch",
     "ClusterConfig",
+    "Flops",
     "GroupPlan",
     "HFConfig",
     "InterpConfig",
@@ -72,8 +76,11 @@ __all__ = [
     "UnknownOptionError",
     "WeightMatchingConfig",
     "available_methods",
+    "budget_search",
     "build",
     "fuse",
+    "fuse_budgets",
+    "fuse_within_budget",
     "get_method",
     "register_method",
     *_PLANS,

@@ -42,6 +42,7 @@ def fuse(
     bn_batches: int | None = None,
     fast_modules: bool | str = True,
     distributed: bool = True,
+    budget: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Fuse K >= 2 members of one architecture into one new network (the members are never modified; the
@@ -84,6 +85,14 @@ def fuse(
             are bit-identical). Every rank must call ``fuse`` with the same members and options (checked: a
             :class:`~pyfusion.stats.distributed.DistributedMismatchError` on every rank otherwise); ``max_batches``
             and ``bn_batches`` count each rank's batches. ``False``: each rank fuses on its own data alone.
+        budget: instead of one method, the most accurate model whose FLOPs per sample (as :func:`pyfusion.cost`
+            reports) fit: a fraction in (0, 1] of the ensemble's FLOPs, a FLOP count > 1, or
+            :class:`pyfusion.fuse.Flops` ``(n)``; chosen among the members, sub-ensembles and fused candidates by an
+            objective on held-out calibration samples (:mod:`pyfusion.fuse.budget`; ``fusion_info["budget"]`` says
+            what was chosen and why). ``method`` then restricts the search to one family; ``**options`` may hold
+            the search's options (``objective``, ``holdout``, ``candidates``, ``seed``, ...).
+            Not with ``torch.distributed`` ranks (each rank's held-out samples would choose differently): pass
+            ``distributed=False`` there.
         **options: the method's options (e.g. ``alpha``, ``seed``, ``cost``, ``point``): the fields of its config
             class, which checks them.
 
@@ -98,6 +107,20 @@ def fuse(
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
         NotImplementedError: a distributed fusion with data by a method outside :data:`DISTRIBUTED_METHODS`.
     """
+    if budget is not None:
+        from pyfusion.fuse.budget import fuse_within_budget
+
+        if config is not None or graph is not None:
+            raise ValueError("fuse(budget=...) chooses the methods itself: it takes no config= or graph=")
+        w = world_info() if distributed else None
+        if w is not None and w[1] > 1:
+            raise NotImplementedError(
+                "fuse(budget=...) does not run over torch.distributed ranks (each rank's held-out samples would choose "
+                "differently); pass distributed=False, or fuse on one rank and broadcast the result"
+            )
+        fuse_kwargs = {"reset_bn": reset_bn, "repair": repair, "bn_batches": bn_batches, "fast_modules": fast_modules}
+        return fuse_within_budget(models, data, budget, method=method, lambdas=lambdas, fuse_kwargs=fuse_kwargs,
+                                  **options)  # fmt: skip
     world = world_info() if distributed else None
     world = world if world is not None and world[1] > 1 else None
     try:  # a rank whose arguments fail tells the others (they would wait for it in the first collective)

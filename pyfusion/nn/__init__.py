@@ -1,5 +1,6 @@
 """Drop-in modules for fused networks: partially fused layers at a cost proportional to their effective
-FLOPs, stacked ensembles, and an in-place module swap (DESIGN §7). Names load on first access."""
+FLOPs, stacked ensembles, executable sub-ensembles (``SubEnsemble``), and an in-place module swap (DESIGN §7).
+Names load on first access."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ _LAZY: dict[str, str] = {
     "PartialLinear": "pyfusion.nn.partial",
     "PartialMultiheadAttention": "pyfusion.nn.attention",
     "TorchScriptUnsupportedError": "pyfusion.nn.partial",
+    "SubEnsemble": "pyfusion.nn.ensemble",
     "replace_": "pyfusion.nn.swap",
 }
 

@@ -1,0 +1,782 @@
+"""``pyfusion.fuse(members, data, budget=...)``: the most accurate model whose effective FLOPs fit a budget.
+
+**The budget.** FLOPs per sample as :func:`pyfusion.cost` reports them (2 x the multiply-accumulates of the
+Linear / Conv layers' stored blocks). ``budget`` is
+
+* a number in (0, 1]: a fraction of the ensemble's FLOPs (the sum of the members' FLOPs; ``budget=0.5`` is half
+  the ensemble, ``budget=1`` admits the ensemble itself);
+* a number > 1, or :class:`Flops` ``(n)``: an absolute count of FLOPs per sample (``budget=2e6`` or
+  ``budget=Flops(2e6)``; the marker says so explicitly and also admits counts <= 1).
+
+**The candidates** (every one is built and measured with :func:`pyfusion.cost`; the ones over the budget are
+listed but never returned):
+
+* trivial baselines: each member; the best m-of-K sub-ensemble for every m (an executable
+  :class:`pyfusion.nn.SubEnsemble` averaging the chosen members' logits, or their probabilities; chosen
+  exhaustively over all subsets for K <= 10, greedily above); the vanilla weight average;
+* full fusion: ``activation_matching``, ``ot``, ``weight_matching`` (one member's cost);
+* partial fusion (Morelli & Eckstein 2026) at the largest alpha that fits, found by bisection on the measured
+  cost over the alpha grid j/32 (the layout, hence the cost, depends on alpha only through
+  ``floor(alpha n + 0.5)`` per group, and for K >= 3 also on which reference neurons are matched); at the same
+  alpha, ``partial_fit`` (:mod:`pyfusion.fuse.partial_fit`: the shared slots fitted by least squares; with
+  (N, C) outputs also with the logits fitted to the probability ensemble, ``output_target="probs"``);
+* generalized pruning: ``cluster`` and ``prune`` at the largest width that fits (width t of one member's,
+  t in j/16; above one member's width through the partial-fusion slot count of ``alpha = (t - 1) / (K - 1)``);
+* fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
+  K >= 8, grouped in fours) by the similarity of their outputs, each group is partially fused at the largest
+  common alpha that fits, and the groups' outputs are averaged.
+
+**The objective**, on held-out calibration samples (``holdout``, default 1/2 of the samples, drawn by a seeded
+permutation; the rest is what every fusion calibrates on): with integer labels in the batches, the task loss
+(``"cross_entropy"`` of the logits, or ``"error"``, the top-1 error with cross-entropy breaking ties); without
+labels, ``"ensemble"``: the mean squared distance to the ensemble's outputs ``sum_k lambda_k f_k(x)``. Lower is
+better. The returned model is the feasible candidate with the lowest objective (ties: the cheaper one).
+
+**What it costs.** Each candidate is one fusion (sub-ensembles and members are evaluated from the members'
+outputs, no fusion); the bisections cost about log2(32) + 2 fusions per method and budget (shared across the
+budgets of :func:`fuse_budgets`). ``fusion_info["budget"]`` states the number of fusions and the time, and lists
+every candidate with its cost, objective and whether it fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pyfusion.fuse.cost import cost as _cost
+from pyfusion.fuse.validate import check_lambdas, check_members, prepare_data
+from pyfusion.nn.ensemble import SubEnsemble
+from pyfusion.stats.collect import batch_inputs
+
+__all__ = [
+    "CANDIDATE_FAMILIES",
+    "OBJECTIVES",
+    "BudgetError",
+    "BudgetSearch",
+    "Flops",
+    "budget_search",
+    "fuse_budgets",
+    "fuse_within_budget",
+]
+
+OBJECTIVES = ("auto", "ensemble", "cross_entropy", "error")
+CANDIDATE_FAMILIES = (
+    "members",
+    "subsets",
+    "average",
+    "activation_matching",
+    "ot",
+    "weight_matching",
+    "partial",
+    "partial_fit",
+    "cluster",
+    "prune",
+    "groups",
+)
+_FULL_FUSION = ("average", "activation_matching", "ot", "weight_matching")
+_ALPHA_STEPS = 32  # alpha grid j / 32: bisection in 5 fusions; a finer grid changes the cost by < 1/32 of a branch
+_WIDTH_STEPS = 16  # cluster / prune widths j / 16 of one member's width
+_EXHAUSTIVE_SUBSETS = 10  # all 2^K - 1 subsets up to K = 10 (1023 evaluations of cached outputs)
+_SEARCH_OPTIONS = ("objective", "holdout", "candidates", "seed", "subset_combines", "cluster_restarts")
+
+
+class BudgetError(ValueError):
+    """A budget no candidate fits (below the cheapest), or an invalid budget value.
+
+    Attributes:
+        budget_flops: the budget in FLOPs per sample (None when the value itself was invalid).
+        cheapest: (candidate name, FLOPs per sample) of the cheapest candidate (None when not known).
+    """
+
+    def __init__(self, message: str, budget_flops: float | None = None, cheapest: tuple[str, int] | None = None):
+        super().__init__(message)
+        self.budget_flops, self.cheapest = budget_flops, cheapest
+
+
+@dataclass(frozen=True)
+class Flops:
+    """An absolute budget: ``value`` FLOPs per sample (``pyfusion.fuse(..., budget=Flops(2e6))``)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v <= 0:
+            raise BudgetError(f"Flops(value) must be a finite number > 0 of FLOPs per sample; got {v!r}")
+
+
+def _budget_flops(budget: Any, ensemble_flops: int) -> tuple[float, str]:
+    """(budget in FLOPs per sample, how it was read)."""
+    if isinstance(budget, Flops):
+        return float(budget.value), f"{float(budget.value):.6g} FLOPs per sample (absolute)"
+    if isinstance(budget, Tensor) and budget.ndim == 0:
+        budget = float(budget)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise BudgetError(
+            "budget must be a number (a fraction in (0, 1] of the ensemble's FLOPs, or a FLOP count > 1) or "
+            f"pyfusion.fuse.Flops(n); got {type(budget).__name__} {budget!r}"
+        )
+    b = float(budget)
+    if not math.isfinite(b) or b <= 0:
+        raise BudgetError(f"budget must be > 0 (a fraction of the ensemble's FLOPs or a FLOP count); got {budget!r}")
+    if b <= 1:
+        return b * ensemble_flops, f"{b:g} x the ensemble's {ensemble_flops:,} FLOPs per sample"
+    return b, f"{b:.6g} FLOPs per sample (absolute: numbers > 1 are FLOP counts; fractions are <= 1)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: fit / held-out split, labels, objective
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _materialize(data: Any) -> tuple[Tensor, Tensor | None, int]:
+    """All calibration inputs (N, ...), labels (N,) or None, and the batch size of the first batch."""
+    xs, ys = [], []
+    for batch in data:
+        x = batch_inputs(batch)
+        if not isinstance(x, Tensor):
+            raise ValueError(f"fuse(budget=...) needs tensor inputs in the data batches; got {type(x).__name__}")
+        xs.append(x)
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        ys.append(y if isinstance(y, Tensor) else None)
+    x = torch.cat(xs)
+    labels = None
+    if all(y is not None for y in ys):
+        y = torch.cat(ys)
+        if y.dim() == 1 and y.shape[0] == x.shape[0] and not y.is_floating_point() and y.dtype != torch.bool:
+            labels = y.long()
+    return x, labels, int(xs[0].shape[0])
+
+
+def _outputs(model: nn.Module, x: Tensor, batch: int) -> Tensor:
+    """Model outputs (N, ..., C) as float64, eval mode, no gradients (the training flags are restored)."""
+    modes = {m: m.training for m in model.modules()}
+    dev = next((p.device for p in model.parameters()), x.device)
+    outs = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, x.shape[0], batch):
+                out = model(x[s : s + batch].to(dev))
+                if not isinstance(out, Tensor):
+                    out = getattr(out, "logits", out)
+                if not isinstance(out, Tensor):
+                    raise ValueError(f"fuse(budget=...) needs tensor outputs (or .logits); got {type(out).__name__}")
+                outs.append(out.detach().to("cpu", torch.float64))
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return torch.cat(outs)
+
+
+def _objective(z: Tensor, name: str, labels: Tensor | None, target: Tensor) -> tuple[float, float]:
+    """(objective, tie-breaker): lower is better. ``z`` (N, C) logits (or log-probabilities)."""
+    if name == "ensemble":
+        return float(((z - target) ** 2).mean()), 0.0
+    assert labels is not None
+    flat = z.reshape(-1, z.shape[-1])
+    ce = float(torch.nn.functional.cross_entropy(flat, labels.reshape(-1)))
+    if name == "cross_entropy":
+        return ce, 0.0
+    err = float((flat.argmax(-1) != labels.reshape(-1)).double().mean())
+    return err, ce
+
+
+def _log_mean_probs(z: Tensor, w: Tensor) -> Tensor:
+    """``log sum_k w_k softmax(z_k)`` of (K, N, C) outputs (what ``SubEnsemble(combine="probs")`` returns)."""
+    logp = torch.log_softmax(z, -1) + torch.log(w).reshape(-1, *([1] * (z.dim() - 1)))
+    return torch.logsumexp(logp, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    name: str
+    family: str
+    flops: int
+    objective: float
+    tie: float
+    options: dict[str, Any]
+    make: Callable[[], nn.Module] | None = None  # builds the module (members, sub-ensembles)
+    module: nn.Module | None = None  # a fused module, built during the search
+
+    def row(self, ensemble_flops: int, budget_flops: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "flops": int(self.flops),
+            "fraction": self.flops / ensemble_flops,
+            "objective": self.objective,
+            "feasible": self.flops <= budget_flops,
+            "options": self.options,
+        }
+
+
+class BudgetSearch:
+    """One search over the candidates, shared by any number of budgets (:func:`budget_search`): the fit /
+    held-out split, the members' held-out outputs, every fusion built (memoized). :meth:`choose` returns the
+    model for one budget."""
+
+    def __init__(
+        self,
+        members: list[nn.Module],
+        data: Any,
+        lambdas: tuple[float, ...],
+        *,
+        method: str | None,
+        options: dict[str, Any],
+        fuse_kwargs: dict[str, Any],
+        objective: str,
+        holdout: float,
+        candidates: Sequence[str] | None,
+        seed: int,
+        subset_combines: Sequence[str],
+        cluster_restarts: int,
+    ) -> None:
+        self.t_start = time.perf_counter()
+        self.members, self.lam = members, lambdas
+        self.k = len(members)
+        self.method, self.options, self.fuse_kwargs = method, dict(options), dict(fuse_kwargs)
+        self.seed, self.cluster_restarts = int(seed), int(cluster_restarts)
+        self.families = self._families(method, candidates)
+        for c in subset_combines:
+            if c not in ("logits", "probs"):
+                raise ValueError(f"subset_combines must hold 'logits' and / or 'probs'; got {list(subset_combines)}")
+        self.subset_combines = tuple(subset_combines)
+        if not (isinstance(holdout, (int, float)) and 0 < float(holdout) < 1):
+            raise ValueError(f"holdout must be a fraction in (0, 1) of the calibration samples; got {holdout!r}")
+        x, labels, batch = _materialize(data)
+        n = x.shape[0]
+        n_hold = int(round(float(holdout) * n))
+        if n < 4 or n_hold < 2 or n - n_hold < 2:
+            raise ValueError(
+                f"fuse(budget=...) splits the calibration data into fit and held-out samples (holdout={holdout}); "
+                f"it needs at least 2 of each, got {n} samples"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        fit, hold = perm[: n - n_hold], perm[n - n_hold :]
+        self.batch = batch
+        self.fit_data: list[Any] = []
+        for s in range(0, fit.numel(), batch):
+            idx = fit[s : s + batch]
+            self.fit_data.append(x[idx] if labels is None else (x[idx], labels[idx]))
+        self.x_hold = x[hold]
+        self.y_hold = None if labels is None else labels[hold]
+        self.n_fit, self.n_hold = int(fit.numel()), int(hold.numel())
+        self.example = x[:1]
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
+        if objective == "auto":
+            objective = "cross_entropy" if self.y_hold is not None else "ensemble"
+        self.objective_name = objective
+        # members: outputs on the held-out samples, cost
+        self.z = torch.stack([_outputs(m, self.x_hold, batch) for m in members])  # (K, N, ..., C)
+        if objective != "ensemble":
+            if self.y_hold is None:
+                raise ValueError(f"objective={objective!r} needs integer labels in the data batches ((x, y) pairs)")
+            if self.z.dim() != 3:
+                raise ValueError(
+                    f"objective={objective!r} needs (N, C) outputs with (N,) labels; got outputs of shape "
+                    f"{tuple(self.z.shape[1:])}"
+                )
+        lam_t = torch.tensor(self.lam, dtype=torch.float64)
+        self.target = torch.tensordot(lam_t, self.z, dims=1)
+        self.member_flops = [int(_cost(m, self.example).flops) for m in members]
+        self.ensemble_flops = int(sum(self.member_flops))
+        self.fusions = 0
+        self.fusion_time = 0.0
+        self.failures: dict[str, str] = {}
+        self._cache: dict[tuple, _Candidate | None] = {}
+        self._static: list[_Candidate] | None = None
+        self._similar_groups: dict[int, list[list[int]]] = {}
+
+    # -- configuration -----------------------------------------------------------------------------------------
+
+    def _families(self, method: str | None, candidates: Sequence[str] | None) -> tuple[str, ...]:
+        if candidates is not None:
+            if isinstance(candidates, str):
+                candidates = [candidates]
+            unknown = [c for c in candidates if c not in CANDIDATE_FAMILIES]
+            if unknown or not candidates:
+                raise ValueError(f"candidates must be a non-empty list of {CANDIDATE_FAMILIES}; got {list(candidates)}")
+            fams = tuple(candidates)
+        elif method is not None:
+            if method not in CANDIDATE_FAMILIES:
+                raise ValueError(
+                    f"fuse(budget=..., method={method!r}): the budget search fuses with {CANDIDATE_FAMILIES[2:]}; "
+                    "leave method out to search every candidate"
+                )
+            fams = (method,)
+        else:
+            fams = CANDIDATE_FAMILIES
+        if self.options and method is None:
+            raise ValueError(
+                f"fuse(budget=...) without method= takes no method options; got {sorted(self.options)} "
+                f"(give method= to search one method with them; the search's own options are {_SEARCH_OPTIONS})"
+            )
+        return fams
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    def _score(self, z: Tensor) -> tuple[float, float]:
+        return _objective(z, self.objective_name, self.y_hold, self.target)
+
+    def _fuse(self, key: tuple, family: str, name: str, members: Sequence[int], **opts: Any) -> _Candidate | None:
+        """Fuse ``members`` with method ``family`` (memoized by key), measure cost and objective; None on failure."""
+        if key in self._cache:
+            return self._cache[key]
+        from pyfusion.fuse.api import fuse
+
+        method = "partial" if family == "groups" else family
+        options = {**(self.options if family == self.method else {}), **opts}
+        lam = [self.lam[i] for i in members]
+        tot = sum(lam)
+        lam = [v / tot for v in lam] if tot > 0 else [1.0 / len(members)] * len(members)
+        t0 = time.perf_counter()
+        try:
+            fused = fuse([self.members[i] for i in members], self.fit_data, method=method, lambdas=lam,
+                         **self.fuse_kwargs, **options)  # fmt: skip
+        except Exception as exc:  # a candidate that cannot be built is left out; why is in fusion_info["budget"]
+            self.failures[name] = f"{type(exc).__name__}: {exc}"
+            self._cache[key] = None
+            return None
+        finally:
+            self.fusions += 1
+            self.fusion_time += time.perf_counter() - t0
+        try:
+            cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options})
+        except Exception as exc:  # built but cannot run (e.g. a model reading a swapped layer's .weight)
+            self.failures[name] = f"{type(exc).__name__} when running the fused model: {exc}"
+            self._cache[key] = None
+            return None
+        self._cache[key] = cand
+        return cand
+
+    def _measure(self, module: nn.Module, name: str, family: str, options: dict[str, Any]) -> _Candidate:
+        flops = int(_cost(module, self.example).flops)
+        obj, tie = self._score(_outputs(module, self.x_hold, self.batch))
+        return _Candidate(name, family, flops, obj, tie, options, module=module)
+
+    # -- budget-independent candidates -------------------------------------------------------------------------
+
+    def static_candidates(self) -> list[_Candidate]:
+        if self._static is not None:
+            return self._static
+        out: list[_Candidate] = []
+        if "members" in self.families:
+            for i in range(self.k):
+                obj, tie = self._score(self.z[i])
+                out.append(_Candidate(f"member {i}", "members", self.member_flops[i], obj, tie, {"members": [i]},
+                                      make=lambda i=i: copy.deepcopy(self.members[i])))  # fmt: skip
+        if "subsets" in self.families and self.k >= 2:
+            out += self._subsets()
+        if self.k >= 2:
+            for fam in _FULL_FUSION:
+                if fam in self.families:
+                    c = self._fuse((fam,), fam, fam, range(self.k))
+                    if c is not None:
+                        out.append(c)
+        self._static = out
+        return out
+
+    def _subsets(self) -> list[_Candidate]:
+        """The best m-subset for every m >= 2 (m = K: the ensemble) and every combine rule."""
+        lam = torch.tensor(self.lam, dtype=torch.float64)
+        out = []
+        for combine in self.subset_combines:
+
+            def score(sub: tuple[int, ...], combine: str = combine) -> tuple[float, float]:
+                w = lam[list(sub)]
+                w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(sub))
+                zs = self.z[list(sub)]
+                z = torch.tensordot(w, zs, dims=1) if combine == "logits" else _log_mean_probs(zs, w)
+                return self._score(z)
+
+            best: tuple[int, ...] = ()
+            for m in range(2, self.k + 1):
+                if self.k <= _EXHAUSTIVE_SUBSETS or m == 2:
+                    subs = list(itertools.combinations(range(self.k), m))
+                else:  # greedy forward selection from the best (m - 1)-subset
+                    subs = [tuple(sorted((*best, j))) for j in range(self.k) if j not in best]
+                scored = [(score(sub), sub) for sub in subs]
+                (obj, tie), best = min(scored, key=lambda t: (t[0], t[1]))
+                w = lam[list(best)]
+                w = (w / w.sum()) if float(w.sum()) > 0 else torch.full_like(w, 1.0 / m)
+                label = "ensemble" if m == self.k else f"sub-ensemble {m}/{self.k}"
+                out.append(
+                    _Candidate(
+                        f"{label} {list(best)} ({combine})",
+                        "subsets",
+                        sum(self.member_flops[i] for i in best),
+                        obj,
+                        tie,
+                        {"members": list(best), "combine": combine, "weights": w.tolist()},
+                        make=lambda best=best, w=w, combine=combine: SubEnsemble(
+                            [copy.deepcopy(self.members[i]) for i in best], w, combine
+                        ),
+                    )
+                )
+        return out
+
+    # -- budget-dependent candidates ---------------------------------------------------------------------------
+
+    def _largest_fitting(self, steps: Sequence[Any], budget: float, build: Callable[[Any], _Candidate | None]):
+        """The candidate at the largest step whose measured cost fits ``budget`` (bisection over ``steps``, the
+        cost assumed non-decreasing along them; a failed build counts as not fitting)."""
+        lo, c_lo = self._first_buildable(steps, build)
+        hi = len(steps) - 1
+        if c_lo is None or c_lo.flops > budget:
+            return None
+        c_hi = build(steps[hi])
+        if c_hi is not None and c_hi.flops <= budget:
+            return c_hi
+        best = c_lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = build(steps[mid])
+            if c is not None and c.flops <= budget:
+                lo, best = mid, c
+            else:
+                hi = mid
+        return best
+
+    @staticmethod
+    def _first_buildable(steps: Sequence[Any], build: Callable[[Any], _Candidate | None]):
+        """(index, candidate) of the first of the lowest quarter of ``steps`` that builds (a width too narrow
+        for some group, e.g. below one slot, fails), or (0, None)."""
+        for i in range(max(1, len(steps) // 4)):
+            c = build(steps[i])
+            if c is not None:
+                return i, c
+        return 0, None
+
+    def _partial(self, family: str, members: Sequence[int], j: int, **opts: Any) -> _Candidate | None:
+        alpha = j / _ALPHA_STEPS
+        name = f"{family} alpha={alpha:g}" + (f" of members {list(members)}" if len(members) < self.k else "")
+        if opts.get("output_target", "logits") != "logits":
+            name += f" ({opts['output_target']} target)"
+        key = (family, tuple(members), j, *sorted(opts.items()))
+        return self._fuse(key, family, name, members, alpha=alpha, **opts)
+
+    def _width_options(self, t: float) -> dict[str, Any]:
+        if t <= 1 or self.k == 1:
+            return {"width": min(float(t), 1.0)}
+        return {"alpha": (t - 1) / (self.k - 1)}
+
+    def _pruned(self, family: str, j: int) -> _Candidate | None:
+        t = j / _WIDTH_STEPS
+        opts = self._width_options(t)
+        if family == "cluster":
+            opts["n_restarts"] = self.cluster_restarts
+            opts["seed"] = self.seed
+        return self._fuse((family, j), family, f"{family} width={t:g}x", range(self.k), **opts)
+
+    def _groups(self, size: int) -> list[list[int]]:
+        """The members in groups of ``size`` (the last ones may be smaller), most similar outputs together
+        (greedy: the closest pair first, by mean squared distance of the held-out outputs)."""
+        if size in self._similar_groups:
+            return self._similar_groups[size]
+        from pyfusion.fuse.subsets import similar_groups
+
+        groups = similar_groups(self.z, size)
+        self._similar_groups[size] = groups
+        return groups
+
+    def _group_candidate(self, size: int, budget: float) -> _Candidate | None:
+        """Partial fusion inside groups of ``size`` similar members, averaged (one alpha for every group)."""
+        groups = self._groups(size)
+        if len(groups) < 2:
+            return None
+        g0 = groups[0]
+        share = budget * sum(self.member_flops[i] for i in g0) / self.ensemble_flops  # g0's part of the budget
+        steps = list(range(_ALPHA_STEPS + 1))
+        first = self._largest_fitting(steps, share, lambda j: self._partial("groups", g0, j))
+        if first is None:
+            return None
+        j = int(round(first.options["alpha"] * _ALPHA_STEPS))
+        while j >= 0:
+            parts = [self._partial("groups", g, j) for g in groups]
+            if any(p is None for p in parts):
+                return None
+            if sum(p.flops for p in parts) <= budget:
+                break
+            j -= 1
+        if j < 0:
+            return None
+        key = ("groups-ensemble", size, j)
+        if key in self._cache:
+            return self._cache[key]
+        lam = torch.tensor(self.lam, dtype=torch.float64)
+        w = torch.stack([lam[g].sum() for g in groups])
+        w = w / w.sum()
+        module = SubEnsemble([p.module for p in parts], w, "logits")
+        alpha = j / _ALPHA_STEPS
+        cand = self._measure(module, f"{len(groups)} groups of {size}, partial alpha={alpha:g}, averaged", "groups",
+                             {"groups": groups, "alpha": alpha, "method": "partial"})  # fmt: skip
+        self._cache[key] = cand
+        return cand
+
+    def dynamic_candidates(self, budget: float) -> list[_Candidate]:
+        out: list[_Candidate] = []
+        if self.k >= 2 and ("partial" in self.families or "partial_fit" in self.families):
+            steps = list(range(_ALPHA_STEPS + 1))
+            best = self._largest_fitting(steps, budget, lambda j: self._partial("partial", range(self.k), j))
+            if best is not None:
+                if "partial" in self.families:
+                    out.append(best)
+                if "partial_fit" in self.families:
+                    j = int(round(best.options["alpha"] * _ALPHA_STEPS))
+                    for target in ("logits", "probs") if self.z.dim() == 3 else ("logits",):
+                        fit = self._partial("partial_fit", range(self.k), j, output_target=target)
+                        if fit is not None and fit.flops <= budget:
+                            out.append(fit)
+        for fam in ("cluster", "prune"):
+            if fam in self.families:
+                steps = list(range(1, _WIDTH_STEPS * max(self.k, 1) + 1))
+                c = self._largest_fitting(steps, budget, lambda j, fam=fam: self._pruned(fam, j))
+                if c is not None:
+                    out.append(c)
+        if "groups" in self.families and self.k >= 4:
+            for size in (2, 4) if self.k >= 8 else (2,):
+                c = self._group_candidate(size, budget)
+                if c is not None:
+                    out.append(c)
+        return out
+
+    # -- choice ------------------------------------------------------------------------------------------------
+
+    def cheapest(self, families: Sequence[str] | None = None) -> tuple[str, int]:
+        """The cheapest candidate of ``families`` (default: the search's) as (name, FLOPs), found without the
+        budget-dependent search (members, the narrowest cluster / prune, partial fusion at alpha = 0, ...)."""
+        saved = self.families
+        self.families = tuple(f for f in saved if families is None or f in families)
+        try:
+            return self._cheapest()
+        finally:
+            self.families = saved
+
+    def _cheapest(self) -> tuple[str, int]:
+        options: list[tuple[str, int]] = []
+        if "members" in self.families:
+            i = min(range(self.k), key=lambda i: self.member_flops[i])
+            options.append((f"member {i}", self.member_flops[i]))
+        for fam in ("cluster", "prune"):
+            if fam in self.families:
+                _, c = self._first_buildable(range(1, _WIDTH_STEPS * self.k + 1), lambda j, f=fam: self._pruned(f, j))
+                if c is not None:
+                    options.append((c.name, c.flops))
+        if self.k >= 2 and ("partial" in self.families or "partial_fit" in self.families):
+            c = self._partial("partial", range(self.k), 0)
+            if c is not None:
+                options.append((c.name, c.flops))
+        for fam in _FULL_FUSION:
+            if fam in self.families and self.k >= 2:
+                c = self._fuse((fam,), fam, fam, range(self.k))
+                if c is not None:
+                    options.append((c.name, c.flops))
+        if "subsets" in self.families and self.k >= 2:
+            pair = sorted(self.member_flops)[:2]
+            options.append(("a sub-ensemble of 2 members", sum(pair)))
+        if "groups" in self.families and self.k >= 4:
+            c = self._partial("groups", self._groups(2)[0], 0)
+            if c is not None:
+                options.append(("groups of 2 at alpha=0", c.flops * (self.k // 2)))
+        if not options:
+            raise BudgetError(
+                f"no candidate of {self.families} could be built for these members: {self.failures}", None, None
+            )
+        return min(options, key=lambda t: t[1])
+
+    def choose(self, budget: Any, families: Sequence[str] | None = None) -> nn.Module:
+        """The feasible candidate with the lowest objective for ``budget`` (see :func:`fuse_within_budget`),
+        among ``families`` (default: every family of the search; e.g. the fused ones only, to compare them with
+        the trivial baselines).
+
+        Raises:
+            BudgetError: an invalid budget, or one below the cheapest candidate.
+        """
+        t0 = time.perf_counter()
+        flops, how = _budget_flops(budget, self.ensemble_flops)
+        if families is not None:
+            unknown = [f for f in families if f not in self.families]
+            if unknown or not families:
+                raise ValueError(f"families must be a non-empty subset of the search's {self.families}; got {families}")
+        fams = tuple(self.families if families is None else families)
+        cheapest = self.cheapest(fams)
+        if flops < cheapest[1]:
+            raise BudgetError(
+                f"budget={budget!r} ({how}: {flops:,.0f} FLOPs per sample, {flops / self.ensemble_flops:.4g} of the "
+                f"ensemble's {self.ensemble_flops:,}) is below the cheapest candidate, {cheapest[0]} at "
+                f"{cheapest[1]:,} FLOPs per sample ({cheapest[1] / self.ensemble_flops:.4g} of the ensemble)",
+                flops,
+                cheapest,
+            )
+        static = [c for c in self.static_candidates() if c.family in fams]
+        saved = self.families
+        self.families = fams
+        try:
+            cands = static + self.dynamic_candidates(flops)
+        finally:
+            self.families = saved
+        feasible = [c for c in cands if c.flops <= flops]
+        if not feasible:  # pragma: no cover - the cheapest check above guarantees one
+            raise BudgetError(f"no candidate fits budget={budget!r} ({flops:,.0f} FLOPs)", flops, cheapest)
+        best = min(feasible, key=lambda c: (c.objective, c.tie, c.flops))
+        if best.module is not None:
+            model = copy.deepcopy(best.module)  # the cache keeps its own copy for the other budgets
+        else:
+            assert best.make is not None
+            model = best.make()
+        info = dict(getattr(model, "fusion_info", {}) or {})
+        if best.family in ("members", "subsets", "groups"):
+            info = {"method": {"members": "member", "subsets": "sub-ensemble", "groups": "groups"}[best.family]}
+            info["lambdas"] = self.lam
+        rows = sorted((c.row(self.ensemble_flops, flops) for c in cands), key=lambda r: (r["flops"], r["objective"]))
+        n_over = sum(1 for c in cands if c.flops > flops)
+        info["budget"] = {
+            "budget": budget if not isinstance(budget, Flops) else f"Flops({budget.value!r})",
+            "read_as": how,
+            "budget_flops": flops,
+            "ensemble_flops": self.ensemble_flops,
+            "member_flops": self.member_flops,
+            "fraction": flops / self.ensemble_flops,
+            "objective": self.objective_name,
+            "holdout_samples": self.n_hold,
+            "fit_samples": self.n_fit,
+            "chosen": best.name,
+            "chosen_family": best.family,
+            "chosen_flops": int(best.flops),
+            "chosen_fraction": best.flops / self.ensemble_flops,
+            "chosen_objective": best.objective,
+            "reason": (
+                f"lowest {self.objective_name} on {self.n_hold} held-out calibration samples "
+                f"({best.objective:.6g}) among the {len(feasible)} candidates within {flops:,.0f} FLOPs per sample "
+                f"({n_over} more candidates were measured over the budget and excluded)"
+            ),
+            "candidates": rows,
+            "failed": dict(self.failures),
+            "families": list(fams),
+            "fusions": self.fusions,
+            "time_fusions_s": self.fusion_time,
+            "time_s": time.perf_counter() - self.t_start,
+            "time_choice_s": time.perf_counter() - t0,
+        }
+        model.fusion_info = info
+        if not hasattr(model, "fusion_plan"):
+            model.fusion_plan = None
+        return model
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    search = {k: options.pop(k) for k in list(options) if k in _SEARCH_OPTIONS}
+    return search, options
+
+
+def budget_search(
+    models: Sequence[nn.Module],
+    data: Any,
+    *,
+    method: str | None = None,
+    lambdas: Sequence[float] | None = None,
+    fuse_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> BudgetSearch:
+    """A :class:`BudgetSearch` (arguments as :func:`fuse_within_budget`); ``search.choose(budget)`` per budget."""
+    fuse_kwargs = dict(fuse_kwargs or {})
+    members = check_members(models, 1)
+    lam = check_lambdas(lambdas, len(members))
+    data = prepare_data(data)
+    if data is None:
+        raise ValueError(
+            "fuse(budget=...) needs calibration data (data=DataLoader or a list of batches; (inputs, labels) pairs "
+            "make the objective the task loss): candidates are compared on held-out calibration samples"
+        )
+    search, method_options = _split_options(dict(options))
+    return BudgetSearch(
+        members,
+        data,
+        lam,
+        method=method,
+        options=method_options,
+        fuse_kwargs=fuse_kwargs,
+        objective=search.get("objective", "auto"),
+        holdout=search.get("holdout", 0.5),
+        candidates=search.get("candidates"),
+        seed=search.get("seed", 0),
+        subset_combines=search.get("subset_combines", ("logits", "probs")),
+        cluster_restarts=search.get("cluster_restarts", 20),
+    )
+
+
+def fuse_within_budget(
+    models: Sequence[nn.Module],
+    data: Any,
+    budget: Any,
+    *,
+    method: str | None = None,
+    lambdas: Sequence[float] | None = None,
+    fuse_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """The most accurate model whose FLOPs per sample fit ``budget`` (module docstring); what
+    ``pyfusion.fuse(models, data, budget=...)`` calls.
+
+    Args:
+        models: K >= 1 members of one architecture (not modified).
+        data: calibration batches (inputs, or (inputs, labels)); split into fit and held-out samples.
+        budget: a fraction in (0, 1] of the ensemble's FLOPs, a FLOP count > 1, or :class:`Flops`.
+        method: search only this family (one of :data:`CANDIDATE_FAMILIES`, e.g. "partial": the bisection on
+            alpha alone); ``**options`` then go to that method's fusions.
+        lambdas: member weights (default uniform).
+        fuse_kwargs: keywords of every fusion (``reset_bn``, ``repair``, ``bn_batches``, ``fast_modules``).
+        **options: the search's options: ``objective`` ("auto", "ensemble", "cross_entropy", "error"),
+            ``holdout`` (fraction of the samples held out, default 0.5), ``candidates`` (families to try),
+            ``seed`` (split and clustering seed), ``subset_combines`` (("logits", "probs")),
+            ``cluster_restarts`` (20); with ``method``, that method's options.
+
+    Returns:
+        The chosen module (a fused network, a copy of a member, or a :class:`pyfusion.nn.SubEnsemble`) with
+        ``fusion_info["budget"]``: the budget as read, the objective, every candidate's FLOPs / objective /
+        feasibility, the choice and the reason, the number of fusions and the time.
+
+    Raises:
+        BudgetError: (a ValueError) a budget <= 0 or not a number, or below the cheapest candidate (named with
+            its cost).
+        ValueError: no data, too few samples to hold some out, an unknown objective / candidate family.
+    """
+    return fuse_budgets(models, data, [budget], method=method, lambdas=lambdas, fuse_kwargs=fuse_kwargs, **options)[0]
+
+
+def fuse_budgets(
+    models: Sequence[nn.Module],
+    data: Any,
+    budgets: Sequence[Any],
+    *,
+    method: str | None = None,
+    lambdas: Sequence[float] | None = None,
+    fuse_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> list[nn.Module]:
+    """:func:`fuse_within_budget` for several budgets with one search (the fusions are shared: a frontier).
+
+    Returns:
+        One module per budget, in order (each with its own ``fusion_info["budget"]``; ``fusions`` and ``time_s``
+        there are cumulative over the search up to that budget).
+    """
+    for b in budgets:  # bad values before any work
+        if not isinstance(b, Flops):
+            _budget_flops(b, 1)
+    search = budget_search(models, data, method=method, lambdas=lambdas, fuse_kwargs=fuse_kwargs, **options)
+    return [search.choose(b) for b in budgets]
