@@ -17,8 +17,9 @@ each column checks:
 * ``hf``, ``kf``, ``kf_gradient`` (neuron interpolation; kf_gradient with 1 epoch per level): the model comes back.
 * ``repair``: activation matching and partial fusion at alpha 0.5, each with ``repair=True`` (the REPAIR
   statistics of a model and its permuted copy agree, so the rescaling must be the identity).
-* ``fast_modules``: partial fusion at alpha 0.5 with ``fast_modules=True``: the model comes back and at least one
-  layer runs block-sparse (``PartialLinear`` / ``PartialConv2d``).
+* ``fast_modules``: partial fusion at alpha 0.5 with ``fast_modules="always"`` (the cost model would keep the tiny
+  test layers dense): the model comes back and at least one layer runs block-sparse (``PartialLinear`` /
+  ``PartialConv2d`` / ``PartialMultiheadAttention``).
 * ``save/load``: that fast partially fused model through ``pyfusion.save`` / ``pyfusion.load`` gives the same
   outputs.
 
@@ -57,7 +58,7 @@ from common import Report, output_path  # noqa: E402
 import pyfusion  # noqa: E402
 from pyfusion import models  # noqa: E402
 from pyfusion.graph import trace_groups  # noqa: E402
-from pyfusion.nn import PartialConv2d, PartialLinear  # noqa: E402
+from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention  # noqa: E402
 from pyfusion.testing import permuted_copy  # noqa: E402
 
 F64 = torch.float64
@@ -184,8 +185,10 @@ def check_family(factory: Callable[[], torch.nn.Module], batch: Callable[[torch.
             except Exception as exc:
                 raise type(exc)(f"partial alpha 0.5 + REPAIR: {exc}") from None
         elif method in ("fast_modules", "save/load"):
-            fused = fuse([model, twin], "partial", alpha=0.5, fast_modules=True)
-            swapped = [p for p, m in fused.named_modules() if isinstance(m, (PartialLinear, PartialConv2d))]
+            # the tiny test layers would stay dense by the cost model: swap every block-sparse layer
+            fused = fuse([model, twin], "partial", alpha=0.5, fast_modules="always")
+            fast = (PartialLinear, PartialConv2d, PartialMultiheadAttention)
+            swapped = [p for p, m in fused.named_modules() if isinstance(m, fast)]
             expect(fused)
             if method == "fast_modules":
                 if not swapped:

@@ -234,8 +234,8 @@ def test_partial_fit_of_a_member_and_its_permuted_copy_is_the_member(alpha):
     x = torch.randn(64, 10)
     copies = [m, permuted_copy(m), permuted_copy(m)]
     fused = pyfusion.fuse(copies, _batches(x, None, 32), method="partial_fit", alpha=alpha)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), m(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # float32 least squares per member-mask row set (K = 3): a wrong map is O(1) off
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-3, atol=2e-4)
     assert fused.fusion_info["fit"]["fitted"]
 
 

@@ -196,34 +196,82 @@ def _fold(prod: nn.Module, bn: nn.Module | None, rows: slice) -> tuple[Tensor, T
     return w, b
 
 
-def _design_producer(prod: nn.Module, bias: bool) -> nn.Module:
-    """A producer with the geometry of ``prod`` and a bias iff ``bias`` (on the meta device: only its attributes
-    are read by :func:`ls_statistics`)."""
-    if (prod.bias is not None) == bias:
-        return prod
+def _solve(
+    prod: nn.Module,
+    u: Tensor,
+    t: Tensor,
+    w0: Tensor,
+    b0: Tensor,
+    bias: bool,
+    ridge: float,
+    masks: tuple[Tensor, Tensor] | None = None,
+):
+    """(W (s, p), b (s,) or None, relative ridge used): ``(G + r I)^{-1} (X^T T + r W0)``.
+
+    ``masks``: (member masks of the s rows, of the p design columns): each row is fitted on the columns whose mask
+    intersects its own only (K >= 3: a shared slot of a member subset reads no other member's branch inputs, so its
+    weight blocks there stay exactly zero, as the execution modules require); the bias column is always free.
+    """
     if isinstance(prod, nn.Linear):
-        return nn.Linear(prod.in_features, prod.out_features, bias=bias, device="meta")
-    return nn.Conv2d(prod.in_channels, prod.out_channels, prod.kernel_size, prod.stride, prod.padding,
-                     prod.dilation, bias=bias, device="meta")  # fmt: skip
-
-
-def _solve(prod: nn.Module, u: Tensor, t: Tensor, w0: Tensor, b0: Tensor, bias: bool, ridge: float):
-    """(W (s, p), b (s,) or None, relative ridge used): ``(G + r I)^{-1} (X^T T + r W0)``."""
-    design = _design_producer(prod, bias)
-    if isinstance(prod, nn.Linear) and u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
-        u = u.reshape(-1, u.shape[-1])
-    g, cs, _ = ls_statistics(design, u, [t], dtype=torch.float64)
+        if u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
+            u = u.reshape(-1, u.shape[-1])
+        site: dict = {"kind": "linear", "weight_shape": (prod.out_features, prod.in_features), "conv": None}
+    else:
+        site = {
+            "kind": "conv2d",
+            "weight_shape": (prod.out_channels, prod.in_channels, *prod.kernel_size),
+            "conv": (prod.stride, prod.padding, prod.dilation),
+        }
+    g, cs, _ = ls_statistics(site["kind"], site["weight_shape"], u, [t], bias=bias, conv=site["conv"],
+                             dtype=torch.float64)  # fmt: skip
     prior = torch.cat([w0.T, b0[None]], 0) if bias else w0.T  # (p [+1], s)
     scale = float(torch.diagonal(g).mean()) or 1.0
-    rel = float(ridge)
-    for _ in range(3):  # solve_ls may grow the ridge when G + r I is singular: redo the right side with that r
-        (sol,), used = solve_ls(g, [cs[0] + rel * scale * prior], rel)
-        if used == rel:
-            break
-        rel = used
+    p = g.shape[0]
+    if masks is None:
+        row_sets = [(torch.arange(prior.shape[1]), torch.arange(p))]
+    else:
+        row_mask, col_mask = masks
+        free = torch.ones(p - col_mask.numel(), dtype=torch.bool)  # the bias column
+        row_sets = []
+        for m in torch.unique(row_mask).tolist():
+            cols = torch.cat([(col_mask & int(m)) != 0, free]).nonzero().flatten()
+            row_sets.append(((row_mask == m).nonzero().flatten(), cols))
+    sol = torch.zeros_like(prior)
+    rel_used = float(ridge)
+    for rows, cols in row_sets:
+        gs, rhs0, pr = g[cols][:, cols], cs[0][cols][:, rows], prior[cols][:, rows]
+        rel = float(ridge)
+        for _ in range(3):  # solve_ls may grow the ridge when G + r I is singular: redo the right side with that r
+            (part,), used = solve_ls(gs, [rhs0 + rel * scale * pr], rel)
+            if used == rel:
+                break
+            rel = used
+        sol[cols.unsqueeze(1), rows.unsqueeze(0)] = part
+        rel_used = max(rel_used, rel)
     w = sol[:-1].T if bias else sol.T
     b = sol[-1] if bias else None
-    return w, b, rel
+    return w, b, rel_used
+
+
+def _masks(fused: nn.Module, path: str, k_all: int, rows: slice, prod: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(member mask per fitted row, per design column) of the layer at ``path`` from the builder's member-mask
+    segments, or None when every block is allowed (K = 2 shared rows, or no record)."""
+    from pyfusion.fuse.fast import module_segments
+
+    segs = module_segments(fused, getattr(fused, "fusion_module_layouts", None) or {}, path, k_all)
+    if segs is None:
+        return None
+    ins, outs = segs
+
+    def expand(sg: Any) -> Tensor:
+        return torch.cat([torch.full((int(n),), int(m), dtype=torch.int64) for n, m in sg])
+
+    row_mask, col_mask = expand(outs)[rows], expand(ins)
+    if isinstance(prod, nn.Conv2d):  # design columns: (channel, kh, kw), channel-major (unfold order)
+        col_mask = col_mask.repeat_interleave(int(prod.kernel_size[0]) * int(prod.kernel_size[1]))
+    if bool(((row_mask.unsqueeze(1) & col_mask.unsqueeze(0)) != 0).all()):
+        return None
+    return row_mask, col_mask
 
 
 def fit_shared_slots(
@@ -305,7 +353,7 @@ def fit_shared_slots(
         u = _run(fused, x, {path: prod}, pre=True)[path].double()
         w0, b0 = _fold(prod, bn, rows)
         bias = prod.bias is not None or bn is not None
-        w, b, rel = _solve(prod, u, t, w0, b0, bias, ridge)
+        w, b, rel = _solve(prod, u, t, w0, b0, bias, ridge, _masks(fused, path, len(members), rows, prod))
         with torch.no_grad():
             prod.weight[rows] = w.reshape(prod.weight[rows].shape).to(prod.weight.dtype)
             if bn is None:
