@@ -238,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         "`pyfusion.fuse(members, calib, method=..., graph=graph, repair=..., fast_modules=False)`, then "
         "`swap_partial_modules` (as `fast_modules=True` does), so that the dense network's FLOPs can be counted "
         "too. `FLOPs/ens (all)`: every matmul (attention included) minus the skipped zero blocks, relative to the "
-        "ensemble; `FLOPs/ens (pyfusion.cost)`: what `pyfusion.cost` reports (Linear / Conv / partial layers only: "
-        "it does not see attention's QK^T / AV matmuls nor GPT-2's `Conv1D` layers, so on GPT-2 it counts the "
-        "tied `lm_head` alone). `notes` counts the layers `swap_partial_modules` made block-sparse (the others run "
-        "dense, zero blocks included) and the groups REPAIR rescaled / skipped."
+        "ensemble; `FLOPs/ens (pyfusion.cost)`: what `pyfusion.cost` reports (Linear / Conv / Conv1D / partial "
+        "layers and attention's QK^T / AV products; the two columns agree since the execution merge, and no fused "
+        "point exceeds the ensemble: `fuse` caps it). `notes` counts the layers `swap_partial_modules` made "
+        "block-sparse (the others run dense, zero blocks included) and the groups REPAIR rescaled / skipped."
     )
     all_failures = []
     for name in names:
