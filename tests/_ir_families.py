@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from pyfusion import models
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph import trace_groups
@@ -150,3 +151,34 @@ def check_partial_permuted(model, x, graph=None, twin_tol: float = 1e-10, tol: f
     assert max_diff(run(fused, x), y) < tol * scale, max_diff(run(fused, x), y)
     fused.fusion_graph = graph
     return fused
+
+
+def families(samples: int = 8) -> dict:
+    """name -> (factory, inputs(generator), kind) for every family the IR tests cover: pyfusion's models, the user
+    classes of ``_ir_models`` and the tiny Hugging Face models (float64 inputs / token ids, ``samples`` each)."""
+    from _ir_models import CatNet, ConvLast, EncoderNet, GatedRMSNet, HandViT, MHANet, hf_models
+
+    def x(*shape):
+        return lambda g: torch.randn(samples, *shape, dtype=torch.float64, generator=g)
+
+    def ids(vocab):
+        return lambda g: torch.randint(0, vocab, (samples, 6 if vocab == 100 else 4), generator=g)
+
+    out = {
+        "mlp": (lambda: models.mlp([6, 10, 8, 3]), x(6), "pyfusion"),
+        "vgg_bn": (
+            lambda: models.vgg((4, "M", 6, "M"), in_channels=2, image_size=8, hidden=5),
+            x(2, 8, 8),
+            "pyfusion",
+        ),  # fmt: skip
+        "resnet": (lambda: models.resnet20(1, blocks=1), x(3, 8, 8), "pyfusion"),
+        "catnet": (CatNet, x(5, 6), "user"),
+        "convlast": (ConvLast, x(2, 4, 4), "user"),
+        "mha": (MHANet, x(5, 5), "user"),
+        "encoder": (EncoderNet, x(5, 5), "user"),
+        "hand_vit": (HandViT, x(1, 8, 8), "user"),
+        "gated_rms": (GatedRMSNet, ids(20), "user"),
+    }
+    for name, (factory, _) in hf_models().items():
+        out[name] = (factory, ids(100) if name != "vit" else x(1, 8, 8), "huggingface")
+    return out

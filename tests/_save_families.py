@@ -20,36 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
-from _ir_families import run
-from _ir_models import CatNet, ConvLast, EncoderNet, GatedRMSNet, HandViT, MHANet, hf_models
+from _ir_families import families, run
 from torch import nn
-
-from pyfusion import models
 
 F64 = torch.float64
 
 
-def _x(*shape):
-    return lambda g: torch.randn(8, *shape, dtype=F64, generator=g)
-
-
-def _ids(vocab):
-    return lambda g: torch.randint(0, vocab, (8, 6 if vocab == 100 else 4), generator=g)
-
-
-FAMILIES = {
-    "mlp": (lambda: models.mlp([6, 10, 8, 3]), _x(6), "pyfusion"),
-    "vgg_bn": (lambda: models.vgg((4, "M", 6, "M"), in_channels=2, image_size=8, hidden=5), _x(2, 8, 8), "pyfusion"),
-    "resnet": (lambda: models.resnet20(1, blocks=1), _x(3, 8, 8), "pyfusion"),
-    "catnet": (CatNet, _x(5, 6), "user"),
-    "convlast": (ConvLast, _x(2, 4, 4), "user"),
-    "mha": (MHANet, _x(5, 5), "user"),
-    "encoder": (EncoderNet, _x(5, 5), "user"),
-    "hand_vit": (HandViT, _x(1, 8, 8), "user"),
-    "gated_rms": (GatedRMSNet, _ids(20), "user"),
-}
-for _name, (_factory, _) in hf_models().items():
-    FAMILIES[_name] = (_factory, _ids(100) if _name != "vit" else _x(1, 8, 8), "huggingface")
+FAMILIES = families(8)
 
 
 def class_name(m: nn.Module) -> str:

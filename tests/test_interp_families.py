@@ -24,8 +24,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _ir_families import max_diff, randomize, run
-from _ir_models import CatNet, ConvLast, EncoderNet, GatedRMSNet, HandViT, MHANet, hf_models, register_test_adapters
+from _ir_families import families, max_diff, randomize, run
+from _ir_models import hf_models, register_test_adapters
 from torch import nn
 
 import pyfusion
@@ -40,27 +40,7 @@ F64 = torch.float64
 HF = hf_models()
 
 
-def _x(*shape):
-    return lambda g: torch.randn(16, *shape, dtype=F64, generator=g)
-
-
-def _ids(vocab):
-    return lambda g: torch.randint(0, vocab, (16, 6 if vocab == 100 else 4), generator=g)
-
-
-FAMILIES = {
-    "mlp": (lambda: models.mlp([6, 10, 8, 3]), _x(6)),
-    "vgg_bn": (lambda: models.vgg((4, "M", 6, "M"), in_channels=2, image_size=8, hidden=5), _x(2, 8, 8)),
-    "resnet": (lambda: models.resnet20(1, blocks=1), _x(3, 8, 8)),
-    "catnet": (CatNet, _x(5, 6)),
-    "convlast": (ConvLast, _x(2, 4, 4)),
-    "mha": (MHANet, _x(5, 5)),
-    "encoder": (EncoderNet, _x(5, 5)),
-    "hand_vit": (HandViT, _x(1, 8, 8)),
-    "gated_rms": (GatedRMSNet, _ids(20)),
-}
-for _name, (_factory, _) in HF.items():
-    FAMILIES[_name] = (_factory, _ids(100) if _name != "vit" else _x(1, 8, 8))
+FAMILIES = {name: (factory, inputs) for name, (factory, inputs, _kind) in families(16).items()}
 # Hugging Face's Llama RMSNorm computes in float32 (measured: 2.5e-7 relative on a permuted copy)
 TOL = {"llama": 1e-5}
 # 4 x 16 samples: every least-squares design of these models has full column rank, so a fit that reproduces the
