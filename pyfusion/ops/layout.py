@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_operands",
     "ACTIVATIONS",
     "MAX_MEMBERS",
     "Segments",
@@ -327,3 +328,25 @@ def unpack_segment_weight(
     if not rows:
         return packed.new_zeros(0, plan.i_total, *taps_shape)
     return torch.cat(rows, dim=0)
+
+
+def check_operands(x: Tensor, weight: Tensor, bias: Tensor | None, o_total: int, activation: str | None) -> None:
+    """The checks every partial op makes on its operands after the weight's size: ``weight`` and ``bias``
+    (shape ``(o_total,)``) on ``x``'s dtype and device, a known ``activation``.
+
+    Raises:
+        ValueError: naming the operand, the expected and the actual value.
+    """
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (o_total,):
+            raise ValueError(f"bias must have shape (O_total,) = ({o_total},); got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"bias must match x's dtype/device ({x.dtype}, {x.device}); got ({bias.dtype}, {bias.device})"
+            )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pyfusion.ops._registry import is_jit_tracing
-from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, as_segments, segment_plan, segments_key
+from pyfusion.ops.layout import SegmentPlan, as_segments, check_operands, segment_plan, segments_key
 from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES, ConvGeom
 from pyfusion.ops.partial_conv2d.registration import OP
 
@@ -62,19 +62,7 @@ def _check_args(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) ->
             f"in_segments={list(plan.in_segments)}, out_segments={list(plan.out_segments)}, kernel "
             f"{geom.kernel}; got {tuple(getattr(weight, 'shape', ()))}"
         )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
-    if bias is not None:
-        if tuple(bias.shape) != (plan.o_total,):
-            raise ValueError(f"bias must have shape (O_total,) = ({plan.o_total},); got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(
-                f"bias must match x's dtype/device ({x.dtype}, {x.device}); got ({bias.dtype}, {bias.device})"
-            )
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {act!r}")
+    check_operands(x, weight, bias, plan.o_total, act)
 
 
 def partial_conv2d(

@@ -21,6 +21,7 @@ from pyfusion.ops.layout import (
     ACTIVATIONS,
     SegmentPlan,
     as_segments,
+    check_operands,
     pack_segment_weight,
     segment_plan,
     segments_key,
@@ -67,19 +68,7 @@ def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
             f"{list(plan.in_segments)}, out_segments={list(plan.out_segments)} (pyfusion.ops.layout."
             f"pack_segment_weight builds it from a dense matrix); got {tuple(getattr(weight, 'shape', ()))}"
         )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}; got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}; got {weight.device}")
-    if bias is not None:
-        if tuple(bias.shape) != (plan.o_total,):
-            raise ValueError(f"bias must have shape (O_total,) = ({plan.o_total},); got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(
-                f"bias must match x's dtype/device ({x.dtype}, {x.device}); got ({bias.dtype}, {bias.device})"
-            )
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} or None; got {activation!r}")
+    check_operands(x, weight, bias, plan.o_total, activation)
 
 
 def partial_linear(
