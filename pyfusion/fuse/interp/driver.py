@@ -243,6 +243,7 @@ class _Interp:
         self.owned: set[str] = set()
         self.info: list[dict[str, Any]] = []
         self.unfitted: list[str] = []
+        self.no_prior: list[str] = []  # fits solved with the ridge toward 0 (see fit_prior)
         self.refs = graph.refs_by_key()
 
     # ---- decisions -------------------------------------------------------------------------------------------
@@ -402,8 +403,47 @@ class _Interp:
         self.times["solve_s"] += time.perf_counter() - t0
         return parts, points
 
+    def fit_prior(self, f: Fit, const: Tensor) -> Tensor | None:
+        """The ridge prior ``W0`` of a fit, (design columns [+ 1], width): the weights the fit's sites have when
+        every tensor they own (weights, biases, absorbed BatchNorms) is the aligned average of the members'
+        ``sum_k A_k W_k B_k`` (the builder's formula with this fusion's maps), written in the fitted
+        parameterisation. With the absorbed BatchNorms the identity, the fitted target is ``X v + const + sum_i
+        c_i r_i``; with the averaged tensors it is ``sum_p cm_p (X_p W_p + b_p) + const_m + ...`` (``cm``,
+        ``const_m`` the chain read with the averaged tensors, :func:`fitting.chain_coefficients`), so ``W0`` holds
+        ``W_p cm_p`` per site and the intercept ``sum_p cm_p b_p + const_m - const`` (averaged over positions).
+
+        Why: :meth:`solve_fit` solves ``min ||X v - y||^2 + r ||v - W0||^2``. Where the calibration data do not
+        determine the weights (fewer independent rows than design columns), this keeps the aligned average instead
+        of pulling the weights to 0, so a member fused with its permuted copy (or one-hot lambdas) gives back the
+        member on every input, not only on the calibration set.
+
+        None (the plain ridge toward 0) when a group of one of these tensors is not decided yet.
+        """
+        sites = f.fitted
+        keys = [k for s in sites for k in [s.weight, s.bias] + [x for bn in s.norms for x in (bn.weight, bn.bias,
+                bn.mean, bn.var)] if k is not None]  # fmt: skip
+        decided = set(self.maps)
+        if any(not {g for g, _r in self.refs.get(k, [])} <= decided for k in keys):
+            return None
+        plan = Plan(tuple(float(v) for v in self.lam), {g: self.group_plan(g) for g in self.maps})
+        vals = fused_tensors([{k: st[k] for k in keys} for st in self.states], self.graph, plan)
+        mixed = dict(self.state)
+        mixed.update({k: vals[k].to(self.state[k].dtype) for k in keys})
+        cm, const_m, _ = fitting.chain_coefficients(self.fused, f, mixed)
+        blocks = []
+        offset = torch.zeros(f.width, dtype=torch.float64)
+        for s in sites:
+            blocks.append(fitting.design_weight(s, vals[s.weight]) * cm[s.node][None, :])
+            if s.bias is not None:
+                offset = offset + cm[s.node] * vals[s.bias].double()
+        if fitting.bias_slot(sites) is not None:
+            blocks.append((offset + (const_m.double() - const.double()).mean(0))[None, :])
+        return torch.cat(blocks, 0)
+
     def solve_fit(self, f: Fit, st: _FitStats) -> float:
-        """The fused weights of a fit: LS on the slot targets minus the constant and passthrough terms."""
+        """The fused weights of a fit: LS on the slot targets minus the constant and passthrough terms, with the
+        ridge toward the aligned average of the members' weights (:meth:`fit_prior`):
+        ``v = W0 + (G + r I)^{-1} (C_y - G W0)``, ``r = ridge * mean(diag G)`` (:func:`fitting.solve_ls`)."""
         t0 = time.perf_counter()
         sites = f.fitted
         fitting.set_identity_norms(self.state, sites)
@@ -415,7 +455,10 @@ class _Interp:
             y = y - st.spos.T @ cst.double()
         for cr, p in zip(st.cr, f.passthrough):
             y = y - cr * pcoef[p][None, :]
-        (v,), rel = fitting.solve_ls(st.g, [y], self.config.ridge)
+        prior = self.fit_prior(f, const)
+        if prior is None:
+            self.no_prior.append(f.target)
+        (v,), rel = fitting.solve_ls(st.g, [y], self.config.ridge, priors=[prior])
         off = 0
         slot = fitting.bias_slot(sites)
         for s, nb in zip(sites, st.blocks):
@@ -512,6 +555,7 @@ class _Interp:
                 "interp_steps": self.info,
                 "interp_levels": level_info,
                 "interp_unfitted": self.unfitted,
+                "interp_no_prior": self.no_prior,
                 **{f"time_{k}": v for k, v in self.times.items()},
             },
         )

@@ -1,7 +1,8 @@
 """Fitting of neuron-interpolation fusion: least-squares solves, the slot targets of a grouping, the affine path of
 a fit, writing fitted weights, and level training (KF-Gradient).
 
-* :func:`solve_ls`: ``W = (G + r I)^{-1} C`` from the statistics of :mod:`.statistics`;
+* :func:`solve_ls`: ``W = W0 + (G + r I)^{-1} (C - G W0)`` from the statistics of :mod:`.statistics` (ridge
+  toward a prior ``W0``: the aligned average of the members' weights for the fused fits);
 * :func:`mix`: the slot targets ``T = sum_k A_k a_k`` along a value's neuron dim, through the groups' segments and
   factor patterns (entries no group owns, such as the logits, take ``sum_k lambda_k a_k``): the same code the
   builder uses on weights (:func:`pyfusion.graph.transform.member_tensor`);
@@ -27,11 +28,22 @@ from pyfusion.fuse.interp.program import Runner, _rows
 from pyfusion.graph.groups import AxisRef, FusionGraph
 from pyfusion.graph.transform import axis_plan, member_tensor
 
-__all__ = ["chain_coefficients", "mix", "solve_ls", "train_level", "write_site"]
+__all__ = ["chain_coefficients", "design_weight", "mix", "solve_ls", "train_level", "write_site"]
 
 
-def solve_ls(g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6) -> tuple[list[Tensor], float]:
-    """``W_k = (G + r I)^{-1} C_k`` through a Cholesky factor, ``r = ridge * mean(diag G)``.
+def solve_ls(
+    g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6, priors: Sequence[Tensor | None] | None = None
+) -> tuple[list[Tensor], float]:
+    """Ridge least squares from Gram statistics, through a Cholesky factor, ``r = ridge * mean(diag G)``:
+
+    ``W_k = argmin ||X W - T_k||^2 + r ||W - W0_k||^2 = W0_k + (G + r I)^{-1} (C_k - G W0_k)``
+
+    with ``G = X^T X`` (p, p), ``C_k = X^T T_k`` (p, n_k) and the prior ``W0_k`` (p, n_k) (``priors[k]``; None or
+    absent: 0, the plain ridge ``(G + r I)^{-1} C_k``). The ridge only decides the directions the data do not
+    determine (the null space of G when there are fewer independent design rows than columns): pulled to 0 they
+    change the function on other inputs; pulled to a prior that already reproduces the targets (``X W0 = T``, so
+    ``C = G W0``) they give back exactly ``W0``, whatever the number of samples. The form ``W0 + (G + rI)^{-1}
+    (C - G W0)`` stays exact when r is grown below.
 
     If the factorisation fails (G singular and ``ridge`` 0 or too small), r grows 100x (from 1e-12 relative when
     ``ridge`` is 0) until it succeeds.
@@ -42,10 +54,23 @@ def solve_ls(g: Tensor, cs: Sequence[Tensor], ridge: float = 1e-6) -> tuple[list
     scale = float(torch.diagonal(g).mean()) or 1.0
     rel = float(ridge)
     eye = torch.eye(g.shape[0], dtype=g.dtype)
+    pri = list(priors) if priors is not None else [None] * len(cs)
+    if len(pri) != len(cs):
+        raise ValueError(f"priors must give one (or None) per right-hand side ({len(cs)}); got {len(pri)}")
+    for c, w0 in zip(cs, pri):
+        if w0 is not None and tuple(w0.shape) != tuple(c.shape):
+            raise ValueError(f"a prior must have the right-hand side's shape {tuple(c.shape)}; got {tuple(w0.shape)}")
     for _ in range(12):
         chol, info = torch.linalg.cholesky_ex(g + rel * scale * eye)
         if int(info) == 0:
-            return [torch.cholesky_solve(c, chol) for c in cs], rel
+            out = []
+            for c, w0 in zip(cs, pri):
+                if w0 is None:
+                    out.append(torch.cholesky_solve(c, chol))
+                else:
+                    w0 = w0.to(g.dtype)
+                    out.append(w0 + torch.cholesky_solve(c - g @ w0, chol))
+            return out, rel
         rel = 1e-12 if rel == 0 else rel * 100
     raise ValueError("the input Gram matrix X^T X could not be factorised (NaN in the activations?)")
 
@@ -164,6 +189,13 @@ def bias_slot(sites: Sequence[Site]) -> tuple[Site, str] | None:
             if bn.bias is not None:
                 return s, bn.bias
     return None
+
+
+def design_weight(site: Site, weight: Tensor) -> Tensor:
+    """A site's weight tensor in design layout (design columns, outputs): the inverse of :func:`write_site`."""
+    if site.kind == "addmm":
+        return weight.double()
+    return weight.reshape(weight.shape[0], -1).T.double()
 
 
 def write_site(state: dict[str, Tensor], site: Site, w: Tensor) -> None:
