@@ -153,8 +153,7 @@ def chain_coefficients(
             return runner.evaluate(fit.chain, env, b, state=state)[fit.target]
 
     base = probe(None)
-    bd = runner.batch_dim(fit.target)
-    rows = base.movedim(bd, 0).movedim(fit.dim, -1).reshape(b, -1, fit.width).double()
+    rows = runner.to_stored(fit.target, base).movedim(fit.dim, -1).reshape(b, -1, fit.width).double()
     const = rows[0]
     if float((rows - const).abs().max()) > 1e-6 * (float(const.abs().max()) or 1.0):
         raise _NotPerNeuron(f"the offset of the path to {fit.target!r} varies across samples")
@@ -258,9 +257,7 @@ def train_level(
         real = idx.numel()
         env = {}
         for r in reads:  # the selected samples, padded to the program's batch, in the graph's layout
-            v = _rows(sub[r], real, 0, real, size)
-            d = runner.batch_dim(r) if isinstance(v, Tensor) else 0
-            env[r] = v.movedim(0, d) if d else v
+            env[r] = runner.to_graph(r, _rows(sub[r], real, 0, real, size))
         out = runner.run_chunk(level.start, level.end, env, size, [level.target], state=state)
         y = runner.stored(level.target, out[level.target], real, size)
         return F.mse_loss(y, take(tgt, idx), reduction="sum"), y.numel()

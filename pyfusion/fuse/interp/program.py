@@ -20,7 +20,9 @@ Details that make this exact and generic:
 * Stored values have their batch dim moved first (``nn.MultiheadAttention`` computes in ``(T, B, d)``) and carry
   ``m`` rows per sample (``m = 1`` for most; GPT-2's ``view(-1, d)`` of a ``(B, T, d)`` tensor has ``m = T``). The
   batch dim of every value is read off the program exported at two batch sizes; a value without one (a batch
-  statistic) is an error.
+  statistic) is an error. A merged dim may hold the samples inner (``nn.MultiheadAttention``'s ``(T * B, d)``
+  before its output projection): such values are found by evaluation (:meth:`Runner.token_major`) and stored
+  sample-major too, so padding, chunk slices and sample selections stay exact.
 * Side-effect checks of the export (``_guards_fn``, ``aten._assert_tensor_metadata``) are not executed and do not
   count as users of a value.
 """
@@ -103,6 +105,8 @@ class Program:
         self.batch = int(tensors[0].shape[0])
         self._programs.setdefault(self.batch, self.nodes)
         self._batch_dims: dict[str, tuple[int, int] | str] | None = None
+        # values whose merged batch dim is token-major ((m, B) flattened; see Runner.token_major), once per program
+        self._token_major: set[str] | None = None
         self.state_keys = set(model_state(member0))
         # a tied tensor is one get_attr in the graph; each use means the name of its own module (the embedding
         # reads ``wte.weight``, the head ``lm_head.weight``), which fusion may untie
@@ -366,26 +370,102 @@ class Runner:
             return 0
         return self.prog.batch_dim(name, self.example)[0]
 
-    def chunk_env(
-        self, names: Sequence[str], start: int, real: int, size: int, source: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """The stored values (of ``source``, default the frontier) of samples [start, start + real), padded to
-        ``size`` samples and in the graph's own layout (batch dim back in place)."""
-        src = self.env if source is None else source
-        env = {}
-        for name in names:
-            v = _rows(src[name], self.n, start, real, size)
-            d = self.batch_dim(name) if isinstance(v, Tensor) else 0
-            env[name] = v.movedim(0, d) if d else v
-        return env
+    def token_major(self) -> set[str]:
+        """The values whose batch dim is merged with another dim (``m > 1``) with the samples *inner*: ``(m, B)``
+        flattened, e.g. ``nn.MultiheadAttention``'s ``permute(2, 0, 1, 3).reshape(T * B, d)`` before its output
+        projection, against GPT-2's sample-major ``view(B * T, d)``. Shapes cannot tell the two apart, so it is
+        read off two evaluations of the program on one chunk of calibration samples, the second with the samples
+        rolled by one: a layout holds when the rolled value is the value with its sample blocks rolled. A merged
+        value for which neither layout holds has no batch layout (an error where it must be stored).
 
-    def stored(self, name: str, value: Any, real: int, size: int) -> Any:
-        """A chunk's value of a node as stored: batch dim first, padding removed."""
+        With one calibration sample (every chunk the same sample) the two cannot be told apart: sample-major.
+        """
+        prog = self.prog
+        if prog._token_major is not None:
+            return prog._token_major
+        names = [nd.name for nd in prog.nodes if nd.name in prog.dep and nd.op == "call_function" and not _skipped(nd)]
+        merged = []
+        for name in names:
+            try:
+                if prog.batch_dim(name, self.example)[1] > 1:
+                    merged.append(name)
+            except ValueError:
+                continue
+        out: set[str] = set()
+        if merged:
+            b = prog.batch
+            ph = [p.name for p in prog.placeholders]
+            env = self.chunk_env(ph, 0, min(b, self.n), b, plain=True)
+            roll = torch.roll(torch.arange(b), 1)
+            rolled = {k: v[roll] if isinstance(v, Tensor) else v for k, v in env.items()}  # placeholders: batch dim 0
+            start = max(prog.pos[p] for p in ph)
+            end = max(prog.pos[n] for n in merged)
+            with torch.no_grad():
+                one = self.run_chunk(start, end, env, b, merged)
+                two = self.run_chunk(start, end, rolled, b, merged)
+            for name in merged:
+                d, m = prog.batch_dim(name, self.example)
+                u, v = one[name].movedim(d, 0), two[name].movedim(d, 0)
+                rest = tuple(u.shape[1:])
+                tol = 1e-5 * (float(u.abs().max()) if u.numel() else 1.0) + 1e-30
+                sample = bool(((u.reshape(b, m, *rest)[roll] - v.reshape(b, m, *rest)).abs() <= tol).all())
+                token = bool(((u.reshape(m, b, *rest)[:, roll] - v.reshape(m, b, *rest)).abs() <= tol).all())
+                if token and not sample:
+                    out.add(name)
+                elif not sample:
+                    assert prog._batch_dims is not None
+                    prog._batch_dims[name] = f"dim {d} of {tuple(one[name].shape)} mixes samples with another dim"
+        prog._token_major = out
+        return out
+
+    def to_stored(self, name: str, value: Any) -> Any:
+        """A value in the graph's layout as stored rows: batch dim first, ``m`` consecutive rows per sample."""
         if not isinstance(value, Tensor):
             return value
         d = self.batch_dim(name)
         v = value.movedim(d, 0) if d else value
-        return _unpad(v, real, size)
+        if self.prog.by_name[name].op != "placeholder" and name in self.token_major():
+            m = self.prog.batch_dim(name, self.example)[1]
+            v = v.reshape(m, v.shape[0] // m, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        return v
+
+    def to_graph(self, name: str, rows: Any) -> Any:
+        """Stored rows (sample-major) back in the graph's layout: the inverse of :meth:`to_stored`."""
+        if not isinstance(rows, Tensor):
+            return rows
+        v = rows
+        if self.prog.by_name[name].op != "placeholder" and name in self.token_major():
+            m = self.prog.batch_dim(name, self.example)[1]
+            v = v.reshape(v.shape[0] // m, m, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        d = self.batch_dim(name)
+        return v.movedim(0, d) if d else v
+
+    def chunk_env(
+        self,
+        names: Sequence[str],
+        start: int,
+        real: int,
+        size: int,
+        source: Mapping[str, Any] | None = None,
+        plain: bool = False,
+    ) -> dict[str, Any]:
+        """The stored values (of ``source``, default the frontier) of samples [start, start + real), padded to
+        ``size`` samples and in the graph's own layout (:meth:`to_graph`; ``plain``: batch dim back in place
+        only, for values known to be sample-major such as the inputs)."""
+        src = self.env if source is None else source
+        env = {}
+        for name in names:
+            v = _rows(src[name], self.n, start, real, size)
+            if plain or not isinstance(v, Tensor):
+                d = self.batch_dim(name) if isinstance(v, Tensor) else 0
+                env[name] = v.movedim(0, d) if d else v
+            else:
+                env[name] = self.to_graph(name, v)
+        return env
+
+    def stored(self, name: str, value: Any, real: int, size: int) -> Any:
+        """A chunk's value of a node as stored: batch dim first, padding removed."""
+        return _unpad(self.to_stored(name, value), real, size)
 
     def _chunks(self, names: Sequence[str]) -> Iterable[tuple[int, int, dict[str, Any]]]:
         """(start, real size, env) per chunk: the frontier values sliced, the last chunk padded."""
