@@ -94,6 +94,45 @@ def test_ls_weights_equal_brute_force_least_squares(dtype):
     torch.testing.assert_close(x @ w, x @ ref, rtol=1e-5, atol=1e-5)
 
 
+def test_ls_with_a_prior_equals_the_augmented_least_squares():
+    """``solve_ls(priors=[W0])`` is ``argmin ||X W - T||^2 + r ||W - W0||^2`` (the float64 least squares of the
+    stacked system ``[X; sqrt(r) I] W = [T; sqrt(r) W0]``), also where r had to grow; an underdetermined design
+    (fewer rows than columns) with targets ``X W0`` gives back exactly ``W0`` (a ridge toward 0 does not); a singular
+    G with ``ridge=0`` grows r and stays the same formula."""
+    gen = torch.Generator().manual_seed(3)
+    for rows, ridge in ((40, 1e-3), (6, 1e-2), (6, 1e-8)):
+        x = torch.randn(rows, 9, dtype=torch.float64, generator=gen)
+        t = torch.randn(rows, 4, dtype=torch.float64, generator=gen)
+        w0 = torch.randn(9, 4, dtype=torch.float64, generator=gen)
+        g = x.T @ x
+        (w,), rel = solve_ls(g, [x.T @ t], ridge=ridge, priors=[w0])
+        assert rel == ridge
+        r = rel * float(torch.diagonal(g).mean())
+        stacked = torch.cat([x, r**0.5 * torch.eye(9, dtype=torch.float64)])
+        ref = torch.linalg.lstsq(stacked, torch.cat([t, r**0.5 * w0]), driver="gelsd").solution
+        torch.testing.assert_close(w, ref, rtol=1e-7, atol=1e-7)
+        (exact,), _ = solve_ls(g, [x.T @ (x @ w0)], ridge=max(ridge, 1e-6), priors=[w0])
+        torch.testing.assert_close(exact, w0, rtol=1e-9, atol=1e-9)
+        if rows < 9:  # the plain ridge loses W0's null-space part: the fit differs off the calibration rows
+            (plain,), _ = solve_ls(g, [x.T @ (x @ w0)], ridge=max(ridge, 1e-6))
+            assert float((plain - w0).abs().max()) > 1e-2
+    x = torch.randn(40, 9, dtype=torch.float64, generator=gen)
+    xz = torch.cat([x, torch.zeros(40, 1, dtype=torch.float64)], 1)  # an exactly zero column: G is singular
+    w0z = torch.cat([w0, torch.randn(1, 4, dtype=torch.float64, generator=gen)])
+    gz = xz.T @ xz
+    (wz,), rel = solve_ls(gz, [xz.T @ (xz @ w0z)], ridge=0.0, priors=[w0z])
+    assert rel > 0
+    torch.testing.assert_close(wz, w0z, rtol=1e-9, atol=1e-9)
+    g, t = x.T @ x, torch.randn(40, 4, dtype=torch.float64, generator=gen)
+    (none,), _ = solve_ls(g, [x.T @ t], ridge=1e-3, priors=[None])
+    (plain,), _ = solve_ls(g, [x.T @ t], ridge=1e-3)
+    assert torch.equal(none, plain)
+    with pytest.raises(ValueError, match="prior"):
+        solve_ls(g, [x.T @ t], priors=[w0[:3]])
+    with pytest.raises(ValueError, match="priors"):
+        solve_ls(g, [x.T @ t], priors=[w0, w0])
+
+
 @pytest.mark.parametrize("cost", ["l2", "sqeuclidean"])
 def test_gram_cost_equals_per_pair_definition(cost):
     """cost_ij = s0_i ||p_ij - a0_i|| + s1_j ||p_ij - a1_j||, p_ij = X (s0_i w0_i + s1_j w1_j) / (s0_i + s1_j),

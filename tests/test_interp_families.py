@@ -6,8 +6,13 @@ RMSNorm, Hugging Face BERT, ViT, GPT-2 and Llama (GQA). Activations: ReLU, GELU,
 user MLP class and a user residual CNN class with BatchNorm. Checked:
 
 * a model fused with a copy of itself whose neurons, heads and free within-head dims are permuted gives back the
-  model (hf, kf, kf_gradient), also with three members (two permuted copies);
-* one-hot lambdas give that member (also member 1, which is not the reference of the alignment);
+  model (hf, kf, kf_gradient), also with three members (two permuted copies): on the calibration data, and on
+  fresh inputs with a calibration set of 8 samples, where every family has a fit with fewer design rows than
+  columns (asserted; the ridge toward the aligned average keeps the directions the data leave free);
+* one-hot lambdas give that member (also member 1, which is not the reference of the alignment), also on fresh
+  inputs with 8 calibration samples;
+* kf_gradient started exactly (member 0's weights, or the KF closed form) stays exact through its gradient
+  epochs (a ResNet and a ViT, float64 and float32);
 * K = 3 and K = 4 run and are deterministic for a seed, with valid plans;
 * the K-member HF rule at K = 3 with lambda_3 = 0 is the K = 2 rule;
 * importance scores (uniform, activation x gradient, conductance; conductance on token models runs over the
@@ -17,6 +22,7 @@ user MLP class and a user residual CNN class with BatchNorm. Checked:
 
 from __future__ import annotations
 
+import copy
 import functools
 import pathlib
 import re
@@ -47,6 +53,12 @@ TOL = {"llama": 1e-5}
 # member's targets on the calibration data is the member's layer
 N_BATCHES = 4
 FAST = {"stats_dtype": "float64", "ridge": 1e-12, "reset_bn": False, "fast_modules": False}
+# the fresh-input checks: 8 calibration samples (every family then has an underdetermined fit, asserted), the
+# default ridge (1e-6) and statistics dtype, tolerance relative to the outputs' magnitude (measured: at most 8e-6,
+# Llama's float32 RMSNorm; 3e-7 elsewhere)
+SMALL = 8
+SMALL_OPTS = {"reset_bn": False, "fast_modules": False}
+FRESH_TOL = 2e-5
 METHODS = {"hf": {}, "kf": {}, "kf_gradient": {"epochs": 1, "last_epochs": 1}}
 
 
@@ -69,6 +81,26 @@ def _setup(family: str):
     graph = trace_groups(a, data[0])
     twin, perms = permuted_copy(a, torch.Generator().manual_seed(5), graph=graph, return_permutations=True)
     return a, b, twin, perms, data, graph
+
+
+@functools.cache
+def _small(family: str):
+    """(8-sample calibration data, fresh inputs: 2 x 16 other samples)."""
+    _factory, batch = FAMILIES[family]
+    calib = [batch(torch.Generator().manual_seed(12))[:SMALL]]
+    fresh = [batch(torch.Generator().manual_seed(23 + i)) for i in range(2)]
+    return calib, fresh
+
+
+def _fuse_small(members, family, method, **kw):
+    """Fusion on the 8-sample calibration set, checked to have a fit with fewer design rows than columns."""
+    calib, _fresh = _small(family)
+    graph = _setup(family)[5]
+    fused = pyfusion.fuse(members, calib, method=method, graph=graph, **{**METHODS[method], **SMALL_OPTS, **kw})
+    designs = [d for st in fused.fusion_plan.info["interp_steps"] for d in st.get("design", [])]
+    if designs:  # kf_gradient from member 0 has no closed-form fit
+        assert any(rows < cols for rows, cols in designs), designs
+    return fused.eval()
 
 
 def _scale(ys):
@@ -97,6 +129,42 @@ def test_permuted_copy_comes_back(family):
         _close(fused, a, data, TOL.get(family, 1e-8))
         fused.fusion_plan.validate(graph)
         assert fused.fusion_plan.info["interp_unfitted"] == []
+        assert fused.fusion_plan.info["interp_no_prior"] == []
+        # fresh inputs, 8 calibration samples: before the ridge toward the aligned average 1e-2 .. 1e-1 off
+        _close(_fuse_small([a, twin], family, method), a, _small(family)[1], FRESH_TOL)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_runner_stores_every_value_sample_major(family):
+    """Every value the level runner stores holds ``m`` consecutive rows per sample, whatever the graph's layout
+    (``nn.MultiheadAttention`` flattens ``(T, B)`` token-major before its output projection): 20 samples in chunks
+    of 16 (the second padded) equal the same samples reversed, with the per-sample row blocks reversed. (Before the
+    layout was read off, the token-major values kept the wrong rows when a chunk was padded, and kf_gradient
+    trained its levels toward those wrong targets.)"""
+    a, *_rest, data, graph = _setup(family)
+    levels = interp_levels(a, graph)
+    prog = levels.program
+    x = torch.cat(data)[:20]
+
+    def runner(inputs, chunk):
+        n = inputs.shape[0]
+        return Runner(prog, model_state(a), [inputs], chunk, lambda b: ((inputs[torch.arange(b) % n],), {}))
+
+    padded, whole = runner(x, 16), runner(x.flip(0), 16)
+    stops = sorted({prog.pos[t] for t in levels.fits} | {lv.end for lv in levels.levels})
+    checked = 0
+    for stop in stops:  # the values fusion reads: fit targets and level cuts, compared when computed
+        name = prog.nodes[stop].name
+        padded.advance(stop, [name])
+        whole.advance(stop, [name])
+        u, v = padded.value(name), whole.value(name)
+        m = u.shape[0] // 20
+        flipped = u.reshape(20, m, *u.shape[1:]).flip(0).reshape(u.shape)
+        assert float((flipped - v).abs().max()) <= 1e-9 * max(1.0, float(u.abs().max())), name
+        checked += 1
+    assert checked == len(stops)
+    if family in ("mha", "encoder"):  # nn.MultiheadAttention's token-major values were found
+        assert padded.token_major()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -107,6 +175,29 @@ def test_one_hot_lambdas_give_the_member(family):
     for method in ("hf", "kf"):
         fused = _fuse([a, b], family, method, lambdas=(0.0, 1.0))
         _close(fused, b, _setup(family)[4], TOL.get(family, 1e-7))
+        _close(_fuse_small([a, b], family, method, lambdas=(0.0, 1.0)), b, _small(family)[1], FRESH_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", ["resnet", "hand_vit"])
+def test_kf_gradient_keeps_an_exact_start(family, dtype):
+    """kf_gradient of a model and its permuted copy starts exactly at the model (member 0's weights, or the KF
+    closed form with the ridge toward the aligned average), so every level's loss is 0 up to rounding and its
+    gradient steps (3 epochs, lr 1e-2) must not move it: the model comes back on fresh inputs. (Before the ridge
+    toward the aligned average, the KF start was already 1e-2 off on fresh inputs and training, fed only the
+    calibration data where it was exact, had nothing to correct.)"""
+    a, _b, twin, _p, _data, graph = _setup(family)
+    calib, fresh = _small(family)
+    if dtype == torch.float32:
+        a, twin = copy.deepcopy(a).float(), copy.deepcopy(twin).float()
+        calib, fresh = [x.float() for x in calib], [x.float() for x in fresh]
+        graph = trace_groups(a, calib[0])
+    for init in ("member0", "kf"):
+        fused = pyfusion.fuse([a, twin], calib, method="kf_gradient", graph=graph, level_init=init,
+                              epochs=3, last_epochs=3, lr=1e-2, **SMALL_OPTS).eval()  # fmt: skip
+        levels = fused.fusion_plan.info["interp_levels"]
+        assert len(levels) > 1 and all(lv["epochs"] >= 1 for lv in levels)  # training ran on every level
+        _close(fused, a, fresh, FRESH_TOL if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -11,6 +11,15 @@ importance-weighted mean target of its neurons, ``y_c = sum_{(k, j) in c} s_kj A
 is linear, this equals the weighted mean of the members' LS weights; it is always solved on the fused model's
 inputs, so the errors of earlier levels are corrected, not compounded (the paper's point).
 
+**Ridge toward the aligned average.** The fused weights solve ``min ||X W - Y||^2 + r ||W - W0||^2``, i.e.
+``W = W0 + (G + r I)^{-1} (C - G W0)`` (``G = X^T X``, ``C = X^T Y``, ``r = ridge * mean(diag G)``), with ``W0``
+the weights the fit's sites would have from the builder's formula ``sum_k A_k W_k B_k`` of this fusion's maps (the
+aligned average, BatchNorms absorbed: :meth:`~.driver._Interp.fit_prior`). Directions the calibration data do not
+determine (fewer samples than a level's inputs, a feature that is constant on them) keep the aligned average instead
+of being pulled to 0, so a member fused with its permuted copy, or one-hot lambdas, give the member back on every
+input, whatever the calibration size. A fit with fewer design rows than 8 x its columns accumulates its statistics
+in float64 whatever ``stats_dtype`` says (those free directions would amplify float32 rounding by 1 / r).
+
 **Grouping** (:mod:`.grouping`):
 
 * ``hf`` (any K >= 2): every member k >= 1 is aligned to member 0 by one exact assignment on the paper's pair cost
