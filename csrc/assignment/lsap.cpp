@@ -673,8 +673,9 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
     // loaded 2-core VM, best of 2): k = 512: direct 0.06 s, padded 0.29 s; k = 768: 0.13 / 0.20 s; k = 896:
     // 0.17 / 0.11 s; k = 1000: 0.22 / 0.04 s. Both are exact; only the work differs.
     const int64_t kmax = std::min(n, m);
-    const bool padded = opt.partial_padded || (partial_k && !partial_u && 5 * p.num_matches > 4 * kmax &&
-                                               p.num_matches < kmax);
+    const bool padded = opt.partial_engine == PartialEngine::kPadded ||
+                        (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
+                         5 * p.num_matches > 4 * kmax && p.num_matches < kmax);
     if ((partial_k || partial_u) && padded) {  // the sink-padded square problem
       const int64_t k = p.num_matches;
       const int64_t s = partial_u ? n + m : n + m - k;
@@ -701,8 +702,9 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       sol.resize(static_cast<size_t>(s));
       Core<T>(work.data(), static_cast<int>(s), static_cast<int>(s)).solve(sol.data());
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i] < m ? sol[i] : -1;
-    } else if ((partial_k && p.num_matches < std::min(n, m)) || partial_u) {
-      // Direct k-cardinality solve (KCardCore). k = min(n, m) is a complete assignment: the branches below.
+    } else if ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) || partial_u) {
+      // Direct k-cardinality solve (KCardCore). k = min(n, m) is a complete assignment: the branches below (unless
+      // the direct engine is forced, for tests).
       if (n == 0 || m == 0) return;
       const T* src = c;
       if (mx) {
@@ -771,7 +773,7 @@ void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64
   auto work = [&](int64_t b) {
     const Problem& p = problems[b];
     const bool partial = opt.has_unmatched_cost || p.num_matches >= 0;
-    if (partial && !opt.partial_padded) return double(p.n) * double(p.m);
+    if (partial && opt.partial_engine != PartialEngine::kPadded) return double(p.n) * double(p.m);
     const double s = opt.has_unmatched_cost ? double(p.n + p.m) : p.num_matches >= 0 ? double(p.n + p.m - p.num_matches)
                                                                                      : double(std::max(p.n, p.m));
     return s * s;
