@@ -53,3 +53,74 @@ def test_whole_axis_masks_equal_the_probe(family, monkeypatch):
         )
     if family in ("mlp", "vgg_bn", "resnet"):
         assert hits > 0  # the shortcut really ran on the legacy families
+
+
+@pytest.mark.parametrize("family", ["mlp", "vgg_bn", "resnet", "catnet", "mha", "gpt2"])
+def test_member_costs_and_recorded_shapes_equal_separate_passes(family):
+    from pyfusion.fuse import fast
+    from pyfusion.fuse.cost import cost
+
+    factory, inputs, _kind = FAMILIES[family]
+    model = randomize(factory(), 1)
+    x = inputs(torch.Generator().manual_seed(0))
+    graph = trace_groups(model, x)
+    twin, perms = permuted_twin(model, graph)
+    members = [model, twin, randomize(factory(), 3)]
+    example = graph.example_inputs
+    assert fast._member_costs(members, example) == [cost(m, example) for m in members]
+    fused = builder.build(members[:2], graph, partial_plan(graph, perms, frac=0.5))
+    assert fast._structure(fused) is None  # a fused model carries its records: costed on its own
+    recorded: dict = {}
+    handles = fast._shape_hooks(fused, recorded)
+    try:
+        cost(fused, example)
+    finally:
+        for h in handles:
+            h.remove()
+    assert recorded and recorded == fast._input_shapes(fused, example)
+
+
+def test_member_with_other_structure_is_costed_on_its_own():
+    from torch import nn
+
+    from pyfusion.fuse import fast
+    from pyfusion.fuse.cost import cost
+
+    a = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 2))
+    got = fast._member_costs([a, b, a], (4,))
+    assert got == [cost(a, (4,)), cost(b, (4,)), cost(a, (4,))]
+    assert got[0] != got[1]
+
+
+@pytest.mark.parametrize("family", ["mlp", "vgg_bn", "resnet"])
+def test_fuse_partial_equals_the_general_paths(family, monkeypatch):
+    """pyfusion.fuse(method="partial") with every shortcut on and off: same weights, layouts and fusion_info (the
+    swap forced: its timed decisions would differ from run to run)."""
+    import pyfusion
+    from pyfusion.fuse import fast
+    from pyfusion.fuse.cost import cost
+
+    factory, inputs, _kind = FAMILIES[family]
+    members = [randomize(factory(), 1), randomize(factory(), 2)]
+    x = inputs(torch.Generator().manual_seed(0))
+
+    def run():
+        out = pyfusion.fuse(members, method="partial", alpha=0.5, features="weights", fast_modules="always")
+        info = {k: v for k, v in out.fusion_info.items() if not k.startswith("time")}
+        return out, info
+
+    fast_model, fast_info = run()
+    monkeypatch.setattr(builder, "_FAST_MASKS", False)
+    monkeypatch.setattr(fast, "_member_costs", lambda ms, ex: [cost(m, ex) for m in ms])
+    monkeypatch.setattr(fast, "_shape_hooks", lambda model, shapes: [])  # the swap runs its own forward
+    slow_model, slow_info = run()
+    assert fast_info.keys() == slow_info.keys()
+    assert repr(fast_info) == repr(slow_info)
+    assert fast_model.fusion_module_layouts == slow_model.fusion_module_layouts
+    fs, ss = fast_model.state_dict(), slow_model.state_dict()
+    assert fs.keys() == ss.keys()
+    for k in fs:
+        assert torch.equal(fs[k], ss[k]), k
+    with torch.no_grad():
+        assert torch.equal(fast_model.eval()(x), slow_model.eval()(x))
