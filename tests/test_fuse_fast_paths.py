@@ -112,7 +112,6 @@ def test_fuse_partial_equals_the_general_paths(family, monkeypatch):
 
     fast_model, fast_info = run()
     monkeypatch.setattr(builder, "_FAST_MASKS", False)
-    monkeypatch.setattr(builder, "_FAST_SCATTER", False)
     monkeypatch.setattr(fast, "_member_costs", lambda ms, ex: [cost(m, ex) for m in ms])
     monkeypatch.setattr(fast, "_shape_hooks", lambda model, shapes: [])  # the swap runs its own forward
     slow_model, slow_info = run()
@@ -125,31 +124,3 @@ def test_fuse_partial_equals_the_general_paths(family, monkeypatch):
         assert torch.equal(fs[k], ss[k]), k
     with torch.no_grad():
         assert torch.equal(fast_model.eval()(x), slow_model.eval()(x))
-
-
-@pytest.mark.parametrize("shape, axes", [((7,), (0,)), ((6, 5), (0, 1)), ((6, 5, 3, 3), (0, 1)), ((4, 6, 5), (1, 2)),
-                                         ((5, 4, 3), (0, 1, 2)), ((6, 5, 2), (1,))])  # fmt: skip
-def test_put_slices_equals_the_advanced_index_put(shape, axes):
-    gen = torch.Generator().manual_seed(0)
-    new_shape = list(shape)
-    dests = []
-    for a in axes:
-        new_shape[a] = shape[a] + 3
-        dests.append((a, torch.randperm(new_shape[a], generator=gen)[: shape[a]]))
-    for add in (False, True):
-        base = torch.randn(new_shape, dtype=torch.float64, generator=gen) if add else torch.zeros(new_shape)
-        base = base.double()
-        src = torch.randn(shape, dtype=torch.float64, generator=gen)
-        want = base.clone()
-        idx = [slice(None)] * len(shape)
-        for i, (a, d) in enumerate(dests):
-            view = [1] * len(dests)
-            view[i] = -1
-            idx[a] = d.reshape(view)
-        if add:
-            want[tuple(idx)] += src
-        else:
-            want[tuple(idx)] = src
-        got = base.clone()
-        builder._put_slices(got, dests, src, add)
-        assert torch.equal(got, want)

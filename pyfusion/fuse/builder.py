@@ -111,11 +111,8 @@ def _scatter_fused(
                 src = src * v.to(device=t.device, dtype=t.dtype).reshape(shape)
         if not has_out:
             src = src * lambdas[k]
-        order = sorted(plans[k], key=lambda p: p[0])
-        if _FAST_SCATTER:
-            _put_slices(out, [(axis, dest.to(t.device)) for axis, dest, _v, _e in order], src, k > 0)
-            continue
         idx: list[Any] = [slice(None)] * t.dim()
+        order = sorted(plans[k], key=lambda p: p[0])
         for i, (axis, dest, _v, _e) in enumerate(order):
             shape = [1] * len(order)
             shape[i] = -1
@@ -125,28 +122,6 @@ def _scatter_fused(
         else:
             out[tuple(idx)] += src
     return out
-
-
-# _scatter_fused writes through _put_slices (tests switch it off to compare with the advanced-index put)
-_FAST_SCATTER = True
-
-
-def _put_slices(out: Tensor, dests: list[tuple[int, Tensor]], src: Tensor, add: bool) -> None:
-    """``out[d_0, d_1, ...] = src`` (``+= src`` when ``add``) for injective index vectors ``d_a`` on distinct axes
-    (sorted), one axis at a time with index_select / index_copy_ on whole slices: the same values and the same one
-    float addition per entry as the advanced-index put ``out[d_0[:, None], d_1[None, :]] (+)= src``, which runs
-    torch's element-wise index kernel over every (d_0, d_1) pair (0.29 of 0.44 s of a VGG11 pair's tensor
-    build)."""
-    axis, dest = dests[0]
-    if len(dests) == 1:
-        if add:
-            out.index_copy_(axis, dest, out.index_select(axis, dest) + src)
-        else:
-            out.index_copy_(axis, dest, src)
-        return
-    rows = out.index_select(axis, dest)
-    _put_slices(rows, dests[1:], src, add)
-    out.index_copy_(axis, dest, rows)
 
 
 def _group_maps(graph: FusionGraph, plan: Plan) -> dict[str, GroupPlan]:
