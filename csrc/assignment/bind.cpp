@@ -19,7 +19,7 @@ namespace {
 
 template <typename T>
 py::tuple solve_typed(const py::list& costs, const std::vector<int64_t>& num_matches, bool maximize,
-                      std::optional<double> unmatched_cost, int num_threads) {
+                      std::optional<double> unmatched_cost, int num_threads, const std::string& partial_engine) {
   using Arr = py::array_t<T, py::array::c_style>;
   const int64_t B = static_cast<int64_t>(costs.size());
   PF_CHECK(static_cast<int64_t>(num_matches.size()) == B, "num_matches must have one entry per problem (", B,
@@ -48,6 +48,11 @@ py::tuple solve_typed(const py::list& costs, const std::vector<int64_t>& num_mat
   opt.has_unmatched_cost = unmatched_cost.has_value();
   opt.unmatched_cost = unmatched_cost.value_or(0.0);
   opt.num_threads = num_threads;
+  PF_CHECK(partial_engine == "auto" || partial_engine == "direct" || partial_engine == "padded",
+           "partial_engine must be 'auto', 'direct' or 'padded'; got '", partial_engine, "'");
+  opt.partial_engine = partial_engine == "direct"   ? pyfusion::lsap::PartialEngine::kDirect
+                       : partial_engine == "padded" ? pyfusion::lsap::PartialEngine::kPadded
+                                                    : pyfusion::lsap::PartialEngine::kAuto;
   py::array_t<int64_t> cols({B, max_n});
   py::array_t<double> totals({B});
   int64_t* cp = cols.mutable_data();
@@ -153,11 +158,13 @@ void bind_assignment(py::module_& m) {
       "float64 (B,). Synchronises the stream. ValueError as the CPU solver; RuntimeError without a usable GPU.");
 #endif
   m.def("lsap_solve_f64", &solve_typed<double>, py::arg("costs"), py::arg("num_matches"), py::arg("maximize"),
-        py::arg("unmatched_cost"), py::arg("num_threads"),
+        py::arg("unmatched_cost"), py::arg("num_threads"), py::arg("partial_engine") = "auto",
         "Solve a batch of float64 assignment problems. Returns (col_for_row (B, max n) int64 with -1 for "
-        "unmatched rows, totals (B,) float64).");
+        "unmatched rows, totals (B,) float64). partial_engine: 'auto' (direct k-cardinality solver, the "
+        "sink-padded square problem for num_matches > 0.8 min(n, m)), 'direct' or 'padded' (tests, benchmarks).");
   m.def("lsap_solve_f32", &solve_typed<float>, py::arg("costs"), py::arg("num_matches"), py::arg("maximize"),
-        py::arg("unmatched_cost"), py::arg("num_threads"), "Same as lsap_solve_f64 for float32 costs.");
+        py::arg("unmatched_cost"), py::arg("num_threads"), py::arg("partial_engine") = "auto",
+        "Same as lsap_solve_f64 for float32 costs.");
   m.def("lsap_simd_path", &pyfusion::lsap::simd_path, "SIMD path of the assignment kernels on this CPU");
   m.def("_lsap_set_simd_level", &pyfusion::lsap::set_simd_level, py::arg("name"),
         "Test hook: cap the SIMD level ('auto', 'avx512', 'avx2', 'default'); returns the previous path");

@@ -480,6 +480,157 @@ class Core {
   const Kernels<T>& k_;
 };
 
+// Direct k-cardinality (partial) assignment on the n x m cost, without the sink-padded square problem.
+//
+// Successive shortest paths (Ahuja, Magnanti & Orlin 1993, "Network Flows", §9.7; for this problem Dell'Amico &
+// Martello 1997, "The k-cardinality assignment problem", Discrete Appl. Math. 76): in the network
+// source -> rows -> columns -> sink with unit capacities, augmenting the current flow along a shortest
+// source-sink path in the residual graph keeps it a minimum-cost flow of its value, so after a augmentations
+// the matching is an optimal a-cardinality assignment, and the path costs Delta_1 <= Delta_2 <= ... are
+// non-decreasing (the optimal cost is convex in the flow value).
+//
+// Potentials. The columns carry v_j (reduced cost c_ij - u_i - v_j >= 0, = 0 on matched pairs; u implicit, as in
+// Core). Two invariants make the source and the sink disappear from the Dijkstra:
+//   * every free row has the same u (the source edges all have reduced cost 0): the search starts from all free
+//     rows at once, d_j = min_{i free} c_ij - v_j;
+//   * every free column keeps v_j = 0 (initial value): the search stops at the first free column popped, whose
+//     label is the shortest source-sink distance; only popped columns change v (v_j += d_j - d_min), and the
+//     only free column popped is the path's end, which becomes matched.
+// The path's cost in the original costs telescopes to Delta = d_min + v_end = d_min. Hence:
+//   * num_matches = k: run exactly k augmentations (d_min = +inf before that: fewer than k pairs avoid the
+//     forbidden entries, infeasible);
+//   * unmatched_cost = u: the objective sum_M c_ij + u (n + m - 2|M|) changes by Delta - 2u per augmentation and
+//     Delta is non-decreasing, so augment while Delta < 2u and stop at the first Delta >= 2u (a tie changes
+//     nothing). Labels only grow during a search, so the search stops as soon as a popped label reaches 2u.
+// The minimum over free rows of each column (cmin, with its row carg) is kept up to date: when a row is matched
+// only the columns whose argmin it was are recomputed from the transposed copy, stopping early at an entry equal
+// to the old minimum (the free set shrinks, so the minimum cannot go down): O(m) per augmentation on costs
+// without ties, O(1) per column on all-equal costs.
+template <typename T>
+class KCardCore {
+ public:
+  using I = LaneInt<T>;
+
+  // c: n x m row-major; ct: its m x n transpose (both already negated when maximising).
+  KCardCore(const T* c, const T* ct, int n, int m) : c_(c), ct_(ct), n_(n), m_(m), k_(kernels<T>()) {}
+
+  // Augments `max_pairs` times (or until a shortest path costs >= stop_at), writing col4row (n entries, -1:
+  // unmatched). Throws Infeasible when fewer than max_pairs pairs avoid +inf and stop_at is +inf.
+  void solve(int64_t max_pairs, T stop_at, int32_t* col4row) {
+    const T inf = std::numeric_limits<T>::infinity();
+    std::fill(col4row, col4row + n_, -1);
+    col4row_ = col4row;
+    row4col_.assign(m_, -1);
+    v_.assign(m_, T(0));
+    d_.assign(m_, inf);
+    pred_.assign(m_, -1);
+    pen_.assign(m_, T(0));
+    cmin_.assign(m_, inf);
+    carg_.assign(m_, -1);
+    for (int i = 0; i < n_; ++i) k_.colmin(row(i), cmin_.data(), carg_.data(), m_, static_cast<I>(i));
+    free_rows_.resize(n_);
+    where_.resize(n_);
+    std::iota(free_rows_.begin(), free_rows_.end(), 0);
+    std::iota(where_.begin(), where_.end(), 0);
+    for (int64_t a = 0; a < max_pairs; ++a) {
+      const int f = augment(stop_at);
+      if (f == -2) return;  // the next path costs >= stop_at
+      if (f < 0) throw Infeasible{};
+      remove_free_row(f);
+    }
+  }
+
+ private:
+  const T* row(int i) const { return c_ + static_cast<int64_t>(i) * m_; }
+
+  // One shortest augmenting path from all free rows; returns the free row it started from, -1 if no free column
+  // is reachable, -2 if the path would cost >= stop_at (nothing changed in both cases).
+  int augment(T stop_at) {
+    const T inf = std::numeric_limits<T>::infinity();
+    done_j_.clear();
+    done_d_.clear();
+    done_v_.clear();
+    int j = -1;
+    // The free rows as one virtual row: d_j = cmin_j - v_j, pred_j = carg_j.
+    T dmin = k_.scan(cmin_.data(), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, T(0), I(-1), &j);
+    std::copy(carg_.begin(), carg_.end(), pred_.begin());
+    auto undo = [&]() {
+      for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k];
+      std::fill(d_.begin(), d_.end(), inf);
+    };
+    while (true) {
+      if (!(dmin < inf)) {  // no free column reachable: infeasible for a fixed k, the end for a sink cost
+        undo();
+        return stop_at < inf ? -2 : -1;
+      }
+      if (dmin >= stop_at) {
+        undo();
+        return -2;
+      }
+      done_j_.push_back(j);
+      done_d_.push_back(dmin);
+      done_v_.push_back(v_[j]);
+      v_[j] = -inf;  // final (see Core::augment)
+      d_[j] = inf;
+      const int i2 = row4col_[j];
+      if (i2 < 0) break;
+      const T h = row(i2)[j] - done_v_.back() - dmin;
+      dmin = k_.scan(row(i2), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, h, static_cast<I>(i2), &j);
+    }
+    for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k] + (done_d_[k] - dmin);
+    pen_[j] = inf;
+    std::fill(d_.begin(), d_.end(), inf);
+    while (true) {  // flip the path back to the free row it started from
+      const int ip = static_cast<int>(pred_[j]);
+      row4col_[j] = ip;
+      const int old = col4row_[ip];
+      col4row_[ip] = j;
+      if (old < 0) return ip;
+      j = old;
+    }
+  }
+
+  void remove_free_row(int f) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const int p = where_[f];
+    const int last = free_rows_.back();
+    free_rows_[p] = last;
+    where_[last] = p;
+    free_rows_.pop_back();
+    const int nf = static_cast<int>(free_rows_.size());
+    const int* fr = free_rows_.data();
+    for (int j = 0; j < m_; ++j) {
+      if (carg_[j] != f) continue;
+      const T* col = ct_ + static_cast<int64_t>(j) * n_;
+      const T old = cmin_[j];
+      T best = inf;
+      int bi = -1;
+      for (int t = 0; t < nf; ++t) {
+        const T x = col[fr[t]];
+        if (x < best) {
+          best = x;
+          bi = fr[t];
+          if (x == old) break;  // cannot go lower: the free set only shrinks
+        }
+      }
+      cmin_[j] = best;
+      carg_[j] = static_cast<I>(bi);
+    }
+  }
+
+  const T* c_;
+  const T* ct_;
+  int n_, m_;
+  int32_t* col4row_ = nullptr;
+  std::vector<int32_t> row4col_;
+  std::vector<T> pen_, v_, d_, cmin_;
+  std::vector<I> pred_, carg_;
+  std::vector<int> free_rows_, where_;
+  std::vector<int> done_j_;
+  std::vector<T> done_d_, done_v_;
+  const Kernels<T>& k_;
+};
+
 // Solves one problem; throws std::invalid_argument with a message that names `name` (e.g. "cost[3]").
 template <typename T>
 void solve_one(const Problem& p, const Options& opt, const std::string& name, int64_t* out, double* total) {
@@ -516,7 +667,16 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
   std::vector<int32_t> sol;
   const char* forb = mx ? "-inf" : "+inf";
   try {
-    if (partial_k || partial_u) {
+    // Direct k-cardinality solve (KCardCore) unless asked for the padded one or k is close to min(n, m): the
+    // successive shortest paths get long as the matching fills up, while the padded problem then has few dummies
+    // and JV's initialisation does most of the work. Measured on 1024 x 1024 squared-Euclidean costs (1 thread,
+    // loaded 2-core VM, best of 2): k = 512: direct 0.06 s, padded 0.29 s; k = 768: 0.13 / 0.20 s; k = 896:
+    // 0.17 / 0.11 s; k = 1000: 0.22 / 0.04 s. Both are exact; only the work differs.
+    const int64_t kmax = std::min(n, m);
+    const bool padded = opt.partial_engine == PartialEngine::kPadded ||
+                        (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
+                         5 * p.num_matches > 4 * kmax && p.num_matches < kmax);
+    if ((partial_k || partial_u) && padded) {  // the sink-padded square problem
       const int64_t k = p.num_matches;
       const int64_t s = partial_u ? n + m : n + m - k;
       if (s == 0) return;
@@ -542,6 +702,27 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       sol.resize(static_cast<size_t>(s));
       Core<T>(work.data(), static_cast<int>(s), static_cast<int>(s)).solve(sol.data());
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i] < m ? sol[i] : -1;
+    } else if ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) || partial_u) {
+      // Direct k-cardinality solve (KCardCore). k = min(n, m) is a complete assignment: the branches below (unless
+      // the direct engine is forced, for tests).
+      if (n == 0 || m == 0) return;
+      const T* src = c;
+      if (mx) {
+        work.resize(static_cast<size_t>(n * m));
+        for (int64_t t = 0; t < n * m; ++t) work[t] = -c[t];
+        src = work.data();
+      }
+      std::vector<T> tr(static_cast<size_t>(n * m));
+      constexpr int64_t tile = 32;  // cache-blocked transpose (a strided one was ~20% of a k = n / 4 solve)
+      for (int64_t i0 = 0; i0 < n; i0 += tile)
+        for (int64_t j0 = 0; j0 < m; j0 += tile)
+          for (int64_t i = i0; i < std::min(n, i0 + tile); ++i)
+            for (int64_t j = j0; j < std::min(m, j0 + tile); ++j) tr[j * n + i] = src[i * m + j];
+      const int64_t pairs = partial_u ? std::min(n, m) : p.num_matches;
+      const T stop_at = partial_u ? T(2) * sgn * static_cast<T>(opt.unmatched_cost) : inf;
+      sol.resize(static_cast<size_t>(n));
+      KCardCore<T>(src, tr.data(), static_cast<int>(n), static_cast<int>(m)).solve(pairs, stop_at, sol.data());
+      for (int64_t i = 0; i < n; ++i) out[i] = sol[i];
     } else if (n == 0 || m == 0) {
       return;
     } else if (n <= m) {
@@ -591,6 +772,8 @@ void solve_batch(const std::vector<Problem>& problems, const Options& opt, int64
   std::iota(order.begin(), order.end(), 0);
   auto work = [&](int64_t b) {
     const Problem& p = problems[b];
+    const bool partial = opt.has_unmatched_cost || p.num_matches >= 0;
+    if (partial && opt.partial_engine != PartialEngine::kPadded) return double(p.n) * double(p.m);
     const double s = opt.has_unmatched_cost ? double(p.n + p.m) : p.num_matches >= 0 ? double(p.n + p.m - p.num_matches)
                                                                                      : double(std::max(p.n, p.m));
     return s * s;

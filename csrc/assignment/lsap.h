@@ -9,7 +9,11 @@
 // initialisation (it assumes a square matrix) and run the augmenting paths from v = 0, which keeps the
 // rectangular optimality conditions (v <= 0, v = 0 on unmatched columns); n > m is solved transposed.
 //
-// Partial forms (DESIGN §4) are solved through the square sink-augmented problem:
+// Partial forms (DESIGN §4) are solved directly on the n x m cost by successive shortest augmenting paths
+// from all free rows at once (lsap.cpp, KCardCore; Dell'Amico & Martello 1997): num_matches = k runs exactly k
+// augmentations (k = min(n, m) is the complete problem above), unmatched_cost = u augments while the next path
+// costs less than 2u. With PartialEngine::kAuto a num_matches problem with k > 0.8 min(n, m) is solved instead as
+// the square sink-augmented problem (the previous engine; kPadded / kDirect force one, for tests and benchmarks):
 //   num_matches = k: append n - k zero-cost dummy columns and m - k dummy rows, dummy-dummy forbidden;
 //   unmatched_cost = u: row i may go to its own dummy column at cost u, column j to its own dummy row.
 #pragma once
@@ -20,6 +24,8 @@
 
 namespace pyfusion {
 namespace lsap {
+
+enum class PartialEngine { kAuto, kDirect, kPadded };
 
 // One problem of a batch. `cost` points at n*m values of type T (row-major, contiguous).
 struct Problem {
@@ -34,6 +40,7 @@ struct Options {
   bool has_unmatched_cost = false;
   double unmatched_cost = 0.0;  // cost per unmatched row / column (in the caller's sense: a gain if maximize)
   int num_threads = 0;          // <= 0: OpenMP default
+  PartialEngine partial_engine = PartialEngine::kAuto;  // how the partial forms are solved (see above)
 };
 
 // Solves every problem. col_for_row: B x stride int64, filled with the matched column of each row or -1;

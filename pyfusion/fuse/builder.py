@@ -499,7 +499,14 @@ def _axis_member_masks(
     index through the maps (``A_k`` on the output axis, ``B_k^T`` on an input axis; gaps are read by every member).
 
     Computed by the builder's own code path (:func:`member_tensor` on a 1-D probe of ones with the maps' supports,
-    ``|A_k| > 0`` and ``|B_k| > 0``), so the positions agree with the fused tensor's exactly."""
+    ``|A_k| > 0`` and ``|B_k| > 0``), so the positions agree with the fused tensor's exactly. An axis that is one
+    whole simple segment of a neuron-level group (MLP / VGG layers) takes a shortcut with the same result (tested
+    against the probe on every test family): the probe there is ``support(A_k) 1`` (``support(B_k)^T 1`` on an
+    input axis) repeated ``expand`` times, non-zero exactly where a row of ``A_k`` (column of ``B_k``) has a
+    non-zero (0.27 s of 0.72 s of an MLP-1024 pair's partial fusion went to the probe)."""
+    fast = _whole_axis_masks(n_member, refs, graph, maps, k_all) if _FAST_MASKS else None
+    if fast is not None:
+        return fast
     from dataclasses import replace
 
     probe_refs = [(g, replace(r, axis=0)) for g, r in refs]
@@ -514,6 +521,35 @@ def _axis_member_masks(
         for i in torch.nonzero(reach != 0).flatten().tolist():
             masks[i] |= bit
     return masks or []
+
+
+# the shortcut of _axis_member_masks (tests switch it off to compare with the probe)
+_FAST_MASKS = True
+
+
+def _whole_axis_masks(
+    n_member: int, refs: list[tuple[str, AxisRef]], graph: FusionGraph, maps: dict[str, GroupPlan], k_all: int
+) -> list[int] | None:
+    """:func:`_axis_member_masks` for an axis that is exactly one simple segment of a neuron-level group, else None."""
+    if len(refs) != 1:
+        return None
+    gname, r = refs[0]
+    g = graph.groups[gname]
+    if not r.is_simple or g.unit_size != 1 or n_member != g.size * r.expand:
+        return None
+    masks = None
+    for k in range(k_all):
+        if r.role == "consumer":
+            reach = (maps[gname].B[k] != 0).any(dim=0)
+        else:
+            reach = (maps[gname].A[k] != 0).any(dim=1)
+        bits = reach.to(torch.int64) << k
+        masks = bits if masks is None else masks | bits
+    if masks is None:
+        return []
+    if r.expand > 1:
+        masks = masks.repeat_interleave(r.expand)
+    return masks.tolist()
 
 
 def _runs(masks: list[int]) -> list[list[int]]:

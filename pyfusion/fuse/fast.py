@@ -507,7 +507,21 @@ def _fuse_activations(model: nn.Module, swapped: list[str]) -> None:
 
 def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
     """Per swappable layer, the shape of its input for one example (one forward on the example inputs)."""
+    from pyfusion.fuse.cost import run_example
+
     shapes: dict[str, tuple[int, ...]] = {}
+    handles = _shape_hooks(model, shapes)
+    try:
+        run_example(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _shape_hooks(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[Any]:
+    """Forward pre-hooks that record into ``shapes`` what :func:`_input_shapes` returns, during any forward (the
+    ensemble cap's cost pass on the fused model, so that the swap needs no forward of its own)."""
     handles = []
     for path, mod in model.named_modules():
         if _axes_of(mod) is None and not isinstance(mod, nn.MultiheadAttention):
@@ -521,14 +535,41 @@ def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
                 shapes.setdefault(path, shape[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        from pyfusion.fuse.cost import run_example
+    return handles
 
-        run_example(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+
+def _structure(model: nn.Module) -> tuple | None:
+    """What :func:`pyfusion.cost` of a plain member depends on besides the example: module paths and classes,
+    tensor names and shapes, a Hugging Face config. None for a model that carries fusion records (its cost reads
+    them) - such a member is costed on its own."""
+    if any(hasattr(model, a) for a in ("fusion_module_layouts", "fusion_layouts", "fusion_plan")):
+        return None
+    cfg = getattr(model, "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    return (
+        tuple((p, type(m)) for p, m in model.named_modules(remove_duplicate=False)),
+        tuple((k, tuple(t.shape), t.dtype) for k, t in model.named_parameters(remove_duplicate=False)),
+        tuple((k, tuple(t.shape), t.dtype) for k, t in model.named_buffers(remove_duplicate=False)),
+        repr(to_dict()) if callable(to_dict) else None,
+    )
+
+
+def _member_costs(members: Sequence[nn.Module], example: Any) -> list[Any]:
+    """:func:`pyfusion.cost` of every member, one forward per distinct structure (:func:`_structure`): the members
+    share one architecture, so K - 1 of the K forwards were repeats (tested equal to costing each member)."""
+    from pyfusion.fuse.cost import cost
+
+    seen: dict[tuple, Any] = {}
+    out = []
+    for m in members:
+        key = _structure(m)
+        if key is None:
+            out.append(cost(m, example))
+            continue
+        if key not in seen:
+            seen[key] = cost(m, example)
+        out.append(seen[key])
+    return out
 
 
 def finish(
@@ -557,10 +598,18 @@ def finish(
     from pyfusion.fuse.cost import cost
 
     example = graph.example_inputs if example is None else example
+    shapes: dict[str, tuple[int, ...]] | None = None
     if example is not None and plan is not None:
+        recorded: dict[str, tuple[int, ...]] = {}
+        handles = _shape_hooks(fused, recorded) if fast_modules else []
         try:
-            fused_cost = cost(fused, example)
-            member_cost = [cost(m, example) for m in members]
+            try:
+                fused_cost = cost(fused, example)
+            finally:
+                for h in handles:
+                    h.remove()
+            shapes = recorded if fast_modules and recorded else None  # nothing recorded: one forward of its own
+            member_cost = _member_costs(members, example)
         except Exception as exc:  # a model that does not run on the example: no cap check, said so
             info["ensemble_cap"] = {"checked": False, "reason": f"{type(exc).__name__}: {exc}"}
         else:
@@ -581,12 +630,14 @@ def finish(
                 }
                 info["effective_flops"] = cost(fused, example).flops
                 plan = ens_plan
+                shapes = None  # another model: its shapes are recorded below
             else:
                 info["ensemble_cap"] = {"checked": True, "capped": False}
     elif plan is not None:
         info["ensemble_cap"] = {"checked": False, "reason": "no example inputs to count FLOPs on"}
     if fast_modules:
-        shapes = _input_shapes(fused, example) if example is not None else None
+        if shapes is None and example is not None:
+            shapes = _input_shapes(fused, example)
         decisions: dict[str, str] = {}
         info["fast_modules"] = swap_partial_modules(
             fused, len(members), input_shapes=shapes, decisions=decisions, always=fast_modules == "always"

@@ -63,7 +63,9 @@ def partial_assignments(
     """Partial assignment (DESIGN §4): the ``num_matches[b]`` disjoint pairs of minimum total cost of each problem.
 
     With uniform masses this is exactly partial OT with a sink (the unmatched neurons go to the sink); all
-    problems are one batched call of :func:`pyfusion.ops.linear_assignment` (``num_matches=``).
+    problems are one batched call of :func:`pyfusion.ops.linear_assignment` (``num_matches=``), whose C++ engine
+    solves the k-cardinality problem directly (successive shortest paths, Dell'Amico & Martello 1997) and the
+    reference the sink-padded square problem with scipy: the same optimal objective (the pairs may differ on ties).
 
     Args:
         costs: B (n, m) float64 costs.

@@ -314,13 +314,20 @@ def linear_assignment(
     ``linear_sum_assignment`` semantics). Forbidden pairs are ``+inf`` (``-inf`` when maximising); NaN and
     infinities of the other sign are rejected.
 
-    Partial forms (DESIGN §4), each solved as one square sink-augmented assignment:
+    Partial forms (DESIGN §4), each equal to one square sink-augmented assignment (the scipy reference
+    solves that one):
 
     * ``num_matches=k``: the k disjoint pairs of minimum total cost (append n - k zero-cost dummy
       columns and m - k dummy rows, dummy-dummy forbidden; size n + m - k);
     * ``unmatched_cost=u``: every row and column may stay unmatched at cost u each, so a pair (i, j) is
       used only when :math:`C_{ij} < 2u` helps the total; the objective is
       :math:`\sum_M C_{ij} + u\,(n + m - 2|M|)`. When maximising, u is the gain of leaving one unmatched.
+
+    The C++ engine solves them directly on the n x m cost (k-cardinality assignment, Dell'Amico & Martello,
+    Discrete Appl. Math. 76 (1997)): successive shortest augmenting paths from all free rows at once keep the
+    matching optimal for its size after every augmentation, so ``num_matches=k`` stops after k of them and
+    ``unmatched_cost=u`` at the first path that costs >= 2u (path costs never decrease). For k > 0.8 min(n, m)
+    it solves the padded problem instead, which is then faster (the measurement is in csrc/assignment/lsap.cpp).
 
     The engine is the C++ Jonker-Volgenant solver (column reduction, reduction transfer, augmenting row
     reduction, then Dijkstra shortest augmenting paths with a SIMD row scan), Jonker & Volgenant,
