@@ -30,7 +30,14 @@ listed but never returned):
 permutation; the rest is what every fusion calibrates on): with integer labels in the batches, the task loss
 (``"cross_entropy"`` of the logits, or ``"error"``, the top-1 error with cross-entropy breaking ties); without
 labels, ``"ensemble"``: the mean squared distance to the ensemble's outputs ``sum_k lambda_k f_k(x)``. Lower is
-better. The returned model is the feasible candidate with the lowest objective (ties: the cheaper one).
+better. The trivial candidates (members, sub-ensembles, the ensemble) use no calibration data to be built, so they
+are scored on *every* calibration sample (``trivial_samples="all"``, the default; their comparisons among
+themselves then have half the variance), the fused ones on the held-out samples only. The returned model is the
+feasible candidate with the lowest objective; candidates within ``tie_tolerance`` (default 0: exact ties) of it
+are tied, and among those the lower tie-breaker, then the cheaper one, wins. So the answer is never worse *on the
+search's objective* than any trivial baseline that fits: each member, the best m-subset for every m (by the same
+objective), and at ``budget >= 1`` the full ensemble (``fusion_info["budget"]["best_trivial"]`` names the best
+one and the reason says by how much it lost).
 
 **What it costs.** Each candidate is one fusion (sub-ensembles and members are evaluated from the members'
 outputs, no fusion); the bisections cost about log2(32) + 2 fusions per method and budget (shared across the
@@ -85,7 +92,10 @@ _FULL_FUSION = ("average", "activation_matching", "ot", "weight_matching")
 _ALPHA_STEPS = 32  # alpha grid j / 32: bisection in 5 fusions; a finer grid changes the cost by < 1/32 of a branch
 _WIDTH_STEPS = 16  # cluster / prune widths j / 16 of one member's width
 _EXHAUSTIVE_SUBSETS = 10  # all 2^K - 1 subsets up to K = 10 (1023 evaluations of cached outputs)
-_SEARCH_OPTIONS = ("objective", "holdout", "candidates", "seed", "subset_combines", "cluster_restarts")
+_SEARCH_OPTIONS = ("objective", "holdout", "candidates", "seed", "subset_combines", "cluster_restarts",
+                   "trivial_samples", "tie_tolerance")
+_TRIVIAL = ("members", "subsets")  # the candidates that use no calibration data to be built
+TRIVIAL_SAMPLES = ("all", "holdout")
 
 
 class BudgetError(ValueError):
@@ -244,6 +254,8 @@ class BudgetSearch:
         seed: int,
         subset_combines: Sequence[str],
         cluster_restarts: int,
+        trivial_samples: str = "all",
+        tie_tolerance: float = 0.0,
     ) -> None:
         self.t_start = time.perf_counter()
         self.members, self.lam = members, lambdas
@@ -276,6 +288,12 @@ class BudgetSearch:
         self.y_hold = None if labels is None else labels[hold]
         self.n_fit, self.n_hold = int(fit.numel()), int(hold.numel())
         self.example = x[:1]
+        if trivial_samples not in TRIVIAL_SAMPLES:
+            raise ValueError(f"trivial_samples must be one of {TRIVIAL_SAMPLES}; got {trivial_samples!r}")
+        tol_ok = isinstance(tie_tolerance, (int, float)) and not isinstance(tie_tolerance, bool)
+        if not tol_ok or not math.isfinite(float(tie_tolerance)) or tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance must be a finite number >= 0 (objective units); got {tie_tolerance!r}")
+        self.trivial_samples, self.tie_tolerance = trivial_samples, float(tie_tolerance)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
         if objective == "auto":
@@ -293,6 +311,18 @@ class BudgetSearch:
                 )
         lam_t = torch.tensor(self.lam, dtype=torch.float64)
         self.target = torch.tensordot(lam_t, self.z, dims=1)
+        # the trivial candidates (members, sub-ensembles) are built without calibration data, so every calibration
+        # sample is an unbiased held-out sample for them: scoring them on all N (not N / 2) halves the variance of
+        # their comparisons (bench/results/defaults_selection.md: the selection error falls with n)
+        if trivial_samples == "all":
+            z_fit = torch.stack([_outputs(m, x[fit], batch) for m in members])
+            self.z_triv = torch.cat([z_fit, self.z], 1)
+            self.x_triv = torch.cat([x[fit], self.x_hold])
+            self.y_triv = None if labels is None else torch.cat([labels[fit], labels[hold]])
+        else:
+            self.z_triv, self.x_triv, self.y_triv = self.z, self.x_hold, self.y_hold
+        self.target_triv = torch.tensordot(lam_t, self.z_triv, dims=1)
+        self.n_triv = int(self.z_triv.shape[1])
         self.member_flops = [int(_cost(m, self.example).flops) for m in members]
         self.ensemble_flops = int(sum(self.member_flops))
         self.fusions = 0
@@ -332,6 +362,10 @@ class BudgetSearch:
 
     def _score(self, z: Tensor) -> tuple[float, float]:
         return _objective(z, self.objective_name, self.y_hold, self.target)
+
+    def _score_trivial(self, z: Tensor) -> tuple[float, float]:
+        """The objective of a trivial candidate's outputs on the samples of ``trivial_samples``."""
+        return _objective(z, self.objective_name, self.y_triv, self.target_triv)
 
     def _fuse(self, key: tuple, family: str, name: str, members: Sequence[int], **opts: Any) -> _Candidate | None:
         """Fuse ``members`` with method ``family`` (memoized by key), measure cost and objective; None on failure."""
@@ -377,7 +411,7 @@ class BudgetSearch:
         out: list[_Candidate] = []
         if "members" in self.families:
             for i in range(self.k):
-                obj, tie = self._score(self.z[i])
+                obj, tie = self._score_trivial(self.z_triv[i])
                 out.append(_Candidate(f"member {i}", "members", self.member_flops[i], obj, tie, {"members": [i]},
                                       make=lambda i=i: copy.deepcopy(self.members[i])))  # fmt: skip
         if "subsets" in self.families and self.k >= 2:
@@ -400,9 +434,9 @@ class BudgetSearch:
             def score(sub: tuple[int, ...], combine: str = combine) -> tuple[float, float]:
                 w = lam[list(sub)]
                 w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(sub))
-                zs = self.z[list(sub)]
+                zs = self.z_triv[list(sub)]
                 z = torch.tensordot(w, zs, dims=1) if combine == "logits" else _log_mean_probs(zs, w)
-                return self._score(z)
+                return self._score_trivial(z)
 
             best: tuple[int, ...] = ()
             for m in range(2, self.k + 1):
@@ -633,7 +667,13 @@ class BudgetSearch:
         feasible = [c for c in cands if c.flops <= flops]
         if not feasible:  # pragma: no cover - the cheapest check above guarantees one
             raise BudgetError(f"no candidate fits budget={budget!r} ({flops:,.0f} FLOPs)", flops, cheapest)
-        best = min(feasible, key=lambda c: (c.objective, c.tie, c.flops))
+        # ties: every candidate within tie_tolerance of the lowest objective is tied; among those the lower
+        # tie-breaker (cross-entropy for "error"), then the cheaper one (default tolerance 0: exact ties only)
+        low = min(c.objective for c in feasible)
+        tied = [c for c in feasible if c.objective <= low + self.tie_tolerance]
+        best = min(tied, key=lambda c: (c.tie, c.flops, c.objective))
+        trivial = [c for c in feasible if c.family in _TRIVIAL]
+        best_trivial = min(trivial, key=lambda c: (c.objective, c.tie, c.flops)) if trivial else None
         if best.module is not None:
             model = copy.deepcopy(best.module)  # the cache keeps its own copy for the other budgets
         else:
@@ -645,6 +685,8 @@ class BudgetSearch:
             info["lambdas"] = self.lam
         rows = sorted((c.row(self.ensemble_flops, flops) for c in cands), key=lambda r: (r["flops"], r["objective"]))
         n_over = sum(1 for c in cands if c.flops > flops)
+        for r in rows:
+            r["samples"] = self.n_triv if r["family"] in _TRIVIAL else self.n_hold
         info["budget"] = {
             "budget": budget if not isinstance(budget, Flops) else f"Flops({budget.value!r})",
             "read_as": how,
@@ -660,11 +702,12 @@ class BudgetSearch:
             "chosen_flops": int(best.flops),
             "chosen_fraction": best.flops / self.ensemble_flops,
             "chosen_objective": best.objective,
-            "reason": (
-                f"lowest {self.objective_name} on {self.n_hold} held-out calibration samples "
-                f"({best.objective:.6g}) among the {len(feasible)} candidates within {flops:,.0f} FLOPs per sample "
-                f"({n_over} more candidates were measured over the budget and excluded)"
-            ),
+            "trivial_samples": self.n_triv,
+            "tie_tolerance": self.tie_tolerance,
+            "best_trivial": None
+            if best_trivial is None
+            else {"name": best_trivial.name, "objective": best_trivial.objective, "flops": int(best_trivial.flops)},
+            "reason": self._reason(best, best_trivial, feasible, tied, flops, n_over),
             "candidates": rows,
             "failed": dict(self.failures),
             "families": list(fams),
@@ -677,6 +720,27 @@ class BudgetSearch:
         if not hasattr(model, "fusion_plan"):
             model.fusion_plan = None
         return model
+
+
+    def _reason(self, best: _Candidate, best_trivial: _Candidate | None, feasible: list[_Candidate],
+                tied: list[_Candidate], flops: float, n_over: int) -> str:  # fmt: skip
+        on = (lambda c: self.n_triv if c.family in _TRIVIAL else self.n_hold)  # noqa: E731
+        text = (
+            f"lowest {self.objective_name} ({best.objective:.6g}, on {on(best)} calibration samples) among the "
+            f"{len(feasible)} candidates within {flops:,.0f} FLOPs per sample ({n_over} more candidates were "
+            "measured over the budget and excluded)"
+        )
+        if len(tied) > 1:
+            text += (f"; {len(tied)} candidates within the tie tolerance {self.tie_tolerance:g} of it, the cheapest "
+                     "(after the tie-breaker) taken")  # fmt: skip
+        if best_trivial is not None and best_trivial is not best:
+            text += (f"; the best trivial baseline within the budget, {best_trivial.name}, scores "
+                     f"{best_trivial.objective:.6g} on {self.n_triv} samples")  # fmt: skip
+        elif best_trivial is None:
+            text += "; no trivial baseline (member, sub-ensemble) fits the budget"
+        else:
+            text += "; it is the best trivial baseline: no fused candidate scored lower"
+        return text
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -717,6 +781,8 @@ def budget_search(
         seed=search.get("seed", 0),
         subset_combines=search.get("subset_combines", ("logits", "probs")),
         cluster_restarts=search.get("cluster_restarts", 20),
+        trivial_samples=search.get("trivial_samples", "all"),
+        tie_tolerance=search.get("tie_tolerance", 0.0),
     )
 
 
@@ -744,7 +810,10 @@ def fuse_within_budget(
         **options: the search's options: ``objective`` ("auto", "ensemble", "cross_entropy", "error"),
             ``holdout`` (fraction of the samples held out, default 0.5), ``candidates`` (families to try),
             ``seed`` (split and clustering seed), ``subset_combines`` (("logits", "probs")),
-            ``cluster_restarts`` (20); with ``method``, that method's options.
+            ``cluster_restarts`` (20), ``trivial_samples`` ("all": members and sub-ensembles, which use no
+            calibration data, are scored on every calibration sample; "holdout": on the held-out ones, like the
+            fused candidates), ``tie_tolerance`` (0: candidates whose objectives differ by at most this much are
+            tied, and the cheaper is taken); with ``method``, that method's options.
 
     Returns:
         The chosen module (a fused network, a copy of a member, or a :class:`pyfusion.nn.SubEnsemble`) with
