@@ -24,8 +24,8 @@ lower distance). Run: ``python bench/defaults.py [--quick] [--cases A,B] [--out 
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import os
 import sys
 import time
@@ -266,16 +266,19 @@ def selection_report(records: list[dict[str, Any]], draws: int, quick: bool, out
     )
     sizes = sorted({r["n_calib"] for r in records})
     lines = []
-    for rule in ("cross_entropy", "error"):
-        parts = []
-        for n in sizes:
-            rs = [r for r in records if r["rule"] == rule and r["n_calib"] == n]
-            if rs:
-                gap = sum(r["oracle_acc"] - r["mean_acc"] for r in rs) / len(rs)
-                at = sum(r["at_oracle"] for r in rs) / len(rs)
-                parts.append(f"n={n}: {100 * gap:.3f} points below the oracle on average, at the oracle in "
-                             f"{100 * at:.0f}% ({len(rs)} (case, budget) points)")  # fmt: skip
-        lines.append(f"- **{rule}**: " + "; ".join(parts) + ".")
+    for dataset in dict.fromkeys(r["case"].split("/")[0] for r in records):
+        for rule in ("cross_entropy", "error"):
+            parts = []
+            for n in sizes:
+                rs = [r for r in records if r["rule"] == rule and r["n_calib"] == n and r["case"].startswith(dataset)]
+                if rs:
+                    gap = sum(r["oracle_acc"] - r["mean_acc"] for r in rs) / len(rs)
+                    at = sum(r["at_oracle"] for r in rs) / len(rs)
+                    parts.append(f"n={n}: {100 * gap:.3f} points below the oracle, at it in {100 * at:.0f}%")
+            n_pts = len({(r["case"], r["budget"]) for r in records if r["case"].startswith(dataset)})
+            lines.append(
+                f"- **{dataset}, {rule}** (mean over {n_pts} (case, budget) points): " + "; ".join(parts) + "."
+            )
     wins = defaultdict(lambda: [0, 0, 0])
     for r in records:
         if r["rule"] != "cross_entropy":

@@ -92,8 +92,16 @@ _FULL_FUSION = ("average", "activation_matching", "ot", "weight_matching")
 _ALPHA_STEPS = 32  # alpha grid j / 32: bisection in 5 fusions; a finer grid changes the cost by < 1/32 of a branch
 _WIDTH_STEPS = 16  # cluster / prune widths j / 16 of one member's width
 _EXHAUSTIVE_SUBSETS = 10  # all 2^K - 1 subsets up to K = 10 (1023 evaluations of cached outputs)
-_SEARCH_OPTIONS = ("objective", "holdout", "candidates", "seed", "subset_combines", "cluster_restarts",
-                   "trivial_samples", "tie_tolerance")
+_SEARCH_OPTIONS = (
+    "objective",
+    "holdout",
+    "candidates",
+    "seed",
+    "subset_combines",
+    "cluster_restarts",
+    "trivial_samples",
+    "tie_tolerance",
+)
 _TRIVIAL = ("members", "subsets")  # the candidates that use no calibration data to be built
 TRIVIAL_SAMPLES = ("all", "holdout")
 
@@ -721,10 +729,9 @@ class BudgetSearch:
             model.fusion_plan = None
         return model
 
-
     def _reason(self, best: _Candidate, best_trivial: _Candidate | None, feasible: list[_Candidate],
                 tied: list[_Candidate], flops: float, n_over: int) -> str:  # fmt: skip
-        on = (lambda c: self.n_triv if c.family in _TRIVIAL else self.n_hold)  # noqa: E731
+        on = lambda c: self.n_triv if c.family in _TRIVIAL else self.n_hold  # noqa: E731
         text = (
             f"lowest {self.objective_name} ({best.objective:.6g}, on {on(best)} calibration samples) among the "
             f"{len(feasible)} candidates within {flops:,.0f} FLOPs per sample ({n_over} more candidates were "
