@@ -82,9 +82,20 @@ def _calib(case: zoo.Case, n: int, batch: int = 256) -> list[torch.Tensor]:
     return [x[idx[s : s + batch]] for s in range(0, n, batch)]
 
 
-def _measure(model: torch.nn.Module, case: zoo.Case, ens: torch.Tensor) -> tuple[float, float]:
-    z = predict_logits(model, case.loader("test"))[0].double()
-    acc = float((z.argmax(-1) == case.test[1]).double().mean())
+def _test_subset(case: zoo.Case, n: int | None) -> torch.Tensor:
+    """Indices of the test samples evaluated: all, or a seeded random ``n`` of them."""
+    total = case.test[1].shape[0]
+    if n is None or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(1))[:n]
+
+
+def _measure(model: torch.nn.Module, case: zoo.Case, ens: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    from pyfusion import data as pdata
+
+    x, y = case.test[0][idx], case.test[1][idx]
+    z = predict_logits(model, pdata.make_loader(x, y, 500))[0].double()
+    acc = float((z.argmax(-1) == y).double().mean())
     return acc, float(((z - ens) ** 2).mean())
 
 
@@ -92,17 +103,27 @@ def _label(method: str, opts: dict[str, Any]) -> str:
     return method + " " + " ".join(f"{k}={v}" for k, v in opts.items())
 
 
-def run_case(name: str, alphas: tuple[float, ...], sizes: tuple[int, ...], restarts: int) -> list[dict[str, Any]]:
+def run_case(
+    name: str,
+    alphas: tuple[float, ...],
+    sizes: tuple[int, ...],
+    restarts: int,
+    test_samples: int | None = None,
+    size_methods: tuple[str, ...] = ("partial", "partial_fit"),
+    methods: tuple[str, ...] = ("partial", "partial_fit", "cluster"),
+) -> list[dict[str, Any]]:
     case = zoo.get_case(name, train_missing=False)
-    z = case.outputs("test").double()
+    idx = _test_subset(case, test_samples)
+    y = case.test[1][idx]
+    z = case.outputs("test").double()[:, idx]
     ens = z.mean(0)
-    rec_base = {"case": name, "ensemble": float((ens.argmax(-1) == case.test[1]).double().mean()),
-                "best_member": max(float((zk.argmax(-1) == case.test[1]).double().mean()) for zk in z)}  # fmt: skip
+    rec_base = {"case": name, "ensemble": float((ens.argmax(-1) == y).double().mean()), "test_samples": len(idx),
+                "best_member": max(float((zk.argmax(-1) == y).double().mean()) for zk in z)}  # fmt: skip
     n_opt = min(CALIB_DEFAULT, case.calib[0].shape[0])
-    jobs: list[tuple[str, dict[str, Any], int, str]] = [(m, o, n_opt, "options") for m, o in VARIANTS]
+    jobs: list[tuple[str, dict[str, Any], int, str]] = [(m, o, n_opt, "options") for m, o in VARIANTS if m in methods]
     for n in sizes:
         if n <= case.calib[0].shape[0]:
-            jobs += [("partial", {}, n, "calibration size"), ("partial_fit", {}, n, "calibration size")]
+            jobs += [(m, {}, n, "calibration size") for m in size_methods]
     out = []
     for method, opts, n, axis in jobs:
         data = _calib(case, n)
@@ -121,7 +142,7 @@ def run_case(name: str, alphas: tuple[float, ...], sizes: tuple[int, ...], resta
                                           **extra)  # fmt: skip
                     rec["note"] = "fast_modules=False"
                 rec["fuse_s"] = time.perf_counter() - t0
-                rec["acc"], rec["dist"] = _measure(fused, case, ens)
+                rec["acc"], rec["dist"] = _measure(fused, case, ens, idx)
                 rec["flops_fraction"] = pyfusion.cost(fused, case.example).flops / (
                     sum(pyfusion.cost(m, case.example).flops for m in case.members)
                 )
@@ -305,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--test-samples", type=int, default=None, help="evaluate on a seeded subset of the test set")
+    ap.add_argument("--methods", default="partial,partial_fit,cluster", help="methods of the option axes")
+    ap.add_argument("--size-methods", default="partial,partial_fit", help="methods of the calibration-size axis")
     ap.add_argument("--json", default=None, help="write the raw records here after every case")
     ap.add_argument("--load", default=None, help="comma-separated --json files to assemble (no runs)")
     ap.add_argument("--selection", action="store_true", help="the search's selection study instead (its own report)")
@@ -327,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = list(dict.fromkeys(r["case"] for r in records))
     for name in [] if args.load else cases:
         t0 = time.perf_counter()
-        records += run_case(name, ALPHAS, sizes, args.cluster_restarts)
+        records += run_case(name, ALPHAS, sizes, args.cluster_restarts, args.test_samples,
+                            tuple(args.size_methods.split(",")), tuple(args.methods.split(",")))  # fmt: skip
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.json:
             with open(args.json + ".tmp", "w") as f:
