@@ -93,8 +93,8 @@ def test_budget_one_returns_the_full_ensemble_when_it_is_best():
 def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objective(objective):
     members = _noisy_linear_members(4, seed=5)
     _, _, data = _data(240, seed=6)
-    search = budget_search(members, data, objective=objective, cluster_restarts=2,
-                           candidates=["members", "subsets", "partial", "partial_fit", "cluster", "average"])  # fmt: skip
+    families = ["members", "subsets", "partial", "partial_fit", "cluster", "average"]
+    search = budget_search(members, data, objective=objective, cluster_restarts=2, candidates=families)
     for b in (0.25, 0.5, 0.8, 1.0):
         info = search.choose(b).fusion_info["budget"]
         assert info["objective"] == objective
