@@ -80,7 +80,8 @@ def test_budget_one_returns_the_full_ensemble_when_it_is_best():
     info = model.fusion_info["budget"]
     assert info["chosen"] == "ensemble [0, 1, 2, 3] (logits)"
     assert info["best_trivial"]["name"] == info["chosen"]
-    assert "it is the best trivial baseline" in info["reason"]
+    assert "the best trivial baseline is ensemble [0, 1, 2, 3] (logits)" in info["reason"]
+    assert "no fused candidate fits" in info["reason"]
     with torch.no_grad():
         assert torch.allclose(model(x).double(), zs.mean(0), atol=1e-6)
     # below the ensemble's cost it cannot be returned: the best 3-subset instead
@@ -98,17 +99,38 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
     for b in (0.25, 0.5, 0.8, 1.0):
         info = search.choose(b).fusion_info["budget"]
         assert info["objective"] == objective
-        trivial = [r for r in info["candidates"] if r["feasible"] and r["family"] in TRIVIAL]
-        best = min(trivial, key=lambda r: r["objective"])
-        assert info["best_trivial"]["objective"] == best["objective"]
-        assert info["chosen_objective"] <= best["objective"]
+        rows = [r for r in info["candidates"] if r["feasible"]]
+        trivial = [r for r in rows if r["family"] in TRIVIAL]
+        fused = [r for r in rows if r["family"] not in TRIVIAL]
+        # stage 1: the best trivial baseline on every calibration sample, the best fused one on the held-out ones
+        best_t = min(r["objective"] for r in trivial)
+        assert info["best_trivial"]["objective"] == best_t
+        # stage 2, paired on the held-out samples: the choice is never worse than that baseline there
+        assert info["chosen_holdout_objective"] <= info["best_trivial"]["holdout_objective"]
+        if info["chosen_family"] in TRIVIAL:
+            assert info["chosen"] == info["best_trivial"]["name"]
+            assert not fused or min(r["holdout_objective"] for r in fused) >= info["best_trivial"]["holdout_objective"]
+        else:
+            assert info["chosen_objective"] == min(r["objective"] for r in fused)
+            assert info["chosen_holdout_objective"] < info["best_trivial"]["holdout_objective"] or (
+                info["chosen_holdout_objective"] == info["best_trivial"]["holdout_objective"]  # an exact tie
+            )
+            assert "the fused candidate has the lower" in info["reason"]
         if b >= 1.0:  # the full ensemble is a candidate for every combine rule
             names = [r["name"] for r in trivial]
             assert "ensemble [0, 1, 2, 3] (logits)" in names and "ensemble [0, 1, 2, 3] (probs)" in names
-        if info["chosen_family"] not in TRIVIAL:
-            assert f"the best trivial baseline within the budget, {best['name']}" in info["reason"] or (
-                info["best_trivial"]["name"] != best["name"]  # an exact tie between trivial rows
-            )
+
+
+def test_holdout_mode_is_the_plain_minimum_over_the_held_out_objective():
+    members = _noisy_linear_members(3, seed=13)
+    _, _, data = _data(160, seed=14)
+    search = budget_search(members, data, trivial_samples="holdout", cluster_restarts=2,
+                           candidates=["members", "subsets", "partial", "cluster"])  # fmt: skip
+    for b in (0.4, 1.0):
+        info = search.choose(b).fusion_info["budget"]
+        rows = [r for r in info["candidates"] if r["feasible"]]
+        assert all(r["objective"] == r["holdout_objective"] for r in rows)
+        assert info["chosen_objective"] == min(r["objective"] for r in rows)
 
 
 def test_default_objective_with_labels_is_the_error_and_without_the_distance():
@@ -130,7 +152,7 @@ def test_tie_tolerance_takes_the_cheaper_within_it():
     loose = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy", tie_tolerance=1e9)
     info = loose.choose(1.0).fusion_info["budget"]
     assert info["chosen_family"] == "members"
-    assert info["tie_tolerance"] == 1e9 and "within the tie tolerance" in info["reason"]
+    assert info["tie_tolerance"] == 1e9 and "tied within the tolerance" in info["reason"]
     # a tolerance between the best and the second best changes nothing
     objs = sorted({r["objective"] for r in rows})
     mid = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy",

@@ -230,6 +230,12 @@ class _Candidate:
     options: dict[str, Any]
     make: Callable[[], nn.Module] | None = None  # builds the module (members, sub-ensembles)
     module: nn.Module | None = None  # a fused module, built during the search
+    hold: tuple[float, float] | None = None  # (objective, tie) on the held-out samples, where ``objective`` is not
+
+    @property
+    def hold_key(self) -> tuple[float, float]:
+        """(objective, tie-breaker) on the held-out samples: what every candidate is compared on."""
+        return self.hold if self.hold is not None else (self.objective, self.tie)
 
     def row(self, ensemble_flops: int, budget_flops: float) -> dict[str, Any]:
         return {
@@ -238,6 +244,7 @@ class _Candidate:
             "flops": int(self.flops),
             "fraction": self.flops / ensemble_flops,
             "objective": self.objective,
+            "holdout_objective": self.hold_key[0],
             "feasible": self.flops <= budget_flops,
             "options": self.options,
         }
@@ -427,7 +434,8 @@ class BudgetSearch:
             for i in range(self.k):
                 obj, tie = self._score_trivial(self.z_triv[i])
                 out.append(_Candidate(f"member {i}", "members", self.member_flops[i], obj, tie, {"members": [i]},
-                                      make=lambda i=i: copy.deepcopy(self.members[i])))  # fmt: skip
+                                      make=lambda i=i: copy.deepcopy(self.members[i]),
+                                      hold=self._score(self.z[i])))  # fmt: skip
         if "subsets" in self.families and self.k >= 2:
             out += self._subsets()
         if self.k >= 2:
@@ -445,12 +453,12 @@ class BudgetSearch:
         out = []
         for combine in self.subset_combines:
 
-            def score(sub: tuple[int, ...], combine: str = combine) -> tuple[float, float]:
+            def score(sub: tuple[int, ...], combine: str = combine, held_out: bool = False) -> tuple[float, float]:
                 w = lam[list(sub)]
                 w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(sub))
-                zs = self.z_triv[list(sub)]
+                zs = (self.z if held_out else self.z_triv)[list(sub)]
                 z = torch.tensordot(w, zs, dims=1) if combine == "logits" else _log_mean_probs(zs, w)
-                return self._score_trivial(z)
+                return self._score(z) if held_out else self._score_trivial(z)
 
             best: tuple[int, ...] = ()
             for m in range(2, self.k + 1):
@@ -474,6 +482,7 @@ class BudgetSearch:
                         make=lambda best=best, w=w, combine=combine: SubEnsemble(
                             [copy.deepcopy(self.members[i]) for i in best], w, combine
                         ),
+                        hold=score(best, held_out=True),
                     )
                 )
         return out
@@ -681,13 +690,16 @@ class BudgetSearch:
         feasible = [c for c in cands if c.flops <= flops]
         if not feasible:  # pragma: no cover - the cheapest check above guarantees one
             raise BudgetError(f"no candidate fits budget={budget!r} ({flops:,.0f} FLOPs)", flops, cheapest)
-        # ties: every candidate within tie_tolerance of the lowest objective is tied; among those the lower
-        # tie-breaker (cross-entropy for "error"), then the cheaper one (default tolerance 0: exact ties only)
-        low = min(c.objective for c in feasible)
-        tied = [c for c in feasible if c.objective <= low + self.tie_tolerance]
-        best = min(tied, key=lambda c: (c.tie, c.flops, c.objective))
         trivial = [c for c in feasible if c.family in _TRIVIAL]
-        best_trivial = min(trivial, key=lambda c: (c.objective, c.tie, c.flops)) if trivial else None
+        fused = [c for c in feasible if c.family not in _TRIVIAL]
+        best_trivial, tied_t = self._pick(trivial, lambda c: (c.objective, c.tie))
+        best_fused, tied_f = self._pick(fused, lambda c: (c.objective, c.tie))
+        # the final comparison is paired, on the held-out samples both were scored on (a trivial candidate's
+        # all-sample objective has less variance than a fused one's: comparing the two would favour the noisier
+        # fused candidates, the minimum of many noisy estimates being biased low)
+        pair = [c for c in (best_trivial, best_fused) if c is not None]
+        best, tied_final = self._pick(pair, lambda c: c.hold_key)
+        tied = tied_final if len(tied_final) > 1 else (tied_t if best is best_trivial else tied_f)
         if best.module is not None:
             model = copy.deepcopy(best.module)  # the cache keeps its own copy for the other budgets
         else:
@@ -716,12 +728,18 @@ class BudgetSearch:
             "chosen_flops": int(best.flops),
             "chosen_fraction": best.flops / self.ensemble_flops,
             "chosen_objective": best.objective,
+            "chosen_holdout_objective": best.hold_key[0],
             "trivial_samples": self.n_triv,
             "tie_tolerance": self.tie_tolerance,
             "best_trivial": None
             if best_trivial is None
-            else {"name": best_trivial.name, "objective": best_trivial.objective, "flops": int(best_trivial.flops)},
-            "reason": self._reason(best, best_trivial, feasible, tied, flops, n_over),
+            else {
+                "name": best_trivial.name,
+                "objective": best_trivial.objective,
+                "holdout_objective": best_trivial.hold_key[0],
+                "flops": int(best_trivial.flops),
+            },  # fmt: skip
+            "reason": self._reason(best, best_trivial, best_fused, feasible, tied, flops, n_over),
             "candidates": rows,
             "failed": dict(self.failures),
             "families": list(fams),
@@ -735,24 +753,40 @@ class BudgetSearch:
             model.fusion_plan = None
         return model
 
-    def _reason(self, best: _Candidate, best_trivial: _Candidate | None, feasible: list[_Candidate],
-                tied: list[_Candidate], flops: float, n_over: int) -> str:  # fmt: skip
-        on = lambda c: self.n_triv if c.family in _TRIVIAL else self.n_hold  # noqa: E731
+    def _pick(self, cands: list[_Candidate], key: Callable[[_Candidate], tuple[float, float]]):
+        """(the lowest ``key`` of ``cands``, the candidates tied with it): candidates whose objective is within
+        ``tie_tolerance`` of the lowest are tied, and among those the lower tie-breaker, then the cheaper one
+        wins (default tolerance 0: exact ties only). (None, []) for no candidates."""
+        if not cands:
+            return None, []
+        low = min(key(c)[0] for c in cands)
+        tied = [c for c in cands if key(c)[0] <= low + self.tie_tolerance]
+        return min(tied, key=lambda c: (key(c)[1], c.flops, key(c)[0])), tied
+
+    def _reason(self, best: _Candidate, best_trivial: _Candidate | None, best_fused: _Candidate | None,
+                feasible: list[_Candidate], tied: list[_Candidate], flops: float, n_over: int) -> str:  # fmt: skip
+        obj = self.objective_name
         text = (
-            f"lowest {self.objective_name} ({best.objective:.6g}, on {on(best)} calibration samples) among the "
-            f"{len(feasible)} candidates within {flops:,.0f} FLOPs per sample ({n_over} more candidates were "
-            "measured over the budget and excluded)"
+            f"{len(feasible)} candidates within {flops:,.0f} FLOPs per sample ({n_over} more were measured over "
+            "the budget and excluded); "
         )
-        if len(tied) > 1:
-            text += (f"; {len(tied)} candidates within the tie tolerance {self.tie_tolerance:g} of it, the cheapest "
-                     "(after the tie-breaker) taken")  # fmt: skip
-        if best_trivial is not None and best_trivial is not best:
-            text += (f"; the best trivial baseline within the budget, {best_trivial.name}, scores "
-                     f"{best_trivial.objective:.6g} on {self.n_triv} samples")  # fmt: skip
-        elif best_trivial is None:
-            text += "; no trivial baseline (member, sub-ensemble) fits the budget"
+        if best_trivial is not None:
+            text += (f"the best trivial baseline is {best_trivial.name} (lowest {obj} on {self.n_triv} calibration "
+                     f"samples, {best_trivial.objective:.6g}; {best_trivial.hold_key[0]:.6g} on the {self.n_hold} "
+                     "held-out ones)")  # fmt: skip
         else:
-            text += "; it is the best trivial baseline: no fused candidate scored lower"
+            text += "no trivial baseline (member, sub-ensemble) fits the budget"
+        if best_fused is not None:
+            text += (f", the best fused candidate {best_fused.name} (lowest {obj} on the {self.n_hold} held-out "
+                     f"samples, {best_fused.objective:.6g})")  # fmt: skip
+        else:
+            text += ", no fused candidate fits or could be built"
+        if best_trivial is not None and best_fused is not None:
+            won = "the fused candidate" if best is best_fused else "the trivial baseline"
+            text += f"; compared on the same held-out samples, {won} has the lower {obj}"
+        if len(tied) > 1:
+            text += (f" ({len(tied)} candidates tied within the tolerance {self.tie_tolerance:g}: the lower "
+                     "tie-breaker, then the cheaper, taken)")  # fmt: skip
         return text
 
 
