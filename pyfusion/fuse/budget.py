@@ -31,14 +31,17 @@ permutation; the rest is what every fusion calibrates on): with integer labels i
 (``"error"``, the top-1 error with cross-entropy breaking ties, the default: it tracks the test accuracy better than
 the cross-entropy, bench/results/defaults_selection.md; or ``"cross_entropy"`` of the logits); without
 labels, ``"ensemble"``: the mean squared distance to the ensemble's outputs ``sum_k lambda_k f_k(x)``. Lower is
-better. The trivial candidates (members, sub-ensembles, the ensemble) use no calibration data to be built, so they
-are scored on *every* calibration sample (``trivial_samples="all"``, the default; their comparisons among
-themselves then have half the variance), the fused ones on the held-out samples only. The returned model is the
-feasible candidate with the lowest objective; candidates within ``tie_tolerance`` (default 0: exact ties) of it
-are tied, and among those the lower tie-breaker, then the cheaper one, wins. So the answer is never worse *on the
-search's objective* than any trivial baseline that fits: each member, the best m-subset for every m (by the same
-objective), and at ``budget >= 1`` the full ensemble (``fusion_info["budget"]["best_trivial"]`` names the best
-one and the reason says by how much it lost).
+better. The choice has two stages. (1) The trivial candidates (members, sub-ensembles, the ensemble) use no
+calibration data to be built, so the best of them is picked on *every* calibration sample
+(``trivial_samples="all"``, the default: half the variance of a held-out-only pick); the best fused candidate is
+picked on the held-out samples. (2) The two are compared *paired*, on the same held-out samples (comparing a
+low-variance all-sample score with the minimum of many noisy held-out scores would favour the fused candidates by
+chance). Candidates within ``tie_tolerance`` (default 0: exact ties) of the lowest objective are tied, and among
+those the lower tie-breaker, then the cheaper one, wins. So the answer is never worse on the held-out objective
+than the best trivial baseline that fits: each member, the best m-subset for every m (by the same objective), and
+at ``budget >= 1`` the full ensemble (``fusion_info["budget"]["best_trivial"]`` names it, and the reason says how
+the two stages decided). ``trivial_samples="holdout"`` scores every candidate on the held-out samples only (the
+plain minimum).
 
 **What it costs.** Each candidate is one fusion (sub-ensembles and members are evaluated from the members'
 outputs, no fusion); the bisections cost about log2(32) + 2 fusions per method and budget (shared across the
