@@ -190,8 +190,12 @@ def _wins(records: list[dict[str, Any]], method: str, key: str, values: tuple[An
 
 
 def _fmt_wins(title: str, w: dict[str, Any]) -> str:
-    parts = [f"{'sqdist (default)' if v is None else v}: higher test accuracy in {w['acc_wins'][v]}, lower distance in {w['dist_wins'][v]}, mean acc "
-             f"{100 * w['mean_acc'][v]:.2f}%" for v in w["acc_wins"] if w["mean_acc"].get(v) is not None]  # fmt: skip
+    parts = []
+    for v in w["acc_wins"]:
+        if w["mean_acc"].get(v) is not None:
+            name = "sqdist (default)" if v is None else v
+            parts.append(f"{name}: higher test accuracy in {w['acc_wins'][v]}, lower distance in "
+                         f"{w['dist_wins'][v]}, mean acc {100 * w['mean_acc'][v]:.2f}%")  # fmt: skip
     return f"- **{title}** ({w['cells']} (case, alpha) cells, {w['ties']} accuracy ties): " + "; ".join(parts) + "."
 
 
