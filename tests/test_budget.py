@@ -106,26 +106,39 @@ def test_chosen_has_the_best_objective_among_feasible(mlp3):
         info = search.choose(b).fusion_info["budget"]
         feasible = [r for r in info["candidates"] if r["feasible"]]
         assert len(feasible) >= 3
-        best = min(r["objective"] for r in feasible)
+        # lowest in its group (trivial: on every calibration sample; fused: held out), and lowest of the two
+        # groups' winners on the held-out samples
+        group = [r for r in feasible if (r["family"] in ("members", "subsets")) == (info["chosen_family"] in
+                 ("members", "subsets"))]  # fmt: skip
+        best = min(r["objective"] for r in group)
         assert info["chosen_objective"] == best
-        assert info["chosen"] in [r["name"] for r in feasible if r["objective"] == best]
+        assert info["chosen"] in [r["name"] for r in group if r["objective"] == best]
+        assert info["chosen_holdout_objective"] <= info["best_trivial"]["holdout_objective"]
         assert info["fusions"] > 0 and info["time_s"] > 0
-        assert "lowest cross_entropy" in info["reason"]
+        assert "lowest error" in info["reason"] and info["objective"] == "error"  # the default with labels
 
 
-def test_chosen_objective_recomputed_on_the_held_out_samples(mlp3):
+def test_chosen_objective_recomputed_on_its_samples(mlp3):
     members, _, _, search = mlp3
     model = search.choose(1.0)
+    info = model.fusion_info["budget"]
+    # trivial candidates (members, sub-ensembles) are scored on every calibration sample, fused ones on the
+    # held-out ones
+    trivial = info["chosen_family"] in ("members", "subsets")
+    x, y = (search.x_triv, search.y_triv) if trivial else (search.x_hold, search.y_hold)
+    assert x.shape[0] == (info["trivial_samples"] if trivial else info["holdout_samples"])
     with torch.no_grad():
-        z = model(search.x_hold).double()
-        ens = sum(m(search.x_hold).double() for m in members) / len(members)
-    got = float(nn.functional.cross_entropy(z, search.y_hold))
-    ens_ce = float(nn.functional.cross_entropy(ens, search.y_hold))
-    assert got == pytest.approx(model.fusion_info["budget"]["chosen_objective"], rel=1e-5)
+        z = model(x).double()
+        ens = sum(m(search.x_triv).double() for m in members) / len(members)
+    assert info["objective"] == "error"
+    got = float((z.argmax(1) != y).double().mean())
+    ens_err = float((ens.argmax(1) != search.y_triv).double().mean())
+    assert got == pytest.approx(info["chosen_objective"], rel=1e-9, abs=1e-12)
     # budget = 1: the ensemble is a candidate, so the choice is at least as good on the objective
-    assert got <= ens_ce + 1e-9
-    names = [r["name"] for r in model.fusion_info["budget"]["candidates"]]
-    assert "ensemble [0, 1, 2] (logits)" in names
+    assert info["chosen_objective"] <= ens_err + 1e-12
+    rows = {r["name"]: r for r in info["candidates"]}
+    assert rows["ensemble [0, 1, 2] (logits)"]["objective"] == pytest.approx(ens_err, rel=1e-9, abs=1e-12)
+    assert rows["ensemble [0, 1, 2] (logits)"]["samples"] == search.n_fit + search.n_hold
 
 
 def test_budget_one_without_labels_is_at_least_the_ensemble():

@@ -112,7 +112,7 @@ def test_inertia_not_worse_than_sklearn(width):
     a, b = _mlp(0), _mlp(1)
     data = _data()
     lam = [0.4, 0.6]
-    fused = pyfusion.fuse([a, b], data, method="cluster", width=width, lambdas=lam, n_restarts=50)
+    fused = pyfusion.fuse([a, b], data, method="cluster", width=width, lambdas=lam, n_restarts=50, point="post")
     g = trace_groups(a)
     for name, layer_idx in zip(g.groups, (1, 3)):
         pts = _group_points([a, b], data, layer_idx)

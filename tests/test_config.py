@@ -22,11 +22,11 @@ DEFAULTS = {
     "ot": {"cost": None, "masses": "uniform", "point": "post", "reference": 0, "max_batches": None, "reg": None,
            "max_iter": 10_000, "tol": 1e-9},  # fmt: skip
     "partial": {
-        "alpha": 0.5, "features": None, "cost": None, "point": "post", "reference": 0, "sweeps": 10,
+        "alpha": 0.5, "features": None, "cost": None, "point": "pre", "reference": 0, "sweeps": 10,
         "max_batches": None,
     },
     "cluster": {
-        "width": None, "alpha": None, "n_restarts": 200, "seed": 0, "point": "post", "top_k": 5, "max_batches": None,
+        "width": None, "alpha": None, "n_restarts": 200, "seed": 0, "point": "pre", "top_k": 5, "max_batches": None,
         "num_threads": None,
     },
     "prune": {"width": None, "alpha": None, "criterion": "weight_norm", "point": "post", "max_batches": None},
