@@ -199,3 +199,23 @@ def test_permutation_path_declines_non_permutation_plans():
     assert permutation_maps(graph, plan) is not None
     assert permutation_maps(graph, soft) is None
     assert isinstance(plan, Plan)
+
+
+def test_member_perm_reads_exact_permutations_only():
+    from pyfusion.fuse.permuted import _member_perm
+
+    perm = torch.tensor([2, 0, 3, 1])
+    b = torch.zeros(4, 4, dtype=torch.float64)
+    b[perm, torch.arange(4)] = 1.0  # slot s holds neuron perm[s]
+    a = 0.25 * b.T
+    got = _member_perm(a, b)
+    assert got is not None and torch.equal(got[0], perm) and torch.equal(got[1], torch.full((4,), 0.25, dtype=a.dtype))
+    two = b.clone()
+    two[0, 0] = 1.0  # neuron 0 in two slots
+    assert _member_perm(a, two) is None
+    half = b.clone()
+    half[perm[1], 1] = 0.5
+    assert _member_perm(a, half) is None
+    extra = a.clone()
+    extra[0, 0] = 1e-3  # A reads a neuron B does not put there
+    assert _member_perm(extra, b) is None

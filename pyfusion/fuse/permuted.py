@@ -30,21 +30,25 @@ __all__ = ["permutation_maps", "permutation_segments", "permutation_tensors"]
 
 
 def _member_perm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(perm, values) when ``B = P^T`` exactly (slot s holds neuron perm[s]) and ``A`` has its non-zeros exactly at
-    (s, perm[s]) (values there: ``A[s, perm[s]]``), else None."""
+    """(perm, values) when ``B = P^T`` exactly (slot s holds neuron perm[s]: B[perm[s], s] = 1, no other non-zero)
+    and ``A`` has its non-zeros exactly at (s, perm[s]) (values there: ``A[s, perm[s]]``), else None.
+
+    One ``nonzero`` pass per map (a column argmax of the dense (n, n) B took 16 ms at n = 1024)."""
     if a.ndim != 2 or b.ndim != 2 or b.shape[0] != b.shape[1] or tuple(a.shape) != (b.shape[1], b.shape[0]):
         return None
     n = b.shape[0]
-    perm = b.argmax(0)
     ar = torch.arange(n)
-    if int(torch.count_nonzero(b)) != n or not bool((b[perm, ar] == 1).all()):
+    nz_b = b.nonzero()  # (row = neuron, column = slot), row-major order
+    if nz_b.shape[0] != n or not torch.equal(nz_b[:, 0], ar):
+        return None  # a neuron in no slot or in two
+    perm = torch.empty(n, dtype=torch.long)
+    perm[nz_b[:, 1]] = ar  # slot -> neuron
+    if not torch.equal(torch.sort(nz_b[:, 1]).values, ar) or not bool((b[nz_b[:, 0], nz_b[:, 1]] == 1).all()):
+        return None  # a slot with no neuron or two, or a weight other than 1
+    nz_a = a.nonzero()  # (slot, neuron), row-major: exactly (s, perm[s]) in slot order
+    if nz_a.shape[0] != n or not torch.equal(nz_a[:, 0], ar) or not torch.equal(nz_a[:, 1], perm):
         return None
-    if not torch.equal(torch.sort(perm).values, ar):
-        return None
-    vals = a[ar, perm]
-    if int(torch.count_nonzero(a)) != int(torch.count_nonzero(vals)) or int(torch.count_nonzero(vals)) != n:
-        return None
-    return perm, vals
+    return perm, a[ar, perm]
 
 
 def permutation_maps(graph: FusionGraph, plan: Plan) -> dict[str, list[tuple[Tensor, Tensor]]] | None:
