@@ -65,6 +65,15 @@ void bind_correlation(py::module_& m) {
       "Prepass of the BLAS path: out (n, d) row-major float32 = x - shift; s1 (d,) += sum (x - shift) and "
       "sq[j * sq_stride] += sum (x_j - shift_j)^2, float64, in place (sq_stride = d + 1: the diagonal of s2). "
       "Returns the instruction set used.");
+  m.def(
+      "corr_add_f32",
+      [](uintptr_t dst, int64_t ld_dst, uintptr_t src, int64_t ld_src, int64_t rows, int64_t cols, int threads) {
+        py::gil_scoped_release release;
+        corr::add_f32_cpu(ptr<double>(dst), ld_dst, ptr<const float>(src), ld_src, rows, cols, threads);
+      },
+      py::arg("dst"), py::arg("ld_dst"), py::arg("src"), py::arg("ld_src"), py::arg("rows"), py::arg("cols"),
+      py::arg("threads") = 0,
+      "dst (rows, cols; row stride ld_dst, float64) += src (row stride ld_src, float32), in place.");
   m.def("corr_best_isa", &corr::best_isa, "The micro-kernel the CPU path uses by default");
 #ifdef PYFUSION_HAS_CUDA
   m.def(

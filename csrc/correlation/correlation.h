@@ -37,6 +37,11 @@ std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int
 std::string shift_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
                       const double* shift, double* s1, double* sq, int64_t sq_stride, float* out, int threads);
 
+// dst[i * ld_dst + j] += src[i * ld_src + j] (float32 -> float64) for i < rows, j < cols: the float64 add of a GEMM
+// result into a block of s2 (torch's mixed-dtype add into a strided block ran at a third of this speed).
+void add_f32_cpu(double* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                 int threads);
+
 // The best micro-kernel this CPU supports ("avx512", "avx2" or "scalar").
 std::string best_isa();
 

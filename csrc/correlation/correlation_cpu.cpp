@@ -642,5 +642,21 @@ std::string shift_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t 
   fail("correlation: unknown dtype code ", static_cast<int>(dtype), " (expected 0=float32, 1=float16, 2=bfloat16)");
 }
 
+void add_f32_cpu(double* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                 int threads) {
+  PF_CHECK(rows >= 0 && cols >= 0, "correlation: add_f32 needs a non-negative shape; got (", rows, ", ", cols, ")");
+  if (rows == 0 || cols == 0) return;
+  PF_CHECK(dst != nullptr && src != nullptr, "correlation: null buffer pointer");
+  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), rows / 64)));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) if (t > 1) schedule(static)
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    double* __restrict o = dst + i * ld_dst;
+    const float* __restrict r = src + i * ld_src;
+    for (int64_t j = 0; j < cols; ++j) o[j] += static_cast<double>(r[j]);
+  }
+}
+
 }  // namespace correlation
 }  // namespace pyfusion

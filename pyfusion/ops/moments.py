@@ -130,18 +130,31 @@ def _acc_blas(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int]
     n, d = x.shape
     v = _shifted(x, shift, s1, s2, d + 1)
     for r0, r1, c0, c1 in _blas_rects(rects):
-        block = s2[r0:r1, c0:c1]
         for p in range(0, n, BLAS_PANEL):
             panel = v[p : p + BLAS_PANEL]
-            block.add_(torch.mm(panel[:, r0:r1].T, panel[:, c0:c1]))
+            _add_f32(s2[r0:r1, c0:c1], torch.mm(panel[:, r0:r1].T, panel[:, c0:c1]))
+
+
+def _add_f32(dst: Tensor, src: Tensor) -> None:
+    """dst (float64, unit column stride) += src (float32, contiguous), in C++: torch's mixed-dtype add into a
+    strided block ran at a fifth of its speed (1024 x 1024 block of a 2048 x 2048 state: 3.9 ms against 0.8 ms)."""
+    _ext._C.corr_add_f32(  # type: ignore[union-attr]
+        dst.data_ptr(),
+        dst.stride(0),
+        src.data_ptr(),
+        src.stride(0),
+        src.shape[0],
+        src.shape[1],
+        torch.get_num_threads(),
+    )
 
 
 def _acc_blas_supports(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None = None) -> list[str]:
     why = _layout_reasons(x, shift, s1, s2)
     if x.device.type != "cpu":
         why.append(f"x is on {x.device}, the BLAS path runs on CPU tensors")
-    elif not hasattr(_ext._C, "corr_shift"):
-        why.append("the extension predates its BLAS prepass corr_shift (rebuild it)")
+    elif not (hasattr(_ext._C, "corr_shift") and hasattr(_ext._C, "corr_add_f32")):
+        why.append("the extension predates the BLAS path's corr_shift / corr_add_f32 (rebuild it)")
     boxes = _blas_rects(rects)
     if not boxes:
         why.append("no rectangles: the whole lower triangle is a SYRK (half a GEMM's work), the engine's job")
@@ -374,15 +387,15 @@ def _corr_blas(x: Tensor, y: Tensor) -> Tensor:
         s1s.append(s1)
     cov = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
     for p in range(0, n, BLAS_PANEL):
-        cov.add_(torch.mm(vs[0][p : p + BLAS_PANEL].T, vs[1][p : p + BLAS_PANEL]))
+        _add_f32(cov, torch.mm(vs[0][p : p + BLAS_PANEL].T, vs[1][p : p + BLAS_PANEL]))
     cov.addr_(s1s[0], s1s[1], alpha=-1.0 / n).div_(n)
     return cov.mul_(inv[0][:, None]).mul_(inv[1][None, :]).clamp_(-1.0, 1.0)
 
 
 def _corr_blas_supports(x: Tensor, y: Tensor) -> list[str]:
     why = _corr_engine_supports("cpu", "BLAS path")(x, y)
-    if not why and not hasattr(_ext._C, "corr_shift"):
-        why.append("the extension predates its BLAS prepass corr_shift (rebuild it)")
+    if not why and not (hasattr(_ext._C, "corr_shift") and hasattr(_ext._C, "corr_add_f32")):
+        why.append("the extension predates the BLAS path's corr_shift / corr_add_f32 (rebuild it)")
     if _same_tensor(x, y):
         why.append("correlation(x, x) is a SYRK (half a GEMM's work), the engine's job")
     if min(x.shape[1], y.shape[1]) < BLAS_MIN_SIDE:
