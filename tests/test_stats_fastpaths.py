@@ -96,7 +96,7 @@ def test_blas_declines_with_reasons():
     assert any("SYRK" in w for w in blas.reasons(x, shift, s1, s2, None))
     assert any("SYRK" in w for w in blas.reasons(x, shift, s1, s2, [0, 150, 0, 150]))
     assert any("narrower" in w for w in blas.reasons(x, shift, s1, s2, [200, 300, 0, 200]))
-    assert any("rows" in w for w in blas.reasons(x[:100], shift, s1, s2, [150, 300, 0, 150]))
+    assert any("rows" in w for w in blas.reasons(x[:100], shift, s1, s2, [150, 300, 0, 150]))  # < BLAS_MIN_ROWS
     assert blas.reasons(x, shift, s1, s2, [150, 300, 0, 150]) == []
     assert moments.ACCUMULATE.select(x, shift, s1, s2, None).name == "cpp"
     assert any("SYRK" in w for w in moments.CORRELATION._by_name["torch"].reasons(x, x))

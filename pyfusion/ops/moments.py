@@ -90,17 +90,17 @@ def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int]
 
 # The BLAS path (backend "torch"): a C++ prepass forms v = x - c in float32 (s1 and the diagonal of s2 in float64 in
 # the same pass), then every requested off-diagonal rectangle of s2 gets torch.mm (MKL / oneDNN sgemm) of column
-# blocks of v over panels of BLAS_PANEL rows, each float32 product block added to the float64 state. Measured on
-# the loaded 2-core VM, 1 thread, cross block of two members (rects = [D, 2D) x [0, D)), interleaved, min of 7:
-# n = 512: D = 512 1.24-1.67x the engine, D = 1024 1.24-1.41x; n = 4096: 1.18-1.33x; n = 256: 0.85-1.16x; n = 128:
-# 0.5-1.1x (the float64 add of each product block costs as much as the GEMM); D = 128 per block: 1.14-1.28x,
-# D = 64: 0.98-1.01x, D = 32: 0.69-0.92x. Hence the limits below.
+# blocks of v over panels of BLAS_PANEL rows, each float32 product block added to the float64 state in C++.
+# Speed against the engine, cross block of two members (rects = [D, 2D) x [0, D)), loaded 2-core VM (load ~4),
+# 1 thread, interleaved, min of 7: n = 2048 rows: D = 128 / 512 / 1024 per member 1.32x / 1.41x / 1.28x; n = 512:
+# 1.18x / 1.19x / 1.16x; n = 256: 1.26x / 1.28x / 1.39x; n = 128: 1.11x / 1.21x / 0.87x; D = 64: 0.73x (n = 128)
+# to 1.07x (n = 2048). Hence BLAS_MIN_ROWS and BLAS_MIN_SIDE.
 # Correlation error against float64 (n = 16384, D = 256 + 256 correlated columns, offset 0 / 1e3; engine: 3.3e-8 /
 # 4.2e-8): panels of 128 rows 4.7e-8 / 3.7e-8, 256: 8.4e-8 / 7.3e-8, 512: 8.0e-8 / 7.6e-8, 1024: 1.2e-7 / 1.1e-7,
 # 2048: 1.6e-7 / 1.3e-7 (the float32 composite: ~2.5e-7). 512 keeps the float32 sums as short as MKL's own K
 # blocking and costs one float64 add per 512 rows.
 BLAS_PANEL = 512
-BLAS_MIN_ROWS = 512
+BLAS_MIN_ROWS = 256
 BLAS_MIN_SIDE = 128
 
 
