@@ -396,7 +396,7 @@ def _corr_blas_supports(x: Tensor, y: Tensor) -> list[str]:
     why = _corr_engine_supports("cpu", "BLAS path")(x, y)
     if not why and not (hasattr(_ext._C, "corr_shift") and hasattr(_ext._C, "corr_add_f32")):
         why.append("the extension predates the BLAS path's corr_shift / corr_add_f32 (rebuild it)")
-    if _same_tensor(x, y):
+    if not why and _same_tensor(x, y):  # (data pointers only of CPU tensors: never of a fake CUDA input)
         why.append("correlation(x, x) is a SYRK (half a GEMM's work), the engine's job")
     if min(x.shape[1], y.shape[1]) < BLAS_MIN_SIDE:
         why.append(f"x or y has fewer than {BLAS_MIN_SIDE} columns: the engine is as fast there (BLAS_MIN_SIDE)")
