@@ -5,7 +5,10 @@ one-shot neuron correlation built on it.
 c close to the mean (:func:`moment_shift`), ``s1 += sum_n (x_n - c)`` (D,) and the lower triangle of
 ``s2 += sum_n (x_n - c)(x_n - c)^T`` (D, D), both float64. Because c is close to the mean, the centered second
 moment ``M2 = s2 - s1 s1^T / N`` suffers no cancellation: a mean offset of 1e3 with unit or smaller variance
-costs no accuracy, unlike the one-pass ``E[x x^T] - E[x] E[x]^T`` in float32. Backends: ``cpp`` (csrc/correlation:
+costs no accuracy, unlike the one-pass ``E[x x^T] - E[x] E[x]^T`` in float32. Backends: ``torch`` (the BLAS path,
+for off-diagonal rectangles such as the cross block of two members: a C++ prepass shifts the batch to float32 with s1
+and the diagonal in float64, then float32 ``torch.mm`` over panels of ``BLAS_PANEL`` rows, each added to the float64
+state; 1.2-1.4x the engine where it applies, see the measurements beside ``BLAS_PANEL``), ``cpp`` (csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP),
 ``cuda`` (tiled SYRK with float64 atomics) and ``reference`` (float64 torch,
 :func:`pyfusion.ops.reference.accumulate_moments_ref`; also the path for float64 input).
@@ -13,7 +16,8 @@ cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with flo
 
 ``pyfusion::correlation`` is the Pearson correlation between the columns of x (N, Dx) and y (N, Dy): the
 moments of ``[x | y]`` from one accumulation of its cross block and diagonal (of x alone for ``correlation(x, x)``),
-then the (x, y) block (backends ``cpp``, ``cuda``), or the
+then the (x, y) block (backends ``cpp``, ``cuda``; ``torch``: x and y shifted by the prepass and one float32
+``torch.mm`` per panel, without the state of ``[x | y]``), or the
 two-pass float64 :func:`pyfusion.ops.reference.correlation_ref` (``reference``, also for float64 input).
 """
 
