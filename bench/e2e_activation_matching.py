@@ -7,9 +7,12 @@ cross block the matching needs), one ``scipy.optimize.linear_sum_assignment`` pe
 then the fused weights by permuting member 1 and averaging (numpy). Both sides must find the same permutations
 (checked; the fused parameters then agree to float32 rounding). Times are wall clock, end to end (data already in
 memory as batches of 512), median of interleaved repeats (pyfusion, script, pyfusion, ...), one thread for torch and
-BLAS. ``pyfusion`` is also split into its stages (fusion_info: trace, statistics, cost, solve, build).
+BLAS (``--threads T`` with ``OMP_NUM_THREADS=T`` etc. for both sides). ``pyfusion`` is also split into its stages
+(fusion_info: trace, statistics, cost, solve, build). The FLOP floor is the forward passes of both members plus one
+cross-correlation GEMM per hidden layer at the float32 GEMM rate measured in the same run: ``script / floor`` bounds
+the speed-up of any implementation with float32 products.
 
-Usage: PYTHONPATH=. python bench/e2e_activation_matching.py [--quick] [--repeats R] [--out PATH]
+Usage: PYTHONPATH=. python bench/e2e_activation_matching.py [--quick] [--repeats R] [--threads T] [--out PATH]
 """
 
 from __future__ import annotations
@@ -110,13 +113,36 @@ def run_pyfusion(models: list[torch.nn.Module], data: list[torch.Tensor]) -> tor
     return pyfusion.fuse(models, data, method="activation_matching")
 
 
+def flop_floor(width: int, n: int, depth: int = 3, inputs: int = 784, classes: int = 10) -> tuple[float, float]:
+    """(FLOPs, seconds) of the work no implementation can skip: both members' forward passes (2 N sum of the layers'
+    in x out) plus one cross-correlation GEMM per hidden layer (2 N width^2), timed at the float32 GEMM rate
+    measured here (median of 5 products of a 512-sample batch by a width x width matrix, this process's threads)."""
+    dims = [inputs] + [width] * depth + [classes]
+    forward = sum(2 * n * a * b for a, b in zip(dims[:-1], dims[1:])) * 2
+    cross = depth * 2 * n * width * width
+    a, w = torch.randn(BATCH, width), torch.randn(width, width)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.mm(a, w)
+        times.append(time.perf_counter() - t0)
+    rate = 2 * BATCH * width * width / statistics.median(times[1:])
+    return float(forward + cross), (forward + cross) / rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (checks that the script works)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both sides (numpy's BLAS follows OMP_NUM_THREADS etc., 1 unless set: set them too)",
+    )
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sizes = [(256, 1024), (256, 2048)] if args.quick else [(1024, 4096), (1024, 16384)]
     repeats = args.repeats or (1 if args.quick else 5)
     rows = []
@@ -147,9 +173,11 @@ def main() -> None:
         err = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
         med = statistics.median
         st = [med(s[i] for s in stages) for i in range(4)]
+        _flops, floor_s = flop_floor(width, n)
         rows.append(
-            [f"784-{width}x3-10", n, med(t_plain), med(t_py), med(t_plain) / med(t_py), *st, f"{gap:.1e}", f"{err:.1e}"]
-        )
+            [f"784-{width}x3-10", n, med(t_plain), med(t_py), med(t_plain) / med(t_py), floor_s,
+             med(t_plain) / floor_s, *st, f"{gap:.1e}", f"{err:.1e}"]
+        )  # fmt: skip
     report = Report("Activation matching end to end: pyfusion vs hooks + numpy float64 + scipy", quick=args.quick)
     report.text(__doc__.split("\n\n")[1].replace("\n", " "))
     report.table(
@@ -160,6 +188,8 @@ def main() -> None:
             "script s",
             "pyfusion s",
             "speed-up",
+            "floor s",
+            "script / floor",
             "trace s",
             "stats s",
             "cost s",
@@ -168,12 +198,15 @@ def main() -> None:
             "max diff",
         ],
         rows,
-        formats={c: ".3f" for c in ("script s", "pyfusion s", "trace s", "stats s", "cost s", "solve s")}
-        | {"speed-up": ".2f"},
+        formats={c: ".3f" for c in ("script s", "pyfusion s", "floor s", "trace s", "stats s", "cost s", "solve s")}
+        | {"speed-up": ".2f", "script / floor": ".2f"},
     )
     report.write(output_path(args.out, "e2e_activation_matching.md", args.quick))
     for r in rows:
-        print(f"{r[0]} N={r[1]}: script {r[2]:.3f} s, pyfusion {r[3]:.3f} s ({r[4]:.2f}x); stages {r[5:9]}")
+        print(
+            f"{r[0]} N={r[1]}: script {r[2]:.3f} s, pyfusion {r[3]:.3f} s ({r[4]:.2f}x); FLOP floor {r[5]:.3f} s "
+            f"(the most any float32 implementation can beat the script by: {r[6]:.2f}x); stages {r[7:11]}"
+        )
 
 
 if __name__ == "__main__":

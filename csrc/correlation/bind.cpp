@@ -51,6 +51,29 @@ void bind_correlation(py::module_& m) {
       "place. Addresses are integers (tensor.data_ptr()); strides in elements. `rects` [r0, r1, c0, c1, ...]: "
       "accumulate only the diagonal macro blocks and those meeting these rectangles of the lower triangle (empty: "
       "all). Returns the micro-kernel name.");
+  m.def(
+      "corr_shift",
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d, uintptr_t shift,
+         uintptr_t s1, uintptr_t sq, int64_t sq_stride, uintptr_t out, int threads) {
+        const corr::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        return corr::shift_cpu(ptr<const void>(x), dt, n, d, stride_n, stride_d, ptr<const double>(shift),
+                               ptr<double>(s1), ptr<double>(sq), sq_stride, ptr<float>(out), threads);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("stride_n"), py::arg("stride_d"),
+      py::arg("shift"), py::arg("s1"), py::arg("sq"), py::arg("sq_stride"), py::arg("out"), py::arg("threads") = 0,
+      "Prepass of the BLAS path: out (n, d) row-major float32 = x - shift; s1 (d,) += sum (x - shift) and "
+      "sq[j * sq_stride] += sum (x_j - shift_j)^2, float64, in place (sq_stride = d + 1: the diagonal of s2). "
+      "Returns the instruction set used.");
+  m.def(
+      "corr_add_f32",
+      [](uintptr_t dst, int64_t ld_dst, uintptr_t src, int64_t ld_src, int64_t rows, int64_t cols, int threads) {
+        py::gil_scoped_release release;
+        corr::add_f32_cpu(ptr<double>(dst), ld_dst, ptr<const float>(src), ld_src, rows, cols, threads);
+      },
+      py::arg("dst"), py::arg("ld_dst"), py::arg("src"), py::arg("ld_src"), py::arg("rows"), py::arg("cols"),
+      py::arg("threads") = 0,
+      "dst (rows, cols; row stride ld_dst, float64) += src (row stride ld_src, float32), in place.");
   m.def("corr_best_isa", &corr::best_isa, "The micro-kernel the CPU path uses by default");
 #ifdef PYFUSION_HAS_CUDA
   m.def(

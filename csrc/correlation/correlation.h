@@ -31,6 +31,17 @@ std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int
                            const double* shift, double* s1, double* s2, int threads, Isa isa,
                            const std::vector<int64_t>& rects = {});
 
+// The prepass of the BLAS path (pyfusion.ops.moments, backend "torch"): out (n x d, row-major float32) = x - shift,
+// s1 += sum_i (x_i - shift) and sq[j * sq_stride] += sum_i (x_ij - shift_j)^2, float64 (sq_stride = d + 1 for the
+// diagonal of s2); the caller's float32 GEMMs of out give the off-diagonal rectangles. Returns the instruction set.
+std::string shift_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
+                      const double* shift, double* s1, double* sq, int64_t sq_stride, float* out, int threads);
+
+// dst[i * ld_dst + j] += src[i * ld_src + j] (float32 -> float64) for i < rows, j < cols: the float64 add of a GEMM
+// result into a block of s2 (torch's mixed-dtype add into a strided block ran at a third of this speed).
+void add_f32_cpu(double* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                 int threads);
+
 // The best micro-kernel this CPU supports ("avx512", "avx2" or "scalar").
 std::string best_isa();
 

@@ -321,6 +321,43 @@ PF_ALWAYS_INLINE void add_block_impl(const double* acc, int64_t i0, int64_t i1, 
   }
 }
 
+// dst[j] = x[j] - c[j] in float32 (exact or correctly rounded, as in pack_row_impl), s1_local[j] += v and
+// sq_local[j] += v * v, both in float64 (the products of float32 values are exact in float64): the prepass of the
+// BLAS path (shift_cpu), whose GEMMs then read dst.
+template <typename T, typename Convert>
+PF_ALWAYS_INLINE void shift_row_impl(const T* xr, int64_t d, int64_t sd, const float* cshift, float* dst,
+                                     double* s1_local, double* sq_local, float* row, Convert convert) {
+  const float* src;
+  if constexpr (std::is_same<T, float>::value) {
+    (void)convert;
+    if (sd == 1) {
+      src = xr;
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = xr[j * sd];
+      src = row;
+    }
+  } else {
+    if (sd == 1) {
+      convert(xr, d, row);
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = load<T>(xr + j * sd);
+    }
+    src = row;
+  }
+  const float* __restrict s = src;
+  const float* __restrict c = cshift;
+  float* __restrict out = dst;
+  double* __restrict a1 = s1_local;
+  double* __restrict a2 = sq_local;
+  for (int64_t j = 0; j < d; ++j) {
+    const float v = s[j] - c[j];
+    out[j] = v;
+    const double w = static_cast<double>(v);
+    a1[j] += w;
+    a2[j] += w * w;
+  }
+}
+
 inline void no_convert(const float*, int64_t, float*) {}
 
 // One instruction-set variant: tile shape, micro-kernel, and the packing / state-update loops compiled for the same
@@ -348,6 +385,18 @@ inline void no_convert(const float*, int64_t, float*) {}
     TARGET static void add_block(const double* acc, int64_t i0, int64_t i1, int64_t j0, int64_t j1, double* s2,   \
                                  int64_t d) {                                                                    \
       add_block_impl(acc, i0, i1, j0, j1, s2, d);                                                                \
+    }                                                                                                            \
+    TARGET static void shift_row(const float* xr, int64_t d, int64_t sd, const float* cs, float* o, double* s1,   \
+                                 double* sq, float* row) {                                                       \
+      shift_row_impl(xr, d, sd, cs, o, s1, sq, row, no_convert);                                                 \
+    }                                                                                                            \
+    TARGET static void shift_row(const Half* xr, int64_t d, int64_t sd, const float* cs, float* o, double* s1,    \
+                                 double* sq, float* row) {                                                       \
+      shift_row_impl(xr, d, sd, cs, o, s1, sq, row, CVT_HALF);                                                   \
+    }                                                                                                            \
+    TARGET static void shift_row(const BHalf* xr, int64_t d, int64_t sd, const float* cs, float* o, double* s1,   \
+                                 double* sq, float* row) {                                                       \
+      shift_row_impl(xr, d, sd, cs, o, s1, sq, row, CVT_BF16);                                                   \
     }                                                                                                            \
   };
 
@@ -467,6 +516,54 @@ void run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double*
   PF_CHECK(!alloc_failed, "correlation: could not allocate a thread's ", kMacro * kMacro * 8, "-byte accumulator");
 }
 
+// The prepass of the BLAS path: out (n x d, row-major float32) = x - c, s1 += sum_i (x_i - c) and
+// sq[j * sq_stride] += sum_i (x_ij - c_j)^2, float64 (sq_stride = d + 1: the diagonal of a (d, d) s2). Memory-bound: one read of x, one write of out.
+template <typename V, typename T>
+void shift_run(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1, double* sq,
+               int64_t sq_stride, float* out, int threads) {
+  std::vector<float> cshift(static_cast<size_t>(d));
+  for (int64_t j = 0; j < d; ++j) cshift[j] = static_cast<float>(shift[j]);
+  // a thread per 64 rows at least: the per-thread partials cost two passes over d
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / 64)));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+#endif
+  {
+    std::vector<double> s1_local(static_cast<size_t>(d), 0.0), sq_local(static_cast<size_t>(d), 0.0);
+    std::vector<float> row(static_cast<size_t>(d), 0.0f);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < n; ++i)
+      V::shift_row(x + i * sn, d, sd, cshift.data(), out + i * d, s1_local.data(), sq_local.data(), row.data());
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+    for (int64_t j = 0; j < d; ++j) {
+      s1[j] += s1_local[j];
+      sq[j * sq_stride] += sq_local[j];
+    }
+  }
+}
+
+template <typename T>
+std::string dispatch_shift(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1,
+                           double* sq, int64_t sq_stride, float* out, int threads) {
+#ifdef PF_X86
+  const std::string best = best_isa();
+  if (best == "avx512") {
+    shift_run<VarAvx512, T>(x, n, d, sn, sd, shift, s1, sq, sq_stride, out, threads);
+    return best;
+  }
+  if (best == "avx2") {
+    shift_run<VarAvx2, T>(x, n, d, sn, sd, shift, s1, sq, sq_stride, out, threads);
+    return best;
+  }
+#endif
+  shift_run<VarScalar, T>(x, n, d, sn, sd, shift, s1, sq, sq_stride, out, threads);
+  return "scalar";
+}
+
 template <typename T>
 std::string dispatch_isa(const T* x, int64_t n, int64_t d, int64_t sn, int64_t sd, const double* shift, double* s1,
                          double* s2, int threads, Isa isa, const std::vector<int64_t>& rects) {
@@ -525,6 +622,40 @@ std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int
       return dispatch_isa(static_cast<const BHalf*>(x), n, d, stride_n, stride_d, shift, s1, s2, t, isa, rects);
   }
   fail("correlation: unknown dtype code ", static_cast<int>(dtype), " (expected 0=float32, 1=float16, 2=bfloat16)");
+}
+
+std::string shift_cpu(const void* x, DType dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d,
+                      const double* shift, double* s1, double* sq, int64_t sq_stride, float* out, int threads) {
+  PF_CHECK(n >= 0 && d >= 0, "correlation: x must have non-negative shape (n, d); got (", n, ", ", d, ")");
+  if (n == 0 || d == 0) return best_isa();
+  PF_CHECK(x != nullptr && shift != nullptr && s1 != nullptr && sq != nullptr && out != nullptr,
+           "correlation: null buffer pointer");
+  const int t = resolve_threads(threads);
+  switch (dtype) {
+    case DType::kFloat32:
+      return dispatch_shift(static_cast<const float*>(x), n, d, stride_n, stride_d, shift, s1, sq, sq_stride, out, t);
+    case DType::kFloat16:
+      return dispatch_shift(static_cast<const Half*>(x), n, d, stride_n, stride_d, shift, s1, sq, sq_stride, out, t);
+    case DType::kBFloat16:
+      return dispatch_shift(static_cast<const BHalf*>(x), n, d, stride_n, stride_d, shift, s1, sq, sq_stride, out, t);
+  }
+  fail("correlation: unknown dtype code ", static_cast<int>(dtype), " (expected 0=float32, 1=float16, 2=bfloat16)");
+}
+
+void add_f32_cpu(double* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                 int threads) {
+  PF_CHECK(rows >= 0 && cols >= 0, "correlation: add_f32 needs a non-negative shape; got (", rows, ", ", cols, ")");
+  if (rows == 0 || cols == 0) return;
+  PF_CHECK(dst != nullptr && src != nullptr, "correlation: null buffer pointer");
+  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), rows / 64)));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) if (t > 1) schedule(static)
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    double* __restrict o = dst + i * ld_dst;
+    const float* __restrict r = src + i * ld_src;
+    for (int64_t j = 0; j < cols; ++j) o[j] += static_cast<double>(r[j]);
+  }
 }
 
 }  // namespace correlation

@@ -409,7 +409,13 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
         dict(list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False)))
         for m in members
     ]
-    tensors = fused_tensors(states, graph, plan)
+    from pyfusion.fuse.permuted import permutation_maps, permutation_segments, permutation_tensors
+
+    perm_maps = permutation_maps(graph, plan)  # pure permutations: gathers, bit for bit the general path's sums
+    tensors = None if perm_maps is None else permutation_tensors(states, graph, plan, perm_maps)
+    if tensors is None:
+        perm_maps = None
+        tensors = fused_tensors(states, graph, plan)
     fused = copy.deepcopy(members[0])
     own = dict(list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)))
     # the normalizers replaced by member-view modules keep their members' own tensors: not fused
@@ -472,7 +478,8 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
                 entry.update(**{"in": layouts[name], "in_expand": r.expand, "in_group": name})
             else:
                 entry.update(out=layouts[name], out_group=name)
-    for mpath, segs in member_segments(members[0], graph, plan, maps).items():
+    segments = None if perm_maps is None else permutation_segments(members[0], graph, plan, perm_maps)
+    for mpath, segs in (member_segments(members[0], graph, plan, maps) if segments is None else segments).items():
         module_layouts.setdefault(
             mpath, {"out": None, "in": None, "in_expand": 1, "out_group": None, "in_group": None}
         )["segments"] = segs

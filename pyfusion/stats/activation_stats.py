@@ -25,7 +25,9 @@ moves by ~std / sqrt(N). The check costs one column sum of the batch (in place o
 finiteness check took) and about ten operations on (D,) vectors, which rule out almost every batch with the state's
 M2 as a lower bound; only a batch they cannot rule out pays for the probe's variance and the exact criteria.
 
-Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: the C++ engine, csrc/correlation:
+Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: the BLAS path for the cross blocks of
+``pairs`` (float32 torch.mm of the shifted batch over panels of 512 rows, float64 across panels); the C++ engine,
+csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
 CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension).
 """
