@@ -4,6 +4,7 @@ trivial baseline on the search's objective, the full ensemble at budget 1, ties,
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -107,14 +108,21 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
         assert info["best_trivial"]["objective"] == best_t
         # stage 2, paired on the held-out samples: the choice is never worse than that baseline there
         assert info["chosen_holdout_objective"] <= info["best_trivial"]["holdout_objective"]
+        margin = info["margin_test"]
         if info["chosen_family"] in TRIVIAL:
             assert info["chosen"] == info["best_trivial"]["name"]
-            assert not fused or min(r["holdout_objective"] for r in fused) >= info["best_trivial"]["holdout_objective"]
+            best_fused_hold = min((r["holdout_objective"] for r in fused), default=math.inf)
+            if best_fused_hold < info["best_trivial"]["holdout_objective"]:  # kept by the margin test only
+                assert margin is not None and not margin["passed"]
+                assert margin["mean_improvement"] <= info["fused_margin"] * margin["standard_error"]
+                assert "the trivial baseline is kept" in info["reason"]
         else:
             assert info["chosen_objective"] == min(r["objective"] for r in fused)
-            assert info["chosen_holdout_objective"] < info["best_trivial"]["holdout_objective"] or (
-                info["chosen_holdout_objective"] == info["best_trivial"]["holdout_objective"]  # an exact tie
-            )
+            assert info["chosen_holdout_objective"] < info["best_trivial"]["holdout_objective"]
+            assert margin["passed"] and margin["z"] > info["fused_margin"]
+            # the per-sample losses average to the objectives: the improvement is the paired difference
+            gap = info["best_trivial"]["holdout_objective"] - info["chosen_holdout_objective"]
+            assert margin["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
             assert "the fused candidate has the lower" in info["reason"]
         if b >= 1.0:  # the full ensemble is a candidate for every combine rule
             names = [r["name"] for r in trivial]
@@ -174,3 +182,32 @@ def test_invalid_selection_options_raise(options, match):
     _, _, data = _data(40, seed=12)
     with pytest.raises(ValueError, match=match):
         budget_search(members, data, candidates=TRIVIAL, **options)
+
+
+@pytest.mark.parametrize("objective", ["error", "ensemble"])
+def test_the_fused_margin_is_a_paired_z_test_on_the_held_out_losses(objective):
+    members = _noisy_linear_members(4, seed=5)
+    _, _, data = _data(240, seed=6)
+    families = ["members", "subsets", "partial", "average"]
+    loose = budget_search(members, data, objective=objective, candidates=families, fused_margin=0.0)
+    strict = budget_search(members, data, objective=objective, candidates=families, fused_margin=1e9)
+    for b in (0.5, 0.8):
+        off = loose.choose(b).fusion_info["budget"]
+        on = strict.choose(b).fusion_info["budget"]
+        assert off["margin_test"] is None  # fused_margin=0: the plain paired minimum
+        assert on["chosen_family"] in TRIVIAL  # an unreachable margin always keeps the trivial baseline
+        assert on["chosen"] == on["best_trivial"]["name"]
+        if off["chosen_family"] not in TRIVIAL:  # the fused pick the margin overrode
+            m = on["margin_test"]
+            assert m is not None and not m["passed"] and m["required_z"] == 1e9
+            gap = on["best_trivial"]["holdout_objective"] - off["chosen_holdout_objective"]
+            assert m["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
+            assert m["z"] == pytest.approx(m["mean_improvement"] / m["standard_error"])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "2", True])
+def test_fused_margin_must_be_a_finite_non_negative_number(bad):
+    members = _noisy_linear_members(2, seed=1)
+    _, _, data = _data(40, seed=2)
+    with pytest.raises(ValueError, match="fused_margin must be a finite number >= 0"):
+        budget_search(members, data, fused_margin=bad)
