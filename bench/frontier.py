@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "trivial baseline within the budget (zoo.best_within: selections on the calibration set). `gain kept`: "
         "(budgeted - best member) / (ensemble - best member), oracle best member on the test set.",
         f"Measured with {args.threads} thread(s), {args.cluster_restarts} k-means restarts per cluster candidate, "
-        "on a 2-core VM shared with 5 other jobs "
+        f"on {os.cpu_count()} logical cores "
         f"(load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end); total {total / 60:.1f} min "
         "including the searches (times in the last column are per case, all budgets).",
     )
