@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 
@@ -168,7 +169,56 @@ def main() -> None:
     errors = [(k, v["error"]) for k, v in cache.items() if "error" in v and k[0] == "[" and json.loads(k)[0] in cases]
     if errors:
         report.text("Refusals: " + "; ".join(f"{json.loads(k)[0]} {json.loads(k)[1]}: {e}" for k, e in errors))
-    report.write(output_path(args.out, "interp_mnist.md", args.quick))
+    path = output_path(args.out, "interp_mnist.md", args.quick)
+    report.text(_plot(by_arch, results, path))
+    report.write(path)
+
+
+# the methods the plot shows (every method is in the tables): the trivial baselines, the classic fusions and
+# neuron interpolation
+PLOTTED = (("best member (calibration)", "k_", "best member"), ("ensemble (logits)", "k^", "ensemble"),
+           ("average", "x", "average"), ("weight_matching", "+", "weight matching"),
+           ("activation_matching", "1", "activation matching"), ("ot", "2", "OT"), ("hf", "o", "hf"),
+           ("kf", "s", "kf"), ("kf_gradient", "D", "kf_gradient"))  # fmt: skip
+
+
+def _plot(by_arch: dict[tuple[str, str], list[str]], results: dict[str, dict], path: Any) -> str:
+    """One panel per (dataset, architecture): test accuracy of each plotted method per split; written next to the
+    Markdown file (same name, .png). Returns the sentence the report gets."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot."
+    keys = list(by_arch)
+    cols_n = min(4, len(keys))
+    rows_n = (len(keys) + cols_n - 1) // cols_n
+    fig, axes = plt.subplots(rows_n, cols_n, figsize=(4.2 * cols_n, 3.2 * rows_n), squeeze=False)
+    for ax, (ds, arch) in zip(axes.flat, keys):
+        cs = by_arch[(ds, arch)]
+        labels = ["/".join(c.split("/")[2:]) for c in cs]
+        for j, (method, style, name) in enumerate(PLOTTED):
+            pts = [(i + 0.06 * (j - len(PLOTTED) / 2), 100 * results[c][method][0]) for i, c in enumerate(cs)
+                   if method in results[c] and results[c][method][0] == results[c][method][0]]  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts), style, ls="none", ms=5, label=name)
+        ax.set_xticks(range(len(cs)), labels, fontsize=7)
+        ax.set_title(f"{DATASET_NAMES.get(ds, ds)}, {ARCH_NAMES.get(arch, arch)}", fontsize=9)
+        ax.set_ylabel("test acc. %", fontsize=8)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, png)  # atomic: a reader never sees a half-written plot
+    plt.close(fig)
+    print(f"wrote {png}")
+    return f"Plot: `{png.name}` (test accuracy per split of the plotted methods; every method is in the tables)."
 
 
 if __name__ == "__main__":
