@@ -270,6 +270,25 @@ static_assert(kMacro % kPanelW == 0 && kMacro % 8 == 0 && kMacro % 6 == 0, "macr
 
 #define PF_ALWAYS_INLINE inline __attribute__((always_inline))
 
+// One row of d values (stride sd) as contiguous float32: the row itself when it already is, else converted or
+// gathered into `row` (scratch of d floats). Shared by the engine's packing and the BLAS path's shift prepass.
+template <typename T, typename Convert>
+PF_ALWAYS_INLINE const float* row_as_float(const T* xr, int64_t d, int64_t sd, float* row, Convert convert) {
+  if constexpr (std::is_same<T, float>::value) {
+    (void)convert;
+    if (sd == 1) return xr;
+    for (int64_t j = 0; j < d; ++j) row[j] = xr[j * sd];
+    return row;
+  } else {
+    if (sd == 1) {
+      convert(xr, d, row);
+    } else {
+      for (int64_t j = 0; j < d; ++j) row[j] = load<T>(xr + j * sd);
+    }
+    return row;
+  }
+}
+
 // Packs one row of x, shifted, into the panels (row k of each panel, panels panel_stride floats apart) and adds the
 // shifted values to the float64 s1 partial. Columns d .. dp-1 stay zero (set once at allocation). v = x - c in
 // float32 is exact (Sterbenz) or correctly rounded: the caller passes a float32-representable shift close to x.
@@ -279,23 +298,7 @@ static_assert(kMacro % kPanelW == 0 && kMacro % 8 == 0 && kMacro % 6 == 0, "macr
 template <typename T, typename Convert>
 PF_ALWAYS_INLINE void pack_row_impl(const T* xr, int64_t d, int64_t sd, const float* cshift, float* panels,
                                     int64_t panel_stride, int64_t k, double* s1_local, float* row, Convert convert) {
-  const float* src;
-  if constexpr (std::is_same<T, float>::value) {
-    (void)convert;
-    if (sd == 1) {
-      src = xr;
-    } else {
-      for (int64_t j = 0; j < d; ++j) row[j] = xr[j * sd];
-      src = row;
-    }
-  } else {
-    if (sd == 1) {
-      convert(xr, d, row);
-    } else {
-      for (int64_t j = 0; j < d; ++j) row[j] = load<T>(xr + j * sd);
-    }
-    src = row;
-  }
+  const float* src = row_as_float(xr, d, sd, row, convert);
   for (int64_t j0 = 0; j0 < d; j0 += kPanelW) {
     const int64_t jn = std::min<int64_t>(kPanelW, d - j0);
     float* __restrict dst = panels + (j0 / kPanelW) * panel_stride + k * kPanelW;
@@ -327,23 +330,7 @@ PF_ALWAYS_INLINE void add_block_impl(const double* acc, int64_t i0, int64_t i1, 
 template <typename T, typename Convert>
 PF_ALWAYS_INLINE void shift_row_impl(const T* xr, int64_t d, int64_t sd, const float* cshift, float* dst,
                                      double* s1_local, double* sq_local, float* row, Convert convert) {
-  const float* src;
-  if constexpr (std::is_same<T, float>::value) {
-    (void)convert;
-    if (sd == 1) {
-      src = xr;
-    } else {
-      for (int64_t j = 0; j < d; ++j) row[j] = xr[j * sd];
-      src = row;
-    }
-  } else {
-    if (sd == 1) {
-      convert(xr, d, row);
-    } else {
-      for (int64_t j = 0; j < d; ++j) row[j] = load<T>(xr + j * sd);
-    }
-    src = row;
-  }
+  const float* src = row_as_float(xr, d, sd, row, convert);
   const float* __restrict s = src;
   const float* __restrict c = cshift;
   float* __restrict out = dst;
