@@ -225,7 +225,6 @@ def _solve(
     g, cs, _ = ls_statistics(site["kind"], site["weight_shape"], u, [t], bias=bias, conv=site["conv"],
                              dtype=torch.float64)  # fmt: skip
     prior = torch.cat([w0.T, b0[None]], 0) if bias else w0.T  # (p [+1], s)
-    scale = float(torch.diagonal(g).mean()) or 1.0
     p = g.shape[0]
     if masks is None:
         row_sets = [(torch.arange(prior.shape[1]), torch.arange(p))]
@@ -240,12 +239,9 @@ def _solve(
     rel_used = float(ridge)
     for rows, cols in row_sets:
         gs, rhs0, pr = g[cols][:, cols], cs[0][cols][:, rows], prior[cols][:, rows]
-        rel = float(ridge)
-        for _ in range(3):  # solve_ls may grow the ridge when G + r I is singular: redo the right side with that r
-            (part,), used = solve_ls(gs, [rhs0 + rel * scale * pr], rel)
-            if used == rel:
-                break
-            rel = used
+        # the prior form of solve_ls, W0 + (G + rI)^-1 (C - G W0) = (G + rI)^-1 (C + r W0), stays exact when it has
+        # to grow r (G + rI singular), with r relative to this block's own diagonal
+        (part,), rel = solve_ls(gs, [rhs0], float(ridge), priors=[pr])
         sol[cols.unsqueeze(1), rows.unsqueeze(0)] = part
         rel_used = max(rel_used, rel)
     w = sol[:-1].T if bias else sol.T
