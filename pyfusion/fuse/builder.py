@@ -111,16 +111,19 @@ def _scatter_fused(
                 src = src * v.to(device=t.device, dtype=t.dtype).reshape(shape)
         if not has_out:
             src = src * lambdas[k]
-        idx: list[Any] = [slice(None)] * t.dim()
+        # the inner axes scattered one at a time into zeros, then the first axis written (k = 0) or added
+        # (index_add_ is out + x elementwise, the same sum as out[idx] += x): one advanced-index put over all axes
+        # at once was 1.4x slower (512 -> 896 slots, 3x3 float64, 1 thread)
         order = sorted(plans[k], key=lambda p: p[0])
-        for i, (axis, dest, _v, _e) in enumerate(order):
-            shape = [1] * len(order)
-            shape[i] = -1
-            idx[axis] = dest.to(t.device).reshape(shape)
+        for axis, dest, _v, _e in order[:0:-1]:
+            shape = list(src.shape)
+            shape[axis] = new_shape[axis]
+            src = torch.zeros(shape, dtype=src.dtype, device=src.device).index_copy_(axis, dest.to(t.device), src)
+        axis0, dest0 = order[0][0], order[0][1].to(t.device)
         if k == 0:
-            out[tuple(idx)] = src
+            out.index_copy_(axis0, dest0, src)
         else:
-            out[tuple(idx)] += src
+            out.index_add_(axis0, dest0, src)
     return out
 
 
@@ -337,6 +340,20 @@ def _resize_in_place(mod: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None
                 mod._buffers[name] = torch.empty(shape, dtype=old.dtype, device=old.device)
 
 
+def _shell_copy(member: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """A deep copy of ``member`` whose tensors named in ``tensors`` (all of them overwritten by :func:`_assign`, or
+    inside a module that is replaced) are uninitialised storage of the same shape, dtype and device instead of
+    clones: cloning member 0's weights only to throw them away was 20-60 ms of a VGG11 pair's partial fusion."""
+    memo: dict[int, Any] = {}
+    for name, p in member.named_parameters(remove_duplicate=False):
+        if name in tensors and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+    for name, b in member.named_buffers(remove_duplicate=False):
+        if name in tensors and id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b)
+    return copy.deepcopy(member, memo)
+
+
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -416,7 +433,7 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
     if tensors is None:
         perm_maps = None
         tensors = fused_tensors(states, graph, plan)
-    fused = copy.deepcopy(members[0])
+    fused = _shell_copy(members[0], tensors)
     own = dict(list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)))
     # the normalizers replaced by member-view modules keep their members' own tensors: not fused
     inside_wrapped = {key for key in tensors for path in wrap if path and key.startswith(path + ".")}
