@@ -303,10 +303,37 @@ def _reads_child_weights(parent: nn.Module) -> bool:
     return isinstance(parent, nn.MultiheadAttention)
 
 
-def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str) -> nn.Module:
-    """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero)."""
+def _build_pending(mod: nn.Module, ins: Segments, outs: Segments, pending: Any) -> nn.Module:
+    """The execution module of a layer whose weight the builder left pending: the packed weight gathered from the
+    members (:meth:`pyfusion.fuse.builder.PendingWeight.packed`, equal to packing the dense weight), no dense
+    weight and no zero-block check (no dense tensor exists: its zero blocks are never formed)."""
+    packed = pending.packed(ins, outs).to(mod.weight.dtype)
+    bias = None if mod.bias is None else mod.bias.detach()
+    kw = {"bias": bias is not None, "device": packed.device, "dtype": mod.weight.dtype}
+    if isinstance(mod, nn.Conv2d):
+        new = torch.nn.utils.skip_init(PartialConv2d, ins, outs, mod.kernel_size, mod.stride, mod.padding,
+                                       mod.dilation, **kw)  # fmt: skip
+    else:
+        new = torch.nn.utils.skip_init(PartialLinear, ins, outs, **kw)
+    if tuple(new.weight.shape) != tuple(packed.shape):  # pragma: no cover - the packing uses the module's plan
+        raise ValueError(
+            f"packed weight has {tuple(packed.shape)} entries; the module stores {tuple(new.weight.shape)}"
+        )
+    with torch.no_grad():
+        new.weight.data = packed
+        if bias is not None:
+            new.bias.copy_(bias)
+        new._reset_buffers()
+    return new
+
+
+def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str, pending: Any = None) -> nn.Module:
+    """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero), or of a
+    layer whose weight is pending (:func:`_build_pending`)."""
     try:
-        if isinstance(mod, nn.Conv2d):
+        if pending is not None:
+            new = _build_pending(mod, ins, outs, pending)
+        elif isinstance(mod, nn.Conv2d):
             new = PartialConv2d.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
                                            ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
         else:
@@ -350,7 +377,10 @@ def swap_partial_modules(
     Returns:
         The module paths that were swapped.
     """
+    from pyfusion.fuse.builder import materialize, pending_weights
+
     layouts = getattr(model, "fusion_module_layouts", None) or {}
+    pending = pending_weights(model)  # weights the builder left for the swap to pack (build(defer=True))
     shared = _shared_params(model)
     shapes = dict(input_shapes or {})
     chosen: dict[str, tuple[Segments, Segments]] = {}
@@ -412,9 +442,10 @@ def swap_partial_modules(
             except ValueError as exc:
                 raise ValueError(f"{fqn}: {exc}") from exc
         ins, outs = chosen[fqn]
-        return _build(mod, ins, outs, fqn)
+        return _build(mod, ins, outs, fqn, pending.pop(f"{fqn}.weight", None))
 
     replace_(model, make, lambda m, fqn: fqn in chosen or fqn in chosen_mha)
+    materialize(model)  # the pending weights of the layers that stay dense
     if swapped:
         _no_fused_fast_path(model, swapped)
     if fuse_activations:
@@ -603,6 +634,9 @@ def _cost(model: nn.Module, example: Any, shapes: dict[str, tuple[int, ...]] | N
             if shapes is not None:
                 shapes.update(recorded)
             return result
+    from pyfusion.fuse.builder import materialize
+
+    materialize(model)  # a real forward needs the pending weights
     handles = _shape_hooks(model, shapes) if shapes is not None else []
     try:
         return cost(model, example)
@@ -649,8 +683,10 @@ def finish(
     Returns:
         (model, plan): the model to return and its plan (the ensemble's plan when capped).
     """
-    from pyfusion.fuse.builder import build
+    from pyfusion.fuse.builder import build, materialize
 
+    if not fast_modules:
+        materialize(fused)  # nothing packs the pending weights: write them dense
     example = graph.example_inputs if example is None else example
     shapes: dict[str, tuple[int, ...]] | None = None
     if example is not None and plan is not None:
