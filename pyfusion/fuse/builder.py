@@ -254,7 +254,11 @@ class PendingWeight:
         self.shape, self.lambdas, self.has_out = tuple(new_shape), tuple(lambdas), has_out
 
     def dense(self) -> Tensor:
-        return _scatter_dense(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out)
+        # the packing with one segment read and written by every member is the dense tensor in its own layout, by
+        # the packed path's gathers (2-3x faster than _scatter_dense's zero-fill and index_copy_ / index_add_)
+        every = (1 << len(self.states)) - 1
+        flat = self.packed(((self.shape[1], every),), ((self.shape[0], every),))
+        return flat.view(self.shape)
 
     def packed(self, in_segments: Any, out_segments: Any) -> Tensor:
         return _scatter_packed(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out,
@@ -297,6 +301,30 @@ def _deferrable(mod: nn.Module) -> bool:
     return conv and not isinstance(mod.padding, str)
 
 
+def attach_selection(m: Tensor, sel: Any) -> None:
+    """Record on the map ``m`` (an A_k, or a B_k for its transpose) the :func:`selection` of ``m`` (A_k) or of
+    ``m.T`` (B_k) computed by whoever built it from its slot assignment, so that the builder does not re-derive it
+    from the dense matrix (``np.nonzero`` over every (slots, n) map: 0.15 s of an MLP-1024 pair's partial fusion).
+    Valid while ``m`` is not modified in place (its version counter is recorded and checked)."""
+    m._pyfusion_selection = (m._version, sel)  # type: ignore[attr-defined]
+
+
+def _recorded_selection(m: Tensor) -> Any:
+    rec = getattr(m, "_pyfusion_selection", None)
+    if rec is None or rec[0] != m._version:
+        return None
+    return rec[1]
+
+
+def _map_selection(gp: GroupPlan, k: int, consumer: bool) -> Any:
+    """:func:`selection` of ``A_k`` (or of ``B_k^T`` for a consumer axis), recorded or computed."""
+    m = gp.B[k] if consumer else gp.A[k]
+    rec = _recorded_selection(m)
+    if rec is not None:
+        return rec
+    return _selection(m.T if consumer else m)
+
+
 def _group_maps(graph: FusionGraph, plan: Plan) -> dict[str, GroupPlan]:
     maps: dict[str, GroupPlan] = {}
     lambdas = plan.lambdas
@@ -335,8 +363,7 @@ def fused_tensors(
         # one analysis per (group, member, side), not per tensor: a group's map is shared by all its tensors
         ck = (gname, k, consumer)
         if ck not in sel_cache:
-            gp = maps[gname]
-            sel_cache[ck] = _selection(gp.B[k].T if consumer else gp.A[k])
+            sel_cache[ck] = _map_selection(maps[gname], k, consumer)
         return sel_cache[ck]
 
     class _MemberSel(dict):
@@ -764,10 +791,16 @@ def _whole_axis_masks(
         return None
     masks = None
     for k in range(k_all):
-        if r.role == "consumer":
-            reach = (maps[gname].B[k] != 0).any(dim=0)
+        consumer = r.role == "consumer"
+        m = maps[gname].B[k] if consumer else maps[gname].A[k]
+        rec = _recorded_selection(m)
+        if rec is not None:  # the rows of the recorded selection are exactly the slots with a non-zero
+            reach = torch.zeros(m.shape[1] if consumer else m.shape[0], dtype=torch.bool)
+            reach[rec[0]] = True
+        elif consumer:
+            reach = (m != 0).any(dim=0)
         else:
-            reach = (maps[gname].A[k] != 0).any(dim=1)
+            reach = (m != 0).any(dim=1)
         bits = reach.to(torch.int64) << k
         masks = bits if masks is None else masks | bits
     if masks is None:
