@@ -18,7 +18,13 @@ parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.bui
   ``fuse(fast_modules="always")`` skips it) or where the swap cannot be exact (tied weights, modules whose parent
   reads the weight directly). An ``nn.TransformerEncoderLayer`` holding a swapped module runs its Python path.
 * :func:`finish` (the api's hook): the effective-FLOP cap of issue 14 (a fused point costing more than the
-  ensemble is replaced by the exact ensemble, said in ``fusion_info``), then the swap.
+  ensemble is replaced by the exact ensemble, said in ``fusion_info``), counted on a meta-device copy of the model
+  (shapes only; the real forward when that cannot run), then the swap.
+* Pending weights (``build(defer=True)``, what :func:`pyfusion.fuse` asks for when nothing reads the weights
+  before ``finish``): a widened ``nn.Linear`` / ``nn.Conv2d`` holds a meta parameter and its scatter plan; a layer
+  that is swapped gets its packed weight gathered straight from the members
+  (:meth:`pyfusion.fuse.builder.PendingWeight.packed`, equal to packing the dense weight, so no dense zero-block
+  tensor is formed or checked), one that stays dense gets the dense tensor (:func:`pyfusion.fuse.builder.materialize`).
 """
 
 from __future__ import annotations
