@@ -200,7 +200,10 @@ def _fuse(
     if isinstance(result, Plan):
         plan = order_shared_slots(result, graph)  # one segment per member subset (K >= 3): fewer, larger blocks
         t0 = time.perf_counter()
-        fused = build(members, graph, plan)
+        # without calibration data, repair or ranks nothing reads the weights before finish: it packs the widened
+        # layers' weights straight from the members (no dense zero-block tensors)
+        defer = bool(fast_modules) and data is None and not reset_bn and not repair and world is None
+        fused = build(members, graph, plan, defer=defer)
         info["time_build_s"] = time.perf_counter() - t0
     elif isinstance(result, nn.Module):
         fused = result

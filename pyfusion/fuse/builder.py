@@ -26,6 +26,7 @@ widened layer, heads, packed projections and concatenations included (pyfusion.f
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ _selection = selection
 _apply = apply_map
 
 
+ScatterPlans = list[list[tuple[int, Tensor, Tensor | None, int]]]  # per member, per ref: (axis, dest, values, e)
+
+
 def _scatter_fused(
     states: Sequence[dict[str, Tensor]],
     key: str,
@@ -53,7 +57,21 @@ def _scatter_fused(
     lambdas: Sequence[float],
     has_out: bool,
 ) -> Tensor | None:
-    """The fused tensor ``key`` written in place, or None when the fast path does not apply.
+    """The fused tensor ``key`` by scatters (:func:`_scatter_plans`, :func:`_scatter_dense`), or None when that
+    fast path does not apply."""
+    got = _scatter_plans(states, key, refs, maps, selection)
+    return None if got is None else _scatter_dense(states, key, got[0], got[1], lambdas, has_out)
+
+
+def _scatter_plans(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    refs: list[tuple[str, AxisRef]],
+    maps: dict[str, GroupPlan],
+    selection,  # noqa: ANN001 - (group, member, consumer) -> _selection result
+) -> tuple[ScatterPlans, list[int]] | None:
+    """Per member and axis, where member k's entries go in the fused tensor ``key`` (and its new shape), or None
+    when the scatter path does not apply.
 
     Applies when every map of the tensor's axes is an injective selection for every member (permutations,
     partial-fusion slot maps) and those axes are distinct and consecutive. Member k's tensor, scaled by the map
@@ -71,7 +89,7 @@ def _scatter_fused(
         return None
     if any(not r.is_simple for _, r in refs) or sum(r.role != "consumer" for _, r in refs) > 1:
         return None  # segments / unit patterns, or a second per-neuron axis (B_k^T there): the general path
-    plans: list[list[tuple[int, Tensor, Tensor | None, int]]] = []
+    plans: ScatterPlans = []
     new_shape = list(states[0][key].shape)
     for k in range(len(states)):
         per_ref = []
@@ -98,30 +116,213 @@ def _scatter_fused(
             new_shape[r.axis] = int(m_shape[0]) * r.expand
             per_ref.append((r.axis, dest, v_old, r.expand))
         plans.append(per_ref)
+    return plans, new_shape
+
+
+def _scatter_source(t: Tensor, plan_k: list[tuple[int, Tensor, Tensor | None, int]], lam: float, has_out: bool,
+                    out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """Member k's float64 tensor scaled by its map values along every axis (in the refs' order), then by lambda_k
+    when the tensor has no output axis: the same products in the same order as :func:`_scatter_fused`'s. Written
+    into ``out`` (a view of the source's shape) when given."""
+    src = t.detach().to(torch.float64)
+    if out is not None:
+        out.copy_(src)
+        src = out
+    for axis, _dest, v, _e in plan_k:
+        if v is not None:
+            shape = [1] * t.dim()
+            shape[axis] = -1
+            vv = v.to(device=t.device, dtype=torch.float64).reshape(shape)
+            src = src.mul_(vv) if out is not None else src * vv
+    if not has_out:
+        src = src.mul_(lam) if out is not None else src * lam
+    return src
+
+
+def _scatter_dense(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    plans: ScatterPlans,
+    new_shape: list[int],
+    lambdas: Sequence[float],
+    has_out: bool,
+) -> Tensor:
+    """The dense fused tensor of :func:`_scatter_fused` from its per-member scatter plans."""
     out = None
     for k, st in enumerate(states):
-        t = st[key].detach().to(torch.float64)
+        t = st[key].detach()
         if out is None:
             out = torch.zeros(new_shape, dtype=torch.float64, device=t.device)
-        src = t
-        for axis, _dest, v, _e in plans[k]:
-            if v is not None:
-                shape = [1] * t.dim()
-                shape[axis] = -1
-                src = src * v.to(device=t.device, dtype=t.dtype).reshape(shape)
-        if not has_out:
-            src = src * lambdas[k]
-        idx: list[Any] = [slice(None)] * t.dim()
+        src = _scatter_source(t, plans[k], lambdas[k], has_out)
+        # the inner axes scattered one at a time into zeros, then the first axis written (k = 0) or added
+        # (index_add_ is out + x elementwise, the same sum as out[idx] += x): one advanced-index put over all axes
+        # at once was 1.4x slower (512 -> 896 slots, 3x3 float64, 1 thread)
         order = sorted(plans[k], key=lambda p: p[0])
-        for i, (axis, dest, _v, _e) in enumerate(order):
-            shape = [1] * len(order)
-            shape[i] = -1
-            idx[axis] = dest.to(t.device).reshape(shape)
+        for axis, dest, _v, _e in order[:0:-1]:
+            shape = list(src.shape)
+            shape[axis] = new_shape[axis]
+            src = torch.zeros(shape, dtype=src.dtype, device=src.device).index_copy_(axis, dest.to(t.device), src)
+        axis0, dest0 = order[0][0], order[0][1].to(t.device)
         if k == 0:
-            out[tuple(idx)] = src
+            out.index_copy_(axis0, dest0, src)
         else:
-            out[tuple(idx)] += src
+            out.index_add_(axis0, dest0, src)
     return out
+
+
+def _scatter_packed(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    plans: ScatterPlans,
+    new_shape: list[int],
+    lambdas: Sequence[float],
+    has_out: bool,
+    in_segments: Any,
+    out_segments: Any,
+) -> Tensor:
+    """``pack_segment_weight(_scatter_dense(...), in_segments, out_segments)`` (the flat packed weight of
+    :class:`pyfusion.nn.PartialLinear` / ``PartialConv2d``, float64) gathered from the members without the dense
+    tensor: per output segment, each member's scaled tensor (zero-padded by one row and column: the pad is where a
+    member does not reach) is gathered at the segment's rows and at the columns of its stored input ranges, and the
+    members that reach it are added in member order, so every entry is the dense path's sum (where a member does
+    not reach, the dense path adds 0). Axes 0 (output) and 1 (input) only.
+
+    The dense zero-block tensor of a VGG11 layer at alpha 0.75 is 3x a member's, and the packed one 2x: building
+    it, then packing it and checking its zero blocks, was most of the fusion's time (see bench_partial_fusion)."""
+    from pyfusion.ops.layout import segment_plan
+
+    plan = segment_plan(in_segments, out_segments)
+    if tuple(new_shape[:2]) != (plan.o_total, plan.i_total):
+        raise ValueError(f"{key}: segments for ({plan.o_total}, {plan.i_total}); the fused tensor is {new_shape}")
+    taps_shape = tuple(new_shape[2:])
+    taps = int(torch.Size(taps_shape).numel())
+    srcs, invs = [], []
+    for k, st in enumerate(states):
+        t = st[key].detach()
+        n0, n1 = int(t.shape[0]), int(t.shape[1])
+        pad = torch.zeros((n0 + 1, n1 + 1, *t.shape[2:]), dtype=torch.float64, device=t.device)
+        _scatter_source(t, plans[k], lambdas[k], has_out, out=pad[:n0, :n1])
+        inv = []
+        for axis, n_old in ((0, n0), (1, n1)):
+            entry = next((p for p in plans[k] if p[0] == axis), None)
+            if entry is None:
+                inv.append(torch.arange(n_old, device=t.device))
+            else:
+                ia = torch.full((new_shape[axis],), n_old, dtype=torch.long)
+                ia[entry[1]] = torch.arange(n_old)
+                inv.append(ia.to(t.device))
+        srcs.append(pad)
+        invs.append((inv[0], inv[1], n0, n1))
+    out = torch.empty(plan.stored * taps, dtype=torch.float64, device=srcs[0].device)
+    for o, ranges in enumerate(plan.ranges):
+        n_o, r0 = out_segments[o][0], plan.out_starts[o]
+        if n_o == 0 or not ranges:
+            continue
+        k_o = plan.k_of_out[o]
+        seg = out[plan.offsets[o] * taps : plan.offsets[o + 1] * taps].view(n_o, k_o, *taps_shape)
+        cols = torch.empty(k_o, dtype=torch.long, device=out.device)
+        for col, n, q in ranges:
+            cols[q : q + n] = torch.arange(col, col + n, device=out.device)
+        first = True
+        for k in range(len(states)):
+            inv0, inv1, n0, n1 = invs[k]
+            ro, co = inv0[r0 : r0 + n_o], inv1[cols]
+            if not (bool((ro < n0).any()) and bool((co < n1).any())):
+                continue  # member k reaches no entry of this segment's stored blocks: it adds exact zeros
+            # one dim-0 gather of (row, column) pairs from the (rows x columns, taps) view: 4.5x faster than
+            # index_select on the rows then on the columns (512 -> 896 slots, 3x3 float64; 2x for a Linear)
+            flat = srcs[k].view(-1, taps)
+            pairs = (ro[:, None] * (n1 + 1) + co[None, :]).reshape(-1)
+            if first:
+                torch.index_select(flat, 0, pairs, out=seg.view(-1, taps))
+                first = False
+            else:
+                seg.add_(flat.index_select(0, pairs).view(seg.shape))
+        if first:
+            seg.zero_()
+    return out
+
+
+class PendingWeight:
+    """A fused weight the builder did not materialise (``build(defer=...)``): the scatter plans of
+    :func:`_scatter_plans`, from which :meth:`dense` gives the dense zero-block tensor (exactly what
+    :func:`fused_tensors` returns) and :meth:`packed` the packed weight of an execution module. The module holds a
+    meta-device parameter of the fused shape until one of them is written (running it before raises)."""
+
+    def __init__(self, states, key, plans, new_shape, lambdas, has_out):  # noqa: ANN001
+        self.states, self.key, self.plans = states, key, plans
+        self.shape, self.lambdas, self.has_out = tuple(new_shape), tuple(lambdas), has_out
+
+    def dense(self) -> Tensor:
+        # the packing with one segment read and written by every member is the dense tensor in its own layout, by
+        # the packed path's gathers (2-3x faster than _scatter_dense's zero-fill and index_copy_ / index_add_)
+        every = (1 << len(self.states)) - 1
+        flat = self.packed(((self.shape[1], every),), ((self.shape[0], every),))
+        return flat.view(self.shape)
+
+    def packed(self, in_segments: Any, out_segments: Any) -> Tensor:
+        return _scatter_packed(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out,
+                               in_segments, out_segments)  # fmt: skip
+
+
+# fused model -> {tensor key: PendingWeight} (weak keys: a dropped model takes its records with it)
+_PENDING: weakref.WeakKeyDictionary[nn.Module, dict[str, PendingWeight]] = weakref.WeakKeyDictionary()
+
+
+def pending_weights(model: nn.Module) -> dict[str, PendingWeight]:
+    """The weights of ``model`` that ``build(defer=...)`` left unmaterialised (key -> :class:`PendingWeight`); the
+    dict is the live record (pop an entry when writing the weight yourself)."""
+    return _PENDING.get(model, {})
+
+
+def materialize(model: nn.Module, keys: Sequence[str] | None = None) -> None:
+    """Write the dense fused tensor of every pending weight of ``model`` (or of ``keys``) into its module."""
+    pending = _PENDING.get(model)
+    if not pending:
+        return
+    for key in list(pending if keys is None else keys):
+        pw = pending.pop(key, None)
+        if pw is None:
+            continue
+        mpath, _, pname = key.rpartition(".")
+        mod = model.get_submodule(mpath) if mpath else model
+        old = getattr(mod, pname)
+        dense = pw.dense()
+        setattr(mod, pname, nn.Parameter(dense.to(old.dtype), requires_grad=old.requires_grad))
+    if not pending:
+        _PENDING.pop(model, None)
+
+
+def _deferrable(mod: nn.Module) -> bool:
+    """Layers whose ``weight`` may be left pending: the ones pyfusion.fuse.fast can swap (exact torch classes)."""
+    if type(mod) is nn.Linear:
+        return True
+    conv = type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros"
+    return conv and not isinstance(mod.padding, str)
+
+
+def attach_selection(m: Tensor, sel: Any) -> None:
+    """Record on the map ``m`` (an A_k, or a B_k for its transpose) the :func:`selection` of ``m`` (A_k) or of
+    ``m.T`` (B_k) computed by whoever built it from its slot assignment, so that the builder does not re-derive it
+    from the dense matrix (``np.nonzero`` over every (slots, n) map: 0.15 s of an MLP-1024 pair's partial fusion).
+    Valid while ``m`` is not modified in place (its version counter is recorded and checked)."""
+    m._pyfusion_selection = (m._version, sel)  # type: ignore[attr-defined]
+
+
+def _recorded_selection(m: Tensor) -> Any:
+    rec = getattr(m, "_pyfusion_selection", None)
+    if rec is None or rec[0] != m._version:
+        return None
+    return rec[1]
+
+
+def _map_selection(gp: GroupPlan, k: int, consumer: bool) -> Any:
+    """:func:`selection` of ``A_k`` (or of ``B_k^T`` for a consumer axis), recorded or computed."""
+    m = gp.B[k] if consumer else gp.A[k]
+    rec = _recorded_selection(m)
+    if rec is not None:
+        return rec
+    return _selection(m.T if consumer else m)
 
 
 def _group_maps(graph: FusionGraph, plan: Plan) -> dict[str, GroupPlan]:
@@ -136,16 +337,21 @@ def _group_maps(graph: FusionGraph, plan: Plan) -> dict[str, GroupPlan]:
     return maps
 
 
-def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan) -> dict[str, Tensor]:
+def fused_tensors(
+    states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan: Plan, defer: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Compute every fused tensor in float64.
 
     Args:
         states: K state dicts (parameters and buffers) of the members (tied tensors under each of their names).
         graph: the members' neuron groups.
         plan: maps per group (groups missing from the plan are averaged: A_k = lambda_k I, B_k = I).
+        defer: keys (weights of at least 2 dimensions) to return as :class:`PendingWeight` instead of tensors where
+            the scatter path applies.
 
     Returns:
-        key -> fused float64 tensor (non-floating buffers such as ``num_batches_tracked`` are taken from member 0).
+        key -> fused float64 tensor (non-floating buffers such as ``num_batches_tracked`` are taken from member 0),
+        or :class:`PendingWeight` for deferred keys.
     """
     by_key = graph.refs_by_key()
     lambdas = plan.lambdas
@@ -157,8 +363,7 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
         # one analysis per (group, member, side), not per tensor: a group's map is shared by all its tensors
         ck = (gname, k, consumer)
         if ck not in sel_cache:
-            gp = maps[gname]
-            sel_cache[ck] = _selection(gp.B[k].T if consumer else gp.A[k])
+            sel_cache[ck] = _map_selection(maps[gname], k, consumer)
         return sel_cache[ck]
 
     class _MemberSel(dict):
@@ -176,6 +381,11 @@ def fused_tensors(states: Sequence[dict[str, Tensor]], graph: FusionGraph, plan:
             continue
         refs: list[tuple[str, AxisRef]] = by_key.get(key, [])
         has_out = any(r.role in ("producer", "neuron") for _, r in refs)
+        if key in defer and t0.dim() >= 2:
+            got = _scatter_plans(states, key, refs, maps, sel_of)
+            if got is not None and all(p[0] in (0, 1) for per in got[0] for p in per):
+                out[key] = PendingWeight(states, key, got[0], got[1], lambdas, has_out)
+                continue
         fast = _scatter_fused(states, key, refs, maps, sel_of, lambdas, has_out)
         if fast is not None:
             out[key] = fast
@@ -337,6 +547,20 @@ def _resize_in_place(mod: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None
                 mod._buffers[name] = torch.empty(shape, dtype=old.dtype, device=old.device)
 
 
+def _shell_copy(member: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """A deep copy of ``member`` whose tensors named in ``tensors`` (all of them overwritten by :func:`_assign`, or
+    inside a module that is replaced) are uninitialised storage of the same shape, dtype and device instead of
+    clones: cloning member 0's weights only to throw them away was 20-60 ms of a VGG11 pair's partial fusion."""
+    memo: dict[int, Any] = {}
+    for name, p in member.named_parameters(remove_duplicate=False):
+        if name in tensors and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad)
+    for name, b in member.named_buffers(remove_duplicate=False):
+        if name in tensors and id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b)
+    return copy.deepcopy(member, memo)
+
+
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -380,7 +604,9 @@ def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPla
     return out
 
 
-def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check: bool | None = None) -> nn.Module:
+def build(
+    members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check: bool | None = None, defer: bool = False
+) -> nn.Module:
     """Build the fused module of a plan.
 
     Args:
@@ -391,6 +617,11 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
             attention code that hard-codes a head count). Default: when the graph was traced and has unit
             groups, segments, normalizers that were replaced, tied parameters or modules resized through adapters
             (plain Linear / Conv / BatchNorm / LayerNorm re-creation needs no check).
+        defer: leave the weights of plain ``nn.Linear`` / ``nn.Conv2d`` layers that the scatter path builds
+            unmaterialised (:func:`pending_weights`: a meta-device parameter of the fused shape, and the recipe):
+            :func:`pyfusion.fuse.fast.finish` packs them straight into execution modules or writes them dense
+            (:func:`materialize`). For :func:`pyfusion.fuse`, which calls ``finish`` next; the re-trace check
+            materialises them first.
 
     Returns:
         A new module (a deep copy of member 0 with re-created layers where sizes change), with attributes
@@ -415,8 +646,18 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
     tensors = None if perm_maps is None else permutation_tensors(states, graph, plan, perm_maps)
     if tensors is None:
         perm_maps = None
-        tensors = fused_tensors(states, graph, plan)
-    fused = copy.deepcopy(members[0])
+        deferred: frozenset[str] = frozenset()
+        if defer:
+            tied = {k for keys in graph.tied_params for k in keys}
+            deferred = (
+                frozenset(f"{path}.weight" for path, mod in members[0].named_modules() if path and _deferrable(mod))
+                - tied
+            )
+        tensors = fused_tensors(states, graph, plan, deferred)
+    pending = {k: v for k, v in tensors.items() if isinstance(v, PendingWeight)}
+    for k, v in pending.items():
+        tensors[k] = torch.empty(v.shape, dtype=torch.float64, device="meta")
+    fused = _shell_copy(members[0], tensors)
     own = dict(list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)))
     # the normalizers replaced by member-view modules keep their members' own tensors: not fused
     inside_wrapped = {key for key in tensors for path in wrap if path and key.startswith(path + ".")}
@@ -448,6 +689,9 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
         new.train(mod.training)
         _set_module(fused, mpath, new)
     _assign(fused, tensors, graph, inside_wrapped)
+    pending = {k: v for k, v in pending.items() if k not in inside_wrapped}
+    if pending:
+        _PENDING[fused] = pending
     for mpath in resized:
         _builtin_attrs(fused.get_submodule(mpath))
     for mpath, gname in wrap.items():
@@ -491,6 +735,7 @@ def build(members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, *, check
             or any(g.unit_size > 1 for g in graph.groups.values())
         )  # fmt: skip
     if check:
+        materialize(fused)
         check_fused_widths(fused, graph, plan)
     # pyfusion.save describes a fused user class as member architecture + changes: keep the member's (meta, no memory)
     from pyfusion.serialization import record_member_architecture
@@ -546,10 +791,16 @@ def _whole_axis_masks(
         return None
     masks = None
     for k in range(k_all):
-        if r.role == "consumer":
-            reach = (maps[gname].B[k] != 0).any(dim=0)
+        consumer = r.role == "consumer"
+        m = maps[gname].B[k] if consumer else maps[gname].A[k]
+        rec = _recorded_selection(m)
+        if rec is not None:  # the rows of the recorded selection are exactly the slots with a non-zero
+            reach = torch.zeros(m.shape[1] if consumer else m.shape[0], dtype=torch.bool)
+            reach[rec[0]] = True
+        elif consumer:
+            reach = (m != 0).any(dim=0)
         else:
-            reach = (maps[gname].A[k] != 0).any(dim=1)
+            reach = (m != 0).any(dim=1)
         bits = reach.to(torch.int64) << k
         masks = bits if masks is None else masks | bits
     if masks is None:
@@ -655,6 +906,12 @@ def _assign(fused: nn.Module, tensors: dict[str, Tensor], graph: FusionGraph, sk
 
 def _write(fused: nn.Module, own: dict[str, Tensor], key: str, t: Tensor) -> None:
     dst = own[key]
+    if t.is_meta:  # a pending weight (build(defer=True)): a meta parameter of the fused shape until written
+        mpath, _, pname = key.rpartition(".")
+        mod = fused.get_submodule(mpath) if mpath else fused
+        dst = getattr(mod, pname)
+        setattr(mod, pname, nn.Parameter(torch.empty(t.shape, dtype=dst.dtype, device="meta"), dst.requires_grad))
+        return
     if tuple(dst.shape) != tuple(t.shape):
         # a tensor of a re-created module: look it up again
         mpath, _, pname = key.rpartition(".")

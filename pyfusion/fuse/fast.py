@@ -18,11 +18,18 @@ parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.bui
   ``fuse(fast_modules="always")`` skips it) or where the swap cannot be exact (tied weights, modules whose parent
   reads the weight directly). An ``nn.TransformerEncoderLayer`` holding a swapped module runs its Python path.
 * :func:`finish` (the api's hook): the effective-FLOP cap of issue 14 (a fused point costing more than the
-  ensemble is replaced by the exact ensemble, said in ``fusion_info``), then the swap.
+  ensemble is replaced by the exact ensemble, said in ``fusion_info``), counted on a meta-device copy of the model
+  (shapes only; the real forward when that cannot run), then the swap.
+* Pending weights (``build(defer=True)``, what :func:`pyfusion.fuse` asks for when nothing reads the weights
+  before ``finish``): a widened ``nn.Linear`` / ``nn.Conv2d`` holds a meta parameter and its scatter plan; a layer
+  that is swapped gets its packed weight gathered straight from the members
+  (:meth:`pyfusion.fuse.builder.PendingWeight.packed`, equal to packing the dense weight, so no dense zero-block
+  tensor is formed or checked), one that stays dense gets the dense tensor (:func:`pyfusion.fuse.builder.materialize`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -302,10 +309,37 @@ def _reads_child_weights(parent: nn.Module) -> bool:
     return isinstance(parent, nn.MultiheadAttention)
 
 
-def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str) -> nn.Module:
-    """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero)."""
+def _build_pending(mod: nn.Module, ins: Segments, outs: Segments, pending: Any) -> nn.Module:
+    """The execution module of a layer whose weight the builder left pending: the packed weight gathered from the
+    members (:meth:`pyfusion.fuse.builder.PendingWeight.packed`, equal to packing the dense weight), no dense
+    weight and no zero-block check (no dense tensor exists: its zero blocks are never formed)."""
+    packed = pending.packed(ins, outs).to(mod.weight.dtype)
+    bias = None if mod.bias is None else mod.bias.detach()
+    kw = {"bias": bias is not None, "device": packed.device, "dtype": mod.weight.dtype}
+    if isinstance(mod, nn.Conv2d):
+        new = torch.nn.utils.skip_init(PartialConv2d, ins, outs, mod.kernel_size, mod.stride, mod.padding,
+                                       mod.dilation, **kw)  # fmt: skip
+    else:
+        new = torch.nn.utils.skip_init(PartialLinear, ins, outs, **kw)
+    if tuple(new.weight.shape) != tuple(packed.shape):  # pragma: no cover - the packing uses the module's plan
+        raise ValueError(
+            f"packed weight has {tuple(packed.shape)} entries; the module stores {tuple(new.weight.shape)}"
+        )
+    with torch.no_grad():
+        new.weight.data = packed
+        if bias is not None:
+            new.bias.copy_(bias)
+        new._reset_buffers()
+    return new
+
+
+def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str, pending: Any = None) -> nn.Module:
+    """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero), or of a
+    layer whose weight is pending (:func:`_build_pending`)."""
     try:
-        if isinstance(mod, nn.Conv2d):
+        if pending is not None:
+            new = _build_pending(mod, ins, outs, pending)
+        elif isinstance(mod, nn.Conv2d):
             new = PartialConv2d.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
                                            ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
         else:
@@ -349,7 +383,10 @@ def swap_partial_modules(
     Returns:
         The module paths that were swapped.
     """
+    from pyfusion.fuse.builder import materialize, pending_weights
+
     layouts = getattr(model, "fusion_module_layouts", None) or {}
+    pending = pending_weights(model)  # weights the builder left for the swap to pack (build(defer=True))
     shared = _shared_params(model)
     shapes = dict(input_shapes or {})
     chosen: dict[str, tuple[Segments, Segments]] = {}
@@ -411,9 +448,10 @@ def swap_partial_modules(
             except ValueError as exc:
                 raise ValueError(f"{fqn}: {exc}") from exc
         ins, outs = chosen[fqn]
-        return _build(mod, ins, outs, fqn)
+        return _build(mod, ins, outs, fqn, pending.pop(f"{fqn}.weight", None))
 
     replace_(model, make, lambda m, fqn: fqn in chosen or fqn in chosen_mha)
+    materialize(model)  # the pending weights of the layers that stay dense
     if swapped:
         _no_fused_fast_path(model, swapped)
     if fuse_activations:
@@ -554,20 +592,77 @@ def _structure(model: nn.Module) -> tuple | None:
     )
 
 
+def _meta_shell(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors of the same shapes and dtypes (no
+    storage: copying and running it costs no memory traffic and no FLOPs)."""
+    memo: dict[int, Any] = {}
+    for _n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for _n, b in model.named_buffers(remove_duplicate=False):
+        if id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(example: Any) -> Any:
+    """``example`` (a tensor, an input shape, or (args, kwargs)) with every tensor in it moved to the meta device."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, Tensor) else v, example)
+
+
+def _cost(model: nn.Module, example: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+    """:func:`pyfusion.cost` of ``model`` on ``example``, counted on a meta-device copy (:func:`_meta_shell`) when
+    that runs, else on the model itself; ``shapes`` (when given) receives :func:`_input_shapes`'s records.
+
+    The counts depend only on shapes and on the fusion records, so the meta run gives the same :class:`Cost` (tested
+    equal); it saves the real forward, which for a fused VGG11 pair at alpha 0.75 (a dense zero-block network 3x a
+    member) was 60-130 ms of the fusion. A model whose forward needs real values (data-dependent control flow,
+    tensors held outside parameters and buffers) raises on meta and is run for real."""
+    from pyfusion.fuse.cost import cost
+
+    try:
+        shell, ex = _meta_shell(model), _to_meta(example)
+    except Exception:  # an object deepcopy cannot copy: count on the model itself
+        shell = None
+    if shell is not None:
+        recorded: dict[str, tuple[int, ...]] = {}
+        handles = _shape_hooks(shell, recorded) if shapes is not None else []
+        try:
+            result = cost(shell, ex)
+        except Exception:  # the forward needs real values
+            result = None
+        finally:
+            for h in handles:
+                h.remove()
+        if result is not None:
+            if shapes is not None:
+                shapes.update(recorded)
+            return result
+    from pyfusion.fuse.builder import materialize
+
+    materialize(model)  # a real forward needs the pending weights
+    handles = _shape_hooks(model, shapes) if shapes is not None else []
+    try:
+        return cost(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _member_costs(members: Sequence[nn.Module], example: Any) -> list[Any]:
     """:func:`pyfusion.cost` of every member, one forward per distinct structure (:func:`_structure`): the members
     share one architecture, so K - 1 of the K forwards were repeats (tested equal to costing each member)."""
-    from pyfusion.fuse.cost import cost
-
     seen: dict[tuple, Any] = {}
     out = []
     for m in members:
         key = _structure(m)
         if key is None:
-            out.append(cost(m, example))
+            out.append(_cost(m, example))
             continue
         if key not in seen:
-            seen[key] = cost(m, example)
+            seen[key] = _cost(m, example)
         out.append(seen[key])
     return out
 
@@ -594,20 +689,16 @@ def finish(
     Returns:
         (model, plan): the model to return and its plan (the ensemble's plan when capped).
     """
-    from pyfusion.fuse.builder import build
-    from pyfusion.fuse.cost import cost
+    from pyfusion.fuse.builder import build, materialize
 
+    if not fast_modules:
+        materialize(fused)  # nothing packs the pending weights: write them dense
     example = graph.example_inputs if example is None else example
     shapes: dict[str, tuple[int, ...]] | None = None
     if example is not None and plan is not None:
         recorded: dict[str, tuple[int, ...]] = {}
-        handles = _shape_hooks(fused, recorded) if fast_modules else []
         try:
-            try:
-                fused_cost = cost(fused, example)
-            finally:
-                for h in handles:
-                    h.remove()
+            fused_cost = _cost(fused, example, recorded if fast_modules else None)
             shapes = recorded if fast_modules and recorded else None  # nothing recorded: one forward of its own
             member_cost = _member_costs(members, example)
         except Exception as exc:  # a model that does not run on the example: no cap check, said so
@@ -628,7 +719,7 @@ def finish(
                     "reason": f"the fused point costs {fused_cost.flops / max(ens, 1):.4%} of the ensemble's "
                     "effective FLOPs (more than the ensemble): the exact ensemble is returned instead",
                 }
-                info["effective_flops"] = cost(fused, example).flops
+                info["effective_flops"] = _cost(fused, example).flops
                 plan = ens_plan
                 shapes = None  # another model: its shapes are recorded below
             else:

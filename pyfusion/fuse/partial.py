@@ -79,6 +79,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pyfusion.fuse.builder import attach_selection
 from pyfusion.fuse.config import PartialConfig, alpha_number
 from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
 from pyfusion.fuse.registry import register_method
@@ -171,6 +172,13 @@ def assignment_group_plan(asg: PartialAssignment, lambdas: Sequence[float]) -> G
         a[sk, ar] = vals
         b = torch.zeros(n, slots, dtype=torch.float64)
         b[ar, sk] = 1.0
+        # the builder's selections of A_k and B_k^T, as pyfusion.graph.transform.selection would find them
+        # (non-zeros in row-major order; every neuron has its own slot, so both are injective)
+        order = torch.argsort(sk)
+        keep = vals[order] != 0
+        rows, cols, v = sk[order][keep], order[keep], vals[order][keep]
+        attach_selection(a, (rows, cols, None if bool((v == 1).all()) else v, True))
+        attach_selection(b, (sk[order], order, None, True))
         maps_a.append(a)
         maps_b.append(b)
     return GroupPlan(maps_a, maps_b, tuple(int(x) for x in asg.layout))
