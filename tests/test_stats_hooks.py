@@ -173,3 +173,32 @@ def test_blas_correlation_panels_of_any_length(n):
     got = correlation(a, b)
     torch.testing.assert_close(got, correlation_ref(a, b), rtol=0, atol=1e-6)
     assert bool((got[:, 5] == 0).all())
+
+
+@pytest.mark.parametrize("pairs", [[(0, 1)], [(1, 1)], "diag"])
+def test_restricted_state_ignores_its_uninitialised_entries(pairs):
+    """With ``pairs`` the entries outside the accumulated blocks are never initialised: poisoned with NaN here, they
+    change nothing the finalizers read, before or after a merge (which masks them)."""
+    from pyfusion.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(900, 9, generator=g, dtype=torch.float64) * 3 + 40
+    x[:, 2] = 1.5  # a constant column
+    sizes = [4, 5]
+
+    def make() -> ActivationStats:
+        st = ActivationStats(sizes, pairs=pairs)
+        st._s2[~st._accumulated()] = float("nan")
+        return st
+
+    one = ActivationStats(sizes).update([x[:, :4], x[:, 4:]])
+    a = make().update([x[:1, :4], x[:1, 4:]]).update([x[1:300, :4], x[1:300, 4:]])
+    b = make().update([x[300:, :4], x[300:, 4:]])
+    a.merge(b)
+    for st in (a, make().update([x[:, :4], x[:, 4:]])):
+        torch.testing.assert_close(st.var(), one.var(), rtol=1e-12, atol=1e-12)
+        if pairs == [(0, 1)]:
+            torch.testing.assert_close(st.corr(0, 1), one.corr(0, 1), rtol=0, atol=1e-12)
+        if pairs == [(1, 1)]:
+            torch.testing.assert_close(st.cov(1, 1), one.cov(1, 1), rtol=0, atol=1e-10)
+        assert bool(torch.isfinite(st._centered()[1]).all())

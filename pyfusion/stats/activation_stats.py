@@ -108,8 +108,36 @@ class ActivationStats:
         self._views: tuple = ((),)  # (ids of the state tensors, numpy views of them): _recentre_if_drifted
         self._shift = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self._s1 = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._s2 = self._new_s2()
         self.last_backend: str | None = None
+
+    def _new_s2(self) -> Tensor:
+        """The (D, D) second-moment state, zero where it is accumulated. With ``pairs``, only the diagonal and the
+        pairs' rectangles are zeroed (the rest is never read: :meth:`_centered` masks it): the untouched pages of the
+        allocation are never mapped, which saves zeroing the whole (2n, 2n) state when the matching reads its
+        (n, n) cross block (3 x 32 MiB on an MLP-1024 pair: 57 ms of a 1.4 s activation matching, loaded VM)."""
+        opts = {"dtype": torch.float64, "device": self.device}
+        if self._rects is None:
+            return torch.zeros(self.dim, self.dim, **opts)
+        s2 = torch.empty(self.dim, self.dim, **opts)
+        s2.diagonal().zero_()
+        for i in range(0, len(self._rects), 4):
+            r0, r1, c0, c1 = self._rects[i : i + 4]
+            s2[r0:r1, c0:c1].zero_()
+        return s2
+
+    def _accumulated(self) -> Tensor | None:
+        """(D, D) bool mask of the entries of the symmetric second moments that are accumulated (the diagonal and the
+        pairs' blocks, both orientations), or None when all are."""
+        if self._rects is None:
+            return None
+        mask = torch.zeros(self.dim, self.dim, dtype=torch.bool, device=self.device)
+        mask.diagonal().fill_(True)
+        for i in range(0, len(self._rects), 4):
+            r0, r1, c0, c1 = self._rects[i : i + 4]
+            mask[r0:r1, c0:c1] = True
+            mask[c0:c1, r0:r1] = True
+        return mask
 
     def __repr__(self) -> str:
         return f"ActivationStats(sizes={self.sizes}, count={self.count}, device={self.device})"
@@ -238,6 +266,9 @@ class ActivationStats:
         """(mean (D,), full M2 = sum (x - mean)(x - mean)^T (D, D)), float64."""
         mu = self._s1 / self.count
         m2 = self._sym(slice(0, self.dim), slice(0, self.dim)) - torch.outer(self._s1, mu)
+        mask = self._accumulated()
+        if mask is not None:  # entries outside the pairs are uninitialised memory: 0, so merges stay finite
+            m2 = torch.where(mask, m2, torch.zeros((), dtype=m2.dtype, device=m2.device))
         return self._shift + mu, m2
 
     def _set_centered(self, count: int, mean: Tensor, m2: Tensor) -> None:
