@@ -202,3 +202,48 @@ def test_restricted_state_ignores_its_uninitialised_entries(pairs):
         if pairs == [(1, 1)]:
             torch.testing.assert_close(st.cov(1, 1), one.cov(1, 1), rtol=0, atol=1e-10)
         assert bool(torch.isfinite(st._centered()[1]).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["random", "offset", "constant", "half", "strided"])
+def test_block_accumulation_matches_concatenation_and_float64(kind):
+    """K blocks given separately take the BLAS path without concatenating (ops.moments.accumulate_moments_blocks);
+    unequal batches (one sample and a short batch go through the engine on the concatenation), a jump of the
+    offset (re-centring), constant columns, float16 and strided blocks: float64 reference and the concatenated
+    path agree."""
+    from pyfusion.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(11)
+    n, sizes = 1700, [130, 140]
+    base = torch.randn(n, 140, generator=g)
+    xs = [base[:, :130] + 0.4 * torch.randn(n, 130, generator=g), base + 0.4 * torch.randn(n, 140, generator=g)]
+    if kind == "offset":
+        xs = [t + 1e3 for t in xs]
+        xs[1][1200:] += 30.0  # a jump: the shift must follow
+    if kind == "constant":
+        xs[0][:, 4] = 2.5
+        xs[1][:, :3] = 0.0
+    if kind == "half":
+        xs = [t.half() for t in xs]
+    if kind == "strided":
+        xs = [torch.cat([t, t], 1)[:, ::2] for t in xs]
+    blocks_st, cat_st = ActivationStats(sizes, pairs=[(0, 1)]), ActivationStats(sizes, pairs=[(0, 1)])
+    backends = []
+    for lo, hi in ((0, 1), (1, 300), (300, 400), (400, 1200), (1200, 1700)):
+        batch = [t[lo:hi] for t in xs]
+        blocks_st.update(batch)
+        backends.append(blocks_st.last_backend)
+        cat_st.update(torch.cat(batch, 1))
+    assert backends[0] != "torch" and backends[2] != "torch"  # 1 and 100 rows: below BLAS_MIN_ROWS
+    assert backends[1] == backends[3] == backends[4] == "torch"
+    full = torch.cat([t.double() for t in xs], 1)
+    want = correlation_ref(full[:, :130], full[:, 130:])
+    got = blocks_st.corr(0, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, cat_st.corr(0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(blocks_st.var(), full.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+    # the means carry the float32 rounding of x - shift, within which the two paths may differ
+    torch.testing.assert_close(blocks_st.mean(), full.mean(0), rtol=0, atol=1e-7 * (1 + full.abs().max().item()))
+    torch.testing.assert_close(blocks_st.mean(), cat_st.mean(), rtol=0, atol=1e-7 * (1 + full.abs().max().item()))
+    if kind == "constant":
+        assert bool((got[4] == 0).all()) and bool((got[:, :3] == 0).all())

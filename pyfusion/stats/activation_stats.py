@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, all_finite, moment_shift
+from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, accumulate_moments_blocks, all_finite, moment_shift
 
 __all__ = ["ActivationStats", "CONST_RTOL", "DRIFT_FACTOR"]
 
@@ -167,37 +167,68 @@ class ActivationStats:
             raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
         return x.to(self.device)
 
+    def _state(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._shift, self._s1, self._s2
+
+    def _blocks(self, xs: Tensor | Sequence[Tensor]) -> list[Tensor] | None:
+        """The K blocks of a batch given as K CPU tensors of one float32 / float16 / bfloat16 dtype, with the
+        second moments restricted to block pairs (the cross blocks the BLAS path computes from the blocks
+        themselves, :func:`pyfusion.ops.moments.accumulate_moments_blocks`); None otherwise (concatenate)."""
+        if isinstance(xs, Tensor) or self._rects is None or self.device.type != "cpu" or len(xs) != len(self.sizes):
+            return None
+        for k, t in enumerate(xs):
+            if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[1] != self.sizes[k] or t.device.type != "cpu":
+                return None
+            if t.dtype != xs[0].dtype or t.shape[0] != xs[0].shape[0] or t.dtype == torch.float64:
+                return None
+        if not xs[0].is_floating_point():
+            return None
+        return list(xs)
+
     def update(self, xs: Tensor | Sequence[Tensor], *, check_finite: bool = True) -> ActivationStats:
         """Add a batch: one (N, D) tensor, or K tensors (N, sizes[k]); any strides, float16/bfloat16/float32/64.
 
         Raises ValueError (and changes nothing) on a wrong shape or, with ``check_finite``, NaN/inf values.
         """
-        x = self._concat(xs)
-        n = x.shape[0]
+        blocks = self._blocks(xs)
+        if blocks is not None and accumulate_moments_blocks(blocks, *self._state(), self._rects, dry_run=True) is None:
+            blocks = None  # the engine's path: on the concatenation, as before (same column sums, same shifts)
+        x = self._concat(xs) if blocks is None else None
+        n = x.shape[0] if x is not None else blocks[0].shape[0]  # type: ignore[index]
         if n == 0:
             return self
+        parts = [x] if x is not None else blocks
         if self.count == 0:
-            if check_finite and not all_finite(x):
+            if check_finite and not all(all_finite(t) for t in parts):  # type: ignore[union-attr]
                 raise ValueError("activations contain NaN or inf; statistics were not updated")
-            self._shift = moment_shift(x)  # float32-representable: x - c is exact or correctly rounded in float32
+            # float32-representable: x - c is exact or correctly rounded in float32 (column-wise: per block alike)
+            self._shift = torch.cat([moment_shift(t) for t in parts]) if x is None else moment_shift(x)  # type: ignore[union-attr]
         else:
             # one pass gives the finiteness check (as all_finite: a non-finite sum triggers the exact check) and the
             # batch mean for the drift check; float32 column sums cost what the float32 total did
-            colsum = x.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            sums = [t.sum(0, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in parts]  # type: ignore[union-attr]
+            colsum = sums[0] if len(sums) == 1 else torch.cat(sums)
             colsum = colsum.numpy() if self.device.type == "cpu" else colsum
             if check_finite and not bool(colsum.isfinite().all() if isinstance(colsum, Tensor) else
-                                         np.isfinite(colsum).all()) and not bool(torch.isfinite(x).all()):  # fmt: skip
+                                         np.isfinite(colsum).all()) and not all(bool(torch.isfinite(t).all())
+                                                                                for t in parts):  # fmt: skip
                 raise ValueError("activations contain NaN or inf; statistics were not updated")
-            self._recentre_if_drifted(x, colsum)
-        self.last_backend = accumulate_moments(x, self._shift, self._s1, self._s2, self._rects)
+            self._recentre_if_drifted(x if x is not None else blocks, colsum, n)  # type: ignore[arg-type]
+        backend = None
+        if blocks is not None:
+            backend = accumulate_moments_blocks(blocks, *self._state(), self._rects)
+        if backend is None:
+            x = self._concat(blocks) if x is None else x  # (the dry run said yes: not expected)
+            backend = accumulate_moments(x, self._shift, self._s1, self._s2, self._rects)  # type: ignore[arg-type]
+        self.last_backend = backend
         self.count += n
         self.recentred_batches += self._last_recentred
         return self
 
-    def _recentre_if_drifted(self, x: Tensor, colsum: np.ndarray | Tensor) -> None:
+    def _recentre_if_drifted(self, x: Tensor | list[Tensor], colsum: np.ndarray | Tensor, n_b: int) -> None:
         """Move the shift of the neurons that drifted (module docstring) and re-express the state about the new
-        shift, exactly in float64. ``colsum`` (D,) are the column sums of the batch x (numpy for a CPU state).
-        Sets ``_last_recentred``.
+        shift, exactly in float64. ``colsum`` (D,) are the column sums of the batch x (numpy for a CPU state), x
+        the batch (N_b, D) or its K column blocks, ``n_b`` its rows. Sets ``_last_recentred``.
 
         A pre-check with the batch's exact mean and the state's M2 (a lower bound of the combined one: M2 only
         grows) rules out almost every batch in about 14 operations on (D,) vectors, in numpy for a CPU state (views
@@ -205,7 +236,7 @@ class ActivationStats:
         variance of the probe rows and the exact criteria.
         """
         self._last_recentred = 0
-        n_s, n_b = self.count, x.shape[0]
+        n_s = self.count
         n = n_s + n_b
         cpu = isinstance(colsum, np.ndarray)
         if cpu:
@@ -227,7 +258,8 @@ class ActivationStats:
         d_all = a / n
         d_b, d_s, d_all = (torch.as_tensor(v, device=self.device) for v in (d_b, d_s, d_all))
         step = -(-n_b // DRIFT_PROBE_ROWS)
-        probe = (x[::step] if step > 1 else x).to(torch.float64) - self._shift
+        rows = [t[::step] if step > 1 else t for t in ([x] if isinstance(x, Tensor) else x)]
+        probe = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)).to(torch.float64) - self._shift
         v_b = (probe - (d_b if step == 1 else probe.mean(0))).square_().mean(0)  # batch variance (probe rows)
         # Chan: M2 of state + batch
         m2 = (torch.diagonal(self._s2) - self._s1 * d_s).clamp_min_(0).add_(v_b, alpha=n_b)
