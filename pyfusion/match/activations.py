@@ -59,7 +59,7 @@ def activation_cost(
     pair's activation matching, for nothing when no neuron is dead).
     """
     if cost == "correlation":
-        c = 1.0 - st.corr(a, b)
+        c = st.corr(a, b).neg_().add_(1.0)  # in place: corr is a fresh tensor (no second (n_a, n_b) allocation)
     elif cost == "sqdist":
         c = st.sqdist(a, b)
     else:
