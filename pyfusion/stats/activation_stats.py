@@ -29,7 +29,12 @@ Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: th
 ``pairs`` (float32 torch.mm of the shifted batch over panels of 512 rows, float64 across panels); the C++ engine,
 csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
-CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension).
+CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension). A batch given
+as K CPU blocks whose pairs the BLAS path takes skips the (N, D) concatenation
+(:func:`pyfusion.ops.moments.accumulate_moments_blocks`: each block shifted into its own float32 buffer, one product per
+rectangle and panel of 512 rows, float64 across panels: correlation error ~1e-7 against float64, that of the BLAS
+path; tests/test_stats_hooks.py). With ``pairs``, only the diagonal and the pairs' blocks of the (D, D) state are
+initialised (the rest is never read, and masked before a merge).
 """
 
 from __future__ import annotations
