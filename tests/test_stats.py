@@ -207,7 +207,12 @@ def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
         part = x[:400] if rank == 0 else x[400:]
         st = ActivationStats([5, 7]).update([part[:, :5], part[:, 5:]])
         st.all_reduce()
-        torch.save({"count": st.count, "mean": st.mean(), "cov": st.cov(), "corr": st.corr(0, 1)}, f"{out}.{rank}")
+        # the cross block only (its state's other entries are uninitialised memory, masked before the reduce)
+        cross = ActivationStats([5, 7], pairs=[(0, 1)]).update([part[:, :5], part[:, 5:]]).all_reduce()
+        torch.save(
+            {"count": st.count, "mean": st.mean(), "cov": st.cov(), "corr": st.corr(0, 1), "cross": cross.corr(0, 1)},
+            f"{out}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -228,6 +233,7 @@ def test_all_reduce_two_gloo_processes_equals_one_process():
             torch.testing.assert_close(got["mean"], one.mean(), rtol=0, atol=1e-9)
             torch.testing.assert_close(got["cov"], one.cov(), rtol=0, atol=1e-6 * one.var().max().item())
             torch.testing.assert_close(got["corr"], one.corr(0, 1), rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["cross"], one.corr(0, 1), rtol=0, atol=1e-6)
 
 
 def test_all_reduce_needs_process_group():

@@ -29,7 +29,12 @@ Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: th
 ``pairs`` (float32 torch.mm of the shifted batch over panels of 512 rows, float64 across panels); the C++ engine,
 csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
-CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension).
+CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension). A batch given
+as K CPU blocks whose pairs the BLAS path takes skips the (N, D) concatenation
+(:func:`pyfusion.ops.moments.accumulate_moments_blocks`: each block shifted into its own float32 buffer, one product per
+rectangle and panel of 512 rows, float64 across panels: correlation error ~1e-7 against float64, that of the BLAS
+path; tests/test_stats_hooks.py). With ``pairs``, only the diagonal and the pairs' blocks of the (D, D) state are
+initialised (the rest is never read, and masked before a merge).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, all_finite, moment_shift
+from pyfusion.ops.moments import CONST_RTOL, accumulate_moments, accumulate_moments_blocks, all_finite, moment_shift
 
 __all__ = ["ActivationStats", "CONST_RTOL", "DRIFT_FACTOR"]
 
@@ -108,8 +113,36 @@ class ActivationStats:
         self._views: tuple = ((),)  # (ids of the state tensors, numpy views of them): _recentre_if_drifted
         self._shift = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         self._s1 = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self._s2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._s2 = self._new_s2()
         self.last_backend: str | None = None
+
+    def _new_s2(self) -> Tensor:
+        """The (D, D) second-moment state, zero where it is accumulated. With ``pairs``, only the diagonal and the
+        pairs' rectangles are zeroed (the rest is never read: :meth:`_centered` masks it): the untouched pages of the
+        allocation are never mapped, which saves zeroing the whole (2n, 2n) state when the matching reads its
+        (n, n) cross block (3 x 32 MiB on an MLP-1024 pair: 57 ms of a 1.4 s activation matching, loaded VM)."""
+        opts = {"dtype": torch.float64, "device": self.device}
+        if self._rects is None:
+            return torch.zeros(self.dim, self.dim, **opts)
+        s2 = torch.empty(self.dim, self.dim, **opts)
+        s2.diagonal().zero_()
+        for i in range(0, len(self._rects), 4):
+            r0, r1, c0, c1 = self._rects[i : i + 4]
+            s2[r0:r1, c0:c1].zero_()
+        return s2
+
+    def _accumulated(self) -> Tensor | None:
+        """(D, D) bool mask of the entries of the symmetric second moments that are accumulated (the diagonal and the
+        pairs' blocks, both orientations), or None when all are."""
+        if self._rects is None:
+            return None
+        mask = torch.zeros(self.dim, self.dim, dtype=torch.bool, device=self.device)
+        mask.diagonal().fill_(True)
+        for i in range(0, len(self._rects), 4):
+            r0, r1, c0, c1 = self._rects[i : i + 4]
+            mask[r0:r1, c0:c1] = True
+            mask[c0:c1, r0:r1] = True
+        return mask
 
     def __repr__(self) -> str:
         return f"ActivationStats(sizes={self.sizes}, count={self.count}, device={self.device})"
@@ -139,37 +172,68 @@ class ActivationStats:
             raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
         return x.to(self.device)
 
+    def _state(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._shift, self._s1, self._s2
+
+    def _blocks(self, xs: Tensor | Sequence[Tensor]) -> list[Tensor] | None:
+        """The K blocks of a batch given as K CPU tensors of one float32 / float16 / bfloat16 dtype, with the
+        second moments restricted to block pairs (the cross blocks the BLAS path computes from the blocks
+        themselves, :func:`pyfusion.ops.moments.accumulate_moments_blocks`); None otherwise (concatenate)."""
+        if isinstance(xs, Tensor) or self._rects is None or self.device.type != "cpu" or len(xs) != len(self.sizes):
+            return None
+        for k, t in enumerate(xs):
+            if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[1] != self.sizes[k] or t.device.type != "cpu":
+                return None
+            if t.dtype != xs[0].dtype or t.shape[0] != xs[0].shape[0] or t.dtype == torch.float64:
+                return None
+        if not xs[0].is_floating_point():
+            return None
+        return list(xs)
+
     def update(self, xs: Tensor | Sequence[Tensor], *, check_finite: bool = True) -> ActivationStats:
         """Add a batch: one (N, D) tensor, or K tensors (N, sizes[k]); any strides, float16/bfloat16/float32/64.
 
         Raises ValueError (and changes nothing) on a wrong shape or, with ``check_finite``, NaN/inf values.
         """
-        x = self._concat(xs)
-        n = x.shape[0]
+        blocks = self._blocks(xs)
+        if blocks is not None and accumulate_moments_blocks(blocks, *self._state(), self._rects, dry_run=True) is None:
+            blocks = None  # the engine's path: on the concatenation, as before (same column sums, same shifts)
+        x = self._concat(xs) if blocks is None else None
+        n = x.shape[0] if x is not None else blocks[0].shape[0]  # type: ignore[index]
         if n == 0:
             return self
+        parts = [x] if x is not None else blocks
         if self.count == 0:
-            if check_finite and not all_finite(x):
+            if check_finite and not all(all_finite(t) for t in parts):  # type: ignore[union-attr]
                 raise ValueError("activations contain NaN or inf; statistics were not updated")
-            self._shift = moment_shift(x)  # float32-representable: x - c is exact or correctly rounded in float32
+            # float32-representable: x - c is exact or correctly rounded in float32 (column-wise: per block alike)
+            self._shift = torch.cat([moment_shift(t) for t in parts]) if x is None else moment_shift(x)  # type: ignore[union-attr]
         else:
             # one pass gives the finiteness check (as all_finite: a non-finite sum triggers the exact check) and the
             # batch mean for the drift check; float32 column sums cost what the float32 total did
-            colsum = x.sum(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            sums = [t.sum(0, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in parts]  # type: ignore[union-attr]
+            colsum = sums[0] if len(sums) == 1 else torch.cat(sums)
             colsum = colsum.numpy() if self.device.type == "cpu" else colsum
             if check_finite and not bool(colsum.isfinite().all() if isinstance(colsum, Tensor) else
-                                         np.isfinite(colsum).all()) and not bool(torch.isfinite(x).all()):  # fmt: skip
+                                         np.isfinite(colsum).all()) and not all(bool(torch.isfinite(t).all())
+                                                                                for t in parts):  # fmt: skip
                 raise ValueError("activations contain NaN or inf; statistics were not updated")
-            self._recentre_if_drifted(x, colsum)
-        self.last_backend = accumulate_moments(x, self._shift, self._s1, self._s2, self._rects)
+            self._recentre_if_drifted(x if x is not None else blocks, colsum, n)  # type: ignore[arg-type]
+        backend = None
+        if blocks is not None:
+            backend = accumulate_moments_blocks(blocks, *self._state(), self._rects)
+        if backend is None:
+            x = self._concat(blocks) if x is None else x  # (the dry run said yes: not expected)
+            backend = accumulate_moments(x, self._shift, self._s1, self._s2, self._rects)  # type: ignore[arg-type]
+        self.last_backend = backend
         self.count += n
         self.recentred_batches += self._last_recentred
         return self
 
-    def _recentre_if_drifted(self, x: Tensor, colsum: np.ndarray | Tensor) -> None:
+    def _recentre_if_drifted(self, x: Tensor | list[Tensor], colsum: np.ndarray | Tensor, n_b: int) -> None:
         """Move the shift of the neurons that drifted (module docstring) and re-express the state about the new
-        shift, exactly in float64. ``colsum`` (D,) are the column sums of the batch x (numpy for a CPU state).
-        Sets ``_last_recentred``.
+        shift, exactly in float64. ``colsum`` (D,) are the column sums of the batch x (numpy for a CPU state), x
+        the batch (N_b, D) or its K column blocks, ``n_b`` its rows. Sets ``_last_recentred``.
 
         A pre-check with the batch's exact mean and the state's M2 (a lower bound of the combined one: M2 only
         grows) rules out almost every batch in about 14 operations on (D,) vectors, in numpy for a CPU state (views
@@ -177,7 +241,7 @@ class ActivationStats:
         variance of the probe rows and the exact criteria.
         """
         self._last_recentred = 0
-        n_s, n_b = self.count, x.shape[0]
+        n_s = self.count
         n = n_s + n_b
         cpu = isinstance(colsum, np.ndarray)
         if cpu:
@@ -199,7 +263,8 @@ class ActivationStats:
         d_all = a / n
         d_b, d_s, d_all = (torch.as_tensor(v, device=self.device) for v in (d_b, d_s, d_all))
         step = -(-n_b // DRIFT_PROBE_ROWS)
-        probe = (x[::step] if step > 1 else x).to(torch.float64) - self._shift
+        rows = [t[::step] if step > 1 else t for t in ([x] if isinstance(x, Tensor) else x)]
+        probe = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)).to(torch.float64) - self._shift
         v_b = (probe - (d_b if step == 1 else probe.mean(0))).square_().mean(0)  # batch variance (probe rows)
         # Chan: M2 of state + batch
         m2 = (torch.diagonal(self._s2) - self._s1 * d_s).clamp_min_(0).add_(v_b, alpha=n_b)
@@ -238,6 +303,9 @@ class ActivationStats:
         """(mean (D,), full M2 = sum (x - mean)(x - mean)^T (D, D)), float64."""
         mu = self._s1 / self.count
         m2 = self._sym(slice(0, self.dim), slice(0, self.dim)) - torch.outer(self._s1, mu)
+        mask = self._accumulated()
+        if mask is not None:  # entries outside the pairs are uninitialised memory: 0, so merges stay finite
+            m2 = torch.where(mask, m2, torch.zeros((), dtype=m2.dtype, device=m2.device))
         return self._shift + mu, m2
 
     def _set_centered(self, count: int, mean: Tensor, m2: Tensor) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyfusion.graph.capture import plain_chain
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.stats.activation_stats import ActivationStats
 from pyfusion.stats.collect import collect_stats
@@ -52,6 +53,16 @@ def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[Any], l
             nodes = list(caps)
         out[name] = (nodes, list(paths))
     return out
+
+
+def _hookable(members: Sequence[nn.Module], pts: dict[str, tuple[list[Any], list[str]]], wanted: list[str]) -> bool:
+    """Whether every wanted group's traced points are whole nodes, each the output of one recorded module path, and
+    every member is a :func:`~pyfusion.graph.capture.plain_chain` (no module's output is changed after it ran)."""
+    for g in wanted:
+        nodes, paths = pts[g]
+        if not nodes or len(paths) != len(nodes) or not all(isinstance(c, str) for c in nodes):
+            return False
+    return all(plain_chain(m) for m in members)
 
 
 def group_statistics(
@@ -88,7 +99,11 @@ def group_statistics(
     modes = [{m: m.training for m in member.modules()} for member in members]
     try:
         transform = None
-        if graph.traced is not None:
+        if graph.traced is not None and _hookable(members, pts, wanted):
+            # a plain chain of pure modules: hooks on the members themselves see exactly the traced nodes' values
+            # (graph.capture.plain_chain), at the speed of the members' own forward
+            runners, points = list(members), {g: pts[g][1] for g in wanted}
+        elif graph.traced is not None:
             runners, points = graph.traced.runners(members, {g: pts[g][0] for g in wanted})
         else:
             runners = list(members)

@@ -1,0 +1,249 @@
+"""Issue 15 item 1 fast paths of activation matching: hooks on plain chains instead of the traced graph
+(graph.capture.plain_chain), the permutation hint of Plan.from_permutations, lazily computed dead-neuron features,
+and the per-panel shift of ops.correlation's BLAS path: float64 references on random and structured inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pyfusion
+import pyfusion.stats.groups as stats_groups
+from pyfusion import _ext
+from pyfusion.fuse.permuted import permutation_maps
+from pyfusion.fuse.plan import Plan
+from pyfusion.graph import trace_groups
+from pyfusion.graph.capture import plain_chain
+from pyfusion.match import activations
+from pyfusion.models import mlp
+from pyfusion.ops import correlation, moments
+from pyfusion.ops.reference import correlation_ref
+
+needs_ext = pytest.mark.skipif(not _ext.EXT_AVAILABLE, reason="the C++ extension is not built")
+
+
+def _pair(seed: int = 0, dead: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    out = []
+    for _ in range(2):
+        m = mlp([6, 20, 16, 3]).double().eval()
+        if dead:
+            with torch.no_grad():  # dead ReLUs: constant (zero) columns in the statistics
+                m[1].bias[:dead] = -1e3
+        out.append(m)
+    return out
+
+
+def test_plain_chain_accepts_pure_sequentials_only():
+    assert plain_chain(mlp([4, 8, 2]))
+    assert plain_chain(nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.GELU(), nn.Linear(4, 2))))
+    assert not plain_chain(nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)))
+    relu = nn.ReLU()
+    assert not plain_chain(nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu))  # one module used twice
+
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert not plain_chain(nn.Sequential(MyLinear(3, 4), nn.ReLU()))
+    hooked = mlp([4, 8, 2])
+    h = hooked[2].register_forward_hook(lambda m, a, o: o * 0)
+    assert not plain_chain(hooked)
+    h.remove()
+    assert plain_chain(hooked)
+    assert not plain_chain(nn.ModuleList([nn.Linear(2, 2)]))
+
+
+def _reference_corr(models, data, idx):
+    """float64 correlation of the hooked ReLU outputs (two-pass), per group."""
+    acts = [[], []]
+    with torch.no_grad():
+        for x in data:
+            for k, m in enumerate(models):
+                h, outs = x, []
+                for layer in m:
+                    h = layer(h)
+                    if isinstance(layer, nn.ReLU):
+                        outs.append(h)
+                acts[k].append(outs[idx])
+    return correlation_ref(torch.cat(acts[0]), torch.cat(acts[1]))
+
+
+@pytest.mark.parametrize("sizes", [[1], [7, 1, 33, 2], [40, 40, 9]])
+@pytest.mark.parametrize("dead", [0, 3])
+def test_hook_path_equals_traced_path_and_float64(monkeypatch, sizes, dead):
+    """Unequal batches, a single sample, dead (constant) neurons: the hook path gives the traced path's statistics
+    and the float64 correlation of the activations."""
+    models = _pair(dead=dead)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, 6, generator=g, dtype=torch.float64) for n in sizes]
+    graph = trace_groups(models[0], data[0])
+    assert stats_groups._hookable(models, stats_groups.group_points(graph, "post"), list(graph.groups))
+    hooked = stats_groups.group_statistics(models, graph, data, pairs=[(0, 1)])
+    monkeypatch.setattr(stats_groups, "_hookable", lambda *a: False)
+    traced = stats_groups.group_statistics(models, graph, data, pairs=[(0, 1)])
+    for i, name in enumerate(graph.groups):
+        assert hooked[name].count == sum(sizes)
+        torch.testing.assert_close(hooked[name].corr(0, 1), traced[name].corr(0, 1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(hooked[name].mean(), traced[name].mean(), rtol=0, atol=1e-12)
+        if sum(sizes) > 1:
+            torch.testing.assert_close(hooked[name].corr(0, 1), _reference_corr(models, data, i), rtol=0, atol=1e-9)
+        if dead and i == 0:
+            assert bool((hooked[name].corr(0, 1)[:dead] == 0).all())
+
+
+def test_in_place_relu_takes_the_traced_path(monkeypatch):
+    """A member with an in-place ReLU is not a plain chain: its pre-activation statistics come from the traced
+    graph's clones, so they are the Linear outputs, not the ReLU-overwritten values."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)).double() for _ in range(2)]
+    x = torch.randn(50, 5, dtype=torch.float64)
+    graph = trace_groups(models[0], x)
+    assert not stats_groups._hookable(models, stats_groups.group_points(graph, "pre"), list(graph.groups))
+    st = stats_groups.group_statistics(models, graph, [x], point="pre")
+    name = next(iter(graph.groups))
+    with torch.no_grad():
+        pre = models[0][0](x)
+    torch.testing.assert_close(st[name].mean(0), pre.mean(0), rtol=0, atol=1e-12)
+    assert bool((pre < 0).any())  # the in-place ReLU would have changed them
+
+
+def test_from_permutations_hint_is_checked_against_the_maps():
+    models = _pair()
+    graph = trace_groups(models[0], torch.randn(4, 6, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    perms = {name: [torch.arange(gr.size), torch.randperm(gr.size, generator=g)] for name, gr in graph.groups.items()}
+    plan = Plan.from_permutations(graph, perms, [0.5, 0.5])
+    name = next(iter(graph.groups))
+    gp = plan.groups[name]
+    p = perms[name][1]
+    n = len(p)
+    assert torch.equal(gp.A[1], 0.5 * torch.eye(n, dtype=torch.float64)[p])
+    assert torch.equal(gp.B[1], torch.eye(n, dtype=torch.float64)[p].T)
+    maps = permutation_maps(graph, plan)
+    assert torch.equal(maps[name][1][0], p) and bool((maps[name][1][1] == 0.5).all())
+    # maps edited after the plan was made: the hint is contradicted and ignored, the search decides
+    q = p.roll(1)
+    gp.A[1] = 0.5 * torch.eye(n, dtype=torch.float64)[q]
+    gp.B[1] = torch.eye(n, dtype=torch.float64)[q].T.contiguous()
+    assert torch.equal(permutation_maps(graph, plan)[name][1][0], q)
+    gp.A[1][0, q[1]] = 0.25  # no longer a permutation map
+    assert permutation_maps(graph, plan) is None
+    gp.A[1][0, q[1]] = 0.0
+    gp.perms = [gp.perms[0], torch.zeros(n, dtype=torch.long)]  # a hint that is no permutation
+    assert torch.equal(permutation_maps(graph, plan)[name][1][0], q)
+    with pytest.raises(ValueError, match="must be a permutation"):
+        Plan.from_permutations(graph, {name: [torch.arange(n), torch.zeros(n, dtype=torch.long)]}, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("dead", [0, 3])
+def test_dead_neuron_features_only_when_needed(monkeypatch, dead):
+    models = _pair(dead=dead)
+    data = [torch.randn(64, 6, dtype=torch.float64)]
+    calls = []
+    real = activations.neuron_features
+    monkeypatch.setattr(activations, "neuron_features", lambda *a: calls.append(a[2]) or real(*a))
+    fused = pyfusion.fuse(models, data, method="activation_matching")
+    first = next(iter(fused.fusion_plan.groups))
+    assert (first in calls) == bool(dead)
+    assert len(calls) == (2 if dead else 0)  # both members of the one group with dead neurons, once each
+    if dead:  # a permuted copy is still recovered exactly where neurons are dead (the tie-break ran)
+        perm = torch.randperm(20)
+        copy = mlp([6, 20, 16, 3]).double().eval()
+        sd = {k: v.clone() for k, v in models[0].state_dict().items()}
+        sd["1.weight"], sd["1.bias"], sd["3.weight"] = sd["1.weight"][perm], sd["1.bias"][perm], sd["3.weight"][:, perm]
+        copy.load_state_dict(sd)
+        out = pyfusion.fuse([models[0], copy], data, method="activation_matching")
+        x = torch.randn(10, 6, dtype=torch.float64)
+        torch.testing.assert_close(out(x), models[0](x), rtol=0, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1025, 512, 300])
+def test_blas_correlation_panels_of_any_length(n):
+    """Panels of BLAS_PANEL rows and a last one of 1 (n = 1025), exactly one (512) or a short one (300), on offset
+    data with a constant column: float64 reference."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, 150, generator=g)
+    a = 1e3 + base + 0.3 * torch.randn(n, 150, generator=g)
+    b = 1e3 + base[:, torch.randperm(150, generator=g)] + 0.3 * torch.randn(n, 150, generator=g)
+    b[:, 5] = 7.0
+    assert moments.CORRELATION.select(a, b).name == "torch"
+    got = correlation(a, b)
+    torch.testing.assert_close(got, correlation_ref(a, b), rtol=0, atol=1e-6)
+    assert bool((got[:, 5] == 0).all())
+
+
+@pytest.mark.parametrize("pairs", [[(0, 1)], [(1, 1)], "diag"])
+def test_restricted_state_ignores_its_uninitialised_entries(pairs):
+    """With ``pairs`` the entries outside the accumulated blocks are never initialised: poisoned with NaN here, they
+    change nothing the finalizers read, before or after a merge (which masks them)."""
+    from pyfusion.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(900, 9, generator=g, dtype=torch.float64) * 3 + 40
+    x[:, 2] = 1.5  # a constant column
+    sizes = [4, 5]
+
+    def make() -> ActivationStats:
+        st = ActivationStats(sizes, pairs=pairs)
+        st._s2[~st._accumulated()] = float("nan")
+        return st
+
+    one = ActivationStats(sizes).update([x[:, :4], x[:, 4:]])
+    a = make().update([x[:1, :4], x[:1, 4:]]).update([x[1:300, :4], x[1:300, 4:]])
+    b = make().update([x[300:, :4], x[300:, 4:]])
+    a.merge(b)
+    for st in (a, make().update([x[:, :4], x[:, 4:]])):
+        torch.testing.assert_close(st.var(), one.var(), rtol=1e-12, atol=1e-12)
+        if pairs == [(0, 1)]:
+            torch.testing.assert_close(st.corr(0, 1), one.corr(0, 1), rtol=0, atol=1e-12)
+        if pairs == [(1, 1)]:
+            torch.testing.assert_close(st.cov(1, 1), one.cov(1, 1), rtol=0, atol=1e-10)
+        assert bool(torch.isfinite(st._centered()[1]).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["random", "offset", "constant", "half", "strided"])
+def test_block_accumulation_matches_concatenation_and_float64(kind):
+    """K blocks given separately take the BLAS path without concatenating (ops.moments.accumulate_moments_blocks);
+    unequal batches (one sample and a short batch go through the engine on the concatenation), a jump of the
+    offset (re-centring), constant columns, float16 and strided blocks: float64 reference and the concatenated
+    path agree."""
+    from pyfusion.stats import ActivationStats
+
+    g = torch.Generator().manual_seed(11)
+    n, sizes = 1700, [130, 140]
+    base = torch.randn(n, 140, generator=g)
+    xs = [base[:, :130] + 0.4 * torch.randn(n, 130, generator=g), base + 0.4 * torch.randn(n, 140, generator=g)]
+    if kind == "offset":
+        xs = [t + 1e3 for t in xs]
+        xs[1][1200:] += 30.0  # a jump: the shift must follow
+    if kind == "constant":
+        xs[0][:, 4] = 2.5
+        xs[1][:, :3] = 0.0
+    if kind == "half":
+        xs = [t.half() for t in xs]
+    if kind == "strided":
+        xs = [torch.cat([t, t], 1)[:, ::2] for t in xs]
+    blocks_st, cat_st = ActivationStats(sizes, pairs=[(0, 1)]), ActivationStats(sizes, pairs=[(0, 1)])
+    backends = []
+    for lo, hi in ((0, 1), (1, 300), (300, 400), (400, 1200), (1200, 1700)):
+        batch = [t[lo:hi] for t in xs]
+        blocks_st.update(batch)
+        backends.append(blocks_st.last_backend)
+        cat_st.update(torch.cat(batch, 1))
+    assert backends[0] != "torch" and backends[2] != "torch"  # 1 and 100 rows: below BLAS_MIN_ROWS
+    assert backends[1] == backends[3] == backends[4] == "torch"
+    full = torch.cat([t.double() for t in xs], 1)
+    want = correlation_ref(full[:, :130], full[:, 130:])
+    got = blocks_st.corr(0, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, cat_st.corr(0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(blocks_st.var(), full.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+    # the means carry the float32 rounding of x - shift, within which the two paths may differ
+    torch.testing.assert_close(blocks_st.mean(), full.mean(0), rtol=0, atol=1e-7 * (1 + full.abs().max().item()))
+    torch.testing.assert_close(blocks_st.mean(), cat_st.mean(), rtol=0, atol=1e-7 * (1 + full.abs().max().item()))
+    if kind == "constant":
+        assert bool((got[4] == 0).all()) and bool((got[:, :3] == 0).all())
