@@ -94,6 +94,8 @@ CANDIDATE_FAMILIES = (
     "cluster",
     "prune",
     "groups",
+    "class_subsets",
+    "class_counts",
 )
 _FULL_FUSION = ("average", "activation_matching", "ot", "weight_matching")
 _ALPHA_STEPS = 32  # alpha grid j / 32: bisection in 5 fusions; a finer grid changes the cost by < 1/32 of a branch
@@ -109,6 +111,7 @@ _SEARCH_OPTIONS = (
     "trivial_samples",
     "tie_tolerance",
     "fused_margin",
+    "class_counts",
 )
 # A fused candidate replaces the best trivial baseline only when its held-out per-sample loss is lower by more than
 # FUSED_MARGIN paired standard errors. Why: the best fused candidate is the minimum of 20-120 noisy held-out
@@ -118,7 +121,7 @@ _SEARCH_OPTIONS = (
 # set, by 0.05-1.56 points (digits IID K = 2: weight matching 95.33% against the best member's 96.00%); the 10
 # others tied or won by up to 12.9 points (the non-IID cases). 2 standard errors is the one-sided 2.3% level.
 FUSED_MARGIN = 2.0
-_TRIVIAL = ("members", "subsets")  # the candidates that use no calibration data to be built
+_TRIVIAL = ("members", "subsets", "class_counts")  # the candidates that use no calibration data to be built
 TRIVIAL_SAMPLES = ("all", "holdout")
 
 
@@ -247,6 +250,9 @@ class _Candidate:
     module: nn.Module | None = None  # a fused module, built during the search
     hold: tuple[float, float] | None = None  # (objective, tie) on the held-out samples, where ``objective`` is not
     hold_losses: Tensor | None = None  # (N_hold,) per-sample loss of the objective on the held-out samples
+    # (N_triv,) per-sample loss on every calibration sample (z_triv order), out of fold for a cross-fitted
+    # candidate: set for the trivial and class-weighted candidates when trivial_samples="all"
+    all_losses: Tensor | None = None
 
     @property
     def hold_key(self) -> tuple[float, float]:
@@ -289,6 +295,7 @@ class BudgetSearch:
         trivial_samples: str = "all",
         tie_tolerance: float = 0.0,
         fused_margin: float = FUSED_MARGIN,
+        class_counts: Any = None,
     ) -> None:
         self.t_start = time.perf_counter()
         self.members, self.lam = members, lambdas
@@ -296,6 +303,16 @@ class BudgetSearch:
         self.method, self.options, self.fuse_kwargs = method, dict(options), dict(fuse_kwargs)
         self.seed, self.cluster_restarts = int(seed), int(cluster_restarts)
         self.families = self._families(method, candidates)
+        self.class_counts: Tensor | None = None
+        if class_counts is not None:
+            from pyfusion.fuse.subsets import class_weights_from_counts
+
+            counts = class_weights_from_counts(class_counts)  # validates the shape and values
+            if counts.shape[0] != self.k:
+                raise ValueError(
+                    f"class_counts must have one row per member ({self.k}, C); got shape {tuple(counts.shape)}"
+                )
+            self.class_counts = torch.as_tensor(class_counts, dtype=torch.float64).detach().cpu().clone()
         for c in subset_combines:
             if c not in ("logits", "probs"):
                 raise ValueError(f"subset_combines must hold 'logits' and / or 'probs'; got {list(subset_combines)}")
@@ -360,11 +377,13 @@ class BudgetSearch:
         # their comparisons (bench/results/defaults_selection.md: the selection error falls with n)
         if trivial_samples == "all":
             z_fit = torch.stack([_outputs(m, x[fit], batch) for m in members])
+            self.n_fit_triv = int(z_fit.shape[1])  # z_triv = [fit samples, held-out samples]
             self.z_triv = torch.cat([z_fit, self.z], 1)
             self.x_triv = torch.cat([x[fit], self.x_hold])
             self.y_triv = None if labels is None else torch.cat([labels[fit], labels[hold]])
         else:
             self.z_triv, self.x_triv, self.y_triv = self.z, self.x_hold, self.y_hold
+            self.n_fit_triv = 0
         self.target_triv = torch.tensordot(lam_t, self.z_triv, dims=1)
         self.n_triv = int(self.z_triv.shape[1])
         self.member_flops = [int(_cost(m, self.example).flops) for m in members]
@@ -375,6 +394,11 @@ class BudgetSearch:
         self._cache: dict[tuple, _Candidate | None] = {}
         self._static: list[_Candidate] | None = None
         self._similar_groups: dict[int, list[list[int]]] = {}
+        if self.class_counts is not None and self.z.dim() >= 2 and self.class_counts.shape[1] != self.z.shape[-1]:
+            raise ValueError(
+                f"class_counts must have one column per class ({self.k}, {self.z.shape[-1]}); got shape "
+                f"{tuple(self.class_counts.shape)}"
+            )
 
     # -- configuration -----------------------------------------------------------------------------------------
 
@@ -416,6 +440,18 @@ class BudgetSearch:
         if self.objective_name == "cross_entropy":
             return torch.nn.functional.cross_entropy(z, self.y_hold, reduction="none").double()
         return (z.argmax(-1) != self.y_hold).double()
+
+    def _losses_trivial(self, z: Tensor) -> Tensor | None:
+        """(N_triv,) per-sample loss of outputs on the ``trivial_samples`` (None unless those are all samples)."""
+        if self.n_fit_triv == 0:
+            return None
+        n = z.shape[0]
+        if self.objective_name == "ensemble":
+            return ((z - self.target_triv) ** 2).reshape(n, -1).mean(1).double()
+        assert self.y_triv is not None
+        if self.objective_name == "cross_entropy":
+            return torch.nn.functional.cross_entropy(z, self.y_triv, reduction="none").double()
+        return (z.argmax(-1) != self.y_triv).double()
 
     def _score_trivial(self, z: Tensor) -> tuple[float, float]:
         """The objective of a trivial candidate's outputs on the samples of ``trivial_samples``."""
@@ -471,9 +507,14 @@ class BudgetSearch:
                 out.append(_Candidate(f"member {i}", "members", self.member_flops[i], obj, tie, {"members": [i]},
                                       make=lambda i=i: copy.deepcopy(self.members[i]),
                                       hold=self._score(self.z[i]),
-                                      hold_losses=self._losses(self.z[i])))  # fmt: skip
+                                      hold_losses=self._losses(self.z[i]),
+                                      all_losses=self._losses_trivial(self.z_triv[i])))  # fmt: skip
         if "subsets" in self.families and self.k >= 2:
             out += self._subsets()
+        if "class_counts" in self.families and self.class_counts is not None and self.k >= 2:
+            out += self._class_count_subsets()
+        if "class_subsets" in self.families and self.k >= 2 and self.y_hold is not None and self.z.dim() == 3:
+            out += self._class_subsets()
         if self.k >= 2:
             for fam in _FULL_FUSION:
                 if fam in self.families:
@@ -523,8 +564,120 @@ class BudgetSearch:
                         ),
                         hold=score(best, held_out=True),
                         hold_losses=self._losses(outputs(best, held_out=True)),
+                        all_losses=self._losses_trivial(outputs(best)),
                     )
                 )
+        return out
+
+    def _best_subsets(self, score: Callable[[tuple[int, ...]], tuple[float, float]]) -> dict[int, tuple[int, ...]]:
+        """The subset of every size m in 2..K with the lowest ``score`` (exhaustive for K <= 10, else greedy
+        forward selection), ties broken by the lexicographic order of the subsets (independent of any noise)."""
+        best: tuple[int, ...] = ()
+        out: dict[int, tuple[int, ...]] = {}
+        for m in range(2, self.k + 1):
+            if self.k <= _EXHAUSTIVE_SUBSETS or m == 2:
+                subs = list(itertools.combinations(range(self.k), m))
+            else:
+                subs = [tuple(sorted((*best, j))) for j in range(self.k) if j not in best]
+            best = min(subs, key=lambda sub: (score(sub), sub))
+            out[m] = best
+        return out
+
+    def _class_logits(self, z: Tensor, sub: tuple[int, ...], w: Tensor) -> Tensor:
+        """``log sum_k W[k, c] softmax(z_k)[c]`` of the members ``sub`` of (K, N, C) outputs (SubEnsemble)."""
+        logp = torch.log_softmax(z[list(sub)], -1)
+        return torch.logsumexp(logp + torch.log(w)[:, None, :], 0)
+
+    def _sub_lambdas(self, sub: Sequence[int]) -> Tensor:
+        w = torch.tensor([self.lam[i] for i in sub], dtype=torch.float64)
+        return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(sub))
+
+    def _class_count_subsets(self) -> list[_Candidate]:
+        """Class-share sub-ensembles: the best m-subset for every m, its members' probabilities weighted per class
+        by their training class counts (``class_counts=``; :func:`class_weights_from_counts`). Built without
+        calibration data: trivial candidates, scored like the sub-ensembles."""
+        from pyfusion.fuse.subsets import class_weights_from_counts
+
+        assert self.class_counts is not None
+
+        def weights(sub: tuple[int, ...]) -> Tensor:
+            return class_weights_from_counts(self.class_counts[list(sub)], lambdas=self._sub_lambdas(sub))
+
+        def score(sub: tuple[int, ...]) -> tuple[float, float]:
+            return self._score_trivial(self._class_logits(self.z_triv, sub, weights(sub)))
+
+        out = []
+        for m, sub in self._best_subsets(score).items():
+            w = weights(sub)
+            z_all, z_hold = self._class_logits(self.z_triv, sub, w), self._class_logits(self.z, sub, w)
+            obj, tie = self._score_trivial(z_all)
+            label = "class-share ensemble" if m == self.k else f"class-share sub-ensemble {m}/{self.k}"
+            out.append(_Candidate(
+                f"{label} {list(sub)}", "class_counts", sum(self.member_flops[i] for i in sub), obj, tie,
+                {"members": list(sub), "combine": "probs", "class_weights": "class_counts"},
+                make=lambda sub=sub, w=w: SubEnsemble([copy.deepcopy(self.members[i]) for i in sub],
+                                                      class_weights=w),
+                hold=self._score(z_hold), hold_losses=self._losses(z_hold), all_losses=self._losses_trivial(z_all),
+            ))  # fmt: skip
+        return out
+
+    def _class_subsets(self) -> list[_Candidate]:
+        """Class-weighted sub-ensembles fitted on the calibration data (:func:`fit_class_weights`), for every
+        size m the best m-subset of the probability combine; scored without selection bias by cross-fitting.
+
+        With ``trivial_samples="all"`` the calibration samples are the fit part A and the held-out part B: the
+        subset choice and the weights fitted on A are scored on B, those fitted on B on A, so every sample has an
+        out-of-fold loss (``objective`` is their mean over all N samples, paired with the trivial candidates'
+        losses on the same samples in the margin test); the returned model repeats the procedure on all samples.
+        With ``trivial_samples="holdout"``: fitted on A, scored on B (no cross-fit)."""
+        from pyfusion.fuse.subsets import fit_class_weights
+
+        y_all = self.y_triv if self.n_fit_triv else None
+        n_a = self.n_fit_triv
+        z_a = self.z_triv[:, :n_a] if n_a else None
+        y_a = y_all[:n_a] if y_all is not None else None
+        if z_a is None:  # holdout mode: the fit samples' outputs were not computed
+            z_a = torch.stack([_outputs(m, torch.cat([b[0] for b in self.fit_data]), self.batch)
+                               for m in self.members])  # fmt: skip
+            y_a = torch.cat([b[1] for b in self.fit_data])
+        z_b, y_b = self.z, self.y_hold
+        assert y_a is not None and y_b is not None
+
+        def procedure(z: Tensor, y: Tensor) -> dict[int, tuple[tuple[int, ...], Tensor]]:
+            """For every m: (the best m-subset of the probability combine on (z, y), its fitted class weights)."""
+
+            def score(sub: tuple[int, ...]) -> tuple[float, float]:
+                zz = _log_mean_probs(z[list(sub)], self._sub_lambdas(sub))
+                return _objective(zz, self.objective_name, y, self.target)
+
+            return {m: (sub, fit_class_weights(z[list(sub)], y, lambdas=self._sub_lambdas(sub)))
+                    for m, sub in self._best_subsets(score).items()}  # fmt: skip
+
+        on_a = procedure(z_a, y_a)
+        on_b = procedure(z_b, y_b) if self.n_fit_triv else None
+        on_all = procedure(self.z_triv, self.y_triv) if self.n_fit_triv else on_a
+        out = []
+        for m in range(2, self.k + 1):
+            sub_a, w_a = on_a[m]
+            z_hold = self._class_logits(z_b, sub_a, w_a)  # fitted on A, scored on B
+            hold, hold_losses = self._score(z_hold), self._losses(z_hold)
+            all_losses = None
+            obj, tie = hold
+            if on_b is not None:
+                sub_b, w_b = on_b[m]
+                z_oof = torch.cat([self._class_logits(z_a, sub_b, w_b), z_hold], 0)  # z_triv order: [A, B]
+                obj, tie = self._score_trivial(z_oof)
+                all_losses = self._losses_trivial(z_oof)
+            sub, w = on_all[m]
+            label = "class-weighted ensemble" if m == self.k else f"class-weighted sub-ensemble {m}/{self.k}"
+            out.append(_Candidate(
+                f"{label} {list(sub)}", "class_subsets", sum(self.member_flops[i] for i in sub), obj, tie,
+                {"members": list(sub), "combine": "probs", "class_weights": "fitted",
+                 "cross_fitted": on_b is not None},
+                make=lambda sub=sub, w=w: SubEnsemble([copy.deepcopy(self.members[i]) for i in sub],
+                                                      class_weights=w),
+                hold=hold, hold_losses=hold_losses, all_losses=all_losses,
+            ))  # fmt: skip
         return out
 
     # -- budget-dependent candidates ---------------------------------------------------------------------------
@@ -683,7 +836,7 @@ class BudgetSearch:
                 c = self._fuse((fam,), fam, fam, range(self.k))
                 if c is not None:
                     options.append((c.name, c.flops))
-        if "subsets" in self.families and self.k >= 2:
+        if self.k >= 2 and any(f in self.families for f in ("subsets", "class_subsets", "class_counts")):
             pair = sorted(self.member_flops)[:2]
             options.append(("a sub-ensemble of 2 members", sum(pair)))
         if "groups" in self.families and self.k >= 4:
@@ -738,7 +891,9 @@ class BudgetSearch:
         # all-sample objective has less variance than a fused one's: comparing the two would favour the noisier
         # fused candidates, the minimum of many noisy estimates being biased low)
         pair = [c for c in (best_trivial, best_fused) if c is not None]
-        best, tied_final = self._pick(pair, lambda c: c.hold_key)
+        # both scored on every calibration sample (the fused one out of fold, cross-fitted): compare on all
+        paired_all = all(c.all_losses is not None for c in pair)
+        best, tied_final = self._pick(pair, (lambda c: (c.objective, c.tie)) if paired_all else (lambda c: c.hold_key))
         tied = tied_final if len(tied_final) > 1 else (tied_t if best is best_trivial else tied_f)
         margin = self._margin_test(best_trivial, best_fused) if best is best_fused else None
         if margin is not None and not margin["passed"]:
@@ -749,13 +904,21 @@ class BudgetSearch:
             assert best.make is not None
             model = best.make()
         info = dict(getattr(model, "fusion_info", {}) or {})
-        if best.family in ("members", "subsets", "groups"):
-            info = {"method": {"members": "member", "subsets": "sub-ensemble", "groups": "groups"}[best.family]}
+        names = {"members": "member", "subsets": "sub-ensemble", "groups": "groups",
+                 "class_subsets": "class-weighted sub-ensemble",
+                 "class_counts": "class-share sub-ensemble"}  # fmt: skip
+        if best.family in names:
+            info = {"method": names[best.family]}
+            if best.family in ("class_subsets", "class_counts"):
+                info["members"] = best.options["members"]
+                info["class_weights"] = model.class_weights.tolist()
             info["lambdas"] = self.lam
         rows = sorted((c.row(self.ensemble_flops, flops) for c in cands), key=lambda r: (r["flops"], r["objective"]))
         n_over = sum(1 for c in cands if c.flops > flops)
         for r in rows:
             r["samples"] = self.n_triv if r["family"] in _TRIVIAL else self.n_hold
+            if r["family"] == "class_subsets" and r["options"].get("cross_fitted"):
+                r["samples"] = self.n_triv
         info["budget"] = {
             "budget": budget if not isinstance(budget, Flops) else f"Flops({budget.value!r})",
             "read_as": how,
@@ -815,9 +978,12 @@ class BudgetSearch:
         None when there is nothing to test (no trivial candidate, or per-sample losses are missing)."""
         if trivial is None or fused is None or self.fused_margin == 0:
             return None
-        if trivial.hold_losses is None or fused.hold_losses is None:
+        if trivial.all_losses is not None and fused.all_losses is not None:
+            d = trivial.all_losses - fused.all_losses  # every calibration sample (the fused one out of fold)
+        elif trivial.hold_losses is None or fused.hold_losses is None:
             return None
-        d = trivial.hold_losses - fused.hold_losses
+        else:
+            d = trivial.hold_losses - fused.hold_losses
         n = d.numel()
         mean = float(d.mean())
         se = float(d.std(correction=1)) / math.sqrt(n) if n > 1 else 0.0
@@ -827,6 +993,7 @@ class BudgetSearch:
             "z": mean / se if se > 0 else (math.inf if mean > 0 else 0.0),
             "required_z": self.fused_margin,
             "passed": mean > self.fused_margin * se,
+            "samples": n,
         }
 
     def _reason(self, best: _Candidate, best_trivial: _Candidate | None, best_fused: _Candidate | None,
@@ -904,6 +1071,7 @@ def budget_search(
         trivial_samples=search.get("trivial_samples", "all"),
         tie_tolerance=search.get("tie_tolerance", 0.0),
         fused_margin=search.get("fused_margin", FUSED_MARGIN),
+        class_counts=search.get("class_counts"),
     )
 
 
