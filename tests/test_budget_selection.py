@@ -106,22 +106,27 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
         # stage 1: the best trivial baseline on every calibration sample, the best fused one on the held-out ones
         best_t = min(r["objective"] for r in trivial)
         assert info["best_trivial"]["objective"] == best_t
-        # stage 2, paired on the held-out samples: the choice is never worse than that baseline there
-        assert info["chosen_holdout_objective"] <= info["best_trivial"]["holdout_objective"]
+        # stage 2, paired (on every calibration sample when the fused candidate was cross-fitted, else on the
+        # held-out ones): the choice is never worse than that baseline there
+        on = "all_objective" if info["compared_on"] == "all" else "holdout_objective"
+        chosen = info["chosen_all_objective"] if on == "all_objective" else info["chosen_holdout_objective"]
+        assert chosen <= info["best_trivial"][on]
         margin = info["margin_test"]
+        if margin is not None:
+            assert margin["samples"] == (search.n_triv if on == "all_objective" else search.n_hold)
         if info["chosen_family"] in TRIVIAL:
             assert info["chosen"] == info["best_trivial"]["name"]
-            best_fused_hold = min((r["holdout_objective"] for r in fused), default=math.inf)
-            if best_fused_hold < info["best_trivial"]["holdout_objective"]:  # kept by the margin test only
+            best_fused_hold = min((r[on] for r in fused if r[on] is not None), default=math.inf)
+            if best_fused_hold < info["best_trivial"][on]:  # kept by the margin test only
                 assert margin is not None and not margin["passed"]
                 assert margin["mean_improvement"] <= info["fused_margin"] * margin["standard_error"]
                 assert "the trivial baseline is kept" in info["reason"]
         else:
             assert info["chosen_objective"] == min(r["objective"] for r in fused)
-            assert info["chosen_holdout_objective"] < info["best_trivial"]["holdout_objective"]
+            assert chosen < info["best_trivial"][on]
             assert margin["passed"] and margin["z"] > info["fused_margin"]
             # the per-sample losses average to the objectives: the improvement is the paired difference
-            gap = info["best_trivial"]["holdout_objective"] - info["chosen_holdout_objective"]
+            gap = info["best_trivial"][on] - chosen
             assert margin["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
             assert "the fused candidate has the lower" in info["reason"]
         if b >= 1.0:  # the full ensemble is a candidate for every combine rule
@@ -185,7 +190,7 @@ def test_invalid_selection_options_raise(options, match):
 
 
 @pytest.mark.parametrize("objective", ["error", "ensemble"])
-def test_the_fused_margin_is_a_paired_z_test_on_the_held_out_losses(objective):
+def test_the_fused_margin_is_a_paired_z_test_on_the_compared_losses(objective):
     members = _noisy_linear_members(4, seed=5)
     _, _, data = _data(240, seed=6)
     families = ["members", "subsets", "partial", "average"]
@@ -200,8 +205,12 @@ def test_the_fused_margin_is_a_paired_z_test_on_the_held_out_losses(objective):
         if off["chosen_family"] not in TRIVIAL:  # the fused pick the margin overrode
             m = on["margin_test"]
             assert m is not None and not m["passed"] and m["required_z"] == 1e9
-            gap = on["best_trivial"]["holdout_objective"] - off["chosen_holdout_objective"]
+            # paired on every calibration sample when the fused candidate was cross-fitted, else on the held-out ones
+            key = "all_objective" if on["compared_on"] == "all" else "holdout_objective"
+            assert off["compared_on"] == on["compared_on"]
+            gap = on["best_trivial"][key] - off[f"chosen_{key}"]
             assert m["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
+            assert m["samples"] == (strict.n_triv if key == "all_objective" else strict.n_hold)
             assert m["z"] == pytest.approx(m["mean_improvement"] / m["standard_error"])
 
 

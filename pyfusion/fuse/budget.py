@@ -253,6 +253,9 @@ class _Candidate:
     # (N_triv,) per-sample loss on every calibration sample (z_triv order), out of fold for a cross-fitted
     # candidate: set for the trivial and class-weighted candidates when trivial_samples="all"
     all_losses: Tensor | None = None
+    all_key: tuple[float, float] | None = None  # (objective, tie) over the same samples as all_losses
+    refit: Callable[[list[Any]], nn.Module] | None = None  # the same fusion on other calibration batches
+    z_hold: Tensor | None = None  # held-out outputs (for the cross-fitted confirmation)
 
     @property
     def hold_key(self) -> tuple[float, float]:
@@ -267,6 +270,7 @@ class _Candidate:
             "fraction": self.flops / ensemble_flops,
             "objective": self.objective,
             "holdout_objective": self.hold_key[0],
+            "all_objective": None if self.all_key is None else self.all_key[0],
             "feasible": self.flops <= budget_flops,
             "options": self.options,
         }
@@ -378,6 +382,7 @@ class BudgetSearch:
         if trivial_samples == "all":
             z_fit = torch.stack([_outputs(m, x[fit], batch) for m in members])
             self.n_fit_triv = int(z_fit.shape[1])  # z_triv = [fit samples, held-out samples]
+            self.x_fit = x[fit]
             self.z_triv = torch.cat([z_fit, self.z], 1)
             self.x_triv = torch.cat([x[fit], self.x_hold])
             self.y_triv = None if labels is None else torch.cat([labels[fit], labels[hold]])
@@ -479,8 +484,14 @@ class BudgetSearch:
         finally:
             self.fusions += 1
             self.fusion_time += time.perf_counter() - t0
+
+        def refit(data: list[Any]) -> nn.Module:
+            return fuse([self.members[i] for i in members], data, method=method, lambdas=lam, **self.fuse_kwargs,
+                        **options)  # fmt: skip
+
         try:
             cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options})
+            cand.refit = refit
         except Exception as exc:  # built but cannot run (e.g. a model reading a swapped layer's .weight)
             self.failures[name] = f"{type(exc).__name__} when running the fused model: {exc}"
             self._cache[key] = None
@@ -492,8 +503,10 @@ class BudgetSearch:
         flops = int(_cost(module, self.example).flops)
         z = _outputs(module, self.x_hold, self.batch)
         obj, tie = self._score(z)
-        losses = self._losses(z) if z.shape == self.z.shape[1:] else None
-        return _Candidate(name, family, flops, obj, tie, options, module=module, hold_losses=losses)
+        same = z.shape == self.z.shape[1:]
+        losses = self._losses(z) if same else None
+        return _Candidate(name, family, flops, obj, tie, options, module=module, hold_losses=losses,
+                          z_hold=z if same else None)  # fmt: skip
 
     # -- budget-independent candidates -------------------------------------------------------------------------
 
@@ -508,7 +521,8 @@ class BudgetSearch:
                                       make=lambda i=i: copy.deepcopy(self.members[i]),
                                       hold=self._score(self.z[i]),
                                       hold_losses=self._losses(self.z[i]),
-                                      all_losses=self._losses_trivial(self.z_triv[i])))  # fmt: skip
+                                      all_losses=self._losses_trivial(self.z_triv[i]),
+                                      all_key=(obj, tie)))  # fmt: skip
         if "subsets" in self.families and self.k >= 2:
             out += self._subsets()
         if "class_counts" in self.families and self.class_counts is not None and self.k >= 2:
@@ -565,6 +579,7 @@ class BudgetSearch:
                         hold=score(best, held_out=True),
                         hold_losses=self._losses(outputs(best, held_out=True)),
                         all_losses=self._losses_trivial(outputs(best)),
+                        all_key=(obj, tie),
                     )
                 )
         return out
@@ -618,6 +633,7 @@ class BudgetSearch:
                 make=lambda sub=sub, w=w: SubEnsemble([copy.deepcopy(self.members[i]) for i in sub],
                                                       class_weights=w),
                 hold=self._score(z_hold), hold_losses=self._losses(z_hold), all_losses=self._losses_trivial(z_all),
+                all_key=(obj, tie),
             ))  # fmt: skip
         return out
 
@@ -677,6 +693,7 @@ class BudgetSearch:
                 make=lambda sub=sub, w=w: SubEnsemble([copy.deepcopy(self.members[i]) for i in sub],
                                                       class_weights=w),
                 hold=hold, hold_losses=hold_losses, all_losses=all_losses,
+                all_key=None if all_losses is None else (obj, tie),
             ))  # fmt: skip
         return out
 
@@ -890,10 +907,12 @@ class BudgetSearch:
         # the final comparison is paired, on the held-out samples both were scored on (a trivial candidate's
         # all-sample objective has less variance than a fused one's: comparing the two would favour the noisier
         # fused candidates, the minimum of many noisy estimates being biased low)
+        if best_fused is not None and best_trivial is not None and best_trivial.all_losses is not None:
+            self._cross_fit(best_fused)
         pair = [c for c in (best_trivial, best_fused) if c is not None]
         # both scored on every calibration sample (the fused one out of fold, cross-fitted): compare on all
-        paired_all = all(c.all_losses is not None for c in pair)
-        best, tied_final = self._pick(pair, (lambda c: (c.objective, c.tie)) if paired_all else (lambda c: c.hold_key))
+        paired_all = all(c.all_key is not None and c.all_losses is not None for c in pair)
+        best, tied_final = self._pick(pair, (lambda c: c.all_key) if paired_all else (lambda c: c.hold_key))
         tied = tied_final if len(tied_final) > 1 else (tied_t if best is best_trivial else tied_f)
         margin = self._margin_test(best_trivial, best_fused) if best is best_fused else None
         if margin is not None and not margin["passed"]:
@@ -935,6 +954,8 @@ class BudgetSearch:
             "chosen_fraction": best.flops / self.ensemble_flops,
             "chosen_objective": best.objective,
             "chosen_holdout_objective": best.hold_key[0],
+            "chosen_all_objective": None if best.all_key is None else best.all_key[0],
+            "compared_on": "all" if paired_all else "holdout",
             "trivial_samples": self.n_triv,
             "tie_tolerance": self.tie_tolerance,
             "fused_margin": self.fused_margin,
@@ -945,6 +966,7 @@ class BudgetSearch:
                 "name": best_trivial.name,
                 "objective": best_trivial.objective,
                 "holdout_objective": best_trivial.hold_key[0],
+                "all_objective": None if best_trivial.all_key is None else best_trivial.all_key[0],
                 "flops": int(best_trivial.flops),
             },  # fmt: skip
             "reason": self._reason(best, best_trivial, best_fused, feasible, tied, flops, n_over, margin),
@@ -960,6 +982,40 @@ class BudgetSearch:
         if not hasattr(model, "fusion_plan"):
             model.fusion_plan = None
         return model
+
+    def _cross_fit(self, cand: _Candidate) -> None:
+        """Score a fused candidate out of fold on every calibration sample: the same fusion (method, members,
+        options) is rebuilt on the held-out part B and scored on the fit part A, the original (fitted on A)
+        having been scored on B. The A half is free of the selection bias (the candidate was picked on B and A
+        was never scored), and the paired test against the trivial baseline gets all N samples instead of
+        N / 2: the smallest improvement it accepts, ``fused_margin`` standard errors, shrinks by sqrt(2).
+        Costs one fusion per distinct candidate (memoized); the returned model is still the one fitted on A.
+        Candidates without a rebuild (groups of fused members) or outputs of another shape keep the held-out
+        test. Sets ``cand.all_losses`` / ``cand.all_key``."""
+        if cand.all_losses is not None or cand.refit is None or cand.z_hold is None or not self.n_fit_triv:
+            return
+        hold_data = []
+        for s in range(0, self.n_hold, self.batch):
+            xb = self.x_hold[s : s + self.batch]
+            hold_data.append(xb if self.y_hold is None else (xb, self.y_hold[s : s + self.batch]))
+        t0 = time.perf_counter()
+        try:
+            mirror = cand.refit(hold_data)
+            z_a = _outputs(mirror, self.x_fit, self.batch)
+        except Exception as exc:  # the rebuild failed: the held-out test stays
+            self.failures[f"{cand.name} (cross-fit)"] = f"{type(exc).__name__}: {exc}"
+            cand.refit = None
+            return
+        finally:
+            self.fusions += 1
+            self.fusion_time += time.perf_counter() - t0
+        if z_a.shape[1:] != cand.z_hold.shape[1:]:
+            cand.refit = None
+            return
+        z_all = torch.cat([z_a, cand.z_hold], 0)  # z_triv order: [A, B]
+        cand.all_key = self._score_trivial(z_all)
+        cand.all_losses = self._losses_trivial(z_all)
+        cand.options = {**cand.options, "cross_fitted": True}
 
     def _pick(self, cands: list[_Candidate], key: Callable[[_Candidate], tuple[float, float]]):
         """(the lowest ``key`` of ``cands``, the candidates tied with it): candidates whose objective is within
