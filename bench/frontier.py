@@ -7,6 +7,9 @@ For every case of the gauntlet (ensembles of the zoo, :mod:`zoo`) and every budg
   :func:`pyfusion.fuse.budget_search`; it may itself be a trivial baseline when nothing fused beats it);
 * **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / prune /
   full fusion / groups of fused members);
+* **class-weighted**: the same search restricted to the class-weighted sub-ensembles
+  (:class:`pyfusion.nn.SubEnsemble` with per-class member weights fitted on the calibration data,
+  ``candidates=["class_subsets"]``; the library builds them, so they are pyfusion candidates, not baselines);
 * **best baseline**: the best trivial baseline with FLOPs <= b x the ensemble's (:func:`zoo.best_within` over
   :func:`zoo.baselines`: best member, best m-of-K sub-ensembles of logits or probabilities and means over
   subsets, the ensembles, vanilla averaging; selections on the calibration set);
@@ -125,6 +128,7 @@ def run_case(
             chosen = search.choose(b)
             info = chosen.fusion_info["budget"]
             rec.update(chosen=info["chosen"], chosen_fraction=info["chosen_fraction"], acc=_accuracy(chosen, case))
+            rec["compared_on"] = info.get("compared_on")
         except pyfusion.fuse.BudgetError as exc:
             rec.update(chosen=f"none ({exc})", chosen_fraction=None, acc=None)
         try:
@@ -133,6 +137,13 @@ def run_case(
             rec.update(fused=finfo["chosen"], fused_fraction=finfo["chosen_fraction"], fused_acc=_accuracy(fused, case))
         except pyfusion.fuse.BudgetError:
             rec.update(fused="none fits", fused_fraction=None, fused_acc=None)
+        rec.update(cw=None, cw_acc=None)
+        if "class_subsets" in search.families:
+            try:
+                cw = search.choose(b, families=["class_subsets"])
+                rec.update(cw=cw.fusion_info["budget"]["chosen"], cw_acc=_accuracy(cw, case))
+            except pyfusion.fuse.BudgetError:
+                pass
         rec.update(
             baseline=None if base is None else base.method,
             baseline_fraction=None if base is None else base.flops_ratio,
@@ -240,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     kept90 = sum(1 for r in at_half if r["gain_kept"] >= 0.9)
     csel_fits = [r for r in records if r.get("csel_acc") is not None]
     csel_beat = sum(1 for r in csel_fits if r["acc"] is not None and r["acc"] >= r["csel_acc"])
+    cw_rows = [r for r in records if r.get("cw_acc") is not None]
+    share_rows = [r for r in cw_rows if r["baseline"] and "class shares" in r["baseline"]]
+    cw_share = sum(1 for r in share_rows if r["cw_acc"] >= r["baseline_acc"])
     report.text(
         f"**Summary.** Where a trivial baseline fits the budget, the budgeted model is at least as accurate as the "
         f"best one in {beat} of {len(fits)} (case, budget) points, and as the best *selectable* one (without the "
@@ -249,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         f"best fused point alone in {fused_beat} of {len(fits)}. Below one member's cost ({len(below)} points, no "
         f"trivial baseline fits) it returns a clustered / pruned model in {below_ok}. At b = 0.5 it keeps >= 90% "
         f"of the (logit) ensemble's gain over the best member in {kept90} of the {len(at_half)} cases where that "
-        "gain is positive."
+        "gain is positive. "
+        f"The class-weighted sub-ensemble alone (fitted on the calibration data) is at least as accurate as the "
+        f"class-share ensemble (which needs the members' training class counts) in {cw_share} of the "
+        f"{len(share_rows)} points where that ensemble is the best baseline."
     )
     table = []
     for r in records:
@@ -257,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         table.append({
             "case": r["case"], "b": r["budget"], "budgeted": r["chosen"], "frac": _frac(r["chosen_fraction"]),
             "acc %": _pct(r["acc"]), "best fused": r["fused"], "fused frac": _frac(r["fused_fraction"]),
-            "fused acc %": _pct(r["fused_acc"]), "best baseline": r["baseline"] or "none fits",
+            "fused acc %": _pct(r["fused_acc"]), "class-weighted": r.get("cw") or "-",
+            "cw acc %": _pct(r.get("cw_acc")), "best baseline": r["baseline"] or "none fits",
             "base frac": _frac(r["baseline_fraction"]), "base acc %": _pct(r["baseline_acc"]),
             "budgeted - base": "-" if d is None else f"{d:+.2f}",
             "best selectable": r["sel"] or "none fits", "sel acc %": _pct(r["sel_acc"]),
