@@ -220,3 +220,28 @@ def test_fused_margin_must_be_a_finite_non_negative_number(bad):
     _, _, data = _data(40, seed=2)
     with pytest.raises(ValueError, match="fused_margin must be a finite number >= 0"):
         budget_search(members, data, fused_margin=bad)
+
+
+def test_the_best_fused_candidate_is_cross_fitted_before_the_paired_test():
+    import pyfusion
+    from pyfusion.models import mlp
+
+    torch.manual_seed(5)
+    members = [mlp([4, 16, 4]).eval() for _ in range(3)]  # a hidden layer to fuse partially
+    _, _, data = _data(240, seed=6)
+    search = budget_search(members, data, candidates=["members", "partial"], fused_margin=0.0)
+    info = search.choose(0.8).fusion_info["budget"]
+    assert info["compared_on"] == "all"
+    row = next(r for r in info["candidates"] if r["family"] == "partial" and r["feasible"])
+    assert row["options"]["cross_fitted"]
+    # reproduce: the same fusion rebuilt on the held-out half and scored on the fit half, the original (fitted on
+    # the fit half) on the held-out half; the objective is the error over all 240 samples
+    hold = [(search.x_hold[s : s + 50], search.y_hold[s : s + 50]) for s in range(0, search.n_hold, 50)]
+    mirror = pyfusion.fuse(members, hold, method="partial", alpha=row["options"]["alpha"], lambdas=[1 / 3] * 3)
+    original = pyfusion.fuse(members, search.fit_data, method="partial", alpha=row["options"]["alpha"],
+                             lambdas=[1 / 3] * 3)  # fmt: skip
+    with torch.no_grad():
+        z = torch.cat([mirror(search.x_fit), original(search.x_hold)]).double()
+    err = float((z.argmax(1) != search.y_triv).double().mean())
+    assert row["all_objective"] == pytest.approx(err, abs=1e-12)
+    assert row["holdout_objective"] == pytest.approx(_lex(z[search.n_fit_triv :], search.y_hold)[0], abs=1e-12)
