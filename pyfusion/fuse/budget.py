@@ -24,7 +24,18 @@ listed but never returned):
   t in j/16; above one member's width through the partial-fusion slot count of ``alpha = (t - 1) / (K - 1)``);
 * fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
   K >= 8, grouped in fours) by the similarity of their outputs, each group is partially fused at the largest
-  common alpha that fits, and the groups' outputs are averaged.
+  common alpha that fits, and the groups' outputs are averaged;
+* class-weighted sub-ensembles (``"class_subsets"``, with labels and (N, C) outputs): for every m the best
+  m-subset of the probability combine, its members' probabilities weighted per class,
+  ``y[c] = log sum_k W[k, c] softmax(f_k)[c]`` (:class:`pyfusion.nn.SubEnsemble` ``class_weights=``), W fitted on
+  the calibration data (:func:`pyfusion.fuse.subsets.fit_class_weights`). Same FLOPs as the plain sub-ensemble.
+  They are fitted, so they are compared like the fused candidates, and *cross-fitted*: subset and weights chosen
+  on the fit half are scored on the held-out half and vice versa, so each has an out-of-fold loss on every
+  calibration sample (no selection bias from fitting and scoring on the same samples); the model returned repeats
+  the procedure on all samples;
+* with ``class_counts=`` (K, C), the members' training class counts: class-share sub-ensembles (``"class_counts"``,
+  W from the counts, :func:`pyfusion.fuse.subsets.class_weights_from_counts`): built without calibration data, so
+  trivial candidates.
 
 **The objective**, on held-out calibration samples (``holdout``, default 1/2 of the samples, drawn by a seeded
 permutation; the rest is what every fusion calibrates on): with integer labels in the batches, the task loss
@@ -37,7 +48,11 @@ calibration data to be built, so the best of them is picked on *every* calibrati
 picked on the held-out samples. (2) The two are compared *paired*, on the same held-out samples (comparing a
 low-variance all-sample score with the minimum of many noisy held-out scores would favour the fused candidates by
 chance), and a fused candidate replaces the trivial one only if its per-sample loss is lower by more than
-``fused_margin`` (default 2) paired standard errors (``fusion_info["budget"]["margin_test"]``: the best fused
+``fused_margin`` (default 2) paired standard errors. Before that test the best fused candidate is *cross-fitted*
+(with ``trivial_samples="all"``): the same fusion is rebuilt on the held-out half and scored on the fit half, so
+its loss is out of fold on every calibration sample and the paired test runs on all N samples, not N / 2 (the
+smallest improvement it accepts, 2 standard errors, shrinks by sqrt(2); the fit half is free of the selection
+bias; ``fusion_info["budget"]["compared_on"]`` is "all"); one more fusion per budget (``fusion_info["budget"]["margin_test"]``: the best fused
 candidate is the minimum of many noisy held-out scores, biased low). Candidates within ``tie_tolerance``
 (default 0: exact ties) of the lowest objective are tied, and among those the lower tie-breaker, then the cheaper
 one, wins. So the answer is never worse on the held-out objective
