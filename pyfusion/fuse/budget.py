@@ -52,10 +52,11 @@ chance), and a fused candidate replaces the trivial one only if its per-sample l
 (with ``trivial_samples="all"``): the same fusion is rebuilt on the held-out half and scored on the fit half, so
 its loss is out of fold on every calibration sample and the paired test runs on all N samples, not N / 2 (the
 smallest improvement it accepts, 2 standard errors, shrinks by sqrt(2); the fit half is free of the selection
-bias; ``fusion_info["budget"]["compared_on"]`` is "all"); one more fusion per budget (``fusion_info["budget"]["margin_test"]``: the best fused
-candidate is the minimum of many noisy held-out scores, biased low). Candidates within ``tie_tolerance``
-(default 0: exact ties) of the lowest objective are tied, and among those the lower tie-breaker, then the cheaper
-one, wins. So the answer is never worse on the held-out objective
+bias; ``fusion_info["budget"]["compared_on"]`` is "all"); one more fusion per budget
+(``fusion_info["budget"]["margin_test"]``: the best fused candidate is the minimum of many noisy held-out scores,
+biased low). Candidates within ``tie_tolerance`` (default 0: exact ties) of the lowest objective are tied, and
+among those the lower tie-breaker, then the cheaper one, wins. So the answer is never worse on the compared
+objective (every calibration sample when cross-fitted, else the held-out ones)
 than the best trivial baseline that fits: each member, the best m-subset for every m (by the same objective), and
 at ``budget >= 1`` the full ensemble (``fusion_info["budget"]["best_trivial"]`` names it, and the reason says how
 the two stages decided). ``trivial_samples="holdout"`` scores every candidate on the held-out samples only (the
