@@ -109,8 +109,12 @@ def run_case(
     budgets: tuple[float, ...],
     cluster_restarts: int,
     search_options: dict[str, Any] | None = None,
+    class_counts: bool = False,
 ) -> list[dict[str, Any]]:
     case = zoo.get_case(name)
+    search_options = dict(search_options or {})
+    if class_counts and case.spec.split != "iid":  # the members' training class counts, as the user may supply
+        search_options["class_counts"] = torch.as_tensor(case.class_shares())
     flop = lambda m, x: pyfusion.cost(m, x).flops  # noqa: E731
     rows = zoo.baselines(case, flop_counter=flop)
     by = {r.method: r for r in rows}
@@ -118,7 +122,7 @@ def run_case(
     best_member = max(r.value for r in rows if r.method.startswith("member "))
     t0 = time.perf_counter()
     search = pyfusion.fuse.budget_search(case.members, _calibration(case, n_calib), cluster_restarts=cluster_restarts,
-                                         **(search_options or {}))  # fmt: skip
+                                         **search_options)  # fmt: skip
     out = []
     for b in budgets:
         base = zoo.best_within(rows, b * by["ensemble (logits)"].flops)
@@ -187,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("all", "holdout"),
         help="samples the trivial candidates are scored on (the library default: all)",
     )
+    ap.add_argument(
+        "--class-counts",
+        action="store_true",
+        help="give the search the members' training class shares (class_counts=; non-IID cases): the class-share "
+        "sub-ensembles become library candidates (off by default: the class-share baseline uses data the search "
+        "is not given)",
+    )
     ap.add_argument("--resume", action="store_true", help="keep the cases already in --json")
     ap.add_argument("--note", default=None, help="a sentence added to the report (e.g. the load of a resumed run)")
     ap.add_argument("--threads", type=int, default=1)
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             opts = {"objective": args.objective, "trivial_samples": args.trivial_samples}
-            records += run_case(name, args.calib, BUDGETS, args.cluster_restarts, opts)
+            records += run_case(name, args.calib, BUDGETS, args.cluster_restarts, opts, args.class_counts)
         except Exception as exc:  # one broken case must not lose the others; it is reported in the table
             errors[name] = f"{type(exc).__name__}: {exc}"
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -232,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         "accuracies are on the test sets. `budgeted` is what `pyfusion.fuse(members, data, "
         "budget=b)` returns, `best fused` the same search over fused candidates only, `best baseline` the best "
         "trivial baseline within the budget (zoo.best_within: selections on the calibration set). `gain kept`: "
-        "(budgeted - best member) / (ensemble - best member), oracle best member on the test set.",
+        "(budgeted - best member) / (ensemble - best member), oracle best member on the test set. "
+        + (
+            "The search was given the members' training class shares (`--class-counts`: class-share sub-ensembles "
+            "are library candidates)."
+            if args.class_counts
+            else "The search was not given the members' class "
+            "counts (the class-share ensemble is a baseline it cannot build; its class-weighted sub-ensembles are "
+            "fitted on the calibration data)."
+        ),
         f"Measured with {args.threads} thread(s), {args.cluster_restarts} k-means restarts per cluster candidate, "
         f"on {os.cpu_count()} logical cores "
         f"(load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end); total {total / 60:.1f} min "
