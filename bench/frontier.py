@@ -7,6 +7,9 @@ For every case of the gauntlet (ensembles of the zoo, :mod:`zoo`) and every budg
   :func:`pyfusion.fuse.budget_search`; it may itself be a trivial baseline when nothing fused beats it);
 * **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / prune /
   full fusion / groups of fused members);
+* **class-weighted**: the same search restricted to the class-weighted sub-ensembles
+  (:class:`pyfusion.nn.SubEnsemble` with per-class member weights fitted on the calibration data,
+  ``candidates=["class_subsets"]``; the library builds them, so they are pyfusion candidates, not baselines);
 * **best baseline**: the best trivial baseline with FLOPs <= b x the ensemble's (:func:`zoo.best_within` over
   :func:`zoo.baselines`: best member, best m-of-K sub-ensembles of logits or probabilities and means over
   subsets, the ensembles, vanilla averaging; selections on the calibration set);
@@ -106,8 +109,12 @@ def run_case(
     budgets: tuple[float, ...],
     cluster_restarts: int,
     search_options: dict[str, Any] | None = None,
+    class_counts: bool = False,
 ) -> list[dict[str, Any]]:
     case = zoo.get_case(name)
+    search_options = dict(search_options or {})
+    if class_counts and case.spec.split != "iid":  # the members' training class counts, as the user may supply
+        search_options["class_counts"] = torch.as_tensor(case.class_shares())
     flop = lambda m, x: pyfusion.cost(m, x).flops  # noqa: E731
     rows = zoo.baselines(case, flop_counter=flop)
     by = {r.method: r for r in rows}
@@ -115,7 +122,7 @@ def run_case(
     best_member = max(r.value for r in rows if r.method.startswith("member "))
     t0 = time.perf_counter()
     search = pyfusion.fuse.budget_search(case.members, _calibration(case, n_calib), cluster_restarts=cluster_restarts,
-                                         **(search_options or {}))  # fmt: skip
+                                         **search_options)  # fmt: skip
     out = []
     for b in budgets:
         base = zoo.best_within(rows, b * by["ensemble (logits)"].flops)
@@ -125,6 +132,7 @@ def run_case(
             chosen = search.choose(b)
             info = chosen.fusion_info["budget"]
             rec.update(chosen=info["chosen"], chosen_fraction=info["chosen_fraction"], acc=_accuracy(chosen, case))
+            rec["compared_on"] = info.get("compared_on")
         except pyfusion.fuse.BudgetError as exc:
             rec.update(chosen=f"none ({exc})", chosen_fraction=None, acc=None)
         try:
@@ -133,6 +141,13 @@ def run_case(
             rec.update(fused=finfo["chosen"], fused_fraction=finfo["chosen_fraction"], fused_acc=_accuracy(fused, case))
         except pyfusion.fuse.BudgetError:
             rec.update(fused="none fits", fused_fraction=None, fused_acc=None)
+        rec.update(cw=None, cw_acc=None)
+        if "class_subsets" in search.families:
+            try:
+                cw = search.choose(b, families=["class_subsets"])
+                rec.update(cw=cw.fusion_info["budget"]["chosen"], cw_acc=_accuracy(cw, case))
+            except pyfusion.fuse.BudgetError:
+                pass
         rec.update(
             baseline=None if base is None else base.method,
             baseline_fraction=None if base is None else base.flops_ratio,
@@ -176,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("all", "holdout"),
         help="samples the trivial candidates are scored on (the library default: all)",
     )
+    ap.add_argument(
+        "--class-counts",
+        action="store_true",
+        help="give the search the members' training class shares (class_counts=; non-IID cases): the class-share "
+        "sub-ensembles become library candidates (off by default: the class-share baseline uses data the search "
+        "is not given)",
+    )
     ap.add_argument("--resume", action="store_true", help="keep the cases already in --json")
     ap.add_argument("--note", default=None, help="a sentence added to the report (e.g. the load of a resumed run)")
     ap.add_argument("--threads", type=int, default=1)
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             opts = {"objective": args.objective, "trivial_samples": args.trivial_samples}
-            records += run_case(name, args.calib, BUDGETS, args.cluster_restarts, opts)
+            records += run_case(name, args.calib, BUDGETS, args.cluster_restarts, opts, args.class_counts)
         except Exception as exc:  # one broken case must not lose the others; it is reported in the table
             errors[name] = f"{type(exc).__name__}: {exc}"
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -221,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         "accuracies are on the test sets. `budgeted` is what `pyfusion.fuse(members, data, "
         "budget=b)` returns, `best fused` the same search over fused candidates only, `best baseline` the best "
         "trivial baseline within the budget (zoo.best_within: selections on the calibration set). `gain kept`: "
-        "(budgeted - best member) / (ensemble - best member), oracle best member on the test set.",
+        "(budgeted - best member) / (ensemble - best member), oracle best member on the test set. "
+        + (
+            "The search was given the members' training class shares (`--class-counts`: class-share sub-ensembles "
+            "are library candidates)."
+            if args.class_counts
+            else "The search was not given the members' class "
+            "counts (the class-share ensemble is a baseline it cannot build; its class-weighted sub-ensembles are "
+            "fitted on the calibration data)."
+        ),
         f"Measured with {args.threads} thread(s), {args.cluster_restarts} k-means restarts per cluster candidate, "
         f"on {os.cpu_count()} logical cores "
         f"(load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end); total {total / 60:.1f} min "
@@ -240,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     kept90 = sum(1 for r in at_half if r["gain_kept"] >= 0.9)
     csel_fits = [r for r in records if r.get("csel_acc") is not None]
     csel_beat = sum(1 for r in csel_fits if r["acc"] is not None and r["acc"] >= r["csel_acc"])
+    cw_rows = [r for r in records if r.get("cw_acc") is not None]
+    share_rows = [r for r in cw_rows if r["baseline"] and "class shares" in r["baseline"]]
+    cw_share = sum(1 for r in share_rows if r["cw_acc"] >= r["baseline_acc"])
     report.text(
         f"**Summary.** Where a trivial baseline fits the budget, the budgeted model is at least as accurate as the "
         f"best one in {beat} of {len(fits)} (case, budget) points, and as the best *selectable* one (without the "
@@ -249,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         f"best fused point alone in {fused_beat} of {len(fits)}. Below one member's cost ({len(below)} points, no "
         f"trivial baseline fits) it returns a clustered / pruned model in {below_ok}. At b = 0.5 it keeps >= 90% "
         f"of the (logit) ensemble's gain over the best member in {kept90} of the {len(at_half)} cases where that "
-        "gain is positive."
+        "gain is positive. "
+        f"The class-weighted sub-ensemble alone (fitted on the calibration data) is at least as accurate as the "
+        f"class-share ensemble (which needs the members' training class counts) in {cw_share} of the "
+        f"{len(share_rows)} points where that ensemble is the best baseline."
     )
     table = []
     for r in records:
@@ -257,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         table.append({
             "case": r["case"], "b": r["budget"], "budgeted": r["chosen"], "frac": _frac(r["chosen_fraction"]),
             "acc %": _pct(r["acc"]), "best fused": r["fused"], "fused frac": _frac(r["fused_fraction"]),
-            "fused acc %": _pct(r["fused_acc"]), "best baseline": r["baseline"] or "none fits",
+            "fused acc %": _pct(r["fused_acc"]), "class-weighted": r.get("cw") or "-",
+            "cw acc %": _pct(r.get("cw_acc")), "best baseline": r["baseline"] or "none fits",
             "base frac": _frac(r["baseline_fraction"]), "base acc %": _pct(r["baseline_acc"]),
             "budgeted - base": "-" if d is None else f"{d:+.2f}",
             "best selectable": r["sel"] or "none fits", "sel acc %": _pct(r["sel_acc"]),

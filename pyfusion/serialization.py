@@ -276,7 +276,9 @@ def _register_pyfusion_types() -> None:
         from pyfusion.nn.ensemble import SubEnsemble
 
         if _spec_name_of_class(SubEnsemble) is None:
-            _register(SubEnsemble, SubEnsemble.get_config, SubEnsemble.from_config, ("num_members", "combine"))
+            _register(
+                SubEnsemble, SubEnsemble.get_config, SubEnsemble.from_config, ("num_members", "combine", "num_classes")
+            )
     try:
         from pyfusion.nn.norm import MemberViewNorm
     except ImportError:  # pragma: no cover - a build without pyfusion.nn

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pyfusion.fuse import budget_search
+from pyfusion.fuse.budget import HOLDOUT_FUSED_MARGIN
 
 TRIVIAL = ["members", "subsets"]
 
@@ -106,22 +107,30 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
         # stage 1: the best trivial baseline on every calibration sample, the best fused one on the held-out ones
         best_t = min(r["objective"] for r in trivial)
         assert info["best_trivial"]["objective"] == best_t
-        # stage 2, paired on the held-out samples: the choice is never worse than that baseline there
-        assert info["chosen_holdout_objective"] <= info["best_trivial"]["holdout_objective"]
+        # stage 2, paired (on every calibration sample when the fused candidate was cross-fitted, else on the
+        # held-out ones): the choice is never worse than that baseline there
+        on = "all_objective" if info["compared_on"] == "all" else "holdout_objective"
+        chosen = info["chosen_all_objective"] if on == "all_objective" else info["chosen_holdout_objective"]
+        assert chosen <= info["best_trivial"][on]
         margin = info["margin_test"]
+        if margin is not None:
+            assert margin["samples"] == (search.n_triv if on == "all_objective" else search.n_hold)
+            # the measured margin on every sample; at least HOLDOUT_FUSED_MARGIN on the held-out half alone
+            want = info["fused_margin"] if on == "all_objective" else max(info["fused_margin"], HOLDOUT_FUSED_MARGIN)
+            assert margin["required_z"] == want
         if info["chosen_family"] in TRIVIAL:
             assert info["chosen"] == info["best_trivial"]["name"]
-            best_fused_hold = min((r["holdout_objective"] for r in fused), default=math.inf)
-            if best_fused_hold < info["best_trivial"]["holdout_objective"]:  # kept by the margin test only
+            best_fused_hold = min((r[on] for r in fused if r[on] is not None), default=math.inf)
+            if best_fused_hold < info["best_trivial"][on]:  # kept by the margin test only
                 assert margin is not None and not margin["passed"]
-                assert margin["mean_improvement"] <= info["fused_margin"] * margin["standard_error"]
+                assert margin["mean_improvement"] <= margin["required_z"] * margin["standard_error"]
                 assert "the trivial baseline is kept" in info["reason"]
         else:
             assert info["chosen_objective"] == min(r["objective"] for r in fused)
-            assert info["chosen_holdout_objective"] < info["best_trivial"]["holdout_objective"]
-            assert margin["passed"] and margin["z"] > info["fused_margin"]
+            assert chosen < info["best_trivial"][on]
+            assert margin["passed"] and margin["z"] > margin["required_z"] >= info["fused_margin"]
             # the per-sample losses average to the objectives: the improvement is the paired difference
-            gap = info["best_trivial"]["holdout_objective"] - info["chosen_holdout_objective"]
+            gap = info["best_trivial"][on] - chosen
             assert margin["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
             assert "the fused candidate has the lower" in info["reason"]
         if b >= 1.0:  # the full ensemble is a candidate for every combine rule
@@ -185,7 +194,7 @@ def test_invalid_selection_options_raise(options, match):
 
 
 @pytest.mark.parametrize("objective", ["error", "ensemble"])
-def test_the_fused_margin_is_a_paired_z_test_on_the_held_out_losses(objective):
+def test_the_fused_margin_is_a_paired_z_test_on_the_compared_losses(objective):
     members = _noisy_linear_members(4, seed=5)
     _, _, data = _data(240, seed=6)
     families = ["members", "subsets", "partial", "average"]
@@ -200,8 +209,12 @@ def test_the_fused_margin_is_a_paired_z_test_on_the_held_out_losses(objective):
         if off["chosen_family"] not in TRIVIAL:  # the fused pick the margin overrode
             m = on["margin_test"]
             assert m is not None and not m["passed"] and m["required_z"] == 1e9
-            gap = on["best_trivial"]["holdout_objective"] - off["chosen_holdout_objective"]
+            # paired on every calibration sample when the fused candidate was cross-fitted, else on the held-out ones
+            key = "all_objective" if on["compared_on"] == "all" else "holdout_objective"
+            assert off["compared_on"] == on["compared_on"]
+            gap = on["best_trivial"][key] - off[f"chosen_{key}"]
             assert m["mean_improvement"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
+            assert m["samples"] == (strict.n_triv if key == "all_objective" else strict.n_hold)
             assert m["z"] == pytest.approx(m["mean_improvement"] / m["standard_error"])
 
 
@@ -211,3 +224,28 @@ def test_fused_margin_must_be_a_finite_non_negative_number(bad):
     _, _, data = _data(40, seed=2)
     with pytest.raises(ValueError, match="fused_margin must be a finite number >= 0"):
         budget_search(members, data, fused_margin=bad)
+
+
+def test_the_best_fused_candidate_is_cross_fitted_before_the_paired_test():
+    import pyfusion
+    from pyfusion.models import mlp
+
+    torch.manual_seed(5)
+    members = [mlp([4, 16, 4]).eval() for _ in range(3)]  # a hidden layer to fuse partially
+    _, _, data = _data(240, seed=6)
+    search = budget_search(members, data, candidates=["members", "partial"], fused_margin=0.0)
+    info = search.choose(0.8).fusion_info["budget"]
+    assert info["compared_on"] == "all"
+    row = next(r for r in info["candidates"] if r["family"] == "partial" and r["feasible"])
+    assert row["options"]["cross_fitted"]
+    # reproduce: the same fusion rebuilt on the held-out half and scored on the fit half, the original (fitted on
+    # the fit half) on the held-out half; the objective is the error over all 240 samples
+    hold = [(search.x_hold[s : s + 50], search.y_hold[s : s + 50]) for s in range(0, search.n_hold, 50)]
+    mirror = pyfusion.fuse(members, hold, method="partial", alpha=row["options"]["alpha"], lambdas=[1 / 3] * 3)
+    original = pyfusion.fuse(members, search.fit_data, method="partial", alpha=row["options"]["alpha"],
+                             lambdas=[1 / 3] * 3)  # fmt: skip
+    with torch.no_grad():
+        z = torch.cat([mirror(search.x_fit), original(search.x_hold)]).double()
+    err = float((z.argmax(1) != search.y_triv).double().mean())
+    assert row["all_objective"] == pytest.approx(err, abs=1e-12)
+    assert row["holdout_objective"] == pytest.approx(_lex(z[search.n_fit_triv :], search.y_hold)[0], abs=1e-12)
