@@ -42,7 +42,9 @@ from torch import Tensor
 from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops._weight_cache import derived_weight
+from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, kernel_segments
+from pyfusion.ops.partial_linear.tuning import StrategyTuner, row_bucket
 
 __all__ = [
     "CPP_MAX_ROWS",
@@ -525,6 +527,153 @@ def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
     run = engine.forward_f32 if x.dtype == torch.float32 else engine.forward_f64
     run(px, m, sm, panels.data_ptr(), pb, py, plan.o_total, torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU inference: the measured choice among equivalent strategies
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def segment_runs(plan: SegmentPlan) -> tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...], int, int], ...],
+                                             tuple[int, ...]]:  # fmt: skip
+    """Runs of consecutive output segments that read the same input ranges: ``(o0, n_out, ((col, n), ...), K_o,
+    w_off)`` (their ``W_o`` are consecutive in the packed weight: one contiguous (n_out, K_o) matrix), and the output
+    segments that read nothing."""
+    runs: list[tuple[int, int, tuple[tuple[int, int], ...], int, int]] = []
+    idle: list[int] = []
+    for o, ranges in enumerate(plan.ranges):
+        n_o = plan.out_segments[o][0]
+        if n_o == 0:
+            continue
+        if not ranges:
+            idle.append(o)
+            continue
+        rg = tuple((col, n) for col, n, _q in ranges)
+        if runs and runs[-1][2] == rg and runs[-1][0] + runs[-1][1] == plan.out_starts[o]:
+            o0, n, _rg, k_o, off = runs[-1]
+            runs[-1] = (o0, n + n_o, rg, k_o, off)
+        else:
+            runs.append((plan.out_starts[o], n_o, rg, plan.k_of_out[o], plan.offsets[o]))
+    return tuple(runs), tuple(idle)
+
+
+def segment_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """One GEMM per run of output segments (:func:`segment_runs`) over its input columns, gathered into one
+    contiguous block when they are several ranges (the standard layout's branch k reads [shared | branch_k]): the
+    K members' GEMMs with the shared rows added, each with a contiguous weight (at alpha = 1 exactly the members
+    run one after another)."""
+    x2 = flatten(x)
+    m = x2.shape[0]
+    y = x2.new_empty((m, plan.o_total))
+    runs, idle = segment_runs(plan)
+    for o0, n_out, rg, k_o, off in runs:
+        xs = x2[:, rg[0][0] : rg[0][0] + rg[0][1]] if len(rg) == 1 else torch.cat([x2[:, c : c + n] for c, n in rg], 1)
+        w = weight[off : off + n_out * k_o].view(n_out, k_o)
+        ys = y[:, o0 : o0 + n_out]
+        if bias is not None:
+            torch.addmm(bias[o0 : o0 + n_out], xs, w.t(), out=ys)
+        else:
+            torch.mm(xs, w.t(), out=ys)
+    for o in idle:
+        o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
+        if bias is not None:
+            y[:, o0 : o0 + n_o].copy_(bias[o0 : o0 + n_o].expand(m, n_o))
+        else:
+            y[:, o0 : o0 + n_o].zero_()
+    y = _apply_activation_(y, activation)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
+def dense_is_view(plan: SegmentPlan) -> bool:
+    """True when the packed weight is the dense (O_total, I_total) matrix itself (one output run reading every
+    input column: alpha = 0, a layer whose segments all intersect)."""
+    runs, idle = segment_runs(plan)
+    return not idle and len(runs) == 1 and runs[0][1] == plan.o_total and runs[0][2] == ((0, plan.i_total),)
+
+
+# The dense zero-block matrix is a candidate when it is at most this many times the stored weights, or at most
+# DENSE_SMALL entries: it is cached next to the weight (once per weight version), so it costs that much memory, and
+# where it is larger it does proportionally more work and never won (bench/results/partial_linear_cpu.md: dense_zero
+# at K=2 alpha 0.5 is 0.82-1.08x ours at batch 1024 on 100-768 wide layers, at ratio 1.3; it wins on tiny layers,
+# 512 -> 10 at 2.7x ours, where one BLAS call beats the 3-5 calls of the block paths).
+DENSE_MAX_RATIO = 1.5
+DENSE_SMALL = 1 << 18  # 1 MiB of float32
+
+
+def dense_candidate(plan: SegmentPlan, taps: int = 1) -> bool:
+    """Whether the dense zero-block weight is worth trying for this plan (see DENSE_MAX_RATIO)."""
+    dense = plan.o_total * plan.i_total * taps
+    return dense <= DENSE_MAX_RATIO * plan.stored * taps or dense <= DENSE_SMALL
+
+
+def dense_weight_of(weight: Tensor, plan: SegmentPlan, taps_shape: tuple[int, ...] = ()) -> Tensor:
+    """The dense (O_total, I_total, *taps) zero-block weight: a view of the packed weight when it is the dense matrix
+    (:func:`dense_is_view`), else built once per weight version and cached (:func:`derived_weight`)."""
+    if dense_is_view(plan):
+        return weight.view(plan.o_total, plan.i_total, *taps_shape)
+
+    def build(src: Tensor) -> Tensor:
+        from pyfusion.ops.layout import unpack_segment_weight
+
+        return unpack_segment_weight(src, plan.in_segments, plan.out_segments, taps_shape).contiguous()
+
+    return derived_weight(weight, ("dense", plan, taps_shape), build)
+
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """One BLAS call with the dense zero-block weight (:func:`dense_weight_of`)."""
+    y = F.linear(x, dense_weight_of(weight, plan), bias)
+    return _apply_activation_(y, activation)
+
+
+def blas_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    return torch_forward(x, weight, bias, plan, activation)
+
+
+STRATEGIES = {"cpp": cpp_forward, "blas": blas_forward, "segments": segment_forward, "dense": dense_forward}
+TUNER = StrategyTuner("partial_linear")
+_CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
+
+
+def _candidates(plan: SegmentPlan, small: bool) -> tuple[dict, str]:
+    """(strategy name -> function, default) for a plan; ``small``: the panel engine may run (rows <= its
+    crossover)."""
+    names: list[str] = []
+    if small and not _cpp_available():
+        names.append("cpp")
+    names += ["blas", "segments"]
+    if dense_candidate(plan):
+        names.append("dense")
+    if dense_is_view(plan):  # one block: the three BLAS paths are the same one GEMM
+        names = [n for n in names if n not in ("blas", "segments")]
+    return {n: STRATEGIES[n] for n in names}, ("cpp" if "cpp" in names else names[0])
+
+
+def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
+    fastest for this (layer, dtype, activation, row bucket, threads) (:mod:`.tuning`) among the panel engine (rows
+    up to :func:`cpp_max_rows`), torch's BLAS steps, one GEMM per output run (:func:`segment_forward`) and the dense
+    zero-block weight (:func:`dense_candidate`)."""
+    rows = rows_of(x)
+    small = rows <= cpp_max_rows(plan)
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small)
+    ent = _CANDIDATES.get(pk)
+    if ent is None or ent[0] is not plan:
+        fns, default = _candidates(plan, small)
+        ent = _CANDIDATES[pk] = (plan, fns, default)
+    _plan, fns, default = ent
+    key = (pk, x.dtype, activation, row_bucket(rows), torch.get_num_threads())
+    return TUNER.run(key, fns, (x, weight, bias, plan, activation), default, _drop_derived)
+
+
+def _drop_derived(name: str, args: tuple) -> None:
+    """Free what a measured, not kept, strategy derived from the weight (panels, the dense copy)."""
+    _x, weight, _bias, plan, activation = args
+    if name == "cpp":
+        forget_derived(weight, ("panels", _panel_plan(plan, activation)))
+    elif name == "dense" and not dense_is_view(plan):
+        forget_derived(weight, ("dense", plan, ()))
 
 
 # ----------------------------------------------------------------------------------------------------------
