@@ -34,7 +34,15 @@ from pyfusion import backends
 from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import SegmentPlan, kernel_segments
-from pyfusion.ops.partial_linear.backends import _mode, dense_candidate, dense_is_view, dense_weight_of, derived_weight
+from pyfusion.ops.partial_linear.backends import (
+    _mode,
+    dense_candidate,
+    dense_is_view,
+    dense_weight_of,
+    derived_weight,
+    per_plan,
+    plan_token,
+)
 from pyfusion.ops.partial_linear.tuning import StrategyTuner, row_bucket
 
 __all__ = ["ARG_NAMES", "DISPATCHER", "FLOAT_DTYPES", "ConvGeom", "conv_out_hw", "conv_runs", "torch_forward"]
@@ -78,6 +86,7 @@ class ConvRun:
     w_off: int
 
 
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def conv_runs(plan: SegmentPlan) -> tuple[tuple[ConvRun, ...], tuple[int, ...]]:
     """The convolutions of a plan (runs of output segments with identical input ranges), and the output segments
@@ -184,7 +193,7 @@ def _grouped_weights(weight: Tensor, plan: SegmentPlan, geom: ConvGeom) -> tuple
         br = src[base : base + k * o_b * (i_s + i_b) * taps].view(k * o_b, i_s + i_b, kh, kw)
         return br[:, :i_s].contiguous(), br[:, i_s:].contiguous()
 
-    return derived_weight(weight, ("conv_grouped", plan, geom.kernel), build)
+    return derived_weight(weight, ("conv_grouped", plan_token(plan), geom.kernel), build)
 
 
 def _grouped_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
@@ -240,9 +249,9 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
 def _drop_derived(name: str, args: tuple) -> None:
     _x, weight, _bias, plan, geom, _act = args
     if name == "dense" and not dense_is_view(plan):
-        forget_derived(weight, ("dense", plan, geom.kernel))
+        forget_derived(weight, ("dense", plan_token(plan), geom.kernel))
     elif name == "grouped":
-        forget_derived(weight, ("conv_grouped", plan, geom.kernel))
+        forget_derived(weight, ("conv_grouped", plan_token(plan), geom.kernel))
 
 
 # ----------------------------------------------------------------------------------------------------------

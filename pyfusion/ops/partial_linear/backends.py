@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -205,6 +206,51 @@ def _merge_pieces(pieces: Sequence[tuple[int, int, int]]) -> tuple[tuple[int, in
     return tuple((c, n, q) for c, n, q in out)
 
 
+_PLAN_IDS: dict[int, tuple[SegmentPlan, int]] = {}
+_PLAN_COUNT = itertools.count()
+
+
+def plan_token(plan: SegmentPlan) -> int:
+    """A small int naming this plan object, for hot-path cache keys: hashing a SegmentPlan hashes all its nested
+    tuples at every call (2-5 us on the loaded VM, as much as a batch-1 GEMV of a 100x100 layer)."""
+    ent = _PLAN_IDS.get(id(plan))
+    if ent is None or ent[0] is not plan:
+        if len(_PLAN_IDS) > _PER_PLAN_MAX:
+            _PLAN_IDS.clear()
+        ent = _PLAN_IDS[id(plan)] = (plan, next(_PLAN_COUNT))
+    return ent[1]
+
+
+# Entries kept per plan object before a memo starts over (segment_plan's own cache holds 1024 plans).
+_PER_PLAN_MAX = 4096
+
+
+def per_plan(fn):
+    """``fn(plan, *rest)`` (an lru_cached function) remembered per plan object, looked up without hashing the plan
+    (:func:`plan_token`); ``cache_clear()`` clears both."""
+    memo: dict[tuple, tuple[SegmentPlan, object]] = {}
+
+    @functools.wraps(fn)
+    def wrapper(plan, *rest):
+        k = (id(plan), *rest)
+        ent = memo.get(k)
+        if ent is not None and ent[0] is plan:
+            return ent[1]
+        if len(memo) > _PER_PLAN_MAX:
+            memo.clear()
+        value = fn(plan, *rest)
+        memo[k] = (plan, value)
+        return value
+
+    def cache_clear() -> None:
+        memo.clear()
+        fn.cache_clear()
+
+    wrapper.cache_clear = cache_clear
+    return wrapper
+
+
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def blas_steps(plan: SegmentPlan, taps: int = 1) -> tuple[tuple[GemmStep | BatchedStep, ...], tuple[int, ...]]:
     """The GEMMs of a plan for the torch backend (cached per plan), and the output segments no range reaches
@@ -466,6 +512,7 @@ def _cpp_supports(x, weight, bias, plan, activation) -> list[str]:
     return why
 
 
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def _panel_plan(plan: SegmentPlan, activation: str):
     """The engine's plan of a segment plan (canonical segments), built once per (layout, activation).
@@ -534,6 +581,7 @@ def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
 # ----------------------------------------------------------------------------------------------------------
 
 
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def segment_runs(plan: SegmentPlan) -> tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...], int, int], ...],
                                              tuple[int, ...]]:  # fmt: skip
@@ -618,7 +666,7 @@ def dense_weight_of(weight: Tensor, plan: SegmentPlan, taps_shape: tuple[int, ..
 
         return unpack_segment_weight(src, plan.in_segments, plan.out_segments, taps_shape).contiguous()
 
-    return derived_weight(weight, ("dense", plan, taps_shape), build)
+    return derived_weight(weight, ("dense", plan_token(plan), taps_shape), build)
 
 
 def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
@@ -673,7 +721,7 @@ def _drop_derived(name: str, args: tuple) -> None:
     if name == "cpp":
         forget_derived(weight, ("panels", _panel_plan(plan, activation)))
     elif name == "dense" and not dense_is_view(plan):
-        forget_derived(weight, ("dense", plan, ()))
+        forget_derived(weight, ("dense", plan_token(plan), ()))
 
 
 # ----------------------------------------------------------------------------------------------------------
