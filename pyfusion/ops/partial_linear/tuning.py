@@ -27,10 +27,12 @@ __all__ = ["StrategyTuner", "choices", "clear", "row_bucket", "tuning_enabled"]
 
 _ENV = "PYFUSION_PARTIAL_TUNING"
 
-# Timed rounds per candidate after one warm-up call (which also builds the candidate's derived weights): the
-# minimum of 5 rounds was within 3% of the minimum of 50 for calls under 1 ms on the loaded 2-core VM; longer calls
-# see fewer interruptions per call, so fewer rounds suffice.
-_ROUNDS_FAST, _ROUNDS_SLOW, _SLOW_CALL_S = 5, 2, 5e-3
+# Timed rounds per candidate after one warm-up call (which also builds the candidate's derived weights): as many
+# as fit in _ROUND_BUDGET_S (all candidates together), at least _MIN_ROUNDS, at most _MAX_ROUNDS. On the 2-core VM
+# loaded by 3 other jobs (load 4-7), a fixed 5 rounds of a 10-20 us call still returned a stalled minimum in one of
+# 40 layers measured (7.5 ms for an 11 us strategy); 20 ms of rounds is 25 rounds of such a call (0.5 ms of a
+# layer's first call), 3 rounds of a 2 ms one.
+_MIN_ROUNDS, _MAX_ROUNDS, _ROUND_BUDGET_S = 3, 25, 0.02
 # A layer whose default strategy takes longer than this per call is not measured (its first call would cost
 # several such calls): the default is kept. 0.25 s covers a 256-channel 3x3 convolution at batch 256 on 2 cores.
 _MAX_TUNED_CALL_S = 0.25
@@ -109,7 +111,7 @@ class StrategyTuner:
             if n != default:
                 fns[n](*args)
         best = dict.fromkeys(names, float("inf"))
-        rounds = _ROUNDS_SLOW if first > _SLOW_CALL_S else _ROUNDS_FAST
+        rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _ROUND_BUDGET_S / max(first * len(names), 1e-9))))
         for r in range(rounds):
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no candidate always runs first
             for n in order:
