@@ -24,7 +24,11 @@ from pyfusion.ops.layout import SegmentPlan, as_segments, check_operands, segmen
 from pyfusion.ops.partial_conv2d import backends as _backends
 from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES, ConvGeom
 from pyfusion.ops.partial_conv2d.registration import OP
-from pyfusion.ops.partial_linear import _TUNED_DTYPES, _plain
+from pyfusion.ops.partial_linear import _plain
+
+# Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
+# dispatcher's backends otherwise (benchmarks set it to () to time the static path).
+_TUNED_DTYPES = (torch.float32, torch.float64)
 
 __all__ = ["DISPATCHER", "OP", "ConvGeom", "conv_geom", "partial_conv2d", "partial_conv2d_module_forward"]
 

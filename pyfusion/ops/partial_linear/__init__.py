@@ -33,7 +33,8 @@ from pyfusion.ops.partial_linear.backends import DISPATCHER, FLOAT_DTYPES, cpp_m
 from pyfusion.ops.partial_linear.registration import OP
 
 # Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
-# dispatcher's backends (PYFUSION_BACKEND, autograd, torch.compile, other devices and dtypes) otherwise.
+# dispatcher's backends (PYFUSION_BACKEND, autograd, torch.compile, other devices and dtypes) otherwise (benchmarks
+# set it to () to time the static path).
 _TUNED_DTYPES = (torch.float32, torch.float64)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _PLAIN = (Tensor, torch.nn.Parameter)
