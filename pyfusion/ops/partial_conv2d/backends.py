@@ -17,6 +17,15 @@ intersect (DESIGN §7):
   CPU grouped convolution is slower than the separate convolutions: LeNet conv2 K=4 2137 vs 715 us, VGG 64-channel
   K=4 273 vs 197 ms, batch 32, 1 thread), and im2col (``F.unfold``) + GEMM 2-9x slower than either.
 * ``reference``: the float64 dense weight with zero blocks (:func:`pyfusion.ops.reference.partial_conv2d_ref`).
+
+Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEND`` unset) runs the strategy
+measured fastest for the layer and input size (:func:`cpu_inference_forward`, :mod:`pyfusion.ops.partial_linear.
+tuning`) among the convolutions per output run above (``runs``), shared conv + cross conv + one grouped convolution
+of the diagonal blocks (``grouped``, uniform standard layouts; a view of the packed weight at alpha = 1) and one
+convolution with the dense zero-block weight (``dense``). The earlier measurement that grouped convolution was
+slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1 on 8x8 maps the dense zero-block weight beat the
+1 + K convolutions at alpha 0.25 (836 vs 1369 us, bench/results/partial_linear_cpu.md), so the choice is measured
+per layer.
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (tests, forward only).
 """
 
@@ -35,6 +44,7 @@ from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import SegmentPlan, kernel_segments
 from pyfusion.ops.partial_linear.backends import (
+    _PER_PLAN_MAX,
     _mode,
     dense_candidate,
     dense_is_view,
@@ -162,7 +172,7 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segment
     """One convolution with the dense zero-block weight (cached once per weight version, or the packed weight itself
     when it is the dense one)."""
     w = dense_weight_of(weight, plan, geom.kernel)
-    return _activation(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation)
+    return _activation(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
 
 
 def grouped_layout(plan: SegmentPlan) -> tuple[int, int, int, int, int] | None:
@@ -233,6 +243,8 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom)
     ent = _CANDIDATES.get(pk)
     if ent is None or ent[0] is not plan:
+        if len(_CANDIDATES) > _PER_PLAN_MAX:
+            _CANDIDATES.clear()
         names = ["runs"]
         if grouped_layout(plan) is not None:
             names.append("grouped")

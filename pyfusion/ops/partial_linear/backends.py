@@ -17,6 +17,14 @@ a view of the one flat buffer (no per-call weight copy):
   branch rows on the shared input), equal blocks on consecutive input and output ranges one ``baddbmm`` (the
   standard layout's diagonal branch blocks). The standard layout is 3 BLAS calls.
 * ``reference``: the float64 dense matrix with zero blocks (:func:`pyfusion.ops.reference.partial_linear_ref`).
+
+Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEND`` unset) does not go through the
+dispatcher: :func:`cpu_inference_forward` runs the strategy measured fastest for the layer (:mod:`.tuning`) among the
+panel engine (``cpp``, up to :func:`cpp_max_rows` rows), the BLAS steps (``blas``), one GEMM per run of output
+segments over its gathered inputs (``segments``: the members' GEMMs plus the shared rows) and the dense zero-block
+matrix (``dense``, where :func:`dense_candidate` allows it). No fixed rule was right everywhere: measured on the
+2-core VM the panel engine lost to the members run one after another at batch 1 on 27/60 shapes, and the BLAS steps
+lost 2.7x to the dense matrix on a 512 -> 10 classifier at batch 1024 (bench/results/partial_linear_cpu.md).
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (``TRITON_INTERPRET=1``; tests, forward only).
 
 Backend functions take ``(x, weight, bias, plan, activation)`` with ``plan`` the cached
@@ -708,6 +716,8 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small)
     ent = _CANDIDATES.get(pk)
     if ent is None or ent[0] is not plan:
+        if len(_CANDIDATES) > _PER_PLAN_MAX:
+            _CANDIDATES.clear()
         fns, default = _candidates(plan, small)
         ent = _CANDIDATES[pk] = (plan, fns, default)
     _plan, fns, default = ent
