@@ -65,6 +65,8 @@ class StrategyTuner:
         self.name = name
         self._chosen: dict[Hashable, str] = {}
         self._times: dict[Hashable, dict[str, float]] = {}
+        # the op's own hot-path table (its key -> what it needs to run the kept strategy), emptied with the choices
+        self.fast: dict[Hashable, object] = {}
         self._lock = threading.Lock()
         _REGISTRY.append(self)
 
@@ -135,6 +137,7 @@ class StrategyTuner:
         with self._lock:
             self._chosen.clear()
             self._times.clear()
+            self.fast.clear()
 
 
 def choices() -> dict[str, dict[Hashable, tuple[str, dict[str, float]]]]:
