@@ -2,7 +2,10 @@
 partially fused ensemble is run without pyfusion.
 
 Providers (same device, no autograd):
-  ours          pyfusion's op (CPU: 3 BLAS calls; GPU: one Triton launch)
+  ours          pyfusion's module call (CPU: the strategy measured fastest for the layer on its first call,
+                pyfusion.ops.partial_linear.tuning, named in the `strategy` column; GPU: one Triton launch)
+  static        the same module call without the measured choice (CPU: the dispatcher's static rule, the panel
+                engine up to its row crossover, else the BLAS steps / one conv per output run: the previous path)
   dense_zero    the dense (O_total, I_total) matrix with zero blocks (the reference execution)
   members_seq   the K unfused members run one after another (K member-sized GEMMs / convs)
   vmap          torch.func.stack_module_state + vmap over the K members
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
 import random
 import sys
@@ -39,6 +43,33 @@ if ROOT not in sys.path:
 from common import Report, output_path  # noqa: E402
 
 from pyfusion.nn import PartialConv2d, PartialLinear  # noqa: E402
+from pyfusion.ops.partial_linear import tuning  # noqa: E402
+
+_OPS = [importlib.import_module(f"pyfusion.ops.{op}") for op in ("partial_linear", "partial_conv2d")]
+_TUNED = _OPS[0]._TUNED_DTYPES
+
+
+def static_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` through the dispatcher's static rule (the measured choice off for this call; ~0.2 us)."""
+    for op in _OPS:
+        op._TUNED_DTYPES = ()
+    try:
+        return module(x)
+    finally:
+        for op in _OPS:
+            op._TUNED_DTYPES = _TUNED
+
+
+def strategy_of(module: torch.nn.Module, rows: int) -> str:
+    """The strategy kept for this module's layer at this many rows (float32), or '-'."""
+    kept = set()
+    for table in tuning.choices().values():
+        kept |= {
+            v[0]
+            for k, v in table.items()
+            if k[0][0] == id(module._plan) and k[1] == torch.float32 and k[3] == tuning.row_bucket(rows)
+        }
+    return ",".join(sorted(kept)) or "-"
 
 
 @dataclass(frozen=True)
@@ -186,6 +217,8 @@ def run(args) -> None:
                         )
                         ens = ensemble_providers(member, xm, k, mflops)
                         fns = {"ours": lambda m=ours, x=x: m(x), "dense_zero": lambda m=dense, x=x: m(x)}
+                        if device == "cpu":
+                            fns["static"] = lambda m=ours, x=x: static_call(m, x)
                         fns.update({n: fn for n, (fn, _) in ens.items()})
                         with torch.no_grad():
                             t = time_providers(fns, device, min_time)
@@ -198,8 +231,11 @@ def run(args) -> None:
                             "alpha": alpha,
                             "layout": f"{il}->{ol}",
                             "first_layer": shape.first_layer,
+                            "width": min(shape.n_in, shape.n_out),
                             "eff_gflop": eff / 1e9,
                             "ours": t_ours,
+                            "static": t.get("static", float("nan")),
+                            "strategy": strategy_of(ours, x.shape[0]) if device == "cpu" else "triton",
                             "dense_zero": t_dense,
                             "members_seq": t["members_seq"],
                             "vmap": t["vmap"],
@@ -214,6 +250,7 @@ def run(args) -> None:
                         write_markdown(rows, device, args, out, quiet=True)  # partial results survive a kill
                         print(
                             f"[{device}] {shape.name} K={k} B={batch} a={alpha:.2f}: ours {t_ours * 1e6:9.1f} us "
+                            f"({row['strategy']}) static {row['static'] * 1e6:9.1f} "
                             f"dense0 {t_dense * 1e6:9.1f} seq {row['members_seq'] * 1e6:9.1f} "
                             f"vmap {row['vmap'] * 1e6:9.1f} single {t_single * 1e6:9.1f}  rel {row['rel_ours']:.2f}",
                             flush=True,
@@ -259,6 +296,28 @@ def targets(rows: list[dict], device: str) -> list[str]:
         )
         for s, r in bad:
             lines.append(f"  - missed: {r['shape']} B={r['batch']}: {s:.2f}x")
+    # issue 15 item 3: never slower than the members one after another nor the dense zero-block layer (any K, alpha,
+    # batch); per effective FLOP within 1.15x one dense member at batch >= 32 and member width >= 512.
+    slow = [r for r in rows if r["ours"] > min(r["members_seq"], r["dense_zero"])]
+    lines.append(
+        f"- every case: ours no slower than members_seq and dense_zero: {verdict(not slow)} "
+        f"({len(rows) - len(slow)}/{len(rows)} cases)"
+    )
+    for r in slow:
+        lines.append(
+            f"  - slower: {r['shape']} K={r['K']} B={r['batch']} alpha={r['alpha']} ({r['strategy']}): ours "
+            f"{r['ours'] * 1e6:.1f} us, members_seq {r['members_seq'] * 1e6:.1f}, "
+            f"dense_zero {r['dense_zero'] * 1e6:.1f}"
+        )
+    wide = [r for r in rows if r["batch"] >= 32 and r.get("width", 0) >= 512]
+    if wide:
+        bad = [r for r in wide if r["rel_ours"] > 1.15]
+        lines.append(
+            f"- batch >= 32, width >= 512: time per effective FLOP <= 1.15x single dense: {verdict(not bad)} "
+            f"({len(wide) - len(bad)}/{len(wide)} cases)"
+        )
+        for r in bad:
+            lines.append(f"  - missed: {r['shape']} K={r['K']} B={r['batch']} alpha={r['alpha']}: {r['rel_ours']:.2f}x")
     one = [r for r in rows if r["batch"] == 1]
     if one:
         sp = [(r["members_seq"] / r["ours"], r) for r in one]
@@ -279,11 +338,12 @@ def targets(rows: list[dict], device: str) -> list[str]:
 
 COLUMNS = [
     ("shape", "shape", None), ("K", "K", None), ("batch", "batch", None), ("alpha", "alpha", ".2f"),
-    ("eff GFLOP", "eff_gflop", ".4f"), ("ours us", "ours", "us"), ("dense_zero us", "dense_zero", "us"),
+    ("eff GFLOP", "eff_gflop", ".4f"), ("strategy", "strategy", None), ("ours us", "ours", "us"),
+    ("static us", "static", "us"), ("dense_zero us", "dense_zero", "us"),
     ("members_seq us", "members_seq", "us"), ("vmap us", "vmap", "us"), ("single us", "single", "us"),
     ("ours GFLOP/s", "gflops_ours", ".1f"), ("rel ours", "rel_ours", ".2f"), ("rel dense0", "rel_dense_zero", ".2f"),
     ("rel seq", "rel_members", ".2f"), ("rel vmap", "rel_vmap", ".2f"), ("x dense0", None, ".2f"),
-    ("x seq", None, ".2f"),
+    ("x seq", None, ".2f"), ("x static", None, ".2f"),
 ]  # fmt: skip
 
 
@@ -295,7 +355,8 @@ def write_markdown(rows: list[dict], device: str, args, path, quiet: bool = Fals
         "- times are the best of >= 3 round-robin rounds, in microseconds; `rel` = time per effective FLOP",
         "  / that of the single dense member",
         "  (1.00 = as efficient as one dense GEMM of the original width); `x dense0` = dense_zero time / ours;",
-        "  `x seq` = members_seq time / ours. Effective FLOPs are those of the partial layer (ours, dense_zero).",
+        "  `x seq` = members_seq time / ours; `x static` = static time / ours (the previous path, same run).",
+        "  Effective FLOPs are those of the partial layer (ours, dense_zero). `strategy`: the measured choice.",
     )
     report.text("## Targets", "", *targets(rows, device))
     report.text("## Results")
@@ -304,7 +365,8 @@ def write_markdown(rows: list[dict], device: str, args, path, quiet: bool = Fals
         cells = []
         for name, key, _ in COLUMNS:
             if key is None:
-                cells.append(r["dense_zero" if name == "x dense0" else "members_seq"] / r["ours"])
+                other = {"x dense0": "dense_zero", "x seq": "members_seq", "x static": "static"}[name]
+                cells.append(r[other] / r["ours"])
             else:
                 cells.append(r[key] * 1e6 if name.endswith(" us") else r[key])
         table.append(cells)

@@ -4,9 +4,12 @@ K members run one after another.
 Target (issue 6): at batch 1, ours no slower than the K members run one after another (K nn.Linear calls).
 
 Providers (CPU, float32, torch.no_grad, eval modules, no activation):
-  ours          PartialLinear(...)(x) with the default dispatch (the compiled "cpp" kernel for <= CPP_MAX_ROWS rows)
-  torch_path    the same module call with the "cpp" backend switched off (CPP_MAX_ROWS = 0 while it is timed):
-                the previous path, up to 3 BLAS calls into views of one output
+  ours          PartialLinear(...)(x): the strategy measured fastest on the layer's first call
+                (pyfusion.ops.partial_linear.tuning: panel engine, BLAS steps, one GEMM per output run, dense)
+  static        the same module call through the dispatcher's static rule (the compiled "cpp" kernel for
+                <= CPP_MAX_ROWS rows): the path before the measured choice
+  torch_path    the static call with the "cpp" backend switched off (CPP_MAX_ROWS = 0 while it is timed):
+                up to 3 BLAS calls into views of one output
   members_seq   the K unfused members as nn.Linear, called one after another
 
 Timing: providers are interleaved (a fresh random order every round, one group of calls >= 100 us per provider
@@ -45,6 +48,19 @@ from common import Report, output_path  # noqa: E402
 from pyfusion import _ext  # noqa: E402
 from pyfusion.nn import PartialLinear  # noqa: E402
 from pyfusion.ops.layout import segment_plan, segments_from_layout  # noqa: E402
+
+_OPS = [importlib.import_module("pyfusion.ops.partial_linear")]
+_TUNED = _OPS[0]._TUNED_DTYPES
+
+
+def static_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` through the dispatcher's static rule (the measured choice off for this call; ~0.2 us)."""
+    _OPS[0]._TUNED_DTYPES = ()
+    try:
+        return module(x)
+    finally:
+        _OPS[0]._TUNED_DTYPES = _TUNED
+
 
 PL = importlib.import_module("pyfusion.ops.partial_linear.backends")  # where the cpp backend reads CPP_MAX_ROWS
 
@@ -141,7 +157,8 @@ def main_table(args, report: Report) -> None:
 
                     provs = {
                         "ours": (_default_rows, lambda m=ours, x=x: m(x)),
-                        "torch_path": (_no_cpp, lambda m=ours, x=x: m(x)),
+                        "static": (_default_rows, lambda m=ours, x=x: static_call(m, x)),
+                        "torch_path": (_no_cpp, lambda m=ours, x=x: static_call(m, x)),
                         "members_seq": (_default_rows, seq),
                     }
                     with torch.no_grad():
@@ -151,7 +168,8 @@ def main_table(args, report: Report) -> None:
                         r[n], r[n + "_min"], r[n + "_n"] = med(v), min(v), len(v)
                     rows.append(r)
                     print(
-                        f"{shape.name} K={k} B={batch} a={alpha}: ours {r['ours'] * 1e6:8.1f} torch_path "
+                        f"{shape.name} K={k} B={batch} a={alpha}: ours {r['ours'] * 1e6:8.1f} static "
+                        f"{r['static'] * 1e6:8.1f} torch_path "
                         f"{r['torch_path'] * 1e6:8.1f} seq {r['members_seq'] * 1e6:8.1f} us (load "
                         f"{os.getloadavg()[0]:.1f})",
                         flush=True,
@@ -169,23 +187,25 @@ def main_table(args, report: Report) -> None:
     lines += [
         "",
         "Median us per call over the interleaved rounds (min in its own column); `x seq` = members_seq / ours, "
-        "`x torch` = torch_path / ours (medians); `met` = ours <= members_seq.",
+        "`x static` = static / ours, `x torch` = torch_path / ours (medians); `met` = ours <= members_seq.",
     ]
     report.text(*lines)
     us = ".1f"
     report.table(
         "batch",
-        ["shape", "K", "batch", "alpha", "layout", "ours us", "ours min us", "torch_path us", "torch_path min us",
-         "members_seq us", "members_seq min us", "x seq", "x torch", "met"],
+        ["shape", "K", "batch", "alpha", "layout", "ours us", "ours min us", "static us", "torch_path us",
+         "torch_path min us", "members_seq us", "members_seq min us", "x seq", "x static", "x torch", "met"],
         [
             [r["shape"], r["K"], r["batch"], r["alpha"], r["layout"], r["ours"] * 1e6, r["ours_min"] * 1e6,
-             r["torch_path"] * 1e6, r["torch_path_min"] * 1e6, r["members_seq"] * 1e6, r["members_seq_min"] * 1e6,
-             r["members_seq"] / r["ours"], r["torch_path"] / r["ours"],
+             r["static"] * 1e6, r["torch_path"] * 1e6, r["torch_path_min"] * 1e6, r["members_seq"] * 1e6,
+             r["members_seq_min"] * 1e6, r["members_seq"] / r["ours"], r["static"] / r["ours"],
+             r["torch_path"] / r["ours"],
              "yes" if r["ours"] <= r["members_seq"] else "NO"]
             for r in rows
         ],
-        formats={"alpha": ".1f", "ours us": us, "ours min us": us, "torch_path us": us, "torch_path min us": us,
-                 "members_seq us": us, "members_seq min us": us, "x seq": ".2f", "x torch": ".2f"},
+        formats={"alpha": ".1f", "ours us": us, "ours min us": us, "static us": us, "torch_path us": us,
+                 "torch_path min us": us, "members_seq us": us, "members_seq min us": us, "x seq": ".2f",
+                 "x static": ".2f", "x torch": ".2f"},
         align={"K": "left", "batch": "left"},
     )  # fmt: skip
 

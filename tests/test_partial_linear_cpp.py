@@ -113,6 +113,7 @@ def packs(monkeypatch):
 
     monkeypatch.setattr(PL, "derived_weight", spy)
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "0")  # the default strategy (the engine), not the measured one
     return calls
 
 
@@ -155,7 +156,8 @@ def test_module_packs_once_per_weight_version(packs):
     assert len(packs) == 6 and xg.grad is not None
 
 
-def test_cache_entries_go_with_their_weights():
+def test_cache_entries_go_with_their_weights(monkeypatch):
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "0")  # the engine (one derived entry), not the measured choice
     _weight_cache.clear()
     mod = PartialLinear([6, 4, 4], [5, 3, 3]).eval()
     with torch.no_grad():

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["derived_weight", "clear", "entries"]
+__all__ = ["derived_weight", "clear", "entries", "forget"]
 
 
 @dataclass
@@ -61,6 +61,13 @@ def derived_weight(weight: Tensor, key: Hashable, build: Callable[[Tensor], Any]
     with _LOCK:
         _CACHE[full] = _Entry(weakref.ref(owner, _drop), src, ver, value)
     return value
+
+
+def forget(weight: Tensor, key: Hashable) -> None:
+    """Drop the tensor derived from ``weight`` under ``key``, if any (a strategy that was measured, not kept)."""
+    owner = weight if weight._base is None else weight._base
+    with _LOCK:
+        _CACHE.pop((id(owner), weight.storage_offset(), weight.numel(), key), None)
 
 
 def entries() -> int:

@@ -12,16 +12,24 @@ Member-mask segments split the input and output channels (DESIGN §7; segments a
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from pyfusion.dispatch import forced_spec
 from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import SegmentPlan, as_segments, check_operands, segment_plan, segments_key
+from pyfusion.ops.partial_conv2d import backends as _backends
 from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES, ConvGeom
 from pyfusion.ops.partial_conv2d.registration import OP
+from pyfusion.ops.partial_linear import _ENV, _plain
+
+# Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
+# dispatcher's backends otherwise (benchmarks set it to () to time the static path).
+_TUNED_DTYPES = (torch.float32, torch.float64)
 
 __all__ = ["DISPATCHER", "OP", "ConvGeom", "conv_geom", "partial_conv2d", "partial_conv2d_module_forward"]
 
@@ -120,6 +128,9 @@ def _run(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> Tensor
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
         return OP(*_op_args(x, weight, bias, plan, geom, act))
+    unforced = _ENV not in os.environ or forced_spec() is None
+    if x.is_cpu and x.dtype in _TUNED_DTYPES and _plain(x, weight) and unforced:
+        return _backends.cpu_inference_forward(x, weight, bias, plan, geom, act)
     backend = DISPATCHER.select_cached(("cpu" if x.is_cpu else x.device.type, x.dtype), x, weight, bias, plan, geom,
                                        act)  # fmt: skip
     return backend.fn(x, weight, bias, plan, geom, act)

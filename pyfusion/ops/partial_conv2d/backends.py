@@ -17,6 +17,15 @@ intersect (DESIGN §7):
   CPU grouped convolution is slower than the separate convolutions: LeNet conv2 K=4 2137 vs 715 us, VGG 64-channel
   K=4 273 vs 197 ms, batch 32, 1 thread), and im2col (``F.unfold``) + GEMM 2-9x slower than either.
 * ``reference``: the float64 dense weight with zero blocks (:func:`pyfusion.ops.reference.partial_conv2d_ref`).
+
+Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEND`` unset) runs the strategy
+measured fastest for the layer and input size (:func:`cpu_inference_forward`, :mod:`pyfusion.ops.partial_linear.
+tuning`) among the convolutions per output run above (``runs``), shared conv + cross conv + one grouped convolution
+of the diagonal blocks (``grouped``, uniform standard layouts; a view of the packed weight at alpha = 1) and one
+convolution with the dense zero-block weight (``dense``). The earlier measurement that grouped convolution was
+slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1 on 8x8 maps the dense zero-block weight beat the
+1 + K convolutions at alpha 0.25 (836 vs 1369 us, bench/results/partial_linear_cpu.md), so the choice is measured
+per layer.
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (tests, forward only).
 """
 
@@ -32,8 +41,19 @@ from torch import Tensor
 
 from pyfusion import backends
 from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import SegmentPlan, kernel_segments
-from pyfusion.ops.partial_linear.backends import _mode, derived_weight
+from pyfusion.ops.partial_linear.backends import (
+    _PER_PLAN_MAX,
+    _mode,
+    dense_candidate,
+    dense_is_view,
+    dense_weight_of,
+    derived_weight,
+    per_plan,
+    plan_token,
+)
+from pyfusion.ops.partial_linear.tuning import StrategyTuner, row_bucket
 
 __all__ = ["ARG_NAMES", "DISPATCHER", "FLOAT_DTYPES", "ConvGeom", "conv_out_hw", "conv_runs", "torch_forward"]
 
@@ -76,6 +96,7 @@ class ConvRun:
     w_off: int
 
 
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def conv_runs(plan: SegmentPlan) -> tuple[tuple[ConvRun, ...], tuple[int, ...]]:
     """The convolutions of a plan (runs of output segments with identical input ranges), and the output segments
@@ -139,6 +160,110 @@ def torch_forward(
     parts.sort(key=lambda p: p[0])
     y = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], dim=1)
     return _activation(y, activation).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU inference: the measured choice among equivalent strategies (pyfusion.ops.partial_linear.tuning)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                   activation: str = "none") -> Tensor:  # fmt: skip
+    """One convolution with the dense zero-block weight (cached once per weight version, or the packed weight itself
+    when it is the dense one)."""
+    w = dense_weight_of(weight, plan, geom.kernel)
+    return _activation(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
+
+
+def grouped_layout(plan: SegmentPlan) -> tuple[int, int, int, int, int] | None:
+    """``(K, I_s, I_b, O_s, O_b)`` of a standard layout whose K >= 2 branches all have I_b >= 1 inputs and O_b >= 1
+    outputs (what :func:`_grouped_forward` runs), else None."""
+    if plan.standard is None:
+        return None
+    il, ol = plan.standard
+    k = len(il) - 1
+    if k < 2 or len(set(il[1:])) != 1 or len(set(ol[1:])) != 1 or il[1] == 0 or ol[1] == 0:
+        return None
+    return k, il[0], il[1], ol[0], ol[1]
+
+
+def _grouped_weights(weight: Tensor, plan: SegmentPlan, geom: ConvGeom) -> tuple[Tensor | None, Tensor]:
+    """(cross (K O_b, I_s, kh, kw) or None, diagonal (K O_b, I_b, kh, kw)) of a :func:`grouped_layout` plan: the
+    branch blocks split by input (shared | own); a view of the packed weight when I_s = 0, else a copy cached once per
+    weight version."""
+    k, i_s, i_b, o_s, o_b = grouped_layout(plan)  # type: ignore[misc]
+    kh, kw = geom.kernel
+    taps = kh * kw
+    base = o_s * plan.i_total * taps
+    branches = weight[base : base + k * o_b * (i_s + i_b) * taps].view(k * o_b, i_s + i_b, kh, kw)
+    if i_s == 0:
+        return None, branches
+
+    def build(src: Tensor) -> tuple[Tensor, Tensor]:
+        br = src[base : base + k * o_b * (i_s + i_b) * taps].view(k * o_b, i_s + i_b, kh, kw)
+        return br[:, :i_s].contiguous(), br[:, i_s:].contiguous()
+
+    return derived_weight(weight, ("conv_grouped", plan_token(plan), geom.kernel), build)
+
+
+def _grouped_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                     activation: str = "none") -> Tensor:  # fmt: skip
+    """Shared conv + grouped conv: the shared outputs as one convolution over every input, the branch outputs as one
+    convolution of the shared inputs (all branches' cross blocks at once) plus one grouped convolution (groups = K)
+    of the branch inputs with the diagonal blocks."""
+    k, i_s, i_b, o_s, o_b = grouped_layout(plan)  # type: ignore[misc]
+    kh, kw = geom.kernel
+    cross, diag = _grouped_weights(weight, plan, geom)
+    conv = functools.partial(F.conv2d, stride=geom.stride, padding=geom.padding, dilation=geom.dilation)
+    b_br = None if bias is None else bias[o_s:]
+    xb = x if i_s == 0 else x[:, i_s:]
+    if cross is None:
+        yb = conv(xb, diag, b_br, groups=k)
+    else:
+        yb = conv(x[:, :i_s], cross, b_br)
+        yb.add_(conv(xb, diag, None, groups=k))
+    if o_s:
+        w_s = weight[: o_s * plan.i_total * kh * kw].view(o_s, plan.i_total, kh, kw)
+        ys = conv(x, w_s, None if bias is None else bias[:o_s])
+        yb = torch.cat([ys, yb], dim=1)
+    return _activation(yb, activation).contiguous()
+
+
+STRATEGIES = {"runs": torch_forward, "grouped": _grouped_forward, "dense": _dense_forward}
+TUNER = StrategyTuner("partial_conv2d")
+_CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
+
+
+def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                          activation: str) -> Tensor:  # fmt: skip
+    """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
+    fastest for this (layer, kernel, input size, dtype, row bucket, threads) among one convolution per run of output
+    segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans) and the dense
+    zero-block weight (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`)."""
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom)
+    ent = _CANDIDATES.get(pk)
+    if ent is None or ent[0] is not plan:
+        if len(_CANDIDATES) > _PER_PLAN_MAX:
+            _CANDIDATES.clear()
+        names = ["runs"]
+        if grouped_layout(plan) is not None:
+            names.append("grouped")
+        if dense_candidate(plan, geom.taps):
+            names.append("dense")
+        if dense_is_view(plan):  # one convolution either way
+            names = ["dense"]
+        ent = _CANDIDATES[pk] = (plan, {n: STRATEGIES[n] for n in names}, names[0])
+    _plan, fns, default = ent
+    key = (pk, x.dtype, activation, row_bucket(x.shape[0]), x.shape[2], x.shape[3], torch.get_num_threads())
+    return TUNER.run(key, fns, (x, weight, bias, plan, geom, activation), default, _drop_derived)
+
+
+def _drop_derived(name: str, args: tuple) -> None:
+    _x, weight, _bias, plan, geom, _act = args
+    if name == "dense" and not dense_is_view(plan):
+        forget_derived(weight, ("dense", plan_token(plan), geom.kernel))
+    elif name == "grouped":
+        forget_derived(weight, ("conv_grouped", plan_token(plan), geom.kernel))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from torch import Tensor
 
+from pyfusion.dispatch import forced_spec
 from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import (
     ACTIVATIONS,
@@ -30,6 +32,22 @@ from pyfusion.ops.layout import (
 from pyfusion.ops.partial_linear import backends as _backends
 from pyfusion.ops.partial_linear.backends import DISPATCHER, FLOAT_DTYPES, cpp_max_rows
 from pyfusion.ops.partial_linear.registration import OP
+
+# Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
+# dispatcher's backends (PYFUSION_BACKEND, autograd, torch.compile, other devices and dtypes) otherwise (benchmarks
+# set it to () to time the static path).
+_TUNED_DTYPES = (torch.float32, torch.float64)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_PLAIN = (Tensor, torch.nn.Parameter)
+# forced_spec() reads os.environ.get (1.7 us on the loaded VM); a membership test first costs 0.4 us
+_ENV = "PYFUSION_BACKEND"
+
+
+def _plain(x: Tensor, weight: Tensor) -> bool:
+    """Real tensors with storage: not FakeTensors or other subclasses, not torch.func's vmap / grad wrappers (the
+    strategies write into views of a new output, which those have no rules for)."""
+    return type(x) in _PLAIN and type(weight) in _PLAIN and not (_is_wrapped(x) or _is_wrapped(weight))
+
 
 __all__ = [
     "ACTIVATIONS",
@@ -127,6 +145,9 @@ def _run(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, act:
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
         return OP(*_op_args(x, weight, bias, plan, act))
+    unforced = _ENV not in os.environ or forced_spec() is None
+    if x.is_cpu and x.dtype in _TUNED_DTYPES and _plain(x, weight) and unforced:
+        return _backends.cpu_inference_forward(x, weight, bias, plan, act)
     # The backends' reasons depend on the device, the dtype and (cpp) whether rows <= the crossover only, so the
     # choice is cached by those (and PYFUSION_BACKEND): the dispatcher's checks cost ~6 us a call, a GEMV of a
     # 100x100 layer ~3 us. x.is_cpu costs ~50 ns, x.device.type ~400 ns (a device object).

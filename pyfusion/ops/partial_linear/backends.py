@@ -17,6 +17,14 @@ a view of the one flat buffer (no per-call weight copy):
   branch rows on the shared input), equal blocks on consecutive input and output ranges one ``baddbmm`` (the
   standard layout's diagonal branch blocks). The standard layout is 3 BLAS calls.
 * ``reference``: the float64 dense matrix with zero blocks (:func:`pyfusion.ops.reference.partial_linear_ref`).
+
+Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEND`` unset) does not go through the
+dispatcher: :func:`cpu_inference_forward` runs the strategy measured fastest for the layer (:mod:`.tuning`) among the
+panel engine (``cpp``, up to :func:`cpp_max_rows` rows), the BLAS steps (``blas``), one GEMM per run of output
+segments over its gathered inputs (``segments``: the members' GEMMs plus the shared rows) and the dense zero-block
+matrix (``dense``, where :func:`dense_candidate` allows it). No fixed rule was right everywhere: measured on the
+2-core VM the panel engine lost to the members run one after another at batch 1 on 27/60 shapes, and the BLAS steps
+lost 2.7x to the dense matrix on a 512 -> 10 classifier at batch 1024 (bench/results/partial_linear_cpu.md).
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (``TRITON_INTERPRET=1``; tests, forward only).
 
 Backend functions take ``(x, weight, bias, plan, activation)`` with ``plan`` the cached
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -42,7 +51,9 @@ from torch import Tensor
 from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
 from pyfusion.ops._weight_cache import derived_weight
+from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, kernel_segments
+from pyfusion.ops.partial_linear.tuning import StrategyTuner
 
 __all__ = [
     "CPP_MAX_ROWS",
@@ -203,6 +214,51 @@ def _merge_pieces(pieces: Sequence[tuple[int, int, int]]) -> tuple[tuple[int, in
     return tuple((c, n, q) for c, n, q in out)
 
 
+_PLAN_IDS: dict[int, tuple[SegmentPlan, int]] = {}
+_PLAN_COUNT = itertools.count()
+
+
+def plan_token(plan: SegmentPlan) -> int:
+    """A small int naming this plan object, for hot-path cache keys: hashing a SegmentPlan hashes all its nested
+    tuples at every call (2-5 us on the loaded VM, as much as a batch-1 GEMV of a 100x100 layer)."""
+    ent = _PLAN_IDS.get(id(plan))
+    if ent is None or ent[0] is not plan:
+        if len(_PLAN_IDS) > _PER_PLAN_MAX:
+            _PLAN_IDS.clear()
+        ent = _PLAN_IDS[id(plan)] = (plan, next(_PLAN_COUNT))
+    return ent[1]
+
+
+# Entries kept per plan object before a memo starts over (segment_plan's own cache holds 1024 plans).
+_PER_PLAN_MAX = 4096
+
+
+def per_plan(fn):
+    """``fn(plan, *rest)`` (an lru_cached function) remembered per plan object, looked up without hashing the plan
+    (:func:`plan_token`); ``cache_clear()`` clears both."""
+    memo: dict[tuple, tuple[SegmentPlan, object]] = {}
+
+    @functools.wraps(fn)
+    def wrapper(plan, *rest):
+        k = (id(plan), *rest)
+        ent = memo.get(k)
+        if ent is not None and ent[0] is plan:
+            return ent[1]
+        if len(memo) > _PER_PLAN_MAX:
+            memo.clear()
+        value = fn(plan, *rest)
+        memo[k] = (plan, value)
+        return value
+
+    def cache_clear() -> None:
+        memo.clear()
+        fn.cache_clear()
+
+    wrapper.cache_clear = cache_clear
+    return wrapper
+
+
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def blas_steps(plan: SegmentPlan, taps: int = 1) -> tuple[tuple[GemmStep | BatchedStep, ...], tuple[int, ...]]:
     """The GEMMs of a plan for the torch backend (cached per plan), and the output segments no range reaches
@@ -464,6 +520,7 @@ def _cpp_supports(x, weight, bias, plan, activation) -> list[str]:
     return why
 
 
+@per_plan
 @functools.lru_cache(maxsize=1024)
 def _panel_plan(plan: SegmentPlan, activation: str):
     """The engine's plan of a segment plan (canonical segments), built once per (layout, activation).
@@ -525,6 +582,177 @@ def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
     run = engine.forward_f32 if x.dtype == torch.float32 else engine.forward_f64
     run(px, m, sm, panels.data_ptr(), pb, py, plan.o_total, torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU inference: the measured choice among equivalent strategies
+# ----------------------------------------------------------------------------------------------------------
+
+
+@per_plan
+@functools.lru_cache(maxsize=1024)
+def segment_runs(plan: SegmentPlan) -> tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...], int, int], ...],
+                                             tuple[int, ...]]:  # fmt: skip
+    """Runs of consecutive output segments that read the same input ranges: ``(o0, n_out, ((col, n), ...), K_o,
+    w_off)`` (their ``W_o`` are consecutive in the packed weight: one contiguous (n_out, K_o) matrix), and the output
+    segments that read nothing."""
+    runs: list[tuple[int, int, tuple[tuple[int, int], ...], int, int]] = []
+    idle: list[int] = []
+    for o, ranges in enumerate(plan.ranges):
+        n_o = plan.out_segments[o][0]
+        if n_o == 0:
+            continue
+        if not ranges:
+            idle.append(o)
+            continue
+        rg = tuple((col, n) for col, n, _q in ranges)
+        if runs and runs[-1][2] == rg and runs[-1][0] + runs[-1][1] == plan.out_starts[o]:
+            o0, n, _rg, k_o, off = runs[-1]
+            runs[-1] = (o0, n + n_o, rg, k_o, off)
+        else:
+            runs.append((plan.out_starts[o], n_o, rg, plan.k_of_out[o], plan.offsets[o]))
+    return tuple(runs), tuple(idle)
+
+
+def segment_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """One GEMM per run of output segments (:func:`segment_runs`) over its input columns, gathered into one
+    contiguous block when they are several ranges (the standard layout's branch k reads [shared | branch_k]): the
+    K members' GEMMs with the shared rows added, each with a contiguous weight (at alpha = 1 exactly the members
+    run one after another)."""
+    x2 = flatten(x)
+    m = x2.shape[0]
+    y = x2.new_empty((m, plan.o_total))
+    runs, idle = segment_runs(plan)
+    for o0, n_out, rg, k_o, off in runs:
+        xs = x2[:, rg[0][0] : rg[0][0] + rg[0][1]] if len(rg) == 1 else torch.cat([x2[:, c : c + n] for c, n in rg], 1)
+        w = weight[off : off + n_out * k_o].view(n_out, k_o)
+        ys = y[:, o0 : o0 + n_out]
+        if bias is not None:
+            torch.addmm(bias[o0 : o0 + n_out], xs, w.t(), out=ys)
+        else:
+            torch.mm(xs, w.t(), out=ys)
+    for o in idle:
+        o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
+        if bias is not None:
+            y[:, o0 : o0 + n_o].copy_(bias[o0 : o0 + n_o].expand(m, n_o))
+        else:
+            y[:, o0 : o0 + n_o].zero_()
+    y = _apply_activation_(y, activation)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
+def dense_is_view(plan: SegmentPlan) -> bool:
+    """True when the packed weight is the dense (O_total, I_total) matrix itself (one output run reading every
+    input column: alpha = 0, a layer whose segments all intersect)."""
+    runs, idle = segment_runs(plan)
+    return not idle and len(runs) == 1 and runs[0][1] == plan.o_total and runs[0][2] == ((0, plan.i_total),)
+
+
+# The dense zero-block matrix is a candidate when it is at most this many times the stored weights, or at most
+# DENSE_SMALL entries: it is cached next to the weight (once per weight version), so it costs that much memory, and
+# where it is larger it does proportionally more work and never won (bench/results/partial_linear_cpu.md: dense_zero
+# at K=2 alpha 0.5 is 0.82-1.08x ours at batch 1024 on 100-768 wide layers, at ratio 1.3; it wins on tiny layers,
+# 512 -> 10 at 2.7x ours, where one BLAS call beats the 3-5 calls of the block paths).
+DENSE_MAX_RATIO = 1.5
+DENSE_SMALL = 1 << 18  # 1 MiB of float32
+
+
+def dense_candidate(plan: SegmentPlan, taps: int = 1) -> bool:
+    """Whether the dense zero-block weight is worth trying for this plan (see DENSE_MAX_RATIO)."""
+    dense = plan.o_total * plan.i_total * taps
+    return dense <= DENSE_MAX_RATIO * plan.stored * taps or dense <= DENSE_SMALL
+
+
+def dense_weight_of(weight: Tensor, plan: SegmentPlan, taps_shape: tuple[int, ...] = ()) -> Tensor:
+    """The dense (O_total, I_total, *taps) zero-block weight: a view of the packed weight when it is the dense matrix
+    (:func:`dense_is_view`), else built once per weight version and cached (:func:`derived_weight`)."""
+    if dense_is_view(plan):
+        return weight.view(plan.o_total, plan.i_total, *taps_shape)
+
+    def build(src: Tensor) -> Tensor:
+        from pyfusion.ops.layout import unpack_segment_weight
+
+        return unpack_segment_weight(src, plan.in_segments, plan.out_segments, taps_shape).contiguous()
+
+    return derived_weight(weight, ("dense", plan_token(plan), taps_shape), build)
+
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """One BLAS call with the dense zero-block weight (:func:`dense_weight_of`)."""
+    y = F.linear(x, dense_weight_of(weight, plan), bias)
+    return _apply_activation_(y, activation)
+
+
+def blas_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    return torch_forward(x, weight, bias, plan, activation)
+
+
+STRATEGIES = {"cpp": cpp_forward, "blas": blas_forward, "segments": segment_forward, "dense": dense_forward}
+TUNER = StrategyTuner("partial_linear")
+_CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
+
+
+def _candidates(plan: SegmentPlan, small: bool) -> tuple[dict, str]:
+    """(strategy name -> function, default) for a plan; ``small``: the panel engine may run (rows <= its
+    crossover)."""
+    names: list[str] = []
+    if small and not _cpp_available():
+        names.append("cpp")
+    names += ["blas", "segments"]
+    if dense_candidate(plan):
+        names.append("dense")
+    if dense_is_view(plan):  # one block: the three BLAS paths are the same one GEMM
+        names = [n for n in names if n not in ("blas", "segments")]
+    return {n: STRATEGIES[n] for n in names}, ("cpp" if "cpp" in names else names[0])
+
+
+def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
+    fastest for this (layer, dtype, activation, row bucket, threads) (:mod:`.tuning`) among the panel engine (rows
+    up to :func:`cpp_max_rows`), torch's BLAS steps, one GEMM per output run (:func:`segment_forward`) and the dense
+    zero-block weight (:func:`dense_candidate`).
+
+    Once a key is measured its strategy is run from one dict lookup (``TUNER.fast``): the whole dispatch costs
+    ~1 us, where the tuple keys and lookups of the measuring path cost ~3 us on the loaded VM (a batch-1 call of a
+    100x100 layer's kernel is ~7 us)."""
+    rows = x.shape[0] if x.dim() == 2 else rows_of(x)
+    key = (id(plan), x.dtype, activation, rows if rows <= 4 else 1 << (rows - 1).bit_length(), torch.get_num_threads())
+    ent = _FAST.get(key)
+    if ent is not None and ent[0] is plan:
+        return ent[1](x, weight, bias, plan, activation)
+    return _measured_forward(x, weight, bias, plan, activation, rows, key)
+
+
+_FAST = TUNER.fast
+
+
+def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple) -> Tensor:
+    small = rows <= cpp_max_rows(plan)
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small)
+    ent = _CANDIDATES.get(pk)
+    if ent is None or ent[0] is not plan:
+        if len(_CANDIDATES) > _PER_PLAN_MAX:
+            _CANDIDATES.clear()
+        fns, default = _candidates(plan, small)
+        ent = _CANDIDATES[pk] = (plan, fns, default)
+    _plan, fns, default = ent
+    full = (pk, *key[1:])
+    y = TUNER.run(full, fns, (x, weight, bias, plan, activation), default, _drop_derived)
+    name = TUNER.chosen(full)
+    if name is not None:
+        if len(_FAST) > _PER_PLAN_MAX:
+            _FAST.clear()
+        _FAST[key] = (plan, fns[name])
+    return y
+
+
+def _drop_derived(name: str, args: tuple) -> None:
+    """Free what a measured, not kept, strategy derived from the weight (panels, the dense copy)."""
+    _x, weight, _bias, plan, activation = args
+    if name == "cpp":
+        forget_derived(weight, ("panels", _panel_plan(plan, activation)))
+    elif name == "dense" and not dense_is_view(plan):
+        forget_derived(weight, ("dense", plan_token(plan), ()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""The measured choice among equivalent CPU execution strategies of a partially fused layer.
+
+A partially fused layer can be run several ways that give the same result (to float rounding): the panel engine,
+torch's BLAS over the allowed blocks, one GEMM per run of output segments over its gathered inputs, or the dense
+matrix with zero blocks. Which is fastest depends on the layer's shape, the batch, the dtype, the thread count and
+the machine: measured on the 2-core VM (bench/results/partial_linear_cpu.md, partial_linear_batch1.md), a fixed
+rule lost to the members run one after another in 27/60 batch-1 cases (up to 1.78x) and to the dense zero-block
+layer on tiny layers (512 -> 10: 0.37x at batch 1024), while each loser had a strategy that won. So the first
+call of a layer of a new (shape, dtype, activation, row bucket, threads) runs every candidate a few times,
+interleaved, and keeps the fastest (the minimum over rounds: interference only adds time); later calls of that key
+run the kept strategy directly (one dict lookup).
+
+``PYFUSION_PARTIAL_TUNING=0`` turns the measurement off (the static default strategy of each op, deterministic
+across runs); :func:`choices` lists what was chosen (benchmarks report it), :func:`clear` forgets it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+from torch import Tensor
+
+__all__ = ["StrategyTuner", "choices", "clear", "row_bucket", "tuning_enabled"]
+
+_ENV = "PYFUSION_PARTIAL_TUNING"
+
+# Timed rounds per candidate after one warm-up call (which also builds the candidate's derived weights): as many
+# as fit in _ROUND_BUDGET_S (all candidates together), at least _MIN_ROUNDS, at most _MAX_ROUNDS. On the 2-core VM
+# loaded by 3 other jobs (load 4-7), a fixed 5 rounds of a 10-20 us call still returned a stalled minimum in one of
+# 40 layers measured (7.5 ms for an 11 us strategy); 20 ms of rounds is 25 rounds of such a call (0.5 ms of a
+# layer's first call), 3 rounds of a 2 ms one.
+_MIN_ROUNDS, _MAX_ROUNDS, _ROUND_BUDGET_S = 3, 25, 0.02
+# A layer whose default strategy takes longer than this per call is not measured (its first call would cost
+# several such calls): the default is kept. 0.25 s covers a 256-channel 3x3 convolution at batch 256 on 2 cores.
+_MAX_TUNED_CALL_S = 0.25
+# Another strategy replaces the default only when it is this much faster: smaller differences are within the
+# run-to-run noise of the loaded VM (2-3% between two identical runs of the same strategy).
+_MARGIN = 0.97
+
+_REGISTRY: list[StrategyTuner] = []
+
+
+def tuning_enabled() -> bool:
+    """False when ``PYFUSION_PARTIAL_TUNING`` is ``0`` / ``false`` / ``off``."""
+    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def row_bucket(rows: int) -> int:
+    """Rows as a tuning key: exact up to 4, then the next power of two (the best strategy changes slowly with the
+    batch; one measurement per octave)."""
+    return rows if rows <= 4 else 1 << (rows - 1).bit_length()
+
+
+class StrategyTuner:
+    """Per key, the fastest of a few equivalent strategies, measured on the key's first call.
+
+    Args:
+        name: the op's name (for :func:`choices`).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._chosen: dict[Hashable, str] = {}
+        self._times: dict[Hashable, dict[str, float]] = {}
+        # the op's own hot-path table (its key -> what it needs to run the kept strategy), emptied with the choices
+        self.fast: dict[Hashable, object] = {}
+        self._lock = threading.Lock()
+        _REGISTRY.append(self)
+
+    def chosen(self, key: Hashable) -> str | None:
+        return self._chosen.get(key)
+
+    def run(
+        self,
+        key: Hashable,
+        fns: dict[str, Callable[..., Tensor]],
+        args: tuple,
+        default: str,
+        dropped: Callable[[str, tuple], None] | None = None,
+    ) -> Tensor:
+        """``fns[kept](*args)`` with the strategy kept for ``key``; on the key's first call measure every function
+        of ``fns`` (name -> a function of ``args`` computing the result) and keep the fastest. ``default`` (a key of
+        ``fns``) is kept when tuning is off, when it is too slow to measure, or when nothing beats it by the
+        noise margin. ``dropped(name, args)`` is called for each measured strategy not kept (to free what it
+        derived from the weights)."""
+        name = self._chosen.get(key)
+        if name is not None:
+            return fns[name](*args)
+        if len(fns) == 1 or not tuning_enabled():
+            return fns[default](*args)
+        return self._measure(key, fns, args, default, dropped)
+
+    def _measure(
+        self,
+        key: Hashable,
+        fns: dict[str, Callable[..., Tensor]],
+        args: tuple,
+        default: str,
+        dropped: Callable[[str, tuple], None] | None,
+    ) -> Tensor:
+        t0 = time.perf_counter()
+        out = fns[default](*args)
+        first = time.perf_counter() - t0
+        if first > _MAX_TUNED_CALL_S:
+            with self._lock:
+                self._chosen[key] = default
+            return out
+        names = list(fns)
+        for n in names:  # warm-up (derived weights, allocator) outside the timed rounds
+            if n != default:
+                fns[n](*args)
+        best = dict.fromkeys(names, float("inf"))
+        rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _ROUND_BUDGET_S / max(first * len(names), 1e-9))))
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no candidate always runs first
+            for n in order:
+                t0 = time.perf_counter()
+                fns[n](*args)
+                best[n] = min(best[n], time.perf_counter() - t0)
+        pick = min(names, key=lambda n: best[n])
+        if best[pick] > _MARGIN * best[default]:
+            pick = default
+        with self._lock:
+            self._chosen[key] = pick
+            self._times[key] = best
+        if dropped is not None:
+            for n in names:
+                if n != pick:
+                    dropped(n, args)
+        # the kept strategy's result, so that every call of a key rounds the same way (its first call included)
+        return out if pick == default else fns[pick](*args)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chosen.clear()
+            self._times.clear()
+            self.fast.clear()
+
+
+def choices() -> dict[str, dict[Hashable, tuple[str, dict[str, float]]]]:
+    """Per op, per key, the kept strategy and the measured best seconds per candidate."""
+    return {t.name: {k: (v, dict(t._times.get(k, {}))) for k, v in t._chosen.items()} for t in _REGISTRY}
+
+
+def clear() -> None:
+    """Forget every choice (the next call of each key measures again)."""
+    for t in _REGISTRY:
+        t.clear()

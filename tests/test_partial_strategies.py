@@ -1,0 +1,225 @@
+"""The CPU execution strategies of partial_linear / partial_conv2d (panel engine, BLAS steps, one GEMM per output
+run, shared + grouped conv, dense zero-block weight) and the measured choice among them (ops.partial_linear.tuning).
+
+Every strategy is compared with the float64 reference on random and small-integer (exact) inputs, on the
+structured cases (alpha 0, alpha 1, K = 2, 3, 4, batch 1, subset shared slots), in float32 and float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import pytest
+import torch
+from _segments import K3_IN, K3_OUT, K4_IN, K4_OUT, LAYOUTS, assert_close, make_weight
+
+from pyfusion.nn import PartialConv2d, PartialLinear
+from pyfusion.ops import _weight_cache
+from pyfusion.ops.layout import as_segments, segment_plan
+from pyfusion.ops.partial_conv2d import conv_geom
+from pyfusion.ops.partial_linear import tuning
+from pyfusion.ops.reference import partial_conv2d_ref, partial_linear_ref
+
+PL = importlib.import_module("pyfusion.ops.partial_linear.backends")
+PC = importlib.import_module("pyfusion.ops.partial_conv2d.backends")
+
+# alpha 0 (one dense block), alpha 1 (block diagonal), K = 2, 3, 4 standard layouts, a first layer, subset slots
+STRUCTURED = [
+    ([6, 0, 0], [5, 0, 0]),
+    ([0, 4, 4], [0, 3, 3]),
+    ([0, 3, 3, 3, 3], [0, 2, 2, 2, 2]),
+    ([5, 3, 3], [4, 2, 2]),
+    ([4, 2, 2, 2], [3, 2, 2, 2]),
+    ([3, 2, 2, 2, 2], [2, 3, 3, 3, 3]),
+    ([7, 0, 0, 0], [2, 3, 3, 3]),
+    (K3_IN, K3_OUT),
+    (K4_IN, K4_OUT),
+]
+
+
+def plan_of(ins, outs):
+    return segment_plan(as_segments(ins, "in"), as_segments(outs, "out"))
+
+
+def _linear_strategies(plan):
+    names = ["blas", "segments", "dense"]
+    if not PL._cpp_available():
+        names.append("cpp")
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ins,outs", STRUCTURED + LAYOUTS)
+def test_linear_strategies_match_reference(ins, outs, dtype):
+    plan = plan_of(ins, outs)
+    for integer in (False, True):
+        w, b = make_weight(ins, outs, dtype, integer=integer, seed=3)
+        for rows in (1, 5, 33):
+            g = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, plan.i_total, generator=g, dtype=torch.float64)
+            x = (x * 2).round() if integer else x
+            x = x.to(dtype)
+            for act in ("none", "relu", "gelu"):
+                ref = partial_linear_ref(x, w, b, ins, outs, act)
+                for name in _linear_strategies(plan):
+                    with torch.no_grad():
+                        y = PL.STRATEGIES[name](x, w, b, plan, act)
+                    assert y.dtype == dtype, name
+                    assert_close(y, ref, exact=integer and act == "none")
+            no_bias = PL.STRATEGIES["segments"](x, w, None, plan, "none")
+            assert_close(no_bias, partial_linear_ref(x, w, None, ins, outs, "none"), exact=integer)
+            assert_close(
+                PL.dense_forward(x, w, None, plan, "none"), partial_linear_ref(x, w, None, ins, outs), exact=integer
+            )
+
+
+def test_linear_strategies_nd_and_strided_inputs():
+    ins, outs = [5, 3, 3], [4, 2, 2]
+    plan = plan_of(ins, outs)
+    w, b = make_weight(ins, outs, torch.float64)
+    x3 = torch.randn(2, 3, plan.i_total, dtype=torch.float64)
+    xs = torch.randn(plan.i_total, 6, dtype=torch.float64).t()  # column stride 6
+    for x in (x3, xs):
+        ref = partial_linear_ref(x, w, b, ins, outs, "silu")
+        for name in _linear_strategies(plan):
+            assert_close(PL.STRATEGIES[name](x, w, b, plan, "silu"), ref)
+
+
+def test_dense_weight_is_a_view_when_the_layer_is_one_block():
+    plan = plan_of([6, 0, 0], [5, 0, 0])
+    w, _b = make_weight([6, 0, 0], [5, 0, 0])
+    assert PL.dense_is_view(plan) and PL.dense_weight_of(w, plan).data_ptr() == w.data_ptr()
+    plan2 = plan_of([5, 3, 3], [4, 2, 2])
+    assert not PL.dense_is_view(plan2)
+    # a dense copy only where it is small or not much larger than the stored weights
+    assert PL.dense_candidate(plan2)
+    wide = plan_of([0] + [1024] * 4, [0] + [1024] * 4)  # alpha = 1, K = 4: the dense matrix is 4x the stored
+    assert not PL.dense_candidate(wide)
+
+
+def _conv_cases():
+    return STRUCTURED + [([3, 2, 2], [4, 3, 3]), ([2, 3, 3, 3], [1, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ins,outs", _conv_cases())
+def test_conv_strategies_match_reference(ins, outs, dtype):
+    plan = plan_of(ins, outs)
+    for geom_args, hw in (((3, 1, 1, 1), (5, 6)), (((3, 1), 2, (1, 0), 1), (7, 5)), ((1, 1, 0, 1), (3, 3))):
+        geom = conv_geom(*geom_args)
+        for integer in (False, True):
+            w, b = make_weight(ins, outs, dtype, taps=geom.kernel, integer=integer, seed=5)
+            for n in (1, 3):
+                x = torch.randn(n, plan.i_total, *hw, dtype=torch.float64)
+                x = ((x * 2).round() if integer else x).to(dtype)
+                for act in ("none", "relu"):
+                    ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation,
+                                             act)  # fmt: skip
+                    names = ["runs", "dense"] + (["grouped"] if PC.grouped_layout(plan) is not None else [])
+                    for name in names:
+                        with torch.no_grad():
+                            y = PC.STRATEGIES[name](x, w, b, plan, geom, act)
+                        assert y.is_contiguous() and y.dtype == dtype, name
+                        assert_close(y, ref, exact=integer and act == "none")
+                    if PC.grouped_layout(plan) is not None:
+                        y = PC.STRATEGIES["grouped"](x, w, None, plan, geom, "none")
+                        ref0 = partial_conv2d_ref(x, w, None, ins, outs, geom.kernel, geom.stride, geom.padding,
+                                                  geom.dilation)  # fmt: skip
+                        assert_close(y, ref0, exact=integer)
+
+
+def test_grouped_layout_only_for_uniform_standard_layouts():
+    assert PC.grouped_layout(plan_of([4, 2, 2, 2], [3, 2, 2, 2])) == (3, 4, 2, 3, 2)
+    assert PC.grouped_layout(plan_of([0, 4, 4], [0, 3, 3])) == (2, 0, 4, 0, 3)
+    assert PC.grouped_layout(plan_of([6, 0, 0], [5, 0, 0])) is None  # no branch inputs
+    assert PC.grouped_layout(plan_of([3, 0, 4], [2, 3, 0])) is None  # non-uniform
+    assert PC.grouped_layout(plan_of(K3_IN, K3_OUT)) is None  # subset slots
+    assert PC.grouped_layout(plan_of([7, 5], [6, 3])) is None  # K = 1
+
+
+# ---- the measured choice ----
+
+
+def test_tuner_keeps_the_fastest_and_runs_it_afterwards(monkeypatch):
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    tuner = tuning.StrategyTuner("test_op")
+    calls = []
+
+    def fast(v):
+        calls.append("fast")
+        return v + 1
+
+    def slow(v):
+        calls.append("slow")
+        time.sleep(0.003)
+        return v + 1
+
+    dropped = []
+    assert tuner.run("k", {"slow": slow, "fast": fast}, (1,), "slow", lambda n, a: dropped.append(n)) == 2
+    assert tuner.chosen("k") == "fast" and dropped == ["slow"]
+    assert "k" in tuning.choices()["test_op"]
+    calls.clear()
+    for _ in range(3):
+        assert tuner.run("k", {"slow": slow, "fast": fast}, (1,), "slow") == 2
+    assert calls == ["fast"] * 3
+    # a default not beaten by the margin is kept
+    assert tuner.run("k2", {"a": fast, "b": fast}, (0,), "b") == 1 and tuner.chosen("k2") in ("a", "b")
+    tuning.clear()
+    assert tuner.chosen("k") is None
+
+
+def test_tuning_off_runs_the_default_and_measures_nothing(monkeypatch):
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "0")
+    tuner = tuning.StrategyTuner("test_off")
+    calls = []
+    fns = {"a": lambda v: calls.append("a") or v, "b": lambda v: calls.append("b") or v}
+    for _ in range(3):
+        tuner.run("k", fns, (0,), "b")
+    assert calls == ["b"] * 3 and tuner.chosen("k") is None
+
+
+def test_row_bucket():
+    assert [tuning.row_bucket(r) for r in (0, 1, 4, 5, 8, 9, 1000)] == [0, 1, 4, 8, 8, 16, 1024]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_modules_through_the_measured_choice_match_reference(monkeypatch, dtype):
+    """Module calls (the tuned path): equal to the reference at every batch; every call of a key rounds the same
+    way (the first, measuring call included); only the kept strategy's derived weights stay cached."""
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    tuning.clear()
+    for ins, outs in ([0, 4, 4], [0, 3, 3]), ([5, 3, 3, 3], [4, 2, 2, 2]), (K4_IN, K4_OUT), ([6, 0, 0], [5, 0, 0]):
+        lin = PartialLinear(ins, outs, activation="relu").to(dtype).eval()
+        conv = PartialConv2d(ins, outs, 3, padding=1).to(dtype).eval()
+        for rows in (1, 2, 40):
+            x = torch.randn(rows, lin.in_features, dtype=dtype)
+            xc = torch.randn(min(rows, 3), conv.in_channels, 5, 5, dtype=dtype)
+            with torch.no_grad():
+                y1, y2 = lin(x), lin(x)
+                c1, c2 = conv(xc), conv(xc)
+            assert torch.equal(y1, y2) and torch.equal(c1, c2)
+            assert_close(y1, partial_linear_ref(x, lin.weight, lin.bias, ins, outs, "relu"))
+            assert_close(c1, partial_conv2d_ref(xc, conv.weight, conv.bias, ins, outs, (3, 3), (1, 1), (1, 1),
+                                                 (1, 1)))  # fmt: skip
+        kept = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
+        assert kept and kept <= set(PL.STRATEGIES)
+    # autograd still runs the registered op (differentiable), whatever was chosen
+    lin = PartialLinear([5, 3, 3], [4, 2, 2]).to(dtype)
+    x = torch.randn(3, 11, dtype=dtype, requires_grad=True)
+    lin(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_measured_losers_free_their_derived_weights(monkeypatch):
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    tuning.clear()
+    _weight_cache.clear()
+    lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
+    with torch.no_grad():
+        lin(torch.randn(2, 11))
+    (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
+    # the panels (cpp) or the dense copy (dense) when one of them was kept, nothing for the BLAS paths
+    assert _weight_cache.entries() == (1 if kept in ("cpp", "dense") else 0)
