@@ -12,20 +12,27 @@ Member-mask segments split the input and output channels (DESIGN §7; segments a
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from pyfusion.dispatch import forced_spec
 from pyfusion.ops._registry import is_jit_tracing
 from pyfusion.ops.layout import SegmentPlan, as_segments, check_operands, segment_plan, segments_key
 from pyfusion.ops.partial_conv2d import backends as _backends
 from pyfusion.ops.partial_conv2d.backends import DISPATCHER, FLOAT_DTYPES, ConvGeom
 from pyfusion.ops.partial_conv2d.registration import OP
-from pyfusion.ops.partial_linear import _ENV, _plain
+from pyfusion.ops.partial_linear import (
+    _ENV_DATA,
+    _ENV_KEY,
+    _PLAIN,
+    _grad_enabled,
+    _is_compiling,
+    _is_wrapped,
+    _plain,
+    backend_unforced,
+)
 
 # Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
 # dispatcher's backends otherwise (benchmarks set it to () to time the static path).
@@ -123,13 +130,17 @@ def _run(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> Tensor
     (device, dtype). Under ``torch.jit.trace`` the registered op runs and is recorded."""
     if is_jit_tracing():
         return OP.op()(*_op_args(x, weight, bias, plan, geom, act))
+    return _run_untraced(x, weight, bias, plan, geom, act)
+
+
+def _run_untraced(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) -> Tensor:
+    """:func:`_run` outside ``torch.jit.trace``."""
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     ):
         return OP(*_op_args(x, weight, bias, plan, geom, act))
-    unforced = _ENV not in os.environ or forced_spec() is None
-    if x.is_cpu and x.dtype in _TUNED_DTYPES and _plain(x, weight) and unforced:
+    if x.is_cpu and x.dtype in _TUNED_DTYPES and _plain(x, weight) and backend_unforced():
         return _backends.cpu_inference_forward(x, weight, bias, plan, geom, act)
     backend = DISPATCHER.select_cached(("cpu" if x.is_cpu else x.device.type, x.dtype), x, weight, bias, plan, geom,
                                        act)  # fmt: skip
@@ -140,8 +151,28 @@ def partial_conv2d_module_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom, activation: str
 ) -> Tensor:
     """:func:`partial_conv2d` for :class:`pyfusion.nn.PartialConv2d`, whose segments, weight size and conv
-    parameters were validated when the module was built: only x is checked here."""
-    if is_jit_tracing():
+    parameters were validated when the module was built: only x is checked here. Eager CPU inference on a plain
+    float32/64 input of the right shape goes straight to the measured strategy (as
+    :func:`pyfusion.ops.partial_linear.partial_linear_module_forward`); anything else takes the checked path."""
+    if (
+        type(x) is Tensor
+        and not _grad_enabled()
+        and _ENV_KEY not in _ENV_DATA
+        and x.is_cpu
+        and x.dtype is weight.dtype
+        and x.dtype in _TUNED_DTYPES
+        and x.dim() == 4
+        and x.shape[1] == plan.i_total
+        and weight.is_cpu
+        and type(weight) in _PLAIN
+        and not _is_wrapped(x)
+        and not _is_wrapped(weight)
+        and not is_jit_tracing()
+        and not _is_compiling()
+    ):
+        return _backends.cpu_inference_forward(x, weight, bias, plan, geom, activation)
+    tracing = is_jit_tracing()
+    if tracing:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             bad = bool(x.dim() != 4 or x.shape[1] != plan.i_total)
@@ -155,4 +186,6 @@ def partial_conv2d_module_forward(
         raise ValueError(
             f"x must have the module's dtype and device ({weight.dtype}, {weight.device}); got ({x.dtype}, {x.device})"
         )
-    return _run(x, weight, bias, plan, geom, activation)
+    if tracing:
+        return OP.op()(*_op_args(x, weight, bias, plan, geom, activation))
+    return _run_untraced(x, weight, bias, plan, geom, activation)
