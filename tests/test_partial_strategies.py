@@ -169,6 +169,42 @@ def test_tuner_keeps_the_fastest_and_runs_it_afterwards(monkeypatch):
     assert tuner.chosen("k") is None
 
 
+def test_tuner_confirms_the_winner_in_a_second_measurement(monkeypatch):
+    """A candidate fastest only in the first measurement (a lucky minimum on a loaded machine) is not kept: the
+    two best are measured again and must agree; otherwise the default (when one of the two) or the one faster over
+    both measurements is kept."""
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    measured = []
+    real_rounds = tuning._rounds
+
+    def spy(*a):
+        out = real_rounds(*a)
+        measured.append(sorted(a[1]))
+        return out
+
+    monkeypatch.setattr(tuning, "_rounds", spy)
+
+    def lucky(v):  # fast during the first measurement, slow from the second on
+        time.sleep(0.003 if measured else 0.0)
+        return v
+
+    def steady(v):
+        time.sleep(0.001)
+        return v
+
+    def slowest(v):
+        time.sleep(0.005)
+        return v
+
+    tuner = tuning.StrategyTuner("test_confirm")
+    tuner.run("k", {"steady": steady, "lucky": lucky}, (0,), "steady")
+    assert measured == [["lucky", "steady"], ["lucky", "steady"]] and tuner.chosen("k") == "steady"
+    measured.clear()
+    tuner.run("k3", {"slowest": slowest, "steady": steady, "lucky": lucky}, (0,), "slowest")
+    assert measured[1] == ["lucky", "steady"] and tuner.chosen("k3") == "steady"
+    tuning.clear()
+
+
 def test_tuning_off_runs_the_default_and_measures_nothing(monkeypatch):
     monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "0")
     tuner = tuning.StrategyTuner("test_off")
