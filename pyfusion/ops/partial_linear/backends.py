@@ -739,6 +739,8 @@ def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple) 
     full = (pk, *key[1:])
     y = TUNER.run(full, fns, (x, weight, bias, plan, activation), default, _drop_derived)
     name = TUNER.chosen(full)
+    if name is None and len(fns) == 1:
+        name = default  # nothing to choose (TUNER.run runs it without recording a choice)
     if name is not None:
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()
