@@ -259,3 +259,34 @@ def test_measured_losers_free_their_derived_weights(monkeypatch):
     (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
     # the panels (cpp) or the dense copy (dense) when one of them was kept, nothing for the BLAS paths
     assert _weight_cache.entries() == (1 if kept in ("cpp", "dense") else 0)
+
+
+def test_module_fast_path_still_checks_input_and_reads_the_backend_each_call(monkeypatch):
+    """The modules' eager-inference fast path: wrong inputs still raise the precise errors, and a PYFUSION_BACKEND
+    set after a layer's strategy was kept applies at the next call (the variable is read at every call)."""
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    torch.manual_seed(0)
+    lin = PartialLinear([3, 2, 2], [2, 3, 3])
+    conv = PartialConv2d([3, 2, 2], [2, 3, 3], 3, padding=1)
+    x, xc = torch.randn(4, 7), torch.randn(2, 7, 5, 5)
+    with torch.no_grad():
+        for mod, inp in ((lin, x), (conv, xc)):
+            mod(inp)
+            ref = mod.to_dense().double()(inp.double())
+            assert_close(mod(inp), ref, dtype=torch.float32)
+        with pytest.raises(ValueError, match="x.shape"):
+            lin(torch.randn(4, 6))
+        with pytest.raises(ValueError, match="dtype and device"):
+            lin(x.double())
+        with pytest.raises(ValueError, match=r"shape \(N, 7, H, W\)"):
+            conv(torch.randn(2, 6, 5, 5))
+        with pytest.raises(ValueError, match="dtype and device"):
+            conv(xc.double())
+        monkeypatch.setenv("PYFUSION_BACKEND", "no_such_backend")
+        for mod, inp in ((lin, x), (conv, xc)):
+            with pytest.raises(Exception, match="no_such_backend"):
+                mod(inp)
+        monkeypatch.setenv("PYFUSION_BACKEND", "reference")
+        for mod, inp in ((lin, x), (conv, xc)):
+            assert_close(mod(inp), mod.to_dense().double()(inp.double()), dtype=torch.float32)
