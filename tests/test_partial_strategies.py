@@ -205,6 +205,35 @@ def test_tuner_confirms_the_winner_in_a_second_measurement(monkeypatch):
     tuning.clear()
 
 
+def test_tuner_measures_each_key_again_after_some_calls(monkeypatch):
+    """The second measurement (at the key's _RECHECK_CALLS-th call) can replace a choice made while the machine
+    stalled: the minimum per candidate over both measurements decides, and then the choice is final."""
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    monkeypatch.setattr(tuning, "_RECHECK_CALLS", 3)
+    stalled = [True]
+
+    def late(v):  # stalled during the first measurement only
+        time.sleep(0.004 if stalled[0] else 0.0)
+        return v + 1
+
+    def steady(v):
+        time.sleep(0.001)
+        return v + 1
+
+    tuner = tuning.StrategyTuner("test_recheck")
+    fns = {"steady": steady, "late": late}
+    assert tuner.run("k", fns, (0,), "steady") == 1
+    assert tuner.chosen("k") == "steady" and tuner.final("k") is None
+    stalled[0] = False
+    for _ in range(2):  # the kept strategy runs until the recheck
+        assert tuner.run("k", fns, (0,), "steady") == 1
+    assert tuner.chosen("k") == "steady" and tuner.final("k") is None
+    assert tuner.run("k", fns, (0,), "steady") == 1  # the 3rd call after the choice measures again
+    assert tuner.final("k") == "late"
+    tuning.clear()
+    assert tuner.chosen("k") is None and tuner.final("k") is None
+
+
 def test_tuning_off_runs_the_default_and_measures_nothing(monkeypatch):
     monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "0")
     tuner = tuning.StrategyTuner("test_off")

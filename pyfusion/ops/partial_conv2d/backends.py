@@ -265,7 +265,7 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     _plan, fns, default = ent
     key = (pk, x.dtype, activation, row_bucket(x.shape[0]), x.shape[2], x.shape[3], torch.get_num_threads())
     y = TUNER.run(key, fns, (x, weight, bias, plan, geom, activation), default, _drop_derived)
-    name = TUNER.chosen(key)
+    name = TUNER.final(key)
     if name is None and len(fns) == 1:
         name = default  # nothing to choose (TUNER.run runs it without recording a choice)
     if name is not None:

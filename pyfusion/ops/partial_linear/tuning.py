@@ -37,6 +37,12 @@ _ENV = "PYFUSION_PARTIAL_TUNING"
 # a 50 us call of each of 4 candidates (a layer's first call then costs ~0.05 s once per key), 6 rounds of a 2 ms
 # one.
 _MIN_ROUNDS, _MAX_ROUNDS, _ROUND_BUDGET_S = 6, 100, 0.05
+# A key's choice is measured once more at its _RECHECK_CALLS-th call (the kept strategy runs in between), and the
+# minimum per candidate over both measurements decides: a stall of the whole machine lasting longer than one
+# measurement (another job taking both cores for 0.1-0.3 s) made every candidate of a 30-140 us layer measure
+# 7.4-8.0 ms in the first, which then picked at random; the two measurements are far enough apart not to both fall
+# in one such stall. The ops install their one-lookup fast path only once a choice is final (:meth:`final`).
+_RECHECK_CALLS = 32
 # After the rounds, the best two candidates are measured again (as many rounds, interleaved): the kept strategy
 # must be the faster in both measurements (else the default, or the faster of the two in the second one when the
 # default is not among them), so that one lucky minimum cannot decide.
@@ -71,6 +77,7 @@ class StrategyTuner:
     def __init__(self, name: str) -> None:
         self.name = name
         self._chosen: dict[Hashable, str] = {}
+        self._recheck: dict[Hashable, int] = {}  # key -> calls left before its second measurement
         self._times: dict[Hashable, dict[str, float]] = {}
         # the op's own hot-path table (its key -> what it needs to run the kept strategy), emptied with the choices
         self.fast: dict[Hashable, object] = {}
@@ -79,6 +86,10 @@ class StrategyTuner:
 
     def chosen(self, key: Hashable) -> str | None:
         return self._chosen.get(key)
+
+    def final(self, key: Hashable) -> str | None:
+        """The kept strategy of ``key`` once it will not be measured again (else None)."""
+        return None if key in self._recheck else self._chosen.get(key)
 
     def run(
         self,
@@ -95,7 +106,14 @@ class StrategyTuner:
         derived from the weights)."""
         name = self._chosen.get(key)
         if name is not None:
-            return fns[name](*args)
+            left = self._recheck.get(key)
+            if left is None:
+                return fns[name](*args)
+            if left > 1:
+                self._recheck[key] = left - 1
+                return fns[name](*args)
+            del self._recheck[key]
+            return self._measure(key, fns, args, default, dropped)
         if len(fns) == 1 or not tuning_enabled():
             return fns[default](*args)
         return self._measure(key, fns, args, default, dropped)
@@ -111,10 +129,13 @@ class StrategyTuner:
         t0 = time.perf_counter()
         out = fns[default](*args)
         first = time.perf_counter() - t0
+        previous = self._times.get(key)
         if first > _MAX_TUNED_CALL_S:
-            with self._lock:
-                self._chosen[key] = default
-            return out
+            with self._lock:  # too slow to measure (the first time), or stalled now: keep what was kept
+                self._chosen[key] = self._chosen.get(key, default) if previous is not None else default
+                self._recheck.pop(key, None)
+            kept = self._chosen[key]
+            return out if kept == default else fns[kept](*args)
         names = list(fns)
         for n in names:  # warm-up (derived weights, allocator, thread pool) outside the timed rounds
             if n != default:
@@ -129,20 +150,31 @@ class StrategyTuner:
         low = _MIN_ROUNDS if warm * _MIN_ROUNDS <= 4 * _ROUND_BUDGET_S else 3
         rounds = int(min(_MAX_ROUNDS, max(low, _ROUND_BUDGET_S / max(warm, 1e-9))))
         best = _rounds(fns, names, args, rounds)
+        if previous is not None:  # the second measurement of the key: the minimum over both decides
+            for n in names:
+                best[n] = min(best[n], previous.get(n, float("inf")))
         ranked = sorted(names, key=lambda n: best[n])
         pick = ranked[0]
+        score = dict(best)  # what the pick is compared on
         if len(ranked) > 1:
+            # the best two again; the sum of each one's two minima decides (a lucky minimum in one measurement is
+            # diluted by the other)
             pair = ranked[:2]
             again = _rounds(fns, pair, args, rounds)
-            if again[pair[1]] < again[pair[0]]:  # the measurements disagree: a tie within the noise
-                pick = default if default in pair else min(pair, key=lambda n: best[n] + again[n])
+            if default in pair:
+                score = {n: best[n] + again[n] for n in pair}
+            pick = min(pair, key=lambda n: best[n] + again[n])
             for n in pair:
                 best[n] = min(best[n], again[n])
-        if best[pick] > _MARGIN * best[default]:
+            if default not in pair:
+                score = dict(best)
+        if score[pick] > _MARGIN * score[default]:
             pick = default
         with self._lock:
             self._chosen[key] = pick
             self._times[key] = best
+            if previous is None:
+                self._recheck[key] = _RECHECK_CALLS
         if dropped is not None:
             for n in names:
                 if n != pick:
@@ -153,6 +185,7 @@ class StrategyTuner:
     def clear(self) -> None:
         with self._lock:
             self._chosen.clear()
+            self._recheck.clear()
             self._times.clear()
             self.fast.clear()
 
