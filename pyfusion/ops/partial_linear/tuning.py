@@ -7,8 +7,10 @@ the machine: measured on the 2-core VM (bench/results/partial_linear_cpu.md, par
 rule lost to the members run one after another in 27/60 batch-1 cases (up to 1.78x) and to the dense zero-block
 layer on tiny layers (512 -> 10: 0.37x at batch 1024), while each loser had a strategy that won. So the first
 call of a layer of a new (shape, dtype, activation, row bucket, threads) runs every candidate a few times,
-interleaved, and keeps the fastest (the minimum over rounds: interference only adds time); later calls of that key
-run the kept strategy directly (one dict lookup).
+interleaved, and keeps the fastest (the minimum over rounds: interference only adds time; the best two are measured
+a second time and the sum of their two minima decides), runs it, and measures all candidates once more at the key's
+32nd call (the minimum over both measurements decides: one machine-wide stall cannot cover both); later calls run
+the kept strategy directly (one dict lookup).
 
 ``PYFUSION_PARTIAL_TUNING=0`` turns the measurement off (the static default strategy of each op, deterministic
 across runs); :func:`choices` lists what was chosen (benchmarks report it), :func:`clear` forgets it.
