@@ -243,6 +243,38 @@ def _scatter_packed(
     return out
 
 
+def _scatter_dense_direct(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    plans: ScatterPlans,
+    new_shape: list[int],
+    lambdas: Sequence[float],
+    has_out: bool,
+) -> Tensor:
+    """The dense fused tensor of :func:`_scatter_fused` (axes 0 and 1 mapped) by one scatter per member: member
+    k's scaled tensor, seen as (rows x columns, taps), is written (k = 0, into zeros) or added (``index_add_`` is
+    ``out + x`` elementwise) at the (slot row, slot column) pairs its neurons go to. Every entry is the sum of the
+    members that reach it in member order, as in the packed path; no padded copy, gather or temporary per member
+    (VGG11 at alpha 0.25, the nine dense layers of a pair: 2-3x faster than the packing with one segment)."""
+    taps = int(torch.Size(new_shape[2:]).numel())
+    out = None
+    for k, st in enumerate(states):
+        t = st[key].detach()
+        n0, n1 = int(t.shape[0]), int(t.shape[1])
+        src = _scatter_source(t, plans[k], lambdas[k], has_out).reshape(n0 * n1, taps)
+        dest = {axis: d for axis, d, _v, _e in plans[k]}
+        d0 = dest.get(0, torch.arange(n0)).to(t.device)
+        d1 = dest.get(1, torch.arange(n1)).to(t.device)
+        pairs = (d0[:, None] * new_shape[1] + d1[None, :]).reshape(-1)
+        if out is None:
+            out = torch.zeros(new_shape[0] * new_shape[1], taps, dtype=torch.float64, device=t.device)
+            out.index_copy_(0, pairs, src)
+        else:
+            out.index_add_(0, pairs, src)
+    assert out is not None
+    return out.view(new_shape)
+
+
 class PendingWeight:
     """A fused weight the builder did not materialise (``build(defer=...)``): the scatter plans of
     :func:`_scatter_plans`, from which :meth:`dense` gives the dense zero-block tensor (exactly what
@@ -254,11 +286,13 @@ class PendingWeight:
         self.shape, self.lambdas, self.has_out = tuple(new_shape), tuple(lambdas), has_out
 
     def dense(self) -> Tensor:
-        # the packing with one segment read and written by every member is the dense tensor in its own layout, by
-        # the packed path's gathers (2-3x faster than _scatter_dense's zero-fill and index_copy_ / index_add_)
-        every = (1 << len(self.states)) - 1
-        flat = self.packed(((self.shape[1], every),), ((self.shape[0], every),))
-        return flat.view(self.shape)
+        # one flat scatter per member (_scatter_dense_direct): 1.3-1.6x faster than the packing with one segment
+        # read and written by every member (VGG11 pair, 640 slots, 3x3, float64, 1 thread), which was 2-3x faster
+        # than _scatter_dense's per-axis zero-fills and index_copy_ / index_add_
+        if len(self.shape) < 2 or any(p[0] > 1 for plan in self.plans for p in plan):
+            every = (1 << len(self.states)) - 1
+            return self.packed(((self.shape[1], every),), ((self.shape[0], every),)).view(self.shape)
+        return _scatter_dense_direct(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out)
 
     def packed(self, in_segments: Any, out_segments: Any) -> Tensor:
         return _scatter_packed(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out,
