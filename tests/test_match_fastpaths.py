@@ -1,4 +1,5 @@
-"""The one-gather path of pyfusion.match.align equals apply_segment's gather / scatter bit for bit."""
+"""The fast paths of pyfusion.match equal the general code bit for bit: the one-gather alignment of index maps
+(apply_segment's gather / scatter) and the in-place squared distance (sqdist_from_gram)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from pyfusion.graph.transform import apply_segment
 from pyfusion.match.align import MatchedPairs, Permutation, _gather_index
+from pyfusion.match.distance import sqdist, sqdist_from_gram
 
 
 @pytest.mark.parametrize("expand", [1, 4])
@@ -37,3 +39,14 @@ def test_gather_index_refuses_other_maps() -> None:
     assert _gather_index(m, (rows, cols, None, False), (("unit", n),)) is None  # not injective
     assert _gather_index(m, "compute", (("unit", n),)) is None  # a dense map
     assert _gather_index(m, (rows, cols, None, True), (("rep", 2), ("unit", n))) is None  # rep before the unit
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (64, 48, 300), (1, 1, 1), (0, 3, 4)])
+def test_sqdist_equals_sqdist_from_gram(shape: tuple[int, int, int]) -> None:
+    na, nb, f = shape
+    a = torch.randn(na, f, dtype=torch.float64)
+    b = torch.randn(nb, f, dtype=torch.float64)
+    for x, y in ((a, b), (a, a), (a, a + 1e-9)):  # a, a: the clamp of negative rounding matters
+        want = sqdist_from_gram((x * x).sum(1), (y * y).sum(1), x @ y.T)
+        got = sqdist(x, y)
+        assert torch.equal(got, want) and bool((got >= 0).all())
