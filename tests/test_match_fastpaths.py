@@ -9,7 +9,7 @@ import torch
 
 from pyfusion.graph.transform import apply_segment
 from pyfusion.match.align import MatchedPairs, Permutation, _gather_index
-from pyfusion.match.distance import sqdist, sqdist_from_gram
+from pyfusion.match.distance import _row_sq_norms, sqdist, sqdist_from_gram
 
 
 @pytest.mark.parametrize("expand", [1, 4])
@@ -41,7 +41,7 @@ def test_gather_index_refuses_other_maps() -> None:
     assert _gather_index(m, (rows, cols, None, True), (("rep", 2), ("unit", n))) is None  # rep before the unit
 
 
-@pytest.mark.parametrize("shape", [(5, 7, 3), (64, 48, 300), (1, 1, 1), (0, 3, 4)])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (64, 48, 300), (300, 200, 700), (1, 1, 1), (0, 3, 4)])
 def test_sqdist_equals_sqdist_from_gram(shape: tuple[int, int, int]) -> None:
     na, nb, f = shape
     a = torch.randn(na, f, dtype=torch.float64)
@@ -50,3 +50,10 @@ def test_sqdist_equals_sqdist_from_gram(shape: tuple[int, int, int]) -> None:
         want = sqdist_from_gram((x * x).sum(1), (y * y).sum(1), x @ y.T)
         got = sqdist(x, y)
         assert torch.equal(got, want) and bool((got >= 0).all())
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 40000), (300, 700), (513, 1000), (70000, 3)])
+def test_row_sq_norms_equal_the_plain_sum(shape: tuple[int, int]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert torch.equal(_row_sq_norms(x), (x * x).sum(1))
+    assert torch.equal(_row_sq_norms(x, chunk_bytes=64), (x * x).sum(1))  # one row per block
