@@ -179,6 +179,7 @@ def _scatter_packed(
     has_out: bool,
     in_segments: Any,
     out_segments: Any,
+    scratch: Tensor | None = None,
 ) -> Tensor:
     """``pack_segment_weight(_scatter_dense(...), in_segments, out_segments)`` (the flat packed weight of
     :class:`pyfusion.nn.PartialLinear` / ``PartialConv2d``, float64) gathered from the members without the dense
@@ -188,7 +189,9 @@ def _scatter_packed(
     not reach, the dense path adds 0). Axes 0 (output) and 1 (input) only.
 
     The dense zero-block tensor of a VGG11 layer at alpha 0.75 is 3x a member's, and the packed one 2x: building
-    it, then packing it and checking its zero blocks, was most of the fusion's time (see bench_partial_fusion)."""
+    it, then packing it and checking its zero blocks, was most of the fusion's time (see bench_partial_fusion).
+    ``scratch`` (float64, at least :func:`pad_numel` entries, on the members' device) holds the padded copies: only
+    their pad row and column are zeroed (fresh zero tensors cost their page faults on every layer)."""
     from pyfusion.ops.layout import segment_plan
 
     plan = segment_plan(in_segments, out_segments)
@@ -197,10 +200,21 @@ def _scatter_packed(
     taps_shape = tuple(new_shape[2:])
     taps = int(torch.Size(taps_shape).numel())
     srcs, invs = [], []
+    need = pad_numel(states, key)
+    use_scratch = scratch is not None and scratch.device == states[0][key].device and scratch.numel() >= need
+    at = 0
     for k, st in enumerate(states):
         t = st[key].detach()
         n0, n1 = int(t.shape[0]), int(t.shape[1])
-        pad = torch.zeros((n0 + 1, n1 + 1, *t.shape[2:]), dtype=torch.float64, device=t.device)
+        pad_shape = (n0 + 1, n1 + 1, *t.shape[2:])
+        if use_scratch:
+            size = int(torch.Size(pad_shape).numel())
+            pad = scratch[at : at + size].view(pad_shape)
+            at += size
+            pad[n0].zero_()
+            pad[:n0, n1].zero_()
+        else:
+            pad = torch.zeros(pad_shape, dtype=torch.float64, device=t.device)
         _scatter_source(t, plans[k], lambdas[k], has_out, out=pad[:n0, :n1])
         inv = []
         for axis, n_old in ((0, n0), (1, n1)):
@@ -241,6 +255,14 @@ def _scatter_packed(
         if first:
             seg.zero_()
     return out
+
+
+def pad_numel(states: Sequence[dict[str, Tensor]], key: str) -> int:
+    """Entries of the K padded member copies of :func:`_scatter_packed` for tensor ``key`` (its scratch size)."""
+    return sum(
+        (int(st[key].shape[0]) + 1) * (int(st[key].shape[1]) + 1) * int(torch.Size(st[key].shape[2:]).numel())
+        for st in states
+    )
 
 
 def _scatter_dense_direct(
@@ -302,9 +324,9 @@ class PendingWeight:
             self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out, scratch
         )
 
-    def packed(self, in_segments: Any, out_segments: Any) -> Tensor:
+    def packed(self, in_segments: Any, out_segments: Any, scratch: Tensor | None = None) -> Tensor:
         return _scatter_packed(self.states, self.key, self.plans, list(self.shape), self.lambdas, self.has_out,
-                               in_segments, out_segments)  # fmt: skip
+                               in_segments, out_segments, scratch)  # fmt: skip
 
 
 # fused model -> {tensor key: PendingWeight} (weak keys: a dropped model takes its records with it)
