@@ -89,6 +89,10 @@ def test_packed_gather_equals_packing_the_dense_tensor():
         want = general.get_submodule(path).weight.detach()
         assert torch.equal(pw.dense(), want), key
         assert torch.equal(pw.packed(ins, outs), pack_segment_weight(want, ins, outs)), key
+        # through a reused scratch (garbage in it: every entry read is written first, the pads are zeroed)
+        scratch = torch.full((builder.pad_numel(pw.states, key) + 3,), float("nan"), dtype=torch.float64)
+        assert torch.equal(pw.packed(ins, outs, scratch), pack_segment_weight(want, ins, outs)), key
+        assert torch.equal(pw.dense(scratch), want), key
         assert model.get_submodule(path).weight.is_meta  # nothing runs on an unwritten weight
     builder.materialize(model)
     assert not builder.pending_weights(model)

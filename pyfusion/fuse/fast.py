@@ -309,11 +309,13 @@ def _reads_child_weights(parent: nn.Module) -> bool:
     return isinstance(parent, nn.MultiheadAttention)
 
 
-def _build_pending(mod: nn.Module, ins: Segments, outs: Segments, pending: Any) -> nn.Module:
+def _build_pending(
+    mod: nn.Module, ins: Segments, outs: Segments, pending: Any, scratch: Tensor | None = None
+) -> nn.Module:
     """The execution module of a layer whose weight the builder left pending: the packed weight gathered from the
     members (:meth:`pyfusion.fuse.builder.PendingWeight.packed`, equal to packing the dense weight), no dense
     weight and no zero-block check (no dense tensor exists: its zero blocks are never formed)."""
-    packed = pending.packed(ins, outs).to(mod.weight.dtype)
+    packed = pending.packed(ins, outs, scratch).to(mod.weight.dtype)
     bias = None if mod.bias is None else mod.bias.detach()
     kw = {"bias": bias is not None, "device": packed.device, "dtype": mod.weight.dtype}
     if isinstance(mod, nn.Conv2d):
@@ -333,12 +335,14 @@ def _build_pending(mod: nn.Module, ins: Segments, outs: Segments, pending: Any) 
     return new
 
 
-def _build(mod: nn.Module, ins: Segments, outs: Segments, path: str, pending: Any = None) -> nn.Module:
+def _build(
+    mod: nn.Module, ins: Segments, outs: Segments, path: str, pending: Any = None, scratch: Tensor | None = None
+) -> nn.Module:
     """The execution module of a dense layer (from_dense checks that the skipped blocks are exactly zero), or of a
     layer whose weight is pending (:func:`_build_pending`)."""
     try:
         if pending is not None:
-            new = _build_pending(mod, ins, outs, pending)
+            new = _build_pending(mod, ins, outs, pending, scratch)
         elif isinstance(mod, nn.Conv2d):
             new = PartialConv2d.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
                                            ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
@@ -383,7 +387,7 @@ def swap_partial_modules(
     Returns:
         The module paths that were swapped.
     """
-    from pyfusion.fuse.builder import materialize, pending_weights
+    from pyfusion.fuse.builder import materialize, pad_numel, pending_weights
 
     layouts = getattr(model, "fusion_module_layouts", None) or {}
     pending = pending_weights(model)  # weights the builder left for the swap to pack (build(defer=True))
@@ -438,6 +442,10 @@ def swap_partial_modules(
         chosen[path] = segs
 
     swapped: list[str] = []
+    # one float64 scratch for the padded member copies of every pending weight packed below (builder.pad_numel)
+    sizes = [pad_numel(pw.states, pw.key) for p, pw in pending.items() if p.rpartition(".")[0] in chosen]
+    sizes = [n for n in sizes if n > 0]
+    scratch = torch.empty(max(sizes), dtype=torch.float64) if sizes else None
 
     def make(mod: nn.Module, fqn: str) -> nn.Module:
         swapped.append(fqn)
@@ -448,7 +456,7 @@ def swap_partial_modules(
             except ValueError as exc:
                 raise ValueError(f"{fqn}: {exc}") from exc
         ins, outs = chosen[fqn]
-        return _build(mod, ins, outs, fqn, pending.pop(f"{fqn}.weight", None))
+        return _build(mod, ins, outs, fqn, pending.pop(f"{fqn}.weight", None), scratch)
 
     replace_(model, make, lambda m, fqn: fqn in chosen or fqn in chosen_mha)
     materialize(model)  # the pending weights of the layers that stay dense

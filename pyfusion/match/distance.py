@@ -40,7 +40,26 @@ def sqdist(a: Tensor, b: Tensor, *, exact: bool = False) -> Tensor:
     """
     if exact:
         return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-    return sqdist_from_gram((a * a).sum(1), (b * b).sum(1), a @ b.T)
+    # sqdist_from_gram's arithmetic ((sq_a + sq_b) - 2 cross, then the clamp) in place on the two buffers: the
+    # same values bit for bit without two more (n_a, n_b) temporaries (3 x 1024 x 1024 for an MLP-1024 pair)
+    cross = (a @ b.T).mul_(2.0)
+    d = _row_sq_norms(a)[:, None] + _row_sq_norms(b)[None, :]
+    return d.sub_(cross).clamp_min_(0.0)
+
+
+def _row_sq_norms(x: Tensor, chunk_bytes: int = 1 << 18) -> Tensor:
+    """``(x * x).sum(1)`` for a 2-D ``x`` (the same values: every row is reduced on its own), squaring blocks of
+    rows into one small buffer instead of a fresh copy of ``x``: a new (512, 3456) float64 tensor costs its page
+    faults every time, 3.2 -> 1.8 ms for the norms of one VGG11 feature matrix (1 thread, loaded 2-core VM)."""
+    if x.dim() != 2 or not x.dtype.is_floating_point or x.numel() * x.element_size() <= 4 * chunk_bytes:
+        return (x * x).sum(1)
+    rows = max(1, chunk_bytes // max(1, x.shape[1] * x.element_size()))
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    buf = torch.empty(min(rows, x.shape[0]), x.shape[1], dtype=x.dtype, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        part = x[i : i + rows]
+        torch.sum(torch.mul(part, part, out=buf[: part.shape[0]]), 1, out=out[i : i + rows])
+    return out
 
 
 def correlation_cost(a: Tensor, b: Tensor) -> Tensor:

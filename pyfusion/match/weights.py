@@ -28,6 +28,14 @@ WEIGHT_COSTS = ("sqdist", "correlation")
 MASSES = ("uniform", "l1", "l2")
 
 
+def _feature_rows(feats: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The (ref, member) feature matrices (n, F): the pieces concatenated along the features, contiguous (one
+    piece, the usual case, is used as is when it already is: no copy)."""
+    if len(feats) == 1:
+        return feats[0][0].contiguous(), feats[0][1].contiguous()
+    return torch.cat([f[0] for f in feats], 1), torch.cat([f[1] for f in feats], 1)
+
+
 def weight_cost(
     ref_state: Mapping[str, Tensor],
     member_state: Mapping[str, Tensor],
@@ -67,8 +75,7 @@ def weight_cost(
         feats = aligned_features(ref_state, member_state, graph, name, refs, maps, missing="drop", by_key=by_key)
         if not feats:
             continue
-        a = torch.cat([f[0] for f in feats], 1)
-        b = torch.cat([f[1] for f in feats], 1)
+        a, b = _feature_rows(feats)
         per_side.append(sqdist(a, b) if cost == "sqdist" else correlation_cost(a, b))
     if not per_side:
         return torch.zeros(g.size, g.size, dtype=torch.float64)
