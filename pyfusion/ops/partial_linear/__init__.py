@@ -188,6 +188,7 @@ def partial_linear_module_forward(
     if (
         type(x) is Tensor
         and not _grad_enabled()
+        and not is_jit_tracing()  # before the shape tests: under the tracer they warn (TracerWarning)
         and _ENV_KEY not in _ENV_DATA
         and x.is_cpu
         and x.dtype is weight.dtype
@@ -198,7 +199,6 @@ def partial_linear_module_forward(
         and type(weight) in _PLAIN
         and not _is_wrapped(x)
         and not _is_wrapped(weight)
-        and not is_jit_tracing()
         and not _is_compiling()
     ):
         return _backends.cpu_inference_forward(x, weight, bias, plan, activation)
