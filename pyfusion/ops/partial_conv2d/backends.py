@@ -52,6 +52,7 @@ from pyfusion.ops.partial_linear.backends import (
     derived_weight,
     per_plan,
     plan_token,
+    segment_runs,
 )
 from pyfusion.ops.partial_linear.tuning import StrategyTuner, row_bucket
 
@@ -101,22 +102,8 @@ class ConvRun:
 def conv_runs(plan: SegmentPlan) -> tuple[tuple[ConvRun, ...], tuple[int, ...]]:
     """The convolutions of a plan (runs of output segments with identical input ranges), and the output segments
     that read nothing (bias or zero)."""
-    runs: list[ConvRun] = []
-    idle: list[int] = []
-    for o, ranges in enumerate(plan.ranges):
-        n_o = plan.out_segments[o][0]
-        if n_o == 0:
-            continue
-        if not ranges:
-            idle.append(o)
-            continue
-        rg = tuple((col, n) for col, n, _q in ranges)
-        prev = runs[-1] if runs else None
-        if prev is not None and prev.ranges == rg and prev.o0 + prev.n_out == plan.out_starts[o]:
-            runs[-1] = ConvRun(prev.o0, prev.n_out + n_o, rg, prev.k_o, prev.w_off)
-        else:
-            runs.append(ConvRun(plan.out_starts[o], n_o, rg, plan.k_of_out[o], plan.offsets[o]))
-    return tuple(runs), tuple(idle)
+    runs, idle = segment_runs(plan)  # the same runs as the linear op's (one GEMM per run there, one conv here)
+    return tuple(ConvRun(*r) for r in runs), idle
 
 
 def _activation(y: Tensor, activation: str) -> Tensor:
@@ -265,9 +252,7 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     _plan, fns, default = ent
     key = (pk, x.dtype, activation, row_bucket(x.shape[0]), x.shape[2], x.shape[3], torch.get_num_threads())
     y = TUNER.run(key, fns, (x, weight, bias, plan, geom, activation), default, _drop_derived)
-    name = TUNER.final(key)
-    if name is None and len(fns) == 1:
-        name = default  # nothing to choose (TUNER.run runs it without recording a choice)
+    name = TUNER.settled(key, fns, default)
     if name is not None:
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()

@@ -738,9 +738,7 @@ def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple) 
     _plan, fns, default = ent
     full = (pk, *key[1:])
     y = TUNER.run(full, fns, (x, weight, bias, plan, activation), default, _drop_derived)
-    name = TUNER.final(full)
-    if name is None and len(fns) == 1:
-        name = default  # nothing to choose (TUNER.run runs it without recording a choice)
+    name = TUNER.settled(full, fns, default)
     if name is not None:
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()

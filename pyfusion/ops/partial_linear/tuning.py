@@ -184,6 +184,13 @@ class StrategyTuner:
         # the kept strategy's result, so that every call of a key rounds the same way (its first call included)
         return out if pick == default else fns[pick](*args)
 
+    def settled(self, key: Hashable, fns: dict[str, Callable[..., Tensor]], default: str) -> str | None:
+        """The strategy ``key`` will always run from now on (its final choice, or ``default`` when ``fns`` offers
+        nothing to choose: :meth:`run` then runs it without recording a choice), or None while still undecided.
+        The ops install a call-time shortcut once this is not None."""
+        name = self.final(key)
+        return default if name is None and len(fns) == 1 else name
+
     def clear(self) -> None:
         with self._lock:
             self._chosen.clear()
