@@ -35,6 +35,16 @@ def _seed_torch():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (files that compare kernels bit for bit across paths, or
+    whose small problems run slower on two threads: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def shared_data_dir() -> str:
     path = os.environ.get("PYFUSION_DATA", SHARED_DATA)
     if not os.path.isdir(os.path.join(path, "mnist")):

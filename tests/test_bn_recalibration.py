@@ -18,13 +18,7 @@ from pyfusion.fuse.bn import changed_slots
 from pyfusion.graph import trace_groups
 from pyfusion.testing import permuted_copy, randomize_batchnorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ARCHS = {

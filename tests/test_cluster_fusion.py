@@ -12,13 +12,7 @@ import pyfusion
 from pyfusion import models
 from pyfusion.graph import trace_groups
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mlp(seed, sizes=(8, 12, 12, 4)):

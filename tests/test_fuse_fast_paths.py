@@ -15,12 +15,7 @@ from pyfusion.graph import trace_groups
 FAMILIES = families(samples=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def segments_both_ways(member, graph, plan, monkeypatch):

@@ -13,13 +13,7 @@ from pyfusion import models
 from pyfusion.graph import declare_groups, trace_groups
 from pyfusion.stats.groups import group_statistics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mean(t: torch.Tensor, channel_dim: int) -> torch.Tensor:

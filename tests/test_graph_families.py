@@ -15,12 +15,7 @@ HF = hf_models()
 needs_hf = pytest.mark.skipif(not HF, reason="transformers is not installed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _group(graph, module, param="weight", role="producer"):

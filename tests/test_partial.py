@@ -19,13 +19,7 @@ from pyfusion.graph import permuted_state, trace_groups
 from pyfusion.nn import PartialConv2d, PartialLinear
 from pyfusion.testing import randomize_batchnorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ARCHS = {

@@ -68,12 +68,7 @@ FAMILIES = {**USER, **HF}
 NO_SWAP = {"vit"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 _CACHE: dict[tuple[str, str], tuple[nn.Module, nn.Module]] = {}
