@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -620,9 +621,16 @@ def _to_meta(example: Any) -> Any:
     return tree_map(lambda v: torch.empty_like(v, device="meta") if isinstance(v, Tensor) else v, example)
 
 
-def _cost(model: nn.Module, example: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+def _cost(
+    model: nn.Module,
+    example: Any,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    meta_flag: list[bool] | None = None,
+) -> Any:
     """:func:`pyfusion.cost` of ``model`` on ``example``, counted on a meta-device copy (:func:`_meta_shell`) when
-    that runs, else on the model itself; ``shapes`` (when given) receives :func:`_input_shapes`'s records.
+    that runs, else on the model itself; ``shapes`` (when given) receives :func:`_input_shapes`'s records;
+    ``meta_flag`` (when given) receives True if the meta copy gave the count, False if the model itself did.
 
     The counts depend only on shapes and on the fusion records, so the meta run gives the same :class:`Cost` (tested
     equal); it saves the real forward, which for a fused VGG11 pair at alpha 0.75 (a dense zero-block network 3x a
@@ -647,10 +655,14 @@ def _cost(model: nn.Module, example: Any, shapes: dict[str, tuple[int, ...]] | N
         if result is not None:
             if shapes is not None:
                 shapes.update(recorded)
+            if meta_flag is not None:
+                meta_flag.append(True)
             return result
     from pyfusion.fuse.builder import materialize
 
     materialize(model)  # a real forward needs the pending weights
+    if meta_flag is not None:
+        meta_flag.append(False)
     handles = _shape_hooks(model, shapes) if shapes is not None else []
     try:
         return cost(model, example)
@@ -661,7 +673,11 @@ def _cost(model: nn.Module, example: Any, shapes: dict[str, tuple[int, ...]] | N
 
 def _member_costs(members: Sequence[nn.Module], example: Any) -> list[Any]:
     """:func:`pyfusion.cost` of every member, one forward per distinct structure (:func:`_structure`): the members
-    share one architecture, so K - 1 of the K forwards were repeats (tested equal to costing each member)."""
+    share one architecture, so K - 1 of the K forwards were repeats (tested equal to costing each member).
+
+    A count made on the meta device is also kept across calls (:data:`_MEMBER_COSTS`, keyed by
+    :func:`_member_cost_key`): fusing the same members again (an alpha sweep, the bench) skips the meta forward,
+    ~50 ms of a VGG11 member (its ReLUs run torch's Python meta decompositions)."""
     seen: dict[tuple, Any] = {}
     out = []
     for m in members:
@@ -670,9 +686,68 @@ def _member_costs(members: Sequence[nn.Module], example: Any) -> list[Any]:
             out.append(_cost(m, example))
             continue
         if key not in seen:
-            seen[key] = _cost(m, example)
+            seen[key] = _cached_member_cost(m, example, key)
         out.append(seen[key])
     return out
+
+
+# member -> (key, Cost): the meta-device counts of :func:`_member_costs` (weak keys: a dropped member takes its
+# entry with it; one entry per member, the latest example)
+_MEMBER_COSTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]] = weakref.WeakKeyDictionary()
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(_plain(x) for x in v))
+
+
+def _member_cost_key(model: nn.Module, structure: tuple, example: Any) -> tuple | None:
+    """Everything a meta-device :func:`pyfusion.cost` of ``model`` can depend on, or None (not cacheable).
+
+    The count reads only shapes, so the structure (:func:`_structure`) and the example's tensor shapes / dtypes
+    decide it; to be safe against anything else a forward may branch on, the key also holds every module's plain
+    attributes (``stride``, ``padding``, a custom flag...), its forward function and hook ids, and every
+    parameter's and buffer's identity and in-place version counter (a weight replaced or changed in place gives a
+    new key: a stale count would be a silently wrong ensemble cap). An example with a non-plain, non-tensor leaf
+    is not cached."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(example)
+    ex = []
+    for v in leaves:
+        if isinstance(v, Tensor):
+            ex.append(("T", tuple(v.shape), v.dtype, str(v.device)))
+        elif _plain(v):
+            ex.append(v)
+        else:
+            return None
+    mods = []
+    for p, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and _plain(v)))
+        hooks = (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        own = m.__dict__.get("forward")  # a forward set on the instance (its function: no reference to m)
+        mods.append((p, getattr(type(m), "forward", None), getattr(own, "__func__", own), attrs, hooks))
+    tensors = tuple(
+        (k, id(t), t._version)
+        for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    )
+    return (structure, str(spec), tuple(ex), tuple(mods), tensors)
+
+
+def _cached_member_cost(model: nn.Module, example: Any, structure: tuple) -> Any:
+    """:func:`_cost` of one member through :data:`_MEMBER_COSTS` (only meta-device counts are kept: a count that
+    needed the real forward may depend on the values)."""
+    key = _member_cost_key(model, structure, example)
+    if key is not None:
+        hit = _MEMBER_COSTS.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    on_meta: list[bool] = []
+    result = _cost(model, example, meta_flag=on_meta)
+    if key is not None and on_meta == [True]:
+        _MEMBER_COSTS[model] = (key, result)
+    return result
 
 
 def finish(
