@@ -11,6 +11,7 @@ void bind_correlation(py::module_& m);
 void bind_cluster(py::module_& m);
 void bind_interp(py::module_& m);
 void bind_partial_linear(py::module_& m);
+void bind_scatter(py::module_& m);
 
 #ifdef PYFUSION_HAS_CUDA
 #include <cuda_runtime_api.h>
@@ -47,11 +48,12 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, interp, partial_linear); torch-free";
+  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, interp, partial_linear, scatter); torch-free";
   m.def("build_info", &build_info, "Compile-time and runtime facts about the extension");
   bind_assignment(m);
   bind_correlation(m);
   bind_cluster(m);
   bind_interp(m);
   bind_partial_linear(m);
+  bind_scatter(m);
 }

@@ -1,0 +1,123 @@
+"""The C++ dense scatter (pyfusion._C.scatter_dense_f64, csrc/scatter) behind builder._scatter_dense_direct:
+bit-equal to the torch scatter it replaces, and both equal to a float64 reference written entry by entry, on
+random and structured plans (identity, shuffled slots, members that overlap or not, per-axis factors, -0.0,
+lambda on or off, a Linear without taps); a bad map raises a ValueError; without the extension the torch path
+runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyfusion import _ext
+from pyfusion.fuse import builder
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+needs_ext = pytest.mark.skipif(
+    _ext._C is None or not hasattr(_ext._C, "scatter_dense_f64"), reason=_ext.EXT_SKIP_REASON or "old extension"
+)
+
+
+def _torch_path(states, key, plans, shape, lambdas, has_out, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(builder, "_scatter_dense_kernel", lambda *a, **k: None)
+        return builder._scatter_dense_direct(states, key, plans, shape, lambdas, has_out)
+
+
+def _reference(states, key, plans, shape, lambdas, has_out):
+    """Entry by entry, float64: 0, then member 0 put, later members added; value ((t * v_a) * v_b) * lambda."""
+    out = torch.zeros(shape, dtype=torch.float64)
+    for k, st in enumerate(states):
+        t = st[key].double()
+        dest = {0: torch.arange(t.shape[0]), 1: torch.arange(t.shape[1])}
+        factors = []
+        for axis, d, v, _e in plans[k]:
+            dest[axis] = d
+            if v is not None:
+                factors.append((axis, v.double()))
+        for i in range(t.shape[0]):
+            for j in range(t.shape[1]):
+                x = t[i, j].clone()
+                for axis, v in factors:
+                    x = x * v[i if axis == 0 else j]
+                if not has_out:
+                    x = x * lambdas[k]
+                r, c = int(dest[0][i]), int(dest[1][j])
+                out[r, c] = x if k == 0 else out[r, c] + x
+    return out
+
+
+def _plan(gen, n_old, n_new, with_values, shuffle=True):
+    dest = torch.randperm(n_new, generator=gen)[:n_old] if shuffle else torch.arange(n_old)
+    v = torch.rand(n_old, generator=gen, dtype=torch.float64) + 0.5 if with_values else None
+    return dest, v
+
+
+CASES = [
+    # (taps, n0, n1, N0, N1, values on axis 0 / 1, has_out, K, shuffle)
+    ((3, 3), 7, 5, 11, 9, (True, True), False, 2, True),
+    ((3, 3), 7, 5, 7, 5, (False, False), True, 2, False),  # identity maps: every member reaches every entry
+    ((), 9, 6, 15, 10, (True, False), False, 3, True),  # a Linear
+    ((2,), 4, 8, 4, 20, (False, True), True, 3, True),
+    ((), 6, 6, 18, 18, (True, True), False, 3, True),  # disjoint-ish: many entries reached by one member only
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_equals_torch_path_and_float64_reference(monkeypatch, case, seed):
+    taps, n0, n1, N0, N1, (va, vb), has_out, K, shuffle = case
+    gen = torch.Generator().manual_seed(seed)
+    states, plans = [], []
+    for _k in range(K):
+        t = torch.randn(n0, n1, *taps, generator=gen, dtype=torch.float64)
+        t[0, 0] = -0.0  # signed zeros must come out as the torch path gives them
+        states.append({"w": t})
+        d0, v0 = _plan(gen, n0, N0, va, shuffle)
+        d1, v1 = _plan(gen, n1, N1, vb, shuffle)
+        order = [(1, d1, v1, 1), (0, d0, v0, 1)] if seed else [(0, d0, v0, 1), (1, d1, v1, 1)]
+        plans.append(order)
+    lambdas = [float(x) for x in torch.rand(K, generator=gen, dtype=torch.float64)]
+    shape = [N0, N1, *taps]
+    got = builder._scatter_dense_kernel(states, "w", plans, shape, lambdas, has_out)
+    assert got is not None
+    want = _torch_path(states, "w", plans, shape, lambdas, has_out, monkeypatch)
+    ref = _reference(states, "w", plans, shape, lambdas, has_out)
+    assert got.shape == want.shape == ref.shape
+    # bit-equal, signs of zeros included
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    assert torch.equal(got.view(torch.int64), ref.view(torch.int64))
+
+
+@needs_ext
+def test_float32_member_and_a_plan_on_axis_0_only(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(5, 4, 3, generator=gen)} for _ in range(2)]  # float32: cast exactly
+    plans = [[(0, torch.tensor([0, 2, 4, 6, 8]), None, 1)], [(0, torch.tensor([1, 2, 3, 5, 7]), None, 1)]]
+    shape = [9, 4, 3]
+    got = builder._scatter_dense_kernel(states, "w", plans, shape, [0.3, 0.7], False)
+    want = _torch_path(states, "w", plans, shape, [0.3, 0.7], False, monkeypatch)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    assert torch.equal(got, _reference(states, "w", plans, shape, [0.3, 0.7], False))
+
+
+@needs_ext
+def test_bad_maps_raise():
+    states = [{"w": torch.randn(3, 2, dtype=torch.float64)}]
+    out_of_range = [[(0, torch.tensor([0, 1, 5]), None, 1)]]
+    with pytest.raises(ValueError, match="outside"):
+        builder._scatter_dense_kernel(states, "w", out_of_range, [4, 2], [1.0], True)
+    not_injective = [[(1, torch.tensor([1, 1]), None, 1)]]
+    with pytest.raises(ValueError, match="injective"):
+        builder._scatter_dense_kernel(states, "w", not_injective, [3, 2], [1.0], True)
+
+
+def test_without_the_extension_the_torch_path_runs(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    states = [{"w": torch.randn(4, 3, generator=gen, dtype=torch.float64)} for _ in range(2)]
+    plans = [[(0, torch.tensor([0, 1, 2, 3]), None, 1)], [(0, torch.tensor([0, 4, 5, 6]), None, 1)]]
+    monkeypatch.setattr(_ext, "_C", None)
+    assert builder._scatter_dense_kernel(states, "w", plans, [7, 3], [0.5, 0.5], False) is None
+    got = builder._scatter_dense_direct(states, "w", plans, [7, 3], [0.5, 0.5], False)
+    assert torch.equal(got, _reference(states, "w", plans, [7, 3], [0.5, 0.5], False))
