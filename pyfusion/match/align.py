@@ -162,7 +162,9 @@ def _transform_axes(
                 factors = r.factors(g)
                 gather = _gather_index(m, sel, factors)
                 if gather is not None:  # the same entries as apply_segment's gather / scatter, in one gather
-                    piece = piece[(slice(None),) * axis + (gather.to(t.device),)]
+                    # index_select, not t[:, gather]: advanced indexing on an inner axis was 13 ms against 2.7 ms
+                    # (512 x 512 x 3 x 3 float64, 384 columns, 1 thread; the same copy)
+                    piece = piece.index_select(axis, gather.to(t.device))
                 else:
                     piece = apply_segment(piece, m.to(t.device), axis, factors, sel)
             pieces.append(piece)
