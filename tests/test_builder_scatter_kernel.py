@@ -1,8 +1,8 @@
-"""The C++ dense scatter (pyfusion._C.scatter_dense_f64, csrc/scatter) behind builder._scatter_dense_direct:
-bit-equal to the torch scatter it replaces, and both equal to a float64 reference written entry by entry, on
-random and structured plans (identity, shuffled slots, members that overlap or not, per-axis factors, -0.0,
-lambda on or off, a Linear without taps); a bad map raises a ValueError; without the extension the torch path
-runs."""
+"""The C++ block scatter (pyfusion._C.scatter_blocks_f64, csrc/scatter) behind builder._scatter_dense_direct and
+builder._scatter_packed: bit-equal to the torch scatter it replaces, and both equal to a float64 reference written
+entry by entry, on random and structured plans (identity, shuffled slots, members that overlap or not, per-axis
+factors, -0.0, lambda on or off, a Linear without taps, partial-fusion segment layouts); a bad map raises a
+ValueError; without the extension the torch path runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pyfusion.fuse import builder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 needs_ext = pytest.mark.skipif(
-    _ext._C is None or not hasattr(_ext._C, "scatter_dense_f64"), reason=_ext.EXT_SKIP_REASON or "old extension"
+    _ext._C is None or not hasattr(_ext._C, "scatter_blocks_f64"), reason=_ext.EXT_SKIP_REASON or "old extension"
 )
 
 
@@ -121,3 +121,58 @@ def test_without_the_extension_the_torch_path_runs(monkeypatch):
     assert builder._scatter_dense_kernel(states, "w", plans, [7, 3], [0.5, 0.5], False) is None
     got = builder._scatter_dense_direct(states, "w", plans, [7, 3], [0.5, 0.5], False)
     assert torch.equal(got, _reference(states, "w", plans, [7, 3], [0.5, 0.5], False))
+
+
+def _packed_torch(states, plans, shape, lambdas, has_out, ins, outs, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(builder, "_scatter_packed_kernel", lambda *a, **k: None)
+        return builder._scatter_packed(states, "w", plans, shape, lambdas, has_out, ins, outs)
+
+
+@needs_ext
+@pytest.mark.parametrize("taps", [(), (3, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_kernel_equals_torch_packing_and_the_dense_reference(monkeypatch, taps, seed):
+    """Partial-fusion layouts [shared | branch 0 | branch 1] on both axes (K = 2) and [shared | b0 | b1 | b2]
+    (K = 3): the packed weight equals the torch packing bit for bit (signs of zeros included) and holds the dense
+    float64 reference's entries at the stored blocks."""
+    from pyfusion.ops.layout import segment_plan
+
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 + seed % 2
+    n_in, n_out = 6, 5
+    sh_in, sh_out = 3, 2 + seed % 2  # shared slots
+    states, plans = [], []
+    N1 = sh_in + k * (n_in - sh_in)
+    N0 = sh_out + k * (n_out - sh_out)
+    for m in range(k):
+        t = torch.randn(n_out, n_in, *taps, generator=gen, dtype=torch.float64)
+        t[1, 2] = -0.0
+        states.append({"w": t})
+
+        def slots(n, shared, total, m=m):
+            own = torch.arange(shared + m * (n - shared), shared + (m + 1) * (n - shared))
+            dest = torch.cat([torch.randperm(shared, generator=gen), own])
+            return dest[torch.randperm(n, generator=gen)]
+
+        v = torch.rand(n_out, generator=gen, dtype=torch.float64) + 0.5
+        plans.append([(0, slots(n_out, sh_out, N0), v, 1), (1, slots(n_in, sh_in, N1), None, 1)])
+    every = (1 << k) - 1
+    ins = ((sh_in, every), *(((n_in - sh_in), 1 << m) for m in range(k)))
+    outs = ((sh_out, every), *(((n_out - sh_out), 1 << m) for m in range(k)))
+    shape = [N0, N1, *taps]
+    lambdas = [float(x) for x in torch.rand(k, generator=gen, dtype=torch.float64)]
+    has_out = bool(seed % 2)
+    plan = segment_plan(ins, outs)
+    got = builder._scatter_packed_kernel(states, "w", plans, shape, lambdas, has_out, plan, outs)
+    assert got is not None
+    want = _packed_torch(states, plans, shape, lambdas, has_out, ins, outs, monkeypatch)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    # the stored blocks hold the dense reference's entries
+    ref = _reference(states, "w", plans, shape, lambdas, has_out)
+    t = int(torch.Size(taps).numel())
+    for o, ranges in enumerate(plan.ranges):
+        n_o, r0 = outs[o][0], plan.out_starts[o]
+        seg = got[plan.offsets[o] * t : plan.offsets[o + 1] * t].view(n_o, plan.k_of_out[o], *taps)
+        for col, n, q in ranges:
+            assert torch.equal(seg[:, q : q + n], ref[r0 : r0 + n_o, col : col + n])

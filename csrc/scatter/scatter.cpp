@@ -54,55 +54,82 @@ PF_NO_CONTRACT inline double scaled(double s, double fa, bool has_a, double fb, 
   return x;
 }
 
-PF_NO_CONTRACT void one_row(const std::vector<Member>& members, const std::vector<Inverse>& inv, int64_t r,
-                            int64_t N1, int64_t taps, double* out) {
-  double* row_out = out + r * N1 * taps;
-  const int64_t K = static_cast<int64_t>(members.size());
-  for (int64_t k = 0; k < K; ++k) {
+// one fused row r of a block: members in `active` order; `first` writes, the others add
+PF_NO_CONTRACT void one_row(const std::vector<Member>& members, const std::vector<Inverse>& inv,
+                            const std::vector<int64_t>& active, const Block& b, int64_t r, int64_t taps,
+                            bool packed_zeros) {
+  double* row_out = b.out + (r - b.row0) * b.n_cols * taps;
+  bool first = true;
+  for (const int64_t k : active) {
     const Member& m = members[k];
     const int64_t i = inv[k].row[r];
-    if (i < 0) {
-      if (k == 0) std::memset(row_out, 0, sizeof(double) * N1 * taps);
+    if (i < 0) {  // the member does not reach this row
+      if (first) std::memset(row_out, 0, sizeof(double) * b.n_cols * taps);
+      else if (packed_zeros)
+        for (int64_t e = 0; e < b.n_cols * taps; ++e) row_out[e] = row_out[e] + 0.0;
+      first = false;
       continue;
     }
     const bool has0 = m.v0 != nullptr, has1 = m.v1 != nullptr;
     const double f0 = has0 ? m.v0[i] : 1.0;
     const int64_t* col = inv[k].col.data();
     const double* src_row = m.src + i * m.n1 * taps;
-    for (int64_t c = 0; c < N1; ++c) {
-      double* o = row_out + c * taps;
-      const int64_t j = col[c];
+    for (int64_t q = 0; q < b.n_cols; ++q) {
+      double* o = row_out + q * taps;
+      const int64_t j = col[b.cols[q]];
       if (j < 0) {
-        if (k == 0) std::memset(o, 0, sizeof(double) * taps);
+        if (first) std::memset(o, 0, sizeof(double) * taps);
+        else if (packed_zeros)
+          for (int64_t t = 0; t < taps; ++t) o[t] = o[t] + 0.0;
         continue;
       }
       const double f1 = has1 ? m.v1[j] : 1.0;
       const double fa = m.v_first == 0 ? f0 : f1, fb = m.v_first == 0 ? f1 : f0;
       const bool ha = m.v_first == 0 ? has0 : has1, hb = m.v_first == 0 ? has1 : has0;
       const double* s = src_row + j * taps;
-      if (k == 0) {
+      if (first) {
         for (int64_t t = 0; t < taps; ++t) o[t] = scaled(s[t], fa, ha, fb, hb, m.lam, m.scale_lam);
       } else {
         for (int64_t t = 0; t < taps; ++t) o[t] = o[t] + scaled(s[t], fa, ha, fb, hb, m.lam, m.scale_lam);
       }
     }
+    first = false;
   }
+  if (first) std::memset(row_out, 0, sizeof(double) * b.n_cols * taps);  // no member takes part
 }
 
 }  // namespace
 
-void scatter_dense_f64(const std::vector<Member>& members, int64_t N0, int64_t N1, int64_t taps, double* out,
-                       int threads) {
-  PF_CHECK(!members.empty(), "scatter_dense: no members");
-  PF_CHECK(N0 >= 0 && N1 >= 0 && taps >= 1, "scatter_dense: bad fused shape (", N0, ", ", N1, ", ", taps, ")");
+void scatter_blocks_f64(const std::vector<Member>& members, int64_t N0, int64_t N1, int64_t taps,
+                        const std::vector<Block>& blocks, bool packed_zeros, int threads) {
+  PF_CHECK(!members.empty(), "scatter_blocks: no members");
+  PF_CHECK(N0 >= 0 && N1 >= 0 && taps >= 1, "scatter_blocks: bad fused shape (", N0, ", ", N1, ", ", taps, ")");
+  const int64_t K = static_cast<int64_t>(members.size());
   std::vector<Inverse> inv;
   inv.reserve(members.size());
-  for (size_t k = 0; k < members.size(); ++k) inv.push_back(invert(members[k], static_cast<int64_t>(k), N0, N1));
+  for (int64_t k = 0; k < K; ++k) inv.push_back(invert(members[k], k, N0, N1));
   const int nt = resolve_threads(threads);
+  for (const Block& b : blocks) {
+    PF_CHECK(b.row0 >= 0 && b.n_rows >= 0 && b.row0 + b.n_rows <= N0, "scatter_blocks: rows [", b.row0, ", ",
+             b.row0 + b.n_rows, ") outside [0, ", N0, ")");
+    for (int64_t q = 0; q < b.n_cols; ++q)
+      PF_CHECK(b.cols[q] >= 0 && b.cols[q] < N1, "scatter_blocks: column ", b.cols[q], " outside [0, ", N1, ")");
+    std::vector<int64_t> active;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!packed_zeros) {
+        active.push_back(k);
+        continue;
+      }
+      bool row_hit = false, col_hit = false;
+      for (int64_t r = b.row0; r < b.row0 + b.n_rows && !row_hit; ++r) row_hit = inv[k].row[r] >= 0;
+      for (int64_t q = 0; q < b.n_cols && !col_hit; ++q) col_hit = inv[k].col[b.cols[q]] >= 0;
+      if (row_hit && col_hit) active.push_back(k);
+    }
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N0 * N1 * taps > (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && b.n_rows * b.n_cols * taps > (1 << 16))
 #endif
-  for (int64_t r = 0; r < N0; ++r) one_row(members, inv, r, N1, taps, out);
+    for (int64_t r = b.row0; r < b.row0 + b.n_rows; ++r) one_row(members, inv, active, b, r, taps, packed_zeros);
+  }
   (void)nt;
 }
 

@@ -22,10 +22,22 @@ struct Member {
   bool scale_lam;
 };
 
-// out (N0, N1, taps): entry = sum over the members reaching it, in member order, of their scaled values, with
-// exactly the torch path's operations: out = 0 everywhere, member 0 written (index_copy_), later members added
-// (out + x, index_add_); x = ((src * v_a) * v_b) * lam as _scatter_source computes it.
-void scatter_dense_f64(const std::vector<Member>& members, int64_t N0, int64_t N1, int64_t taps, double* out,
-                       int threads);
+// One block of the fused tensor: rows [row0, row0 + n_rows) at the fused columns cols[0..n_cols), written to out
+// (n_rows, n_cols, taps) contiguous.
+struct Block {
+  int64_t row0, n_rows;
+  const int64_t* cols;
+  int64_t n_cols;
+  double* out;
+};
+
+// Every block's entries = the members' scaled values ((src * v_a) * v_b) * lam (as _scatter_source computes them),
+// summed in member order with exactly the torch paths' operations:
+// - packed_zeros false (builder._scatter_dense_direct): 0 everywhere, member 0 written (index_copy_), each later
+//   member added where it reaches (index_add_: out + x);
+// - packed_zeros true (builder._scatter_packed): only the members reaching at least one entry of the block take
+//   part; the first writes its value or +0 (its zero pad), each later one adds its value or +0.
+void scatter_blocks_f64(const std::vector<Member>& members, int64_t N0, int64_t N1, int64_t taps,
+                        const std::vector<Block>& blocks, bool packed_zeros, int threads);
 
 }  // namespace pyfusion::scatter

@@ -197,6 +197,9 @@ def _scatter_packed(
     plan = segment_plan(in_segments, out_segments)
     if tuple(new_shape[:2]) != (plan.o_total, plan.i_total):
         raise ValueError(f"{key}: segments for ({plan.o_total}, {plan.i_total}); the fused tensor is {new_shape}")
+    fast = _scatter_packed_kernel(states, key, plans, new_shape, lambdas, has_out, plan, out_segments)
+    if fast is not None:
+        return fast
     taps_shape = tuple(new_shape[2:])
     taps = int(torch.Size(taps_shape).numel())
     srcs, invs = [], []
@@ -306,33 +309,28 @@ def _scatter_dense_direct(
     return out.view(new_shape)
 
 
-def _scatter_dense_kernel(
+def _kernel_members(
     states: Sequence[dict[str, Tensor]],
     key: str,
     plans: ScatterPlans,
-    new_shape: list[int],
+    new_shape: Sequence[int],
     lambdas: Sequence[float],
     has_out: bool,
-) -> Tensor | None:
-    """:func:`_scatter_dense_direct`'s tensor from the C++ engine (``pyfusion._C.scatter_dense_f64``,
-    csrc/scatter), or None where it does not apply (no extension, a tensor off the CPU, an axis past 1 mapped).
-
-    One pass writes every fused entry once, with the torch path's operations in its order (0, then member 0
-    written, later members added; each value ``((t * v_a) * v_b) * lambda`` as :func:`_scatter_source` scales
-    it): bit-equal to it (tested), without the zero fill of the fused tensor, the scaled copy of each member and
-    the ``index_add_`` pass (VGG11 pair at alpha 0.25, nine dense layers: ~150 -> ~50 ms, 1 thread)."""
+) -> tuple[Any, list[tuple], list[Tensor]] | None:
+    """(extension, member records, buffers to keep alive) for ``pyfusion._C.scatter_blocks_f64`` (csrc/scatter),
+    or None where the engine does not apply: no extension, a tensor off the CPU, an axis past 1 mapped."""
     from pyfusion import _ext
 
     ext = _ext._C
-    if ext is None or not hasattr(ext, "scatter_dense_f64") or len(new_shape) < 2:
+    if ext is None or not hasattr(ext, "scatter_blocks_f64") or len(new_shape) < 2:
         return None
     if any(st[key].device.type != "cpu" for st in states) or any(p[0] > 1 for plan in plans for p in plan):
         return None
     taps = int(torch.Size(new_shape[2:]).numel())
-    keep = []  # the buffers whose addresses the engine reads: alive until it returns
+    keep: list[Tensor] = []
     members = []
     for k, st in enumerate(states):
-        t = st[key].detach().to(torch.float64).contiguous()
+        t = st[key].detach().to(torch.float64).contiguous()  # the cast is exact, as in _scatter_source
         n0, n1 = int(t.shape[0]), int(t.shape[1])
         if t.dim() != len(new_shape) or n0 * n1 * taps != t.numel():
             return None
@@ -350,8 +348,69 @@ def _scatter_dense_kernel(
             (t.data_ptr(), n0, n1, dest[0].data_ptr(), dest[1].data_ptr(), 0 if v0 is None else v0.data_ptr(),
              0 if v1 is None else v1.data_ptr(), order[0] if order else 0, float(lambdas[k]), not has_out)
         )  # fmt: skip
+    return ext, members, keep
+
+
+def _scatter_dense_kernel(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    plans: ScatterPlans,
+    new_shape: list[int],
+    lambdas: Sequence[float],
+    has_out: bool,
+) -> Tensor | None:
+    """:func:`_scatter_dense_direct`'s tensor from the C++ engine (``pyfusion._C.scatter_blocks_f64``,
+    csrc/scatter), or None where it does not apply (:func:`_kernel_members`).
+
+    One pass writes every fused entry once, with the torch path's operations in its order (0, then member 0
+    written, later members added; each value ``((t * v_a) * v_b) * lambda`` as :func:`_scatter_source` scales
+    it): bit-equal to it (tested), without the zero fill of the fused tensor, the scaled copy of each member and
+    the ``index_add_`` pass (VGG11 pair at alpha 0.25, nine dense layers: ~150 -> ~50 ms, 1 thread)."""
+    got = _kernel_members(states, key, plans, new_shape, lambdas, has_out)
+    if got is None:
+        return None
+    ext, members, keep = got
+    n0, n1, taps = int(new_shape[0]), int(new_shape[1]), int(torch.Size(new_shape[2:]).numel())
     out = torch.empty(new_shape, dtype=torch.float64)
-    ext.scatter_dense_f64(members, int(new_shape[0]), int(new_shape[1]), taps, out.data_ptr(), torch.get_num_threads())
+    cols = torch.arange(n1)
+    ext.scatter_blocks_f64(members, n0, n1, taps, [(0, n0, cols.data_ptr(), n1, out.data_ptr())], False,
+                           torch.get_num_threads())  # fmt: skip
+    del keep
+    return out
+
+
+def _scatter_packed_kernel(
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    plans: ScatterPlans,
+    new_shape: list[int],
+    lambdas: Sequence[float],
+    has_out: bool,
+    plan: Any,
+    out_segments: Any,
+) -> Tensor | None:
+    """:func:`_scatter_packed`'s flat packed weight from the C++ engine, one block per output segment (its rows at
+    the columns of its stored input ranges), with that path's sums: the members reaching a segment, in member order,
+    each adding its value or +0 (its zero pad); bit-equal to it (tested). None where the engine does not apply."""
+    got = _kernel_members(states, key, plans, new_shape, lambdas, has_out)
+    if got is None:
+        return None
+    ext, members, keep = got
+    taps = int(torch.Size(new_shape[2:]).numel())
+    out = torch.empty(plan.stored * taps, dtype=torch.float64)
+    blocks = []
+    for o, ranges in enumerate(plan.ranges):
+        n_o, r0 = out_segments[o][0], plan.out_starts[o]
+        if n_o == 0 or not ranges:
+            continue
+        cols = torch.empty(plan.k_of_out[o], dtype=torch.long)
+        for col, n, q in ranges:
+            cols[q : q + n] = torch.arange(col, col + n)
+        keep.append(cols)
+        seg = out[plan.offsets[o] * taps : plan.offsets[o + 1] * taps]
+        blocks.append((int(r0), int(n_o), cols.data_ptr(), int(cols.numel()), seg.data_ptr()))
+    ext.scatter_blocks_f64(members, int(new_shape[0]), int(new_shape[1]), taps, blocks, True,
+                           torch.get_num_threads())  # fmt: skip
     del keep
     return out
 
