@@ -109,6 +109,7 @@ CANDIDATE_FAMILIES = (
     "partial",
     "partial_fit",
     "cluster",
+    "cluster_fit",
     "prune",
     "groups",
     "class_subsets",
@@ -287,6 +288,7 @@ class _Candidate:
     all_key: tuple[float, float] | None = None  # (objective, tie) over the same samples as all_losses
     refit: Callable[[list[Any]], nn.Module] | None = None  # the same fusion on other calibration batches
     z_hold: Tensor | None = None  # held-out outputs (for the cross-fitted confirmation)
+    step: int | None = None  # the width step j (width j / _WIDTH_STEPS) of a cluster / prune candidate
 
     @property
     def hold_key(self) -> tuple[float, float]:
@@ -773,13 +775,19 @@ class BudgetSearch:
             return {"width": min(float(t), 1.0)}
         return {"alpha": (t - 1) / (self.k - 1)}
 
-    def _pruned(self, family: str, j: int) -> _Candidate | None:
+    def _pruned(self, family: str, j: int, **extra: Any) -> _Candidate | None:
         t = j / _WIDTH_STEPS
         opts = self._width_options(t)
-        if family == "cluster":
+        if family in ("cluster", "cluster_fit"):
             opts["n_restarts"] = self.cluster_restarts
             opts["seed"] = self.seed
-        return self._fuse((family, j), family, f"{family} width={t:g}x", range(self.k), **opts)
+        name = f"{family} width={t:g}x"
+        if extra.get("output_target", "logits") != "logits":
+            name += f" ({extra['output_target']} target)"
+        c = self._fuse((family, j, *sorted(extra.items())), family, name, range(self.k), **opts, **extra)
+        if c is not None:
+            c.step = j
+        return c
 
     def _groups(self, size: int) -> list[list[int]]:
         """The members in groups of ``size`` (the last ones may be smaller), most similar outputs together
@@ -840,12 +848,19 @@ class BudgetSearch:
                         fit = self._partial("partial_fit", range(self.k), j, output_target=target)
                         if fit is not None and fit.flops <= budget:
                             out.append(fit)
+        steps = list(range(1, _WIDTH_STEPS * max(self.k, 1) + 1))
         for fam in ("cluster", "prune"):
-            if fam in self.families:
-                steps = list(range(1, _WIDTH_STEPS * max(self.k, 1) + 1))
+            if fam in self.families or (fam == "cluster" and "cluster_fit" in self.families):
                 c = self._largest_fitting(steps, budget, lambda j, fam=fam: self._pruned(fam, j))
-                if c is not None:
+                if c is not None and fam in self.families:
                     out.append(c)
+                if c is not None and fam == "cluster" and "cluster_fit" in self.families:
+                    # the same clustering, every slot fitted: the layout, hence the cost, is the cluster's
+                    j = int(c.step) if c.step is not None else 0
+                    for target in ("logits", "probs") if self.z.dim() == 3 else ("logits",):
+                        fit = self._pruned("cluster_fit", j, output_target=target)
+                        if fit is not None and fit.flops <= budget:
+                            out.append(fit)
         if "groups" in self.families and self.k >= 4:
             for size in (2, 4) if self.k >= 8 else (2,):
                 c = self._group_candidate(size, budget)
