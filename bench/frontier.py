@@ -44,8 +44,8 @@ import pyfusion  # noqa: E402
 from pyfusion.train import predict_logits  # noqa: E402
 
 BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
-FUSED = ("activation_matching", "ot", "weight_matching", "average", "partial", "partial_fit", "cluster", "prune",
-         "groups")  # fmt: skip
+FUSED = ("activation_matching", "ot", "weight_matching", "average", "partial", "partial_fit", "cluster", "cluster_fit",
+         "prune", "groups")  # fmt: skip
 # < 25 min on one thread of the shared 2-core VM: digits and MNIST MLPs at K = 2, 4, 8 (IID and Dirichlet 0.5),
 # VGG+BN at K = 2 / 8 on digits and K = 2 on MNIST, a ResNet-8 and a small ViT pair on MNIST, Fashion-MNIST MLP and
 # VGG, and one shared-initialization pair
