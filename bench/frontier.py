@@ -5,8 +5,8 @@ For every case of the gauntlet (ensembles of the zoo, :mod:`zoo`) and every budg
 
 * **budgeted**: what ``pyfusion.fuse(members, calib, budget=b)`` returns (one search per case shared by the budgets,
   :func:`pyfusion.fuse.budget_search`; it may itself be a trivial baseline when nothing fused beats it);
-* **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / prune /
-  full fusion / groups of fused members);
+* **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / cluster_fit /
+  prune / full fusion / groups of fused members);
 * **class-weighted**: the same search restricted to the class-weighted sub-ensembles
   (:class:`pyfusion.nn.SubEnsemble` with per-class member weights fitted on the calibration data,
   ``candidates=["class_subsets"]``; the library builds them, so they are pyfusion candidates, not baselines);

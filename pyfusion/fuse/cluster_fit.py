@@ -20,7 +20,7 @@ are folded into the fit (the fused module is marked ``fusion_weights_fitted``: n
 
 Measured (the issue-14 frontier's members, bench/frontier.py cases, 1000 calibration samples, 5 k-means restarts,
 test accuracy): MNIST ResNet-8 pair at width 0.6875 / 0.875 of one member, ``cluster`` 33.7 / 40.8%,
-``cluster_fit`` 91.3 / 94.8% (members 98.6%); see bench/results/frontier_small.md.
+``cluster_fit`` 91.3 / 94.8% (members 98.6%) (bench/frontier_cases.py; the budget search: 92.3 / 95.0%).
 """
 
 from __future__ import annotations
