@@ -25,10 +25,11 @@ listed but never returned):
   at the cluster's width, ``cluster_fit`` (:mod:`pyfusion.fuse.cluster_fit`: the same clustering, every slot
   fitted by least squares to its cluster's targets, the output layer to the ensemble's logits or probabilities;
   the same cost). Below one member's cost also ``cluster_fit`` of the best member alone (on the calibration
-  data) at the largest width that fits. Measured (bench/frontier.py members, 2000 calibration samples, seed 0,
-  5 k-means restarts): MNIST ResNet-8 pair at b = 0.25 / 0.375, ``cluster`` 32.0 / 40.8% test accuracy,
-  ``cluster_fit`` 92.3 / 95.0%; small ViT pair 41.1 / 63.2% and 90.3 / 93.5% (members 98.2-98.6%): the
-  averaged clusters of a summed stream (residual, transformer) compound their errors block after block, the fit
+  data) at the largest width j/32 that fits. Measured (bench/frontier_cases.py: bench/frontier.py's members, 2000
+  calibration samples, seed 0, 5 k-means restarts, test accuracy at b = 0.25 / 0.375): MNIST ResNet-8 pair
+  (members 98.6%), ``cluster`` 32.0 / 40.8%, ``cluster_fit`` of both 92.3 / 95.0%, of the best member alone
+  95.2 / 97.9% (chosen); small ViT pair (members 98.1-98.2%) 41.1 / 63.2%, 90.3 / 93.5%, 95.2 / 96.1%. The
+  averaged clusters of a summed stream (residual, transformer) compound their errors block after block; the fit
   corrects each layer from the fused model's own inputs; a BatchNorm reset alone gave 34.3% (ResNet, b = 0.25);
 * fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
   K >= 8, grouped in fours) by the similarity of their outputs, each group is partially fused at the largest
