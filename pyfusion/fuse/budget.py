@@ -28,7 +28,7 @@ listed but never returned):
   data) at the largest width j/32 that fits. Measured (bench/frontier_cases.py: bench/frontier.py's members, 2000
   calibration samples, seed 0, 5 k-means restarts, test accuracy at b = 0.25 / 0.375): MNIST ResNet-8 pair
   (members 98.6%), ``cluster`` 32.0 / 40.8%, ``cluster_fit`` of both 92.3 / 95.0%, of the best member alone
-  95.2 / 97.9% (chosen); small ViT pair (members 98.1-98.2%) 41.1 / 63.2%, 90.3 / 93.5%, 95.2 / 96.1%. The
+  95.2 / 97.9% (chosen); small ViT pair (members 98.1-98.2%) 41.1 / 63.2%, 90.3 / 93.5%, 95.2 / 96.5%. The
   averaged clusters of a summed stream (residual, transformer) compound their errors block after block; the fit
   corrects each layer from the fused model's own inputs; a BatchNorm reset alone gave 34.3% (ResNet, b = 0.25);
 * fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
