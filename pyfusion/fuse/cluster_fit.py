@@ -18,9 +18,10 @@ one member's neurons only is fitted too; the fit reads only the design columns i
 layout, hence the cost, is the one of ``method="cluster"`` at the same width). BatchNorms after a fitted producer
 are folded into the fit (the fused module is marked ``fusion_weights_fitted``: no BatchNorm reset afterwards).
 
-Measured (the issue-14 frontier's members, bench/frontier.py cases, 1000 calibration samples, 5 k-means restarts,
-test accuracy): MNIST ResNet-8 pair at width 0.6875 / 0.875 of one member, ``cluster`` 33.7 / 40.8%,
-``cluster_fit`` 91.3 / 94.8% (members 98.6%) (bench/frontier_cases.py; the budget search: 92.3 / 95.0%).
+Measured (the issue-14 frontier's MNIST ResNet-8 pair, members 98.6%, the first 1000 of bench/frontier.py's
+calibration samples, 5 k-means restarts, test accuracy): width 0.6875 of one member, ``cluster`` 33.7% (its
+changed BatchNorm slots recalibrated, the default), 34.3% with every BatchNorm reset, 28.0% with REPAIR;
+``cluster_fit`` 91.3% (width 0.875: 94.8%). The budget search's numbers: :mod:`pyfusion.fuse.budget`.
 """
 
 from __future__ import annotations
