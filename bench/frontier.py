@@ -5,8 +5,8 @@ For every case of the gauntlet (ensembles of the zoo, :mod:`zoo`) and every budg
 
 * **budgeted**: what ``pyfusion.fuse(members, calib, budget=b)`` returns (one search per case shared by the budgets,
   :func:`pyfusion.fuse.budget_search`; it may itself be a trivial baseline when nothing fused beats it);
-* **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / prune /
-  full fusion / groups of fused members);
+* **best fused**: the same search restricted to fused candidates (partial / partial_fit / cluster / cluster_fit /
+  prune / full fusion / groups of fused members);
 * **class-weighted**: the same search restricted to the class-weighted sub-ensembles
   (:class:`pyfusion.nn.SubEnsemble` with per-class member weights fitted on the calibration data,
   ``candidates=["class_subsets"]``; the library builds them, so they are pyfusion candidates, not baselines);
@@ -44,8 +44,8 @@ import pyfusion  # noqa: E402
 from pyfusion.train import predict_logits  # noqa: E402
 
 BUDGETS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
-FUSED = ("activation_matching", "ot", "weight_matching", "average", "partial", "partial_fit", "cluster", "prune",
-         "groups")  # fmt: skip
+FUSED = ("activation_matching", "ot", "weight_matching", "average", "partial", "partial_fit", "cluster", "cluster_fit",
+         "prune", "groups")  # fmt: skip
 # < 25 min on one thread of the shared 2-core VM: digits and MNIST MLPs at K = 2, 4, 8 (IID and Dirichlet 0.5),
 # VGG+BN at K = 2 / 8 on digits and K = 2 on MNIST, a ResNet-8 and a small ViT pair on MNIST, Fashion-MNIST MLP and
 # VGG, and one shared-initialization pair

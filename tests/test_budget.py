@@ -91,6 +91,27 @@ def test_cost_within_budget_three_members(mlp3):
             assert row["feasible"] == (row["flops"] <= b * ens)
 
 
+def test_cluster_fit_candidates_share_the_cluster_width_and_the_best_member_is_clustered_alone():
+    members, x, y = _trained_mlps(2, seed=5)
+    search = budget_search(members, _batches(x, y), candidates=["members", "cluster", "cluster_fit"],
+                           objective="ensemble", **FAST)  # fmt: skip
+    info = search.choose(0.4).fusion_info["budget"]
+    rows = {r["name"]: r for r in info["candidates"]}
+    plain = next(r for r in rows.values() if r["family"] == "cluster")
+    fitted = [r for r in rows.values() if r["family"] == "cluster_fit" and "of member" not in r["name"]]
+    assert {r["options"]["output_target"] for r in fitted} == {"logits", "probs"}
+    for r in fitted:  # the same clustering, fitted: the same layout and cost
+        assert r["flops"] == plain["flops"] and r["name"].startswith(plain["name"].replace("cluster", "cluster_fit"))
+    # below one member's cost: the member with the lowest objective on every calibration sample, clustered alone
+    best = min(range(2), key=lambda i: (search._score_trivial(search.z_triv[i]), i))
+    alone = [r for r in rows.values() if r["name"].endswith(f"of member {best}")]
+    assert len(alone) == 1 and alone[0]["options"]["members"] == [best] and alone[0]["feasible"]
+    assert info["chosen_flops"] <= 0.4 * info["ensemble_flops"]
+    # above it, no single-member candidate
+    rows1 = search.choose(0.75).fusion_info["budget"]["candidates"]
+    assert not any("of member" in r["name"] for r in rows1)
+
+
 def test_cost_within_budget_conv_model():
     members, x = _vggs(2)
     ens = sum(_flops(m, x) for m in members)

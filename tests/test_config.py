@@ -41,6 +41,8 @@ for _m in ("hf", "kf", "kf_gradient"):
     DEFAULTS[_m] = INTERP_DEFAULTS
 DEFAULTS["partial_fit"] = {**DEFAULTS["partial"], "ridge": 1e-2, "max_samples": 2048, "fit_output": True,
                            "output_target": "logits"}  # fmt: skip
+DEFAULTS["cluster_fit"] = {**DEFAULTS["cluster"], "ridge": 1e-2, "max_samples": 2048, "fit_output": True,
+                           "output_target": "logits"}  # fmt: skip
 
 
 def _members(k: int = 2) -> list[torch.nn.Module]:
@@ -61,7 +63,8 @@ def test_every_method_has_a_config_with_the_old_options_and_defaults(method):
     sig = inspect.signature(spec.fn)
     kw = {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert kw == {**DEFAULTS[method], "config": None}
-    assert method_for_config(spec.config() if method not in ("cluster", "prune") else spec.config(width=3)) is spec
+    needs_width = method in ("cluster", "prune", "cluster_fit")
+    assert method_for_config(spec.config(width=3) if needs_width else spec.config()) is spec
 
 
 def test_all_builtin_methods_are_covered():
