@@ -319,3 +319,58 @@ def test_module_fast_path_still_checks_input_and_reads_the_backend_each_call(mon
         monkeypatch.setenv("PYFUSION_BACKEND", "reference")
         for mod, inp in ((lin, x), (conv, xc)):
             assert_close(mod(inp), mod.to_dense().double()(inp.double()), dtype=torch.float32)
+
+
+def test_hot_derived_follows_the_weight(monkeypatch):
+    """The batch-1 strategies' weight-identity cache (backends.hot_derived): in-place updates, ``.data`` swaps and
+    a second layout of the same flat weight are seen at the next call (exact on integers); a view made anew per call
+    is not kept; the entry goes with the weight."""
+    import gc
+
+    PL._HOT.clear()
+    for ins, outs in (([6, 0, 0], [5, 0, 0]), ([5, 3, 3], [4, 2, 2])):  # the dense view, a dense copy
+        plan = plan_of(ins, outs)
+        w, b = make_weight(ins, outs, torch.float64, integer=True, seed=7)
+        w = torch.nn.Parameter(w, requires_grad=False)
+        x = (torch.randn(2, plan.i_total, dtype=torch.float64) * 2).round()
+        names = ["dense"] + ([] if PL._cpp_available() else ["cpp"])
+        for name in names:
+            fn = PL.STRATEGIES[name]
+            assert_close(fn(x, w, b, plan, "none"), partial_linear_ref(x, w, b, ins, outs), exact=True)
+            assert (id(w), "dense" if name == "dense" else "panels_none") in PL._HOT
+            with torch.no_grad():
+                w.mul_(2)  # in place: the version changes
+            assert_close(fn(x, w, b, plan, "none"), partial_linear_ref(x, w, b, ins, outs), exact=True)
+            w.data = w.data * 3  # a new storage
+            assert_close(fn(x, w, b, plan, "none"), partial_linear_ref(x, w, b, ins, outs), exact=True)
+        if PL.dense_is_view(plan):  # the same 30 weights read as another one-block layout
+            other = plan_of([5, 0, 0], [6, 0, 0])
+            ref = partial_linear_ref(x[:, :5], w, None, [5, 0, 0], [6, 0, 0])
+            assert_close(PL.dense_forward(x[:, :5], w, None, other, "none"), ref, exact=True)
+        n = len(PL._HOT)
+        PL.dense_forward(x, w.reshape(-1), b, plan, "none")  # a fresh view: not kept
+        assert len(PL._HOT) == n
+    # the entry goes with its weight
+    PL._HOT.clear()
+    for ins, outs in (([6, 0, 0], [5, 0, 0]), ([5, 3, 3], [4, 2, 2])):
+        plan = plan_of(ins, outs)
+        w, b = make_weight(ins, outs, torch.float64, seed=8)
+        w = torch.nn.Parameter(w, requires_grad=False)
+        PL.dense_forward(torch.randn(2, plan.i_total, dtype=torch.float64), w, b, plan, "none")
+        assert (id(w), "dense") in PL._HOT
+        del w
+        gc.collect()
+        assert not PL._HOT
+
+
+def test_measured_losers_free_their_hot_entries(monkeypatch):
+    monkeypatch.setenv("PYFUSION_PARTIAL_TUNING", "1")
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    tuning.clear()
+    PL._HOT.clear()
+    lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
+    with torch.no_grad():
+        lin(torch.randn(1, 11))
+    (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
+    tags = {k[1] for k in PL._HOT if k[0] == id(lin.weight)}
+    assert tags == ({"dense"} if kept == "dense" else {"panels_none"} if kept == "cpp" else set())
