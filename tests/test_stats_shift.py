@@ -109,3 +109,55 @@ def test_one_shot_correlation_with_an_unrepresentative_head(backend, monkeypatch
     got = correlation(xf[:, :12], xf[:, 12:])
     want = torch.corrcoef(xf.double().T)[:12, 12:]
     assert float((got - want).abs().max()) <= (5e-7 if backend == "cpp" else 1e-12)
+
+
+def _readable(st: ActivationStats, pairs=None) -> list[torch.Tensor]:
+    """Every statistic a ``pairs`` state holds (of ``pairs``, default its own): means, variances, the pairs' blocks."""
+    out = [st.mean(), st.var()]
+    for a, b in sorted(st.pairs if pairs is None else pairs):
+        out += [st.cov(a, b), st.corr(a, b), st.gram(a, b), st.sqdist(a, b)]
+    return out
+
+
+@pytest.mark.parametrize("pairs", [[(1, 0)], [(1, 0), (2, 2)], [(2, 0), (1, 1)], "diag"])
+@pytest.mark.parametrize("moved", [[3], [0, 13, 20], "all"])
+def test_restricted_recentring_is_exact(pairs, moved):
+    """A ``pairs`` state moves its shift on the accumulated entries only (the pairs' rectangles, within-block squares
+    with their diagonal, the rest of the diagonal): every statistic it holds is unchanged, to float64 rounding, for a
+    few moved neurons (their rows / columns) and for all of them (whole rectangles), and equals, bit for bit, the
+    full state moved the same way."""
+    x = (_base(600, 11) + 50.0).float()
+    blocks = [x[:, :8], x[:, 8:17], x[:, 17:]]
+    st = ActivationStats([8, 9, 7], pairs=pairs).update(blocks)
+    full = ActivationStats([8, 9, 7]).update(blocks)
+    before = _readable(st)
+    step = torch.zeros(D, dtype=torch.float64)
+    idx = list(range(D)) if moved == "all" else moved
+    step[idx] = 10 * torch.randn(len(idx), dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    new = (st._shift + step).float().double()
+    assert int((new != st._shift).sum()) == len(idx)
+    st._move_shift(new)
+    full._move_shift(new)
+    after = _readable(st)
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    for a, f in zip(after, _readable(full, st.pairs)):
+        assert torch.equal(a, f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["tiny first batch, then 40", "offset jump after 100 samples", "drifting offset"])
+def test_pairs_state_follows_the_data_in_adversarial_orders(order, backend, monkeypatch):
+    """The cross-block state activation matching collects (``pairs=[(0, 1)]``: its re-centrings update only the
+    accumulated entries) stays at float64 grade in the adversarial orders, as the full state does."""
+    monkeypatch.setenv("PYFUSION_BACKEND", f"accumulate_moments:{backend}")
+    batches = ORDERS[order]
+    st = ActivationStats([D // 2, D // 2], pairs=[(0, 1)])
+    for b in batches:
+        st.update([b[:, : D // 2], b[:, D // 2 :]])
+    x = torch.cat(batches).double()
+    ref = torch.corrcoef(x.T)[: D // 2, D // 2 :]
+    assert st.recentred_batches >= 1
+    err = float((st.corr(0, 1) - ref).abs().max())
+    mean_err = float(((st.mean() - x.mean(0)) / x.std(0, correction=0)).abs().max())
+    assert max(err, mean_err) <= (1e-7 if backend == "cpp" else 1e-12), (err, mean_err)

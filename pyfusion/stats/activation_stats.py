@@ -256,18 +256,39 @@ class ActivationStats:
         lim = (diag - s1 * s1 / n_s) * (DRIFT_FACTOR * n_b)  # factor * n_b * M2 of the state (<= of state + batch)
         # to-mean criterion n (mu - c)^2 > factor M2, to-batch criterion n_b (m_b - c)^2 > factor M2, times n_b
         lhs = a * a * (n_b / n)
-        if not ((lhs > lim) | (e_b * e_b > lim)).any():
-            return
+        maybe = (lhs > lim) | (e_b * e_b > lim)
+        # the exact criteria only for the neurons the pre-check keeps (usually a few nearly dead ones: the state's M2
+        # is ~0 there), on their columns of the probe rows: every criterion is per neuron
+        if cpu:
+            cand_np = np.flatnonzero(maybe)
+            if cand_np.size == 0:
+                return
+            cand = torch.from_numpy(cand_np)
+            e_b, s1, a, diag = (torch.from_numpy(v[cand_np]) for v in (e_b, s1, a, diag))
+        else:
+            cand = maybe.nonzero().flatten()
+            if cand.numel() == 0:
+                return
+            e_b, s1, a, diag = e_b[cand], s1[cand], a[cand], diag[cand]
+        shift = self._shift[cand]
         d_b = e_b / n_b  # batch mean - shift
         d_s = s1 / n_s  # state mean - shift
         d_all = a / n
-        d_b, d_s, d_all = (torch.as_tensor(v, device=self.device) for v in (d_b, d_s, d_all))
         step = -(-n_b // DRIFT_PROBE_ROWS)
-        rows = [t[::step] if step > 1 else t for t in ([x] if isinstance(x, Tensor) else x)]
-        probe = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)).to(torch.float64) - self._shift
+        if isinstance(x, Tensor):
+            probe = x[::step][:, cand]
+        else:  # the candidates' columns of each block (cand is sorted: block order is column order)
+            pieces = []
+            for k, t in enumerate(x):
+                o0, o1 = self.offsets[k], self.offsets[k + 1]
+                sel = cand[(cand >= o0) & (cand < o1)]
+                if sel.numel():
+                    pieces.append(t[::step][:, sel - o0])
+            probe = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        probe = probe.to(torch.float64) - shift
         v_b = (probe - (d_b if step == 1 else probe.mean(0))).square_().mean(0)  # batch variance (probe rows)
         # Chan: M2 of state + batch
-        m2 = (torch.diagonal(self._s2) - self._s1 * d_s).clamp_min_(0).add_(v_b, alpha=n_b)
+        m2 = (diag - s1 * d_s).clamp_min_(0).add_(v_b, alpha=n_b)
         m2.add_((d_b - d_s).square_(), alpha=n_s * n_b / n).mul_(DRIFT_FACTOR)
         # the running mean left the shift, or this batch alone would add a large share of rounding
         to_mean = d_all.square() * n > m2
@@ -276,8 +297,10 @@ class ActivationStats:
         moved = to_mean | to_batch
         if not bool(moved.any()):
             return
-        new = torch.where(to_batch, d_b, torch.where(to_mean, d_all, torch.zeros_like(d_all))) + self._shift
-        self._move_shift(torch.where(moved, new.to(torch.float32).to(torch.float64), self._shift))
+        step_to = torch.where(to_batch, d_b, d_all) + shift
+        new = self._shift.clone()
+        new[cand[moved]] = step_to[moved].to(torch.float32).to(torch.float64)
+        self._move_shift(new)
         self._last_recentred = 1
 
     def _move_shift(self, new: Tensor) -> None:
@@ -287,17 +310,55 @@ class ActivationStats:
 
         d is non-zero only at the neurons whose shift moved (usually a few: a neuron nearly dead on the first
         batch), so only their rows and columns change: O(D m) for m moved neurons instead of two passes over the
-        (D, D) state (7 re-centrings cost 0.6 of 8 s of an activation matching at D = 2048 under load)."""
+        (D, D) state (7 re-centrings cost 0.6 of 8 s of an activation matching at D = 2048 under load). With
+        ``pairs``, only the accumulated entries (the pairs' rectangles and the diagonal) are updated: the others are
+        never read, and their pages were never mapped (touching a moved neuron's whole column mapped the whole
+        (D, D) allocation: 1.2 ms a re-centring at D = 2048, 0.05 ms restricted)."""
         d = self._shift - new  # x - new = (x - shift) + d
         u = self._s1 + d * (0.5 * self.count)
         moved = d.nonzero().flatten()
-        if moved.numel() * 4 < self.dim:
+        few = moved.numel() * 4 < self.dim
+        if self._rects is not None:
+            self._move_restricted(u, d, moved if few else None)
+        elif few:
             dm = d[moved]
             self._s2.index_add_(1, moved, torch.outer(u, dm)).index_add_(0, moved, torch.outer(dm, u))
         else:
-            self._s2.addr_(u, d).addr_(d, u)
+            # addcmul_, not addr_: the same element-wise kernel as _move_restricted's (equal bits on what both hold)
+            self._s2.addcmul_(u[:, None], d[None, :]).addcmul_(d[:, None], u[None, :])
         self._s1 = self._s1 + d * self.count
         self._shift = new
+
+    def _move_restricted(self, u: Tensor, d: Tensor, moved: Tensor | None) -> None:
+        """:meth:`_move_shift`'s ``s2 += u d^T + d u^T`` on the accumulated entries of a ``pairs`` state: each
+        rectangle (rows R, columns C) gets ``u_R d_C^T + d_R u_C^T`` (a within-block square holds its diagonal), the
+        rest of the diagonal ``u d + d u``, by the full state's operations (a ``pairs`` state equals it bit for bit on
+        what it holds). ``moved``: the indices where d != 0 (only their rows / columns change), or None to update the
+        rectangles whole."""
+        s2 = self._s2
+        covered = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
+        for i in range(4, len(self._rects), 4):  # type: ignore[arg-type]
+            r0, r1, c0, c1 = self._rects[i : i + 4]  # type: ignore[index]
+            blk = s2[r0:r1, c0:c1]
+            if (r0, r1) == (c0, c1):
+                covered[r0:r1] = True
+            if moved is None:
+                blk.addcmul_(u[r0:r1, None], d[None, c0:c1]).addcmul_(d[r0:r1, None], u[None, c0:c1])
+                continue
+            cols = moved[(moved >= c0) & (moved < c1)]
+            rows = moved[(moved >= r0) & (moved < r1)]
+            if cols.numel():
+                blk.index_add_(1, cols - c0, torch.outer(u[r0:r1], d[cols]))
+            if rows.numel():
+                blk.index_add_(0, rows - r0, torch.outer(d[rows], u[c0:c1]))
+        diag = torch.diagonal(s2)
+        rest = ~covered if moved is None else moved[~covered[moved]]
+        ur, dr = u[rest], d[rest]
+        if moved is None:  # the full state's two addcmul_ on its diagonal
+            diag[rest] = diag[rest].addcmul_(ur, dr).addcmul_(dr, ur)
+        else:  # its two index_add_ of u d
+            ud = ur * dr
+            diag[rest] = diag[rest] + ud + ud
 
     def _centered(self) -> tuple[Tensor, Tensor]:
         """(mean (D,), full M2 = sum (x - mean)(x - mean)^T (D, D)), float64."""
