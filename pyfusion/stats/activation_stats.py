@@ -23,7 +23,8 @@ tiny first batch, sorted data, a jump of the offset), and the float32 rounding s
 measurements are beside ``DRIFT_FACTOR``). An ordinary stream (batches alike) does not re-centre: its running mean
 moves by ~std / sqrt(N). The check costs one column sum of the batch (in place of the float32 total the
 finiteness check took) and about ten operations on (D,) vectors, which rule out almost every batch with the state's
-M2 as a lower bound; only a batch they cannot rule out pays for the probe's variance and the exact criteria.
+M2 as a lower bound; only a batch they cannot rule out pays for the probe's variance and the exact criteria,
+on the neurons they kept.
 
 Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: the BLAS path for the cross blocks of
 ``pairs`` (float32 torch.mm of the shifted batch over panels of 512 rows, float64 across panels); the C++ engine,
@@ -238,7 +239,8 @@ class ActivationStats:
         A pre-check with the batch's exact mean and the state's M2 (a lower bound of the combined one: M2 only
         grows) rules out almost every batch in about 14 operations on (D,) vectors, in numpy for a CPU state (views
         of the state, ~1 us an operation against torch's 3 us); only a batch it cannot rule out pays for the
-        variance of the probe rows and the exact criteria.
+        variance of the probe rows and the exact criteria, on the columns of the neurons it kept alone (D = 2048,
+        5 such neurons: 0.2 ms against 0.76 ms on all D).
         """
         self._last_recentred = 0
         n_s = self.count
@@ -257,18 +259,16 @@ class ActivationStats:
         # to-mean criterion n (mu - c)^2 > factor M2, to-batch criterion n_b (m_b - c)^2 > factor M2, times n_b
         lhs = a * a * (n_b / n)
         maybe = (lhs > lim) | (e_b * e_b > lim)
+        if not maybe.any():  # (cheaper than the candidates' indices: the usual batch ends here)
+            return
         # the exact criteria only for the neurons the pre-check keeps (usually a few nearly dead ones: the state's M2
         # is ~0 there), on their columns of the probe rows: every criterion is per neuron
         if cpu:
             cand_np = np.flatnonzero(maybe)
-            if cand_np.size == 0:
-                return
             cand = torch.from_numpy(cand_np)
             e_b, s1, a, diag = (torch.from_numpy(v[cand_np]) for v in (e_b, s1, a, diag))
         else:
             cand = maybe.nonzero().flatten()
-            if cand.numel() == 0:
-                return
             e_b, s1, a, diag = e_b[cand], s1[cand], a[cand], diag[cand]
         shift = self._shift[cand]
         d_b = e_b / n_b  # batch mean - shift
