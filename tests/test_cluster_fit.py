@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _trained import trained_mlps
 from torch import nn
 
 import pyfusion
@@ -15,19 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _trained_mlps(k: int, seed: int = 0, sizes=(8, 16, 16, 3)) -> tuple[list[nn.Module], torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(160, sizes[0], generator=g)
-    y = (x @ torch.randn(sizes[0], sizes[-1], generator=g)).argmax(1)
-    members = []
-    for i in range(k):
-        torch.manual_seed(seed * 100 + i)
-        m = mlp(list(sizes))
-        opt = torch.optim.Adam(m.parameters(), 1e-2)
-        for _ in range(30):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-        members.append(m.eval())
+    members, x, _y = trained_mlps(k, seed, sizes)
     return members, x
 
 

@@ -26,7 +26,6 @@ changed BatchNorm slots recalibrated, the default), 34.3% with every BatchNorm r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,8 @@ from typing import Any
 from torch import nn
 
 from pyfusion.fuse import cluster as _cluster  # noqa: F401 - registers method 'cluster'
-from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import ClusterConfig
-from pyfusion.fuse.partial_fit import OUTPUT_TARGETS, fit_shared_slots
+from pyfusion.fuse.partial_fit import OUTPUT_TARGETS, build_and_fit
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import get_method, register_method
 from pyfusion.graph.groups import FusionGraph
@@ -93,14 +91,4 @@ def cluster_fit(
         raise ValueError("method 'cluster_fit' needs calibration data: pass data=DataLoader or a list of batches")
     base = ClusterConfig(**{f: getattr(config, f) for f in ClusterConfig.field_names()})
     plan = get_method("cluster").run(members, graph, lambdas, data, base)
-    t0 = time.perf_counter()
-    fused = build(members, graph, plan)
-    t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fit = fit_shared_slots(fused, members, graph, _all_slots(plan), data, ridge=float(config.ridge),
-                           max_samples=config.max_samples, fit_output=config.fit_output,
-                           output_target=config.output_target)  # fmt: skip
-    plan.info.update(method="cluster_fit", fit=fit, time_build_s=t_build, time_fit_s=time.perf_counter() - t0)
-    fused.fusion_plan = plan
-    fused.fusion_weights_fitted = True
-    return fused
+    return build_and_fit(members, graph, plan, _all_slots(plan), data, config, "cluster_fit")

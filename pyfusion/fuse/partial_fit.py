@@ -385,14 +385,23 @@ def partial_fit(
         raise ValueError("method 'partial_fit' needs calibration data: pass data=DataLoader or a list of batches")
     base = PartialConfig(**{f: getattr(config, f) for f in PartialConfig.field_names()})
     plan = get_method("partial").run(members, graph, lambdas, data, base)
+    return build_and_fit(members, graph, plan, plan, data, config, "partial_fit")
+
+
+def build_and_fit(
+    members: Sequence[nn.Module], graph: FusionGraph, plan: Plan, fit_plan: Plan, data: Any, config: Any, method: str
+) -> nn.Module:
+    """Build ``plan`` and fit the slots of ``fit_plan``'s first segments (:func:`fit_shared_slots`, with
+    ``config``'s ridge / max_samples / fit_output / output_target); the fused module carries ``plan`` (its info
+    gains ``method``, the fit's report and both times) and ``fusion_weights_fitted`` (no BatchNorm reset after)."""
     t0 = time.perf_counter()
     fused = build(members, graph, plan)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fit = fit_shared_slots(fused, members, graph, plan, data, ridge=float(config.ridge),
+    fit = fit_shared_slots(fused, members, graph, fit_plan, data, ridge=float(config.ridge),
                            max_samples=config.max_samples, fit_output=config.fit_output,
                            output_target=config.output_target)  # fmt: skip
-    plan.info.update(method="partial_fit", fit=fit, time_build_s=t_build, time_fit_s=time.perf_counter() - t0)
+    plan.info.update(method=method, fit=fit, time_build_s=t_build, time_fit_s=time.perf_counter() - t0)
     fused.fusion_plan = plan
     fused.fusion_weights_fitted = True
     return fused
