@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.validate import tensor_state
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
 from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan, slice_segments
@@ -728,10 +729,9 @@ def _member_cost_key(model: nn.Module, structure: tuple, example: Any) -> tuple 
         hooks = (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
         own = m.__dict__.get("forward")  # a forward set on the instance (its function: no reference to m)
         mods.append((p, getattr(type(m), "forward", None), getattr(own, "__func__", own), attrs, hooks))
-    tensors = tuple(
-        (k, id(t), t._version)
-        for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    )
+    tensors = tensor_state(model)  # identities, versions and storages (held by the key: no id reuse)
+    if tensors is None:
+        return None
     return (structure, str(spec), tuple(ex), tuple(mods), tensors)
 
 
