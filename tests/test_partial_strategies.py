@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import time
+import weakref
 
 import pytest
 import torch
 from _segments import K3_IN, K3_OUT, K4_IN, K4_OUT, LAYOUTS, assert_close, make_weight
 
-from pyfusion.nn import PartialConv2d, PartialLinear
+from pyfusion.nn import EnsembleLinear, PartialConv2d, PartialLinear
 from pyfusion.ops import _weight_cache
 from pyfusion.ops.layout import as_segments, segment_plan
 from pyfusion.ops.partial_conv2d import conv_geom
@@ -374,3 +375,104 @@ def test_measured_losers_free_their_hot_entries(monkeypatch):
     (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
     tags = {k[1] for k in PL._HOT if k[0] == id(lin.weight)}
     assert tags == ({"dense"} if kept == "dense" else {"panels_none"} if kept == "cpp" else set())
+
+
+def _dense_only(monkeypatch):
+    """The tuner offered only the dense strategy: settled at the first call (deterministic hot entries)."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"dense": PL.dense_forward}, "dense"))
+    PL._CANDIDATES.clear()
+    tuning.clear()
+
+
+@pytest.mark.parametrize("ins,outs", [([6, 0, 0], [5, 0, 0]), ([5, 3, 3], [4, 2, 2])])  # dense view, dense copy
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_module_hot_calls_follow_the_weight_and_the_threads(monkeypatch, ins, outs, activation):
+    """The modules' one-lookup entries (backends._HOT_CALLS, holding the dense weight itself): installed once the
+    strategy is settled, then missed (and the result still exact) after an in-place update, a ``.data`` swap and a
+    ``torch.set_num_threads`` change; wrong inputs still raise; autograd still takes the registered op; the entries
+    go with the weight."""
+    import gc
+
+    _dense_only(monkeypatch)
+    w, b = make_weight(ins, outs, torch.float64, integer=True, seed=3)
+    lin = PartialLinear(ins, outs, activation=activation).double().eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    x = (torch.randn(3, lin.in_features, dtype=torch.float64) * 2).round()
+
+    def check():
+        with torch.no_grad():
+            y = lin(x)
+        assert_close(y, partial_linear_ref(x, lin.weight, lin.bias, ins, outs, activation), exact=True)
+
+    def hot():
+        return PL.hot_key(x, lin.weight, activation)
+
+    def hits() -> bool:
+        with torch.no_grad():
+            return PL.hot_forward(hot(), x, lin.weight, lin.bias, lin._plan, activation) is not None
+
+    threads = torch.get_num_threads()
+    check()
+    assert hot() in PL._HOT_CALLS and hits()
+    check()  # from the entry
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the version changes
+    assert not hits()
+    check()
+    assert hits()
+    lin.weight.data = lin.weight.data * 3  # a new storage, same version
+    assert not hits()
+    check()
+    assert hits()
+    other = 1 if threads != 1 else 2
+    try:
+        torch.set_num_threads(other)
+        assert hot()[-1] == other and not hits()  # the thread count is part of the key
+        check()
+        assert hits()
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="x.shape"):
+            lin(torch.randn(3, lin.in_features + 1, dtype=torch.float64))
+        with pytest.raises(ValueError, match="dtype and device"):
+            lin(x.float())
+    xg = x.clone().requires_grad_(True)
+    lin(xg).sum().backward()  # grad enabled: the registered op, differentiable in x and the weight
+    assert xg.grad is not None and lin.weight.grad is not None
+    n = sum(1 for k in PL._HOT_CALLS if k[0] == id(lin.weight))
+    assert n >= 2
+    ref = weakref.ref(lin.weight)
+    lin = None
+    gc.collect()
+    assert ref() is None
+    assert not any(isinstance(k[1], torch.Size) and k[0] == id(ref) for k in PL._HOT_CALLS)
+    assert not [v for k, v in PL._HOT_CALLS.items() if isinstance(k[1], torch.Size) and v[1]() is None]
+
+
+def test_module_hot_calls_skip_views_and_inference_weights(monkeypatch):
+    """No entry for a weight made anew at each call (EnsembleLinear's flat view) nor for an inference tensor (no
+    version counter to see in-place updates by): those keep the checked path, and stay exact. (The checked path's
+    own derived-weight caches do not see in-place updates of inference-tensor weights either: not tested here.)"""
+    _dense_only(monkeypatch)
+    PL._HOT_CALLS.clear()
+    ens = EnsembleLinear(2, 4, 3).eval()
+    x = torch.randn(2, ens._plan.i_total)
+    with torch.no_grad():
+        y = ens(x)
+        ens(x)
+        assert not [k for k in PL._HOT_CALLS if isinstance(k[1], torch.Size)]
+        monkeypatch.setenv("PYFUSION_BACKEND", "reference")
+        assert_close(y, ens(x), dtype=torch.float32)
+    monkeypatch.delenv("PYFUSION_BACKEND")
+    with torch.inference_mode():
+        lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
+        xi = torch.randn(2, 11)
+        lin(xi)
+        lin(xi)
+        y = lin(xi)
+        assert not any(k[0] == id(lin.weight) for k in PL._HOT_CALLS if isinstance(k[1], torch.Size))
+        assert_close(y, partial_linear_ref(xi, lin.weight, lin.bias, [5, 3, 3], [4, 2, 2]), dtype=torch.float32)

@@ -471,7 +471,7 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.reshape(-1)
-        return partial_linear_module_forward(x, self.weight.reshape(-1), b, self._plan, self.activation)
+        return partial_linear_module_forward(x, self.weight.reshape(-1), b, self._plan, self.activation, hot=False)
 
     def effective_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -760,7 +760,14 @@ def _candidates(plan: SegmentPlan, small: bool) -> tuple[dict, str]:
     return {n: STRATEGIES[n] for n in names}, ("cpp" if "cpp" in names else names[0])
 
 
-def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+def cpu_inference_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: SegmentPlan,
+    activation: str,
+    hot: tuple | None = None,
+) -> Tensor:
     """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
     fastest for this (layer, dtype, activation, row bucket, threads) (:mod:`.tuning`) among the panel engine (rows
     up to :func:`cpp_max_rows`), torch's BLAS steps, one GEMM per output run (:func:`segment_forward`) and the dense
@@ -768,19 +775,77 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
 
     Once a key is measured its strategy is run from one dict lookup (``TUNER.fast``): the whole dispatch costs
     ~1 us, where the tuple keys and lookups of the measuring path cost ~3 us on the loaded VM (a batch-1 call of a
-    100x100 layer's kernel is ~7 us)."""
+    100x100 layer's kernel is ~7 us).
+
+    ``hot``: the caller's :func:`hot_key` for these (x, weight): once the strategy is settled, the pair's entry is
+    installed in ``_HOT_CALLS`` (see :func:`hot_forward`)."""
     rows = x.shape[0] if x.dim() == 2 else rows_of(x)
     key = (id(plan), x.dtype, activation, rows if rows <= 4 else 1 << (rows - 1).bit_length(), torch.get_num_threads())
     ent = _FAST.get(key)
     if ent is not None and ent[0] is plan:
+        if hot is not None:
+            _install_hot(hot, weight, plan, activation, ent[1])
         return ent[1](x, weight, bias, plan, activation)
-    return _measured_forward(x, weight, bias, plan, activation, rows, key)
+    return _measured_forward(x, weight, bias, plan, activation, rows, key, hot)
 
 
 _FAST = TUNER.fast
 
+# The modules' one-lookup path (partial_linear_module_forward): per (weight object, x.shape, x.dtype, activation,
+# threads) the settled strategy, and for the dense strategy the dense zero-block weight itself, so that a call is one
+# dict lookup, four identity/int tests and F.linear. The exact shape in the key stands for the width, rank, row
+# bucket and dtype checks the entry was installed after (a new shape takes the checked path once). The entry holds
+# a weakref to the weight (dropped with it), the weight's storage address and version when installed (an in-place
+# update or a ``.data`` swap misses; a detached alias keeps the old storage alive so that its address cannot be
+# reused while the entry exists) and nothing else of the weight. Weights whose version cannot be read (inference
+# tensors) get no entry. Kept in TUNER.fast (emptied with the choices); its keys (id, torch.Size, ...) never equal
+# the measuring path's (id, dtype, ...).
+_HOT_CALLS = TUNER.fast
 
-def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple) -> Tensor:
+
+def hot_key(x: Tensor, weight: Tensor, activation: str) -> tuple:
+    """The ``_HOT_CALLS`` key of a call (see :func:`hot_forward`)."""
+    return (id(weight), x.shape, x.dtype, activation, torch.get_num_threads())
+
+
+def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, activation: str, fn: Callable) -> None:
+    if weight._base is not None:  # a view made anew at each call (EnsembleLinear's reshape): never hit again
+        return
+    try:
+        ver = weight._version
+    except RuntimeError:  # an inference tensor: no version counter to invalidate a derived weight by
+        return
+    dense = hot_derived(weight, plan, "dense", dense_weight_of) if fn is dense_forward else None
+    if len(_HOT_CALLS) > _PER_PLAN_MAX:
+        _HOT_CALLS.clear()
+
+    def _drop(ref: weakref.ref, k: tuple = hot) -> None:
+        cur = _HOT_CALLS.get(k)
+        if cur is not None and cur[1] is ref:
+            del _HOT_CALLS[k]
+
+    _HOT_CALLS[hot] = (plan, weakref.ref(weight, _drop), weight.data_ptr(), ver, weight.detach(), fn, dense)
+
+
+def hot_forward(
+    hot: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str
+) -> Tensor | None:
+    """The settled strategy of ``hot`` (:func:`hot_key`) run from its entry, or None when there is none valid for
+    this weight (same object, storage and version as when installed) and plan. The caller has checked everything
+    the key does not stand for (eager, no autograd, no tracing, plain CPU x, no PYFUSION_BACKEND)."""
+    ent = _HOT_CALLS.get(hot)
+    if ent is None or ent[0] is not plan or ent[1]() is not weight or ent[2] != weight.data_ptr():
+        return None
+    if ent[3] != weight._version:  # (weights whose version cannot be read have no entry)
+        return None
+    dense = ent[6]
+    if dense is None:
+        return ent[5](x, weight, bias, plan, activation)
+    y = F.linear(x, dense, bias)
+    return y if activation == "none" else _apply_activation_(y, activation)
+
+
+def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple, hot: tuple | None = None) -> Tensor:
     small = rows <= cpp_max_rows(plan)
     pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small)
     ent = _CANDIDATES.get(pk)
@@ -797,6 +862,8 @@ def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple) 
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()
         _FAST[key] = (plan, fns[name])
+        if hot is not None:
+            _install_hot(hot, weight, plan, activation, fns[name])
     return y
 
 
