@@ -476,3 +476,33 @@ def test_module_hot_calls_skip_views_and_inference_weights(monkeypatch):
         y = lin(xi)
         assert not any(k[0] == id(lin.weight) for k in PL._HOT_CALLS if isinstance(k[1], torch.Size))
         assert_close(y, partial_linear_ref(xi, lin.weight, lin.bias, [5, 3, 3], [4, 2, 2]), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_inference_mode_weights_changed_in_place_are_seen(kind, rows):
+    """A module built inside torch.inference_mode() has inference-tensor weights: no version counter, and they can
+    still be changed in place there. No derived weight (dense copy, panels, tap-major copy) may be reused after such
+    a change: the output must follow the weight at every call (it was stale on main before this test)."""
+    ins, outs = K3_IN, K3_OUT
+    width = sum(n for n, _mask in ins)
+    g = torch.Generator().manual_seed(rows)
+    with torch.inference_mode():
+        if kind == "linear":
+            mod = PartialLinear(ins, outs).double()
+            x = torch.randn(rows, width, generator=g, dtype=torch.float64)
+        else:
+            mod = PartialConv2d(ins, outs, 3, padding=1).double()
+            x = torch.randn(max(1, rows // 32), width, 5, 5, generator=g, dtype=torch.float64)
+
+        def ref():
+            if kind == "linear":
+                return partial_linear_ref(x, mod.weight, mod.bias, ins, outs)
+            return partial_conv2d_ref(x, mod.weight, mod.bias, ins, outs, 3, padding=1)
+
+        assert mod.weight.is_inference()
+        for step in range(4):  # several calls per weight: the tuner measures, then settles on a strategy
+            for _ in range(3):
+                torch.testing.assert_close(mod(x), ref(), rtol=1e-10, atol=1e-10)
+            mod.weight.mul_(1.5 + step)  # in place, inside inference mode: no version bump to see
+            mod.weight[0] += 1.0

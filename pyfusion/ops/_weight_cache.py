@@ -5,8 +5,10 @@ A cache entry belongs to the weight it was derived from and is rebuilt when the 
 changes its storage, and a new tensor has its own entry. Entries hold a weak reference to the weight (they go
 with it) and a strong reference to its storage (so that its address cannot be reused by another tensor while the
 entry exists). A view made anew at every call (``param.reshape(-1)``) is cached under the tensor it views, with
-its offset and size. Inference tensors have no version counter (they cannot change outside inference mode); their
-entries are keyed by storage only.
+its offset and size. Inference tensors have no version counter, and inside ``torch.inference_mode()`` they can
+still be changed in place (``w.mul_(2)``) with nothing to tell the cache: what is derived from them is rebuilt at
+every call, never cached (a stale copy would be a silently wrong output; build modules outside inference mode to
+keep the cache).
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ def derived_weight(weight: Tensor, key: Hashable, build: Callable[[Tensor], Any]
     """
     owner = weight if weight._base is None else weight._base
     full = (id(owner), weight.storage_offset(), weight.numel(), key)
-    ent = _CACHE.get(full)
     ver = _version(weight)
+    if ver < 0:  # an inference tensor: no version to tell an in-place change (module docstring)
+        return build(weight.detach())
+    ent = _CACHE.get(full)
     if ent is not None and ent.owner() is owner and ent.version == ver and ent.source.data_ptr() == weight.data_ptr():
         return ent.value
     src = weight.detach()

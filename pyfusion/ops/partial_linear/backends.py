@@ -276,7 +276,10 @@ _HOT: dict[tuple[int, str], tuple] = {}
 
 def hot_derived(weight: Tensor, plan: SegmentPlan, tag: str, build: Callable[[Tensor, SegmentPlan], object]) -> object:
     """``build(weight, plan)`` (a value derived from the weight for this plan, itself cached per weight version),
-    remembered by the weight object (see ``_HOT``)."""
+    remembered by the weight object (see ``_HOT``); never for an inference tensor (no version counter: an in-place
+    change inside inference mode would go unseen, ``pyfusion.ops._weight_cache``)."""
+    if _version(weight) < 0:
+        return build(weight, plan)
     k = (id(weight), tag)
     ent = _HOT.get(k)
     if (
