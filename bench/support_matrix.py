@@ -13,6 +13,8 @@ each column checks:
 * ``weight_matching``, ``activation_matching``, ``ot``: the permuted copy comes back.
 * ``partial``: the permuted copy comes back at alpha 0, 0.5 and 1 (all three).
 * ``cluster``: clustering the two copies' neurons to one member's width (alpha 0) gives the model.
+* ``cluster_fit``: the same clustering with every slot refitted by least squares (ridge 1e-2) gives the model
+  (interpolation tolerance).
 * ``prune``: pruning the ensemble of the two copies at the ensemble's width gives the model (the ensemble).
 * ``hf``, ``kf``, ``kf_gradient`` (neuron interpolation; kf_gradient with 1 epoch per level): the model comes back.
 * ``repair``: activation matching and partial fusion at alpha 0.5, each with ``repair=True`` (the REPAIR
@@ -101,6 +103,7 @@ METHODS = (
     "ot",
     "partial",
     "cluster",
+    "cluster_fit",
     "prune",
     "hf",
     "kf",
@@ -172,6 +175,8 @@ def check_family(factory: Callable[[], torch.nn.Module], batch: Callable[[torch.
                     raise Mismatch(f"alpha {alpha:g}: {exc}") from None
         elif method == "cluster":
             expect(fuse([model, twin], "cluster", alpha=0.0))  # default n_restarts (200)
+        elif method == "cluster_fit":  # the clustered slots refitted by least squares (ridge): interp tolerance
+            return f"relative error {expect(fuse([model, twin], 'cluster_fit', alpha=0.0), tol=INTERP_TOL):.1e}"
         elif method == "prune":
             expect(fuse([model, twin], "prune", width=2.0))
         elif method in ("hf", "kf"):
