@@ -34,7 +34,7 @@ from torch import nn
 
 from pyfusion.fuse import cluster as _cluster  # noqa: F401 - registers method 'cluster'
 from pyfusion.fuse.config import ClusterConfig
-from pyfusion.fuse.partial_fit import OUTPUT_TARGETS, build_and_fit
+from pyfusion.fuse.partial_fit import build_and_fit, check_fit_options
 from pyfusion.fuse.plan import GroupPlan, Plan
 from pyfusion.fuse.registry import get_method, register_method
 from pyfusion.graph.groups import FusionGraph
@@ -60,11 +60,7 @@ class ClusterFitConfig(ClusterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_real("ridge", 0.0)
-        self._check_int("max_samples", 1, optional=True)
-        if not isinstance(self.fit_output, bool):
-            self._fail("fit_output", "a bool", self.fit_output)
-        self._check_choice("output_target", OUTPUT_TARGETS)
+        check_fit_options(self)
 
 
 def _all_slots(plan: Plan) -> Plan:

@@ -83,11 +83,17 @@ class PartialFitConfig(PartialConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_real("ridge", 0.0)
-        self._check_int("max_samples", 1, optional=True)
-        if not isinstance(self.fit_output, bool):
-            self._fail("fit_output", "a bool", self.fit_output)
-        self._check_choice("output_target", OUTPUT_TARGETS)
+        check_fit_options(self)
+
+
+def check_fit_options(config: Any) -> None:
+    """The checks of the least-squares fit's options (ridge, max_samples, fit_output, output_target), shared by
+    :class:`PartialFitConfig` and ``ClusterFitConfig``."""
+    config._check_real("ridge", 0.0)
+    config._check_int("max_samples", 1, optional=True)
+    if not isinstance(config.fit_output, bool):
+        config._fail("fit_output", "a bool", config.fit_output)
+    config._check_choice("output_target", OUTPUT_TARGETS)
 
 
 def _inputs(data: Any, max_samples: int | None) -> Tensor:
