@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -285,6 +286,45 @@ def test_partial_fit_conv_batchnorm_permuted_copy_and_cost():
     fit = pyfusion.fuse(two, data, method="partial_fit", alpha=0.5)
     plain = pyfusion.fuse(two, data, method="partial", alpha=0.5)
     assert _flops(fit, x) == _flops(plain, x)
+
+
+@pytest.mark.parametrize("method", ["partial_fit", "cluster_fit"])
+def test_fit_of_a_cat_model_and_its_permuted_copy_is_the_member_and_fits_every_segment(method):
+    """CatNet: ``torch.cat`` of two layers feeds a layer whose output rows are split across two groups (offsets 0 and
+    8 of its axis), an in-place ReLU follows a fitted layer, ``out += h`` changes another in place. Each segment's
+    shared rows are fitted (none skipped), to the values the layers produced (not the in-place-changed ones)."""
+    from _ir_models import CatNet
+
+    torch.manual_seed(0)
+    m = CatNet().double().eval()
+    x = torch.randn(8, 5, 6, dtype=torch.float64)
+    data = [torch.randn(16, 5, 6, dtype=torch.float64)]
+    twin = permuted_copy(m, torch.Generator().manual_seed(1), example_inputs=x)
+    fused = pyfusion.fuse([m, twin], data, method=method, alpha=0.0)
+    fit = fused.fusion_info["fit"]
+    assert fit["skipped"] == {}
+    assert fit["fitted"]["c"] == 12  # both segments' rows: 8 of group g0:a, 4 of g1:b
+    assert {"a", "b", "d", "head"} <= set(fit["fitted"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-10, atol=1e-10)
+
+
+def test_partial_fit_is_the_same_with_an_in_place_relu():
+    """The fit reads each layer's output: ``nn.ReLU(inplace=True)`` after it must not change what it reads."""
+    members, x, _ = _trained_mlps(2, seed=1)
+    data = _batches(x, None)
+    inplace = []
+    for m in members:
+        c = copy.deepcopy(m)
+        for i, layer in enumerate(c):
+            if isinstance(layer, nn.ReLU):
+                c[i] = nn.ReLU(inplace=True)
+        inplace.append(c)
+    assert any(isinstance(layer, nn.ReLU) for layer in members[0])
+    a = pyfusion.fuse(members, data, method="partial_fit", alpha=0.25)
+    b = pyfusion.fuse(inplace, data, method="partial_fit", alpha=0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
 
 
 def test_partial_fit_reduces_the_distance_to_the_targets():

@@ -93,6 +93,20 @@ def test_activation_gradient_by_hand():
     torch.testing.assert_close(score, (a.detach() * g).abs().mean((0, 2, 3)), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("method", ["activation_gradient", "conductance"])
+def test_an_in_place_relu_after_the_point_changes_nothing(method):
+    """The point's activation and the gradient at it are taken before ``nn.ReLU(inplace=True)`` overwrites it."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)).double().eval()
+    inplace = nn.Sequential(plain[0], nn.ReLU(inplace=True), plain[2]).eval()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,))
+    want = attributions(plain, x, y, ["0"], method=method)["0"]
+    got = attributions(inplace, x, y, ["0"], method=method)["0"]
+    assert bool((want != 0).any())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_normalisation_uniform_and_batches():
     model = _tiny_mlp()
     x = torch.randn(30, 6, dtype=torch.float64)

@@ -289,6 +289,34 @@ def test_collector_mlp_pre_and_post_activation_k3():
     assert post.count == 80 and post.sizes == [9, 9, 9]
 
 
+class InPlaceNet(nn.Module):
+    """fc1's output is overwritten by an in-place ReLU, fc2's by ``out += shortcut``, after their hooks ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 9), nn.ReLU(inplace=True), nn.Linear(9, 9)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        out = self.fc2(h)
+        out += h
+        return out
+
+
+def test_collector_sees_the_values_before_in_place_changes():
+    models = [InPlaceNet() for _ in range(2)]
+    data = [torch.randn(16, 6) for _ in range(3)]
+    got = collect_stats(models, data, {"h": ["fc1"], "o": ["fc2"]}, progress=False)
+    xs = torch.cat(data)
+    with torch.no_grad():
+        hand_h = [m.fc1(xs) for m in models]
+        hand_o = [m.fc2(torch.relu(h)) for m, h in zip(models, hand_h)]
+    assert bool((hand_h[0] < 0).any())  # the ReLU would have changed them
+    check_all(got["h"], hand_h)
+    check_all(got["o"], hand_o)
+    assert got["h"].count == 48
+
+
 def test_collector_conv_input_capture_and_stacked_paths():
     models = [ConvNet(), ConvNet()]
     for m in models:

@@ -51,7 +51,7 @@ from pyfusion.fuse.config import PartialConfig
 from pyfusion.fuse.interp import ls_statistics, solve_ls
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import get_method, register_method
-from pyfusion.graph.groups import FusionGraph
+from pyfusion.graph.groups import AxisRef, FusionGraph, NeuronGroup
 from pyfusion.stats.collect import batch_inputs
 
 __all__ = ["OUTPUT_TARGETS", "PartialFitConfig", "fit_shared_slots", "partial_fit"]
@@ -111,14 +111,17 @@ def _inputs(data: Any, max_samples: int | None) -> Tensor:
 
 
 def _run(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], pre: bool, chunk: int = 256) -> dict[str, Tensor]:
-    """Inputs (``pre``) or outputs of ``modules`` (path -> module) over the samples ``x``, concatenated."""
+    """Inputs (``pre``) or outputs of ``modules`` (path -> module) over the samples ``x``, concatenated.
+
+    Each captured tensor is cloned: the forward may change it in place after the hook (``nn.ReLU(inplace=True)``
+    on a layer's output, ``out += shortcut``), and the fit needs the value the layer saw or produced."""
     got: dict[str, list[Tensor]] = {p: [] for p in modules}
     handles = []
     for path, mod in modules.items():
         if pre:
-            handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: got[p].append(a[0].detach())))
+            handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: got[p].append(a[0].detach().clone())))
         else:
-            handles.append(mod.register_forward_hook(lambda m, a, o, p=path: got[p].append(o.detach())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, p=path: got[p].append(o.detach().clone())))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -172,23 +175,54 @@ def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, i
     return order, calls, bn_of
 
 
-def _fit_targets(graph: FusionGraph, plan: Plan) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
-    """producer path -> (group, shared slots), and path -> reason for producers left averaged."""
-    fit: dict[str, tuple[str, int]] = {}
+@dataclass(frozen=True)
+class _Segment:
+    """One group's part of a producer's output axis: member rows ``[member_offset, member_offset + n)``, fused rows
+    ``[fused_offset, fused_offset + shared)`` fitted (the group's first ``shared`` slots)."""
+
+    group: str
+    shared: int
+    member_offset: int
+    n: int
+    fused_offset: int
+
+
+def _fit_targets(graph: FusionGraph, plan: Plan) -> tuple[dict[str, list[_Segment]], dict[str, str]]:
+    """producer path -> its output-axis segments with shared slots, and path -> reason for producers left averaged.
+
+    A producer whose output axis several groups share (a layer read through ``torch.cat`` / a split, or written into
+    a residual stream made of concatenated parts) has one segment per group: in the fused model the segments keep
+    their order along the axis, each ``slots`` wide (what :func:`pyfusion.fuse.builder.fused_groups` pairs)."""
+    per_module: dict[str, list[tuple[int, str, NeuronGroup, AxisRef]]] = {}
     skipped: dict[str, str] = {}
     for name, g in graph.groups.items():
-        shared = int(plan.groups[name].layout[0]) if name in plan.groups else 0
         for r in g.refs:
-            if r.role != "producer" or r.param != "weight":
-                continue
-            if r.axis != 0 or not r.is_simple or r.expand != 1:
-                skipped[r.module] = f"group {name!r}: its weight is not a whole output axis (axis {r.axis})"
-            elif shared > 0:
-                fit[r.module] = (name, shared)
+            if r.role == "producer" and r.param == "weight":
+                per_module.setdefault(r.module, []).append((r.offset, name, g, r))
+    fit: dict[str, list[_Segment]] = {}
+    for module, segs in per_module.items():
+        segs.sort(key=lambda s: s[0])
+        out: list[_Segment] = []
+        fused_at, member_at = 0, 0
+        for offset, name, g, r in segs:
+            plain = r.pattern is None or r.pattern == (("unit", g.units),)
+            if r.axis != 0 or not plain or r.expand != 1 or g.unit_size != 1 or offset != member_at:
+                why = "its weight is not a whole output axis" if r.axis != 0 else "its output rows are not plain units"
+                skipped[module] = f"group {name!r}: {why} (axis {r.axis}, offset {offset}, pattern {r.pattern})"
+                break
+            gp = plan.groups.get(name)
+            shared = int(gp.layout[0]) if gp is not None else 0
+            if shared > 0:
+                out.append(_Segment(name, shared, offset, g.units, fused_at))
+            member_at += g.units
+            fused_at += gp.slots if gp is not None else g.size
+        else:
+            if out:
+                fit[module] = out
     return fit, skipped
 
 
-def _fold(prod: nn.Module, bn: nn.Module | None, rows: slice) -> tuple[Tensor, Tensor]:
+def _fold(prod: nn.Module, bn: nn.Module | None, rows: Tensor) -> tuple[Tensor, Tensor]:
     """The producer's rows as (out, p) weights and (out,) bias, the BatchNorm after it folded in, float64."""
     w = prod.weight.detach()[rows].reshape(prod.weight[rows].shape[0], -1).double()
     b = prod.bias.detach()[rows].double() if prod.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
@@ -255,7 +289,7 @@ def _solve(
     return w, b, rel_used
 
 
-def _masks(fused: nn.Module, path: str, k_all: int, rows: slice, prod: nn.Module) -> tuple[Tensor, Tensor] | None:
+def _masks(fused: nn.Module, path: str, k_all: int, rows: Tensor, prod: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(member mask per fitted row, per design column) of the layer at ``path`` from the builder's member-mask
     segments, or None when every block is allowed (K = 2 shared rows, or no record)."""
     from pyfusion.fuse.fast import module_segments
@@ -329,13 +363,13 @@ def fit_shared_slots(
             continue
         bn_path = bn_of.get(path)
         bn = mods[bn_path] if bn_path is not None else None
-        if output_layer:
-            rows, maps = slice(0, prod.weight.shape[0]), None
+        segments = None if output_layer else targets[path]
+        if segments is None:
+            rows = torch.arange(prod.weight.shape[0])
             bn = None  # the logits themselves
         else:
-            group, shared = targets[path]
-            rows, maps = slice(0, shared), [a[:shared] for a in plan.groups[group].A]
-        # targets: T = sum_k A_k[rows] a_k (or sum_k lambda_k z_k), the members' outputs at the same point
+            rows = torch.cat([torch.arange(sg.fused_offset, sg.fused_offset + sg.shared) for sg in segments])
+        # targets: T = sum_k A_k[:shared] a_k per segment (or sum_k lambda_k z_k), the members' outputs at the point
         point = bn_path if bn is not None else path
         t = None
         probs = output_layer and output_target == "probs"
@@ -347,7 +381,14 @@ def fit_shared_slots(
                 if a.dim() != 2:
                     raise ValueError(f"output_target='probs' needs (N, C) outputs at {path!r}; got {tuple(a.shape)}")
                 a = torch.softmax(a, 1)
-            part = lam[k] * a if maps is None else torch.einsum("cj,nj...->nc...", maps[k], a)
+            if segments is None:
+                part = lam[k] * a
+            else:
+                part = torch.cat([
+                    torch.einsum("cj,nj...->nc...", plan.groups[sg.group].A[k][: sg.shared],
+                                 a[:, sg.member_offset : sg.member_offset + sg.n])
+                    for sg in segments
+                ], 1)  # fmt: skip
             t = part if t is None else t + part
         assert t is not None
         if probs:
@@ -372,7 +413,7 @@ def fit_shared_slots(
                     bn.bias[rows] = b.to(bn.bias.dtype)
                 elif b is not None and prod.bias is not None:
                     prod.bias[rows] = b.to(prod.bias.dtype)
-        fitted[path] = rows.stop
+        fitted[path] = int(rows.numel())
         ridges[path] = rel
     return {"fitted": fitted, "skipped": skipped, "ridge": ridges, "samples": int(x.shape[0])}
 

@@ -81,13 +81,15 @@ def _hook_outputs(model: nn.Module, points: Sequence[str]) -> tuple[dict[str, Te
 
     def make_hook(name: str):
         def hook(_m: nn.Module, _inp: Any, out: Tensor) -> Tensor | None:
+            # the model gets a copy: an in-place op after the point (nn.ReLU(inplace=True), ``out += shortcut``)
+            # must not change the captured activation nor the tensor its gradient is taken at
             if torch.is_grad_enabled() and isinstance(out, Tensor) and out.is_floating_point():
                 # a zero probe: d target / d probe = d target / d out, even when no parameter requires grad
                 out = out + torch.zeros_like(out).requires_grad_(True)
                 captured[name] = out
-                return out
+                return out.clone()
             captured[name] = out
-            return None
+            return out.clone() if isinstance(out, Tensor) else None
 
         return hook
 

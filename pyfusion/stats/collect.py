@@ -34,6 +34,14 @@ def as_samples(t: Tensor, channel_dim: int | None = None) -> Tensor:
     return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
 
 
+def _version_of(t: Tensor) -> int:
+    """The tensor's in-place version counter, or -1 where it has none (inference tensors)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
+
+
 def batch_inputs(batch: Any) -> Any:
     """The model input of a batch: the batch itself, or its first element for (inputs, labels)."""
     if isinstance(batch, (tuple, list)):
@@ -88,6 +96,11 @@ def collect_stats(
 
     stats: dict[str, ActivationStats] = {}
     buffers: list[dict[str, list[Tensor]]] = [dict() for _ in models]
+    # A captured activation may be changed in place later in the same forward pass (nn.ReLU(inplace=True) after the
+    # hooked layer, ``out += shortcut``): its version counter then moves, and that member's pass is rerun with the
+    # point's activations copied in the hook from then on (a copy per batch only where a model needs it).
+    versions: list[list[tuple[str, Tensor, int]]] = [[] for _ in models]
+    copy_points: set[str] = set()
     handles = []
     owner: dict[tuple[int, str], str] = {}
     for name, paths in points.items():
@@ -109,7 +122,12 @@ def collect_stats(
                     t = t.detach()
                     if transform is not None:
                         t = transform(t)
-                    buffers[_k].setdefault(_name, []).append(as_samples(t, channel_dim))
+                    t = as_samples(t, channel_dim)
+                    if _name in copy_points:
+                        t = t.clone()
+                    else:
+                        versions[_k].append((_name, t, _version_of(t)))
+                    buffers[_k].setdefault(_name, []).append(t)
 
                 handles.append(mods[p].register_forward_hook(hook))
     modes = [m.training for m in models]
@@ -137,8 +155,15 @@ def collect_stats(
                 x = batch_inputs(batch)
                 if device is not None:
                     x = x.to(device)
-                for m in models:
+                for k, m in enumerate(models):
+                    versions[k].clear()
                     m(x)
+                    changed = {name for name, t, v in versions[k] if v < 0 or _version_of(t) != v}
+                    if changed:
+                        copy_points.update(changed)
+                        buffers[k].clear()
+                        versions[k].clear()
+                        m(x)
                 for name, paths in points.items():
                     for k in range(len(models)):
                         if name not in buffers[k]:
