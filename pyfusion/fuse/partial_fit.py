@@ -205,16 +205,17 @@ def _fit_targets(graph: FusionGraph, plan: Plan) -> tuple[dict[str, list[_Segmen
         out: list[_Segment] = []
         fused_at, member_at = 0, 0
         for offset, name, g, r in segs:
-            plain = r.pattern is None or r.pattern == (("unit", g.units),)
-            if r.axis != 0 or not plain or r.expand != 1 or g.unit_size != 1 or offset != member_at:
+            whole = (("unit", g.units),) + ((("inner", g.unit_size),) if g.unit_size > 1 else ())
+            plain = r.pattern is None or r.pattern == whole  # the group's neurons in order, one row each
+            if r.axis != 0 or not plain or r.expand != 1 or offset != member_at:
                 why = "its weight is not a whole output axis" if r.axis != 0 else "its output rows are not plain units"
                 skipped[module] = f"group {name!r}: {why} (axis {r.axis}, offset {offset}, pattern {r.pattern})"
                 break
             gp = plan.groups.get(name)
             shared = int(gp.layout[0]) if gp is not None else 0
             if shared > 0:
-                out.append(_Segment(name, shared, offset, g.units, fused_at))
-            member_at += g.units
+                out.append(_Segment(name, shared, offset, g.size, fused_at))
+            member_at += g.size
             fused_at += gp.slots if gp is not None else g.size
         else:
             if out:
