@@ -97,7 +97,9 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
     members = _noisy_linear_members(4, seed=5)
     _, _, data = _data(240, seed=6)
     families = ["members", "subsets", "partial", "partial_fit", "cluster", "average"]
-    search = budget_search(members, data, objective=objective, cluster_restarts=2, candidates=families)
+    # the calibration argmin among the trivial candidates (the prior rule: tests/test_budget_prior.py)
+    search = budget_search(members, data, objective=objective, cluster_restarts=2, candidates=families,
+                           trivial_rule="argmin")  # fmt: skip
     for b in (0.25, 0.5, 0.8, 1.0):
         info = search.choose(b).fusion_info["budget"]
         assert info["objective"] == objective
@@ -141,7 +143,7 @@ def test_the_choice_is_never_worse_than_the_best_trivial_baseline_on_the_objecti
 def test_holdout_mode_is_the_plain_minimum_over_the_held_out_objective():
     members = _noisy_linear_members(3, seed=13)
     _, _, data = _data(160, seed=14)
-    search = budget_search(members, data, trivial_samples="holdout", cluster_restarts=2,
+    search = budget_search(members, data, trivial_samples="holdout", cluster_restarts=2, trivial_rule="argmin",
                            candidates=["members", "subsets", "partial", "cluster"])  # fmt: skip
     for b in (0.4, 1.0):
         info = search.choose(b).fusion_info["budget"]
@@ -157,22 +159,23 @@ def test_default_objective_with_labels_is_the_error_and_without_the_distance():
     assert budget_search(members, [b[0] for b in data], candidates=TRIVIAL).objective_name == "ensemble"
 
 
-def test_tie_tolerance_takes_the_cheaper_within_it():
+def test_tie_tolerance_takes_the_cheaper_within_it():  # with the argmin rule (the prior rule prefers more members)
     members = _noisy_linear_members(4, seed=9)
     _, _, data = _data(200, seed=10)
-    exact = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy")
+    exact = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy", trivial_rule="argmin")
     info = exact.choose(1.0).fusion_info["budget"]
     rows = [r for r in info["candidates"] if r["feasible"]]
     low = min(r["objective"] for r in rows)
     assert info["chosen_objective"] == low
     # a tolerance that ties everything: the cheapest candidate (a member) wins, and the reason says so
-    loose = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy", tie_tolerance=1e9)
+    loose = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy", tie_tolerance=1e9,
+                          trivial_rule="argmin")  # fmt: skip
     info = loose.choose(1.0).fusion_info["budget"]
     assert info["chosen_family"] == "members"
     assert info["tie_tolerance"] == 1e9 and "tied within the tolerance" in info["reason"]
     # a tolerance between the best and the second best changes nothing
     objs = sorted({r["objective"] for r in rows})
-    mid = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy",
+    mid = budget_search(members, data, candidates=TRIVIAL, objective="cross_entropy", trivial_rule="argmin",
                         tie_tolerance=0.5 * (objs[1] - objs[0]))  # fmt: skip
     assert mid.choose(1.0).fusion_info["budget"]["chosen_objective"] == objs[0]
 
