@@ -133,6 +133,8 @@ def run_case(
             info = chosen.fusion_info["budget"]
             rec.update(chosen=info["chosen"], chosen_fraction=info["chosen_fraction"], acc=_accuracy(chosen, case))
             rec["compared_on"] = info.get("compared_on")
+            tc = info.get("trivial_choice") or {}
+            rec.update(trivial_argmin=tc.get("argmin"), trivial_prior=tc.get("chosen"))
         except pyfusion.fuse.BudgetError as exc:
             rec.update(chosen=f"none ({exc})", chosen_fraction=None, acc=None)
         try:
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     cw_rows = [r for r in records if r.get("cw_acc") is not None]
     share_rows = [r for r in cw_rows if r["baseline"] and "class shares" in r["baseline"]]
     cw_share = sum(1 for r in share_rows if r["cw_acc"] >= r["baseline_acc"])
+    ruled = [r for r in records if r.get("trivial_argmin")]
+    moved = sum(1 for r in ruled if r["trivial_prior"] != r["trivial_argmin"])
     report.text(
         f"**Summary.** Where a trivial baseline fits the budget, the budgeted model is at least as accurate as the "
         f"best one in {beat} of {len(fits)} (case, budget) points, and as the best *selectable* one (without the "
@@ -286,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         f"The class-weighted sub-ensemble alone (fitted on the calibration data) is at least as accurate as the "
         f"class-share ensemble (which needs the members' training class counts) in {cw_share} of the "
         f"{len(share_rows)} points where that ensemble is the best baseline."
+        + (
+            f" The trivial candidate was chosen by the prior rule (more members averaged unless a candidate is "
+            f"better by more than trivial_margin paired standard errors on the calibration data): it differs from "
+            f"the calibration argmin in {moved} of {len(ruled)} points."
+            if ruled
+            else ""
+        )
     )
     table = []
     for r in records:

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * frontier._accuracy(model, case):.2f}%, objective {info['chosen_objective']:.4g}"
                   + ("" if margin is None else f", margin z {margin['z']:.3g} (passed: {margin['passed']})"),
                   flush=True)  # fmt: skip
+            tc = info.get("trivial_choice")
+            if tc is not None and tc.get("argmin") != tc.get("chosen", tc.get("argmin")):
+                t = tc["chosen_vs_argmin"]
+                print(f"    trivial: {tc['chosen']} by the prior rule over the argmin {tc['argmin']} (excess loss "
+                      f"{t['mean_excess_loss']:.4g}, z {t['z']:.3g} <= {tc['margin']:g})")  # fmt: skip
             for r in info["candidates"]:
                 if r["feasible"] and r["family"] not in ("members", "subsets"):
                     print(f"    {r['name']}: {r['fraction']:.3f}, held-out objective {r['holdout_objective']:.4g}")
