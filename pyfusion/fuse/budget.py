@@ -28,9 +28,15 @@ listed but never returned):
   data) at the largest width j/32 that fits. Measured (bench/frontier_cases.py: bench/frontier.py's members, 2000
   calibration samples, seed 0, 5 k-means restarts, test accuracy at b = 0.25 / 0.375): MNIST ResNet-8 pair
   (members 98.6%), ``cluster`` 32.0 / 40.8%, ``cluster_fit`` of both 92.3 / 95.0%, of the best member alone
-  95.2 / 97.9% (chosen); small ViT pair (members 98.1-98.2%) 41.1 / 63.2%, 90.3 / 93.5%, 95.2 / 96.5%. The
-  averaged clusters of a summed stream (residual, transformer) compound their errors block after block; the fit
-  corrects each layer from the fused model's own inputs; a BatchNorm reset alone gave 34.3% (ResNet, b = 0.25);
+  95.2 / 97.9% (chosen); small ViT pair (members 98.1-98.2%) 41.1 / 63.2%, 90.3 / 93.5%, 95.2 / 96.5%, and since
+  the fit covers the attention's q / k / v (a6ec076, 0096671: all 20 Linear layers of the ViT fitted, none skipped)
+  the best member alone 96.6 / 96.7%. The averaged clusters of a summed stream (residual, transformer) compound
+  their errors block after block; the fit corrects each layer from the fused model's own inputs; a BatchNorm reset
+  alone gave 34.3% (ResNet, b = 0.25). Tried and not kept: that member's output layer refitted (ridge least
+  squares, 1e-2) to the *ensemble's* logits / log mean probabilities instead of its own, ResNet 95.21 / 95.17% at
+  b = 0.25 and 97.99 / 97.99% at 0.375 (its own: 95.20, 97.86), ViT 96.50 / 96.53% and 96.72 / 96.74% (its own:
+  96.56, 96.73): noise level, and its held-out error was no lower (ViT: higher); the gap to a member (~2 points
+  at b = 0.25) is the compression's, not the target's;
 * fusion within member subsets (:mod:`pyfusion.fuse.subsets`): for K >= 4 the members are paired (and, for
   K >= 8, grouped in fours) by the similarity of their outputs, each group is partially fused at the largest
   common alpha that fits, and the groups' outputs are averaged;
