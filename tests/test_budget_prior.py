@@ -162,3 +162,32 @@ def test_end_to_end_the_record_and_the_reason():
 def test_invalid_prior_rule_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
         budget_search(_members(2), _data(40), candidates=["members", "subsets"], **options)
+
+
+def test_a_fused_candidate_must_also_beat_the_argmin():
+    # trivial_margin=inf: the prior's first (the most members) is always the trivial pick, so it often differs from
+    # the argmin, and a fused candidate is tested against both
+    members = _members(4, seed=5)
+    families = ["members", "subsets", "partial", "cluster", "average"]
+    seen, kept_by_argmin, fused_both = 0, 0, 0
+    for seed in (1, 2):
+        s = budget_search(members, _data(160, seed=20 + seed), candidates=families, cluster_restarts=1,
+                          trivial_margin=math.inf, fused_margin=0.5)  # fmt: skip
+        for b in (0.3, 0.55, 0.8):
+            info = s.choose(b).fusion_info["budget"]
+            tc, ma = info["trivial_choice"], info["margin_test_argmin"]
+            if tc["argmin"] == info["best_trivial"]["name"]:
+                assert ma is None  # the same candidate: one test
+            if ma is not None:
+                seen += 1
+                assert ma["required_z"] == info["margin_test"]["required_z"]
+                z = ma["mean_improvement"] / ma["standard_error"] if ma["standard_error"] > 0 else ma["z"]
+                assert ma["passed"] == (z > ma["required_z"])
+            if info["chosen_family"] not in ("members", "subsets"):  # a fused pick passed both tests
+                assert info["margin_test"]["passed"] and (ma is None or ma["passed"])
+                fused_both += ma is not None
+            elif ma is not None and info["margin_test"]["passed"]:  # kept out by the argmin alone
+                assert not ma["passed"] and "not the calibration argmin" in info["reason"]
+                kept_by_argmin += 1
+    # both paths ran (these seeds: a fused pick over both, and one that beat the prior's pick but not the argmin)
+    assert seen > 0 and kept_by_argmin > 0 and fused_both > 0

@@ -72,7 +72,10 @@ test; ``trivial_rule="argmin"`` is the plain lowest objective). The best fused c
 samples. (2) The two are compared *paired*, on the same held-out samples (comparing a
 low-variance all-sample score with the minimum of many noisy held-out scores would favour the fused candidates by
 chance), and a fused candidate replaces the trivial one only if its per-sample loss is lower by more than
-``fused_margin`` (default 1, measured: see ``FUSED_MARGIN``) paired standard errors. Before that test the best
+``fused_margin`` (default 1, measured: see ``FUSED_MARGIN``) paired standard errors; when the prior rule picked
+another trivial candidate than the calibration argmin, by as much against the argmin too
+(``fusion_info["budget"]["margin_test_argmin"]``: a fused model never wins by the prior's concession alone). Before
+that test the best
 fused candidate is *cross-fitted* (with ``trivial_samples="all"``): the same fusion is rebuilt on the held-out half
 and scored on the fit half, so its loss is out of fold on every calibration sample and the paired test runs on all
 N samples, not N / 2 (the smallest improvement it accepts, ``fused_margin`` standard errors, shrinks by sqrt(2);
