@@ -228,3 +228,22 @@ def test_embedding_rows_are_already_their_targets():
     e = fit.transformer.wte(ids)[..., :shared]
     t = sum(m.transformer.wte(ids) @ amap[:shared].T for m, amap in zip((a, b), gp.A))
     torch.testing.assert_close(e, t, rtol=1e-12, atol=1e-12)
+
+
+def test_a_producer_the_fit_cannot_read_is_reported():
+    """``nn.MultiheadAttention`` computes its packed q | k | v and its ``out_proj`` inside, from the weights (no hook
+    sees them): both stay averaged and are listed in "skipped" with the reason (never silently left out); the rest
+    is fitted."""
+    from _ir_models import MHANet
+
+    torch.manual_seed(0)
+    m = MHANet().double().eval()
+    x = torch.randn(16, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    twin = permuted_copy(m, torch.Generator().manual_seed(2), example_inputs=x[:2])
+    fused = pyfusion.fuse([m, twin], [x[:8], x[8:]], method="partial_fit", alpha=0.5)
+    fit = fused.fusion_info["fit"]
+    assert set(fit["skipped"]) == {"mha", "mha.out_proj"}
+    assert "'in_proj_weight'" in fit["skipped"]["mha"] and "never called" in fit["skipped"]["mha.out_proj"]
+    assert {"emb", "ff1", "ff2", "out"} <= set(fit["fitted"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-10, atol=1e-10)

@@ -37,7 +37,9 @@ rotary attention head group, e.g. Llama's q / k group of key-value heads with in
 ``n_rep * head_dim`` q rows and ``head_dim`` k rows, each taking the slot's map entry, so its target rows are
 ``sum_k (A_k kron I_rep) a_k``). Packed projections (GPT-2's ``c_attn`` writing q | k | v) fit each segment's
 shared rows. Producers left averaged are listed with the reason in ``fusion_info["fit"]["skipped"]`` (modules
-called twice, grouped / non-zero-padded convolutions, output rows not in group order, other layer types).
+called twice, grouped / non-zero-padded convolutions, output rows not in group order, layers never called as
+modules, other layer types: ``nn.MultiheadAttention`` computes its packed q | k | v and its ``out_proj`` inside,
+from the weights).
 Embedding tables (``nn.Embedding``, axis-1 producers of a residual stream) are not fitted and not skipped: a
 token's output is its row, so the averaged row ``sum_k A_k[s] W_k`` already *is* the target ``sum_k A_k[s] a_k``
 (the fit's solution, for any ridge); they are listed in ``fusion_info["fit"]["exact"]`` with that reason.
@@ -248,6 +250,12 @@ def _fit_targets(
         for r in g.refs:
             if r.role == "producer" and r.param == "weight":
                 per_module.setdefault(r.module, []).append((r.offset, name, g, r))
+            elif r.role == "producer" and not r.param.endswith("bias"):  # nn.MultiheadAttention's in_proj_weight
+                what = type(modules[r.module]).__name__ if r.module in modules else "no module"
+                skipped[r.module] = (
+                    f"a {what}'s {r.param!r}: the fit reads the weight of nn.Linear, nn.Conv2d and "
+                    "Hugging Face Conv1D layers, whose outputs a hook sees"
+                )
     fit: dict[str, list[_Segment]] = {}
     for module, segs in per_module.items():
         kind = _layer_kind(modules[module]) if module in modules else None
@@ -507,6 +515,8 @@ def fit_shared_slots(
                     prod.bias[rows] = b.to(prod.bias.dtype)
         fitted[path] = int(rows.numel())
         ridges[path] = rel
+    for path in targets.keys() - calls.keys():  # its parent reads the weight (nn.MultiheadAttention's out_proj)
+        skipped[path] = "never called as a module: its parent reads the weight directly (no hook sees its inputs)"
     return {"fitted": fitted, "skipped": skipped, "exact": exact, "ridge": ridges, "samples": int(x.shape[0])}
 
 
