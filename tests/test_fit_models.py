@@ -107,22 +107,24 @@ def test_a_member_and_its_permuted_copy_is_the_member(family, method, alpha):
     _check_report(fused.fusion_info["fit"], family)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_three_members_keep_the_member_blocks(family):
+@pytest.mark.parametrize(
+    ("family", "method"), [("gpt2", "partial_fit"), ("gpt2", "cluster_fit"), ("llama", "partial_fit")]
+)
+def test_three_members_keep_the_member_blocks(family, method):
     """K = 3: a shared slot of a member subset is fitted on its members' input columns only (the per-member masks of
     Conv1D rows and of rotary q / k rows), so the blocks the execution modules skip stay exactly zero:
     ``fast_modules="always"`` packs every widened layer (``PartialLinear.from_dense`` refuses a non-zero skipped
     block) and gives the dense model's outputs; three copies of one member give the member."""
     a, b, twins, _data, held, _graph = _setup(family)
     c = randomize(HF[family][0](), 3)
-    dense = _fuse([a, b, c], family, "partial_fit", 0.5, fast_modules=False)
-    packed = _fuse([a, b, c], family, "partial_fit", 0.5, fast_modules="always")
+    dense = _fuse([a, b, c], family, method, 0.5, fast_modules=False)
+    packed = _fuse([a, b, c], family, method, 0.5, fast_modules="always")
     swapped = {p for p, m in packed.named_modules() if isinstance(m, PartialLinear)}
     assert set(NEWLY_FITTED[family]) <= swapped
     assert set(NEWLY_FITTED[family]) <= set(dense.fusion_info["fit"]["fitted"])
     y = run(dense, held)
     assert max_diff(run(packed, held), y) <= 1e-10 * max(1.0, max(float(t.abs().max()) for t in y))
-    same = _fuse([a, *twins], family, "partial_fit", 0.5)
+    same = _fuse([a, *twins], family, method, 0.5)
     y = run(a, held)
     assert max_diff(run(same, held), y) <= TOL.get(family, 1e-10) * max(1.0, max(float(t.abs().max()) for t in y))
     _check_report(same.fusion_info["fit"], family)
