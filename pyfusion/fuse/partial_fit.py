@@ -278,7 +278,7 @@ def _fit_targets(
                     if r.axis != out_axis
                     else "its output rows are not the group's neurons in order"
                     if rep is None
-                    else f"a gap on the output axis before offset {offset} (rows from {member_at} read no group)"
+                    else f"a gap on the output axis before offset {offset} (rows from {member_at} belong to no group)"
                 )
                 skipped[module] = f"group {name!r}: {why} (offset {offset}, pattern {r.factors(g)})"
                 break
