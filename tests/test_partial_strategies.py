@@ -100,7 +100,12 @@ def test_dense_weight_is_a_view_when_the_layer_is_one_block():
 
 
 def _conv_cases():
-    return STRUCTURED + [([3, 2, 2], [4, 3, 3]), ([2, 3, 3, 3], [1, 2, 2, 2])]
+    return STRUCTURED + [
+        ([3, 2, 2], [4, 3, 3]),
+        ([2, 3, 3, 3], [1, 2, 2, 2]),
+        ([3, 1, 4], [2, 3, 0]),
+        ([0, 4, 4], [2, 3, 3]),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -118,6 +123,8 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                     ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation,
                                              act)  # fmt: skip
                     names = ["runs", "dense"] + (["grouped"] if PC.grouped_layout(plan) is not None else [])
+                    names += ["members"] if PC.member_layout(plan) is not None else []
+                    names += ["im2col"]
                     for name in names:
                         with torch.no_grad():
                             y = PC.STRATEGIES[name](x, w, b, plan, geom, act)
@@ -128,6 +135,39 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                         ref0 = partial_conv2d_ref(x, w, None, ins, outs, geom.kernel, geom.stride, geom.padding,
                                                   geom.dilation)  # fmt: skip
                         assert_close(y, ref0, exact=integer)
+                    if PC.member_layout(plan) is not None:
+                        y = PC.STRATEGIES["members"](x, w, None, plan, geom, "none")
+                        ref0 = partial_conv2d_ref(x, w, None, ins, outs, geom.kernel, geom.stride, geom.padding,
+                                                  geom.dilation)  # fmt: skip
+                        assert_close(y, ref0, exact=integer)
+
+
+def test_member_layout_only_for_standard_layouts_with_shared_outputs():
+    assert PC.member_layout(plan_of([4, 2, 2, 2], [3, 2, 2, 2])) == (3, 4, (2, 2, 2), 3, (2, 2, 2))
+    assert PC.member_layout(plan_of([3, 1, 4], [2, 3, 0])) == (2, 3, (1, 4), 2, (3, 0))  # non-uniform branches
+    assert PC.member_layout(plan_of([0, 4, 4], [2, 3, 3])) == (2, 0, (4, 4), 2, (3, 3))  # no shared inputs
+    assert PC.member_layout(plan_of([0, 4, 4], [0, 3, 3])) is None  # alpha 1: the output runs are the members
+    assert PC.member_layout(plan_of([6, 0, 0], [5, 0, 0])) is None  # no branch inputs
+    assert PC.member_layout(plan_of(K3_IN, K3_OUT)) is None  # subset slots
+    assert PC.member_layout(plan_of([7, 5], [6, 3])) is None  # K = 1
+
+
+def test_member_weights_are_the_members_convolutions():
+    """Each member's weight is its rows [shared | branch k] on its inputs [shared | branch k] of the dense
+    zero-block weight, with the shared x shared block in member 0's only (so that the shared outputs sum once)."""
+    ins, outs = [3, 2, 4], [2, 3, 1]
+    plan = plan_of(ins, outs)
+    geom = conv_geom(3)
+    w, _b = make_weight(ins, outs, torch.float64, taps=geom.kernel, integer=True, seed=2)
+    dense = PartialConv2d.from_dense(torch.zeros(6, 9, 3, 3, dtype=torch.float64), None, ins, outs)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    d = dense.dense_weight()
+    w0, w1 = PC._member_weights(w, plan, geom)
+    assert torch.equal(w0, d[[0, 1, 2, 3, 4]][:, [0, 1, 2, 3, 4]])
+    want1 = d[[0, 1, 5]][:, [0, 1, 2, 5, 6, 7, 8]].clone()
+    want1[:2, :3] = 0
+    assert torch.equal(w1, want1)
 
 
 def test_grouped_layout_only_for_uniform_standard_layouts():

@@ -22,10 +22,13 @@ Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEN
 measured fastest for the layer and input size (:func:`cpu_inference_forward`, :mod:`pyfusion.ops.partial_linear.
 tuning`) among the convolutions per output run above (``runs``), shared conv + cross conv + one grouped convolution
 of the diagonal blocks (``grouped``, uniform standard layouts; a view of the packed weight at alpha = 1) and one
-convolution with the dense zero-block weight (``dense``). The earlier measurement that grouped convolution was
-slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1 on 8x8 maps the dense zero-block weight beat the
-1 + K convolutions at alpha 0.25 (836 vs 1369 us, bench/results/partial_linear_cpu.md), so the choice is measured
-per layer.
+convolution with the dense zero-block weight (``dense``), K member-shaped convolutions (``members``: member k over
+[shared | branch k] inputs with outputs [shared | branch k], the shared outputs summed; standard layouts with shared
+outputs) and, up to :data:`IM2COL_MAX_BATCH` samples, one unfold of the input + GEMMs per output run (``im2col``).
+The earlier measurement that grouped convolution was slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1
+on 8x8 maps the dense zero-block weight beat the 1 + K convolutions at alpha 0.25 (836 vs 1369 us,
+bench/results/partial_linear_cpu.md), and at alpha 0.75 the output runs (a narrow 64-output shared convolution)
+were 1.35x the members run one after another, which ``members`` matches, so the choice is measured per layer.
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (tests, forward only).
 """
 
@@ -216,7 +219,155 @@ def _grouped_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segme
     return _activation(yb, activation).contiguous()
 
 
-STRATEGIES = {"runs": torch_forward, "grouped": _grouped_forward, "dense": _dense_forward}
+def member_layout(plan: SegmentPlan) -> tuple[int, int, tuple[int, ...], int, tuple[int, ...]] | None:
+    """``(K, I_s, (I_1..I_K), O_s, (O_1..O_K))`` of a standard layout that :func:`_members_forward` runs (K >= 2,
+    shared outputs O_s >= 1, every branch with inputs), else None. Without shared outputs the member convolutions
+    are the output runs themselves (:func:`torch_forward`)."""
+    if plan.standard is None:
+        return None
+    il, ol = plan.standard
+    k = len(il) - 1
+    if k < 2 or ol[0] == 0 or min(il[1:]) == 0:
+        return None
+    return k, il[0], tuple(il[1:]), ol[0], tuple(ol[1:])
+
+
+def _member_weights(weight: Tensor, plan: SegmentPlan, geom: ConvGeom) -> tuple[Tensor, ...]:
+    """Per member k, the (O_s + O_k, I_s + I_k, kh, kw) weight of one member-shaped convolution over [x_s | x_k]:
+    rows [shared outputs | branch k], the shared outputs' block on the shared inputs in member 0's only (zero in the
+    others'). Built from the dense zero-block weight once per weight version (:func:`derived_weight`)."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+
+    def build(src: Tensor) -> tuple[Tensor, ...]:
+        from pyfusion.ops.layout import unpack_segment_weight
+
+        dense = unpack_segment_weight(src, plan.in_segments, plan.out_segments, geom.kernel)
+        out, i0, o0 = [], i_s, o_s
+        for j in range(k):
+            cols = torch.cat([torch.arange(i_s), torch.arange(i0, i0 + i_b[j])])
+            rows = torch.cat([torch.arange(o_s), torch.arange(o0, o0 + o_b[j])])
+            wj = dense.index_select(0, rows).index_select(1, cols)
+            if j:
+                wj[:o_s, :i_s] = 0  # W_ss is member 0's: the shared outputs sum the members' partial results
+            out.append(wj.contiguous())
+            i0, o0 = i0 + i_b[j], o0 + o_b[j]
+        return tuple(out)
+
+    return derived_weight(weight, ("conv_members", plan_token(plan), geom.kernel), build)
+
+
+def _member_biases(bias: Tensor, plan: SegmentPlan) -> tuple[Tensor, ...]:
+    """Per member k, the bias of its convolution: [b_s | b_k] for member 0, [0 | b_k] for the others (the shared
+    outputs' bias is added once); once per bias version."""
+    k, _i_s, _i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+
+    def build(src: Tensor) -> tuple[Tensor, ...]:
+        out, o0 = [], o_s
+        for j in range(k):
+            head = src[:o_s] if j == 0 else src.new_zeros(o_s)
+            out.append(torch.cat([head, src[o0 : o0 + o_b[j]]]))
+            o0 += o_b[j]
+        return tuple(out)
+
+    return derived_weight(bias, ("conv_member_bias", plan_token(plan)), build)
+
+
+def _members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                     activation: str = "none") -> Tensor:  # fmt: skip
+    """K member-shaped convolutions (:func:`_member_weights`), member k over [x_s | x_k] with outputs [shared |
+    branch k]; the shared outputs are the sum of the members' partial results. The same convolutions as the K
+    unfused members (at most O_s I_s (K - 1) taps of zeros more than the stored weights): at alpha 0.75 on VGG's
+    256-channel 8x8 layer, K = 2, batch 1, 1 thread, 1348 us as the members' 1340 us, where the output runs (a
+    64-output shared convolution over 448 inputs, the narrow convolution oneDNN runs at 2/3 of the others' rate, and
+    two 192-output ones) took 1634 us."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    ws = _member_weights(weight, plan, geom)
+    bs = _member_biases(bias, plan) if bias is not None else (None,) * k
+    ys, i0 = [], i_s
+    for j in range(k):
+        if j == 0:
+            xj = x[:, : i_s + i_b[0]]
+        elif i_s:
+            xj = torch.cat([x[:, :i_s], x[:, i0 : i0 + i_b[j]]], 1)
+        else:
+            xj = x[:, i0 : i0 + i_b[j]]
+        ys.append(F.conv2d(xj, ws[j], bs[j], geom.stride, geom.padding, geom.dilation))
+        i0 += i_b[j]
+    y = torch.cat([ys[0]] + [yj[:, o_s:] for yj in ys[1:]], 1)
+    head = y[:, :o_s]
+    for yj in ys[1:]:
+        head.add_(yj[:, :o_s])
+    return _activation_(y, activation)
+
+
+# Batches up to this many samples are offered the unfolded strategy (one im2col + GEMMs per sample).
+IM2COL_MAX_BATCH = 4
+
+
+def _unfold(x: Tensor, geom: ConvGeom, ho: int, wo: int) -> Tensor:
+    """``F.unfold(x, kernel, dilation, padding, stride)`` (N, C kh kw, H'W') as one copy of a strided view of the
+    padded input: 221 vs 395 us for F.unfold of a (1, 448, 8, 8) input, 3x3 kernel, 1 thread."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geom.kernel, geom.stride, geom.padding, geom.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    n, c = x.shape[:2]
+    p = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[:, :, :ho, :wo, ::dh, ::dw]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def _im2col_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                    activation: str = "none") -> Tensor:  # fmt: skip
+    """Per sample, the input unfolded once (``F.unfold``: (I_total kh kw, H'W'), channel-major as the packed weight's
+    columns) and per run of output segments one GEMM per allowed input range, accumulated into the run's rows of the
+    (O_total, H'W') output (already the NCHW layout: no copy): the effective FLOPs exactly. What PyTorch's own CPU
+    convolution does at batch 1 (its im2col + GEMM path, used for inputs of <= 20480 entries and 3x3 kernels) for
+    one member, once for the whole layer."""
+    taps = geom.taps
+    runs, idle = conv_runs(plan)
+    n = x.shape[0]
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], geom.kernel, geom.stride, geom.padding, geom.dilation)
+    cols = _unfold(x, geom, ho, wo)  # (N, I_total * taps, L)
+    y = x.new_empty((n, plan.o_total, ho * wo))
+    for s in range(n):
+        c, ys = cols[s], y[s]
+        for run in runs:
+            k = run.k_o * taps
+            w = weight[run.w_off * taps : run.w_off * taps + run.n_out * k].view(run.n_out, k)
+            out = ys[run.o0 : run.o0 + run.n_out]
+            q = 0
+            for j, (col, cnt) in enumerate(run.ranges):
+                wj, cj = w[:, q * taps : (q + cnt) * taps], c[col * taps : (col + cnt) * taps]
+                if j:
+                    out.addmm_(wj, cj)
+                elif bias is not None:
+                    torch.addmm(bias[run.o0 : run.o0 + run.n_out, None], wj, cj, out=out)
+                else:
+                    torch.mm(wj, cj, out=out)
+                q += cnt
+        for o in idle:
+            o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
+            if bias is not None:
+                ys[o0 : o0 + n_o].copy_(bias[o0 : o0 + n_o, None].expand(n_o, ho * wo))
+            else:
+                ys[o0 : o0 + n_o].zero_()
+    return _activation_(y.view(n, plan.o_total, ho, wo), activation)
+
+
+def _activation_(y: Tensor, activation: str) -> Tensor:
+    """The activation in place on a fresh output."""
+    if activation == "relu":
+        return y.relu_()
+    if activation == "none":
+        return y
+    return _activation(y, activation)
+
+
+STRATEGIES = {
+    "runs": torch_forward,
+    "grouped": _grouped_forward,
+    "members": _members_forward,
+    "im2col": _im2col_forward,
+    "dense": _dense_forward,
+}
 TUNER = StrategyTuner("partial_conv2d")
 _CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
 
@@ -225,8 +376,10 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
                           activation: str) -> Tensor:  # fmt: skip
     """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
     fastest for this (layer, kernel, input size, dtype, row bucket, threads) among one convolution per run of output
-    segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans) and the dense
-    zero-block weight (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`).
+    segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans), the member-shaped
+    convolutions (:func:`member_layout` plans), the unfolded input + GEMMs (batches up to
+    :data:`IM2COL_MAX_BATCH`) and the dense zero-block weight
+    (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`).
 
     Once a key is measured its strategy runs from one lookup keyed by ints (``TUNER.fast``): the measuring path's
     key hashes the ConvGeom dataclass (its four tuples) at every call, ~2 us on the loaded VM."""
@@ -236,7 +389,8 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     hit = _FAST.get(fast)
     if hit is not None and hit[0] is plan and hit[1] is geom:
         return hit[2](x, weight, bias, plan, geom, activation)
-    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom)
+    small = n <= IM2COL_MAX_BATCH
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom, small)
     ent = _CANDIDATES.get(pk)
     if ent is None or ent[0] is not plan:
         if len(_CANDIDATES) > _PER_PLAN_MAX:
@@ -244,6 +398,10 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
         names = ["runs"]
         if grouped_layout(plan) is not None:
             names.append("grouped")
+        if member_layout(plan) is not None:
+            names.append("members")
+        if small:
+            names.append("im2col")
         if dense_candidate(plan, geom.taps):
             names.append("dense")
         if dense_is_view(plan):  # one convolution either way
@@ -264,11 +422,15 @@ _FAST = TUNER.fast
 
 
 def _drop_derived(name: str, args: tuple) -> None:
-    _x, weight, _bias, plan, geom, _act = args
+    _x, weight, bias, plan, geom, _act = args
     if name == "dense" and not dense_is_view(plan):
         forget_derived(weight, ("dense", plan_token(plan), geom.kernel))
     elif name == "grouped":
         forget_derived(weight, ("conv_grouped", plan_token(plan), geom.kernel))
+    elif name == "members":
+        forget_derived(weight, ("conv_members", plan_token(plan), geom.kernel))
+        if bias is not None:
+            forget_derived(bias, ("conv_member_bias", plan_token(plan)))
 
 
 # ----------------------------------------------------------------------------------------------------------
