@@ -35,7 +35,8 @@ were 1.35x the members run one after another, which ``members`` matches, so the 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,7 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segment
     """One convolution with the dense zero-block weight (cached once per weight version, or the packed weight itself
     when it is the dense one)."""
     w = dense_weight_of(weight, plan, geom.kernel)
-    return _activation(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
+    return _activation_(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
 
 
 def grouped_layout(plan: SegmentPlan) -> tuple[int, int, int, int, int] | None:
@@ -372,8 +373,24 @@ TUNER = StrategyTuner("partial_conv2d")
 _CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
 
 
+def _candidates(plan: SegmentPlan, geom: ConvGeom, small: bool) -> tuple[dict, str]:
+    """(strategy name -> function, default) for a plan; ``small``: a batch of at most :data:`IM2COL_MAX_BATCH`."""
+    names = ["runs"]
+    if grouped_layout(plan) is not None:
+        names.append("grouped")
+    if member_layout(plan) is not None:
+        names.append("members")
+    if small:
+        names.append("im2col")
+    if dense_candidate(plan, geom.taps):
+        names.append("dense")
+    if dense_is_view(plan):  # one convolution either way
+        names = ["dense"]
+    return {n: STRATEGIES[n] for n in names}, names[0]
+
+
 def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
-                          activation: str) -> Tensor:  # fmt: skip
+                          activation: str, hot: tuple | None = None) -> Tensor:  # fmt: skip
     """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
     fastest for this (layer, kernel, input size, dtype, row bucket, threads) among one convolution per run of output
     segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans), the member-shaped
@@ -382,12 +399,17 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`).
 
     Once a key is measured its strategy runs from one lookup keyed by ints (``TUNER.fast``): the measuring path's
-    key hashes the ConvGeom dataclass (its four tuples) at every call, ~2 us on the loaded VM."""
+    key hashes the ConvGeom dataclass (its four tuples) at every call, ~2 us on the loaded VM.
+
+    ``hot``: the module's :func:`hot_key` for these (x, weight): once the strategy is settled, the pair's entry is
+    installed in ``_HOT_CALLS`` (see :func:`hot_forward`)."""
     n, _c, h, w = x.shape
     fast = (id(plan), id(geom), x.dtype, activation, n if n <= 4 else 1 << (n - 1).bit_length(), h, w,
             torch.get_num_threads())  # fmt: skip
     hit = _FAST.get(fast)
     if hit is not None and hit[0] is plan and hit[1] is geom:
+        if hot is not None:
+            _install_hot(hot, weight, plan, geom, hit[2])
         return hit[2](x, weight, bias, plan, geom, activation)
     small = n <= IM2COL_MAX_BATCH
     pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom, small)
@@ -395,18 +417,7 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
     if ent is None or ent[0] is not plan:
         if len(_CANDIDATES) > _PER_PLAN_MAX:
             _CANDIDATES.clear()
-        names = ["runs"]
-        if grouped_layout(plan) is not None:
-            names.append("grouped")
-        if member_layout(plan) is not None:
-            names.append("members")
-        if small:
-            names.append("im2col")
-        if dense_candidate(plan, geom.taps):
-            names.append("dense")
-        if dense_is_view(plan):  # one convolution either way
-            names = ["dense"]
-        ent = _CANDIDATES[pk] = (plan, {n: STRATEGIES[n] for n in names}, names[0])
+        ent = _CANDIDATES[pk] = (plan, *_candidates(plan, geom, small))
     _plan, fns, default = ent
     key = (pk, x.dtype, activation, row_bucket(x.shape[0]), x.shape[2], x.shape[3], torch.get_num_threads())
     y = TUNER.run(key, fns, (x, weight, bias, plan, geom, activation), default, _drop_derived)
@@ -415,10 +426,68 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()
         _FAST[fast] = (plan, geom, fns[name])
+        if hot is not None:
+            _install_hot(hot, weight, plan, geom, fns[name])
     return y
 
 
 _FAST = TUNER.fast
+
+# The module's one-lookup path (partial_conv2d_module_forward), as partial_linear's (its _HOT_CALLS): per (weight
+# object, geometry object, x.shape, x.dtype, activation, threads) the settled strategy, and for the dense strategy the
+# dense zero-block weight itself, so that a repeat call is one dict lookup, a few identity / int tests and the
+# strategy (F.conv2d for the dense one). The exact shape stands for the rank, channel, batch-bucket and spatial-size
+# checks the entry was installed after. The entry holds a weakref to the weight (dropped with it), its storage address
+# and version when installed (an in-place update or a ``.data`` swap, dtype and device moves included, misses; a
+# detached alias keeps the old storage alive so that its address cannot be reused while the entry exists). No entry
+# for weights whose version cannot be read (inference tensors) nor for views made anew per call. Kept in TUNER.fast
+# (emptied with the choices); its 6-tuples never equal the measuring path's 8-tuples.
+_HOT_CALLS = TUNER.fast
+
+
+def hot_key(x: Tensor, weight: Tensor, geom: ConvGeom, activation: str) -> tuple:
+    """The ``_HOT_CALLS`` key of a module call (see :func:`hot_forward`)."""
+    return (id(weight), id(geom), x.shape, x.dtype, activation, torch.get_num_threads())
+
+
+def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, geom: ConvGeom, fn: Callable) -> None:
+    if weight._base is not None:  # a view made anew at each call: never hit again
+        return
+    try:
+        ver = weight._version
+    except RuntimeError:  # an inference tensor: no version counter to see an in-place change by
+        return
+    dense = None
+    if fn is _dense_forward:
+        dense = dense_weight_of(weight, plan, geom.kernel)
+        if dense._base is not None:
+            dense = dense.detach()  # a view of the weight would keep the weight (and so the entry) alive
+    if len(_HOT_CALLS) > _PER_PLAN_MAX:
+        _HOT_CALLS.clear()
+
+    def _drop(ref: weakref.ref, k: tuple = hot) -> None:
+        cur = _HOT_CALLS.get(k)
+        if cur is not None and cur[2] is ref:
+            del _HOT_CALLS[k]
+
+    _HOT_CALLS[hot] = (plan, geom, weakref.ref(weight, _drop), weight.data_ptr(), ver, weight.detach(), fn, dense)
+
+
+def hot_forward(hot: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                activation: str) -> Tensor | None:  # fmt: skip
+    """The settled strategy of ``hot`` (:func:`hot_key`) run from its entry, or None when there is none valid for
+    this weight (same object, storage and version as when installed, on the CPU), plan and geometry. The caller has
+    checked what the key does not stand for (eager, no autograd, no tracing, a plain CPU x, no PYFUSION_BACKEND)."""
+    ent = _HOT_CALLS.get(hot)
+    if ent is None or ent[0] is not plan or ent[1] is not geom or ent[2]() is not weight:
+        return None
+    if ent[3] != weight.data_ptr() or ent[4] != weight._version or not weight.is_cpu:
+        return None
+    dense = ent[7]
+    if dense is None:
+        return ent[6](x, weight, bias, plan, geom, activation)
+    y = F.conv2d(x, dense, bias, geom.stride, geom.padding, geom.dilation)
+    return _activation_(y, activation).contiguous()
 
 
 def _drop_derived(name: str, args: tuple) -> None:
