@@ -142,6 +142,27 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                         assert_close(y, ref0, exact=integer)
 
 
+@pytest.mark.parametrize("name", ["runs", "grouped", "members", "im2col", "dense"])
+def test_conv_strategies_on_channels_last_and_strided_inputs(name):
+    """Every strategy on a channels-last input and on a channel-sliced view: the reference values, a contiguous
+    output."""
+    ins, outs = [3, 2, 2], [4, 3, 3]
+    plan = plan_of(ins, outs)
+    geom = conv_geom(3, 1, 1, 1)
+    w, b = make_weight(ins, outs, torch.float64, taps=geom.kernel, seed=4)
+    base = torch.randn(2, plan.i_total + 3, 6, 5, dtype=torch.float64)
+    for x in (
+        base[:, :7].contiguous(memory_format=torch.channels_last),
+        base[:, 2:9],
+        base[:, :7, :, ::1].transpose(2, 3),
+    ):
+        ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation, "relu")
+        with torch.no_grad():
+            y = PC.STRATEGIES[name](x, w, b, plan, geom, "relu")
+        assert y.is_contiguous()
+        assert_close(y, ref)
+
+
 def test_member_layout_only_for_standard_layouts_with_shared_outputs():
     assert PC.member_layout(plan_of([4, 2, 2, 2], [3, 2, 2, 2])) == (3, 4, (2, 2, 2), 3, (2, 2, 2))
     assert PC.member_layout(plan_of([3, 1, 4], [2, 3, 0])) == (2, 3, (1, 4), 2, (3, 0))  # non-uniform branches

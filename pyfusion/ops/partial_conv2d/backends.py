@@ -298,7 +298,7 @@ def _members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segme
     head = y[:, :o_s]
     for yj in ys[1:]:
         head.add_(yj[:, :o_s])
-    return _activation_(y, activation)
+    return _activation_(y, activation).contiguous()
 
 
 # Batches up to this many samples are offered the unfolded strategy (one im2col + GEMMs per sample).
