@@ -163,6 +163,22 @@ def test_conv_strategies_on_channels_last_and_strided_inputs(name):
         assert_close(y, ref)
 
 
+def test_conv_candidates():
+    """The strategies the tuner measures per plan: members only with shared outputs, im2col only at small batches
+    and where some run reads several input ranges (else it is the runs' own work), one convolution for a dense
+    view."""
+    geom = conv_geom(3)
+
+    def names(ins, outs, small):
+        return list(PC._candidates(plan_of(ins, outs), geom, small)[0])
+
+    assert names([5, 3, 3], [4, 2, 2], True) == ["runs", "grouped", "members", "im2col", "dense"]
+    assert names([5, 3, 3], [4, 2, 2], False) == ["runs", "grouped", "members", "dense"]
+    assert names([0, 4, 4], [0, 3, 3], True) == ["runs", "grouped", "dense"]  # alpha 1: the members' convolutions
+    assert names([6, 0, 0], [5, 0, 0], True) == ["dense"]
+    assert names(K3_IN, K3_OUT, True)[0] == "runs" and "members" not in names(K3_IN, K3_OUT, True)
+
+
 def test_member_layout_only_for_standard_layouts_with_shared_outputs():
     assert PC.member_layout(plan_of([4, 2, 2, 2], [3, 2, 2, 2])) == (3, 4, (2, 2, 2), 3, (2, 2, 2))
     assert PC.member_layout(plan_of([3, 1, 4], [2, 3, 0])) == (2, 3, (1, 4), 2, (3, 0))  # non-uniform branches

@@ -380,7 +380,11 @@ def _candidates(plan: SegmentPlan, geom: ConvGeom, small: bool) -> tuple[dict, s
         names.append("grouped")
     if member_layout(plan) is not None:
         names.append("members")
-    if small:
+    if small and any(len(run.ranges) > 1 for run in conv_runs(plan)[0]):
+        # one unfold instead of a gathered copy (+ the convolution's own unfold) per run reading several input
+        # ranges; where every run reads one range (alpha 1: the members' own convolutions) it is the same work as
+        # the runs, and offering it only let a noisy first measurement pick it (K=4 alpha 1 batch 1, 1 thread, load
+        # 5: kept at 3523 us where the runs took 2965)
         names.append("im2col")
     if dense_candidate(plan, geom.taps):
         names.append("dense")
