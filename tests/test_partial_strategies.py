@@ -163,6 +163,21 @@ def test_conv_strategies_on_channels_last_and_strided_inputs(name):
         assert_close(y, ref)
 
 
+@pytest.mark.parametrize(
+    "geom_args", [(3, 1, 1, 1), ((3, 2), (2, 1), (0, 2), (2, 1)), (5, 3, 2, 2), (1, 1, 0, 1), ((2, 3), 1, 0, (1, 3))]
+)
+def test_unfold_equals_torch_unfold(geom_args):
+    """The im2col strategy's unfold (a strided view of the padded input, copied once) is F.unfold exactly, on
+    strided, dilated, padded, asymmetric geometries and a non-contiguous input."""
+    geom = conv_geom(*geom_args)
+    x = torch.randn(2, 5, 11, 9, dtype=torch.float64)[:, 1:4]
+    from pyfusion.ops.partial_conv2d.backends import conv_out_hw
+
+    ho, wo = conv_out_hw(11, 9, geom.kernel, geom.stride, geom.padding, geom.dilation)
+    want = torch.nn.functional.unfold(x, geom.kernel, geom.dilation, geom.padding, geom.stride)
+    assert torch.equal(PC._unfold(x, geom, ho, wo), want)
+
+
 def test_conv_candidates():
     """The strategies the tuner measures per plan: members only with shared outputs, im2col only at small batches
     and where some run reads several input ranges (else it is the runs' own work), one convolution for a dense
