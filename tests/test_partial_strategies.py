@@ -545,6 +545,57 @@ def test_module_hot_calls_follow_the_weight_and_the_threads(monkeypatch, ins, ou
     assert not [v for k, v in PL._HOT_CALLS.items() if isinstance(k[1], torch.Size) and v[1]() is None]
 
 
+@pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activation, dtype):
+    """A settled panel-engine layer on 2-D inputs calls the engine straight from its entry (its panels held there):
+    exact on integers, and it follows in-place updates, ``.data`` swaps and thread counts; inputs with a column
+    stride, a non-contiguous bias and N-D inputs take cpp_forward, exact too."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    PL._CANDIDATES.clear()
+    tuning.clear()
+    ins, outs = [5, 3, 3], [4, 2, 2]
+    w, b = make_weight(ins, outs, dtype, integer=True, seed=5)
+    lin = PartialLinear(ins, outs, activation=activation).to(dtype).eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    x = (torch.randn(3, 11, dtype=torch.float64) * 2).round().to(dtype)
+
+    def check(inp=x):
+        with torch.no_grad():
+            y = lin(inp)
+        assert y.dtype == dtype
+        assert_close(y, partial_linear_ref(inp, lin.weight, lin.bias, ins, outs, activation), exact=True)
+
+    check()
+    ent = PL._HOT_CALLS[PL.hot_key(x, lin.weight, activation)]
+    assert ent[7] is not None  # the engine and its panels
+    check()
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    check()
+    lin.weight.data = lin.weight.data * 3
+    check()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        check()
+        check()
+    finally:
+        torch.set_num_threads(threads)
+    wide = (torch.randn(3, 22, dtype=torch.float64) * 2).round().to(dtype)
+    check(wide[:, ::2])  # column stride 2: cpp_forward copies it
+    check(wide[:, :11])  # row stride 22, unit column stride: the entry's direct call
+    lin.bias.data = torch.stack([lin.bias.data, lin.bias.data], 1)[:, 0]  # a non-contiguous bias
+    assert not lin.bias.is_contiguous()
+    check()
+    check(x.view(3, 1, 11).expand(3, 2, 11).contiguous())  # 3-D: no direct call in its entry
+    assert PL._HOT_CALLS[PL.hot_key(x.view(3, 1, 11).expand(3, 2, 11), lin.weight, activation)][7] is None
+
+
 def test_module_hot_calls_skip_views_and_inference_weights(monkeypatch):
     """No entry for a weight made anew at each call (EnsembleLinear's flat view) nor for an inference tensor (no
     version counter to see in-place updates by): those keep the checked path, and stay exact. (The checked path's
