@@ -596,6 +596,32 @@ def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activ
     assert PL._HOT_CALLS[PL.hot_key(x.view(3, 1, 11).expand(3, 2, 11), lin.weight, activation)][7] is None
 
 
+@pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+@pytest.mark.parametrize("bias_dtype", [torch.float64, torch.float16])
+def test_panel_engine_refuses_a_bias_of_another_dtype(monkeypatch, bias_dtype):
+    """The engine reads the bias through its address as x's dtype: a bias of another dtype was read as garbage
+    (float64 bias, float32 layer: errors of 1e19) or past its end. Now a ValueError naming the bias, from the
+    module's one-lookup entry and from cpp_forward alike; the layer runs again once the bias is fixed."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    PL._CANDIDATES.clear()
+    tuning.clear()
+    lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
+    x = torch.randn(2, 11)
+    with torch.no_grad():
+        lin(x)
+        assert PL._HOT_CALLS[PL.hot_key(x, lin.weight, "none")][7] is not None
+        good = lin.bias.data
+        lin.bias.data = good.to(bias_dtype)
+        for _ in range(2):
+            with pytest.raises(ValueError, match="bias must have x's dtype"):
+                lin(x)
+        with pytest.raises(ValueError, match="bias must have x's dtype"):
+            PL.cpp_forward(x, lin.weight, lin.bias, lin._plan, "none")
+        lin.bias.data = good
+        assert_close(lin(x), partial_linear_ref(x, lin.weight, lin.bias, [5, 3, 3], [4, 2, 2]), dtype=torch.float32)
+
+
 def test_module_hot_calls_skip_views_and_inference_weights(monkeypatch):
     """No entry for a weight made anew at each call (EnsembleLinear's flat view) nor for an inference tensor (no
     version counter to see in-place updates by): those keep the checked path, and stay exact. (The checked path's

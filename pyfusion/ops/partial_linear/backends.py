@@ -626,8 +626,11 @@ def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
     if sk != 1 and i_total > 1:
         x2 = x2.contiguous()
         sm = i_total
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    if bias is not None:
+        if bias.dtype != x.dtype or not bias.is_cpu:  # the engine reads it through its address as x's dtype
+            raise ValueError(f"bias must have x's dtype and device ({x.dtype}, cpu); got ({bias.dtype}, {bias.device})")
+        if not bias.is_contiguous():
+            bias = bias.contiguous()
     try:
         engine, panels = hot_derived(weight, plan, _CPP_TAGS[activation], _PACKERS[activation])
         y = x2.new_empty(m, plan.o_total)
@@ -851,7 +854,11 @@ def hot_forward(
         y = F.linear(x, dense, bias)
         return y if activation == "none" else _apply_activation_(y, activation)
     cpp = ent[7]
-    if cpp is not None and x.stride(1) == 1 and (bias is None or bias.is_contiguous()):
+    if (
+        cpp is not None
+        and x.stride(1) == 1
+        and (bias is None or (bias.dtype is x.dtype and bias.is_cpu and bias.is_contiguous()))
+    ):
         # the panel engine straight from the entry (its panels, its entry point for the dtype): what cpp_forward
         # does after its flattening, stride and cache checks. 1 thread, batch 1, 150 -> 150 K=2 alpha 0.5, 100 ->
         # 100 alpha 0 and 784 -> 100 first layer: the module call 0.9-1.9 us faster (p25 of 30 interleaved rounds
