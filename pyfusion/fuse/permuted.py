@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.plan import Plan
+from pyfusion.fuse.plan import Plan, pristine_map
 from pyfusion.graph.groups import AxisRef, FusionGraph
 
 __all__ = ["permutation_maps", "permutation_segments", "permutation_tensors"]
@@ -82,7 +82,12 @@ def permutation_maps(graph: FusionGraph, plan: Plan) -> dict[str, list[tuple[Ten
             return None
         per = []
         hints = gp.perms if gp.perms is not None and len(gp.perms) == len(gp.A) else [None] * len(gp.A)
-        for a, b, hint in zip(gp.A, gp.B, hints):
+        for k, hint in enumerate(hints):
+            if pristine_map(gp.A, k) and pristine_map(gp.B, k):  # never made: exactly coef * P_k and P_k^T, no check
+                perm = gp.A.perm(k)  # type: ignore[attr-defined]
+                per.append((perm, torch.full((perm.numel(),), gp.A.coef(k), dtype=torch.float64)))  # type: ignore[attr-defined]
+                continue
+            a, b = gp.A[k], gp.B[k]
             if a.device.type != "cpu" or b.device.type != "cpu":
                 return None
             pv = _member_perm(a, b, hint)
