@@ -164,3 +164,42 @@ def test_permutation_maps_behave_as_lists():
     assert len(gp.B) == 2
     stacked = torch.stack(list(gp.A))
     assert stacked.shape == (2, 7, 7) and torch.equal(stacked[1], gp.A[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_permutation_path_with_identity_perms_leaves_the_members_alone(dtype, monkeypatch):
+    members, example = _family("vgg_bn")
+    members = [m.to(dtype) for m in members]
+    graph = trace_groups(members[0], example.to(dtype))
+    before = [copy.deepcopy(m.state_dict()) for m in members]
+    ident = {name: [torch.arange(gr.size), torch.arange(gr.size)] for name, gr in graph.groups.items()}
+    mixed = {name: [torch.arange(gr.size), torch.randperm(gr.size)] for name, gr in graph.groups.items()}
+    for perms in (ident, mixed):
+        plan = Plan.from_permutations(graph, perms, (0.5, 0.5))
+        fused = builder.build(members, graph, plan)
+        with monkeypatch.context() as mp:  # the general path (the fast path made to decline)
+            mp.setattr(permuted, "permutation_maps", lambda *a, **k: None)
+            general = builder.build(members, graph, plan)
+        for key, t in general.state_dict().items():
+            assert torch.equal(fused.state_dict()[key], t), key
+        for m, sd in zip(members, before):
+            for key, t in m.state_dict().items():
+                assert torch.equal(t, sd[key]), key
+
+
+def test_a_non_finite_activation_cost_is_refused(monkeypatch):
+    import pyfusion.fuse.activation_matching as am
+
+    members, example = _family("mlp")
+    data = [torch.randn(16, 12)]
+    real = am.activation_costs
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for c in out.values():
+            c[1, 2] = math.nan
+        return out
+
+    monkeypatch.setattr(am, "activation_costs", poisoned)
+    with pytest.raises(ValueError, match="activation cost against member 1 has NaN or inf"):
+        pyfusion.fuse(members, data, method="activation_matching")
