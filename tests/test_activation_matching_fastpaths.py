@@ -203,3 +203,22 @@ def test_a_non_finite_activation_cost_is_refused(monkeypatch):
     monkeypatch.setattr(am, "activation_costs", poisoned)
     with pytest.raises(ValueError, match="activation cost against member 1 has NaN or inf"):
         pyfusion.fuse(members, data, method="activation_matching")
+
+
+@pytest.mark.parametrize("sizes", [(24, 40), (7, 13), (1, 5), (30, 1)])
+def test_mirrored_block_is_the_transposed_lower_block(sizes):
+    from pyfusion.stats.activation_stats import ActivationStats
+
+    da, db = sizes
+    x = torch.randn(700, da + db, dtype=torch.float32) * 3 + 1
+    st = ActivationStats([da, db], pairs=[(0, 1)])
+    for blk in x.split(256):
+        st.update([blk[:, :da], blk[:, da:]])
+    got = st._sym(slice(0, da), slice(da, da + db))
+    want = st._s2[da:, :da].T.clone(memory_format=torch.contiguous_format)  # the direct transposed copy
+    assert got.is_contiguous() and torch.equal(got, want)
+    got.fill_(12345.0)  # a copy: the state is not changed through it
+    assert not bool((st._s2[da:, :da] == 12345.0).any())
+    xd = x.double()
+    cov = (xd[:, :da] - xd[:, :da].mean(0)).T @ (xd[:, da:] - xd[:, da:].mean(0)) / x.shape[0]
+    torch.testing.assert_close(st.cov(0, 1), cov, rtol=0, atol=1e-5 * float(cov.abs().max()))
