@@ -3,7 +3,8 @@
 The fused layer is ``W' = sum_k A_k^{out} W_k B_k^{in}``, ``b' = sum_k A_k b_k``. Vanilla averaging is
 ``A_k = lambda_k I, B_k = I``; permutation alignment is ``A_k = lambda_k P_k, B_k = P_k^T``; OT fusion uses soft
 transport maps; partial fusion uses more slots than neurons with the layout ``[shared | branch_1 | ... | branch_K]``.
-Maps are stored densely in float64: exact, and small next to the weights they act on (n x slots per group).
+Maps are stored densely in float64: exact, and small next to the weights they act on (n x slots per group); the
+permutation maps of :meth:`Plan.from_permutations` are made on first read (:class:`PermutationMaps`).
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ class GroupPlan:
     """The maps of one neuron group.
 
     Attributes:
-        A: K tensors (slots, n_k), float64: how member k's neurons build each slot's incoming weights.
-        B: K tensors (n_k, slots), float64: where member k's input neurons are found among the slots.
+        A: K tensors (slots, n_k), float64: how member k's neurons build each slot's incoming weights (a list, or
+            for a plan of :meth:`Plan.from_permutations` a :class:`PermutationMaps`, a mutable sequence that makes
+            each map on first read: ``list(gp.A)`` where a list is needed, e.g. for ``torch.stack``).
+        B: K tensors (n_k, slots), float64: where member k's input neurons are found among the slots (as ``A``).
         layout: segment sizes ``(shared, branch_1, ..., branch_K)`` summing to ``slots``; full fusion is
             ``(n, 0, ..., 0)``.
         perms: for a plan made by :meth:`Plan.from_permutations`, member k's neuron in each slot (n,) per member: a
@@ -252,8 +255,9 @@ class Plan:
     ) -> Plan:
         """Full fusion from permutations: ``perms[g][k][s]`` is member k's neuron in slot s of group g.
 
-        ``A_k = lambda_k P_k`` and ``B_k = P_k^T`` with ``P_k[s, perms[g][k][s]] = 1``. Groups missing from
-        ``perms`` get the identity permutation.
+        ``A_k = lambda_k P_k`` and ``B_k = P_k^T`` with ``P_k[s, perms[g][k][s]] = 1``, as
+        :class:`PermutationMaps` (each map made when first read). Groups missing from ``perms`` get the identity
+        permutation.
         """
         groups = {}
         for name, g in graph.groups.items():
