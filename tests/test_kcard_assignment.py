@@ -167,6 +167,18 @@ def test_nan_and_wrong_infinity_rejected(bad, message, rng):
     np.testing.assert_array_equal(c, before)
     with pytest.raises(ValueError, match="contains \\+inf at \\(0, 0\\)"):
         linear_assignment(np.array([[np.inf, 1.0]]), num_matches=1, maximize=True)
+    # the direct engine validates inside its column minima (no separate pass): k = 0 (no augmentation), a
+    # maximisation (its negated copy turns +inf into -inf), float32, and the last entry of the matrix
+    for k in (0, 2):
+        with pytest.raises(ValueError, match=message):
+            linear_assignment(c.astype(np.float32), num_matches=k)
+    m = rng.random((4, 5))
+    m[3, 4] = np.inf
+    with pytest.raises(ValueError, match="contains \\+inf at \\(3, 4\\)"):
+        linear_assignment(m, num_matches=2, maximize=True)
+    m[3, 4] = np.nan
+    with pytest.raises(ValueError, match="contains NaN at \\(3, 4\\)"):
+        linear_assignment(m, unmatched_cost=0.2, maximize=True)
 
 
 def test_engine_argument_checked():

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -515,7 +516,8 @@ class KCardCore {
   KCardCore(const T* c, const T* ct, int n, int m) : c_(c), ct_(ct), n_(n), m_(m), k_(kernels<T>()) {}
 
   // Augments `max_pairs` times (or until a shortest path costs >= stop_at), writing col4row (n entries, -1:
-  // unmatched). Throws Infeasible when fewer than max_pairs pairs avoid +inf and stop_at is +inf.
+  // unmatched). Throws Infeasible when fewer than max_pairs pairs avoid +inf and stop_at is +inf, BadEntry when an
+  // entry is NaN or -inf (found by the column minima).
   void solve(int64_t max_pairs, T stop_at, int32_t* col4row) {
     const T inf = std::numeric_limits<T>::infinity();
     std::fill(col4row, col4row + n_, -1);
@@ -527,7 +529,10 @@ class KCardCore {
     pen_.assign(m_, T(0));
     cmin_.assign(m_, inf);
     carg_.assign(m_, -1);
-    for (int i = 0; i < n_; ++i) k_.colmin(row(i), cmin_.data(), carg_.data(), m_, static_cast<I>(i));
+    // the column minima also validate the entries (solve_one skips its separate pass for this engine)
+    bool bad = false;
+    for (int i = 0; i < n_; ++i) bad |= k_.colmin(row(i), cmin_.data(), carg_.data(), m_, static_cast<I>(i));
+    if (bad) throw BadEntry{};
     free_rows_.resize(n_);
     where_.resize(n_);
     std::iota(free_rows_.begin(), free_rows_.end(), 0);
@@ -654,28 +659,33 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       }
     }
   };
-  // Square minimise problems are validated inside the column reduction (same pass over the matrix);
-  // every other form gets a separate SIMD pass here.
-  const bool fused_check = !mx && p.num_matches < 0 && !opt.has_unmatched_cost && n == m && n > 0;
-  if (!fused_check && n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf)) locate_bad();
-  for (int64_t i = 0; i < n; ++i) out[i] = -1;
-  *total = 0.0;
   const T sgn = mx ? T(-1) : T(1);
   const bool partial_k = p.num_matches >= 0;
   const bool partial_u = opt.has_unmatched_cost;
+  // Direct k-cardinality solve (KCardCore) unless asked for the padded one or k is close to min(n, m): the
+  // successive shortest paths get long as the matching fills up, while the padded problem then has few dummies
+  // and JV's initialisation does most of the work. Measured on 1024 x 1024 squared-Euclidean costs (1 thread,
+  // loaded 2-core VM, best of 2): k = 512: direct 0.06 s, padded 0.29 s; k = 768: 0.13 / 0.20 s; k = 896:
+  // 0.17 / 0.11 s; k = 1000: 0.22 / 0.04 s. Both are exact; only the work differs.
+  const int64_t kmax = std::min(n, m);
+  const bool padded = opt.partial_engine == PartialEngine::kPadded ||
+                      (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
+                       5 * p.num_matches > 4 * kmax && p.num_matches < kmax);
+  const bool direct = !((partial_k || partial_u) && padded) &&
+                      ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) ||
+                       partial_u);
+  // Square minimise problems are validated inside the column reduction, and the direct k-cardinality solve inside
+  // its column minima over the rows (the same pass over the matrix: a NaN or an infinity of the wrong sign, which
+  // the negated copy of a maximisation turns into -inf, fails the ordered compare x > -inf there); every other
+  // form gets a separate SIMD pass here.
+  const bool fused_check = !mx && p.num_matches < 0 && !opt.has_unmatched_cost && n == m && n > 0;
+  if (!fused_check && !direct && n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf)) locate_bad();
+  for (int64_t i = 0; i < n; ++i) out[i] = -1;
+  *total = 0.0;
   std::vector<T> work;
   std::vector<int32_t> sol;
   const char* forb = mx ? "-inf" : "+inf";
   try {
-    // Direct k-cardinality solve (KCardCore) unless asked for the padded one or k is close to min(n, m): the
-    // successive shortest paths get long as the matching fills up, while the padded problem then has few dummies
-    // and JV's initialisation does most of the work. Measured on 1024 x 1024 squared-Euclidean costs (1 thread,
-    // loaded 2-core VM, best of 2): k = 512: direct 0.06 s, padded 0.29 s; k = 768: 0.13 / 0.20 s; k = 896:
-    // 0.17 / 0.11 s; k = 1000: 0.22 / 0.04 s. Both are exact; only the work differs.
-    const int64_t kmax = std::min(n, m);
-    const bool padded = opt.partial_engine == PartialEngine::kPadded ||
-                        (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
-                         5 * p.num_matches > 4 * kmax && p.num_matches < kmax);
     if ((partial_k || partial_u) && padded) {  // the sink-padded square problem
       const int64_t k = p.num_matches;
       const int64_t s = partial_u ? n + m : n + m - k;
@@ -702,7 +712,7 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       sol.resize(static_cast<size_t>(s));
       Core<T>(work.data(), static_cast<int>(s), static_cast<int>(s)).solve(sol.data());
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i] < m ? sol[i] : -1;
-    } else if ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) || partial_u) {
+    } else if (direct) {
       // Direct k-cardinality solve (KCardCore). k = min(n, m) is a complete assignment: the branches below (unless
       // the direct engine is forced, for tests).
       if (n == 0 || m == 0) return;
@@ -712,7 +722,9 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
         for (int64_t t = 0; t < n * m; ++t) work[t] = -c[t];
         src = work.data();
       }
-      std::vector<T> tr(static_cast<size_t>(n * m));
+      // every entry is written by the transpose: no zero fill first (a std::vector's was 8 MB of memset per
+      // 1024 x 1024 float64 solve, on top of the page faults)
+      std::unique_ptr<T[]> tr(new T[static_cast<size_t>(n * m)]);
       constexpr int64_t tile = 32;  // cache-blocked transpose (a strided one was ~20% of a k = n / 4 solve)
       for (int64_t i0 = 0; i0 < n; i0 += tile)
         for (int64_t j0 = 0; j0 < m; j0 += tile)
@@ -721,7 +733,11 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       const int64_t pairs = partial_u ? std::min(n, m) : p.num_matches;
       const T stop_at = partial_u ? T(2) * sgn * static_cast<T>(opt.unmatched_cost) : inf;
       sol.resize(static_cast<size_t>(n));
-      KCardCore<T>(src, tr.data(), static_cast<int>(n), static_cast<int>(m)).solve(pairs, stop_at, sol.data());
+      try {
+        KCardCore<T>(src, tr.get(), static_cast<int>(n), static_cast<int>(m)).solve(pairs, stop_at, sol.data());
+      } catch (const BadEntry&) {
+        locate_bad();
+      }
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i];
     } else if (n == 0 || m == 0) {
       return;
