@@ -326,7 +326,7 @@ def linear_assignment(
     The C++ engine solves them directly on the n x m cost (k-cardinality assignment, Dell'Amico & Martello,
     Discrete Appl. Math. 76 (1997)): successive shortest augmenting paths from all free rows at once keep the
     matching optimal for its size after every augmentation, so ``num_matches=k`` stops after k of them and
-    ``unmatched_cost=u`` at the first path that costs >= 2u (path costs never decrease). For k > 0.8 min(n, m)
+    ``unmatched_cost=u`` at the first path that costs >= 2u (path costs never decrease). For k > 0.9 min(n, m)
     it solves the padded problem instead, which is then faster (the measurement is in csrc/assignment/lsap.cpp).
 
     The engine is the C++ Jonker-Volgenant solver (column reduction, reduction transfer, augmenting row
