@@ -562,10 +562,14 @@ class KCardCore {
     done_d_.clear();
     done_v_.clear();
     int j = -1;
-    // The free rows as one virtual row: d_j = cmin_j - v_j, pred_j = carg_j.
-    k_.scan(cmin_.data(), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, T(0), I(-1), &j);
-    std::copy(carg_.begin(), carg_.end(), pred_.begin());
-    // bound_: the best label of a free column so far (only goes down); every column at or below it is queued
+    // The free rows as one virtual row: d_j = cmin_j - v_j, pred_j = carg_j (every column, so d_ needs no reset
+    // between searches: no column is final here, and a search that ends writes no label after this). The same
+    // values as Core's scan from an all-inf d with h = 0: (c - v) - 0 == c - v.
+    for (int q = 0; q < m_; ++q) {
+      d_[q] = cmin_[q] - v_[q];
+      pred_[q] = carg_[q];
+    }
+    // bound_: the best label of a free column so far (only goes down); every column at or below it is queued.
     // pen is 0 on a free column, +inf on an assigned one; four running minima, so that the loop is not one chain of
     // dependent min operations (GCC does not vectorise a floating-point min reduction without -ffast-math)
     T b0 = inf, b1 = inf, b2 = inf, b3 = inf;
@@ -608,7 +612,6 @@ class KCardCore {
     const T dmin = done_d_.back();
     for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k] + (done_d_[k] - dmin);
     pen_[j] = inf;
-    std::fill(d_.begin(), d_.end(), inf);
     while (true) {  // flip the path back to the free row it started from
       const int ip = static_cast<int>(pred_[j]);
       row4col_[j] = ip;
