@@ -8,12 +8,16 @@ then the fused weights by permuting member 1 and averaging (numpy). Both sides m
 (checked; the fused parameters then agree to float32 rounding). Times are wall clock, end to end (data already in
 memory as batches of 512), median of interleaved repeats (pyfusion, script, pyfusion, ...), one thread for torch and
 BLAS (``--threads T`` with ``OMP_NUM_THREADS=T`` etc. for both sides). ``pyfusion`` is also split into its stages
-(fusion_info: trace, statistics, cost, solve, build). The FLOP floor is the forward passes of both members plus one
-cross-correlation GEMM per hidden layer at the float32 GEMM rate measured in the same run: ``script / floor`` bounds
-the speed-up of any implementation with float32 products; ``forwards s`` is both members' plain forwards measured
-alone (no hooks), so ``script / forwards`` bounds any implementation even if everything after the forwards were free.
+(fusion_info: trace, statistics, cost, solve, build; ``rest s``: the end to end time less those, i.e. the argument
+checks, the plan, the FLOP cap and the execution-module swap). The FLOP floor is the forward passes of both members
+plus one cross-correlation GEMM per hidden layer at the float32 GEMM rate measured in the same run: ``script /
+floor`` bounds the speed-up of any implementation with float32 products; ``forwards s`` is both members' plain
+forwards measured alone (no hooks), so ``script / forwards`` bounds any implementation even if everything after the
+forwards were free.
+
 
 Usage: PYTHONPATH=. python bench/e2e_activation_matching.py [--quick] [--repeats R] [--threads T] [--out PATH]
+       [--profile]  (also print a cProfile of one fusion per size, by CPU time, top functions by own time)
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # bef
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import pstats  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +46,8 @@ import pyfusion  # noqa: E402
 from pyfusion.models import mlp  # noqa: E402
 
 BATCH = 512
+SECONDS = ("script s", "pyfusion s", "floor s", "forwards s", "trace s", "stats s", "cost s", "solve s", "build s",
+           "rest s")  # fmt: skip
 
 
 def members(width: int, depth: int = 3, seed: int = 0) -> list[torch.nn.Module]:
@@ -148,6 +157,20 @@ def forwards_time(models: list[torch.nn.Module], data: list[torch.Tensor], repea
     return min(times)
 
 
+def profile(models: list[torch.nn.Module], data: list[torch.Tensor], top: int = 30) -> str:
+    """cProfile of one ``run_pyfusion`` by process CPU time (steadier than wall clock on a shared machine): the
+    functions with the largest own time, then the cumulative times of pyfusion's stages."""
+    pr = cProfile.Profile(timer=time.process_time)
+    pr.enable()
+    run_pyfusion(models, data)
+    pr.disable()
+    out = io.StringIO()
+    st = pstats.Stats(pr, stream=out)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats("pyfusion", top)
+    return out.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (checks that the script works)")
@@ -159,11 +182,12 @@ def main() -> None:
         default=1,
         help="torch threads for both sides (numpy's BLAS follows OMP_NUM_THREADS etc., 1 unless set: set them too)",
     )
+    ap.add_argument("--profile", action="store_true", help="print a cProfile (CPU time) of one fusion per size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [(256, 1024), (256, 2048)] if args.quick else [(1024, 4096), (1024, 16384)]
     repeats = args.repeats or (1 if args.quick else 5)
-    rows = []
+    rows, profiles = [], []
     for width, n in sizes:
         models, data = members(width), batches(n)
         run_pyfusion(models, data[:1])  # warm-up: op registration, extension load, torch.export caches
@@ -174,7 +198,9 @@ def main() -> None:
             fused = run_pyfusion(models, data)
             t_py.append(time.perf_counter() - t0)
             info = fused.fusion_info
-            stages.append([info.get(k, 0.0) for k in ("time_graph_s", "time_stats_s", "time_cost_s", "time_solve_s")])
+            keys = ("time_graph_s", "time_stats_s", "time_cost_s", "time_solve_s", "time_build_s")
+            st_ = [info.get(k, 0.0) for k in keys]
+            stages.append(st_ + [t_py[-1] - sum(st_)])
             t0 = time.perf_counter()
             ref, perms, corrs = plain_script(models, data)
             t_plain.append(time.perf_counter() - t0)
@@ -190,9 +216,12 @@ def main() -> None:
         got = {k: v.detach().numpy() for k, v in fused.state_dict().items()}
         err = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
         med = statistics.median
-        st = [med(s[i] for s in stages) for i in range(4)]
+        st = [med(s[i] for s in stages) for i in range(6)]
         _flops, floor_s = flop_floor(width, n)
         fwd_s = forwards_time(models, data)
+        if args.profile:
+            head = f"== cProfile of one fusion, MLP 784-{width}x3-10, {n} samples =="
+            profiles.append(head + "\n" + profile(models, data))
         rows.append(
             [f"784-{width}x3-10", n, med(t_plain), med(t_py), med(t_plain) / med(t_py), floor_s,
              med(t_plain) / floor_s, fwd_s, med(t_plain) / fwd_s, *st, f"{gap:.1e}", f"{err:.1e}"]
@@ -215,15 +244,13 @@ def main() -> None:
             "stats s",
             "cost s",
             "solve s",
+            "build s",
+            "rest s",
             "objective gap",
             "max diff",
         ],
         rows,
-        formats={
-            c: ".3f"
-            for c in ("script s", "pyfusion s", "floor s", "forwards s", "trace s", "stats s", "cost s", "solve s")
-        }
-        | {"speed-up": ".2f", "script / floor": ".2f", "script / forwards": ".2f"},
+        formats={c: ".3f" for c in SECONDS} | {"speed-up": ".2f", "script / floor": ".2f", "script / forwards": ".2f"},
     )
     report.write(output_path(args.out, "e2e_activation_matching.md", args.quick))
     for r in rows:
@@ -231,8 +258,11 @@ def main() -> None:
             f"{r[0]} N={r[1]}: script {r[2]:.3f} s, pyfusion {r[3]:.3f} s ({r[4]:.2f}x); FLOP floor {r[5]:.3f} s "
             f"(the most any float32 implementation can beat the script by: {r[6]:.2f}x); "
             f"members' forwards alone {r[7]:.3f} s "
-            f"(script / forwards {r[8]:.2f}x); stages {r[9:13]}"
+            f"(script / forwards {r[8]:.2f}x); stages (trace, stats, cost, solve, build, rest) "
+            f"{[round(v, 4) for v in r[9:15]]}"
         )
+    for text in profiles:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,52 @@ class CatNet(nn.Module):
         return self.head(torch.cat([y, x.mean(1)], -1))
 
 
+class TorchvisionBlock(nn.Module):
+    """A torchvision-style ResNet basic block (written here: torchvision does not load with the CPU torch):
+    ``nn.ReLU(inplace=True)``, ``out += identity`` on the second BatchNorm's output, a 1x1 conv + BN downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TorchvisionResNet(nn.Module):
+    """Stem conv + BN + in-place ReLU + max pool, two basic blocks (the second strided, with a downsample),
+    adaptive average pool, ``torch.flatten``, a Linear head: the shape of torchvision's ``resnet18``, tiny."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = nn.Sequential(TorchvisionBlock(4, 4))
+        self.layer2 = nn.Sequential(TorchvisionBlock(4, 6, stride=2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 class ConvLast(nn.Module):
     """Convolutions, a permute to channels-last and a reshape into a Linear (pattern [rep HW, unit C])."""
 

@@ -309,6 +309,22 @@ def test_fit_of_a_cat_model_and_its_permuted_copy_is_the_member_and_fits_every_s
         torch.testing.assert_close(fused(x), m(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["partial_fit", "cluster_fit"])
+def test_fit_of_a_torchvision_style_resnet_and_its_permuted_copy_is_the_member(method):
+    """``out += identity`` changes the second BatchNorm's output in place, and in-place ReLUs follow the others."""
+    from _ir_models import TorchvisionResNet
+
+    torch.manual_seed(2)
+    m = randomize_batchnorm(TorchvisionResNet().double()).eval()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    data = [torch.randn(12, 3, 8, 8, dtype=torch.float64)]
+    twin = permuted_copy(m, torch.Generator().manual_seed(4), example_inputs=x)
+    fused = pyfusion.fuse([m, twin], data, method=method, alpha=0.0, reset_bn=False)
+    assert len(fused.fusion_info["fit"]["fitted"]) >= 5
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-9, atol=1e-9)
+
+
 def test_partial_fit_is_the_same_with_an_in_place_relu():
     """The fit reads each layer's output: ``nn.ReLU(inplace=True)`` after it must not change what it reads."""
     members, x, _ = _trained_mlps(2, seed=1)

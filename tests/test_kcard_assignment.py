@@ -167,6 +167,18 @@ def test_nan_and_wrong_infinity_rejected(bad, message, rng):
     np.testing.assert_array_equal(c, before)
     with pytest.raises(ValueError, match="contains \\+inf at \\(0, 0\\)"):
         linear_assignment(np.array([[np.inf, 1.0]]), num_matches=1, maximize=True)
+    # the direct engine validates inside its column minima (no separate pass): k = 0 (no augmentation), a
+    # maximisation (its negated copy turns +inf into -inf), float32, and the last entry of the matrix
+    for k in (0, 2):
+        with pytest.raises(ValueError, match=message):
+            linear_assignment(c.astype(np.float32), num_matches=k)
+    m = rng.random((4, 5))
+    m[3, 4] = np.inf
+    with pytest.raises(ValueError, match="contains \\+inf at \\(3, 4\\)"):
+        linear_assignment(m, num_matches=2, maximize=True)
+    m[3, 4] = np.nan
+    with pytest.raises(ValueError, match="contains NaN at \\(3, 4\\)"):
+        linear_assignment(m, unmatched_cost=0.2, maximize=True)
 
 
 def test_engine_argument_checked():
@@ -232,3 +244,28 @@ def test_property_objective_equals_scipy(problem, engine, maximize):
     check_matching(c, cols, total, k)
     want = -scipy_padded(-c, k) if maximize else scipy_padded(c, k)
     assert total == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(120, 120), (70, 150), (150, 70)])
+@pytest.mark.parametrize("kind", ["sqdist", "duplicates", "binary", "forbidden"])
+def test_wide_rows_equal_scipy(shape, kind, rng):
+    """Rows wider than the engine's sorted short lists (32 entries): a search relaxes a row on its short list when
+    that suffices and on the whole row otherwise (every entry of a {0, 1} row's list ties with the first entry left
+    out, so those rows take the full path); either way the objective is scipy's on the padded problem."""
+    n, m = shape
+    if kind == "sqdist":
+        c = sq_euclidean(rng, n, m)
+    elif kind == "duplicates":  # member rows repeated, columns nearly repeated: many exact and near ties
+        a = rng.standard_normal((n // 3 + 1, 8))[rng.integers(0, n // 3 + 1, n)]
+        b = a[rng.integers(0, n, m)] + 1e-9 * rng.standard_normal((m, 8))
+        c = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    elif kind == "binary":
+        c = rng.integers(0, 2, shape).astype(np.float64)
+    else:
+        c = rng.random(shape)
+        c[rng.random(shape) < 0.5] = np.inf
+    kmax = min(n, m)
+    for k in (1, kmax // 4, kmax // 2, (3 * kmax) // 4, (9 * kmax) // 10):
+        cols, total = solve(c, k, engine="direct")
+        check_matching(c, cols, total, k)
+        assert total == pytest.approx(scipy_padded(np.where(np.isinf(c), 1e9, c), k), abs=1e-9), (kind, k)

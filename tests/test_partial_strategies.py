@@ -100,7 +100,12 @@ def test_dense_weight_is_a_view_when_the_layer_is_one_block():
 
 
 def _conv_cases():
-    return STRUCTURED + [([3, 2, 2], [4, 3, 3]), ([2, 3, 3, 3], [1, 2, 2, 2])]
+    return STRUCTURED + [
+        ([3, 2, 2], [4, 3, 3]),
+        ([2, 3, 3, 3], [1, 2, 2, 2]),
+        ([3, 1, 4], [2, 3, 0]),
+        ([0, 4, 4], [2, 3, 3]),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -118,6 +123,8 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                     ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation,
                                              act)  # fmt: skip
                     names = ["runs", "dense"] + (["grouped"] if PC.grouped_layout(plan) is not None else [])
+                    names += ["members"] if PC.member_layout(plan) is not None else []
+                    names += ["im2col"]
                     for name in names:
                         with torch.no_grad():
                             y = PC.STRATEGIES[name](x, w, b, plan, geom, act)
@@ -128,6 +135,91 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                         ref0 = partial_conv2d_ref(x, w, None, ins, outs, geom.kernel, geom.stride, geom.padding,
                                                   geom.dilation)  # fmt: skip
                         assert_close(y, ref0, exact=integer)
+                    if PC.member_layout(plan) is not None:
+                        y = PC.STRATEGIES["members"](x, w, None, plan, geom, "none")
+                        ref0 = partial_conv2d_ref(x, w, None, ins, outs, geom.kernel, geom.stride, geom.padding,
+                                                  geom.dilation)  # fmt: skip
+                        assert_close(y, ref0, exact=integer)
+
+
+@pytest.mark.parametrize("name", ["runs", "grouped", "members", "im2col", "dense"])
+def test_conv_strategies_on_channels_last_and_strided_inputs(name):
+    """Every strategy on a channels-last input and on a channel-sliced view: the reference values, a contiguous
+    output."""
+    ins, outs = [3, 2, 2], [4, 3, 3]
+    plan = plan_of(ins, outs)
+    geom = conv_geom(3, 1, 1, 1)
+    w, b = make_weight(ins, outs, torch.float64, taps=geom.kernel, seed=4)
+    base = torch.randn(2, plan.i_total + 3, 6, 5, dtype=torch.float64)
+    for x in (
+        base[:, :7].contiguous(memory_format=torch.channels_last),
+        base[:, 2:9],
+        base[:, :7, :, ::1].transpose(2, 3),
+    ):
+        ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation, "relu")
+        with torch.no_grad():
+            y = PC.STRATEGIES[name](x, w, b, plan, geom, "relu")
+        assert y.is_contiguous()
+        assert_close(y, ref)
+
+
+@pytest.mark.parametrize(
+    "geom_args", [(3, 1, 1, 1), ((3, 2), (2, 1), (0, 2), (2, 1)), (5, 3, 2, 2), (1, 1, 0, 1), ((2, 3), 1, 0, (1, 3))]
+)
+def test_unfold_equals_torch_unfold(geom_args):
+    """The im2col strategy's unfold (a strided view of the padded input, copied once) is F.unfold exactly, on
+    strided, dilated, padded, asymmetric geometries and a non-contiguous input."""
+    geom = conv_geom(*geom_args)
+    x = torch.randn(2, 5, 11, 9, dtype=torch.float64)[:, 1:4]
+    from pyfusion.ops.partial_conv2d.backends import conv_out_hw
+
+    ho, wo = conv_out_hw(11, 9, geom.kernel, geom.stride, geom.padding, geom.dilation)
+    want = torch.nn.functional.unfold(x, geom.kernel, geom.dilation, geom.padding, geom.stride)
+    assert torch.equal(PC._unfold(x, geom, ho, wo), want)
+
+
+def test_conv_candidates():
+    """The strategies the tuner measures per plan: members only with shared outputs, im2col only at small batches
+    and where some run reads several input ranges (else it is the runs' own work), one convolution for a dense
+    view."""
+    geom = conv_geom(3)
+
+    def names(ins, outs, small):
+        return list(PC._candidates(plan_of(ins, outs), geom, small)[0])
+
+    assert names([5, 3, 3], [4, 2, 2], True) == ["runs", "grouped", "members", "im2col", "dense"]
+    assert names([5, 3, 3], [4, 2, 2], False) == ["runs", "grouped", "members", "dense"]
+    assert names([0, 4, 4], [0, 3, 3], True) == ["runs", "grouped", "dense"]  # alpha 1: the members' convolutions
+    assert names([6, 0, 0], [5, 0, 0], True) == ["dense"]
+    assert names(K3_IN, K3_OUT, True)[0] == "runs" and "members" not in names(K3_IN, K3_OUT, True)
+
+
+def test_member_layout_only_for_standard_layouts_with_shared_outputs():
+    assert PC.member_layout(plan_of([4, 2, 2, 2], [3, 2, 2, 2])) == (3, 4, (2, 2, 2), 3, (2, 2, 2))
+    assert PC.member_layout(plan_of([3, 1, 4], [2, 3, 0])) == (2, 3, (1, 4), 2, (3, 0))  # non-uniform branches
+    assert PC.member_layout(plan_of([0, 4, 4], [2, 3, 3])) == (2, 0, (4, 4), 2, (3, 3))  # no shared inputs
+    assert PC.member_layout(plan_of([0, 4, 4], [0, 3, 3])) is None  # alpha 1: the output runs are the members
+    assert PC.member_layout(plan_of([6, 0, 0], [5, 0, 0])) is None  # no branch inputs
+    assert PC.member_layout(plan_of(K3_IN, K3_OUT)) is None  # subset slots
+    assert PC.member_layout(plan_of([7, 5], [6, 3])) is None  # K = 1
+
+
+def test_member_weights_are_the_members_convolutions():
+    """Each member's weight is its rows [shared | branch k] on its inputs [shared | branch k] of the dense
+    zero-block weight, with the shared x shared block in member 0's only (so that the shared outputs sum once)."""
+    ins, outs = [3, 2, 4], [2, 3, 1]
+    plan = plan_of(ins, outs)
+    geom = conv_geom(3)
+    w, _b = make_weight(ins, outs, torch.float64, taps=geom.kernel, integer=True, seed=2)
+    dense = PartialConv2d.from_dense(torch.zeros(6, 9, 3, 3, dtype=torch.float64), None, ins, outs)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    d = dense.dense_weight()
+    w0, w1 = PC._member_weights(w, plan, geom)
+    assert torch.equal(w0, d[[0, 1, 2, 3, 4]][:, [0, 1, 2, 3, 4]])
+    want1 = d[[0, 1, 5]][:, [0, 1, 2, 5, 6, 7, 8]].clone()
+    want1[:2, :3] = 0
+    assert torch.equal(w1, want1)
 
 
 def test_grouped_layout_only_for_uniform_standard_layouts():
@@ -451,6 +543,83 @@ def test_module_hot_calls_follow_the_weight_and_the_threads(monkeypatch, ins, ou
     assert ref() is None
     assert not any(isinstance(k[1], torch.Size) and k[0] == id(ref) for k in PL._HOT_CALLS)
     assert not [v for k, v in PL._HOT_CALLS.items() if isinstance(k[1], torch.Size) and v[1]() is None]
+
+
+@pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activation, dtype):
+    """A settled panel-engine layer on 2-D inputs calls the engine straight from its entry (its panels held there):
+    exact on integers, and it follows in-place updates, ``.data`` swaps and thread counts; inputs with a column
+    stride, a non-contiguous bias and N-D inputs take cpp_forward, exact too."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    PL._CANDIDATES.clear()
+    tuning.clear()
+    ins, outs = [5, 3, 3], [4, 2, 2]
+    w, b = make_weight(ins, outs, dtype, integer=True, seed=5)
+    lin = PartialLinear(ins, outs, activation=activation).to(dtype).eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    x = (torch.randn(3, 11, dtype=torch.float64) * 2).round().to(dtype)
+
+    def check(inp=x):
+        with torch.no_grad():
+            y = lin(inp)
+        assert y.dtype == dtype
+        assert_close(y, partial_linear_ref(inp, lin.weight, lin.bias, ins, outs, activation), exact=True)
+
+    check()
+    ent = PL._HOT_CALLS[PL.hot_key(x, lin.weight, activation)]
+    assert ent[7] is not None  # the engine and its panels
+    check()
+    with torch.no_grad():
+        lin.weight.mul_(-2)
+    check()
+    lin.weight.data = lin.weight.data * 3
+    check()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        check()
+        check()
+    finally:
+        torch.set_num_threads(threads)
+    wide = (torch.randn(3, 22, dtype=torch.float64) * 2).round().to(dtype)
+    check(wide[:, ::2])  # column stride 2: cpp_forward copies it
+    check(wide[:, :11])  # row stride 22, unit column stride: the entry's direct call
+    lin.bias.data = torch.stack([lin.bias.data, lin.bias.data], 1)[:, 0]  # a non-contiguous bias
+    assert not lin.bias.is_contiguous()
+    check()
+    check(x.view(3, 1, 11).expand(3, 2, 11).contiguous())  # 3-D: no direct call in its entry
+    assert PL._HOT_CALLS[PL.hot_key(x.view(3, 1, 11).expand(3, 2, 11), lin.weight, activation)][7] is None
+
+
+@pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+@pytest.mark.parametrize("bias_dtype", [torch.float64, torch.float16])
+def test_panel_engine_refuses_a_bias_of_another_dtype(monkeypatch, bias_dtype):
+    """The engine reads the bias through its address as x's dtype: a bias of another dtype was read as garbage
+    (float64 bias, float32 layer: errors of 1e19) or past its end. Now a ValueError naming the bias, from the
+    module's one-lookup entry and from cpp_forward alike; the layer runs again once the bias is fixed."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    PL._CANDIDATES.clear()
+    tuning.clear()
+    lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
+    x = torch.randn(2, 11)
+    with torch.no_grad():
+        lin(x)
+        assert PL._HOT_CALLS[PL.hot_key(x, lin.weight, "none")][7] is not None
+        good = lin.bias.data
+        lin.bias.data = good.to(bias_dtype)
+        for _ in range(2):
+            with pytest.raises(ValueError, match="bias must have x's dtype"):
+                lin(x)
+        with pytest.raises(ValueError, match="bias must have x's dtype"):
+            PL.cpp_forward(x, lin.weight, lin.bias, lin._plan, "none")
+        lin.bias.data = good
+        assert_close(lin(x), partial_linear_ref(x, lin.weight, lin.bias, [5, 3, 3], [4, 2, 2]), dtype=torch.float32)
 
 
 def test_module_hot_calls_skip_views_and_inference_weights(monkeypatch):

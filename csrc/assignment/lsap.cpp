@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
@@ -506,6 +507,12 @@ class Core {
 // only the columns whose argmin it was are recomputed from the transposed copy, stopping early at an entry equal
 // to the old minimum (the free set shrinks, so the minimum cannot go down): O(m) per augmentation on costs
 // without ties, O(1) per column on all-equal costs.
+// The search itself is a Dijkstra with a queue instead of Core's full row scans: after the one full scan of the
+// free rows (cmin), a popped matched column's row is relaxed only on the entries that can still be popped before
+// the end (relax_row: its few smallest entries, kept sorted), and the next column comes from a binary heap in the
+// scan's order. It pops exactly the columns the full scans would, in the same order, with the same labels: the
+// same matching and duals, bit for bit (checked against the full-scan engine on random, tied, duplicated,
+// forbidden, float32 and maximised problems when it was written).
 template <typename T>
 class KCardCore {
  public:
@@ -515,7 +522,8 @@ class KCardCore {
   KCardCore(const T* c, const T* ct, int n, int m) : c_(c), ct_(ct), n_(n), m_(m), k_(kernels<T>()) {}
 
   // Augments `max_pairs` times (or until a shortest path costs >= stop_at), writing col4row (n entries, -1:
-  // unmatched). Throws Infeasible when fewer than max_pairs pairs avoid +inf and stop_at is +inf.
+  // unmatched). Throws Infeasible when fewer than max_pairs pairs avoid +inf and stop_at is +inf, BadEntry when an
+  // entry is NaN or -inf (found by the column minima).
   void solve(int64_t max_pairs, T stop_at, int32_t* col4row) {
     const T inf = std::numeric_limits<T>::infinity();
     std::fill(col4row, col4row + n_, -1);
@@ -527,7 +535,10 @@ class KCardCore {
     pen_.assign(m_, T(0));
     cmin_.assign(m_, inf);
     carg_.assign(m_, -1);
-    for (int i = 0; i < n_; ++i) k_.colmin(row(i), cmin_.data(), carg_.data(), m_, static_cast<I>(i));
+    // the column minima also validate the entries (solve_one skips its separate pass for this engine)
+    bool bad = false;
+    for (int i = 0; i < n_; ++i) bad |= k_.colmin(row(i), cmin_.data(), carg_.data(), m_, static_cast<I>(i));
+    if (bad) throw BadEntry{};
     free_rows_.resize(n_);
     where_.resize(n_);
     std::iota(free_rows_.begin(), free_rows_.end(), 0);
@@ -551,14 +562,36 @@ class KCardCore {
     done_d_.clear();
     done_v_.clear();
     int j = -1;
-    // The free rows as one virtual row: d_j = cmin_j - v_j, pred_j = carg_j.
-    T dmin = k_.scan(cmin_.data(), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, T(0), I(-1), &j);
-    std::copy(carg_.begin(), carg_.end(), pred_.begin());
+    // The free rows as one virtual row: d_j = cmin_j - v_j, pred_j = carg_j (every column, so d_ needs no reset
+    // between searches: no column is final here, and a search that ends writes no label after this). The same
+    // values as Core's scan from an all-inf d with h = 0: (c - v) - 0 == c - v.
+    for (int q = 0; q < m_; ++q) {
+      d_[q] = cmin_[q] - v_[q];
+      pred_[q] = carg_[q];
+    }
+    // bound_: the best label of a free column so far (only goes down); every column at or below it is queued.
+    // pen is 0 on a free column, +inf on an assigned one; four running minima, so that the loop is not one chain of
+    // dependent min operations (GCC does not vectorise a floating-point min reduction without -ffast-math)
+    T b0 = inf, b1 = inf, b2 = inf, b3 = inf;
+    int q = 0;
+    for (; q + 4 <= m_; q += 4) {
+      b0 = std::min(b0, d_[q] + pen_[q]);
+      b1 = std::min(b1, d_[q + 1] + pen_[q + 1]);
+      b2 = std::min(b2, d_[q + 2] + pen_[q + 2]);
+      b3 = std::min(b3, d_[q + 3] + pen_[q + 3]);
+    }
+    for (; q < m_; ++q) b0 = std::min(b0, d_[q] + pen_[q]);
+    bound_ = std::min(std::min(b0, b1), std::min(b2, b3));
+    heap_.clear();
+    for (q = 0; q < m_; ++q)
+      if (d_[q] <= bound_) heap_.push_back({d_[q], pen_[q] != T(0), q});
+    std::make_heap(heap_.begin(), heap_.end(), Later{});
     auto undo = [&]() {
       for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k];
       std::fill(d_.begin(), d_.end(), inf);
     };
     while (true) {
+      T dmin = pop(&j);
       if (!(dmin < inf)) {  // no free column reachable: infeasible for a fixed k, the end for a sink cost
         undo();
         return stop_at < inf ? -2 : -1;
@@ -574,12 +607,11 @@ class KCardCore {
       d_[j] = inf;
       const int i2 = row4col_[j];
       if (i2 < 0) break;
-      const T h = row(i2)[j] - done_v_.back() - dmin;
-      dmin = k_.scan(row(i2), v_.data(), d_.data(), pred_.data(), pen_.data(), m_, h, static_cast<I>(i2), &j);
+      relax_row(i2, row(i2)[j] - done_v_.back() - dmin);
     }
+    const T dmin = done_d_.back();
     for (size_t k = 0; k < done_j_.size(); ++k) v_[done_j_[k]] = done_v_[k] + (done_d_[k] - dmin);
     pen_[j] = inf;
-    std::fill(d_.begin(), d_.end(), inf);
     while (true) {  // flip the path back to the free row it started from
       const int ip = static_cast<int>(pred_[j]);
       row4col_[j] = ip;
@@ -588,6 +620,100 @@ class KCardCore {
       if (old < 0) return ip;
       j = old;
     }
+  }
+
+  // Queue entries: (label, assigned, column), popped smallest first: the scan's order (smallest label, a free column
+  // before an assigned one, then the smallest index), so the search pops the columns Core's full scans would.
+  struct Entry {
+    T d;
+    bool assigned;
+    int j;
+  };
+  struct Later {
+    bool operator()(const Entry& a, const Entry& b) const {
+      if (a.d != b.d) return a.d > b.d;
+      if (a.assigned != b.assigned) return a.assigned;
+      return a.j > b.j;
+    }
+  };
+
+  // The next column of the search: the smallest queued entry that is still current (a column's label only goes
+  // down, and a final column's label is +inf, so an entry whose label is not the column's is stale). +inf when
+  // the queue is empty (no free column reachable).
+  T pop(int* j) {
+    while (!heap_.empty()) {
+      std::pop_heap(heap_.begin(), heap_.end(), Later{});
+      const Entry e = heap_.back();
+      heap_.pop_back();
+      if (e.d == d_[e.j]) {
+        *j = e.j;
+        return e.d;
+      }
+    }
+    *j = -1;
+    return std::numeric_limits<T>::infinity();
+  }
+
+  // Relaxes row i (entered at offset h) only where that can matter. The search ends at a free column whose label
+  // is at most bound_, so a column whose new label c_ij - v_j - h would exceed bound_ is never popped (a free
+  // column with that label is not the best one; an assigned one comes after the end), and its label need not be
+  // lowered. As v <= 0 on every column that is not final (its labels only lower v: d_j <= d_min) and rounding is
+  // monotone, fl(fl(c_ij - v_j) - h) >= fl(c_ij - h): an entry with fl(c_ij - h) > bound_ is such a column. Each
+  // row keeps its kShort smallest entries sorted (built on its first scan) and the smallest value left out: when
+  // that value minus h is already above bound_, the sorted entries up to the first one above bound_ are all the
+  // scan needs. On the squared distances of an MLP-1024 pair (k = 768) a scanned row has ~2.6 such entries on
+  // average (of 1024), and the full scans were ~75% of the solve.
+  void relax_row(int i, T h) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const T* ci = row(i);
+    if (short_len_.empty()) {
+      short_len_.assign(n_, -1);
+      short_rest_.assign(n_, inf);
+      short_c_.resize(static_cast<size_t>(n_) * kShort);
+      short_j_.resize(static_cast<size_t>(n_) * kShort);
+    }
+    if (short_len_[i] < 0) build_short(i);
+    auto relax = [&](int q, T nd) {
+      if (!(nd < d_[q])) return;
+      d_[q] = nd;
+      pred_[q] = static_cast<I>(i);
+      const bool free = pen_[q] == T(0);
+      if (free && nd < bound_) bound_ = nd;
+      if (nd <= bound_) {
+        heap_.push_back({nd, !free, q});
+        std::push_heap(heap_.begin(), heap_.end(), Later{});
+      }
+    };
+    if (short_rest_[i] - h > bound_) {
+      const T* sc = short_c_.data() + static_cast<size_t>(i) * kShort;
+      const int* sj = short_j_.data() + static_cast<size_t>(i) * kShort;
+      for (int t = 0; t < short_len_[i]; ++t) {
+        if (sc[t] - h > bound_) break;
+        relax(sj[t], sc[t] - v_[sj[t]] - h);
+      }
+    } else {
+      for (int q = 0; q < m_; ++q) relax(q, ci[q] - v_[q] - h);
+    }
+  }
+
+  void build_short(int i) {
+    const T* ci = row(i);
+    std::vector<std::pair<T, int>>& all = short_tmp_;
+    all.resize(m_);
+    for (int q = 0; q < m_; ++q) all[q] = {ci[q], q};
+    const int len = std::min(m_, kShort);
+    if (len < m_) {
+      std::nth_element(all.begin(), all.begin() + len, all.end());
+      short_rest_[i] = all[len].first;  // every entry left out is >= this one
+    }
+    std::sort(all.begin(), all.begin() + len);
+    T* sc = short_c_.data() + static_cast<size_t>(i) * kShort;
+    int* sj = short_j_.data() + static_cast<size_t>(i) * kShort;
+    for (int t = 0; t < len; ++t) {
+      sc[t] = all[t].first;
+      sj[t] = all[t].second;
+    }
+    short_len_[i] = len;
   }
 
   void remove_free_row(int f) {
@@ -628,6 +754,13 @@ class KCardCore {
   std::vector<int> free_rows_, where_;
   std::vector<int> done_j_;
   std::vector<T> done_d_, done_v_;
+  static constexpr int kShort = 32;  // sorted smallest entries kept per row (relax_row)
+  T bound_ = std::numeric_limits<T>::infinity();
+  std::vector<Entry> heap_;
+  std::vector<int> short_len_;
+  std::vector<T> short_rest_, short_c_;
+  std::vector<int> short_j_;
+  std::vector<std::pair<T, int>> short_tmp_;
   const Kernels<T>& k_;
 };
 
@@ -654,28 +787,35 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       }
     }
   };
-  // Square minimise problems are validated inside the column reduction (same pass over the matrix);
-  // every other form gets a separate SIMD pass here.
-  const bool fused_check = !mx && p.num_matches < 0 && !opt.has_unmatched_cost && n == m && n > 0;
-  if (!fused_check && n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf)) locate_bad();
-  for (int64_t i = 0; i < n; ++i) out[i] = -1;
-  *total = 0.0;
   const T sgn = mx ? T(-1) : T(1);
   const bool partial_k = p.num_matches >= 0;
   const bool partial_u = opt.has_unmatched_cost;
+  // Direct k-cardinality solve (KCardCore) unless asked for the padded one or k is close to min(n, m): the
+  // successive shortest paths get long as the matching fills up, while the padded problem then has few dummies
+  // and JV's initialisation does most of the work. Measured with the short-row relaxation of KCardCore on
+  // 1024 x 1024 costs (1 thread, loaded 2-core VM, best of 3; direct / padded ms): the squared distances of an
+  // MLP-1024 pair's first layer: k = 768: 30 / 122, 896: 53 / 98, 960: 69 / 59, 1000: 60 / 28; random squared
+  // distances (256 features): 896: 54 / 69, 960: 67 / 47; uniform [0, 1): 896: 30 / 75, 960: 51 / 45. Both are
+  // exact; only the work differs.
+  const int64_t kmax = std::min(n, m);
+  const bool padded = opt.partial_engine == PartialEngine::kPadded ||
+                      (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
+                       10 * p.num_matches > 9 * kmax && p.num_matches < kmax);
+  const bool direct = !((partial_k || partial_u) && padded) &&
+                      ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) ||
+                       partial_u);
+  // Square minimise problems are validated inside the column reduction, and the direct k-cardinality solve inside
+  // its column minima over the rows (the same pass over the matrix: a NaN or an infinity of the wrong sign, which
+  // the negated copy of a maximisation turns into -inf, fails the ordered compare x > -inf there); every other
+  // form gets a separate SIMD pass here.
+  const bool fused_check = !mx && p.num_matches < 0 && !opt.has_unmatched_cost && n == m && n > 0;
+  if (!fused_check && !direct && n * m > 0 && kernels<T>().has_bad(c, n * m, mx ? inf : -inf)) locate_bad();
+  for (int64_t i = 0; i < n; ++i) out[i] = -1;
+  *total = 0.0;
   std::vector<T> work;
   std::vector<int32_t> sol;
   const char* forb = mx ? "-inf" : "+inf";
   try {
-    // Direct k-cardinality solve (KCardCore) unless asked for the padded one or k is close to min(n, m): the
-    // successive shortest paths get long as the matching fills up, while the padded problem then has few dummies
-    // and JV's initialisation does most of the work. Measured on 1024 x 1024 squared-Euclidean costs (1 thread,
-    // loaded 2-core VM, best of 2): k = 512: direct 0.06 s, padded 0.29 s; k = 768: 0.13 / 0.20 s; k = 896:
-    // 0.17 / 0.11 s; k = 1000: 0.22 / 0.04 s. Both are exact; only the work differs.
-    const int64_t kmax = std::min(n, m);
-    const bool padded = opt.partial_engine == PartialEngine::kPadded ||
-                        (opt.partial_engine == PartialEngine::kAuto && partial_k && !partial_u &&
-                         5 * p.num_matches > 4 * kmax && p.num_matches < kmax);
     if ((partial_k || partial_u) && padded) {  // the sink-padded square problem
       const int64_t k = p.num_matches;
       const int64_t s = partial_u ? n + m : n + m - k;
@@ -702,7 +842,7 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
       sol.resize(static_cast<size_t>(s));
       Core<T>(work.data(), static_cast<int>(s), static_cast<int>(s)).solve(sol.data());
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i] < m ? sol[i] : -1;
-    } else if ((partial_k && (p.num_matches < kmax || opt.partial_engine == PartialEngine::kDirect)) || partial_u) {
+    } else if (direct) {
       // Direct k-cardinality solve (KCardCore). k = min(n, m) is a complete assignment: the branches below (unless
       // the direct engine is forced, for tests).
       if (n == 0 || m == 0) return;
@@ -712,16 +852,22 @@ void solve_one(const Problem& p, const Options& opt, const std::string& name, in
         for (int64_t t = 0; t < n * m; ++t) work[t] = -c[t];
         src = work.data();
       }
-      std::vector<T> tr(static_cast<size_t>(n * m));
+      // every entry is written by the transpose: no zero fill first (a std::vector's was 8 MB of memset per
+      // 1024 x 1024 float64 solve, on top of the page faults)
+      std::unique_ptr<T[]> tr(new T[static_cast<size_t>(n * m)]);
       constexpr int64_t tile = 32;  // cache-blocked transpose (a strided one was ~20% of a k = n / 4 solve)
       for (int64_t i0 = 0; i0 < n; i0 += tile)
         for (int64_t j0 = 0; j0 < m; j0 += tile)
-          for (int64_t i = i0; i < std::min(n, i0 + tile); ++i)
-            for (int64_t j = j0; j < std::min(m, j0 + tile); ++j) tr[j * n + i] = src[i * m + j];
+          for (int64_t j = j0; j < std::min(m, j0 + tile); ++j)  // contiguous writes, strided reads
+            for (int64_t i = i0; i < std::min(n, i0 + tile); ++i) tr[j * n + i] = src[i * m + j];
       const int64_t pairs = partial_u ? std::min(n, m) : p.num_matches;
       const T stop_at = partial_u ? T(2) * sgn * static_cast<T>(opt.unmatched_cost) : inf;
       sol.resize(static_cast<size_t>(n));
-      KCardCore<T>(src, tr.data(), static_cast<int>(n), static_cast<int>(m)).solve(pairs, stop_at, sol.data());
+      try {
+        KCardCore<T>(src, tr.get(), static_cast<int>(n), static_cast<int>(m)).solve(pairs, stop_at, sol.data());
+      } catch (const BadEntry&) {
+        locate_bad();
+      }
       for (int64_t i = 0; i < n; ++i) out[i] = sol[i];
     } else if (n == 0 || m == 0) {
       return;

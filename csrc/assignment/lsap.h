@@ -12,7 +12,7 @@
 // Partial forms (DESIGN §4) are solved directly on the n x m cost by successive shortest augmenting paths
 // from all free rows at once (lsap.cpp, KCardCore; Dell'Amico & Martello 1997): num_matches = k runs exactly k
 // augmentations (k = min(n, m) is the complete problem above), unmatched_cost = u augments while the next path
-// costs less than 2u. With PartialEngine::kAuto a num_matches problem with k > 0.8 min(n, m) is solved instead as
+// costs less than 2u. With PartialEngine::kAuto a num_matches problem with k > 0.9 min(n, m) is solved instead as
 // the square sink-augmented problem (the previous engine; kPadded / kDirect force one, for tests and benchmarks):
 //   num_matches = k: append n - k zero-cost dummy columns and m - k dummy rows, dummy-dummy forbidden;
 //   unmatched_cost = u: row i may go to its own dummy column at cost u, column j to its own dummy row.

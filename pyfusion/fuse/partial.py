@@ -165,12 +165,15 @@ def assignment_group_plan(asg: PartialAssignment, lambdas: Sequence[float]) -> G
     for k in range(k_all):
         sk = torch.as_tensor(asg.slot_of[k])
         ar = torch.arange(n)
-        a = torch.zeros(slots, n, dtype=torch.float64)
+        # numpy's zeros come from calloc: the kernel's zero pages, not a memset of every page as torch.zeros does
+        # (a (1280, 1024) A_k and B_k of an MLP-1024 group at alpha 0.25: 7.4 -> 1.7 ms the pair, 1 thread); only
+        # the pages holding a non-zero are written
+        a = torch.from_numpy(np.zeros((slots, n), dtype=np.float64))
         vals = torch.ones(n, dtype=torch.float64)
         in_shared = sk < s
         vals[in_shared] = torch.as_tensor(coef[k])[sk[in_shared]]
         a[sk, ar] = vals
-        b = torch.zeros(n, slots, dtype=torch.float64)
+        b = torch.from_numpy(np.zeros((n, slots), dtype=np.float64))
         b[ar, sk] = 1.0
         # the builder's selections of A_k and B_k^T, as pyfusion.graph.transform.selection would find them
         # (non-zeros in row-major order; every neuron has its own slot, so both are injective)

@@ -29,9 +29,20 @@ identity (running mean 0, variance 1, weight sqrt(1 + eps), the fitted bias as i
 interpolation. The fused module carries ``fusion_weights_fitted``, so ``pyfusion.fuse`` does not recalibrate
 BatchNorm afterwards by default (branch slots keep their members' statistics).
 
-Fitted: producers that are ``nn.Linear`` / ``nn.Conv2d`` (groups 1, integer zero padding) with the whole output
-axis in one group, called once per forward pass. Other producers (Hugging Face ``Conv1D``, fused qkv segments,
-modules called twice) keep the averaged weights and are listed in ``fusion_info["fit"]["skipped"]``.
+Fitted: producers that are ``nn.Linear``, ``nn.Conv2d`` (groups 1, integer zero padding) or Hugging Face ``Conv1D``
+(GPT-2: ``y = x W + b`` with W (in, out), fitted as the Linear of ``W^T``, its output axis being the weight's axis
+1), called once per forward pass, whose output axis is a sequence of group segments, each holding the group's
+neurons in order, every neuron on ``rep`` consecutive rows (``rep`` = 1, or a flatten, or the q / k rows of a
+rotary attention head group, e.g. Llama's q / k group of key-value heads with inner dims pinned: a slot owns
+``n_rep * head_dim`` q rows and ``head_dim`` k rows, each taking the slot's map entry, so its target rows are
+``sum_k (A_k kron I_rep) a_k``). Packed projections (GPT-2's ``c_attn`` writing q | k | v) fit each segment's
+shared rows. Producers left averaged are listed with the reason in ``fusion_info["fit"]["skipped"]`` (modules
+called twice, grouped / non-zero-padded convolutions, output rows not in group order, layers never called as
+modules, other layer types: ``nn.MultiheadAttention`` computes its packed q | k | v and its ``out_proj`` inside,
+from the weights).
+Embedding tables (``nn.Embedding``, axis-1 producers of a residual stream) are not fitted and not skipped: a
+token's output is its row, so the averaged row ``sum_k A_k[s] W_k`` already *is* the target ``sum_k A_k[s] a_k``
+(the fit's solution, for any ridge); they are listed in ``fusion_info["fit"]["exact"]`` with that reason.
 """
 
 from __future__ import annotations
@@ -137,15 +148,15 @@ def _run(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], pre: bool, 
 
 
 def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], dict[str, str]]:
-    """(Linear / Conv2d paths in call order, calls per path, producer path -> the BatchNorm that reads its output
-    directly)."""
+    """(Linear / Conv2d / Hugging Face Conv1D paths in call order, calls per path, producer path -> the BatchNorm
+    that reads its output directly)."""
     order: list[str] = []
     calls: dict[str, int] = {}
     out_ids: dict[int, str] = {}
     bn_of: dict[str, str] = {}
     handles = []
     for path, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if _layer_kind(mod) in ("linear", "conv2d", "conv1d"):
 
             def hook(m: nn.Module, a: Any, o: Any, p: str = path) -> None:
                 if p not in calls:
@@ -175,57 +186,135 @@ def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, i
     return order, calls, bn_of
 
 
+def _layer_kind(mod: nn.Module) -> str | None:
+    """The layer's kind for the fit: "linear", "conv2d", "conv1d" (Hugging Face ``Conv1D``: ``y = x W + b``, W (nx,
+    nf), its outputs on axis 1), "embedding", or None (a layer the fit does not read)."""
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, nn.Conv2d):
+        return "conv2d"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    w = getattr(mod, "weight", None)
+    if type(mod).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2 and int(w.shape[1]) == mod.nf:
+        return "conv1d"
+    return None
+
+
+_OUT_AXIS = {"linear": 0, "conv2d": 0, "conv1d": 1}  # the weight axis that indexes the layer's outputs
+EMBEDDING_REASON = "an embedding table: a lookup, its averaged rows are already the targets"
+
+
 @dataclass(frozen=True)
 class _Segment:
-    """One group's part of a producer's output axis: member rows ``[member_offset, member_offset + n)``, fused rows
-    ``[fused_offset, fused_offset + shared)`` fitted (the group's first ``shared`` slots)."""
+    """One group's part of a producer's output axis: member rows ``[member_offset, member_offset + n * rep)``, fused
+    rows ``[fused_offset, fused_offset + shared * rep)`` fitted (the group's first ``shared`` slots), ``rep``
+    consecutive rows per neuron (a flatten, or the q / k rows of a rotary attention head group: every row of a
+    neuron takes its map entry)."""
 
     group: str
     shared: int
     member_offset: int
     n: int
     fused_offset: int
+    rep: int = 1
 
 
-def _fit_targets(graph: FusionGraph, plan: Plan) -> tuple[dict[str, list[_Segment]], dict[str, str]]:
-    """producer path -> its output-axis segments with shared slots, and path -> reason for producers left averaged.
+def _rows_per_neuron(r: AxisRef, g: NeuronGroup) -> int | None:
+    """Rows per neuron of a producer segment whose rows are the group's neurons in order, each repeated ``rep``
+    times consecutively (factors ``[unit, inner?, rep?]``), or None for any other layout (a rep between unit and
+    inner, a permuted order)."""
+    factors = list(r.factors(g))
+    rep = 1
+    if factors and factors[-1][0] == "rep":
+        rep = int(factors.pop()[1])
+    whole = [("unit", g.units)] + ([("inner", g.unit_size)] if g.unit_size > 1 else [])
+    return rep if factors == whole else None
 
-    A producer whose output axis several groups share (a layer read through ``torch.cat`` / a split, or written into
-    a residual stream made of concatenated parts) has one segment per group: in the fused model the segments keep
-    their order along the axis, each ``slots`` wide (what :func:`pyfusion.fuse.builder.fused_groups` pairs)."""
+
+def _fit_targets(
+    graph: FusionGraph, plan: Plan, modules: dict[str, nn.Module]
+) -> tuple[dict[str, list[_Segment]], dict[str, str], dict[str, str]]:
+    """(producer path -> its output-axis segments with shared slots, path -> reason for producers left averaged,
+    path -> reason for producers whose averaged weights already are the fit: embedding tables).
+
+    A producer whose output axis several groups share (a layer read through ``torch.cat`` / a split, GPT-2's
+    ``c_attn`` writing q | k | v, or written into a residual stream made of concatenated parts) has one segment per
+    group reference: in the fused model the segments keep their order along the axis, each ``slots * rep`` wide
+    (what :func:`pyfusion.fuse.builder.fused_groups` pairs). ``modules``: the fused model's modules (path -> module);
+    the output axis is axis 0 of a Linear / Conv2d weight, axis 1 of a Hugging Face ``Conv1D``'s."""
     per_module: dict[str, list[tuple[int, str, NeuronGroup, AxisRef]]] = {}
     skipped: dict[str, str] = {}
+    exact: dict[str, str] = {}
     for name, g in graph.groups.items():
         for r in g.refs:
             if r.role == "producer" and r.param == "weight":
                 per_module.setdefault(r.module, []).append((r.offset, name, g, r))
+            elif r.role == "producer" and not r.param.endswith("bias"):  # nn.MultiheadAttention's in_proj_weight
+                what = type(modules[r.module]).__name__ if r.module in modules else "no module"
+                skipped[r.module] = (
+                    f"a {what}'s {r.param!r}: the fit reads the weight of nn.Linear, nn.Conv2d and "
+                    "Hugging Face Conv1D layers, whose outputs a hook sees"
+                )
     fit: dict[str, list[_Segment]] = {}
     for module, segs in per_module.items():
+        kind = _layer_kind(modules[module]) if module in modules else None
+        if kind == "embedding":
+            exact[module] = EMBEDDING_REASON
+            continue
+        if kind is None:
+            what = type(modules[module]).__name__ if module in modules else "no module"
+            skipped[module] = f"a {what}: the fit reads nn.Linear, nn.Conv2d and Hugging Face Conv1D layers"
+            continue
+        out_axis = _OUT_AXIS[kind]
         segs.sort(key=lambda s: s[0])
         out: list[_Segment] = []
         fused_at, member_at = 0, 0
         for offset, name, g, r in segs:
-            whole = (("unit", g.units),) + ((("inner", g.unit_size),) if g.unit_size > 1 else ())
-            plain = r.pattern is None or r.pattern == whole  # the group's neurons in order, one row each
-            if r.axis != 0 or not plain or r.expand != 1 or offset != member_at:
-                why = "its weight is not a whole output axis" if r.axis != 0 else "its output rows are not plain units"
-                skipped[module] = f"group {name!r}: {why} (axis {r.axis}, offset {offset}, pattern {r.pattern})"
+            rep = _rows_per_neuron(r, g)
+            if r.axis != out_axis or rep is None or offset != member_at:
+                why = (
+                    f"its weight's axis {r.axis} is not the layer's output axis {out_axis}"
+                    if r.axis != out_axis
+                    else "its output rows are not the group's neurons in order"
+                    if rep is None
+                    else f"a gap on the output axis before offset {offset} (rows from {member_at} belong to no group)"
+                )
+                skipped[module] = f"group {name!r}: {why} (offset {offset}, pattern {r.factors(g)})"
                 break
             gp = plan.groups.get(name)
             shared = int(gp.layout[0]) if gp is not None else 0
             if shared > 0:
-                out.append(_Segment(name, shared, offset, g.size, fused_at))
-            member_at += g.size
-            fused_at += gp.slots if gp is not None else g.size
+                out.append(_Segment(name, shared, offset, g.size, fused_at, rep))
+            member_at += g.size * rep
+            fused_at += (gp.slots if gp is not None else g.size) * rep
         else:
             if out:
                 fit[module] = out
-    return fit, skipped
+    return fit, skipped, exact
+
+
+def _weight_rows(prod: nn.Module, rows: Tensor) -> Tensor:
+    """The weights of output rows ``rows`` as a (rows, p) matrix (p: the design columns of :func:`_solve`)."""
+    w = prod.weight.detach()
+    if _layer_kind(prod) == "conv1d":
+        return w[:, rows].T
+    return w[rows].reshape(rows.numel(), -1)
+
+
+def _write_rows(prod: nn.Module, rows: Tensor, w: Tensor) -> None:
+    """Write (rows, p) weights ``w`` back into the output rows ``rows`` of ``prod``'s weight (in place)."""
+    with torch.no_grad():
+        if _layer_kind(prod) == "conv1d":
+            prod.weight[:, rows] = w.T.to(prod.weight.dtype)
+        else:
+            prod.weight[rows] = w.reshape(prod.weight[rows].shape).to(prod.weight.dtype)
 
 
 def _fold(prod: nn.Module, bn: nn.Module | None, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The producer's rows as (out, p) weights and (out,) bias, the BatchNorm after it folded in, float64."""
-    w = prod.weight.detach()[rows].reshape(prod.weight[rows].shape[0], -1).double()
+    """The producer's output rows ``rows`` as (out, p) weights and (out,) bias, the BatchNorm after it folded in,
+    float64 (a Hugging Face ``Conv1D``'s weight is (in, out): its columns, transposed)."""
+    w = _weight_rows(prod, rows).double()
     b = prod.bias.detach()[rows].double() if prod.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     if bn is not None:
         scale = torch.rsqrt(bn.running_var[rows].double() + bn.eps)
@@ -253,10 +342,12 @@ def _solve(
     intersects its own only (K >= 3: a shared slot of a member subset reads no other member's branch inputs, so its
     weight blocks there stay exactly zero, as the execution modules require); the bias column is always free.
     """
-    if isinstance(prod, nn.Linear):
+    kind = _layer_kind(prod)
+    if kind in ("linear", "conv1d"):
         if u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
             u = u.reshape(-1, u.shape[-1])
-        site: dict = {"kind": "linear", "weight_shape": (prod.out_features, prod.in_features), "conv": None}
+        shape = prod.weight.shape if kind == "linear" else prod.weight.shape[::-1]  # Conv1D: W^T is the Linear's
+        site: dict = {"kind": "linear", "weight_shape": (int(shape[0]), int(shape[1])), "conv": None}
     else:
         site = {
             "kind": "conv2d",
@@ -311,6 +402,16 @@ def _masks(fused: nn.Module, path: str, k_all: int, rows: Tensor, prod: nn.Modul
     return row_mask, col_mask
 
 
+def _segment_target(a_map: Tensor, a: Tensor, sg: _Segment) -> Tensor:
+    """``A_k[:shared] a_k`` on one segment: ``a`` (N, out, ...) member k's outputs, ``a_map`` (slots, n) the group's
+    map; each of a neuron's ``rep`` consecutive rows takes its map entry (``A kron I_rep``). Returns
+    (N, shared * rep, ...)."""
+    seg = a[:, sg.member_offset : sg.member_offset + sg.n * sg.rep]
+    seg = seg.reshape(seg.shape[0], sg.n, sg.rep, *seg.shape[2:])
+    t = torch.einsum("cj,njr...->ncr...", a_map[: sg.shared].to(seg.dtype), seg)
+    return t.reshape(t.shape[0], sg.shared * sg.rep, *t.shape[3:])
+
+
 def fit_shared_slots(
     fused: nn.Module,
     members: Sequence[nn.Module],
@@ -336,12 +437,14 @@ def fit_shared_slots(
         output_target: "logits" or "probs" (see :class:`PartialFitConfig`).
 
     Returns:
-        ``{"fitted": {path: rows}, "skipped": {path: reason}, "ridge": {path: relative ridge used}, "samples": N}``.
+        ``{"fitted": {path: rows}, "skipped": {path: reason}, "exact": {path: reason}, "ridge": {path: relative
+        ridge used}, "samples": N}``: "skipped" are producers left averaged that the fit cannot read; "exact" are
+        producers left averaged because their averaged weights already are the fit's solution (embedding tables).
     """
     x = _inputs(data, max_samples)
     order, calls, bn_of = _call_structure(fused, x)
-    targets, skipped = _fit_targets(graph, plan)
     mods = dict(fused.named_modules())
+    targets, skipped, exact = _fit_targets(graph, plan, mods)
     consumer_only = set()
     if fit_output:
         produced = {r.module for g in graph.groups.values() for r in g.refs if r.role == "producer"}
@@ -366,17 +469,17 @@ def fit_shared_slots(
         bn = mods[bn_path] if bn_path is not None else None
         segments = None if output_layer else targets[path]
         if segments is None:
-            rows = torch.arange(prod.weight.shape[0])
+            rows = torch.arange(prod.weight.shape[_OUT_AXIS[_layer_kind(prod) or "linear"]])
             bn = None  # the logits themselves
         else:
-            rows = torch.cat([torch.arange(sg.fused_offset, sg.fused_offset + sg.shared) for sg in segments])
+            rows = torch.cat([torch.arange(sg.fused_offset, sg.fused_offset + sg.shared * sg.rep) for sg in segments])
         # targets: T = sum_k A_k[:shared] a_k per segment (or sum_k lambda_k z_k), the members' outputs at the point
         point = bn_path if bn is not None else path
         t = None
         probs = output_layer and output_target == "probs"
         for k, m in enumerate(members):
             a = _run(m, x, {point: m.get_submodule(point)}, pre=False)[point].double()
-            if isinstance(prod, nn.Linear):  # neurons on the last dim; every other dim (tokens) holds samples
+            if _layer_kind(prod) != "conv2d":  # neurons on the last dim; every other dim (tokens) holds samples
                 a = a.reshape(-1, a.shape[-1])
             if probs:
                 if a.dim() != 2:
@@ -385,11 +488,7 @@ def fit_shared_slots(
             if segments is None:
                 part = lam[k] * a
             else:
-                part = torch.cat([
-                    torch.einsum("cj,nj...->nc...", plan.groups[sg.group].A[k][: sg.shared],
-                                 a[:, sg.member_offset : sg.member_offset + sg.n])
-                    for sg in segments
-                ], 1)  # fmt: skip
+                part = torch.cat([_segment_target(plan.groups[sg.group].A[k], a, sg) for sg in segments], 1)
             t = part if t is None else t + part
         assert t is not None
         if probs:
@@ -398,8 +497,8 @@ def fit_shared_slots(
         w0, b0 = _fold(prod, bn, rows)
         bias = prod.bias is not None or bn is not None
         w, b, rel = _solve(prod, u, t, w0, b0, bias, ridge, _masks(fused, path, len(members), rows, prod))
+        _write_rows(prod, rows, w)
         with torch.no_grad():
-            prod.weight[rows] = w.reshape(prod.weight[rows].shape).to(prod.weight.dtype)
             if bn is None:
                 if b is not None and prod.bias is not None:
                     prod.bias[rows] = b.to(prod.bias.dtype)
@@ -416,7 +515,9 @@ def fit_shared_slots(
                     prod.bias[rows] = b.to(prod.bias.dtype)
         fitted[path] = int(rows.numel())
         ridges[path] = rel
-    return {"fitted": fitted, "skipped": skipped, "ridge": ridges, "samples": int(x.shape[0])}
+    for path in targets.keys() - calls.keys():  # its parent reads the weight (nn.MultiheadAttention's out_proj)
+        skipped[path] = "never called as a module: its parent reads the weight directly (no hook sees its inputs)"
+    return {"fitted": fitted, "skipped": skipped, "exact": exact, "ridge": ridges, "samples": int(x.shape[0])}
 
 
 @register_method(

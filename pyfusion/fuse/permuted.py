@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.plan import Plan
+from pyfusion.fuse.plan import Plan, pristine_map
 from pyfusion.graph.groups import AxisRef, FusionGraph
 
 __all__ = ["permutation_maps", "permutation_segments", "permutation_tensors"]
@@ -82,7 +82,12 @@ def permutation_maps(graph: FusionGraph, plan: Plan) -> dict[str, list[tuple[Ten
             return None
         per = []
         hints = gp.perms if gp.perms is not None and len(gp.perms) == len(gp.A) else [None] * len(gp.A)
-        for a, b, hint in zip(gp.A, gp.B, hints):
+        for k, hint in enumerate(hints):
+            if pristine_map(gp.A, k) and pristine_map(gp.B, k):  # never made: exactly coef * P_k and P_k^T, no check
+                perm = gp.A.perm(k)  # type: ignore[attr-defined]
+                per.append((perm, torch.full((perm.numel(),), gp.A.coef(k), dtype=torch.float64)))  # type: ignore[attr-defined]
+                continue
+            a, b = gp.A[k], gp.B[k]
             if a.device.type != "cpu" or b.device.type != "cpu":
                 return None
             pv = _member_perm(a, b, hint)
@@ -91,6 +96,12 @@ def permutation_maps(graph: FusionGraph, plan: Plan) -> dict[str, list[tuple[Ten
             per.append(pv)
         out[name] = per
     return out
+
+
+def _is_identity(perm: Tensor) -> bool:
+    """Whether ``perm`` (n,) is ``arange(n)`` (a gather by it would copy the tensor unchanged)."""
+    n = perm.numel()
+    return n == 0 or (int(perm[0]) == 0 and int(perm[-1]) == n - 1 and bool((perm[1:] - perm[:-1] == 1).all()))
 
 
 def _gatherable(refs: list[tuple[str, AxisRef]]) -> bool:
@@ -133,25 +144,32 @@ def permutation_tensors(
         has_out = any(r.role in ("producer", "neuron") for _, r in refs)
         acc = None
         for k, st in enumerate(states):
-            t = st[key].detach().to(torch.float64)
+            t = st[key].detach()
             if t.device.type != "cpu":
                 return None
+            # the gathers first, in the member's dtype (exact: the same values as gathering its float64 copy, half
+            # the bytes for float32), skipping identity permutations (the reference member's); then one float64
+            # copy, which the products and the sum update in place (the same products and sums, in the same order)
+            scales, fresh = [], False
             for gname, r in refs:
                 perm, vals = maps[gname][k]
                 if t.shape[r.axis] != perm.numel() * r.expand:
                     return None
-                idx = perm
-                if r.expand > 1:
-                    idx = (perm[:, None] * r.expand + torch.arange(r.expand)).reshape(-1)
-                t = t.index_select(r.axis, idx)
+                if not _is_identity(perm):
+                    idx = perm
+                    if r.expand > 1:
+                        idx = (perm[:, None] * r.expand + torch.arange(r.expand)).reshape(-1)
+                    t, fresh = t.index_select(r.axis, idx), True
                 if r.role != "consumer":  # the output axis carries A_k's values (lambda_k): the scatter's product
                     v = vals.repeat_interleave(r.expand) if r.expand > 1 else vals
                     shape = [1] * t.dim()
                     shape[r.axis] = -1
-                    t = t * v.to(t.dtype).reshape(shape)
+                    scales.append(v.to(torch.float64).reshape(shape))
+            t = t.to(torch.float64, copy=not fresh)  # a new tensor: updated in place below, never a member's own
+            for v in scales:
+                t.mul_(v)
             if not has_out:
-                t = t * lambdas[k]
-            # t is a new tensor here (index_select and the products allocate): the sum accumulates in place
+                t.mul_(lambdas[k])
             acc = t if acc is None else acc.add_(t)
         out[key] = acc
     return out

@@ -3,12 +3,14 @@
 The fused layer is ``W' = sum_k A_k^{out} W_k B_k^{in}``, ``b' = sum_k A_k b_k``. Vanilla averaging is
 ``A_k = lambda_k I, B_k = I``; permutation alignment is ``A_k = lambda_k P_k, B_k = P_k^T``; OT fusion uses soft
 transport maps; partial fusion uses more slots than neurons with the layout ``[shared | branch_1 | ... | branch_K]``.
-Maps are stored densely in float64: exact, and small next to the weights they act on (n x slots per group).
+Maps are stored densely in float64: exact, and small next to the weights they act on (n x slots per group); the
+permutation maps of :meth:`Plan.from_permutations` are made on first read (:class:`PermutationMaps`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,107 @@ from torch import Tensor
 from pyfusion.fuse.validate import all_finite
 from pyfusion.graph.groups import FusionGraph, Normalizer
 
-__all__ = ["GroupPlan", "Plan", "permute_only", "refuse_widening", "unit_map", "zero_hint"]
+__all__ = ["GroupPlan", "PermutationMaps", "Plan", "permute_only", "refuse_widening", "unit_map", "zero_hint"]
+
+
+class PermutationMaps(MutableSequence):
+    """The K dense maps of one side of a permutation plan's group, each made on its first read:
+    ``A_k = coefs[k] P_k`` (side "A", (n, n)) or ``B_k = P_k^T`` (side "B"), with ``P_k[s, perms[k][s]] = 1``.
+
+    :meth:`Plan.from_permutations` writes its maps this way: a plan that is only built never forms them (12 dense
+    float64 (1024, 1024) maps of an MLP-1024 pair: 0.09 s to write, and 0.05 s more for the builder to check them
+    and the plan validation to read them, of a 0.9 s activation matching). A map that was never read is provably
+    the permutation (:meth:`pristine`): the builder's permutation path then reads ``perms`` and ``coefs`` directly.
+    A map that was read (or replaced by assignment) is an ordinary dense tensor from then on, which may be changed
+    in place: the maps are the truth, so the builder checks it as it checks any dense map.
+    """
+
+    def __init__(self, perms: Sequence[Tensor], coefs: Sequence[float], side: str):
+        if side not in ("A", "B"):
+            raise ValueError(f"side must be 'A' or 'B'; got {side!r}")
+        if len(perms) != len(coefs):
+            raise ValueError(f"perms and coefs must have one entry per member; got {len(perms)} and {len(coefs)}")
+        self._perms = list(perms)
+        self._coefs = [float(c) for c in coefs]
+        self._side = side
+        self._dense: list[Tensor | None] = [None] * len(self._perms)
+
+    def _make(self, k: int) -> Tensor:
+        idx = self._perms[k]
+        n = idx.numel()
+        ar = torch.arange(n)
+        m = torch.zeros(n, n, dtype=torch.float64)
+        if self._side == "A":
+            m[ar, idx] = self._coefs[k]
+        else:
+            m[idx, ar] = 1.0
+        return m
+
+    def __len__(self) -> int:
+        return len(self._dense)
+
+    def __getitem__(self, k):  # noqa: ANN001, ANN204 - int or slice, as a list's
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        k = range(len(self))[k]  # negative indices; IndexError out of range
+        m = self._dense[k]
+        if m is None:
+            m = self._dense[k] = self._make(k)
+        return m
+
+    def __setitem__(self, k, value) -> None:  # noqa: ANN001
+        if isinstance(k, slice):
+            items = self[:]  # every map dense: a slice assignment may change the length
+            items[k] = value
+            self._reset(items)
+            return
+        self._dense[range(len(self))[k]] = value
+
+    def __delitem__(self, k) -> None:  # noqa: ANN001
+        items = self[:]
+        del items[k]
+        self._reset(items)
+
+    def insert(self, index: int, value: Tensor) -> None:
+        items = self[:]
+        items.insert(index, value)
+        self._reset(items)
+
+    def __add__(self, other: Sequence[Tensor]) -> list[Tensor]:  # as a list's: gp.A + gp.B
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[Tensor]) -> list[Tensor]:
+        return list(other) + list(self)
+
+    def _reset(self, items: list[Tensor]) -> None:
+        """Every entry the given dense tensor (nothing lazy is left)."""
+        self._dense = list(items)
+        self._perms = [torch.empty(0, dtype=torch.long)] * len(items)
+        self._coefs = [0.0] * len(items)
+
+    def pristine(self, k: int) -> bool:
+        """Whether map k was never read nor replaced: it is then exactly the permutation map of ``perm(k)``."""
+        return self._dense[k] is None
+
+    def perm(self, k: int) -> Tensor:
+        """Member k's neuron in each slot (n,) (the map's own permutation only while :meth:`pristine`)."""
+        return self._perms[k]
+
+    def coef(self, k: int) -> float:
+        """The value of the non-zeros of map k while :meth:`pristine` (lambda_k for side "A", 1 for "B")."""
+        return self._coefs[k] if self._side == "A" else 1.0
+
+    def shape(self, k: int) -> tuple[int, int]:
+        """The shape of map k without making it."""
+        m = self._dense[k]
+        if m is not None:
+            return tuple(m.shape)  # type: ignore[return-value]
+        n = self._perms[k].numel()
+        return (n, n)
+
+    def __repr__(self) -> str:
+        made = sum(m is not None for m in self._dense)
+        return f"PermutationMaps(side={self._side!r}, members={len(self)}, dense={made})"
 
 
 def _unit_blocks_problem(m: Tensor, d: int) -> str:
@@ -48,13 +150,20 @@ def unit_map(m: Tensor, unit_size: int) -> Tensor:
     return m.reshape(s // unit_size, unit_size, n // unit_size, unit_size).sum((1, 3)) / unit_size
 
 
+def pristine_map(maps: Sequence[Tensor], k: int) -> bool:
+    """Whether map k of ``maps`` is a :class:`PermutationMaps` entry that was never made (see there)."""
+    return isinstance(maps, PermutationMaps) and maps.pristine(k)
+
+
 @dataclass
 class GroupPlan:
     """The maps of one neuron group.
 
     Attributes:
-        A: K tensors (slots, n_k), float64: how member k's neurons build each slot's incoming weights.
-        B: K tensors (n_k, slots), float64: where member k's input neurons are found among the slots.
+        A: K tensors (slots, n_k), float64: how member k's neurons build each slot's incoming weights (a list, or
+            for a plan of :meth:`Plan.from_permutations` a :class:`PermutationMaps`, a mutable sequence that makes
+            each map on first read: ``list(gp.A)`` where a list is needed, e.g. for ``torch.stack``).
+        B: K tensors (n_k, slots), float64: where member k's input neurons are found among the slots (as ``A``).
         layout: segment sizes ``(shared, branch_1, ..., branch_K)`` summing to ``slots``; full fusion is
             ``(n, 0, ..., 0)``.
         perms: for a plan made by :meth:`Plan.from_permutations`, member k's neuron in each slot (n,) per member: a
@@ -70,6 +179,8 @@ class GroupPlan:
 
     @property
     def slots(self) -> int:
+        if isinstance(self.A, PermutationMaps):  # without making the map
+            return int(self.A.shape(0)[0])
         return int(self.A[0].shape[0])
 
     def validate(self, name: str, sizes: Sequence[int]) -> None:
@@ -86,7 +197,17 @@ class GroupPlan:
                 f"plan for group {name!r}: layout must be {k + 1} non-negative segment sizes summing to slots="
                 f"{self.slots}; got {self.layout}"
             )
-        for i, (a, b, n) in enumerate(zip(self.A, self.B, sizes)):
+        for i, n in enumerate(sizes):
+            if pristine_map(self.A, i) and pristine_map(self.B, i):
+                # permutation maps not made yet: (n, n) and finite by construction (a checked permutation, a
+                # finite lambda), so only the size is compared (no dense pass)
+                got = self.A.shape(i)  # type: ignore[attr-defined]
+                if got != (self.slots, n):
+                    raise ValueError(f"plan for group {name!r}: A[{i}] must have shape ({self.slots}, {n}); got {got}")
+                if not math.isfinite(self.A.coef(i)):  # type: ignore[attr-defined]
+                    raise ValueError(f"plan for group {name!r}: A[{i}] or B[{i}] contains NaN or inf")
+                continue
+            a, b = self.A[i], self.B[i]
             if tuple(a.shape) != (self.slots, n):
                 raise ValueError(
                     f"plan for group {name!r}: A[{i}] must have shape ({self.slots}, {n}); got {tuple(a.shape)}"
@@ -134,30 +255,30 @@ class Plan:
     ) -> Plan:
         """Full fusion from permutations: ``perms[g][k][s]`` is member k's neuron in slot s of group g.
 
-        ``A_k = lambda_k P_k`` and ``B_k = P_k^T`` with ``P_k[s, perms[g][k][s]] = 1``. Groups missing from
-        ``perms`` get the identity permutation.
+        ``A_k = lambda_k P_k`` and ``B_k = P_k^T`` with ``P_k[s, perms[g][k][s]] = 1``, as
+        :class:`PermutationMaps` (each map made when first read). Groups missing from ``perms`` get the identity
+        permutation.
         """
         groups = {}
         for name, g in graph.groups.items():
-            maps_a, maps_b, idxs = [], [], []
+            idxs = []
             p = perms.get(name)
             n = g.size
             ar = torch.arange(n)
-            for k, lam in enumerate(lambdas):
+            for k in range(len(lambdas)):
                 idx = ar if p is None else torch.as_tensor(p[k], dtype=torch.long).cpu()
                 ok = idx.shape == (n,) and (n == 0 or (int(idx.min()) >= 0 and int(idx.max()) < n))
                 if not ok or not bool((torch.bincount(idx, minlength=n) == 1).all()):
                     raise ValueError(f"perms[{name!r}][{k}] must be a permutation of range({n}); got {idx.tolist()}")
-                # A_k = lambda_k P_k and B_k = P_k^T written directly (no dense product or transposed copy: 3 dense
-                # (n, n) passes per map were 0.1 s of an MLP-1024 pair's activation matching)
-                a = torch.zeros(n, n, dtype=torch.float64)
-                a[ar, idx] = float(lam)
-                b = torch.zeros(n, n, dtype=torch.float64)
-                b[idx, ar] = 1.0
-                maps_a.append(a)
-                maps_b.append(b)
                 idxs.append(idx.clone())
-            groups[name] = GroupPlan(maps_a, maps_b, (n,) + (0,) * len(lambdas), perms=idxs)
+            # A_k = lambda_k P_k and B_k = P_k^T, each made when first read (PermutationMaps): the builder's
+            # permutation path reads the permutations themselves
+            groups[name] = GroupPlan(
+                PermutationMaps(idxs, lambdas, "A"),  # type: ignore[arg-type]
+                PermutationMaps(idxs, [1.0] * len(lambdas), "B"),  # type: ignore[arg-type]
+                (n,) + (0,) * len(lambdas),
+                perms=[i.clone() for i in idxs],
+            )
         return cls(tuple(float(x) for x in lambdas), groups)
 
     @classmethod

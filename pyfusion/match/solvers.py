@@ -38,7 +38,14 @@ __all__ = [
 
 
 def check_finite(cost: Tensor, what: str) -> None:
-    """Raise ``ValueError(f"{what} has NaN or inf values")`` unless every entry of ``cost`` is finite."""
+    """Raise ``ValueError(f"{what} has NaN or inf values")`` unless every entry of ``cost`` is finite.
+
+    A finite sum proves every entry finite (a NaN makes it NaN, an inf inf or NaN); only a sum that is not finite
+    (a bad entry, or finite entries overflowing) runs the elementwise test, so a good cost is read once, without
+    the full-size boolean temporary of ``isfinite(cost).all()``.
+    """
+    if cost.numel() and bool(torch.isfinite(cost.sum())):
+        return
     if not bool(torch.isfinite(cost).all()):
         raise ValueError(f"{what} has NaN or inf values")
 

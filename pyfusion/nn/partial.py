@@ -500,7 +500,8 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
 
     ``y[:, o] = act(b_o + sum_{i: mask_o & mask_i != 0} W_oi * x[:, i])``: the op :func:`pyfusion.ops.partial_conv2d`
     (on CPU the fastest, measured on the layer's first call, of one convolution per run of output segments that
-    read the same input channels, shared + grouped convolution, and the dense zero-block weight; one implicit-GEMM
+    read the same input channels, shared + grouped convolution, K member-shaped convolutions, the unfolded input +
+    GEMMs (small batches) and the dense zero-block weight, run from one lookup on repeat calls; one implicit-GEMM
     Triton launch on CUDA).
 
     Parameters: weight (stored * kh * kw,): per output segment ``W_o`` (O_o, K_o, kh, kw), concatenated; bias

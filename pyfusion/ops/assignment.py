@@ -326,7 +326,10 @@ def linear_assignment(
     The C++ engine solves them directly on the n x m cost (k-cardinality assignment, Dell'Amico & Martello,
     Discrete Appl. Math. 76 (1997)): successive shortest augmenting paths from all free rows at once keep the
     matching optimal for its size after every augmentation, so ``num_matches=k`` stops after k of them and
-    ``unmatched_cost=u`` at the first path that costs >= 2u (path costs never decrease). For k > 0.8 min(n, m)
+    ``unmatched_cost=u`` at the first path that costs >= 2u (path costs never decrease). Each search relaxes a
+    row only on the entries whose label could still be popped before the path's end (every row keeps its 32
+    smallest entries sorted; the whole row when they do not suffice), with a heap in the full scan's order: the
+    same paths as scanning every row in full, at a few entries per row on dense costs. For k > 0.9 min(n, m)
     it solves the padded problem instead, which is then faster (the measurement is in csrc/assignment/lsap.cpp).
 
     The engine is the C++ Jonker-Volgenant solver (column reduction, reduction transfer, augmenting row

@@ -493,8 +493,11 @@ class ActivationStats:
         if sa.start >= sb.stop:  # strictly below the diagonal
             return self._s2[sa, sb].clone()
         if sb.start >= sa.stop:  # strictly above: mirror of the (sb, sa) block
-            # always a copy (callers modify it in place), row-major (a plain clone() keeps the transposed strides)
-            return self._s2[sb, sa].T.clone(memory_format=torch.contiguous_format)
+            # always a copy (callers modify it in place), row-major (a plain clone() keeps the transposed strides):
+            # the block copied as it is stored, then transposed from that contiguous copy (torch's blocked transpose
+            # applies to a whole contiguous matrix only: the strided block's direct transposed copy took 5.5 ms of a
+            # (1024, 1024) float64 block, 1 thread, against 4.1 ms for both steps)
+            return self._s2[sb, sa].clone().T.contiguous()
         lo, hi = min(sa.start, sb.start), max(sa.stop, sb.stop)
         blk = self._s2[lo:hi, lo:hi]
         full = torch.tril(blk)

@@ -31,12 +31,14 @@ from pyfusion.ops.partial_linear import (
     _is_compiling,
     _is_wrapped,
     _plain,
+    _tracing,
     backend_unforced,
 )
 
 # Eager CPU inference in these dtypes runs the measured strategy choice (backends.cpu_inference_forward); the
 # dispatcher's backends otherwise (benchmarks set it to () to time the static path).
 _TUNED_DTYPES = (torch.float32, torch.float64)
+_hot_key, _hot_forward = _backends.hot_key, _backends.hot_forward
 
 __all__ = ["DISPATCHER", "OP", "ConvGeom", "conv_geom", "partial_conv2d", "partial_conv2d_module_forward"]
 
@@ -148,29 +150,50 @@ def _run_untraced(x, weight, bias, plan: SegmentPlan, geom: ConvGeom, act: str) 
 
 
 def partial_conv2d_module_forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom, activation: str
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: SegmentPlan,
+    geom: ConvGeom,
+    activation: str,
+    hot: bool = True,
 ) -> Tensor:
     """:func:`partial_conv2d` for :class:`pyfusion.nn.PartialConv2d`, whose segments, weight size and conv
     parameters were validated when the module was built: only x is checked here. Eager CPU inference on a plain
     float32/64 input of the right shape goes straight to the measured strategy (as
-    :func:`pyfusion.ops.partial_linear.partial_linear_module_forward`); anything else takes the checked path."""
-    if (
+    :func:`pyfusion.ops.partial_linear.partial_linear_module_forward`); anything else takes the checked path.
+
+    Before that, a call whose (weight, geometry, x.shape, x.dtype, activation, threads) already passed the checks and
+    whose strategy is settled runs from one lookup (:func:`~pyfusion.ops.partial_conv2d.backends.hot_forward`; the
+    dense strategy is then F.conv2d with the cached dense weight) after the tests the key cannot stand for: a plain
+    CPU tensor x, no autograd, no torch.compile / export / jit tracing, no ``PYFUSION_BACKEND``. ``hot=False``: never
+    (a weight made anew at every call would never hit)."""
+    eager = (
         type(x) is Tensor
         and not _grad_enabled()
-        and not is_jit_tracing()  # before the shape tests: under the tracer they warn (TracerWarning)
+        and not _is_compiling()  # before the tracer test: dynamo reads this as True and stops here
+        and not _tracing()  # before the shape tests: under the tracer they warn (TracerWarning)
         and _ENV_KEY not in _ENV_DATA
         and x.is_cpu
+        and not _is_wrapped(x)
+    )
+    key = None
+    if eager and hot:
+        key = _hot_key(x, weight, geom, activation)
+        y = _hot_forward(key, x, weight, bias, plan, geom, activation)
+        if y is not None:
+            return y
+    if (
+        eager
         and x.dtype is weight.dtype
         and x.dtype in _TUNED_DTYPES
         and x.dim() == 4
         and x.shape[1] == plan.i_total
         and weight.is_cpu
         and type(weight) in _PLAIN
-        and not _is_wrapped(x)
         and not _is_wrapped(weight)
-        and not _is_compiling()
     ):
-        return _backends.cpu_inference_forward(x, weight, bias, plan, geom, activation)
+        return _backends.cpu_inference_forward(x, weight, bias, plan, geom, activation, key)
     tracing = is_jit_tracing()
     if tracing:
         with warnings.catch_warnings():

@@ -22,17 +22,21 @@ Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEN
 measured fastest for the layer and input size (:func:`cpu_inference_forward`, :mod:`pyfusion.ops.partial_linear.
 tuning`) among the convolutions per output run above (``runs``), shared conv + cross conv + one grouped convolution
 of the diagonal blocks (``grouped``, uniform standard layouts; a view of the packed weight at alpha = 1) and one
-convolution with the dense zero-block weight (``dense``). The earlier measurement that grouped convolution was
-slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1 on 8x8 maps the dense zero-block weight beat the
-1 + K convolutions at alpha 0.25 (836 vs 1369 us, bench/results/partial_linear_cpu.md), so the choice is measured
-per layer.
+convolution with the dense zero-block weight (``dense``), K member-shaped convolutions (``members``: member k over
+[shared | branch k] inputs with outputs [shared | branch k], the shared outputs summed; standard layouts with shared
+outputs) and, up to :data:`IM2COL_MAX_BATCH` samples, one unfold of the input + GEMMs per output run (``im2col``).
+The earlier measurement that grouped convolution was slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1
+on 8x8 maps the dense zero-block weight beat the 1 + K convolutions at alpha 0.25 (836 vs 1369 us,
+bench/results/partial_linear_cpu.md), and at alpha 0.75 the output runs (a narrow 64-output shared convolution)
+were 1.35x the members run one after another, which ``members`` matches, so the choice is measured per layer.
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (tests, forward only).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +163,7 @@ def _dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segment
     """One convolution with the dense zero-block weight (cached once per weight version, or the packed weight itself
     when it is the dense one)."""
     w = dense_weight_of(weight, plan, geom.kernel)
-    return _activation(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
+    return _activation_(F.conv2d(x, w, bias, geom.stride, geom.padding, geom.dilation), activation).contiguous()
 
 
 def grouped_layout(plan: SegmentPlan) -> tuple[int, int, int, int, int] | None:
@@ -216,39 +220,208 @@ def _grouped_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segme
     return _activation(yb, activation).contiguous()
 
 
-STRATEGIES = {"runs": torch_forward, "grouped": _grouped_forward, "dense": _dense_forward}
+def member_layout(plan: SegmentPlan) -> tuple[int, int, tuple[int, ...], int, tuple[int, ...]] | None:
+    """``(K, I_s, (I_1..I_K), O_s, (O_1..O_K))`` of a standard layout that :func:`_members_forward` runs (K >= 2,
+    shared outputs O_s >= 1, every branch with inputs), else None. Without shared outputs the member convolutions
+    are the output runs themselves (:func:`torch_forward`)."""
+    if plan.standard is None:
+        return None
+    il, ol = plan.standard
+    k = len(il) - 1
+    if k < 2 or ol[0] == 0 or min(il[1:]) == 0:
+        return None
+    return k, il[0], tuple(il[1:]), ol[0], tuple(ol[1:])
+
+
+def _member_weights(weight: Tensor, plan: SegmentPlan, geom: ConvGeom) -> tuple[Tensor, ...]:
+    """Per member k, the (O_s + O_k, I_s + I_k, kh, kw) weight of one member-shaped convolution over [x_s | x_k]:
+    rows [shared outputs | branch k], the shared outputs' block on the shared inputs in member 0's only (zero in the
+    others'). Built from the dense zero-block weight once per weight version (:func:`derived_weight`)."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+
+    def build(src: Tensor) -> tuple[Tensor, ...]:
+        from pyfusion.ops.layout import unpack_segment_weight
+
+        dense = unpack_segment_weight(src, plan.in_segments, plan.out_segments, geom.kernel)
+        out, i0, o0 = [], i_s, o_s
+        for j in range(k):
+            cols = torch.cat([torch.arange(i_s), torch.arange(i0, i0 + i_b[j])])
+            rows = torch.cat([torch.arange(o_s), torch.arange(o0, o0 + o_b[j])])
+            wj = dense.index_select(0, rows).index_select(1, cols)
+            if j:
+                wj[:o_s, :i_s] = 0  # W_ss is member 0's: the shared outputs sum the members' partial results
+            out.append(wj.contiguous())
+            i0, o0 = i0 + i_b[j], o0 + o_b[j]
+        return tuple(out)
+
+    return derived_weight(weight, ("conv_members", plan_token(plan), geom.kernel), build)
+
+
+def _member_biases(bias: Tensor, plan: SegmentPlan) -> tuple[Tensor, ...]:
+    """Per member k, the bias of its convolution: [b_s | b_k] for member 0, [0 | b_k] for the others (the shared
+    outputs' bias is added once); once per bias version."""
+    k, _i_s, _i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+
+    def build(src: Tensor) -> tuple[Tensor, ...]:
+        out, o0 = [], o_s
+        for j in range(k):
+            head = src[:o_s] if j == 0 else src.new_zeros(o_s)
+            out.append(torch.cat([head, src[o0 : o0 + o_b[j]]]))
+            o0 += o_b[j]
+        return tuple(out)
+
+    return derived_weight(bias, ("conv_member_bias", plan_token(plan)), build)
+
+
+def _members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                     activation: str = "none") -> Tensor:  # fmt: skip
+    """K member-shaped convolutions (:func:`_member_weights`), member k over [x_s | x_k] with outputs [shared |
+    branch k]; the shared outputs are the sum of the members' partial results. The same convolutions as the K
+    unfused members (at most O_s I_s (K - 1) taps of zeros more than the stored weights): at alpha 0.75 on VGG's
+    256-channel 8x8 layer, K = 2, batch 1, 1 thread, 1348 us as the members' 1340 us, where the output runs (a
+    64-output shared convolution over 448 inputs, the narrow convolution oneDNN runs at 2/3 of the others' rate, and
+    two 192-output ones) took 1634 us."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    ws = _member_weights(weight, plan, geom)
+    bs = _member_biases(bias, plan) if bias is not None else (None,) * k
+    ys, i0 = [], i_s
+    for j in range(k):
+        if j == 0:
+            xj = x[:, : i_s + i_b[0]]
+        elif i_s:
+            xj = torch.cat([x[:, :i_s], x[:, i0 : i0 + i_b[j]]], 1)
+        else:
+            xj = x[:, i0 : i0 + i_b[j]]
+        ys.append(F.conv2d(xj, ws[j], bs[j], geom.stride, geom.padding, geom.dilation))
+        i0 += i_b[j]
+    y = torch.cat([ys[0]] + [yj[:, o_s:] for yj in ys[1:]], 1)
+    head = y[:, :o_s]
+    for yj in ys[1:]:
+        head.add_(yj[:, :o_s])
+    return _activation_(y, activation).contiguous()
+
+
+# Batches up to this many samples are offered the unfolded strategy (one im2col + GEMMs per sample).
+IM2COL_MAX_BATCH = 4
+
+
+def _unfold(x: Tensor, geom: ConvGeom, ho: int, wo: int) -> Tensor:
+    """``F.unfold(x, kernel, dilation, padding, stride)`` (N, C kh kw, H'W') as one copy of a strided view of the
+    padded input: 221 vs 395 us for F.unfold of a (1, 448, 8, 8) input, 3x3 kernel, 1 thread."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geom.kernel, geom.stride, geom.padding, geom.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    n, c = x.shape[:2]
+    p = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[:, :, :ho, :wo, ::dh, ::dw]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def _im2col_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                    activation: str = "none") -> Tensor:  # fmt: skip
+    """Per sample, the input unfolded once (``F.unfold``: (I_total kh kw, H'W'), channel-major as the packed weight's
+    columns) and per run of output segments one GEMM per allowed input range, accumulated into the run's rows of the
+    (O_total, H'W') output (already the NCHW layout: no copy): the effective FLOPs exactly. What PyTorch's own CPU
+    convolution does at batch 1 (its im2col + GEMM path, used for inputs of <= 20480 entries and 3x3 kernels) for
+    one member, once for the whole layer."""
+    taps = geom.taps
+    runs, idle = conv_runs(plan)
+    n = x.shape[0]
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], geom.kernel, geom.stride, geom.padding, geom.dilation)
+    cols = _unfold(x, geom, ho, wo)  # (N, I_total * taps, L)
+    y = x.new_empty((n, plan.o_total, ho * wo))
+    for s in range(n):
+        c, ys = cols[s], y[s]
+        for run in runs:
+            k = run.k_o * taps
+            w = weight[run.w_off * taps : run.w_off * taps + run.n_out * k].view(run.n_out, k)
+            out = ys[run.o0 : run.o0 + run.n_out]
+            q = 0
+            for j, (col, cnt) in enumerate(run.ranges):
+                wj, cj = w[:, q * taps : (q + cnt) * taps], c[col * taps : (col + cnt) * taps]
+                if j:
+                    out.addmm_(wj, cj)
+                elif bias is not None:
+                    torch.addmm(bias[run.o0 : run.o0 + run.n_out, None], wj, cj, out=out)
+                else:
+                    torch.mm(wj, cj, out=out)
+                q += cnt
+        for o in idle:
+            o0, n_o = plan.out_starts[o], plan.out_segments[o][0]
+            if bias is not None:
+                ys[o0 : o0 + n_o].copy_(bias[o0 : o0 + n_o, None].expand(n_o, ho * wo))
+            else:
+                ys[o0 : o0 + n_o].zero_()
+    return _activation_(y.view(n, plan.o_total, ho, wo), activation)
+
+
+def _activation_(y: Tensor, activation: str) -> Tensor:
+    """The activation in place on a fresh output."""
+    if activation == "relu":
+        return y.relu_()
+    if activation == "none":
+        return y
+    return _activation(y, activation)
+
+
+STRATEGIES = {
+    "runs": torch_forward,
+    "grouped": _grouped_forward,
+    "members": _members_forward,
+    "im2col": _im2col_forward,
+    "dense": _dense_forward,
+}
 TUNER = StrategyTuner("partial_conv2d")
 _CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
 
 
+def _candidates(plan: SegmentPlan, geom: ConvGeom, small: bool) -> tuple[dict, str]:
+    """(strategy name -> function, default) for a plan; ``small``: a batch of at most :data:`IM2COL_MAX_BATCH`."""
+    names = ["runs"]
+    if grouped_layout(plan) is not None:
+        names.append("grouped")
+    if member_layout(plan) is not None:
+        names.append("members")
+    if small and any(len(run.ranges) > 1 for run in conv_runs(plan)[0]):
+        # one unfold instead of a gathered copy (+ the convolution's own unfold) per run reading several input
+        # ranges; where every run reads one range (alpha 1: the members' own convolutions) it is the same work as
+        # the runs, and offering it only let a noisy first measurement pick it (K=4 alpha 1 batch 1, 1 thread, load
+        # 5: kept at 3523 us where the runs took 2965)
+        names.append("im2col")
+    if dense_candidate(plan, geom.taps):
+        names.append("dense")
+    if dense_is_view(plan):  # one convolution either way
+        names = ["dense"]
+    return {n: STRATEGIES[n] for n in names}, names[0]
+
+
 def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
-                          activation: str) -> Tensor:  # fmt: skip
+                          activation: str, hot: tuple | None = None) -> Tensor:  # fmt: skip
     """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
     fastest for this (layer, kernel, input size, dtype, row bucket, threads) among one convolution per run of output
-    segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans) and the dense
-    zero-block weight (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`).
+    segments (:func:`torch_forward`), shared conv + grouped conv (:func:`grouped_layout` plans), the member-shaped
+    convolutions (:func:`member_layout` plans), the unfolded input + GEMMs (batches up to
+    :data:`IM2COL_MAX_BATCH`) and the dense zero-block weight
+    (:func:`pyfusion.ops.partial_linear.backends.dense_candidate`).
 
     Once a key is measured its strategy runs from one lookup keyed by ints (``TUNER.fast``): the measuring path's
-    key hashes the ConvGeom dataclass (its four tuples) at every call, ~2 us on the loaded VM."""
+    key hashes the ConvGeom dataclass (its four tuples) at every call, ~2 us on the loaded VM.
+
+    ``hot``: the module's :func:`hot_key` for these (x, weight): once the strategy is settled, the pair's entry is
+    installed in ``_HOT_CALLS`` (see :func:`hot_forward`)."""
     n, _c, h, w = x.shape
     fast = (id(plan), id(geom), x.dtype, activation, n if n <= 4 else 1 << (n - 1).bit_length(), h, w,
             torch.get_num_threads())  # fmt: skip
     hit = _FAST.get(fast)
     if hit is not None and hit[0] is plan and hit[1] is geom:
+        if hot is not None:
+            _install_hot(hot, weight, plan, geom, hit[2])
         return hit[2](x, weight, bias, plan, geom, activation)
-    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom)
+    small = n <= IM2COL_MAX_BATCH
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, geom, small)
     ent = _CANDIDATES.get(pk)
     if ent is None or ent[0] is not plan:
         if len(_CANDIDATES) > _PER_PLAN_MAX:
             _CANDIDATES.clear()
-        names = ["runs"]
-        if grouped_layout(plan) is not None:
-            names.append("grouped")
-        if dense_candidate(plan, geom.taps):
-            names.append("dense")
-        if dense_is_view(plan):  # one convolution either way
-            names = ["dense"]
-        ent = _CANDIDATES[pk] = (plan, {n: STRATEGIES[n] for n in names}, names[0])
+        ent = _CANDIDATES[pk] = (plan, *_candidates(plan, geom, small))
     _plan, fns, default = ent
     key = (pk, x.dtype, activation, row_bucket(x.shape[0]), x.shape[2], x.shape[3], torch.get_num_threads())
     y = TUNER.run(key, fns, (x, weight, bias, plan, geom, activation), default, _drop_derived)
@@ -257,18 +430,80 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
         if len(_FAST) > _PER_PLAN_MAX:
             _FAST.clear()
         _FAST[fast] = (plan, geom, fns[name])
+        if hot is not None:
+            _install_hot(hot, weight, plan, geom, fns[name])
     return y
 
 
 _FAST = TUNER.fast
 
+# The module's one-lookup path (partial_conv2d_module_forward), as partial_linear's (its _HOT_CALLS): per (weight
+# object, geometry object, x.shape, x.dtype, activation, threads) the settled strategy, and for the dense strategy the
+# dense zero-block weight itself, so that a repeat call is one dict lookup, a few identity / int tests and the
+# strategy (F.conv2d for the dense one). The exact shape stands for the rank, channel, batch-bucket and spatial-size
+# checks the entry was installed after. The entry holds a weakref to the weight (dropped with it), its storage address
+# and version when installed (an in-place update or a ``.data`` swap, dtype and device moves included, misses; a
+# detached alias keeps the old storage alive so that its address cannot be reused while the entry exists). No entry
+# for weights whose version cannot be read (inference tensors) nor for views made anew per call. Kept in TUNER.fast
+# (emptied with the choices); its 6-tuples never equal the measuring path's 8-tuples.
+_HOT_CALLS = TUNER.fast
+
+
+def hot_key(x: Tensor, weight: Tensor, geom: ConvGeom, activation: str) -> tuple:
+    """The ``_HOT_CALLS`` key of a module call (see :func:`hot_forward`)."""
+    return (id(weight), id(geom), x.shape, x.dtype, activation, torch.get_num_threads())
+
+
+def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, geom: ConvGeom, fn: Callable) -> None:
+    if weight._base is not None:  # a view made anew at each call: never hit again
+        return
+    try:
+        ver = weight._version
+    except RuntimeError:  # an inference tensor: no version counter to see an in-place change by
+        return
+    dense = None
+    if fn is _dense_forward:
+        dense = dense_weight_of(weight, plan, geom.kernel)
+        if dense._base is not None:
+            dense = dense.detach()  # a view of the weight would keep the weight (and so the entry) alive
+    if len(_HOT_CALLS) > _PER_PLAN_MAX:
+        _HOT_CALLS.clear()
+
+    def _drop(ref: weakref.ref, k: tuple = hot) -> None:
+        cur = _HOT_CALLS.get(k)
+        if cur is not None and cur[2] is ref:
+            del _HOT_CALLS[k]
+
+    _HOT_CALLS[hot] = (plan, geom, weakref.ref(weight, _drop), weight.data_ptr(), ver, weight.detach(), fn, dense)
+
+
+def hot_forward(hot: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                activation: str) -> Tensor | None:  # fmt: skip
+    """The settled strategy of ``hot`` (:func:`hot_key`) run from its entry, or None when there is none valid for
+    this weight (same object, storage and version as when installed, on the CPU), plan and geometry. The caller has
+    checked what the key does not stand for (eager, no autograd, no tracing, a plain CPU x, no PYFUSION_BACKEND)."""
+    ent = _HOT_CALLS.get(hot)
+    if ent is None or ent[0] is not plan or ent[1] is not geom or ent[2]() is not weight:
+        return None
+    if ent[3] != weight.data_ptr() or ent[4] != weight._version or not weight.is_cpu:
+        return None
+    dense = ent[7]
+    if dense is None:
+        return ent[6](x, weight, bias, plan, geom, activation)
+    y = F.conv2d(x, dense, bias, geom.stride, geom.padding, geom.dilation)
+    return _activation_(y, activation).contiguous()
+
 
 def _drop_derived(name: str, args: tuple) -> None:
-    _x, weight, _bias, plan, geom, _act = args
+    _x, weight, bias, plan, geom, _act = args
     if name == "dense" and not dense_is_view(plan):
         forget_derived(weight, ("dense", plan_token(plan), geom.kernel))
     elif name == "grouped":
         forget_derived(weight, ("conv_grouped", plan_token(plan), geom.kernel))
+    elif name == "members":
+        forget_derived(weight, ("conv_members", plan_token(plan), geom.kernel))
+        if bias is not None:
+            forget_derived(bias, ("conv_member_bias", plan_token(plan)))
 
 
 # ----------------------------------------------------------------------------------------------------------
