@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _trained import family_pair
 
 import pyfusion
 import pyfusion.fuse.builder as builder
@@ -20,21 +21,7 @@ from pyfusion.graph.trace import trace_groups
 
 
 def _family(name: str):
-    torch.manual_seed(0)
-    if name == "mlp":
-        make, example = (lambda: models.mlp([12, 16, 16, 5])), torch.randn(4, 12)
-    elif name == "vgg_bn":
-        make = lambda: models.vgg((8, "M", 16, "M"), in_channels=3, image_size=8, hidden=16)  # noqa: E731
-        example = torch.randn(4, 3, 8, 8)
-    else:
-        make, example = (lambda: models.resnet20(width=1, blocks=1)), torch.randn(2, 3, 16, 16)
-    members = [make().eval(), make().eval()]
-    with torch.no_grad():  # BatchNorm statistics away from their defaults
-        for m in members:
-            for buf in m.buffers():
-                if buf.is_floating_point():
-                    buf.copy_(torch.rand_like(buf) + 0.5)
-    return members, example
+    return family_pair(name)
 
 
 def _perms(graph, seed: int) -> dict[str, list[torch.Tensor]]:

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from _trained import family_pair
 
 from pyfusion import _ext, models
 from pyfusion.ops import correlation, moments
@@ -143,20 +144,7 @@ def test_permutation_path_is_the_general_path_bit_for_bit(family, monkeypatch):
     from pyfusion.fuse.permuted import permutation_maps, permutation_segments, permutation_tensors
     from pyfusion.graph.trace import trace_groups
 
-    torch.manual_seed(0)
-    if family == "mlp":
-        make, example = (lambda: models.mlp([12, 16, 16, 5])), torch.randn(4, 12)
-    elif family == "vgg_bn":
-        make = lambda: models.vgg((8, "M", 16, "M"), in_channels=3, image_size=8, hidden=16)  # noqa: E731
-        example = torch.randn(4, 3, 8, 8)
-    else:
-        make, example = (lambda: models.resnet20(width=1, blocks=1)), torch.randn(2, 3, 16, 16)
-    members = [make().eval(), make().eval()]
-    with torch.no_grad():  # BatchNorm statistics away from their defaults, so that their maps are exercised
-        for m in members:
-            for buf in m.buffers():
-                if buf.is_floating_point():
-                    buf.copy_(torch.rand_like(buf) + 0.5)
+    members, example = family_pair(family)
     graph = trace_groups(members[0], example)
     plan = _permuted_plan(graph, 1)
     maps = permutation_maps(graph, plan)
