@@ -138,6 +138,25 @@ def test_activation_matching_is_the_dense_maps_fusion_bit_for_bit(family, monkey
     torch.testing.assert_close(fused(example), want(example), rtol=0, atol=0)
 
 
+def test_slot_order_of_k3_permutation_plans_makes_no_map_and_equals_the_dense_plans():
+    """K >= 3: ordering the shared slots by member subset reads the masks of never-made permutation maps from their
+    permutations (every slot is every member's), so it makes none, and moves nothing, as on the dense maps."""
+    from pyfusion.fuse.fast import _slot_masks, order_shared_slots
+
+    members, example = _family("mlp")
+    members.append(copy.deepcopy(members[0]))
+    graph = trace_groups(members[0], example)
+    g = torch.Generator().manual_seed(3)
+    perms = {n: [torch.randperm(gr.size, generator=g) for _ in range(3)] for n, gr in graph.groups.items()}
+    plan = Plan.from_permutations(graph, perms, (0.2, 0.3, 0.5))
+    dense = _dense_copy(plan)
+    assert order_shared_slots(plan, graph) is plan
+    assert order_shared_slots(dense, graph) is dense
+    for name, gp in plan.groups.items():
+        assert all(gp.A.pristine(k) and gp.B.pristine(k) for k in range(3)), name
+        assert _slot_masks(gp) == _slot_masks(dense.groups[name]) == [0b111] * gp.slots
+
+
 def test_permutation_maps_behave_as_lists():
     m = models.mlp([5, 7, 3])
     graph = trace_groups(m, torch.randn(2, 5))

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.plan import GroupPlan, Plan
+from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
 from pyfusion.fuse.validate import tensor_state
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
@@ -65,7 +65,14 @@ def _slot_masks(gp: GroupPlan) -> list[int]:
     """Member mask of every slot of a group: bit k when member k writes it (``A_k``) or reads it (``B_k``)."""
     slots = gp.slots
     masks = [0] * slots
-    for k, (a, b) in enumerate(zip(gp.A, gp.B)):
+    for k in range(len(gp.A)):
+        if pristine_map(gp.B, k):
+            # a never-read permutation map B_k = P_k^T reads every slot: no need to make the dense maps (K >= 3
+            # activation matching would otherwise form every lazy map here)
+            for s in range(slots):
+                masks[s] |= 1 << k
+            continue
+        a, b = gp.A[k], gp.B[k]
         used = ((a != 0).any(1) | (b != 0).any(0)).tolist()
         for s in range(slots):
             if used[s]:
