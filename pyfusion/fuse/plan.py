@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyfusion.fuse.validate import all_finite
+from pyfusion._finite import all_finite
 from pyfusion.graph.groups import FusionGraph, Normalizer
 
 __all__ = ["GroupPlan", "PermutationMaps", "Plan", "permute_only", "refuse_widening", "unit_map", "zero_hint"]

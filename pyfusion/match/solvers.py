@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pyfusion._finite import all_finite
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.match.align import Permutation, aligned_features
 from pyfusion.match.units import neuron_perms, tie_set_costs
@@ -40,13 +41,10 @@ __all__ = [
 def check_finite(cost: Tensor, what: str) -> None:
     """Raise ``ValueError(f"{what} has NaN or inf values")`` unless every entry of ``cost`` is finite.
 
-    A finite sum proves every entry finite (a NaN makes it NaN, an inf inf or NaN); only a sum that is not finite
-    (a bad entry, or finite entries overflowing) runs the elementwise test, so a good cost is read once, without
-    the full-size boolean temporary of ``isfinite(cost).all()``.
+    The test is :func:`pyfusion._finite.all_finite` (one sum; the elementwise test only when the sum is not
+    finite), so a good cost is read once, without the full-size boolean temporary of ``isfinite(cost).all()``.
     """
-    if cost.numel() and bool(torch.isfinite(cost.sum())):
-        return
-    if not bool(torch.isfinite(cost).all()):
+    if not all_finite(cost):
         raise ValueError(f"{what} has NaN or inf values")
 
 
