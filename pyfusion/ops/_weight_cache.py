@@ -72,6 +72,18 @@ def derived_weight(weight: Tensor, key: Hashable, build: Callable[[Tensor], Any]
     return value
 
 
+def entry_ref(table: dict, key: Hashable, owner: Tensor, slot: int) -> weakref.ref:
+    """A weak reference to ``owner`` for the tuple entry ``table[key]`` (held at index ``slot``): when ``owner``
+    dies the entry is removed, unless it was replaced by one holding another reference meanwhile."""
+
+    def _drop(ref: weakref.ref) -> None:
+        cur = table.get(key)
+        if cur is not None and cur[slot] is ref:
+            del table[key]
+
+    return weakref.ref(owner, _drop)
+
+
 def forget(weight: Tensor, key: Hashable) -> None:
     """Drop the tensor derived from ``weight`` under ``key``, if any (a strategy that was measured, not kept)."""
     owner = weight if weight._base is None else weight._base

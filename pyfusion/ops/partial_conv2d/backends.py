@@ -35,7 +35,6 @@ were 1.35x the members run one after another, which ``members`` matches, so the 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from pyfusion import backends
 from pyfusion.dispatch import Backend, Dispatcher
+from pyfusion.ops._weight_cache import entry_ref
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import SegmentPlan, kernel_segments
 from pyfusion.ops.partial_linear.backends import (
@@ -469,12 +469,8 @@ def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, geom: ConvGeom, 
     if len(_HOT_CALLS) > _PER_PLAN_MAX:
         _HOT_CALLS.clear()
 
-    def _drop(ref: weakref.ref, k: tuple = hot) -> None:
-        cur = _HOT_CALLS.get(k)
-        if cur is not None and cur[2] is ref:
-            del _HOT_CALLS[k]
-
-    _HOT_CALLS[hot] = (plan, geom, weakref.ref(weight, _drop), weight.data_ptr(), ver, weight.detach(), fn, dense)
+    ref = entry_ref(_HOT_CALLS, hot, weight, 2)
+    _HOT_CALLS[hot] = (plan, geom, ref, weight.data_ptr(), ver, weight.detach(), fn, dense)
 
 
 def hot_forward(hot: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,

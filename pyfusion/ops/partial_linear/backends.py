@@ -41,7 +41,6 @@ import functools
 import itertools
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +50,7 @@ from torch import Tensor
 
 from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
-from pyfusion.ops._weight_cache import _version, derived_weight
+from pyfusion.ops._weight_cache import _version, derived_weight, entry_ref
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, kernel_segments
 from pyfusion.ops.partial_linear.tuning import StrategyTuner
@@ -297,12 +296,7 @@ def hot_derived(weight: Tensor, plan: SegmentPlan, tag: str, build: Callable[[Te
         if len(_HOT) > _PER_PLAN_MAX:
             _HOT.clear()
 
-        def _drop(ref: weakref.ref, k: tuple = k) -> None:
-            cur = _HOT.get(k)
-            if cur is not None and cur[0] is ref:
-                del _HOT[k]
-
-        _HOT[k] = (weakref.ref(weight, _drop), plan, weight.data_ptr(), _version(weight), weight.detach(), value)
+        _HOT[k] = (entry_ref(_HOT, k, weight, 0), plan, weight.data_ptr(), _version(weight), weight.detach(), value)
     return value
 
 
@@ -830,12 +824,8 @@ def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, activation: str,
     if len(_HOT_CALLS) > _PER_PLAN_MAX:
         _HOT_CALLS.clear()
 
-    def _drop(ref: weakref.ref, k: tuple = hot) -> None:
-        cur = _HOT_CALLS.get(k)
-        if cur is not None and cur[1] is ref:
-            del _HOT_CALLS[k]
-
-    _HOT_CALLS[hot] = (plan, weakref.ref(weight, _drop), weight.data_ptr(), ver, weight.detach(), fn, dense, cpp)
+    _HOT_CALLS[hot] = (plan, entry_ref(_HOT_CALLS, hot, weight, 1), weight.data_ptr(), ver, weight.detach(), fn, dense,
+                       cpp)  # fmt: skip
 
 
 def hot_forward(
