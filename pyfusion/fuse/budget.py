@@ -361,6 +361,15 @@ class _Candidate:
         }
 
 
+def _paired(d: Tensor) -> tuple[float, float, float]:
+    """(mean, standard error, z) of per-sample loss differences ``d`` (N,): se = std(d) / sqrt(N) with N - 1, z =
+    mean / se (+inf / 0 when se = 0 and the mean is positive / not), for the one-sided paired tests of the search."""
+    n = d.numel()
+    mean = float(d.mean())
+    se = float(d.std(correction=1)) / math.sqrt(n) if n > 1 else 0.0
+    return mean, se, (mean / se if se > 0 else (math.inf if mean > 0 else 0.0))
+
+
 class BudgetSearch:
     """One search over the candidates, shared by any number of budgets (:func:`budget_search`): the fit /
     held-out split, the members' held-out outputs, every fusion built (memoized). :meth:`choose` returns the
@@ -1197,11 +1206,7 @@ class BudgetSearch:
         tests: dict[str, dict[str, float]] = {}
         level = []
         for c in cands:
-            d = losses[id(c)] - la
-            n = d.numel()
-            mean = float(d.mean())
-            se = float(d.std(correction=1)) / math.sqrt(n) if n > 1 else 0.0
-            z = mean / se if se > 0 else (0.0 if mean <= 0 else math.inf)
+            mean, se, z = _paired(losses[id(c)] - la)
             at_noise = mean <= self.trivial_margin * se if se > 0 else mean <= 0
             at_noise = at_noise or key(c) <= key(argmin) + self.tie_tolerance
             tests[c.name] = {"mean_excess_loss": mean, "standard_error": se, "z": z, "noise_level": at_noise}
@@ -1238,16 +1243,14 @@ class BudgetSearch:
         else:
             d = trivial.hold_losses - fused.hold_losses
             required = max(self.fused_margin, HOLDOUT_FUSED_MARGIN)
-        n = d.numel()
-        mean = float(d.mean())
-        se = float(d.std(correction=1)) / math.sqrt(n) if n > 1 else 0.0
+        mean, se, z = _paired(d)
         return {
             "mean_improvement": mean,
             "standard_error": se,
-            "z": mean / se if se > 0 else (math.inf if mean > 0 else 0.0),
+            "z": z,
             "required_z": required,
             "passed": mean > required * se,
-            "samples": n,
+            "samples": d.numel(),
         }
 
     def _reason(self, best: _Candidate, best_trivial: _Candidate | None, best_fused: _Candidate | None,
