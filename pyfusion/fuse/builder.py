@@ -1029,6 +1029,20 @@ def member_segments(
     """
     k_all = plan.num_members
     every = (1 << k_all) - 1
+
+    def axis_segments(size: int, arefs: list[tuple[str, AxisRef]]) -> list[list[int]]:
+        runs = _runs(_axis_member_masks(size, arefs, graph, maps, k_all))
+        return [[n, every if m < 0 else m] for n, m in runs]
+
+    return segments_by_parameter(member, graph, axis_segments)
+
+
+def segments_by_parameter(
+    member: nn.Module, graph: FusionGraph, axis_segments: Callable[[int, list[tuple[str, AxisRef]]], list[list[int]]]
+) -> dict[str, dict[str, dict[str, object]]]:
+    """The :func:`member_segments` layout of every referenced parameter of ``member`` (2-D and up), with
+    ``axis_segments(size, refs)`` giving one axis' ``[[size, mask], ...]`` from the (group, ref) pairs on it; the
+    output axis is the lowest axis a non-consumer ref names."""
     tensors = dict(member.named_parameters(remove_duplicate=False))
     tensors.update(dict(member.named_buffers(remove_duplicate=False)))
     out: dict[str, dict[str, dict[str, object]]] = {}
@@ -1041,10 +1055,7 @@ def member_segments(
         for g, r in refs:
             per_axis.setdefault(r.axis, []).append((g, r))
         out_axes = [r.axis for _g, r in refs if r.role != "consumer"]
-        axes = {}
-        for axis, arefs in sorted(per_axis.items()):
-            runs = _runs(_axis_member_masks(int(t.shape[axis]), arefs, graph, maps, k_all))
-            axes[str(axis)] = [[n, every if m < 0 else m] for n, m in runs]
+        axes = {str(axis): axis_segments(int(t.shape[axis]), arefs) for axis, arefs in sorted(per_axis.items())}
         out.setdefault(mpath, {})[pname] = {"axes": axes, "out_axis": min(out_axes) if out_axes else None}
     return out
 

@@ -183,16 +183,7 @@ def permutation_segments(
     :func:`permutation_maps`, when the caller has it)."""
     if (permutation_maps(graph, plan) if maps is None else maps) is None:
         return None
+    from pyfusion.fuse.builder import segments_by_parameter  # builder imports this module
+
     every = (1 << plan.num_members) - 1
-    tensors = dict(member.named_parameters(remove_duplicate=False))
-    tensors.update(dict(member.named_buffers(remove_duplicate=False)))
-    out: dict[str, dict[str, dict[str, object]]] = {}
-    for key, refs in graph.refs_by_key().items():
-        t = tensors.get(key)
-        if t is None or t.dim() < 2:
-            continue
-        mpath, _, pname = key.rpartition(".")
-        axes = {str(axis): [[int(t.shape[axis]), every]] for axis in sorted({r.axis for _g, r in refs})}
-        out_axes = [r.axis for _g, r in refs if r.role != "consumer"]
-        out.setdefault(mpath, {})[pname] = {"axes": axes, "out_axis": min(out_axes) if out_axes else None}
-    return out
+    return segments_by_parameter(member, graph, lambda size, _refs: [[size, every]])
