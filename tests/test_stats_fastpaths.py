@@ -43,7 +43,7 @@ def _structured(kind: str, n: int, da: int, db: int, seed: int) -> torch.Tensor:
 
 @needs_ext
 @pytest.mark.parametrize("kind", ["random", "offset", "rank"])
-def test_blas_accumulate_matches_reference(kind):
+def test_blas_accumulate_matches_reference(kind, blas_first):
     da, db, n = 160, 136, 1100  # three panels, the last one partial
     x = _structured(kind, n, da, db, seed=1)
     rects = [0, 0, 0, 0, da, da + db, 0, da]
@@ -64,7 +64,7 @@ def test_blas_accumulate_matches_reference(kind):
 
 @needs_ext
 @pytest.mark.parametrize("kind", ["random", "offset", "rank"])
-def test_blas_correlation_matches_reference(kind):
+def test_blas_correlation_matches_reference(kind, blas_first):
     x = _structured(kind, 1300, 200, 144, seed=2)
     a, b = x[:, :200], x[:, 200:]
     assert moments.CORRELATION.select(a, b).name == "torch"
@@ -79,7 +79,7 @@ def test_blas_correlation_matches_reference(kind):
 
 
 @needs_ext
-def test_blas_takes_float16_and_strided_input():
+def test_blas_takes_float16_and_strided_input(blas_first):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(700, 2 * 300, generator=g)
     a = base[:, ::2]  # column stride 2
