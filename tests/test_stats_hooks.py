@@ -4,6 +4,7 @@ and the per-panel shift of ops.correlation's BLAS path: float64 references on ra
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -363,3 +364,64 @@ def test_block_accumulation_matches_concatenation_and_float64(kind, blas_first):
     torch.testing.assert_close(blocks_st.mean(), cat_st.mean(), rtol=0, atol=1e-7 * (1 + full.abs().max().item()))
     if kind == "constant":
         assert bool((got[4] == 0).all()) and bool((got[:, :3] == 0).all())
+
+
+def _script_perms(models: list[nn.Module], data: list[torch.Tensor]) -> list[np.ndarray]:
+    """The plain script's matching: hooked ReLU outputs, numpy float64 correlation of the cross block, scipy's
+    linear_sum_assignment (maximise) per layer."""
+    from scipy.optimize import linear_sum_assignment
+
+    acts: list[list[list[np.ndarray]]] = [[], []]
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            outs: list[list[np.ndarray]] = []
+            for x in data:
+                h, i = x, 0
+                for layer in m:
+                    h = layer(h)
+                    if isinstance(layer, nn.ReLU):
+                        if len(outs) <= i:
+                            outs.append([])
+                        outs[i].append(h.numpy())
+                        i += 1
+            acts[k] = outs
+    perms = []
+    for la, lb in zip(*acts):
+        a, b = np.concatenate(la).astype(np.float64), np.concatenate(lb).astype(np.float64)
+        a, b = a - a.mean(0), b - b.mean(0)
+        sa, sb = np.sqrt((a * a).sum(0)), np.sqrt((b * b).sum(0))
+        corr = (a.T @ b) / np.outer(np.where(sa > 0, sa, 1.0), np.where(sb > 0, sb, 1.0))
+        perms.append(linear_sum_assignment(corr, maximize=True)[1])
+    return perms
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("order", ["engine_first", "blas_first"])
+def test_activation_matching_finds_the_float64_scripts_permutations(seed, order, request):
+    """float32 members, member 1 a hidden-neuron permutation of member 0 with weights perturbed by 0.15 of their
+    spread (the bench's well-posed pair, small): activation matching on either cross-block backend finds exactly the
+    permutations of the plain float64 script (numpy correlation + scipy), over batches of 256 with a last short one."""
+    request.getfixturevalue(order)
+    torch.manual_seed(seed)
+    width = 160
+    a, b = mlp([30, width, width, 5]).eval(), mlp([30, width, width, 5]).eval()
+    sd = {k: v.detach().clone() for k, v in a.state_dict().items()}
+    prev = None
+    for j, name in enumerate(["1", "3", "5"]):
+        w, bias = sd[f"{name}.weight"], sd[f"{name}.bias"]
+        if prev is not None:
+            w = w[:, prev]
+        if j < 2:
+            p = torch.randperm(width)
+            w, bias, prev = w[p], bias[p], p
+        sd[f"{name}.weight"] = w + 0.15 * w.std() * torch.randn_like(w)
+        sd[f"{name}.bias"] = bias + 0.15 * bias.std() * torch.randn_like(bias)
+    b.load_state_dict(sd)
+    data = list(torch.relu(torch.randn(1100, 30)).split(256))
+    fused = pyfusion.fuse([a, b], data, method="activation_matching")
+    want = _script_perms([a, b], data)
+    got = [gp.A[1].argmax(1).numpy() for gp in fused.fusion_plan.groups.values()]
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
