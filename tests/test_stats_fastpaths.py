@@ -207,3 +207,20 @@ def test_member_perm_reads_exact_permutations_only():
     extra = a.clone()
     extra[0, 0] = 1e-3  # A reads a neuron B does not put there
     assert _member_perm(extra, b) is None
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["random", "offset", "rank"])
+def test_engine_correlation_reads_x_and_y_in_place(kind, monkeypatch):
+    """The engine's correlation of two float32 inputs reads them in place (``corr_accumulate_blocks``): bit for bit
+    the result on their concatenation, and the float64 reference to float32 rounding (strided x included)."""
+    x = _structured(kind, 900, 150, 130, seed=7)
+    a, b = x[:, :150], x[:, 150:]
+    a_strided = torch.cat([a, a], 1)[:, ::2]
+    plain = moments._acc_cpp
+    for xa in (a, a_strided):
+        got = moments._corr_cpp(xa, b)
+        torch.testing.assert_close(got, correlation_ref(xa, b), rtol=0, atol=1e-6)
+        with monkeypatch.context() as m:
+            m.setattr(moments, "_acc_cpp", lambda *args: plain(*args))  # not the in-place path: concatenates
+            assert torch.equal(moments._corr_via_engine(xa, b, moments._acc_cpp), got)

@@ -429,17 +429,28 @@ def _corr_via_engine(x: Tensor, y: Tensor, accumulate) -> Tensor:
     moments; 0 for pairs with a constant column, the :class:`pyfusion.stats.ActivationStats` rule). For
     ``correlation(x, x)`` the lower triangle of x alone (half of x^T x: a quarter of the SYRK of [x | x])."""
     n, dx = x.shape
-    if _same_tensor(x, y):
-        xy, rects = x, None
-    else:
-        dtype = torch.promote_types(x.dtype, y.dtype)
-        xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
-        rects = [dx, xy.shape[1], 0, dx]
-    shift = moment_shift(xy)
-    d = xy.shape[1]
+    d = dx + (0 if _same_tensor(x, y) else y.shape[1])
     s1 = torch.zeros(d, dtype=torch.float64, device=x.device)
     s2 = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    accumulate(xy, shift, s1, s2, rects)
+    rects = None if d == dx else [dx, d, 0, dx]
+    blocks_ok = accumulate is _acc_cpp and x.dtype == y.dtype and hasattr(_ext._C, "corr_accumulate_blocks")
+    if rects is not None and blocks_ok:
+        # x and y read in place (no (N, Dx + Dy) copy: ~10% of the op at N = 4096, D = 1024 + 1024); the shift is
+        # column-wise, so that of the concatenation; bit for bit the engine on [x | y]
+        shift = torch.cat([moment_shift(x), moment_shift(y)])
+        _ext._C.corr_accumulate_blocks(  # type: ignore[union-attr]
+            [x.data_ptr(), y.data_ptr()], _DTYPE_CODES[x.dtype], n, [dx, d - dx], [x.stride(0), y.stride(0)],
+            [x.stride(1), y.stride(1)], shift.data_ptr(), s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
+            "auto", rects,
+        )  # fmt: skip
+    else:
+        if rects is None:
+            xy = x
+        else:
+            dtype = torch.promote_types(x.dtype, y.dtype)
+            xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+        shift = moment_shift(xy)
+        accumulate(xy, shift, s1, s2, rects)
     mu = shift + s1 / n
     var = ((torch.diagonal(s2) - s1 * s1 / n) / n).clamp_min(0)
     std = var.sqrt()
