@@ -62,6 +62,9 @@ class Backend:
         available: returns the reasons the backend cannot run on this machine at all (empty: it can).
         supports: returns the reasons it cannot take these particular inputs (empty: it can).
         description: one line for ``python -m pyfusion.info``.
+        defers: returns the reasons the automatic choice passes over this backend, on this machine, for a later
+            one that accepts the inputs (a measured speed order, not a limitation: the backend still runs when
+            ``PYFUSION_BACKEND`` forces it, or when no later backend accepts).
     """
 
     name: str
@@ -69,6 +72,7 @@ class Backend:
     available: Callable[[], list[str]] = field(default=lambda: [])
     supports: Callable[..., list[str]] = field(default=lambda *a, **k: [])
     description: str = ""
+    defers: Callable[[], list[str]] = field(default=lambda: [])
 
     def reasons(self, *args: Any, **kwargs: Any) -> list[str]:
         static = self.available()
@@ -222,11 +226,17 @@ class Dispatcher:
                 )
             return backend
         declined: list[str] = []
+        deferred: Backend | None = None
         for backend in self.backends:
             why = backend.reasons(*args)
             if not why:
+                if backend.defers():
+                    deferred = deferred or backend
+                    continue
                 return backend
             declined.append(f"  {backend.name}: " + "; ".join(why))
+        if deferred is not None:  # nothing later accepts: the passed-over backend runs after all
+            return deferred
         raise NoBackendError(
             f"no backend of op {self.op!r} accepts these inputs:\n" + "\n".join(declined) + "\n" + self._inputs(args)
         )
@@ -253,7 +263,11 @@ class Dispatcher:
         lines = [f"op {self.op}:"]
         for backend in self.backends:
             why = backend.reasons(*args)
-            lines.append(f"  {backend.name:10s} " + ("ok" if not why else "declined: " + "; ".join(why)))
+            later = backend.defers() if not why else []
+            state = "declined: " + "; ".join(why) if why else "ok"
+            if later:
+                state += " (deferred: " + "; ".join(later) + ")"
+            lines.append(f"  {backend.name:10s} " + state)
         return "\n".join(lines)
 
     def __call__(self, *args: Any) -> Any:

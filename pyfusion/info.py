@@ -61,7 +61,11 @@ def op_table() -> list[str]:
         for b in disp.backends:
             why = b.available()
             state = "x" if not why else " "
-            lines.append(f"    [{state}] {b.name:17s} {b.description if not why else 'unavailable: ' + '; '.join(why)}")
+            text = b.description if not why else "unavailable: " + "; ".join(why)
+            later = b.defers() if not why else []
+            if later:
+                text += " (chosen after the others here: " + "; ".join(later) + ")"
+            lines.append(f"    [{state}] {b.name:17s} {text}")
     return lines
 
 

@@ -50,3 +50,21 @@ def shared_data_dir() -> str:
     if not os.path.isdir(os.path.join(path, "mnist")):
         pytest.skip(f"MNIST not found under {os.path.abspath(path)} (set PYFUSION_DATA to the data folder)")
     return path
+
+
+@pytest.fixture
+def blas_first(monkeypatch):
+    """The automatic choice of ``accumulate_moments`` / ``correlation`` takes the BLAS path first, as on an Intel CPU
+    (elsewhere oneMKL runs AVX2 code and the engine comes first: :func:`pyfusion.ops.moments._blas_defers`), so that
+    tests of the BLAS path's selection hold on every machine."""
+    from pyfusion.ops import moments
+
+    monkeypatch.setattr(moments, "_blas_defers", lambda: [])
+
+
+@pytest.fixture
+def engine_first(monkeypatch):
+    """The automatic choice takes the engine before the BLAS path, as on AVX-512 CPUs of other vendors than Intel."""
+    from pyfusion.ops import moments
+
+    monkeypatch.setattr(moments, "_blas_defers", lambda: ["(test) the engine first"])

@@ -226,6 +226,28 @@ def test_no_backend_error_lists_every_backend_and_the_inputs():
         dispatch.REGISTRY.pop("_test_no_backend", None)
 
 
+def test_a_deferring_backend_runs_only_when_forced_or_alone(monkeypatch):
+    """``Backend.defers``: the automatic choice passes the backend over for a later one that accepts the inputs, takes
+    it when none does, and ``PYFUSION_BACKEND`` still forces it; ``explain`` says so."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    d = dispatch.Dispatcher(
+        "_test_defers",
+        [
+            dispatch.Backend("torch", lambda k: "torch", defers=lambda: ["slower here"]),
+            dispatch.Backend("cpp", lambda k: "cpp", supports=lambda k: [] if k > 0 else ["k <= 0"]),
+        ],
+        arg_names=("k",),
+    )
+    try:
+        assert d(1) == "cpp"
+        assert d(0) == "torch"  # the only backend that accepts
+        assert "ok (deferred: slower here)" in d.explain(1)
+        monkeypatch.setenv("PYFUSION_BACKEND", "_test_defers:torch")
+        assert d(1) == "torch"
+    finally:
+        dispatch.REGISTRY.pop("_test_defers", None)
+
+
 def test_cached_choice_follows_pyfusion_backend(monkeypatch):
     from pyfusion.ops.partial_linear import DISPATCHER
 

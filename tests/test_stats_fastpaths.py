@@ -43,7 +43,7 @@ def _structured(kind: str, n: int, da: int, db: int, seed: int) -> torch.Tensor:
 
 @needs_ext
 @pytest.mark.parametrize("kind", ["random", "offset", "rank"])
-def test_blas_accumulate_matches_reference(kind):
+def test_blas_accumulate_matches_reference(kind, blas_first):
     da, db, n = 160, 136, 1100  # three panels, the last one partial
     x = _structured(kind, n, da, db, seed=1)
     rects = [0, 0, 0, 0, da, da + db, 0, da]
@@ -64,7 +64,7 @@ def test_blas_accumulate_matches_reference(kind):
 
 @needs_ext
 @pytest.mark.parametrize("kind", ["random", "offset", "rank"])
-def test_blas_correlation_matches_reference(kind):
+def test_blas_correlation_matches_reference(kind, blas_first):
     x = _structured(kind, 1300, 200, 144, seed=2)
     a, b = x[:, :200], x[:, 200:]
     assert moments.CORRELATION.select(a, b).name == "torch"
@@ -79,7 +79,7 @@ def test_blas_correlation_matches_reference(kind):
 
 
 @needs_ext
-def test_blas_takes_float16_and_strided_input():
+def test_blas_takes_float16_and_strided_input(blas_first):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(700, 2 * 300, generator=g)
     a = base[:, ::2]  # column stride 2
@@ -207,3 +207,23 @@ def test_member_perm_reads_exact_permutations_only():
     extra = a.clone()
     extra[0, 0] = 1e-3  # A reads a neuron B does not put there
     assert _member_perm(extra, b) is None
+
+
+@pytest.mark.skipif(
+    not (_ext.EXT_AVAILABLE and hasattr(_ext._C, "corr_accumulate_blocks")),
+    reason="the C++ extension predates corr_accumulate_blocks (rebuild it: tools/dev_build.sh)",
+)
+@pytest.mark.parametrize("kind", ["random", "offset", "rank"])
+def test_engine_correlation_reads_x_and_y_in_place(kind, monkeypatch):
+    """The engine's correlation of two float32 inputs reads them in place (``corr_accumulate_blocks``): bit for bit
+    the result on their concatenation, and the float64 reference to float32 rounding (strided x included)."""
+    x = _structured(kind, 900, 150, 130, seed=7)
+    a, b = x[:, :150], x[:, 150:]
+    a_strided = torch.cat([a, a], 1)[:, ::2]
+    plain = moments._acc_cpp
+    for xa in (a, a_strided):
+        got = moments._corr_cpp(xa, b)
+        torch.testing.assert_close(got, correlation_ref(xa, b), rtol=0, atol=1e-6)
+        with monkeypatch.context() as m:
+            m.setattr(moments, "_acc_cpp", lambda *args: plain(*args))  # not the in-place path: concatenates
+            assert torch.equal(moments._corr_via_engine(xa, b, moments._acc_cpp), got)

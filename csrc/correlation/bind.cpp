@@ -52,6 +52,25 @@ void bind_correlation(py::module_& m) {
       "accumulate only the diagonal macro blocks and those meeting these rectangles of the lower triangle (empty: "
       "all). Returns the micro-kernel name.");
   m.def(
+      "corr_accumulate_blocks",
+      [](const std::vector<uintptr_t>& xs, int dtype, int64_t n, const std::vector<int64_t>& cols,
+         const std::vector<int64_t>& stride_n, const std::vector<int64_t>& stride_d, uintptr_t shift, uintptr_t s1,
+         uintptr_t s2, int threads, const std::string& isa, const std::vector<int64_t>& rects) {
+        const corr::Isa which = parse_isa(isa);
+        const corr::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        return corr::accumulate_blocks_cpu(xs, dt, n, cols, stride_n, stride_d, ptr<const double>(shift),
+                                           ptr<double>(s1), ptr<double>(s2), threads, which, rects);
+      },
+      py::arg("xs"), py::arg("dtype"), py::arg("n"), py::arg("cols"), py::arg("stride_n"), py::arg("stride_d"),
+      py::arg("shift"), py::arg("s1"), py::arg("s2"), py::arg("threads") = 0, py::arg("isa") = "auto",
+      py::arg("rects") = std::vector<int64_t>{},
+      "corr_accumulate of x = [b_0 | ... | b_{K-1}] without forming x: xs[k] the address of block k (n, cols[k]) "
+      "with strides (stride_n[k], stride_d[k]) in elements, one dtype for all; D = sum(cols). Bit for bit the "
+      "result of corr_accumulate on the concatenation. Returns the micro-kernel name.");
+  m.def("corr_cpu_vendor", &corr::cpu_vendor,
+        "The CPU vendor: 'intel', 'amd' or 'other' (oneMKL runs its AVX2 code on non-Intel CPUs)");
+  m.def(
       "corr_shift",
       [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t stride_n, int64_t stride_d, uintptr_t shift,
          uintptr_t s1, uintptr_t sq, int64_t sq_stride, uintptr_t out, int threads) {

@@ -31,6 +31,18 @@ std::string accumulate_cpu(const void* x, DType dtype, int64_t n, int64_t d, int
                            const double* shift, double* s1, double* s2, int threads, Isa isa,
                            const std::vector<int64_t>& rects = {});
 
+// accumulate_cpu of x = [b_0 | ... | b_{nb-1}] without forming x: block b is (n, cols[b]) at address xs[b] with
+// strides (stride_n[b], stride_d[b]) in elements, all of `dtype`; D = sum(cols). Equal to accumulate_cpu on the
+// concatenation bit for bit (each row is gathered into a float32 row buffer, then packed as before).
+std::string accumulate_blocks_cpu(const std::vector<uintptr_t>& xs, DType dtype, int64_t n,
+                                  const std::vector<int64_t>& cols, const std::vector<int64_t>& stride_n,
+                                  const std::vector<int64_t>& stride_d, const double* shift, double* s1, double* s2,
+                                  int threads, Isa isa, const std::vector<int64_t>& rects = {});
+
+// The CPU vendor ("intel", "amd" or "other"): oneMKL runs its AVX2 code paths on non-Intel CPUs, which decides
+// whether torch's float32 GEMM or this engine's AVX-512 kernel is the faster cross block (pyfusion.ops.moments).
+std::string cpu_vendor();
+
 // The prepass of the BLAS path (pyfusion.ops.moments, backend "torch"): out (n x d, row-major float32) = x - shift,
 // s1 += sum_i (x_i - shift) and sq[j * sq_stride] += sum_i (x_ij - shift_j)^2, float64 (sq_stride = d + 1 for the
 // diagonal of s2); the caller's float32 GEMMs of out give the off-diagonal rectangles. Returns the instruction set.

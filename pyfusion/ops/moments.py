@@ -8,9 +8,11 @@ moment ``M2 = s2 - s1 s1^T / N`` suffers no cancellation: a mean offset of 1e3 w
 costs no accuracy, unlike the one-pass ``E[x x^T] - E[x] E[x]^T`` in float32. Backends: ``torch`` (the BLAS path,
 for off-diagonal rectangles such as the cross block of two members: a C++ prepass shifts the batch to float32 with s1
 and the diagonal in float64, then float32 ``torch.mm`` over panels of ``BLAS_PANEL`` rows, each added to the float64
-state; 1.2-1.4x the engine where it applies, see the measurements beside ``BLAS_PANEL``), ``cpp`` (csrc/correlation:
-cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP),
-``cuda`` (tiled SYRK with float64 atomics) and ``reference`` (float64 torch,
+state; 1.2-1.4x the engine where it applies on Intel CPUs, see the measurements beside ``BLAS_PANEL``; on other
+vendors' AVX-512 CPUs oneMKL runs AVX2 code and the engine comes first, :func:`_blas_defers`), ``cpp``
+(csrc/correlation: cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64
+accumulation, OpenMP; only the requested rectangles and the diagonal when given), ``cuda`` (tiled SYRK with float64
+atomics) and ``reference`` (float64 torch,
 :func:`pyfusion.ops.reference.accumulate_moments_ref`; also the path for float64 input).
 :class:`pyfusion.stats.ActivationStats` streams batches through it.
 
@@ -23,6 +25,7 @@ two-pass float64 :func:`pyfusion.ops.reference.correlation_ref` (``reference``, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -110,6 +113,31 @@ def _acc_cuda(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int]
 BLAS_PANEL = 512
 BLAS_MIN_ROWS = 256
 BLAS_MIN_SIDE = 128
+
+
+# Those measurements are Intel's. oneMKL (torch's BLAS on x86) picks its code path by CPU vendor and runs AVX2 kernels
+# on any other vendor's CPU, AVX-512 or not, while the engine's micro-kernel is AVX-512 wherever the CPU has it. AMD
+# EPYC (Zen 5, family 26), 1 thread, cross block of 512 rows x (1024 + 1024) columns: torch.mm 109 GFLOP/s (the BLAS
+# path with its prepass and float64 add: 102), the engine 186 GFLOP/s (N = 4096 in one call: 92 against 172); an
+# activation matching of an MLP 784-1024x3-10 pair on 4096 samples: 0.76 s on the BLAS path, 0.64 s on the engine.
+# There the automatic choice takes the engine first (the BLAS path still runs when PYFUSION_BACKEND forces it).
+def _blas_defers() -> list[str]:
+    """Why the automatic choice passes the BLAS path over for the engine on this machine (empty: it does not)."""
+    return list(_mkl_without_avx512())
+
+
+@functools.cache
+def _mkl_without_avx512() -> tuple[str, ...]:
+    c = _ext._C
+    if c is None or not hasattr(c, "corr_cpu_vendor") or c.corr_best_isa() != "avx512":
+        return ()
+    vendor = c.corr_cpu_vendor()
+    if vendor == "intel" or not torch.backends.mkl.is_available():
+        return ()
+    return (
+        f"torch's float32 GEMM is oneMKL, which runs its AVX2 kernels on this {vendor} CPU: the engine's AVX-512 "
+        "kernel is faster (1.8x on a cross block of 512 rows on AMD Zen 5)",
+    )
 
 
 def _blas_rects(rects: list[int] | None) -> list[tuple[int, int, int, int]]:
@@ -215,6 +243,7 @@ ACCUMULATE = Dispatcher(
             cpp_reasons,
             _acc_blas_supports,
             "off-diagonal rectangles by torch.mm (float32 BLAS) of the C++-shifted batch, float64 across panels",
+            defers=lambda: _blas_defers(),
         ),
         Backend("cpp", _acc_cpp, cpp_reasons, _acc_cpp_supports, "C++ lower-triangle SYRK (AVX-512/AVX2, OpenMP)"),
         Backend("cuda", _acc_cuda, cuda_reasons, _acc_cuda_supports, "CUDA tiled SYRK with float64 atomics"),
@@ -286,19 +315,23 @@ def accumulate_moments(x: Tensor, shift: Tensor, s1: Tensor, s2: Tensor, rects: 
 def accumulate_moments_blocks(
     blocks: Sequence[Tensor], shift: Tensor, s1: Tensor, s2: Tensor, rects: list[int] | None, dry_run: bool = False
 ) -> str | None:
-    """:func:`accumulate_moments` of x = ``[b_0 | ... | b_{K-1}]`` (column blocks, (N, n_k) each) on the BLAS path
-    without forming x: each block is shifted into its own float32 buffer (s1 and the diagonal of s2 in float64 in the
-    same pass) and each rectangle gets one float32 ``torch.mm`` of two blocks' buffers per BLAS_PANEL rows, added to
-    the float64 state: the same products and sums as the BLAS path on the concatenation, without the (N, D) copy
-    (24 concatenations were 0.02-0.07 s of an MLP-1024 pair's activation matching).
+    """:func:`accumulate_moments` of x = ``[b_0 | ... | b_{K-1}]`` (column blocks, (N, n_k) each, CPU) without
+    forming x (24 concatenations were 0.02-0.07 s of an MLP-1024 pair's activation matching), on the backend
+    :func:`accumulate_moments` would choose for x:
 
-    Returns "torch" when it ran, or None (nothing changed) when the BLAS path does not apply: blocks of different
-    dtypes or not on the CPU, a rectangle that does not align with the blocks, any reason of the BLAS backend, or
-    ``PYFUSION_BACKEND`` forcing another backend; the caller then concatenates and calls :func:`accumulate_moments`.
-    ``dry_run``: only say whether it would run (the state is not touched).
+    * ``torch`` (the BLAS path): each block is shifted into its own float32 buffer (s1 and the diagonal of s2 in
+      float64 in the same pass) and each rectangle gets one float32 ``torch.mm`` of two blocks' buffers per BLAS_PANEL
+      rows, added to the float64 state: the same products and sums as the BLAS path on the concatenation;
+    * ``cpp`` (the engine, where the BLAS path declines or defers to it, :func:`_blas_defers`): the engine reads each
+      row from the blocks (``corr_accumulate_blocks``), bit for bit its result on the concatenation.
+
+    Returns the backend's name, or None (nothing changed) when neither applies: blocks of different dtypes, float64
+    or not on the CPU, a rectangle that does not align with the blocks (BLAS path), an extension without the entry,
+    or ``PYFUSION_BACKEND`` forcing another backend; the caller then concatenates and calls
+    :func:`accumulate_moments`. ``dry_run``: only say which would run (the state is not touched).
     """
     forced = forced_backend("accumulate_moments")
-    if forced not in (None, "torch") or not blocks:
+    if forced not in (None, "torch", "cpp") or not blocks:
         return None
     dtype, n = blocks[0].dtype, blocks[0].shape[0]
     offsets = [0]
@@ -307,28 +340,56 @@ def accumulate_moments_blocks(
             return None
         offsets.append(offsets[-1] + b.shape[1])
     d = offsets[-1]
-    if tuple(shift.shape) != (d,) or tuple(s2.shape) != (d, d):
+    if tuple(shift.shape) != (d,) or tuple(s2.shape) != (d, d) or any(st < 0 for b in blocks for st in b.stride()):
         return None
     rl = _check_rects(rects, d)
-    boxes = _blas_rects(rl)
+    if forced == "torch" or (forced is None and not _blas_defers()):
+        pairs = _blas_block_pairs(offsets, n, dtype, shift, s1, s2, rl)
+        if pairs is not None:
+            if not dry_run:
+                _acc_blas_blocks(blocks, offsets, pairs, shift, s1, s2, n)
+            return "torch"
+        if forced == "torch":
+            return None
+    c = _ext._C
+    if c is None or not hasattr(c, "corr_accumulate_blocks") or dtype not in _DTYPE_CODES:
+        return None
+    if not (s1.is_contiguous() and s2.is_contiguous() and shift.is_contiguous()):
+        return None
+    if not dry_run:
+        c.corr_accumulate_blocks(
+            [b.data_ptr() for b in blocks], _DTYPE_CODES[dtype], n, [b.shape[1] for b in blocks],
+            [b.stride(0) for b in blocks], [b.stride(1) for b in blocks], shift.data_ptr(), s1.data_ptr(),
+            s2.data_ptr(), torch.get_num_threads(), "auto", rl,
+        )  # fmt: skip
+    return "cpp"
+
+
+def _blas_block_pairs(
+    offsets: list[int], n: int, dtype: torch.dtype, shift: Tensor, s1: Tensor, s2: Tensor, rl: list[int]
+) -> list[tuple[int, int, int, int, int, int]] | None:
+    """(block of the rows, block of the columns, r0, r1, c0, c1) for each rectangle of ``rl``, or None when the BLAS
+    path does not take the blocks (a rectangle that does not align with them, or any reason of the BLAS backend)."""
     index = {o: k for k, o in enumerate(offsets[:-1])}
     ends = {o: k for k, o in enumerate(offsets[1:])}
     pairs = []
-    for r0, r1, c0, c1 in boxes:
+    for r0, r1, c0, c1 in _blas_rects(rl):
         kr, kc = index.get(r0), index.get(c0)
         if kr is None or kc is None or ends.get(r1) != kr or ends.get(c1) != kc:
             return None
         pairs.append((kr, kc, r0, r1, c0, c1))
     # the BLAS backend's own conditions, on a zero-copy stand-in of x's shape (its reasons read shapes, dtype,
     # device and strides only)
-    probe = torch.empty((n, d), dtype=dtype, device="meta")
+    probe = torch.empty((n, offsets[-1]), dtype=dtype, device="meta")
     why = cpp_reasons() + _acc_blas_supports(probe, shift, s1, s2, rl)
-    why = [w for w in why if "is on meta" not in w]
-    if why or any(st < 0 for b in blocks for st in b.stride()):
-        return None
-    if dry_run:
-        return "torch"
+    return None if [w for w in why if "is on meta" not in w] else pairs
+
+
+def _acc_blas_blocks(
+    blocks: Sequence[Tensor], offsets: list[int], pairs: list, shift: Tensor, s1: Tensor, s2: Tensor, n: int
+) -> None:
     diag = torch.diagonal(s2)
+    d = offsets[-1]
     vs = []
     for k, b in enumerate(blocks):
         o0, o1 = offsets[k], offsets[k + 1]
@@ -336,7 +397,6 @@ def accumulate_moments_blocks(
     for kr, kc, r0, r1, c0, c1 in pairs:
         for p in range(0, n, BLAS_PANEL):
             _add_f32(s2[r0:r1, c0:c1], torch.mm(vs[kr][p : p + BLAS_PANEL].T, vs[kc][p : p + BLAS_PANEL]))
-    return "torch"
 
 
 def _check_rects(rects: list[int] | None, d: int) -> list[int]:
@@ -369,17 +429,28 @@ def _corr_via_engine(x: Tensor, y: Tensor, accumulate) -> Tensor:
     moments; 0 for pairs with a constant column, the :class:`pyfusion.stats.ActivationStats` rule). For
     ``correlation(x, x)`` the lower triangle of x alone (half of x^T x: a quarter of the SYRK of [x | x])."""
     n, dx = x.shape
-    if _same_tensor(x, y):
-        xy, rects = x, None
-    else:
-        dtype = torch.promote_types(x.dtype, y.dtype)
-        xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
-        rects = [dx, xy.shape[1], 0, dx]
-    shift = moment_shift(xy)
-    d = xy.shape[1]
+    d = dx + (0 if _same_tensor(x, y) else y.shape[1])
     s1 = torch.zeros(d, dtype=torch.float64, device=x.device)
     s2 = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    accumulate(xy, shift, s1, s2, rects)
+    rects = None if d == dx else [dx, d, 0, dx]
+    blocks_ok = accumulate is _acc_cpp and x.dtype == y.dtype and hasattr(_ext._C, "corr_accumulate_blocks")
+    if rects is not None and blocks_ok:
+        # x and y read in place (no (N, Dx + Dy) copy: ~10% of the op at N = 4096, D = 1024 + 1024); the shift is
+        # column-wise, so that of the concatenation; bit for bit the engine on [x | y]
+        shift = torch.cat([moment_shift(x), moment_shift(y)])
+        _ext._C.corr_accumulate_blocks(  # type: ignore[union-attr]
+            [x.data_ptr(), y.data_ptr()], _DTYPE_CODES[x.dtype], n, [dx, d - dx], [x.stride(0), y.stride(0)],
+            [x.stride(1), y.stride(1)], shift.data_ptr(), s1.data_ptr(), s2.data_ptr(), torch.get_num_threads(),
+            "auto", rects,
+        )  # fmt: skip
+    else:
+        if rects is None:
+            xy = x
+        else:
+            dtype = torch.promote_types(x.dtype, y.dtype)
+            xy = torch.cat([x.to(dtype), y.to(dtype)], dim=1)
+        shift = moment_shift(xy)
+        accumulate(xy, shift, s1, s2, rects)
     mu = shift + s1 / n
     var = ((torch.diagonal(s2) - s1 * s1 / n) / n).clamp_min(0)
     std = var.sqrt()
@@ -487,6 +558,7 @@ CORRELATION = Dispatcher(
             cpp_reasons,
             _corr_blas_supports,
             "x and y shifted by the C++ prepass, then torch.mm (float32 BLAS) over panels, float64 across panels",
+            defers=lambda: _blas_defers(),
         ),
         Backend(
             "cpp",

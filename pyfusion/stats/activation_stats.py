@@ -31,10 +31,11 @@ Accumulation is the op :func:`pyfusion.ops.accumulate_moments` (its backends: th
 csrc/correlation:
 cache-blocked lower-triangle SYRK in float32 over panels of 256 samples with float64 accumulation, OpenMP; the
 CUDA kernel for GPU tensors; the float64 reference for everything else: float64 input, no extension). A batch given
-as K CPU blocks whose pairs the BLAS path takes skips the (N, D) concatenation
-(:func:`pyfusion.ops.moments.accumulate_moments_blocks`: each block shifted into its own float32 buffer, one product per
-rectangle and panel of 512 rows, float64 across panels: correlation error ~1e-7 against float64, that of the BLAS
-path; tests/test_stats_hooks.py). With ``pairs``, only the diagonal and the pairs' blocks of the (D, D) state are
+as K CPU blocks of one float32 / float16 / bfloat16 dtype skips the (N, D) concatenation
+(:func:`pyfusion.ops.moments.accumulate_moments_blocks`: on the BLAS path each block shifted into its own float32
+buffer, one product per rectangle and panel of 512 rows, float64 across panels: correlation error ~1e-7 against
+float64, that of the BLAS path; on the engine each row read from the blocks, bit for bit the concatenation's result;
+tests/test_stats_hooks.py). With ``pairs``, only the diagonal and the pairs' blocks of the (D, D) state are
 initialised (the rest is never read, and masked before a merge).
 """
 
@@ -184,10 +185,10 @@ class ActivationStats:
         return self._shift, self._s1, self._s2
 
     def _blocks(self, xs: Tensor | Sequence[Tensor]) -> list[Tensor] | None:
-        """The K blocks of a batch given as K CPU tensors of one float32 / float16 / bfloat16 dtype, with the
-        second moments restricted to block pairs (the cross blocks the BLAS path computes from the blocks
-        themselves, :func:`pyfusion.ops.moments.accumulate_moments_blocks`); None otherwise (concatenate)."""
-        if isinstance(xs, Tensor) or self._rects is None or self.device.type != "cpu" or len(xs) != len(self.sizes):
+        """The K blocks of a batch given as K CPU tensors of one float32 / float16 / bfloat16 dtype (the BLAS path
+        and the engine read the blocks themselves, :func:`pyfusion.ops.moments.accumulate_moments_blocks`); None
+        otherwise (concatenate)."""
+        if isinstance(xs, Tensor) or self.device.type != "cpu" or len(xs) != len(self.sizes):
             return None
         for k, t in enumerate(xs):
             if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[1] != self.sizes[k] or t.device.type != "cpu":
