@@ -754,8 +754,10 @@ def members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segmen
 
     No output is copied: members K..2 run first, each writing its rows straight into y at ``[start of branch k -
     O_s, end of branch k)``, its shared part landing on columns that a lower member writes later (read into the
-    shared accumulator at once); member 1 last, into ``[0, O_s + O_1)`` with the shared bias (added once), then
-    the accumulator is added; the branches' bias is added with their rows on x_s."""
+    shared accumulator at once); member 1 last, into ``[0, O_s + O_1)``, then the accumulator and the cross rows
+    are added, and the bias once over the whole (contiguous) y: one op instead of member 1's addmm (a bias copy
+    into a column slice of y) plus one add per branch slice; 304 against 310 us in all (same case as above,
+    within the noise, one op less)."""
     k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
     ws, cross = hot_derived(weight, plan, "members", member_weights)
     x2 = flatten(x)
@@ -773,18 +775,12 @@ def members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segmen
             acc.add_(out[:, :o_s])
         o_end, i_end = o0, i0
     n0 = o_s + o_b[0]
-    x0, y0 = x2[:, : i_s + i_b[0]], y[:, :n0]
-    if bias is not None:
-        torch.addmm(bias[:n0], x0, ws[0], out=y0)
-    else:
-        torch.mm(x0, ws[0], out=y0)
+    torch.mm(x2[:, : i_s + i_b[0]], ws[0], out=y[:, :n0])
     y[:, :o_s].add_(acc)
-    if n0 < plan.o_total:
-        yb = y[:, n0:]
-        if cross is not None:
-            yb.addmm_(x2[:, :i_s], cross)
-        if bias is not None:
-            yb.add_(bias[n0:])
+    if cross is not None:
+        y[:, n0:].addmm_(x2[:, :i_s], cross)
+    if bias is not None:
+        y.add_(bias)
     y = _apply_activation_(y, activation)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
 
