@@ -45,6 +45,8 @@ def plan_of(ins, outs):
 
 def _linear_strategies(plan):
     names = ["blas", "segments", "dense"]
+    if PL.member_layout(plan) is not None:
+        names.append("members")
     if not PL._cpp_available():
         names.append("cpp")
     return names
@@ -379,8 +381,9 @@ def test_measured_losers_free_their_derived_weights(monkeypatch):
     with torch.no_grad():
         lin(torch.randn(2, 11))
     (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
-    # the panels (cpp) or the dense copy (dense) when one of them was kept, nothing for the BLAS paths
-    assert _weight_cache.entries() == (1 if kept in ("cpp", "dense") else 0)
+    # the panels (cpp), the dense copy (dense) or the members' weights when one of them was kept, nothing for the
+    # BLAS paths
+    assert _weight_cache.entries() == (1 if kept in ("cpp", "dense", "members") else 0)
 
 
 def test_module_fast_path_still_checks_input_and_reads_the_backend_each_call(monkeypatch):
@@ -466,7 +469,7 @@ def test_measured_losers_free_their_hot_entries(monkeypatch):
         lin(torch.randn(1, 11))
     (kept,) = {v[0] for k, v in tuning.choices()["partial_linear"].items() if k[0][0] == id(lin._plan)}
     tags = {k[1] for k in PL._HOT if k[0] == id(lin.weight)}
-    assert tags == ({"dense"} if kept == "dense" else {"panels_none"} if kept == "cpp" else set())
+    assert tags == ({kept} if kept in ("dense", "members") else {"panels_none"} if kept == "cpp" else set())
 
 
 def _dense_only(monkeypatch):

@@ -54,6 +54,7 @@ from pyfusion.ops.partial_linear.backends import (
     dense_is_view,
     dense_weight_of,
     derived_weight,
+    member_layout,
     per_plan,
     plan_token,
     segment_runs,
@@ -218,19 +219,6 @@ def _grouped_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segme
         ys = conv(x, w_s, None if bias is None else bias[:o_s])
         yb = torch.cat([ys, yb], dim=1)
     return _activation(yb, activation).contiguous()
-
-
-def member_layout(plan: SegmentPlan) -> tuple[int, int, tuple[int, ...], int, tuple[int, ...]] | None:
-    """``(K, I_s, (I_1..I_K), O_s, (O_1..O_K))`` of a standard layout that :func:`_members_forward` runs (K >= 2,
-    shared outputs O_s >= 1, every branch with inputs), else None. Without shared outputs the member convolutions
-    are the output runs themselves (:func:`torch_forward`)."""
-    if plan.standard is None:
-        return None
-    il, ol = plan.standard
-    k = len(il) - 1
-    if k < 2 or ol[0] == 0 or min(il[1:]) == 0:
-        return None
-    return k, il[0], tuple(il[1:]), ol[0], tuple(ol[1:])
 
 
 def _member_weights(weight: Tensor, plan: SegmentPlan, geom: ConvGeom) -> tuple[Tensor, ...]:

@@ -21,10 +21,12 @@ a view of the one flat buffer (no per-call weight copy):
 Eager CPU inference (float32 / float64, nothing requires grad, ``PYFUSION_BACKEND`` unset) does not go through the
 dispatcher: :func:`cpu_inference_forward` runs the strategy measured fastest for the layer (:mod:`.tuning`) among the
 panel engine (``cpp``, up to :func:`cpp_max_rows` rows), the BLAS steps (``blas``), one GEMM per run of output
-segments over its gathered inputs (``segments``: the members' GEMMs plus the shared rows) and the dense zero-block
-matrix (``dense``, where :func:`dense_candidate` allows it). No fixed rule was right everywhere: measured on the
-2-core VM the panel engine lost to the members run one after another at batch 1 on 27/60 shapes, and the BLAS steps
-lost 2.7x to the dense matrix on a 512 -> 10 classifier at batch 1024 (bench/results/partial_linear_cpu.md).
+segments over its gathered inputs (``segments``: the members' GEMMs plus the shared rows), the members' own GEMMs
+with the shared outputs summed (``members``: standard layouts with K >= 2 and shared outputs, :func:`members_forward`)
+and the dense zero-block matrix (``dense``, where :func:`dense_candidate` allows it). No fixed rule was right
+everywhere: measured on the 2-core VM the panel engine lost to the members run one after another at batch 1 on 27/60
+shapes, and the BLAS steps lost 2.7x to the dense matrix on a 512 -> 10 classifier at batch 1024
+(bench/results/partial_linear_cpu.md).
 * ``triton_interpret``: the Triton kernel in the CPU interpreter (``TRITON_INTERPRET=1``; tests, forward only).
 
 Backend functions take ``(x, weight, bias, plan, activation)`` with ``plan`` the cached
@@ -695,6 +697,94 @@ def segment_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segmen
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
 
 
+@per_plan
+@functools.lru_cache(maxsize=1024)
+def member_layout(plan: SegmentPlan) -> tuple[int, int, tuple[int, ...], int, tuple[int, ...]] | None:
+    """``(K, I_s, (I_1..I_K), O_s, (O_1..O_K))`` of a standard layout that the member-shaped strategies run (the
+    linear :func:`members_forward`, the convolution's ``members``): K >= 2, shared outputs O_s >= 1, every branch
+    with inputs; else None. Without shared outputs the member products are the output runs themselves
+    (:func:`segment_forward`); a layout of member subsets has no member-shaped blocks."""
+    if plan.standard is None:
+        return None
+    il, ol = plan.standard
+    k = len(il) - 1
+    if k < 2 or ol[0] == 0 or min(il[1:]) == 0:
+        return None
+    return k, il[0], tuple(il[1:]), ol[0], tuple(ol[1:])
+
+
+def member_weights(weight: Tensor, plan: SegmentPlan) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """The weights of :func:`members_forward` for a :func:`member_layout` plan, transposed (the GEMMs' right
+    operands; contiguous before the transpose), copied from the packed weight's blocks once per weight version
+    (:func:`derived_weight`): per member k the weight of its member-shaped product, rows [shared outputs | branch
+    k], over [x_s | x_1] for member 1 (W_ss is member 1's) and over x_k alone for the others; and the rows of
+    branches 2..K on the shared inputs, stacked ((O_2 + ... + O_K, I_s) before the transpose; None without shared
+    inputs or without those rows). The stored weights once in all."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    i_tot, offs = plan.i_total, plan.offsets
+
+    def build(src: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        # standard layout: out segment 0 (shared) reads every input, out segment j + 1 (branch j) [x_s | x_j]
+        w_s = src[offs[0] : offs[0] + o_s * i_tot].view(o_s, i_tot)
+        w_b = [src[offs[j + 1] : offs[j + 1] + o_b[j] * (i_s + i_b[j])].view(o_b[j], i_s + i_b[j]) for j in range(k)]
+        out = [torch.cat([w_s[:, : i_s + i_b[0]], w_b[0]])]
+        i0 = i_s + i_b[0]
+        for j in range(1, k):
+            out.append(torch.cat([w_s[:, i0 : i0 + i_b[j]], w_b[j][:, i_s:]]))
+            i0 += i_b[j]
+        rows = [w_b[j][:, :i_s] for j in range(1, k)]
+        cross = torch.cat(rows).contiguous().t() if i_s and sum(o_b[1:]) else None
+        return tuple(w.contiguous().t() for w in out), cross
+
+    return derived_weight(weight, ("members", plan_token(plan)), build)
+
+
+def members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """The K members' GEMMs (:func:`member_weights`, remembered by :func:`hot_derived`) for a :func:`member_layout`
+    plan: member 1 over [x_s | x_1] with outputs [shared | branch 1], member k >= 2 over x_k with outputs [shared |
+    branch k], the shared outputs the sum of the members' partial results; then one GEMM adds the branches 2..K
+    rows on x_s. The effective FLOPs exactly (no zero block), in K + 1 GEMMs whose shapes are the members'.
+
+    Member k >= 2 reads x_k alone (a column slice) rather than a gathered [x_s | x_k] (the convolution's members
+    do): on the 2-core VM at 2 threads, 100 -> 100 K=2 alpha 0.75, batch 1024, float32, the gather (torch.cat, or
+    copies into column slices, of two column ranges of the (1024, 175) input) took 43-48 us, more than the
+    1024 x 25 -> 75 GEMM on x_s accumulated into y (32 us), and multiplies the (K - 1) O_s I_s zeros of W_ss. The
+    whole strategy: 310 us, against 330 for the BLAS steps and 249 for the two members run one after another
+    (which write two separate outputs: no shared sums, no bias columns to place).
+
+    No output is copied: members K..2 run first, each writing its rows straight into y at ``[start of branch k -
+    O_s, end of branch k)``, its shared part landing on columns that a lower member writes later (read into the
+    shared accumulator at once); member 1 last, into ``[0, O_s + O_1)``, then the accumulator and the cross rows
+    are added, and the bias once over the whole (contiguous) y: one op instead of member 1's addmm (a bias copy
+    into a column slice of y) plus one add per branch slice; 304 against 310 us in all (same case as above,
+    within the noise, one op less)."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    ws, cross = hot_derived(weight, plan, "members", member_weights)
+    x2 = flatten(x)
+    m = x2.shape[0]
+    y = x2.new_empty((m, plan.o_total))
+    acc = None
+    o_end, i_end = plan.o_total, plan.i_total
+    for j in range(k - 1, 0, -1):
+        o0, i0 = o_end - o_b[j], i_end - i_b[j]
+        out = y[:, o0 - o_s : o_end]
+        torch.mm(x2[:, i0:i_end], ws[j], out=out)
+        if acc is None:
+            acc = out[:, :o_s].clone()
+        else:
+            acc.add_(out[:, :o_s])
+        o_end, i_end = o0, i0
+    n0 = o_s + o_b[0]
+    torch.mm(x2[:, : i_s + i_b[0]], ws[0], out=y[:, :n0])
+    y[:, :o_s].add_(acc)
+    if cross is not None:
+        y[:, n0:].addmm_(x2[:, :i_s], cross)
+    if bias is not None:
+        y.add_(bias)
+    y = _apply_activation_(y, activation)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
 def dense_is_view(plan: SegmentPlan) -> bool:
     """True when the packed weight is the dense (O_total, I_total) matrix itself (one output run reading every
     input column: alpha = 0, a layer whose segments all intersect)."""
@@ -741,7 +831,13 @@ def blas_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPl
     return torch_forward(x, weight, bias, plan, activation)
 
 
-STRATEGIES = {"cpp": cpp_forward, "blas": blas_forward, "segments": segment_forward, "dense": dense_forward}
+STRATEGIES = {
+    "cpp": cpp_forward,
+    "blas": blas_forward,
+    "segments": segment_forward,
+    "members": members_forward,
+    "dense": dense_forward,
+}
 TUNER = StrategyTuner("partial_linear")
 _CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
 
@@ -753,6 +849,8 @@ def _candidates(plan: SegmentPlan, small: bool) -> tuple[dict, str]:
     if small and not _cpp_available():
         names.append("cpp")
     names += ["blas", "segments"]
+    if member_layout(plan) is not None:  # (its FLOPs are the effective FLOPs exactly: no zero block to bound)
+        names.append("members")
     if dense_candidate(plan):
         names.append("dense")
     if dense_is_view(plan):  # one block: the three BLAS paths are the same one GEMM
@@ -770,8 +868,9 @@ def cpu_inference_forward(
 ) -> Tensor:
     """Eager CPU inference (float32/float64, nothing requires grad, no ``PYFUSION_BACKEND``): the strategy measured
     fastest for this (layer, dtype, activation, row bucket, threads) (:mod:`.tuning`) among the panel engine (rows
-    up to :func:`cpp_max_rows`), torch's BLAS steps, one GEMM per output run (:func:`segment_forward`) and the dense
-    zero-block weight (:func:`dense_candidate`).
+    up to :func:`cpp_max_rows`), torch's BLAS steps, one GEMM per output run (:func:`segment_forward`), the
+    members' GEMMs (:func:`members_forward`, :func:`member_layout` plans) and the dense zero-block weight
+    (:func:`dense_candidate`).
 
     Once a key is measured its strategy is run from one dict lookup (``TUNER.fast``): the whole dispatch costs
     ~1 us, where the tuple keys and lookups of the measuring path cost ~3 us on the loaded VM (a batch-1 call of a
@@ -893,6 +992,9 @@ def _drop_derived(name: str, args: tuple) -> None:
         forget_hot(weight, "dense")
         if not dense_is_view(plan):
             forget_derived(weight, ("dense", plan_token(plan), ()))
+    elif name == "members":
+        forget_hot(weight, "members")
+        forget_derived(weight, ("members", plan_token(plan)))
 
 
 # ----------------------------------------------------------------------------------------------------------
