@@ -49,7 +49,9 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, gemm, interp, partial_linear, scatter); torch-free";
+  m.doc() =
+      "pyfusion compiled engines (assignment, correlation, cluster, gemm, interp, partial_linear, scatter); "
+      "torch-free";
   m.def("build_info", &build_info, "Compile-time and runtime facts about the extension");
   bind_assignment(m);
   bind_correlation(m);
