@@ -179,7 +179,7 @@ def test_packed_kernel_equals_torch_packing_and_the_dense_reference(monkeypatch,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shapes past the engine's prefetch distance (64 columns) and the huge-page buffers (outputs from 2 MB on)
+# Shapes past the engine's prefetch distance (64 columns), outputs past 2 MB (the huge-page advice)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -205,7 +205,7 @@ def _reference_vectorized(states, key, plans, shape, lambdas, has_out):
 
 BIG_CASES = [
     # (taps, n0, n1, N0, N1, values on axis 0 / 1, has_out, non-contiguous members)
-    ((3, 3), 150, 131, 190, 171, (False, False), True, False),  # the plain copy / add loop, 9 taps, 2.3 MB: huge
+    ((3, 3), 150, 131, 190, 171, (False, False), True, False),  # the plain copy / add loop, 9 taps, 2.3 MB
     ((3, 3), 97, 203, 121, 257, (True, True), False, True),  # scaled entries, transposed members (copied)
     ((), 300, 517, 379, 701, (True, False), False, False),  # a Linear (1 tap: no prefetch), 2.1 MB
     ((5,), 70, 90, 95, 129, (False, True), True, True),  # a tap count without its own loop (runtime taps)
@@ -214,7 +214,7 @@ BIG_CASES = [
 
 @needs_ext
 @pytest.mark.parametrize("case", BIG_CASES)
-def test_kernel_past_the_prefetch_distance_and_into_huge_buffers(monkeypatch, case):
+def test_kernel_past_the_prefetch_distance_and_the_huge_page_size(monkeypatch, case):
     taps, n0, n1, N0, N1, (va, vb), has_out, strided = case
     gen = torch.Generator().manual_seed(11)
     states, plans = [], []
@@ -234,14 +234,12 @@ def test_kernel_past_the_prefetch_distance_and_into_huge_buffers(monkeypatch, ca
     ref = _reference_vectorized(states, "w", plans, shape, [0.25, 0.75], has_out)
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
     assert torch.equal(got.view(torch.int64), ref.view(torch.int64))
-    huge = got.numel() * 8 >= builder._HUGE_MIN_BYTES
-    assert huge == (N0 * N1 * max(1, int(torch.Size(taps).numel())) * 8 >= 1 << 21)
 
 
 @needs_ext
 def test_packed_kernel_on_wide_segments(monkeypatch):
     """A [shared | b0 | b1] layout with segments wider than the prefetch distance, 3x3 taps, the packed weight
-    past 2 MB (a huge buffer): bit-equal to the torch packing."""
+    past 2 MB: bit-equal to the torch packing."""
     from pyfusion.ops.layout import segment_plan
 
     gen = torch.Generator().manual_seed(4)
@@ -260,68 +258,5 @@ def test_packed_kernel_on_wide_segments(monkeypatch):
     segs = ((sh, 3), (n - sh, 1), (n - sh, 2))
     plan = segment_plan(segs, segs)
     got = builder._scatter_packed_kernel(states, "w", plans, [N, N, 3, 3], [0.5, 0.5], True, plan, segs)
-    assert got.numel() * 8 >= builder._HUGE_MIN_BYTES
     want = _packed_torch(states, plans, [N, N, 3, 3], [0.5, 0.5], True, segs, segs, monkeypatch)
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
-
-
-needs_buffer = pytest.mark.skipif(
-    _ext._C is None or not hasattr(_ext._C, "HugeBuffer"), reason=_ext.EXT_SKIP_REASON or "old extension"
-)
-
-
-@needs_buffer
-def test_huge_buffer_is_released_with_its_last_tensor():
-    live = _ext._C.HugeBuffer.live_bytes
-    base = live()
-    t = builder._empty_f64(3 << 18, _ext._C)  # 6 MB
-    assert live() >= base + (6 << 20)
-    view = t[4:].view(-1, 4)  # a view holds the storage
-    del t
-    assert live() >= base + (6 << 20)
-    del view
-    assert live() == base
-    # a loop that would hold 6.4 GB if nothing were released
-    for _ in range(200):
-        x = builder._empty_f64(4 << 20, _ext._C)
-        x.fill_(1.0)
-        del x
-    assert live() == base
-    assert builder._empty_f64(1000, _ext._C).untyped_storage().nbytes() == 8000  # small: torch.empty
-
-
-@needs_buffer
-def test_huge_buffer_tensor_behaves_like_a_torch_tensor(tmp_path):
-    import copy
-
-    from torch import nn
-
-    numel = 64 * 80 * 9 * 8  # 2.9 MB
-    w = builder._empty_f64(numel, _ext._C).view(64 * 8, 80, 3, 3)
-    w.copy_(torch.randn(w.shape, dtype=torch.float64))
-    conv = nn.Conv2d(80, 512, 3, bias=False).double()
-    conv.weight = nn.Parameter(w)
-    model = nn.Sequential(conv)
-    x = torch.randn(2, 80, 5, 5, dtype=torch.float64)
-    want = model(x)
-    # in-place updates, autograd, .to(), deepcopy, state_dict round trips
-    with torch.no_grad():
-        conv.weight.mul_(2.0).div_(2.0)
-    model(x).sum().backward()
-    assert conv.weight.grad is not None and conv.weight.grad.shape == w.shape
-    as32 = copy.deepcopy(model).to(torch.float32)
-    assert as32[0].weight.dtype == torch.float32
-    torch.testing.assert_close(as32(x.float()).double(), want, rtol=1e-4, atol=1e-3)  # 720-term float32 sums
-    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
-    clone = copy.deepcopy(model)
-    assert torch.equal(clone[0].weight, model[0].weight)
-    fresh = nn.Sequential(nn.Conv2d(80, 512, 3, bias=False).double())
-    fresh.load_state_dict(model.state_dict())
-    assert torch.equal(fresh[0].weight, model[0].weight)
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    loaded = torch.load(tmp_path / "m.pt")
-    assert torch.equal(loaded["0.weight"], model[0].weight)
-    from safetensors.torch import load_file, save_file
-
-    save_file({"w": model[0].weight.detach()}, str(tmp_path / "m.safetensors"))
-    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["w"], model[0].weight)

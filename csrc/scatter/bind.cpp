@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "common.h"
-#include "scatter/buffer.h"
 #include "scatter/scatter.h"
 
 namespace py = pybind11;
@@ -22,20 +21,6 @@ using BlockTuple = std::tuple<int64_t, int64_t, uintptr_t, int64_t, uintptr_t>;
 }  // namespace
 
 void bind_scatter(py::module_& m) {
-  using pyfusion::scatter::HugeBuffer;
-  py::class_<HugeBuffer>(m, "HugeBuffer", py::buffer_protocol(),
-                         "nbytes of uninitialised memory in one 2 MB aligned anonymous mapping with transparent "
-                         "huge pages advised (csrc/scatter/buffer.h), exported as a writable byte buffer: wrap it with "
-                         "torch.frombuffer, which keeps it alive; the mapping is released when the last reference "
-                         "dies.")
-      .def(py::init<std::size_t>(), py::arg("nbytes"))
-      .def_property_readonly("nbytes", &HugeBuffer::size)
-      .def_property_readonly("huge", &HugeBuffer::huge, "True when the mapping is aligned and MADV_HUGEPAGE held")
-      .def_static("live_bytes", &HugeBuffer::live_bytes, "Bytes mapped by the HugeBuffers alive now")
-      .def_buffer([](HugeBuffer& b) {
-        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {static_cast<py::ssize_t>(b.size())}, {py::ssize_t{1}}, false);
-      });
   m.def(
       "scatter_blocks_f64",
       [](const std::vector<MemberTuple>& members, int64_t N0, int64_t N1, int64_t taps,

@@ -351,26 +351,6 @@ def _kernel_members(
     return ext, members, keep
 
 
-# fused weights from this size on are written into 2 MB aligned huge-page mappings (_empty_f64)
-_HUGE_MIN_BYTES = 1 << 21
-
-
-def _empty_f64(numel: int, ext: Any) -> Tensor:
-    """An uninitialised float64 CPU tensor of ``numel`` entries for the scatter engine to write. From 2 MB on, its
-    memory is one ``pyfusion._C.HugeBuffer`` (a 2 MB aligned anonymous mapping with transparent huge pages
-    advised, csrc/scatter/buffer.h) wrapped by ``torch.frombuffer``, which holds the buffer: it is unmapped when
-    the last tensor on it dies. The tensor is an ordinary CPU tensor (views, in-place updates, ``.to()``,
-    ``state_dict``, save / load); only its storage cannot be resized. Why: a fused weight is fresh memory, and with
-    4 KB pages its first-touch faults cost more than the scatter itself (640 x 640 x 3 x 3 float64, 29.5 MB, 1
-    thread, AMD EPYC VM: a fill 4.8 ms with torch.empty's pages, 1.5 ms with these); torch.empty's glibc memory
-    sits at a 16-byte offset of an mmap, or in the heap once glibc's mmap threshold has grown, so advising it
-    left partial huge pages and depended on the allocator's history. No environment variable is touched."""
-    nbytes = int(numel) * 8
-    if nbytes < _HUGE_MIN_BYTES or not hasattr(ext, "HugeBuffer"):
-        return torch.empty(int(numel), dtype=torch.float64)
-    return torch.frombuffer(ext.HugeBuffer(nbytes), dtype=torch.float64, count=int(numel))
-
-
 def _scatter_dense_kernel(
     states: Sequence[dict[str, Tensor]],
     key: str,
@@ -391,7 +371,7 @@ def _scatter_dense_kernel(
         return None
     ext, members, keep = got
     n0, n1, taps = int(new_shape[0]), int(new_shape[1]), int(torch.Size(new_shape[2:]).numel())
-    out = _empty_f64(n0 * n1 * taps, ext).view(new_shape)
+    out = torch.empty(new_shape, dtype=torch.float64)
     cols = torch.arange(n1)
     ext.scatter_blocks_f64(members, n0, n1, taps, [(0, n0, cols.data_ptr(), n1, out.data_ptr())], False,
                            torch.get_num_threads())  # fmt: skip
@@ -417,7 +397,7 @@ def _scatter_packed_kernel(
         return None
     ext, members, keep = got
     taps = int(torch.Size(new_shape[2:]).numel())
-    out = _empty_f64(plan.stored * taps, ext)
+    out = torch.empty(plan.stored * taps, dtype=torch.float64)
     blocks = []
     for o, ranges in enumerate(plan.ranges):
         n_o, r0 = out_segments[o][0], plan.out_starts[o]
