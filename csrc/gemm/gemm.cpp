@@ -25,7 +25,6 @@ constexpr int64_t kNr = 24;   // columns of C per micro-tile (3 zmm)
 constexpr int64_t kKc = 192;  // depth per packed panel: the B sliver (24 x 192 x 8 B = 36 KB) stays in L1
 constexpr int64_t kMc = 144;  // rows of A per packed block (144 x 192 x 8 B = 216 KB, L2)
 
-// A block (mc rows from i0, kc from p0) into slivers of kMr rows, k-major: ap[s][kk][r]; rows past m are 0
 // sq (optional): each packed row's sum of squares over the panel, in k order, added to sq[row] (set on panel 0)
 inline void sum_squares(const double* src, int64_t kc, double* sq, int64_t row, bool first) {
   double acc = 0.0;
@@ -33,37 +32,38 @@ inline void sum_squares(const double* src, int64_t kc, double* sq, int64_t row, 
   sq[row] = first ? acc : sq[row] + acc;
 }
 
-void pack_a(const double* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, double* ap, double* sq) {
-  for (int64_t s = 0; s < mc; s += kMr) {
-    const int64_t rows = std::min(kMr, mc - s);
-    for (int64_t r = 0; r < kMr; ++r) {
-      double* dst = ap + s * kc + r;
-      if (r < rows) {
-        const double* src = a + (i0 + s + r) * lda + p0;
-        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kMr] = src[kk];
-        if (sq != nullptr) sum_squares(src, kc, sq, i0 + s + r, p0 == 0);
-      } else {
-        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kMr] = 0.0;
+// rows [row0, row0 + rows_total) of x, depth [p0, p0 + kc), into slivers of R rows, k-major: xp[s][kk][r]; rows past
+// the end are 0. R full rows are read together so that the writes are sequential (512 x 512 x 3456: 16.9 -> 16.3 ms
+// against packing one row at a time with writes R apart)
+template <int64_t R>
+void pack_rows(const double* x, int64_t ldx, int64_t row0, int64_t rows_total, int64_t p0, int64_t kc, double* xp,
+               double* sq) {
+  for (int64_t s = 0; s < rows_total; s += R) {
+    const int64_t rows = std::min(R, rows_total - s);
+    double* dst = xp + s * kc;
+    if (rows == R) {
+      const double* src[R];
+      for (int64_t r = 0; r < R; ++r) src[r] = x + (row0 + s + r) * ldx + p0;
+      for (int64_t kk = 0; kk < kc; ++kk)
+        for (int64_t r = 0; r < R; ++r) dst[kk * R + r] = src[r][kk];
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        const double* src = x + (row0 + s + r) * ldx + p0;
+        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * R + r] = r < rows ? src[kk] : 0.0;
       }
     }
+    if (sq != nullptr)
+      for (int64_t r = 0; r < rows; ++r) sum_squares(x + (row0 + s + r) * ldx + p0, kc, sq, row0 + s + r, p0 == 0);
   }
 }
 
-// B panel (all n rows, kc from p0) into slivers of kNr rows of B (columns of C), k-major: bp[s][kk][c]
+// A block (mc rows from i0) into slivers of kMr rows; B panel (all n rows) into slivers of kNr rows of B (columns of C)
+void pack_a(const double* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, double* ap, double* sq) {
+  pack_rows<kMr>(a, lda, i0, mc, p0, kc, ap, sq);
+}
+
 void pack_b(const double* b, int64_t ldb, int64_t n, int64_t p0, int64_t kc, double* bp, double* sq) {
-  for (int64_t s = 0; s < n; s += kNr) {
-    const int64_t cols = std::min(kNr, n - s);
-    for (int64_t c = 0; c < kNr; ++c) {
-      double* dst = bp + s * kc + c;
-      if (c < cols) {
-        const double* src = b + (s + c) * ldb + p0;
-        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kNr] = src[kk];
-        if (sq != nullptr) sum_squares(src, kc, sq, s + c, p0 == 0);
-      } else {
-        for (int64_t kk = 0; kk < kc; ++kk) dst[kk * kNr] = 0.0;
-      }
-    }
-  }
+  pack_rows<kNr>(b, ldb, 0, n, p0, kc, bp, sq);
 }
 
 #ifdef PF_GEMM_AVX512
