@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_assignment(py::module_& m);
 void bind_correlation(py::module_& m);
 void bind_cluster(py::module_& m);
+void bind_gemm(py::module_& m);
 void bind_interp(py::module_& m);
 void bind_partial_linear(py::module_& m);
 void bind_scatter(py::module_& m);
@@ -48,11 +49,14 @@ static py::dict build_info() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyfusion compiled engines (assignment, correlation, cluster, interp, partial_linear, scatter); torch-free";
+  m.doc() =
+      "pyfusion compiled engines (assignment, correlation, cluster, gemm, interp, partial_linear, scatter); "
+      "torch-free";
   m.def("build_info", &build_info, "Compile-time and runtime facts about the extension");
   bind_assignment(m);
   bind_correlation(m);
   bind_cluster(m);
+  bind_gemm(m);
   bind_interp(m);
   bind_partial_linear(m);
   bind_scatter(m);

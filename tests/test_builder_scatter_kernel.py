@@ -176,3 +176,87 @@ def test_packed_kernel_equals_torch_packing_and_the_dense_reference(monkeypatch,
         seg = got[plan.offsets[o] * t : plan.offsets[o + 1] * t].view(n_o, plan.k_of_out[o], *taps)
         for col, n, q in ranges:
             assert torch.equal(seg[:, q : q + n], ref[r0 : r0 + n_o, col : col + n])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes past the engine's prefetch distance (64 columns), outputs past 2 MB (the huge-page advice)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reference_vectorized(states, key, plans, shape, lambdas, has_out):
+    """_reference's values (the same products in the same order, then 0 + member 0, later members added) with
+    whole-tensor float64 ops, for shapes too big to loop over."""
+    out = torch.zeros(shape, dtype=torch.float64)
+    for k, st in enumerate(states):
+        x = st[key].double().clone()
+        dest = {0: torch.arange(x.shape[0]), 1: torch.arange(x.shape[1])}
+        for axis, d, v, _e in plans[k]:
+            dest[axis] = d
+            if v is not None:
+                at = [1] * x.dim()
+                at[axis] = -1
+                x = x * v.double().view(at)
+        if not has_out:
+            x = x * lambdas[k]
+        r, c = dest[0][:, None], dest[1][None, :]
+        out[r, c] = x if k == 0 else out[r, c] + x
+    return out
+
+
+BIG_CASES = [
+    # (taps, n0, n1, N0, N1, values on axis 0 / 1, has_out, non-contiguous members)
+    ((3, 3), 150, 131, 190, 171, (False, False), True, False),  # the plain copy / add loop, 9 taps, 2.3 MB
+    ((3, 3), 97, 203, 121, 257, (True, True), False, True),  # scaled entries, transposed members (copied)
+    ((), 300, 517, 379, 701, (True, False), False, False),  # a Linear (1 tap: no prefetch), 2.1 MB
+    ((5,), 70, 90, 95, 129, (False, True), True, True),  # a tap count without its own loop (runtime taps)
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", BIG_CASES)
+def test_kernel_past_the_prefetch_distance_and_the_huge_page_size(monkeypatch, case):
+    taps, n0, n1, N0, N1, (va, vb), has_out, strided = case
+    gen = torch.Generator().manual_seed(11)
+    states, plans = [], []
+    for _k in range(2):
+        t = torch.randn(n0, n1, *taps, generator=gen, dtype=torch.float64)
+        t[3, 5] = -0.0
+        if strided:  # the same values in a non-contiguous tensor (axes 0 and 1 swapped in memory)
+            t = t.transpose(0, 1).contiguous().transpose(0, 1)
+            assert not t.is_contiguous()
+        states.append({"w": t})
+        d0, v0 = _plan(gen, n0, N0, va)
+        d1, v1 = _plan(gen, n1, N1, vb)
+        plans.append([(0, d0, v0, 1), (1, d1, v1, 1)])
+    shape = [N0, N1, *taps]
+    got = builder._scatter_dense_kernel(states, "w", plans, shape, [0.25, 0.75], has_out)
+    want = _torch_path(states, "w", plans, shape, [0.25, 0.75], has_out, monkeypatch)
+    ref = _reference_vectorized(states, "w", plans, shape, [0.25, 0.75], has_out)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+    assert torch.equal(got.view(torch.int64), ref.view(torch.int64))
+
+
+@needs_ext
+def test_packed_kernel_on_wide_segments(monkeypatch):
+    """A [shared | b0 | b1] layout with segments wider than the prefetch distance, 3x3 taps, the packed weight
+    past 2 MB: bit-equal to the torch packing."""
+    from pyfusion.ops.layout import segment_plan
+
+    gen = torch.Generator().manual_seed(4)
+    n, sh = 151, 113
+    N = sh + 2 * (n - sh)
+    states, plans = [], []
+    for m in range(2):
+        states.append({"w": torch.randn(n, n, 3, 3, generator=gen, dtype=torch.float64)})
+
+        def slots(m=m):
+            own = torch.arange(sh + m * (n - sh), sh + (m + 1) * (n - sh))
+            dest = torch.cat([torch.randperm(sh, generator=gen), own])
+            return dest[torch.randperm(n, generator=gen)]
+
+        plans.append([(0, slots(), None, 1), (1, slots(), None, 1)])
+    segs = ((sh, 3), (n - sh, 1), (n - sh, 2))
+    plan = segment_plan(segs, segs)
+    got = builder._scatter_packed_kernel(states, "w", plans, [N, N, 3, 3], [0.5, 0.5], True, plan, segs)
+    want = _packed_torch(states, plans, [N, N, 3, 3], [0.5, 0.5], True, segs, segs, monkeypatch)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))

@@ -9,7 +9,7 @@ import torch
 
 from pyfusion.graph.transform import apply_segment
 from pyfusion.match.align import MatchedPairs, Permutation, _gather_index
-from pyfusion.match.distance import _row_sq_norms, sqdist, sqdist_from_gram
+from pyfusion.match.distance import _gram_parts, _row_sq_norms, sqdist, sqdist_from_gram
 
 
 @pytest.mark.parametrize("expand", [1, 4])
@@ -47,7 +47,9 @@ def test_sqdist_equals_sqdist_from_gram(shape: tuple[int, int, int]) -> None:
     a = torch.randn(na, f, dtype=torch.float64)
     b = torch.randn(nb, f, dtype=torch.float64)
     for x, y in ((a, b), (a, a), (a, a + 1e-9)):  # a, a: the clamp of negative rounding matters
-        want = sqdist_from_gram((x * x).sum(1), (y * y).sum(1), x @ y.T)
+        # the same norms and inner products (_gram_parts: csrc/gemm's kernel where it applies, checked against
+        # torch in tests/test_gemm_kernel.py): what is checked here is sqdist's in-place arithmetic on them
+        want = sqdist_from_gram(*_gram_parts(x, y))
         got = sqdist(x, y)
         assert torch.equal(got, want) and bool((got >= 0).all())
 
