@@ -89,8 +89,22 @@ def report() -> str:
         "",
         "ops (backends in priority order; PYFUSION_BACKEND=<backend> or <op>:<backend>,... forces one):",
         *op_table(),
+        "",
+        f"sqdist (the matching's float64 cost a @ b.T): {_sqdist_product()}",
     ]
     return "\n".join(lines)
+
+
+def _sqdist_product() -> str:
+    """Which product :func:`pyfusion.match.distance.sqdist` takes for large float64 CPU operands, and why."""
+    import torch
+
+    from pyfusion.match import distance
+
+    a = torch.zeros(256, 256, dtype=torch.float64)
+    if distance._gemm_kernel(a, a) is not None:
+        return "csrc/gemm AVX-512 kernel (non-Intel CPU with AVX-512F, where torch's MKL runs AVX2 code)"
+    return "torch's BLAS (an Intel CPU, no AVX-512F, no extension, or PYFUSION_BACKEND forces a non-cpp backend)"
 
 
 def main() -> int:

@@ -127,3 +127,13 @@ def test_declines_what_it_does_not_take():
     d = distance.sqdist(g, a)
     d.sum().backward()
     assert g.grad is not None
+
+
+@pytest.mark.parametrize("spec", ["reference", "torch"])
+def test_a_global_forced_backend_takes_torchs_product(monkeypatch, spec):
+    a = torch.randn(200, 300, dtype=torch.float64)
+    monkeypatch.setenv("PYFUSION_BACKEND", spec)
+    assert distance._gemm_kernel(a, a) is None
+    sq_a, _sq_b, cross = distance._gram_parts(a, a)
+    torch.testing.assert_close(cross, a @ a.T, rtol=0, atol=0)  # torch's own product, bit for bit
+    torch.testing.assert_close(sq_a, (a * a).sum(1), rtol=1e-15, atol=0)

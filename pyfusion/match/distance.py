@@ -61,9 +61,13 @@ def _gemm_kernel(a: Tensor, b: Tensor) -> Any:
     itself and stays. Each entry is still one dot product of the two rows in float64 (a different summation
     order than MKL's: equal to it to rounding, not bit for bit)."""
     from pyfusion import _ext
+    from pyfusion.dispatch import forced_backend
 
     ext = _ext._C
     if ext is None or not hasattr(ext, "gemm_abt_f64") or not _gemm_usable(ext):
+        return None
+    # a global PYFUSION_BACKEND other than cpp (reference, torch: debugging, A/B runs) takes torch's product too
+    if forced_backend("sqdist") not in (None, "cpp"):
         return None
     if a.dtype != torch.float64 or b.dtype != torch.float64 or a.device.type != "cpu" or b.device.type != "cpu":
         return None
