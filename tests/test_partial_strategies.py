@@ -125,7 +125,7 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                     ref = partial_conv2d_ref(x, w, b, ins, outs, geom.kernel, geom.stride, geom.padding, geom.dilation,
                                              act)  # fmt: skip
                     names = ["runs", "dense"] + (["grouped"] if PC.grouped_layout(plan) is not None else [])
-                    names += ["members"] if PC.member_layout(plan) is not None else []
+                    names += ["members", "members_split"] if PC.member_layout(plan) is not None else []
                     names += ["im2col"]
                     for name in names:
                         with torch.no_grad():
@@ -144,7 +144,7 @@ def test_conv_strategies_match_reference(ins, outs, dtype):
                         assert_close(y, ref0, exact=integer)
 
 
-@pytest.mark.parametrize("name", ["runs", "grouped", "members", "im2col", "dense"])
+@pytest.mark.parametrize("name", ["runs", "grouped", "members", "members_split", "im2col", "dense"])
 def test_conv_strategies_on_channels_last_and_strided_inputs(name):
     """Every strategy on a channels-last input and on a channel-sliced view: the reference values, a contiguous
     output."""
@@ -181,7 +181,8 @@ def test_unfold_equals_torch_unfold(geom_args):
 
 
 def test_conv_candidates():
-    """The strategies the tuner measures per plan: members only with shared outputs, im2col only at small batches
+    """The strategies the tuner measures per plan: members only with shared outputs (split where their zeros are
+    large), im2col only at small batches
     and where some run reads several input ranges (else it is the runs' own work), one convolution for a dense
     view."""
     geom = conv_geom(3)
@@ -189,8 +190,10 @@ def test_conv_candidates():
     def names(ins, outs, small):
         return list(PC._candidates(plan_of(ins, outs), geom, small)[0])
 
-    assert names([5, 3, 3], [4, 2, 2], True) == ["runs", "grouped", "members", "im2col", "dense"]
-    assert names([5, 3, 3], [4, 2, 2], False) == ["runs", "grouped", "members", "dense"]
+    # the shared x shared zeros of the members: 4 * 5 of 76 stored weights, so the split members replace them
+    assert names([5, 3, 3], [4, 2, 2], True) == ["runs", "grouped", "members_split", "im2col", "dense"]
+    assert names([5, 3, 3], [4, 2, 2], False) == ["runs", "grouped", "members_split", "dense"]
+    assert names([2, 6, 6], [2, 6, 6], False) == ["runs", "grouped", "members", "dense"]  # 4 of 124: the members
     assert names([0, 4, 4], [0, 3, 3], True) == ["runs", "grouped", "dense"]  # alpha 1: the members' convolutions
     assert names([6, 0, 0], [5, 0, 0], True) == ["dense"]
     assert names(K3_IN, K3_OUT, True)[0] == "runs" and "members" not in names(K3_IN, K3_OUT, True)

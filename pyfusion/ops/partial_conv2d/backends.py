@@ -24,7 +24,10 @@ tuning`) among the convolutions per output run above (``runs``), shared conv + c
 of the diagonal blocks (``grouped``, uniform standard layouts; a view of the packed weight at alpha = 1) and one
 convolution with the dense zero-block weight (``dense``), K member-shaped convolutions (``members``: member k over
 [shared | branch k] inputs with outputs [shared | branch k], the shared outputs summed; standard layouts with shared
-outputs) and, up to :data:`IM2COL_MAX_BATCH` samples, one unfold of the input + GEMMs per output run (``im2col``).
+outputs; where the shared x shared zero blocks it multiplies are large, ``members_split`` instead: member 1 over
+[shared | branch 1], member k >= 2 over branch k alone, one convolution adding the branches' rows on the shared
+inputs, no input gathered) and, up to :data:`IM2COL_MAX_BATCH` samples, one unfold of the input + GEMMs per output
+run (``im2col``).
 The earlier measurement that grouped convolution was slower (above) held for LeNet / VGG-64 at alpha 1; at batch 1
 on 8x8 maps the dense zero-block weight beat the 1 + K convolutions at alpha 0.25 (836 vs 1369 us,
 bench/results/partial_linear_cpu.md), and at alpha 0.75 the output runs (a narrow 64-output shared convolution)
@@ -289,6 +292,95 @@ def _members_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Segme
     return _activation_(y, activation).contiguous()
 
 
+# The split members are offered where the W_ss zeros that ``members`` multiplies are at least this fraction of the
+# stored weights (K = 2: alpha 0.5 is 1/7, alpha 0.25 0.39, alpha 0.75 1/31); below it the extra convolution and the
+# extra adds cost more than the zeros (measured, see :func:`_members_split_forward`).
+MEMBERS_SPLIT_MIN_ZEROS = 0.1
+
+
+def members_split_candidate(plan: SegmentPlan) -> bool:
+    """Whether :func:`_members_split_forward` is offered for a plan (see :data:`MEMBERS_SPLIT_MIN_ZEROS`)."""
+    lay = member_layout(plan)
+    if lay is None or lay[1] == 0:  # without shared inputs the members multiply no zero and gather nothing
+        return False
+    k, i_s, _i_b, o_s, _o_b = lay
+    return (k - 1) * o_s * i_s >= MEMBERS_SPLIT_MIN_ZEROS * plan.stored
+
+
+def _member_split_weights(
+    weight: Tensor, plan: SegmentPlan, geom: ConvGeom
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """The weights of :func:`_members_split_forward` for a :func:`member_layout` plan, copied from the packed weight's
+    blocks once per weight version (:func:`derived_weight`): member 1's (O_s + O_1, I_s + I_1, kh, kw) over [x_s |
+    x_1] (W_ss is member 1's), member k >= 2's (O_s + O_k, I_k, kh, kw) over x_k alone, and the rows of branches
+    2..K on the shared inputs stacked, (O_2 + ... + O_K, I_s, kh, kw) (None without shared inputs or without those
+    rows). The stored weights once in all."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    kh, kw = geom.kernel
+    taps, i_tot, offs = kh * kw, plan.i_total, plan.offsets
+
+    def build(src: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        # standard layout: out segment 0 (shared) reads every input, out segment j + 1 (branch j) [x_s | x_j]
+        w_s = src[offs[0] * taps : (offs[0] + o_s * i_tot) * taps].view(o_s, i_tot, kh, kw)
+        w_b = [
+            src[offs[j + 1] * taps : (offs[j + 1] + o_b[j] * (i_s + i_b[j])) * taps].view(o_b[j], i_s + i_b[j], kh, kw)
+            for j in range(k)
+        ]
+        out = [torch.cat([w_s[:, : i_s + i_b[0]], w_b[0]])]
+        i0 = i_s + i_b[0]
+        for j in range(1, k):
+            out.append(torch.cat([w_s[:, i0 : i0 + i_b[j]], w_b[j][:, i_s:]]))
+            i0 += i_b[j]
+        cross = torch.cat([w_b[j][:, :i_s] for j in range(1, k)]).contiguous() if i_s and sum(o_b[1:]) else None
+        return tuple(w.contiguous() for w in out), cross
+
+    return derived_weight(weight, ("conv_members_split", plan_token(plan), geom.kernel), build)
+
+
+def _members_split_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, geom: ConvGeom,
+                           activation: str = "none") -> Tensor:  # fmt: skip
+    """The linear ``members`` split (:func:`pyfusion.ops.partial_linear.backends.members_forward`) on channels:
+    member 1's convolution over [x_s | x_1] (a channel slice, outputs [shared | branch 1], its bias), member k >= 2's
+    over x_k alone (outputs [shared | branch k], no bias), one convolution of x_s with the branches 2..K rows (their
+    bias); no input gathered, no zero block multiplied (the effective FLOPs exactly, in K + 1 convolutions). F.conv2d
+    has no ``out=``: each piece lands in y by one add or copy (the shared outputs: member 1's + member 2's into y,
+    then += the others'; branch k >= 2: its member's rows + the cross rows into y; branch 1: a copy).
+
+    A channel slice of a batch > 1 is a strided view that F.conv2d copies (``aten::contiguous``) before oneDNN runs:
+    the same copy as the gather of ``members``, of fewer channels (N = 32, 32 -> 64 at 32x32, 1 thread: 73 us of a
+    6.2 ms convolution). Measured on the 2-core VM against ``members`` (VGG-like 3x3 layers 64 @ 32x32, 128 @ 16x16,
+    256 @ 8x8, batch 1 / 32, K = 2 / 4, 1 and 2 threads): 0.57-0.97x at alpha 0.25 and 0.5 in 41 of 48 cases, slower
+    on 128 channels at 16x16, batch 1, alpha 0.5 (1.33-1.42x) and 64 @ 32x32, batch 1, K = 2, 2 threads (1.07-1.11x);
+    in the prototype 1.10-1.23x at alpha 0.75 (1/31 zeros: the extra convolution and adds cost more). So it replaces
+    ``members`` where the zeros are large (:func:`members_split_candidate`), and the tuner measures it against the
+    other strategies per layer."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    ws, cross = _member_split_weights(weight, plan, geom)
+    conv = functools.partial(F.conv2d, stride=geom.stride, padding=geom.padding, dilation=geom.dilation)
+    n0 = o_s + o_b[0]
+    y0 = conv(x[:, : i_s + i_b[0]], ws[0], None if bias is None else bias[:n0])
+    yc = None if cross is None else conv(x[:, :i_s], cross, None if bias is None else bias[n0:])
+    y = y0.new_empty((x.shape[0], plan.o_total, y0.shape[2], y0.shape[3]))
+    head = y[:, :o_s]
+    i0, o0, c0 = i_s + i_b[0], n0, 0
+    for j in range(1, k):
+        yj = conv(x[:, i0 : i0 + i_b[j]], ws[j], None)
+        if j == 1:
+            torch.add(y0[:, :o_s], yj[:, :o_s], out=head)
+        else:
+            head.add_(yj[:, :o_s])
+        dst = y[:, o0 : o0 + o_b[j]]
+        if yc is not None:
+            torch.add(yj[:, o_s:], yc[:, c0 : c0 + o_b[j]], out=dst)
+        elif bias is not None:
+            torch.add(yj[:, o_s:], bias[o0 : o0 + o_b[j]].view(1, -1, 1, 1), out=dst)
+        else:
+            dst.copy_(yj[:, o_s:])
+        i0, o0, c0 = i0 + i_b[j], o0 + o_b[j], c0 + o_b[j]
+    y[:, o_s:n0].copy_(y0[:, o_s:])
+    return _activation_(y, activation)
+
+
 # Batches up to this many samples are offered the unfolded strategy (one im2col + GEMMs per sample).
 IM2COL_MAX_BATCH = 4
 
@@ -354,6 +446,7 @@ STRATEGIES = {
     "runs": torch_forward,
     "grouped": _grouped_forward,
     "members": _members_forward,
+    "members_split": _members_split_forward,
     "im2col": _im2col_forward,
     "dense": _dense_forward,
 }
@@ -366,7 +459,9 @@ def _candidates(plan: SegmentPlan, geom: ConvGeom, small: bool) -> tuple[dict, s
     names = ["runs"]
     if grouped_layout(plan) is not None:
         names.append("grouped")
-    if member_layout(plan) is not None:
+    if members_split_candidate(plan):  # faster than the gathered members here (_members_split_forward)
+        names.append("members_split")
+    elif member_layout(plan) is not None:
         names.append("members")
     if small and any(len(run.ranges) > 1 for run in conv_runs(plan)[0]):
         # one unfold instead of a gathered copy (+ the convolution's own unfold) per run reading several input
@@ -488,6 +583,8 @@ def _drop_derived(name: str, args: tuple) -> None:
         forget_derived(weight, ("conv_members", plan_token(plan), geom.kernel))
         if bias is not None:
             forget_derived(bias, ("conv_member_bias", plan_token(plan)))
+    elif name == "members_split":
+        forget_derived(weight, ("conv_members_split", plan_token(plan), geom.kernel))
 
 
 # ----------------------------------------------------------------------------------------------------------
