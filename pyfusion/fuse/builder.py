@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyfusion._modcopy import deepcopy_module
 from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
 from pyfusion.graph.groups import AxisRef, FusionGraph
 from pyfusion.graph.transform import apply_map, axis_plan, member_tensor, selection
@@ -736,7 +737,7 @@ def _shell_copy(member: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
     for name, b in member.named_buffers(remove_duplicate=False):
         if name in tensors and id(b) not in memo:
             memo[id(b)] = torch.empty_like(b)
-    return copy.deepcopy(member, memo)
+    return deepcopy_module(member, memo)
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:

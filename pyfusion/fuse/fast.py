@@ -29,7 +29,6 @@ parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.bui
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import weakref
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyfusion._modcopy import deepcopy_module
 from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
 from pyfusion.fuse.validate import tensor_state
 from pyfusion.graph.groups import FusionGraph
@@ -619,7 +619,7 @@ def _meta_shell(model: nn.Module) -> nn.Module:
     for _n, b in model.named_buffers(remove_duplicate=False):
         if id(b) not in memo:
             memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+    return deepcopy_module(model, memo)
 
 
 def _to_meta(example: Any) -> Any:
