@@ -109,3 +109,35 @@ def test_count_from_the_real_forward_is_not_cached(monkeypatch):
     fast._member_costs([m], (4,))
     assert len(calls) == 2
     assert m not in fast._MEMBER_COSTS
+
+
+class _Residual(nn.Module):
+    """A ReLU whose input is read again afterwards (in place on real values this would change the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.act(h) + h)
+
+
+def test_meta_count_with_in_place_relus_equals_the_real_count():
+    """The meta shell runs its nn.ReLU in place (no Python decomposition); the count, the recorded input shapes and
+    the member itself (its ReLUs still out of place, its output unchanged) stay as on the real model."""
+    torch.manual_seed(0)
+    for m, ex in ((_net(), torch.randn(2, 3, 8, 8)), (_Residual(), torch.randn(5, 6))):
+        before = m(ex)
+        flag: list[bool] = []
+        shapes: dict = {}
+        got = fast._cost(m, ex, shapes, meta_flag=flag)
+        assert flag == [True]
+        assert got == cost(m, ex)
+        assert shapes
+        assert all(not mod.inplace for mod in m.modules() if isinstance(mod, nn.ReLU))
+        assert torch.equal(m(ex), before)
+        shell = fast._meta_shell(m)
+        assert all(mod.inplace for mod in shell.modules() if type(mod) is nn.ReLU)

@@ -619,7 +619,14 @@ def _meta_shell(model: nn.Module) -> nn.Module:
     for _n, b in model.named_buffers(remove_duplicate=False):
         if id(b) not in memo:
             memo[id(b)] = torch.empty_like(b, device="meta")
-    return deepcopy_module(model, memo)
+    shell = deepcopy_module(model, memo)
+    # torch has no C++ meta kernel for the out-of-place relu: each nn.ReLU ran the Python decomposition of the
+    # reference op, 0.2 ms (1.6 of a VGG11 member's 2.2 ms meta forward, 1 thread), while relu_ takes 1 us. On the
+    # meta device in-place writes nothing: the same shapes, dtypes and calls for the count (relu is not counted).
+    for m in shell.modules():
+        if type(m) is nn.ReLU:
+            m.inplace = True
+    return shell
 
 
 def _to_meta(example: Any) -> Any:
