@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from pyfusion._modcopy import deepcopy_module
-from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
+from pyfusion.fuse.plan import GroupPlan, Plan, lazy_map, map_shape, pristine_map
 from pyfusion.graph.groups import AxisRef, FusionGraph
 from pyfusion.graph.transform import apply_map, axis_plan, member_tensor, selection
 from pyfusion.nn.norm import MemberViewNorm
@@ -101,7 +101,7 @@ def _scatter_plans(
                 return None
             rows, cols, vals = sel[0], sel[1], sel[2]
             n_old = states[k][key].shape[r.axis] // r.expand
-            m_shape = maps[gname].B[k].shape[::-1] if consumer else maps[gname].A[k].shape
+            m_shape = map_shape(maps[gname].B, k)[::-1] if consumer else map_shape(maps[gname].A, k)
             if int(m_shape[1]) != n_old or cols.numel() != n_old:  # a dropped old neuron: general path
                 return None
             dest = torch.empty(n_old, dtype=torch.long)
@@ -497,6 +497,9 @@ def _recorded_selection(m: Tensor) -> Any:
 
 def _map_selection(gp: GroupPlan, k: int, consumer: bool) -> Any:
     """:func:`selection` of ``A_k`` (or of ``B_k^T`` for a consumer axis), recorded or computed."""
+    lazy = lazy_map(gp.B if consumer else gp.A, k)
+    if lazy is not None:  # a partial-assignment map never made: its selection without the dense map
+        return lazy.selection(k)
     m = gp.B[k] if consumer else gp.A[k]
     rec = _recorded_selection(m)
     if rec is not None:
@@ -976,10 +979,13 @@ def _whole_axis_masks(
     masks = None
     for k in range(k_all):
         consumer = r.role == "consumer"
-        m = maps[gname].B[k] if consumer else maps[gname].A[k]
-        rec = _recorded_selection(m)
+        side = maps[gname].B if consumer else maps[gname].A
+        lazy = lazy_map(side, k)
+        m = None if lazy is not None else side[k]
+        rec = lazy.selection(k) if lazy is not None else _recorded_selection(m)
         if rec is not None:  # the rows of the recorded selection are exactly the slots with a non-zero
-            reach = torch.zeros(m.shape[1] if consumer else m.shape[0], dtype=torch.bool)
+            shape = map_shape(side, k)
+            reach = torch.zeros(shape[1] if consumer else shape[0], dtype=torch.bool)
             reach[rec[0]] = True
         elif consumer:
             reach = (m != 0).any(dim=0)

@@ -79,9 +79,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.builder import attach_selection
 from pyfusion.fuse.config import PartialConfig, alpha_number
-from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
+from pyfusion.fuse.plan import GroupPlan, Plan, SlotMaps, permute_only, refuse_widening, zero_hint
 from pyfusion.fuse.registry import register_method
 from pyfusion.fuse.validate import check_reference
 from pyfusion.graph.groups import FusionGraph
@@ -161,30 +160,19 @@ def assignment_group_plan(asg: PartialAssignment, lambdas: Sequence[float]) -> G
     tot = lam.sum(0)
     cnt = contrib.sum(0)
     coef = np.where(tot > 0, lam / np.where(tot > 0, tot, 1.0), contrib / np.maximum(cnt, 1))
-    maps_a, maps_b = [], []
+    slot_of, coefs = [], []
     for k in range(k_all):
         sk = torch.as_tensor(asg.slot_of[k])
-        ar = torch.arange(n)
-        # numpy's zeros come from calloc: the kernel's zero pages, not a memset of every page as torch.zeros does
-        # (a (1280, 1024) A_k and B_k of an MLP-1024 group at alpha 0.25: 7.4 -> 1.7 ms the pair, 1 thread); only
-        # the pages holding a non-zero are written
-        a = torch.from_numpy(np.zeros((slots, n), dtype=np.float64))
         vals = torch.ones(n, dtype=torch.float64)
         in_shared = sk < s
         vals[in_shared] = torch.as_tensor(coef[k])[sk[in_shared]]
-        a[sk, ar] = vals
-        b = torch.from_numpy(np.zeros((n, slots), dtype=np.float64))
-        b[ar, sk] = 1.0
-        # the builder's selections of A_k and B_k^T, as pyfusion.graph.transform.selection would find them
-        # (non-zeros in row-major order; every neuron has its own slot, so both are injective)
-        order = torch.argsort(sk)
-        keep = vals[order] != 0
-        rows, cols, v = sk[order][keep], order[keep], vals[order][keep]
-        attach_selection(a, (rows, cols, None if bool((v == 1).all()) else v, True))
-        attach_selection(b, (sk[order], order, None, True))
-        maps_a.append(a)
-        maps_b.append(b)
-    return GroupPlan(maps_a, maps_b, tuple(int(x) for x in asg.layout))
+        slot_of.append(sk)
+        coefs.append(vals)
+    # the dense maps are made on first read, with the builder's selections (SlotMaps): a plan that is only built
+    # never forms them
+    maps_a = SlotMaps("A", slots, slot_of, coefs)
+    maps_b = SlotMaps("B", slots, slot_of, [None] * k_all)
+    return GroupPlan(maps_a, maps_b, tuple(int(x) for x in asg.layout))  # type: ignore[arg-type]
 
 
 @register_method(

@@ -20,7 +20,18 @@ from torch import Tensor
 from pyfusion._finite import all_finite
 from pyfusion.graph.groups import FusionGraph, Normalizer
 
-__all__ = ["GroupPlan", "PermutationMaps", "Plan", "permute_only", "refuse_widening", "unit_map", "zero_hint"]
+__all__ = [
+    "GroupPlan",
+    "PermutationMaps",
+    "Plan",
+    "SlotMaps",
+    "lazy_map",
+    "map_shape",
+    "permute_only",
+    "refuse_widening",
+    "unit_map",
+    "zero_hint",
+]
 
 
 class PermutationMaps(MutableSequence):
@@ -123,6 +134,135 @@ class PermutationMaps(MutableSequence):
         return f"PermutationMaps(side={self._side!r}, members={len(self)}, dense={made})"
 
 
+class SlotMaps(MutableSequence):
+    """The K dense maps of one side of a partial-assignment group, each made on its first read: every member neuron j
+    in its own slot ``slot_of[k][j]``, ``A_k[slot_of[k][j], j] = coef[k][j]`` (side "A", (slots, n)) or
+    ``B_k[j, slot_of[k][j]] = 1`` (side "B", (n, slots)).
+
+    ``pyfusion.fuse.partial`` writes its maps this way, with their selections (:func:`pyfusion.graph.transform.
+    selection`'s form: non-zeros in row-major order of ``A_k`` / ``B_k^T``): the builder reads :meth:`selection` and
+    :meth:`shape` of a map never made, and the plan validation checks the coefficients (n values) instead of a pass
+    over each dense map. Forming the dense maps (page faults on fresh zero pages: four (640, 512) float64 maps per
+    VGG11 group at alpha 0.25) and reading them back was ~3 ms of a VGG11 pair's partial fusion (1 thread). A map
+    that was read (or replaced) is an ordinary dense tensor from then on, with the same recorded selection (valid
+    until it is changed in place), as :func:`pyfusion.fuse.partial.assignment_group_plan` made them before.
+    """
+
+    def __init__(self, side: str, slots: int, slot_of: Sequence[Tensor], coefs: Sequence[Tensor | None]):
+        if side not in ("A", "B"):
+            raise ValueError(f"side must be 'A' or 'B'; got {side!r}")
+        if len(slot_of) != len(coefs):
+            raise ValueError(f"slot_of and coefs must have one entry per member; got {len(slot_of)} and {len(coefs)}")
+        self._side = side
+        self._slots = int(slots)
+        self._slot_of = list(slot_of)
+        self._coefs = list(coefs)
+        self._sel: list[Any] = []
+        for sk, vals in zip(self._slot_of, self._coefs):
+            order = torch.argsort(sk)  # sk is injective: the order is unique
+            if side == "A":
+                keep = vals[order] != 0
+                v = vals[order][keep]
+                self._sel.append((sk[order][keep], order[keep], None if bool((v == 1).all()) else v, True))
+            else:
+                self._sel.append((sk[order], order, None, True))
+        self._dense: list[Tensor | None] = [None] * len(self._slot_of)
+
+    def _make(self, k: int) -> Tensor:
+        import numpy as np
+
+        sk = self._slot_of[k]
+        n = sk.numel()
+        ar = torch.arange(n)
+        # numpy's zeros come from calloc: the kernel's zero pages, not a memset of every page as torch.zeros does
+        # (a (1280, 1024) A_k and B_k of an MLP-1024 group at alpha 0.25: 7.4 -> 1.7 ms the pair, 1 thread); only
+        # the pages holding a non-zero are written
+        if self._side == "A":
+            m = torch.from_numpy(np.zeros((self._slots, n), dtype=np.float64))
+            m[sk, ar] = self._coefs[k]
+        else:
+            m = torch.from_numpy(np.zeros((n, self._slots), dtype=np.float64))
+            m[ar, sk] = 1.0
+        m._pyfusion_selection = (m._version, self._sel[k])  # type: ignore[attr-defined] # builder.attach_selection
+        return m
+
+    def __len__(self) -> int:
+        return len(self._dense)
+
+    def __getitem__(self, k):  # noqa: ANN001, ANN204 - int or slice, as a list's
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        k = range(len(self))[k]
+        m = self._dense[k]
+        if m is None:
+            m = self._dense[k] = self._make(k)
+        return m
+
+    def __setitem__(self, k, value) -> None:  # noqa: ANN001
+        if isinstance(k, slice):
+            items = self[:]
+            items[k] = value
+            self._reset(items)
+            return
+        self._dense[range(len(self))[k]] = value
+
+    def __delitem__(self, k) -> None:  # noqa: ANN001
+        items = self[:]
+        del items[k]
+        self._reset(items)
+
+    def insert(self, index: int, value: Tensor) -> None:
+        items = self[:]
+        items.insert(index, value)
+        self._reset(items)
+
+    def __add__(self, other: Sequence[Tensor]) -> list[Tensor]:  # as a list's: gp.A + gp.B
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence[Tensor]) -> list[Tensor]:
+        return list(other) + list(self)
+
+    def _reset(self, items: list[Tensor]) -> None:
+        """Every entry the given dense tensor (nothing lazy is left)."""
+        self._dense = list(items)
+
+    def pristine(self, k: int) -> bool:
+        """Whether map k was never read nor replaced (then :meth:`selection` and :meth:`shape` describe it)."""
+        return k < len(self._slot_of) and self._dense[k] is None
+
+    def selection(self, k: int) -> Any:
+        """(rows, cols, vals or None, True): the non-zeros of ``A_k`` (side "A") or of ``B_k^T`` (side "B")."""
+        return self._sel[k]
+
+    def shape(self, k: int) -> tuple[int, int]:
+        """The shape of map k without making it."""
+        m = self._dense[k]
+        if m is not None:
+            return tuple(m.shape)  # type: ignore[return-value]
+        n = self._slot_of[k].numel()
+        return (self._slots, n) if self._side == "A" else (n, self._slots)
+
+    def finite(self, k: int) -> bool:
+        """Whether the never-made map k has only finite entries (its coefficients; side "B" holds ones)."""
+        return self._side == "B" or all_finite(self._coefs[k])
+
+    def __repr__(self) -> str:
+        made = sum(m is not None for m in self._dense)
+        return f"SlotMaps(side={self._side!r}, members={len(self)}, slots={self._slots}, dense={made})"
+
+
+def lazy_map(maps: Sequence[Tensor], k: int) -> SlotMaps | None:
+    """``maps`` when map k is a :class:`SlotMaps` entry never made, else None."""
+    return maps if isinstance(maps, SlotMaps) and maps.pristine(k) else None
+
+
+def map_shape(maps: Sequence[Tensor], k: int) -> tuple[int, int]:
+    """The shape of map k of ``maps``, without making a lazy one."""
+    if isinstance(maps, (SlotMaps, PermutationMaps)):
+        return maps.shape(k)
+    return tuple(maps[k].shape)  # type: ignore[return-value]
+
+
 def _unit_blocks_problem(m: Tensor, d: int) -> str:
     """'' when every (d x d) block of ``m`` (slots x n) is zero or ``coef * P`` with P a permutation, else why not."""
     s, n = m.shape
@@ -179,7 +319,7 @@ class GroupPlan:
 
     @property
     def slots(self) -> int:
-        if isinstance(self.A, PermutationMaps):  # without making the map
+        if isinstance(self.A, (PermutationMaps, SlotMaps)):  # without making the map
             return int(self.A.shape(0)[0])
         return int(self.A[0].shape[0])
 
@@ -205,6 +345,16 @@ class GroupPlan:
                 if got != (self.slots, n):
                     raise ValueError(f"plan for group {name!r}: A[{i}] must have shape ({self.slots}, {n}); got {got}")
                 if not math.isfinite(self.A.coef(i)):  # type: ignore[attr-defined]
+                    raise ValueError(f"plan for group {name!r}: A[{i}] or B[{i}] contains NaN or inf")
+                continue
+            la, lb = lazy_map(self.A, i), lazy_map(self.B, i)
+            if la is not None and lb is not None:  # partial-assignment maps not made yet: shapes and coefficients
+                if la.shape(i) != (self.slots, n) or lb.shape(i) != (n, self.slots):
+                    raise ValueError(
+                        f"plan for group {name!r}: A[{i}] / B[{i}] must have shapes ({self.slots}, {n}) / "
+                        f"({n}, {self.slots}); got {la.shape(i)} / {lb.shape(i)}"
+                    )
+                if not (la.finite(i) and lb.finite(i)):
                     raise ValueError(f"plan for group {name!r}: A[{i}] or B[{i}] contains NaN or inf")
                 continue
             a, b = self.A[i], self.B[i]
