@@ -34,38 +34,14 @@ __all__ = [
 ]
 
 
-class PermutationMaps(MutableSequence):
-    """The K dense maps of one side of a permutation plan's group, each made on its first read:
-    ``A_k = coefs[k] P_k`` (side "A", (n, n)) or ``B_k = P_k^T`` (side "B"), with ``P_k[s, perms[k][s]] = 1``.
+class _LazyMaps(MutableSequence):
+    """A list of dense maps, each made on first read by ``_make(k)`` (``_dense[k]`` None until then): the list
+    behaviour :class:`PermutationMaps` and :class:`SlotMaps` share. Any change of length makes every map dense."""
 
-    :meth:`Plan.from_permutations` writes its maps this way: a plan that is only built never forms them (12 dense
-    float64 (1024, 1024) maps of an MLP-1024 pair: 0.09 s to write, and 0.05 s more for the builder to check them
-    and the plan validation to read them, of a 0.9 s activation matching). A map that was never read is provably
-    the permutation (:meth:`pristine`): the builder's permutation path then reads ``perms`` and ``coefs`` directly.
-    A map that was read (or replaced by assignment) is an ordinary dense tensor from then on, which may be changed
-    in place: the maps are the truth, so the builder checks it as it checks any dense map.
-    """
-
-    def __init__(self, perms: Sequence[Tensor], coefs: Sequence[float], side: str):
-        if side not in ("A", "B"):
-            raise ValueError(f"side must be 'A' or 'B'; got {side!r}")
-        if len(perms) != len(coefs):
-            raise ValueError(f"perms and coefs must have one entry per member; got {len(perms)} and {len(coefs)}")
-        self._perms = list(perms)
-        self._coefs = [float(c) for c in coefs]
-        self._side = side
-        self._dense: list[Tensor | None] = [None] * len(self._perms)
+    _dense: list[Tensor | None]
 
     def _make(self, k: int) -> Tensor:
-        idx = self._perms[k]
-        n = idx.numel()
-        ar = torch.arange(n)
-        m = torch.zeros(n, n, dtype=torch.float64)
-        if self._side == "A":
-            m[ar, idx] = self._coefs[k]
-        else:
-            m[idx, ar] = 1.0
-        return m
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self._dense)
@@ -106,6 +82,43 @@ class PermutationMaps(MutableSequence):
     def _reset(self, items: list[Tensor]) -> None:
         """Every entry the given dense tensor (nothing lazy is left)."""
         self._dense = list(items)
+
+
+class PermutationMaps(_LazyMaps):
+    """The K dense maps of one side of a permutation plan's group, each made on its first read:
+    ``A_k = coefs[k] P_k`` (side "A", (n, n)) or ``B_k = P_k^T`` (side "B"), with ``P_k[s, perms[k][s]] = 1``.
+
+    :meth:`Plan.from_permutations` writes its maps this way: a plan that is only built never forms them (12 dense
+    float64 (1024, 1024) maps of an MLP-1024 pair: 0.09 s to write, and 0.05 s more for the builder to check them
+    and the plan validation to read them, of a 0.9 s activation matching). A map that was never read is provably
+    the permutation (:meth:`pristine`): the builder's permutation path then reads ``perms`` and ``coefs`` directly.
+    A map that was read (or replaced by assignment) is an ordinary dense tensor from then on, which may be changed
+    in place: the maps are the truth, so the builder checks it as it checks any dense map.
+    """
+
+    def __init__(self, perms: Sequence[Tensor], coefs: Sequence[float], side: str):
+        if side not in ("A", "B"):
+            raise ValueError(f"side must be 'A' or 'B'; got {side!r}")
+        if len(perms) != len(coefs):
+            raise ValueError(f"perms and coefs must have one entry per member; got {len(perms)} and {len(coefs)}")
+        self._perms = list(perms)
+        self._coefs = [float(c) for c in coefs]
+        self._side = side
+        self._dense: list[Tensor | None] = [None] * len(self._perms)
+
+    def _make(self, k: int) -> Tensor:
+        idx = self._perms[k]
+        n = idx.numel()
+        ar = torch.arange(n)
+        m = torch.zeros(n, n, dtype=torch.float64)
+        if self._side == "A":
+            m[ar, idx] = self._coefs[k]
+        else:
+            m[idx, ar] = 1.0
+        return m
+
+    def _reset(self, items: list[Tensor]) -> None:
+        super()._reset(items)
         self._perms = [torch.empty(0, dtype=torch.long)] * len(items)
         self._coefs = [0.0] * len(items)
 
@@ -134,7 +147,7 @@ class PermutationMaps(MutableSequence):
         return f"PermutationMaps(side={self._side!r}, members={len(self)}, dense={made})"
 
 
-class SlotMaps(MutableSequence):
+class SlotMaps(_LazyMaps):
     """The K dense maps of one side of a partial-assignment group, each made on its first read: every member neuron j
     in its own slot ``slot_of[k][j]``, ``A_k[slot_of[k][j], j] = coef[k][j]`` (side "A", (slots, n)) or
     ``B_k[j, slot_of[k][j]] = 1`` (side "B", (n, slots)).
@@ -185,46 +198,6 @@ class SlotMaps(MutableSequence):
             m[ar, sk] = 1.0
         m._pyfusion_selection = (m._version, self._sel[k])  # type: ignore[attr-defined] # builder.attach_selection
         return m
-
-    def __len__(self) -> int:
-        return len(self._dense)
-
-    def __getitem__(self, k):  # noqa: ANN001, ANN204 - int or slice, as a list's
-        if isinstance(k, slice):
-            return [self[i] for i in range(len(self))[k]]
-        k = range(len(self))[k]
-        m = self._dense[k]
-        if m is None:
-            m = self._dense[k] = self._make(k)
-        return m
-
-    def __setitem__(self, k, value) -> None:  # noqa: ANN001
-        if isinstance(k, slice):
-            items = self[:]
-            items[k] = value
-            self._reset(items)
-            return
-        self._dense[range(len(self))[k]] = value
-
-    def __delitem__(self, k) -> None:  # noqa: ANN001
-        items = self[:]
-        del items[k]
-        self._reset(items)
-
-    def insert(self, index: int, value: Tensor) -> None:
-        items = self[:]
-        items.insert(index, value)
-        self._reset(items)
-
-    def __add__(self, other: Sequence[Tensor]) -> list[Tensor]:  # as a list's: gp.A + gp.B
-        return list(self) + list(other)
-
-    def __radd__(self, other: Sequence[Tensor]) -> list[Tensor]:
-        return list(other) + list(self)
-
-    def _reset(self, items: list[Tensor]) -> None:
-        """Every entry the given dense tensor (nothing lazy is left)."""
-        self._dense = list(items)
 
     def pristine(self, k: int) -> bool:
         """Whether map k was never read nor replaced (then :meth:`selection` and :meth:`shape` describe it)."""
