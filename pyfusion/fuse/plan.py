@@ -10,6 +10,7 @@ permutation maps of :meth:`Plan.from_permutations` are made on first read (:clas
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,9 @@ class _LazyMaps(MutableSequence):
 
     _dense: list[Tensor | None]
 
+    @abstractmethod
     def _make(self, k: int) -> Tensor:
-        raise NotImplementedError
+        """The dense map k (called once, on its first read)."""
 
     def __len__(self) -> int:
         return len(self._dense)
