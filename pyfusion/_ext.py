@@ -6,6 +6,7 @@ raises: callers check :data:`EXT_AVAILABLE` and report :data:`EXT_SKIP_REASON`.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Any
@@ -25,6 +26,22 @@ else:
         )
 
 EXT_AVAILABLE: bool = _C is not None
+
+
+@functools.cache
+def mkl_avx2_vendor() -> str | None:
+    """The CPU vendor (``corr_cpu_vendor``: "amd" or "other") where torch's BLAS is oneMKL on a non-Intel CPU: MKL
+    picks its code path by vendor and runs its AVX2 kernels there whatever the CPU has, so the extension's AVX-512
+    kernels beat it (the correlation engine, :func:`pyfusion.ops.moments._blas_defers`; the float64 product of
+    :func:`pyfusion.match.distance.sqdist`). None on Intel, without MKL, or without the extension."""
+    if _C is None or not hasattr(_C, "corr_cpu_vendor"):
+        return None
+    vendor = str(_C.corr_cpu_vendor())
+    if vendor == "intel":
+        return None
+    import torch  # here, not at import: this module loads before torch is needed
+
+    return vendor if torch.backends.mkl.is_available() else None
 
 
 def build_info() -> dict[str, Any]:

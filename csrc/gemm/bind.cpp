@@ -13,7 +13,6 @@ namespace py = pybind11;
 void bind_gemm(py::module_& m) {
   m.def("gemm_abt_f64_supported", &pyfusion::gemm::abt_f64_supported,
         "Whether this CPU runs the AVX-512 float64 A B^T kernel (csrc/gemm)");
-  m.def("cpu_vendor", &pyfusion::gemm::cpu_vendor, "The cpuid vendor string ('' off x86)");
   m.def(
       "gemm_abt_f64",
       [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t m_, int64_t n, int64_t k, int64_t lda, int64_t ldb,

@@ -10,7 +10,6 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PF_GEMM_AVX512 1
-#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -109,21 +108,6 @@ bool abt_f64_supported() {
   return __builtin_cpu_supports("avx512f");
 #else
   return false;
-#endif
-}
-
-std::string cpu_vendor() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return "";
-  char v[13];
-  std::memcpy(v, &ebx, 4);
-  std::memcpy(v + 4, &edx, 4);
-  std::memcpy(v + 8, &ecx, 4);
-  v[12] = 0;
-  return v;
-#else
-  return "";
 #endif
 }
 

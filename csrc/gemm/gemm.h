@@ -4,15 +4,11 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace pyfusion::gemm {
 
 // Whether this CPU runs the AVX-512 kernel (cpuid); false: callers use their BLAS.
 bool abt_f64_supported();
-
-// The cpuid vendor string ("GenuineIntel", "AuthenticAMD", ...; "" off x86).
-std::string cpu_vendor();
 
 // c (m, n; row stride ldc) = a (m, k; row stride lda) times b (n, k; row stride ldb) transposed. Each entry is one
 // dot product accumulated in k order within blocks of kKc, blocks added in order (a fixed, deterministic order,

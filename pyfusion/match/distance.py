@@ -7,6 +7,7 @@ for activation costs (:meth:`pyfusion.stats.ActivationStats.sqdist`, ``corr``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,13 +81,12 @@ def _gemm_kernel(a: Tensor, b: Tensor) -> Any:
     return ext
 
 
-_GEMM_USABLE: list[bool] = []
-
-
+@functools.cache
 def _gemm_usable(ext: Any) -> bool:
-    if not _GEMM_USABLE:
-        _GEMM_USABLE.append(bool(ext.gemm_abt_f64_supported()) and ext.cpu_vendor() != "GenuineIntel")
-    return _GEMM_USABLE[0]
+    """The kernel runs here (AVX-512F) and beats torch's BLAS (oneMKL on a non-Intel CPU runs AVX2 code)."""
+    from pyfusion import _ext
+
+    return bool(ext.gemm_abt_f64_supported()) and _ext.mkl_avx2_vendor() is not None
 
 
 def _gram_parts(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

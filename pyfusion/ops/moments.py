@@ -129,10 +129,8 @@ def _blas_defers() -> list[str]:
 @functools.cache
 def _mkl_without_avx512() -> tuple[str, ...]:
     c = _ext._C
-    if c is None or not hasattr(c, "corr_cpu_vendor") or c.corr_best_isa() != "avx512":
-        return ()
-    vendor = c.corr_cpu_vendor()
-    if vendor == "intel" or not torch.backends.mkl.is_available():
+    vendor = _ext.mkl_avx2_vendor()
+    if c is None or vendor is None or c.corr_best_isa() != "avx512":
         return ()
     return (
         f"torch's float32 GEMM is oneMKL, which runs its AVX2 kernels on this {vendor} CPU: the engine's AVX-512 "
