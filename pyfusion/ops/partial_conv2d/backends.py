@@ -57,6 +57,7 @@ from pyfusion.ops.partial_linear.backends import (
     dense_is_view,
     dense_weight_of,
     derived_weight,
+    member_blocks,
     member_layout,
     per_plan,
     plan_token,
@@ -315,24 +316,13 @@ def _member_split_weights(
     x_1] (W_ss is member 1's), member k >= 2's (O_s + O_k, I_k, kh, kw) over x_k alone, and the rows of branches
     2..K on the shared inputs stacked, (O_2 + ... + O_K, I_s, kh, kw) (None without shared inputs or without those
     rows). The stored weights once in all."""
-    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
     kh, kw = geom.kernel
-    taps, i_tot, offs = kh * kw, plan.i_total, plan.offsets
 
     def build(src: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
-        # standard layout: out segment 0 (shared) reads every input, out segment j + 1 (branch j) [x_s | x_j]
-        w_s = src[offs[0] * taps : (offs[0] + o_s * i_tot) * taps].view(o_s, i_tot, kh, kw)
-        w_b = [
-            src[offs[j + 1] * taps : (offs[j + 1] + o_b[j] * (i_s + i_b[j])) * taps].view(o_b[j], i_s + i_b[j], kh, kw)
-            for j in range(k)
-        ]
-        out = [torch.cat([w_s[:, : i_s + i_b[0]], w_b[0]])]
-        i0 = i_s + i_b[0]
-        for j in range(1, k):
-            out.append(torch.cat([w_s[:, i0 : i0 + i_b[j]], w_b[j][:, i_s:]]))
-            i0 += i_b[j]
-        cross = torch.cat([w_b[j][:, :i_s] for j in range(1, k)]).contiguous() if i_s and sum(o_b[1:]) else None
-        return tuple(w.contiguous() for w in out), cross
+        out, cross = member_blocks(src, plan, kh * kw)
+        return tuple(w.view(w.shape[0], w.shape[1], kh, kw) for w in out), (
+            None if cross is None else cross.view(cross.shape[0], cross.shape[1], kh, kw)
+        )
 
     return derived_weight(weight, ("conv_members_split", plan_token(plan), geom.kernel), build)
 

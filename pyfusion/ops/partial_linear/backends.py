@@ -713,6 +713,30 @@ def member_layout(plan: SegmentPlan) -> tuple[int, int, tuple[int, ...], int, tu
     return k, il[0], tuple(il[1:]), ol[0], tuple(ol[1:])
 
 
+def member_blocks(src: Tensor, plan: SegmentPlan, taps: int = 1) -> tuple[list[Tensor], Tensor | None]:
+    """The member-shaped weights of a :func:`member_layout` plan cut from its packed weight ``src`` (flat, ``taps``
+    values per (output, input) pair: 1 for a linear layer, kh kw for a convolution), as new contiguous tensors: per
+    member k, rows [shared outputs | branch k], (O_s + O_k, I_s + I_1, taps) over [x_s | x_1] for member 1 (W_ss is
+    member 1's) and (O_s + O_k, I_k, taps) over x_k alone for the others; and the rows of branches 2..K on the
+    shared inputs stacked, (O_2 + ... + O_K, I_s, taps) (None without shared inputs or without those rows). Each
+    stored weight once in all (the linear :func:`members_forward`, the convolution's ``members_split``)."""
+    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
+    i_tot, offs = plan.i_total, plan.offsets
+    # standard layout: out segment 0 (shared) reads every input, out segment j + 1 (branch j) [x_s | x_j]
+    w_s = src[offs[0] * taps : (offs[0] + o_s * i_tot) * taps].view(o_s, i_tot, taps)
+    w_b = [
+        src[offs[j + 1] * taps : (offs[j + 1] + o_b[j] * (i_s + i_b[j])) * taps].view(o_b[j], i_s + i_b[j], taps)
+        for j in range(k)
+    ]
+    out = [torch.cat([w_s[:, : i_s + i_b[0]], w_b[0]])]
+    i0 = i_s + i_b[0]
+    for j in range(1, k):
+        out.append(torch.cat([w_s[:, i0 : i0 + i_b[j]], w_b[j][:, i_s:]]))
+        i0 += i_b[j]
+    cross = torch.cat([w_b[j][:, :i_s] for j in range(1, k)]) if i_s and sum(o_b[1:]) else None
+    return out, cross
+
+
 def member_weights(weight: Tensor, plan: SegmentPlan) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """The weights of :func:`members_forward` for a :func:`member_layout` plan, transposed (the GEMMs' right
     operands; contiguous before the transpose), copied from the packed weight's blocks once per weight version
@@ -720,21 +744,10 @@ def member_weights(weight: Tensor, plan: SegmentPlan) -> tuple[tuple[Tensor, ...
     k], over [x_s | x_1] for member 1 (W_ss is member 1's) and over x_k alone for the others; and the rows of
     branches 2..K on the shared inputs, stacked ((O_2 + ... + O_K, I_s) before the transpose; None without shared
     inputs or without those rows). The stored weights once in all."""
-    k, i_s, i_b, o_s, o_b = member_layout(plan)  # type: ignore[misc]
-    i_tot, offs = plan.i_total, plan.offsets
 
     def build(src: Tensor) -> tuple[tuple[Tensor, ...], Tensor | None]:
-        # standard layout: out segment 0 (shared) reads every input, out segment j + 1 (branch j) [x_s | x_j]
-        w_s = src[offs[0] : offs[0] + o_s * i_tot].view(o_s, i_tot)
-        w_b = [src[offs[j + 1] : offs[j + 1] + o_b[j] * (i_s + i_b[j])].view(o_b[j], i_s + i_b[j]) for j in range(k)]
-        out = [torch.cat([w_s[:, : i_s + i_b[0]], w_b[0]])]
-        i0 = i_s + i_b[0]
-        for j in range(1, k):
-            out.append(torch.cat([w_s[:, i0 : i0 + i_b[j]], w_b[j][:, i_s:]]))
-            i0 += i_b[j]
-        rows = [w_b[j][:, :i_s] for j in range(1, k)]
-        cross = torch.cat(rows).contiguous().t() if i_s and sum(o_b[1:]) else None
-        return tuple(w.contiguous().t() for w in out), cross
+        out, cross = member_blocks(src, plan)
+        return tuple(w.squeeze(2).t() for w in out), None if cross is None else cross.squeeze(2).t()
 
     return derived_weight(weight, ("members", plan_token(plan)), build)
 
