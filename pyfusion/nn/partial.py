@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyfusion.ops._weight_cache import track
 from pyfusion.ops.layout import (
     ACTIVATIONS,
     Segments,
@@ -89,7 +90,17 @@ def _activation_name(activation: str | None) -> str:
     return act
 
 
-class _SegmentedMixin:
+class _TrackedParameters:
+    """Parameters registered on these modules (built, or assigned later) are made
+    :class:`~pyfusion.ops._weight_cache.TrackedParameter` at once, so that even a ``.data`` alias taken before the
+    first forward shares their version counter: the ops' cached derived weights then see every write."""
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        track(param)
+        super().register_parameter(name, param)  # type: ignore[misc]
+
+
+class _SegmentedMixin(_TrackedParameters):
     """Segment buffers in the state_dict, the checks on loading, the conversion of 3-buffer state dicts."""
 
     in_segments: Segments
@@ -400,7 +411,7 @@ class PartialLinear(_SegmentedMixin, nn.Module):
         return f"{what}, bias={self.bias is not None}, activation={self.activation}"
 
 
-class EnsembleLinear(nn.Module):
+class EnsembleLinear(_TrackedParameters, nn.Module):
     """K stacked ``nn.Linear`` members run as one op: the alpha = 1 (nothing shared) partial layer.
 
     ``weight`` (K, O, I) and ``bias`` (K, O). With ``shared_input=False`` the input holds the members'

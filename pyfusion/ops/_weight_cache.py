@@ -9,6 +9,14 @@ its offset and size. Inference tensors have no version counter, and inside ``tor
 still be changed in place (``w.mul_(2)``) with nothing to tell the cache: what is derived from them is rebuilt at
 every call, never cached (a stale copy would be a silently wrong output; build modules outside inference mode to
 keep the cache).
+
+Writes through ``param.data`` (``w.data.mul_(2)``, ``w.data[i] = x``, ``w.data.copy_(new)``: the idiom of
+hand-written optimizers, EMA updates and weight surgery) bypass the version counter: ``.data`` is an alias with a
+counter of its own. A cached copy would then be stale, a silently wrong output. So every ``nn.Parameter`` a cache
+entry is made for becomes a :class:`TrackedParameter` (in place, :func:`track`): its ``.data`` is
+``self.detach()``, which shares the version counter, and so every such write is seen. Other tensors passed to the
+ops directly (not Parameters) are not changed: a write through their ``.data`` stays unseen (change them in place,
+or call :func:`clear`).
 """
 
 from __future__ import annotations
@@ -19,9 +27,42 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-__all__ = ["derived_weight", "clear", "entries", "forget"]
+__all__ = ["TrackedParameter", "derived_weight", "clear", "entries", "forget", "track"]
+
+_SET_DATA = torch._C.TensorBase.data.__set__
+
+
+class TrackedParameter(nn.Parameter):
+    """An ``nn.Parameter`` whose ``.data`` is ``self.detach()``: the same storage *and* the same version counter,
+    so an in-place write through ``.data`` bumps the parameter's version and invalidates what was derived from it
+    (module docstring). Everything else is ``nn.Parameter``'s: ``p.data = other`` swaps the storage as before,
+    ``isinstance(p, nn.Parameter)`` holds, state dicts and :func:`pyfusion.save` hold plain tensors.
+
+    The one difference from ``.data``: autograd now sees such a write, so changing a weight through ``.data``
+    between a forward and its backward raises torch's "modified by an inplace operation" error instead of
+    silently computing gradients from the new values.
+    """
+
+    @property
+    def data(self) -> Tensor:  # type: ignore[override]
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        _SET_DATA(self, value)
+
+
+def track(t: Tensor | None) -> None:
+    """Make ``t`` (or the tensor it views) a :class:`TrackedParameter` in place if it is a plain ``nn.Parameter``
+    (``__class__`` assignment: same object, storage, version and autograd state); anything else is left alone."""
+    if t is None:
+        return
+    base = t if t._base is None else t._base
+    if type(base) is nn.Parameter:
+        base.__class__ = TrackedParameter
 
 
 @dataclass
@@ -55,6 +96,7 @@ def derived_weight(weight: Tensor, key: Hashable, build: Callable[[Tensor], Any]
     ver = _version(weight)
     if ver < 0:  # an inference tensor: no version to tell an in-place change (module docstring)
         return build(weight.detach())
+    track(owner)
     ent = _CACHE.get(full)
     if ent is not None and ent.owner() is owner and ent.version == ver and ent.source.data_ptr() == weight.data_ptr():
         return ent.value

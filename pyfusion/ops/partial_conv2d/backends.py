@@ -47,7 +47,7 @@ from torch import Tensor
 
 from pyfusion import backends
 from pyfusion.dispatch import Backend, Dispatcher
-from pyfusion.ops._weight_cache import entry_ref
+from pyfusion.ops._weight_cache import entry_ref, track
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import SegmentPlan, kernel_segments
 from pyfusion.ops.partial_linear.backends import (
@@ -534,6 +534,7 @@ def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, geom: ConvGeom, 
         ver = weight._version
     except RuntimeError:  # an inference tensor: no version counter to see an in-place change by
         return
+    track(weight)
     dense = None
     if fn is _dense_forward:
         dense = dense_weight_of(weight, plan, geom.kernel)

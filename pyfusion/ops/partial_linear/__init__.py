@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pyfusion.dispatch import forced_spec
 from pyfusion.ops._registry import _C_IS_TRACING, is_jit_tracing
+from pyfusion.ops._weight_cache import TrackedParameter
 from pyfusion.ops.layout import (
     ACTIVATIONS,
     SegmentPlan,
@@ -40,7 +41,8 @@ _TUNED_DTYPES = (torch.float32, torch.float64)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
-_PLAIN = (Tensor, torch.nn.Parameter)
+# a cached weight becomes a TrackedParameter (pyfusion.ops._weight_cache): as plain as nn.Parameter for the fast path
+_PLAIN = (Tensor, torch.nn.Parameter, TrackedParameter)
 _hot_key, _hot_forward = _backends.hot_key, _backends.hot_forward
 _tracing = _C_IS_TRACING if _C_IS_TRACING is not None else is_jit_tracing  # (is_jit_tracing's bool() costs 70 ns)
 _ENV = "PYFUSION_BACKEND"

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from pyfusion import _ext, backends
 from pyfusion.dispatch import Backend, Dispatcher
-from pyfusion.ops._weight_cache import _version, derived_weight, entry_ref
+from pyfusion.ops._weight_cache import _version, derived_weight, entry_ref, track
 from pyfusion.ops._weight_cache import forget as forget_derived
 from pyfusion.ops.layout import ACTIVATIONS, SegmentPlan, kernel_segments
 from pyfusion.ops.partial_linear.tuning import StrategyTuner
@@ -281,6 +281,7 @@ def hot_derived(weight: Tensor, plan: SegmentPlan, tag: str, build: Callable[[Te
     change inside inference mode would go unseen, ``pyfusion.ops._weight_cache``)."""
     if _version(weight) < 0:
         return build(weight, plan)
+    track(weight)
     k = (id(weight), tag)
     ent = _HOT.get(k)
     if (
@@ -928,6 +929,7 @@ def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, activation: str,
         ver = weight._version
     except RuntimeError:  # an inference tensor: no version counter to invalidate a derived weight by
         return
+    track(weight)
     dense = hot_derived(weight, plan, "dense", dense_weight_of) if fn is dense_forward else None
     cpp = None
     if fn is cpp_forward and len(hot[1]) == 2:  # the engine called directly on 2-D inputs (hot_forward)
