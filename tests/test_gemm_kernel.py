@@ -17,6 +17,14 @@ needs_kernel = pytest.mark.skipif(
     reason=_ext.EXT_SKIP_REASON or "no AVX-512F on this CPU, or an old extension",
 )
 
+
+@pytest.fixture
+def kernel_route(monkeypatch):
+    """sqdist takes the kernel wherever it runs: the vendor rule (:func:`distance._gemm_usable`) sends Intel CPUs
+    to MKL, whose bits differ between thread counts, and these tests are about the kernel's route."""
+    monkeypatch.setattr(distance, "_gemm_usable", lambda ext: bool(ext.gemm_abt_f64_supported()))
+
+
 SHAPES = [(1, 1, 1), (7, 5, 3), (8, 24, 192), (9, 25, 193), (131, 77, 1001), (300, 50, 17), (33, 301, 390)]
 
 
@@ -55,7 +63,7 @@ def test_random_operands_within_float64_rounding(shape):
 
 
 @needs_kernel
-def test_strided_expanded_and_sliced_operands_through_sqdist():
+def test_strided_expanded_and_sliced_operands_through_sqdist(kernel_route):
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(257, 700, generator=gen, dtype=torch.float64)
     cases = [
@@ -81,7 +89,7 @@ def test_strided_expanded_and_sliced_operands_through_sqdist():
 
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
-def test_row_norms_from_the_packing(shape):
+def test_row_norms_from_the_packing(shape, kernel_route):
     m, n, k = shape
     gen = torch.Generator().manual_seed(m + 5)
     a = torch.randn(m, k, generator=gen, dtype=torch.float64)
@@ -99,7 +107,7 @@ def test_row_norms_from_the_packing(shape):
 
 
 @needs_kernel
-def test_threads_give_the_same_bits():
+def test_threads_give_the_same_bits(kernel_route):
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(301, 500, generator=gen, dtype=torch.float64)
     b = torch.randn(130, 500, generator=gen, dtype=torch.float64)
@@ -137,3 +145,18 @@ def test_a_global_forced_backend_takes_torchs_product(monkeypatch, spec):
     sq_a, _sq_b, cross = distance._gram_parts(a, a)
     torch.testing.assert_close(cross, a @ a.T, rtol=0, atol=0)  # torch's own product, bit for bit
     torch.testing.assert_close(sq_a, (a * a).sum(1), rtol=1e-15, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("vendor", "takes"), [(None, False), ("amd", True), ("other", True)])
+def test_vendor_rule_decides_the_route(monkeypatch, vendor, takes):
+    """Intel CPUs (and non-MKL builds: ``mkl_avx2_vendor`` None) keep torch's product; where MKL runs AVX2 code the
+    kernel is taken. The suite runs on both kinds of machine: each branch is forced here."""
+    monkeypatch.setattr(_ext, "mkl_avx2_vendor", lambda: vendor)
+    assert distance._gemm_usable.__wrapped__(_ext._C) is takes
+    distance._gemm_usable.cache_clear()
+    try:
+        a = torch.randn(200, 300, dtype=torch.float64)
+        assert (distance._gemm_kernel(a, a) is not None) is takes
+    finally:
+        distance._gemm_usable.cache_clear()
