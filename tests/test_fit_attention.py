@@ -38,6 +38,21 @@ class CrossNet(nn.Module):
         return self.out((h[:, :2] + a).mean(1))
 
 
+class CausalNet(nn.Module):
+    """A sequence-first (``batch_first=False``) ``nn.TransformerEncoder`` with a causal mask and ``is_causal``."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(5, d)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=24, dropout=0.0, batch_first=False)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):  # (B, T, 5)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.out(self.enc(self.inp(x).transpose(0, 1), mask=mask, is_causal=True).mean(0))
+
+
 class TinyViT(nn.Module):
     """A pre-LN ViT on ``nn.TransformerEncoderLayer``: patch conv, CLS token, position embedding, GELU MLPs."""
 
@@ -57,11 +72,12 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.enc(h))[:, 0])
 
 
-MODELS = {"mhanet": MHANet, "encoder": EncoderNet, "cross": CrossNet, "vit": TinyViT}
+MODELS = {"mhanet": MHANet, "encoder": EncoderNet, "cross": CrossNet, "causal": CausalNet, "vit": TinyViT}
 MHAS = {
     "mhanet": ["mha"],
     "encoder": ["enc.layers.0.self_attn", "enc.layers.1.self_attn"],
     "cross": ["mha"],
+    "causal": ["enc.layers.0.self_attn"],
     "vit": ["enc.layers.0.self_attn", "enc.layers.1.self_attn"],
 }
 
@@ -183,6 +199,7 @@ def test_the_context_of_unbatched_inputs():
         ("encoder", "cluster_fit", 0.5),
         ("mhanet", "partial_fit", 0.0),
         ("cross", "partial_fit", 0.5),
+        ("causal", "cluster_fit", 0.5),
         ("vit", "cluster_fit", 0.5),
     ],
 )
