@@ -596,7 +596,9 @@ def fit_shared_slots(
         ridges[path] = rel
     for path in targets.keys() - calls.keys() - fitted.keys() - skipped.keys():
         parent = path.rpartition(".")[0]
-        if parent in mhas:  # an nn.MultiheadAttention's out_proj, its parent never called
+        if path in mhas:
+            skipped[path] = "an nn.MultiheadAttention never called in the forward pass"
+        elif parent in mhas:  # an nn.MultiheadAttention's out_proj, its parent never called
             skipped[path] = f"the output projection of {parent!r}, which is never called in the forward pass"
         else:
             skipped[path] = "never called as a module: its parent reads the weight directly (no hook sees its inputs)"
@@ -650,6 +652,8 @@ def _fit_mha(
             for k, m in enumerate(members):
                 mm = m.get_submodule(path)
                 e_m = int(mm.in_proj_weight.shape[0]) // 3
+                if any(sg.member_offset // e_m != j for j, sg in segs):
+                    raise RuntimeError(f"{path}: an in_proj segment's member rows and fused rows are in other blocks")
                 outs = {j: torch.cat([in_proj_outputs(mm, c, j) for c in calls_m[k]]) for j in {j for j, _ in segs}}
                 part = torch.cat(
                     [
