@@ -18,8 +18,9 @@ one member's neurons only is fitted too; the fit reads only the design columns i
 layout, hence the cost, is the one of ``method="cluster"`` at the same width). BatchNorms after a fitted producer
 are folded into the fit (the fused module is marked ``fusion_weights_fitted``: no BatchNorm reset afterwards).
 The layers fitted are ``partial_fit``'s (``nn.Linear``, ``nn.Conv2d``, Hugging Face ``Conv1D``, packed q | k | v
-segments, rotary q / k rows); embedding tables stay as clustered, their averaged rows being their slots' targets
-already (``fusion_info["fit"]["exact"]``), and what the fit cannot read is listed in ``fusion_info["fit"]["skipped"]``.
+segments, rotary q / k rows, ``nn.MultiheadAttention``'s in_proj rows and out_proj); embedding tables stay as
+clustered, their averaged rows being their slots' targets already (``fusion_info["fit"]["exact"]``), and what the
+fit cannot read is listed in ``fusion_info["fit"]["skipped"]``.
 
 Measured (the issue-14 frontier's MNIST ResNet-8 pair, members 98.6%, the first 1000 of bench/frontier.py's
 calibration samples, 5 k-means restarts, test accuracy): width 0.6875 of one member, ``cluster`` 33.7% (its

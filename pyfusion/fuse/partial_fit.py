@@ -36,10 +36,26 @@ neurons in order, every neuron on ``rep`` consecutive rows (``rep`` = 1, or a fl
 rotary attention head group, e.g. Llama's q / k group of key-value heads with inner dims pinned: a slot owns
 ``n_rep * head_dim`` q rows and ``head_dim`` k rows, each taking the slot's map entry, so its target rows are
 ``sum_k (A_k kron I_rep) a_k``). Packed projections (GPT-2's ``c_attn`` writing q | k | v) fit each segment's
-shared rows. Producers left averaged are listed with the reason in ``fusion_info["fit"]["skipped"]`` (modules
-called twice, grouped / non-zero-padded convolutions, output rows not in group order, layers never called as
-modules, other layer types: ``nn.MultiheadAttention`` computes its packed q | k | v and its ``out_proj`` inside,
-from the weights).
+shared rows.
+
+``nn.MultiheadAttention`` computes its packed q | k | v (``in_proj_weight``, 3E x E) and its ``out_proj`` inside its
+forward, from the weights (no hook sees either layer), so it is fitted as one step at its place in the call order
+(:mod:`pyfusion.fuse.mha_fit` captures its inputs with a forward pre-hook and recomputes its attention context).
+in_proj: the rows are cut at E and 2E (member) / E' and 2E' (fused); block j (q, k, v) is the linear map of the
+call's query, key or value, so its shared rows (whole heads: the head groups' layouts are in units of head_dim)
+are fitted on the fused module's inputs of that block to ``sum_k A_k[:shared] y_kj``, ``y_kj`` member k's block
+output from its own inputs and in_proj (self-attention: one design for the three blocks; cross-attention: the
+query for q, the key / value for k / v). out_proj: then fitted on the fused module's attention context
+(per-head ``softmax(q k^T / sqrt(d) + masks) v``, heads concatenated, recomputed with the just-fitted in_proj on
+the fused model's inputs, with the call's own masks / ``is_causal`` / layout) to ``sum_k A_k[:shared] o_k``,
+``o_k`` member k's attention output. torch's MHA / encoder-layer inference fast paths (which call no submodule)
+are switched off while the fit runs the models. Left averaged with a reason: subclasses of
+``nn.MultiheadAttention``, ``kdim`` / ``vdim`` != ``embed_dim`` (no packed in_proj), ``bias_k`` / ``bias_v`` and
+``add_zero_attn`` (none of which the builder resizes today), a module called more than once per forward.
+
+Producers left averaged are listed with the reason in ``fusion_info["fit"]["skipped"]`` (modules called twice,
+grouped / non-zero-padded convolutions, output rows not in group order, layers never called as modules, other layer
+types, the ``nn.MultiheadAttention`` configurations above).
 Embedding tables (``nn.Embedding``, axis-1 producers of a residual stream) are not fitted and not skipped: a
 token's output is its row, so the averaged row ``sum_k A_k[s] W_k`` already *is* the target ``sum_k A_k[s] a_k``
 (the fit's solution, for any ridge); they are listed in ``fusion_info["fit"]["exact"]`` with that reason.
@@ -50,7 +66,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -60,6 +76,8 @@ from pyfusion.fuse import partial as _partial  # noqa: F401 - registers method '
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import PartialConfig
 from pyfusion.fuse.interp import ls_statistics, solve_ls
+from pyfusion.fuse.mha_fit import attention_context, capture_calls, in_proj_outputs, mha_unfit_reason, no_fastpath
+from pyfusion.fuse.mha_fit import sources as mha_sources
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import get_method, register_method
 from pyfusion.graph.groups import AxisRef, FusionGraph, NeuronGroup
@@ -136,7 +154,7 @@ def _run(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], pre: bool, 
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), no_fastpath():
             for s in range(0, x.shape[0], chunk):
                 model(x[s : s + chunk])
     finally:
@@ -148,8 +166,8 @@ def _run(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], pre: bool, 
 
 
 def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, int], dict[str, str]]:
-    """(Linear / Conv2d / Hugging Face Conv1D paths in call order, calls per path, producer path -> the BatchNorm
-    that reads its output directly)."""
+    """(Linear / Conv2d / Hugging Face Conv1D / nn.MultiheadAttention paths in call order, calls per path, producer
+    path -> the BatchNorm that reads its output directly)."""
     order: list[str] = []
     calls: dict[str, int] = {}
     out_ids: dict[int, str] = {}
@@ -165,6 +183,14 @@ def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, i
                 out_ids[id(o)] = p
 
             handles.append(mod.register_forward_hook(hook))
+        elif isinstance(mod, nn.MultiheadAttention):  # its in_proj / out_proj: fitted when it is called
+
+            def mha_hook(m: nn.Module, a: Any, p: str = path) -> None:
+                if p not in calls:
+                    order.append(p)
+                calls[p] = calls.get(p, 0) + 1
+
+            handles.append(mod.register_forward_pre_hook(mha_hook))
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
 
             def bn_hook(m: nn.Module, a: Any, p: str = path) -> None:
@@ -176,7 +202,7 @@ def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, i
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), no_fastpath():
             model(x[:2])
     finally:
         for h in handles:
@@ -201,7 +227,8 @@ def _layer_kind(mod: nn.Module) -> str | None:
     return None
 
 
-_OUT_AXIS = {"linear": 0, "conv2d": 0, "conv1d": 1}  # the weight axis that indexes the layer's outputs
+# the weight axis that indexes the layer's outputs (nn.MultiheadAttention: its in_proj_weight's rows, q | k | v)
+_OUT_AXIS = {"linear": 0, "conv2d": 0, "conv1d": 1, "mha": 0}
 EMBEDDING_REASON = "an embedding table: a lookup, its averaged rows are already the targets"
 
 
@@ -248,17 +275,24 @@ def _fit_targets(
     exact: dict[str, str] = {}
     for name, g in graph.groups.items():
         for r in g.refs:
-            if r.role == "producer" and r.param == "weight":
+            if r.role != "producer" or r.param.endswith("bias"):
+                continue
+            mod = modules.get(r.module)
+            if r.param == "weight" or (r.param == "in_proj_weight" and isinstance(mod, nn.MultiheadAttention)):
                 per_module.setdefault(r.module, []).append((r.offset, name, g, r))
-            elif r.role == "producer" and not r.param.endswith("bias"):  # nn.MultiheadAttention's in_proj_weight
-                what = type(modules[r.module]).__name__ if r.module in modules else "no module"
+            elif isinstance(mod, nn.MultiheadAttention):  # q / k / v_proj_weight (kdim / vdim != embed_dim), ...
+                skipped[r.module] = mha_unfit_reason(mod) or f"an nn.MultiheadAttention's {r.param!r}"
+            else:
+                what = type(mod).__name__ if mod is not None else "no module"
                 skipped[r.module] = (
                     f"a {what}'s {r.param!r}: the fit reads the weight of nn.Linear, nn.Conv2d and "
-                    "Hugging Face Conv1D layers, whose outputs a hook sees"
+                    "Hugging Face Conv1D layers and nn.MultiheadAttention's in_proj_weight"
                 )
     fit: dict[str, list[_Segment]] = {}
     for module, segs in per_module.items():
         kind = _layer_kind(modules[module]) if module in modules else None
+        if isinstance(modules.get(module), nn.MultiheadAttention):
+            kind = "mha"
         if kind == "embedding":
             exact[module] = EMBEDDING_REASON
             continue
@@ -326,8 +360,21 @@ def _fold(prod: nn.Module, bn: nn.Module | None, rows: Tensor) -> tuple[Tensor, 
     return w, b
 
 
+def _site(prod: nn.Module) -> dict[str, Any]:
+    """The least-squares site of a fitted layer (:func:`pyfusion.fuse.interp.ls_statistics`'s kind / shape / conv)."""
+    kind = _layer_kind(prod)
+    if kind in ("linear", "conv1d"):
+        shape = prod.weight.shape if kind == "linear" else prod.weight.shape[::-1]  # Conv1D: W^T is the Linear's
+        return {"kind": "linear", "weight_shape": (int(shape[0]), int(shape[1])), "conv": None}
+    return {
+        "kind": "conv2d",
+        "weight_shape": (prod.out_channels, prod.in_channels, *prod.kernel_size),
+        "conv": (prod.stride, prod.padding, prod.dilation),
+    }
+
+
 def _solve(
-    prod: nn.Module,
+    site: dict[str, Any],
     u: Tensor,
     t: Tensor,
     w0: Tensor,
@@ -336,24 +383,14 @@ def _solve(
     ridge: float,
     masks: tuple[Tensor, Tensor] | None = None,
 ):
-    """(W (s, p), b (s,) or None, relative ridge used): ``(G + r I)^{-1} (X^T T + r W0)``.
+    """(W (s, p), b (s,) or None, relative ridge used): ``(G + r I)^{-1} (X^T T + r W0)`` at ``site`` (:func:`_site`).
 
     ``masks``: (member masks of the s rows, of the p design columns): each row is fitted on the columns whose mask
     intersects its own only (K >= 3: a shared slot of a member subset reads no other member's branch inputs, so its
     weight blocks there stay exactly zero, as the execution modules require); the bias column is always free.
     """
-    kind = _layer_kind(prod)
-    if kind in ("linear", "conv1d"):
-        if u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
-            u = u.reshape(-1, u.shape[-1])
-        shape = prod.weight.shape if kind == "linear" else prod.weight.shape[::-1]  # Conv1D: W^T is the Linear's
-        site: dict = {"kind": "linear", "weight_shape": (int(shape[0]), int(shape[1])), "conv": None}
-    else:
-        site = {
-            "kind": "conv2d",
-            "weight_shape": (prod.out_channels, prod.in_channels, *prod.kernel_size),
-            "conv": (prod.stride, prod.padding, prod.dilation),
-        }
+    if site["kind"] == "linear" and u.dim() > 2:  # tokens are samples (the targets are (N * T, s) already)
+        u = u.reshape(-1, u.shape[-1])
     g, cs, _ = ls_statistics(site["kind"], site["weight_shape"], u, [t], bias=bias, conv=site["conv"],
                              dtype=torch.float64)  # fmt: skip
     prior = torch.cat([w0.T, b0[None]], 0) if bias else w0.T  # (p [+1], s)
@@ -390,16 +427,33 @@ def _masks(fused: nn.Module, path: str, k_all: int, rows: Tensor, prod: nn.Modul
     if segs is None:
         return None
     ins, outs = segs
-
-    def expand(sg: Any) -> Tensor:
-        return torch.cat([torch.full((int(n),), int(m), dtype=torch.int64) for n, m in sg])
-
-    row_mask, col_mask = expand(outs)[rows], expand(ins)
+    row_mask, col_mask = _expand(outs)[rows], _expand(ins)
     if isinstance(prod, nn.Conv2d):  # design columns: (channel, kh, kw), channel-major (unfold order)
         col_mask = col_mask.repeat_interleave(int(prod.kernel_size[0]) * int(prod.kernel_size[1]))
+    return _restricted(row_mask, col_mask)
+
+
+def _expand(segments: Any) -> Tensor:
+    """A member mask per row of ``((rows, mask), ...)`` segments."""
+    return torch.cat([torch.full((int(n),), int(m), dtype=torch.int64) for n, m in segments])
+
+
+def _restricted(row_mask: Tensor, col_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The masks, or None when every (row, column) block is allowed."""
     if bool(((row_mask.unsqueeze(1) & col_mask.unsqueeze(0)) != 0).all()):
         return None
     return row_mask, col_mask
+
+
+def _mha_masks(fused: nn.Module, path: str, k_all: int, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """As :func:`_masks` for rows ``rows`` of the in_proj_weight of the nn.MultiheadAttention at ``path`` (its
+    columns: the stream it reads)."""
+    from pyfusion.fuse.fast import mha_segments
+
+    segs = mha_segments(fused, getattr(fused, "fusion_module_layouts", None) or {}, path, k_all)
+    if segs is None:
+        return None
+    return _restricted(_expand(segs[1])[rows], _expand(segs[0]))
 
 
 def _segment_target(a_map: Tensor, a: Tensor, sg: _Segment) -> Tensor:
@@ -453,7 +507,32 @@ def fit_shared_slots(
     fitted: dict[str, int] = {}
     ridges: dict[str, float] = {}
     lam = plan.lambdas
+    mhas = {p for p, m in mods.items() if isinstance(m, nn.MultiheadAttention)}
+    for p in mhas:  # what the fit cannot read of an nn.MultiheadAttention: its in_proj and its out_proj
+        why = mha_unfit_reason(mods[p])
+        out_p = f"{p}.out_proj"
+        if why is not None and (p in targets or p in skipped):
+            targets.pop(p, None)
+            skipped[p] = why
+        if why is not None and (out_p in targets or out_p in skipped):
+            targets.pop(out_p, None)
+            skipped[out_p] = f"the output projection of {p!r} (which reads its weight directly): {why}"
     for path in order:
+        if path in mhas:
+            out_path = f"{path}.out_proj"
+            if path not in targets and out_path not in targets:
+                continue
+            if calls[path] != 1:
+                for q in (path, out_path):
+                    if q in targets:
+                        skipped[q] = f"called {calls[path]} times per forward pass" + (
+                            f" (as the output projection of {path!r})" if q == out_path else ""
+                        )
+                continue
+            got = _fit_mha(fused, members, plan, x, path, targets.get(path), targets.get(out_path), ridge)
+            for q, (n_rows, rel) in got.items():
+                fitted[q], ridges[q] = n_rows, rel
+            continue
         output_layer = path in consumer_only
         if path not in targets and not output_layer:
             continue
@@ -496,7 +575,7 @@ def fit_shared_slots(
         u = _run(fused, x, {path: prod}, pre=True)[path].double()
         w0, b0 = _fold(prod, bn, rows)
         bias = prod.bias is not None or bn is not None
-        w, b, rel = _solve(prod, u, t, w0, b0, bias, ridge, _masks(fused, path, len(members), rows, prod))
+        w, b, rel = _solve(_site(prod), u, t, w0, b0, bias, ridge, _masks(fused, path, len(members), rows, prod))
         _write_rows(prod, rows, w)
         with torch.no_grad():
             if bn is None:
@@ -515,9 +594,116 @@ def fit_shared_slots(
                     prod.bias[rows] = b.to(prod.bias.dtype)
         fitted[path] = int(rows.numel())
         ridges[path] = rel
-    for path in targets.keys() - calls.keys():  # its parent reads the weight (nn.MultiheadAttention's out_proj)
-        skipped[path] = "never called as a module: its parent reads the weight directly (no hook sees its inputs)"
+    for path in targets.keys() - calls.keys() - fitted.keys() - skipped.keys():
+        parent = path.rpartition(".")[0]
+        if path in mhas:
+            skipped[path] = "an nn.MultiheadAttention never called in the forward pass"
+        elif parent in mhas:  # an nn.MultiheadAttention's out_proj, its parent never called
+            skipped[path] = f"the output projection of {parent!r}, which is never called in the forward pass"
+        else:
+            skipped[path] = "never called as a module: its parent reads the weight directly (no hook sees its inputs)"
     return {"fitted": fitted, "skipped": skipped, "exact": exact, "ridge": ridges, "samples": int(x.shape[0])}
+
+
+def _fit_mha(
+    fused: nn.Module,
+    members: Sequence[nn.Module],
+    plan: Plan,
+    x: Tensor,
+    path: str,
+    in_segments: list[_Segment] | None,
+    out_segments: list[_Segment] | None,
+    ridge: float,
+) -> dict[str, tuple[int, float]]:
+    """Fit (in place) the shared rows of the in_proj (``in_segments``) and then of the out_proj (``out_segments``)
+    of the nn.MultiheadAttention at ``path`` of ``fused`` (module docstring); returns {path: (rows, ridge used)}.
+
+    in_proj: block j (0 q, 1 k, 2 v; rows cut at E and 2E, member and fused) is the linear map of the call's query /
+    key / value, so its rows are fitted on the fused module's inputs of that block to ``sum_k A_k[:shared] y_kj``,
+    ``y_kj`` member k's block-j output computed from member k's own inputs and in_proj; blocks reading one tensor
+    (self-attention: all three) are one solve. out_proj: its inputs are the fused module's attention context,
+    recomputed with the just-fitted in_proj (:func:`pyfusion.fuse.mha_fit.attention_context`), its targets
+    ``sum_k A_k[:shared] o_k`` with ``o_k`` member k's attention output (its out_proj's output). Positions (tokens)
+    are samples; a position whose context or target is not finite (a query whose keys are all masked) is left out
+    of the out_proj fit."""
+    mha = fused.get_submodule(path)
+    k_all = len(members)
+    calls_f = capture_calls(fused, x, path, outputs=False)
+    calls_m = [capture_calls(m, x, path, outputs=out_segments is not None) for m in members]
+    if any(len(c) != len(calls_f) for c in calls_m):
+        raise RuntimeError(f"{path}: the members and the fused model call it a different number of times")
+    done: dict[str, tuple[int, float]] = {}
+    if in_segments:
+        e_f = int(mha.in_proj_weight.shape[0]) // 3
+        srcs = mha_sources(calls_f[0])
+        if any(mha_sources(c) != srcs for c in calls_f):  # the aliasing changed between calls: every block on its own
+            srcs = [("query", (0,)), ("key", (1,)), ("value", (2,))]
+        n_rows, rel_used = 0, float(ridge)
+        for name, blocks in srcs:
+            segs: list[tuple[int, _Segment]] = []
+            for sg in in_segments:
+                j = sg.fused_offset // e_f
+                if j in blocks:
+                    segs.append((j, sg))
+            if not segs:
+                continue
+            rows = torch.cat([torch.arange(sg.fused_offset, sg.fused_offset + sg.shared * sg.rep) for _, sg in segs])
+            t = None
+            for k, m in enumerate(members):
+                mm = m.get_submodule(path)
+                e_m = int(mm.in_proj_weight.shape[0]) // 3
+                if any(sg.member_offset // e_m != j for j, sg in segs):
+                    raise RuntimeError(f"{path}: an in_proj segment's member rows and fused rows are in other blocks")
+                outs = {j: torch.cat([in_proj_outputs(mm, c, j) for c in calls_m[k]]) for j in {j for j, _ in segs}}
+                part = torch.cat(
+                    [
+                        _segment_target(
+                            plan.groups[sg.group].A[k], outs[j], replace(sg, member_offset=sg.member_offset - j * e_m)
+                        )
+                        for j, sg in segs
+                    ],
+                    1,
+                )
+                t = part if t is None else t + part
+            assert t is not None
+            u = torch.cat([c.args[name].reshape(-1, e_f) for c in calls_f]).double()
+            w0 = mha.in_proj_weight.detach()[rows].double()
+            has_bias = mha.in_proj_bias is not None
+            b0 = mha.in_proj_bias.detach()[rows].double() if has_bias else torch.zeros(len(rows), dtype=torch.float64)
+            site = {"kind": "linear", "weight_shape": (3 * e_f, e_f), "conv": None}
+            w, b, rel = _solve(site, u, t, w0, b0, has_bias, ridge, _mha_masks(fused, path, k_all, rows))
+            with torch.no_grad():
+                mha.in_proj_weight[rows] = w.to(mha.in_proj_weight.dtype)
+                if has_bias and b is not None:
+                    mha.in_proj_bias[rows] = b.to(mha.in_proj_bias.dtype)
+            n_rows += int(rows.numel())
+            rel_used = max(rel_used, rel)
+        done[path] = (n_rows, rel_used)
+    if out_segments:
+        out = mha.out_proj
+        e_f = int(out.weight.shape[1])
+        with torch.no_grad():
+            u = torch.cat([attention_context(mha, **c.args).reshape(-1, e_f) for c in calls_f]).double()
+        rows = torch.cat([torch.arange(sg.fused_offset, sg.fused_offset + sg.shared * sg.rep) for sg in out_segments])
+        t = None
+        for k in range(k_all):
+            a = torch.cat([c.out.reshape(-1, c.out.shape[-1]) for c in calls_m[k]]).double()  # type: ignore[union-attr]
+            part = torch.cat([_segment_target(plan.groups[sg.group].A[k], a, sg) for sg in out_segments], 1)
+            t = part if t is None else t + part
+        assert t is not None
+        ok = torch.isfinite(u).all(1) & torch.isfinite(t).all(1)
+        if not bool(ok.all()):
+            u, t = u[ok], t[ok]
+        w0, b0 = _fold(out, None, rows)
+        bias = out.bias is not None
+        out_path = f"{path}.out_proj"
+        w, b, rel = _solve(_site(out), u, t, w0, b0, bias, ridge, _masks(fused, out_path, k_all, rows, out))
+        _write_rows(out, rows, w)
+        if b is not None and bias:
+            with torch.no_grad():
+                out.bias[rows] = b.to(out.bias.dtype)
+        done[out_path] = (int(rows.numel()), rel)
+    return done
 
 
 @register_method(
