@@ -179,3 +179,22 @@ def test_write_through_data_between_forward_and_backward_is_refused():
     m.weight.data.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_derived_copy_of_any_parameter_sees_writes_through_data():
+    """The op-level rule (what the convolution's member biases rely on): a Parameter an entry is derived from is
+    tracked when the entry is made, so a later ``.data`` write rebuilds it."""
+    from pyfusion.ops._weight_cache import derived_weight
+
+    p = nn.Parameter(torch.arange(6.0))
+    builds: list[int] = []
+
+    def build(src: torch.Tensor) -> torch.Tensor:
+        builds.append(1)
+        return src * 10.0
+
+    assert torch.equal(derived_weight(p, "x10", build), torch.arange(6.0) * 10)
+    assert type(p) is TrackedParameter
+    assert torch.equal(derived_weight(p, "x10", build), torch.arange(6.0) * 10) and len(builds) == 1  # cached
+    p.data[2] = -1.0
+    assert float(derived_weight(p, "x10", build)[2]) == -10.0 and len(builds) == 2

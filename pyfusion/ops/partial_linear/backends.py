@@ -949,6 +949,8 @@ def hot_forward(
     this weight (same object, storage and version as when installed) and plan. The caller has checked everything
     the key does not stand for (eager, no autograd, no tracing, plain CPU x, no PYFUSION_BACKEND)."""
     ent = _HOT_CALLS.get(hot)
+    # read on the weight itself (a TrackedParameter: each read costs 0.08 us more than on a plain Parameter), not
+    # on the alias the entry holds: torch.utils.swap_tensors moves the version counter with the tensor's contents
     if ent is None or ent[0] is not plan or ent[1]() is not weight or ent[2] != weight.data_ptr():
         return None
     if ent[3] != weight._version:  # (weights whose version cannot be read have no entry)
