@@ -41,6 +41,7 @@ __all__ = [
     "in_proj_outputs",
     "mha_unfit_reason",
     "no_fastpath",
+    "run_hooked",
     "sources",
 ]
 
@@ -119,6 +120,13 @@ def capture_calls(model: nn.Module, x: Tensor, path: str, outputs: bool = True, 
     handles = [mod.register_forward_pre_hook(pre, with_kwargs=True)]
     if outputs:
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    run_hooked(model, x, handles, chunk)
+    return calls
+
+
+def run_hooked(model: nn.Module, x: Tensor, handles: list[Any], chunk: int = 256) -> None:
+    """Run ``model`` over the samples ``x`` in chunks (eval mode, no grad, fast paths off) for the hooks of
+    ``handles``, then remove them and restore every module's training mode, whatever happens."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -130,7 +138,6 @@ def capture_calls(model: nn.Module, x: Tensor, path: str, outputs: bool = True, 
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
-    return calls
 
 
 def sources(call: MHACall) -> list[tuple[str, tuple[int, ...]]]:

@@ -76,7 +76,7 @@ from pyfusion.fuse import partial as _partial  # noqa: F401 - registers method '
 from pyfusion.fuse.builder import build
 from pyfusion.fuse.config import PartialConfig
 from pyfusion.fuse.interp import ls_statistics, solve_ls
-from pyfusion.fuse.mha_fit import attention_context, capture_calls, in_proj_outputs, mha_unfit_reason, no_fastpath
+from pyfusion.fuse.mha_fit import attention_context, capture_calls, in_proj_outputs, mha_unfit_reason, run_hooked
 from pyfusion.fuse.mha_fit import sources as mha_sources
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import get_method, register_method
@@ -151,17 +151,7 @@ def _run(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], pre: bool, 
             handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: got[p].append(a[0].detach().clone())))
         else:
             handles.append(mod.register_forward_hook(lambda m, a, o, p=path: got[p].append(o.detach().clone())))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), no_fastpath():
-            for s in range(0, x.shape[0], chunk):
-                model(x[s : s + chunk])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
+    run_hooked(model, x, handles, chunk)
     return {p: torch.cat(v) for p, v in got.items()}
 
 
@@ -199,16 +189,7 @@ def _call_structure(model: nn.Module, x: Tensor) -> tuple[list[str], dict[str, i
                     bn_of[src] = p
 
             handles.append(mod.register_forward_pre_hook(bn_hook))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), no_fastpath():
-            model(x[:2])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
+    run_hooked(model, x[:2], handles)
     return order, calls, bn_of
 
 
