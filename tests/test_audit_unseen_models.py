@@ -1,0 +1,135 @@
+"""Fusion of models the library was not written around (audit 14): each test is a silently wrong result found by
+fusing a model with a hand-permuted copy of itself, or checking alpha = 1 against the ensemble and the returned
+model's FLOPs against the ensemble's, computed here independently of the library's graph.
+
+* hidden neurons that no group holds (pinned by a per-neuron buffer, or a stream the model returns: a Hugging Face
+  base model's hidden states) were merged unaligned: partial fusion at alpha = 1 returned the vanilla average
+  (0.78 / 1.65 relative error against the ensemble, no warning). Now refused, naming the modules and the op;
+* Bloom's ALiBi pins the attention heads: partial fusion at alpha = 1 was 0.45 off the ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyfusion
+from pyfusion.graph import UnsupportedModuleError, trace_groups
+from pyfusion.testing import permuted_copy
+
+F64 = torch.float64
+
+
+def _random(model: nn.Module, seed: int) -> nn.Module:
+    """float64, eval, every parameter and BatchNorm statistic re-drawn (no symmetric initialisation hides a bug)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.to(F64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            std = 1.0 / math.sqrt(max(1, p[0].numel())) if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * std)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=F64) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=F64) + 0.5)
+    return model
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _unchanged(m: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = m.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _run(m: nn.Module, x):
+    with torch.no_grad():
+        y = m(x)
+    return y if isinstance(y, torch.Tensor) else y[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+class BufNet(nn.Module):
+    """A per-neuron scale and shift kept as buffers (not parameters), dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 10))
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 10))
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.relu(self.a(x) * self.scale + self.shift)))
+
+
+def test_neurons_pinned_by_a_buffer_are_refused_not_merged_unaligned():
+    a, b = _random(BufNet(), 1), _random(BufNet(), 2)
+    x = torch.randn(16, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
+    graph = trace_groups(a, x)
+    assert not graph.groups  # the buffer pins the hidden neurons: no group holds them
+    (pin,) = graph.pinned
+    assert (pin.size, pin.producers, pin.consumers) == (10, ("a",), ("b",)) and "'mul'" in pin.where
+    before = [_state(a), _state(b)]
+    for method, opts in [("partial", {"alpha": 1.0, "features": "weights"}), ("weight_matching", {}),
+                         ("activation_matching", {}), ("cluster", {"alpha": 0.5})]:  # fmt: skip
+        with pytest.raises(UnsupportedModuleError, match=r"10 neurons produced by a and read by b .*'mul'"):
+            pyfusion.fuse([a, b], [x], method=method, **opts)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    # vanilla averaging aligns nothing: still allowed, and it says what it merged in place
+    avg = pyfusion.fuse([a, b], [x], method="average")
+    assert "10 neurons produced by a" in avg.fusion_info["pinned"][0]
+    want = 0.5 * (a.a.weight + b.a.weight)
+    torch.testing.assert_close(avg.a.weight, want, rtol=0, atol=1e-15)
+
+
+def test_a_stream_the_model_returns_cannot_be_widened():
+    """A Hugging Face base model returns its residual stream (hidden states): the stream is pinned by the output.
+    Full fusion may merge it in place (the outputs are those coordinates); alpha = 1 cannot be the ensemble."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                        vocab_size=50, max_position_embeddings=8)  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(tf.BertModel(cfg), 1), _random(tf.BertModel(cfg), 2)
+    ids = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
+    graph = trace_groups(a, ids)
+    assert [p.where for p in graph.pinned] == ["the model's output"]
+    assert "encoder.layer.0.intermediate.dense" in graph.pinned[0].consumers
+    with pytest.raises(UnsupportedModuleError, match="cannot keep them per member.*A stream the model returns"):
+        pyfusion.fuse([a, b], [ids], method="partial", alpha=1.0, graph=graph)
+    fused = pyfusion.fuse([a, b], [ids], method="weight_matching", graph=graph)
+    assert "merged in place" in fused.fusion_info["pinned"][0]
+
+
+def test_bloom_alibi_heads_cannot_be_widened(monkeypatch):
+    """Bloom's ALiBi adds a per-head slope table to the attention scores: the heads are pinned (no permutation of
+    them keeps the function). Full fusion merges them in place; a widened plan was 0.45 off the ensemble at
+    alpha = 1, silently: refused, naming the op."""
+    tf = pytest.importorskip("transformers")
+    from pyfusion.fuse import builder
+
+    monkeypatch.setattr(builder, "check_fused_widths", lambda *args, **kwargs: None)  # the outputs are compared
+    cfg = tf.BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=50, use_cache=False)
+    torch.manual_seed(0)
+    a, b = _random(tf.BloomForCausalLM(cfg), 1), _random(tf.BloomForCausalLM(cfg), 2)
+    ids = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
+    graph = trace_groups(a, ids)
+    (pin,) = graph.pinned
+    assert pin.consumers == ("transformer.h.0.self_attention.dense",) and "'baddbmm'" in pin.where
+    assert pin.buffer is None
+    before = [_state(a), _state(b)]
+    with pytest.raises(UnsupportedModuleError, match="cannot keep them per member.*'baddbmm'"):
+        pyfusion.fuse([a, b], [ids], method="partial", alpha=1.0, graph=graph)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    fused = pyfusion.fuse([a, twin], [ids], method="weight_matching", graph=graph)
+    assert _rel(_run(fused, ids), _run(a, ids)) < 1e-10
+    assert "'baddbmm'" in fused.fusion_info["pinned"][0]
