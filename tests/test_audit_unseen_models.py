@@ -5,7 +5,9 @@ model's FLOPs against the ensemble's, computed here independently of the library
 * hidden neurons that no group holds (pinned by a per-neuron buffer, or a stream the model returns: a Hugging Face
   base model's hidden states) were merged unaligned: partial fusion at alpha = 1 returned the vanilla average
   (0.78 / 1.65 relative error against the ensemble, no warning). Now refused, naming the modules and the op;
-* Bloom's ALiBi pins the attention heads: partial fusion at alpha = 1 was 0.45 off the ensemble.
+* Bloom's ALiBi pins the attention heads: partial fusion at alpha = 1 was 0.45 off the ensemble;
+* a depthwise convolution on a widened group kept ``groups`` at the member's channel count (partial fusion raised
+  a bare torch error).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pyfusion
@@ -107,6 +110,55 @@ def test_a_stream_the_model_returns_cannot_be_widened():
         pyfusion.fuse([a, b], [ids], method="partial", alpha=1.0, graph=graph)
     fused = pyfusion.fuse([a, b], [ids], method="weight_matching", graph=graph)
     assert "merged in place" in fused.fusion_info["pinned"][0]
+
+
+class Depthwise(nn.Module):
+    """A MobileNet-style block: conv + BN, depthwise conv + BN, pointwise conv, pooled Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu6(self.bn1(self.c1(x)))
+        h = F.hardswish(self.bn2(self.dw(h)))
+        return self.fc(F.adaptive_avg_pool2d(self.pw(h), 1).flatten(1))
+
+
+def _depthwise_twin(m: Depthwise, seed: int) -> Depthwise:
+    """The same function with the 8 channels and the 6 pointwise outputs permuted by hand (not by the library)."""
+    gen = torch.Generator().manual_seed(seed)
+    p, q = torch.randperm(8, generator=gen), torch.randperm(6, generator=gen)
+    t = Depthwise().to(F64).eval()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for k in ("c1.weight", "c1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "dw.weight",
+              "dw.bias", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"):  # fmt: skip
+        sd[k] = sd[k][p]
+    sd["pw.weight"] = sd["pw.weight"][q][:, p]
+    sd["pw.bias"] = sd["pw.bias"][q]
+    sd["fc.weight"] = sd["fc.weight"][:, q]
+    t.load_state_dict(sd)
+    return t
+
+
+def test_depthwise_conv_on_widened_groups():
+    a, b, c = (_random(Depthwise(), s) for s in (1, 2, 3))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 3, 6, 6, dtype=F64, generator=gen) for _ in range(2)]
+    x = torch.randn(16, 3, 6, 6, dtype=F64, generator=gen)
+    twin = _depthwise_twin(a, 5)
+    y = _run(a, x)
+    assert _rel(_run(twin, x), y) < 1e-12
+    for alpha in (0.0, 0.5, 1.0):
+        fused = pyfusion.fuse([a, twin], data, method="partial", alpha=alpha)
+        assert _rel(_run(fused, x), y) < 1e-10, alpha
+    ens = (_run(a, x) + _run(b, x) + _run(c, x)) / 3
+    fused = pyfusion.fuse([a, b, c], data, method="partial", alpha=1.0)
+    assert _rel(_run(fused, x), ens) < 1e-10
+    dw = fused.get_submodule("dw")
+    assert dw.groups == dw.in_channels == dw.out_channels == 24
 
 
 def test_bloom_alibi_heads_cannot_be_widened(monkeypatch):
