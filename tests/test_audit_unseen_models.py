@@ -9,7 +9,8 @@ model's FLOPs against the ensemble's, computed here independently of the library
 * a depthwise convolution on a widened group kept ``groups`` at the member's channel count (partial fusion raised
   a bare torch error);
 * ``nn.Conv1d`` runs its zero blocks: at alpha = 1 the "exact ensemble" the FLOP cap returned cost 1.6 x the
-  ensemble.
+  ensemble;
+* nearly constant neurons (std <= 1e-7 |mean|) escaped the dead-neuron tie-break of activation matching.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 import pyfusion
 from pyfusion.graph import UnsupportedModuleError, trace_groups
+from pyfusion.models import mlp
 from pyfusion.testing import permuted_copy
 
 F64 = torch.float64
@@ -212,3 +214,26 @@ def test_bloom_alibi_heads_cannot_be_widened(monkeypatch):
     fused = pyfusion.fuse([a, twin], [ids], method="weight_matching", graph=graph)
     assert _rel(_run(fused, ids), _run(a, ids)) < 1e-10
     assert "'baddbmm'" in fused.fusion_info["pinned"][0]
+
+
+def test_nearly_constant_neurons_are_tie_broken_like_constant_ones():
+    """Neurons with std <= 1e-7 |mean| (a huge bias, a saturated activation) have correlation 0 with everything,
+    like exactly constant ones, but were left out of the dead-neuron tie-break (var == 0 only): they tied at cost 1
+    and activation matching of a model with its permuted copy was 0.52 off."""
+    torch.manual_seed(0)
+    m = _random(mlp([6, 10, 3]), 1)
+    lin = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    with torch.no_grad():
+        for j in range(4):  # std / mean ~ 1e-9 on any input
+            lin[0].weight[j] *= 1e-5
+            lin[0].bias[j] = 1e3 * (j + 1)
+        lin[1].weight.mul_(1e-3)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, 6, dtype=F64, generator=gen)]
+    x = torch.randn(32, 6, dtype=F64, generator=gen)
+    twin = permuted_copy(m, torch.Generator().manual_seed(1), example_inputs=data[0])
+    y = _run(m, x)
+    assert _rel(_run(twin, x), y) < 1e-12
+    for cost in ("correlation", "sqdist"):
+        fused = pyfusion.fuse([m, twin], data, method="activation_matching", cost=cost)
+        assert _rel(_run(fused, x), y) < 1e-12, cost
