@@ -10,7 +10,9 @@ model's FLOPs against the ensemble's, computed here independently of the library
   a bare torch error);
 * ``nn.Conv1d`` runs its zero blocks: at alpha = 1 the "exact ensemble" the FLOP cap returned cost 1.6 x the
   ensemble;
-* nearly constant neurons (std <= 1e-7 |mean|) escaped the dead-neuron tie-break of activation matching.
+* nearly constant neurons (std <= 1e-7 |mean|) escaped the dead-neuron tie-break of activation matching;
+* Gemma's RMSNorm scale ``1 + weight`` was read as a capture point holding samples: every activation-based method
+  raised "activations must have a sample axis".
 """
 
 from __future__ import annotations
@@ -237,3 +239,25 @@ def test_nearly_constant_neurons_are_tie_broken_like_constant_ones():
     for cost in ("correlation", "sqdist"):
         fused = pyfusion.fuse([m, twin], data, method="activation_matching", cost=cost)
         assert _rel(_run(fused, x), y) < 1e-12, cost
+
+
+def test_gemma_norm_scale_is_not_a_capture_point(monkeypatch):
+    tf = pytest.importorskip("transformers")
+    from pyfusion.fuse import builder
+
+    monkeypatch.setattr(builder, "check_fused_widths", lambda *args, **kwargs: None)  # the outputs are compared
+    cfg = tf.GemmaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=4, intermediate_size=24, vocab_size=50, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(tf.GemmaForCausalLM(cfg), 1), _random(tf.GemmaForCausalLM(cfg), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 50, (4, 5), generator=gen) for _ in range(2)]
+    graph = trace_groups(a, data[0])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = _run(a, data[0])
+    assert _rel(_run(twin, data[0]), y) < 1e-5  # Gemma's RMSNorm computes in float32
+    for method, opts in [("activation_matching", {}), ("partial", {"alpha": 0.5})]:
+        fused = pyfusion.fuse([a, twin], data, method=method, graph=graph, **opts)
+        assert _rel(_run(fused, data[0]), y) < 1e-5, method
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert _rel(_run(fused, data[0]), 0.5 * (_run(a, data[0]) + _run(b, data[0]))) < 1e-5

@@ -527,10 +527,12 @@ class Engine:
         self.env[node.name] = tuple(out)
         if len(vals) == 1:
             self._keep_prov(node, vals[0][0])
-        # per-neuron parameters (and residual sums of two groups) are pre-activation capture points
+        # per-neuron parameters applied to activations (and residual sums of two groups) are pre-activation capture
+        # points; a parameter transformed alone (Gemma's RMSNorm scale ``1 + weight``) holds no samples
         params = [a for a, _, _ in vals if self.is_param(a)]
         acts = [a for a, v, _ in vals if not self.is_param(a) and self.has_atoms(v)]
-        if base in ("add", "sub") and len(acts) >= 2 and not params or params and base in ("mul", "add", "div"):
+        residual = base in ("add", "sub") and len(acts) >= 2 and not params
+        if residual or params and acts and base in ("mul", "add", "div"):
             dim = 1 if nd == 4 else nd - 1
             if nd >= 1 and self.S.atoms(out[dim]):
                 region_in = self._region_input(node) if params else None
