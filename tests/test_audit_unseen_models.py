@@ -261,3 +261,29 @@ def test_gemma_norm_scale_is_not_a_capture_point(monkeypatch):
         assert _rel(_run(fused, data[0]), y) < 1e-5, method
     fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
     assert _rel(_run(fused, data[0]), 0.5 * (_run(a, data[0]) + _run(b, data[0]))) < 1e-5
+
+
+def test_opt_heads_widen_and_save(monkeypatch, tmp_path):
+    """OPT views q / k / v as (batch, -1, num_heads, head_dim): without an adapter the fused heads folded into the
+    sequence axis (partial fusion raised a broadcast error); its config's ``_remove_final_layer_norm`` flag made
+    ``pyfusion.save`` refuse the file."""
+    tf = pytest.importorskip("transformers")
+    from pyfusion.fuse import builder
+
+    monkeypatch.setattr(builder, "check_fused_widths", lambda *args, **kwargs: None)  # the outputs are compared
+    cfg = tf.OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, ffn_dim=24, vocab_size=50,
+                       max_position_embeddings=16, word_embed_proj_dim=16, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(tf.OPTForCausalLM(cfg), 1), _random(tf.OPTForCausalLM(cfg), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(2, 50, (4, 5), generator=gen) for _ in range(2)]
+    graph = trace_groups(a, data[0])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = _run(a, data[0])
+    fused = pyfusion.fuse([a, twin], data, method="partial", alpha=0.5, graph=graph)
+    assert _rel(_run(fused, data[0]), y) < 1e-10
+    ens = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert _rel(_run(ens, data[0]), 0.5 * (_run(a, data[0]) + _run(b, data[0]))) < 1e-10
+    pyfusion.save(fused, tmp_path / "opt.safetensors")
+    again = pyfusion.load(tmp_path / "opt.safetensors")
+    assert torch.equal(_run(again, data[0]), _run(fused, data[0]))

@@ -645,6 +645,14 @@ def _adapt_vit_attention(mod: nn.Module, path: str, original: nn.Module) -> None
         mod.all_head_size = int(proj.weight.shape[0])
 
 
+@register_adapter("OPTAttention")
+def _adapt_opt_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    # OPT views q / k / v as (batch, -1, num_heads, head_dim): a stale num_heads folds the extra heads into the
+    # sequence axis
+    mod.num_heads = int(mod.q_proj.weight.shape[0]) // int(mod.head_dim)
+    mod.embed_dim = int(mod.out_proj.weight.shape[0])
+
+
 @register_adapter("MultiheadAttention")
 def _adapt_mha(mod: nn.Module, path: str, original: nn.Module) -> None:
     if not mod._qkv_same_embed_dim:
