@@ -287,3 +287,20 @@ def test_opt_heads_widen_and_save(monkeypatch, tmp_path):
     pyfusion.save(fused, tmp_path / "opt.safetensors")
     again = pyfusion.load(tmp_path / "opt.safetensors")
     assert torch.equal(_run(again, data[0]), _run(fused, data[0]))
+
+
+def test_members_with_equal_shapes_but_other_head_counts_are_refused():
+    """GPT-2 with 4 heads of 8 and with 2 heads of 16 has the same tensors: fusing them read member 1's heads as
+    member 0's, silently. Module attributes (head counts, groups, flags) are part of the architecture."""
+    tf = pytest.importorskip("transformers")
+    cfg = dict(n_embd=16, n_layer=1, vocab_size=50, n_positions=8, use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    a, b = tf.GPT2LMHeadModel(tf.GPT2Config(n_head=4, **cfg)), tf.GPT2LMHeadModel(tf.GPT2Config(n_head=2, **cfg))
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"models\[1\] has a different architecture.*attributes differ.*head_dim"):
+        pyfusion.fuse([a, b], [ids], method="weight_matching")
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    c = tf.GPT2LMHeadModel(tf.GPT2Config(n_head=4, **cfg))
+    c.gradient_checkpointing = c.transformer.gradient_checkpointing = True  # a flag that does not change the function
+    pyfusion.fuse([a, c], [ids], method="average")

@@ -30,7 +30,7 @@ class MemberMismatchError(ValueError):
 
     Attributes:
         member: index of the offending member (compared with member 0).
-        kind: "modules", "shapes" or "nonfinite".
+        kind: "modules", "shapes", "attributes" or "nonfinite".
         detail: the first differences, as printed in the message.
     """
 
@@ -39,9 +39,32 @@ class MemberMismatchError(ValueError):
         self.member, self.kind, self.detail = member, kind, detail
 
 
+_FUNCTION_FREE_FLAGS = frozenset({"training", "inplace", "gradient_checkpointing"})
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, str))
+
+
+def _structure_attributes(model: nn.Module) -> dict[str, Any]:
+    """``"path.name" -> value`` of every module's integer / boolean / string attributes (and tuples of them):
+    the sizes and flags its forward reads. Floats (eps, dropout rates, momentum), private or ``fusion_*`` names and
+    the flags that do not change the function (``training``, ``inplace``, ``gradient_checkpointing``) are left
+    out."""
+    out: dict[str, Any] = {}
+    for path, m in model.named_modules():
+        for name, v in vars(m).items():
+            if name.startswith("_") or name.startswith("fusion_") or name in _FUNCTION_FREE_FLAGS:
+                continue
+            if _plain(v) or isinstance(v, tuple) and all(_plain(x) for x in v):
+                out[f"{path}.{name}" if path else name] = v
+    return out
+
+
 def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     """K >= ``min_members`` modules of one architecture (same module types per path, same tensor names and
-    shapes), finite.
+    shapes, same integer / boolean / string attributes per module: head counts, groups, strides, flags, activation
+    names; tensors of equal shapes do not make one architecture, e.g. GPT-2 with 4 or 2 heads), finite.
 
     Raises:
         MemberMismatchError: (a ValueError) naming the member and the first difference.
@@ -57,6 +80,7 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
             raise ValueError(f"models[{k}] must be an nn.Module; got {type(m).__name__}")
     ref_types = {p: type(m) for p, m in models[0].named_modules()}
     ref_shapes = {n: tuple(t.shape) for n, t in list(models[0].named_parameters()) + list(models[0].named_buffers())}
+    ref_attrs = _structure_attributes(models[0])
     for k, m in enumerate(models[1:], start=1):
         types = {p: type(x) for p, x in m.named_modules()}
         if types != ref_types:
@@ -73,6 +97,19 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
             ][:3]
             raise MemberMismatchError(
                 f"models[{k}] has mismatched tensor shapes (name, expected, actual): {bad}", k, "shapes", bad
+            )
+        attrs = _structure_attributes(m)
+        if attrs != ref_attrs:
+            bad = [
+                (n, ref_attrs.get(n), attrs.get(n)) for n in sorted(set(attrs) | set(ref_attrs))
+                if attrs.get(n) != ref_attrs.get(n)
+            ][:3]  # fmt: skip
+            raise MemberMismatchError(
+                f"models[{k}] has a different architecture from models[0]: module attributes differ (name, expected, "
+                f"actual): {bad}",
+                k,
+                "attributes",
+                bad,
             )
     for k, m in enumerate(models):
         state = tensor_state(m)
