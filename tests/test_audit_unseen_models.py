@@ -304,3 +304,26 @@ def test_members_with_equal_shapes_but_other_head_counts_are_refused():
     c = tf.GPT2LMHeadModel(tf.GPT2Config(n_head=4, **cfg))
     c.gradient_checkpointing = c.transformer.gradient_checkpointing = True  # a flag that does not change the function
     pyfusion.fuse([a, c], [ids], method="average")
+
+
+class InstNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.n(self.c1(x))).mean((2, 3)))
+
+
+def test_instance_norm_on_widened_groups():
+    """An affine InstanceNorm2d kept ``num_features`` at the member's width: every widened plan raised."""
+    a, b = _random(InstNormNet(), 1), _random(InstNormNet(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 5, 5, dtype=F64, generator=gen)]
+    x = torch.randn(8, 3, 5, 5, dtype=F64, generator=gen)
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), example_inputs=data[0])
+    fused = pyfusion.fuse([a, twin], data, method="partial", alpha=0.5)
+    assert _rel(_run(fused, x), _run(a, x)) < 1e-10
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0)
+    assert _rel(_run(fused, x), 0.5 * (_run(a, x) + _run(b, x))) < 1e-10
+    assert fused.n.num_features == 16

@@ -690,7 +690,7 @@ def _builtin_attrs(mod: nn.Module) -> None:
             mod.groups = int(mod.weight.shape[0])
         mod.out_channels = int(mod.weight.shape[0])
         mod.in_channels = int(mod.weight.shape[1]) * mod.groups
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         ref = mod.weight if mod.weight is not None else mod.running_mean
         mod.num_features = int(ref.shape[0])
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
