@@ -201,6 +201,8 @@ def _fuse(
     pinned = list(getattr(graph, "pinned", None) or [])
     if method != "average":  # a buffer the tracer fixed: a permutation exists, the tracer does not know it
         _refuse_pinned([p for p in pinned if p.buffer is not None], method, "align them or keep them per member")
+    if _asks_branches(cfg):
+        _refuse_pinned(pinned, method, "keep them per member (alpha > 0: alpha = 1 would not be the ensemble)")
     t0 = time.perf_counter()
     result = spec.call(members, graph, lam, data, cfg, **options)
     t_method = time.perf_counter() - t0
@@ -222,10 +224,9 @@ def _fuse(
         raise TypeError(f"method {method!r} returned {type(result).__name__}; expected a Plan or an nn.Module")
     if plan is not None:
         info.update(plan.info)
-        if any(gp.slots > graph.groups[n].size for n, gp in plan.groups.items() if n in graph.groups):
-            _refuse_pinned(
-                pinned, method, "keep them per member (a widened group: alpha = 1 would not be the ensemble)"
-            )
+        widened = any(gp.slots > graph.groups[n].size for n, gp in plan.groups.items() if n in graph.groups)
+        if widened:
+            _refuse_pinned(pinned, method, "keep them per member (a widened plan: alpha = 1 would not be the ensemble)")
     if pinned:
         info["pinned"] = [p.describe() + " (merged in place: member k's neuron i with the others' neuron i)"
                           for p in pinned]  # fmt: skip
@@ -262,6 +263,13 @@ def _fuse(
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused
+
+
+def _asks_branches(cfg: MethodConfig | None) -> bool:
+    """The config keeps some neurons per member: an ``alpha`` (one value, a list or a dict by group) above 0."""
+    alpha = getattr(cfg, "alpha", None)
+    values = alpha.values() if isinstance(alpha, dict) else alpha if isinstance(alpha, (list, tuple)) else [alpha]
+    return any(isinstance(v, (int, float)) and v > 0 for v in values)
 
 
 def _refuse_pinned(pinned: list, method: str, what: str) -> None:

@@ -91,6 +91,8 @@ def collect_stats(
         raise ValueError("models must contain at least one member; got an empty sequence")
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 or None; got {max_batches}")
+    if not points:  # nothing to observe (a graph without neuron groups): not a data problem
+        return {}
     # imported here: the engine (pyfusion.ops) loads on first use, not with pyfusion.stats / pyfusion.fuse
     from pyfusion.stats.activation_stats import ActivationStats
 
