@@ -351,3 +351,44 @@ def test_a_graph_without_groups_is_never_the_ensemble():
     fused = pyfusion.fuse([a, b], [x], method="activation_matching")  # nothing to align: merged in place, said so
     torch.testing.assert_close(fused.a.weight, 0.5 * (a.a.weight + b.a.weight), rtol=0, atol=1e-15)
     assert "'sort'" in fused.fusion_info["pinned"][0]
+
+
+class RenormNet(nn.Module):
+    def __init__(self, max_norm=1.0):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, max_norm=max_norm)
+        self.a, self.b = nn.Linear(8, 10), nn.Linear(10, 3)
+
+    def forward(self, ids):
+        return self.b(torch.relu(self.a(self.emb(ids)))).mean(1)
+
+
+class CountingNet(nn.Module):
+    """A forward that writes into its own buffer (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_forward_that_changes_the_members_is_refused():
+    """nn.Embedding(max_norm=...) renormalizes its weight in place on every forward: a failed fusion changed
+    member 0 (its weight rescaled by the data check)."""
+    torch.manual_seed(0)
+    a, b = RenormNet(), RenormNet()
+    with torch.no_grad():
+        a.emb.weight.mul_(3)
+    ids = torch.randint(0, 20, (8, 5), generator=torch.Generator().manual_seed(0))
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"module 'emb' \(Embedding, max_norm=1.0\) renormalizes its weight"):
+        pyfusion.fuse([a, b], [ids], method="activation_matching")
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    c, d = CountingNet(), CountingNet()
+    with pytest.raises(ValueError, match=r"models\[0\] changed its own tensors in place.*'calls'"):
+        pyfusion.fuse([c, d], [torch.randn(4, 6)], method="activation_matching")
+    assert float(d.calls) == 0  # refused at the first forward: no member ran again

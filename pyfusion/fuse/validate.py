@@ -78,6 +78,13 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     for k, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise ValueError(f"models[{k}] must be an nn.Module; got {type(m).__name__}")
+    for path, mod in models[0].named_modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None:
+            raise ValueError(
+                f"module {path!r} ({type(mod).__name__}, max_norm={mod.max_norm}) renormalizes its weight in place on "
+                "every forward: running the members for fusion would change them. Renormalize the weights once "
+                "and set max_norm=None"
+            )
     ref_types = {p: type(m) for p, m in models[0].named_modules()}
     ref_shapes = {n: tuple(t.shape) for n, t in list(models[0].named_parameters()) + list(models[0].named_buffers())}
     ref_attrs = _structure_attributes(models[0])
@@ -367,6 +374,8 @@ def check_data(models: Sequence[nn.Module], data: Any) -> None:
         handles.append(m.register_forward_pre_hook(lambda mod, args, _p=path: enter(mod, args, _p)))
         handles.append(m.register_forward_hook(leave))
     flags = [(m, m.training) for _, m in modules]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    versions = [t._version for _, t in tensors]
     try:
         model.eval()
         with torch.no_grad():
@@ -394,3 +403,10 @@ def check_data(models: Sequence[nn.Module], data: Any) -> None:
             h.remove()
         for m, flag in flags:
             m.training = flag
+    changed = [n for (n, t), v in zip(tensors, versions) if t._version != v]
+    if changed:  # every later forward (statistics, BatchNorm reset) would change the members again
+        raise ValueError(
+            f"models[0] changed its own tensors in place when it ran (eval mode, no gradients): {changed[:3]}; "
+            "fusing it would change the members (e.g. nn.Embedding(max_norm=...) renormalizes its weight on every "
+            "forward). Make the forward leave its tensors as they are"
+        )
