@@ -342,13 +342,15 @@ class SortedNet(nn.Module):
 
 def test_a_graph_without_groups_is_never_the_ensemble():
     """With every hidden neuron pinned the plan has no group to widen: partial fusion at alpha = 1 (weights)
-    returned the vanilla average, and activation matching said "data yielded no batches"."""
+    returned the vanilla average, and activation matching said "data yielded no batches" (now: no groups)."""
     a, b = _random(SortedNet(), 1), _random(SortedNet(), 2)
     x = torch.randn(16, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
     assert not trace_groups(a, x).groups
     with pytest.raises(UnsupportedModuleError, match=r"alpha > 0.*10 neurons produced by a and read by b.*'sort'"):
         pyfusion.fuse([a, b], [x], method="partial", alpha=1.0, features="weights")
-    fused = pyfusion.fuse([a, b], [x], method="activation_matching")  # nothing to align: merged in place, said so
+    with pytest.raises(ValueError, match="no activations to observe.*no neuron groups"):
+        pyfusion.fuse([a, b], [x], method="activation_matching")
+    fused = pyfusion.fuse([a, b], [x], method="weight_matching")  # nothing to align: merged in place, said so
     torch.testing.assert_close(fused.a.weight, 0.5 * (a.a.weight + b.a.weight), rtol=0, atol=1e-15)
     assert "'sort'" in fused.fusion_info["pinned"][0]
 
