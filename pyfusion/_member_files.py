@@ -268,6 +268,14 @@ def _hf_config_record(model: nn.Module) -> dict[str, Any]:
     return {"kind": "huggingface", "class": type(model).__name__, "config": config, "attn_implementation": impl}
 
 
+# private config keys that describe the architecture only (a flag the model's __init__ reads), allowed as booleans
+_BENIGN_PRIVATE_KEYS = frozenset({"_remove_final_layer_norm"})  # OPTConfig: no final LayerNorm (OPT-350m)
+
+
+def _benign_private(key: str, value: Any) -> bool:
+    return key in _BENIGN_PRIVATE_KEYS and isinstance(value, bool)
+
+
 def _check_hf_config(where: str, config: Any) -> None:
     """A config object of bounded size whose keys do not ask transformers to run or fetch code."""
     stack: list[tuple[Any, int]] = [(config, 0)]
@@ -282,7 +290,7 @@ def _check_hf_config(where: str, config: Any) -> None:
                 if (
                     k in ("auto_map", "trust_remote_code")
                     or "attn_implementation" in k
-                    or (k.startswith("_") and k != "_name_or_path")
+                    or (k.startswith("_") and k != "_name_or_path" and not _benign_private(k, x))
                 ):
                     raise SerializationError(
                         f"{where}: the Hugging Face config has key {k!r}, which a file may not set"

@@ -15,7 +15,8 @@ from pyfusion.fuse.config import MethodConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import MethodSpec, get_method, method_for_config
 from pyfusion.fuse.validate import check_data, check_lambdas, check_members, check_options, prepare_data
-from pyfusion.graph import FusionGraph, trace_groups
+from pyfusion.graph import FusionGraph, UnsupportedModuleError, trace_groups
+from pyfusion.graph.groups import PINNED_BY_OUTPUT
 from pyfusion.stats.collect import batch_inputs
 from pyfusion.stats.distributed import agree, broadcast_module, check_same, reducing, world_info
 
@@ -105,6 +106,12 @@ def fuse(
             needing data without data, an unknown method, an unsupported layer (named by path and type), an invalid
             option value (naming the config field).
         UnknownOptionError: (a ValueError) an option the method does not have, listing the ones it has.
+        UnsupportedModuleError: (a ValueError) hidden neurons that no group holds
+            (:attr:`pyfusion.graph.FusionGraph.pinned`: pinned by a buffer, a table computed from indices such as
+            ALiBi's, or a stream the model returns), named with their modules and the op, where the method would
+            have to align them (pinned by a buffer: every method but "average") or keep them per member (a plan
+            with widened groups: alpha = 1 would not be the ensemble). Full fusion merges the other pinned neurons
+            in place and lists them in ``fusion_info["pinned"]``.
         NotImplementedError: a distributed fusion with data by a method outside :data:`DISTRIBUTED_METHODS`.
     """
     if budget is not None:
@@ -191,6 +198,11 @@ def _fuse(
     else:
         graph.validate(members[0])
     t_graph = time.perf_counter() - t0
+    pinned = list(getattr(graph, "pinned", None) or [])
+    if method != "average":  # a buffer the tracer fixed: a permutation exists, the tracer does not know it
+        _refuse_pinned([p for p in pinned if p.buffer is not None], method, "align them or keep them per member")
+    if _asks_branches(cfg):
+        _refuse_pinned(pinned, method, "keep them per member (alpha > 0: alpha = 1 would not be the ensemble)")
     t0 = time.perf_counter()
     result = spec.call(members, graph, lam, data, cfg, **options)
     t_method = time.perf_counter() - t0
@@ -212,6 +224,12 @@ def _fuse(
         raise TypeError(f"method {method!r} returned {type(result).__name__}; expected a Plan or an nn.Module")
     if plan is not None:
         info.update(plan.info)
+        widened = any(gp.slots > graph.groups[n].size for n, gp in plan.groups.items() if n in graph.groups)
+        if widened:
+            _refuse_pinned(pinned, method, "keep them per member (a widened plan: alpha = 1 would not be the ensemble)")
+    if pinned:
+        info["pinned"] = [p.describe() + " (merged in place: member k's neuron i with the others' neuron i)"
+                          for p in pinned]  # fmt: skip
     info["time_method_s"] = t_method
     if reset_bn is None:
         # methods that fit weights to targets (neuron interpolation) set BatchNorm themselves
@@ -245,6 +263,32 @@ def _fuse(
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused
+
+
+def _asks_branches(cfg: MethodConfig | None) -> bool:
+    """The config keeps some neurons per member: an ``alpha`` (one value, a list or a dict by group) above 0."""
+    alpha = getattr(cfg, "alpha", None)
+    values = alpha.values() if isinstance(alpha, dict) else alpha if isinstance(alpha, (list, tuple)) else [alpha]
+    return any(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+def _refuse_pinned(pinned: list, method: str, what: str) -> None:
+    """Raise for hidden neurons no group holds (:class:`pyfusion.graph.groups.PinnedNeurons`) where ``method`` would
+    have to ``what``: it would merge every member's neuron i with the others' neuron i instead, silently."""
+    if not pinned:
+        return
+    lines = "; ".join(p.describe() for p in pinned)
+    output = any(p.where == PINNED_BY_OUTPUT for p in pinned)
+    buffer = any(p.buffer is not None for p in pinned)
+    raise UnsupportedModuleError((
+        f"method {method!r} cannot {what}: {lines}. No neuron group holds them, so the fused model would merge "
+        "every member's neuron i with the others' neuron i. "
+        + ("A stream the model returns cannot be widened: fuse the model with the head whose outputs you use. "
+           if output else "")
+        + ("Make the per-neuron buffer a parameter, or declare the groups with pyfusion.graph.declare_groups; "
+           "method='average' merges them in place. " if buffer else
+           "Fuse without branch slots (alpha = 0, full fusion merges them in place). ")
+    ).rstrip())  # fmt: skip
 
 
 def _resolve_method(method: str | None, config: MethodConfig | None) -> MethodSpec:

@@ -645,6 +645,14 @@ def _adapt_vit_attention(mod: nn.Module, path: str, original: nn.Module) -> None
         mod.all_head_size = int(proj.weight.shape[0])
 
 
+@register_adapter("OPTAttention")
+def _adapt_opt_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    # OPT views q / k / v as (batch, -1, num_heads, head_dim): a stale num_heads folds the extra heads into the
+    # sequence axis
+    mod.num_heads = int(mod.q_proj.weight.shape[0]) // int(mod.head_dim)
+    mod.embed_dim = int(mod.out_proj.weight.shape[0])
+
+
 @register_adapter("MultiheadAttention")
 def _adapt_mha(mod: nn.Module, path: str, original: nn.Module) -> None:
     if not mod._qkv_same_embed_dim:
@@ -667,14 +675,22 @@ def _adapt_encoder_layer(mod: nn.Module, path: str, original: nn.Module) -> None
         mod.activation_relu_or_gelu = False
 
 
+def _depthwise(mod: nn.Module) -> bool:
+    """A depthwise convolution of the members (``groups == in_channels == out_channels``, one filter per channel,
+    the only grouped convolution the tracer accepts): a fused width keeps one group per channel."""
+    return mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+
+
 def _builtin_attrs(mod: nn.Module) -> None:
     """Size attributes of torch's own layers after their tensors were replaced in place."""
     if isinstance(mod, nn.Linear):
         mod.out_features, mod.in_features = int(mod.weight.shape[0]), int(mod.weight.shape[1])
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if _depthwise(mod):  # one filter per channel: as many groups as channels at any width
+            mod.groups = int(mod.weight.shape[0])
         mod.out_channels = int(mod.weight.shape[0])
         mod.in_channels = int(mod.weight.shape[1]) * mod.groups
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         ref = mod.weight if mod.weight is not None else mod.running_mean
         mod.num_features = int(ref.shape[0])
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
@@ -697,8 +713,9 @@ def _recreate(mod: nn.Module, shapes: dict[str, tuple[int, ...]], path: str) -> 
         return nn.Linear(in_f, out_f, bias=mod.bias is not None, **kw)
     if t in (nn.Conv1d, nn.Conv2d):
         out_c, in_c = shapes["weight"][:2]
+        groups = out_c if _depthwise(mod) else mod.groups
         return t(
-            in_c * mod.groups, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups,
+            in_c * groups, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
             mod.bias is not None, mod.padding_mode, **kw,
         )  # fmt: skip
     if t in (nn.BatchNorm1d, nn.BatchNorm2d):

@@ -841,6 +841,31 @@ def _derived_fused_count(
     return flops, shapes
 
 
+def _member_ensemble(
+    members: Sequence[nn.Module], lambdas: Sequence[float], example: Any, info: dict[str, Any], ens: int
+) -> tuple[nn.Module, None]:
+    """The ensemble as the members themselves (:class:`pyfusion.nn.SubEnsemble` of copies), where the built one
+    costs more than ``ens``; a model whose outputs it cannot average is an error (never a costlier model)."""
+    from pyfusion.nn.ensemble import SubEnsemble
+
+    built = info["effective_flops"]
+    sub = SubEnsemble([deepcopy_module(m).eval() for m in members], list(lambdas), "logits")
+    try:
+        flops = _cost(sub, example).flops
+    except TypeError as exc:
+        raise ValueError(
+            f"the fused point and the built ensemble cost more than the ensemble ({built:,} FLOPs per sample against "
+            f"{ens:,}: dense layers that no execution module skips the zero blocks of), and the members' outputs "
+            f"cannot be averaged as one ({exc}); fuse with a smaller alpha"
+        ) from exc
+    info["effective_flops"] = flops
+    info["ensemble_cap"]["returned"] = (
+        f"the members as a SubEnsemble: the built ensemble costs {built:,} FLOPs per sample (its dense layers run "
+        "the zero blocks)"
+    )
+    return sub, None
+
+
 def finish(
     fused: nn.Module,
     members: Sequence[nn.Module],
@@ -900,6 +925,10 @@ def finish(
                 info["effective_flops"] = _cost(fused, example).flops
                 plan = ens_plan
                 shapes = None  # another model: its shapes are recorded below
+                if info["effective_flops"] > ens:
+                    # the built ensemble runs layers no execution module skips the zero blocks of (nn.Conv1d, a
+                    # depthwise conv, ...): it would cost more than the members run one after another, so those run
+                    fused, plan = _member_ensemble(members, lambdas, example, info, ens)
             else:
                 info["ensemble_cap"] = {"checked": True, "capped": False}
     elif plan is not None:

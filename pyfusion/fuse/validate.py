@@ -30,7 +30,7 @@ class MemberMismatchError(ValueError):
 
     Attributes:
         member: index of the offending member (compared with member 0).
-        kind: "modules", "shapes" or "nonfinite".
+        kind: "modules", "shapes", "attributes" or "nonfinite".
         detail: the first differences, as printed in the message.
     """
 
@@ -39,9 +39,32 @@ class MemberMismatchError(ValueError):
         self.member, self.kind, self.detail = member, kind, detail
 
 
+_FUNCTION_FREE_FLAGS = frozenset({"training", "inplace", "gradient_checkpointing"})
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, str))
+
+
+def _structure_attributes(model: nn.Module) -> dict[str, Any]:
+    """``"path.name" -> value`` of every module's integer / boolean / string attributes (and tuples of them):
+    the sizes and flags its forward reads. Floats (eps, dropout rates, momentum), private or ``fusion_*`` names and
+    the flags that do not change the function (``training``, ``inplace``, ``gradient_checkpointing``) are left
+    out."""
+    out: dict[str, Any] = {}
+    for path, m in model.named_modules():
+        for name, v in vars(m).items():
+            if name.startswith("_") or name.startswith("fusion_") or name in _FUNCTION_FREE_FLAGS:
+                continue
+            if _plain(v) or isinstance(v, tuple) and all(_plain(x) for x in v):
+                out[f"{path}.{name}" if path else name] = v
+    return out
+
+
 def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     """K >= ``min_members`` modules of one architecture (same module types per path, same tensor names and
-    shapes), finite.
+    shapes, same integer / boolean / string attributes per module: head counts, groups, strides, flags, activation
+    names; tensors of equal shapes do not make one architecture, e.g. GPT-2 with 4 or 2 heads), finite.
 
     Raises:
         MemberMismatchError: (a ValueError) naming the member and the first difference.
@@ -55,8 +78,16 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     for k, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise ValueError(f"models[{k}] must be an nn.Module; got {type(m).__name__}")
+    for path, mod in models[0].named_modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None:
+            raise ValueError(
+                f"module {path!r} ({type(mod).__name__}, max_norm={mod.max_norm}) renormalizes its weight in place on "
+                "every forward: running the members for fusion would change them. Renormalize the weights once "
+                "and set max_norm=None"
+            )
     ref_types = {p: type(m) for p, m in models[0].named_modules()}
     ref_shapes = {n: tuple(t.shape) for n, t in list(models[0].named_parameters()) + list(models[0].named_buffers())}
+    ref_attrs = _structure_attributes(models[0])
     for k, m in enumerate(models[1:], start=1):
         types = {p: type(x) for p, x in m.named_modules()}
         if types != ref_types:
@@ -73,6 +104,19 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
             ][:3]
             raise MemberMismatchError(
                 f"models[{k}] has mismatched tensor shapes (name, expected, actual): {bad}", k, "shapes", bad
+            )
+        attrs = _structure_attributes(m)
+        if attrs != ref_attrs:
+            bad = [
+                (n, ref_attrs.get(n), attrs.get(n)) for n in sorted(set(attrs) | set(ref_attrs))
+                if attrs.get(n) != ref_attrs.get(n)
+            ][:3]  # fmt: skip
+            raise MemberMismatchError(
+                f"models[{k}] has a different architecture from models[0]: module attributes differ (name, expected, "
+                f"actual): {bad}",
+                k,
+                "attributes",
+                bad,
             )
     for k, m in enumerate(models):
         state = tensor_state(m)
@@ -330,6 +374,8 @@ def check_data(models: Sequence[nn.Module], data: Any) -> None:
         handles.append(m.register_forward_pre_hook(lambda mod, args, _p=path: enter(mod, args, _p)))
         handles.append(m.register_forward_hook(leave))
     flags = [(m, m.training) for _, m in modules]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    versions = [t._version for _, t in tensors]
     try:
         model.eval()
         with torch.no_grad():
@@ -357,3 +403,10 @@ def check_data(models: Sequence[nn.Module], data: Any) -> None:
             h.remove()
         for m, flag in flags:
             m.training = flag
+    changed = [n for (n, t), v in zip(tensors, versions) if t._version != v]
+    if changed:  # every later forward (statistics, BatchNorm reset) would change the members again
+        raise ValueError(
+            f"models[0] changed its own tensors in place when it ran (eval mode, no gradients): {changed[:3]}; "
+            "fusing it would change the members (e.g. nn.Embedding(max_norm=...) renormalizes its weight on every "
+            "forward). Make the forward leave its tensors as they are"
+        )

@@ -2,7 +2,15 @@
 and verified numerically before use."""
 
 from pyfusion.graph.engine import UnsupportedModuleError
-from pyfusion.graph.groups import AxisRef, CapturePoint, FusionGraph, NeuronGroup, Normalizer, declare_groups
+from pyfusion.graph.groups import (
+    AxisRef,
+    CapturePoint,
+    FusionGraph,
+    NeuronGroup,
+    Normalizer,
+    PinnedNeurons,
+    declare_groups,
+)
 from pyfusion.graph.trace import trace_groups
 from pyfusion.graph.transform import neuron_view, permuted_state
 from pyfusion.graph.verify import GroupVerificationError, random_group_permutations, verify_groups
@@ -14,6 +22,7 @@ __all__ = [
     "GroupVerificationError",
     "NeuronGroup",
     "Normalizer",
+    "PinnedNeurons",
     "UnsupportedModuleError",
     "declare_groups",
     "neuron_view",

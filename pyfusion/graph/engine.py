@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from pyfusion.graph.groups import AxisRef, CapturePoint, NeuronGroup, Normalizer
+from pyfusion.graph.groups import PINNED_BY_OUTPUT, AxisRef, CapturePoint, NeuronGroup, Normalizer, PinnedNeurons
 from pyfusion.graph.spaces import Spaces, Term
 
 __all__ = ["Engine", "UnsupportedModuleError"]
@@ -298,6 +298,7 @@ class Engine:
         for i, node in enumerate(graph.nodes):
             self.nodes[node.name] = node
             self.order[node.name] = i
+            self.S.context = PINNED_BY_OUTPUT if node.op == "output" else None if node.op == "placeholder" else node
             if node.op == "placeholder":
                 self._placeholder(node)
             elif node.op == "output":
@@ -526,10 +527,12 @@ class Engine:
         self.env[node.name] = tuple(out)
         if len(vals) == 1:
             self._keep_prov(node, vals[0][0])
-        # per-neuron parameters (and residual sums of two groups) are pre-activation capture points
+        # per-neuron parameters applied to activations (and residual sums of two groups) are pre-activation capture
+        # points; a parameter transformed alone (Gemma's RMSNorm scale ``1 + weight``) holds no samples
         params = [a for a, _, _ in vals if self.is_param(a)]
         acts = [a for a, v, _ in vals if not self.is_param(a) and self.has_atoms(v)]
-        if base in ("add", "sub") and len(acts) >= 2 and not params or params and base in ("mul", "add", "div"):
+        residual = base in ("add", "sub") and len(acts) >= 2 and not params
+        if residual or params and acts and base in ("mul", "add", "div"):
             dim = 1 if nd == 4 else nd - 1
             if nd >= 1 and self.S.atoms(out[dim]):
                 region_in = self._region_input(node) if params else None
@@ -1442,12 +1445,97 @@ def _patterns(S: Spaces, term: Term | None) -> list[tuple[int, int, Any, tuple]]
 class TraceResult:
     groups: dict[str, NeuronGroup]
     tied_params: list[tuple[str, ...]]
+    pinned: list[PinnedNeurons] = field(default_factory=list)
+
+
+def _lonely_pins(S: Spaces, term: Term | None, out: set[int]) -> None:
+    """The pinned leaf atoms (size > 1) of a term that make up whole segments without a free atom (not the pinned
+    inner dims of a free unit, e.g. rotary q / k dims), through products and sums."""
+    flat: list[Any] = []  # leaves (ints >= 0) and sums (lists of terms) of the product, size-1 and reps dropped
+
+    def expand(t: Term) -> None:
+        for f in t:
+            if f < 0:
+                continue
+            r = S.find(f)
+            d = S.defn[r]
+            if d is not None and d[0] == "prod":
+                expand(d[1])
+            elif d is not None and d[0] == "sum":
+                flat.append(list(d[1]))
+            elif S.size[r] > 1 and (d is None or d[0] == "rep"):
+                flat.append(r)
+
+    expand(term or ())
+    if len(flat) == 1 and isinstance(flat[0], list):  # segments (a concatenation, a packed projection)
+        for t in flat[0]:
+            _lonely_pins(S, t, out)
+        return
+    leaves = [x for x in flat if not isinstance(x, list)]
+    if leaves and not any(S.defn[x] is None for x in leaves):
+        out.update(leaves)
+
+
+def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
+    """Neurons a weight layer produces that are pinned by an op (not the model's output) whose result reaches the
+    input of another weight layer: whole segments of a producer axis without any free atom."""
+    S = E.S
+    by_order = {i: n for n, i in E.order.items()}
+    consumers: dict[str, set[str]] = {}  # node name -> modules whose weight it contracts
+    for u in E.uses:
+        if u.role == "consumer":
+            consumers.setdefault(by_order[u.order], set()).add(u.alias.rpartition(".")[0] or u.alias)
+    read: dict[int, set[str]] = {}  # pinned leaf -> modules that contract it (a stream pinned as a whole)
+    for u in E.uses:
+        if u.role == "consumer":
+            leaves: set[int] = set()
+            _lonely_pins(S, E.reg[u.tkey][u.axis], leaves)
+            for r in leaves:
+                read.setdefault(r, set()).add(u.alias.rpartition(".")[0] or u.alias)
+    buffers = set(E.buffer_of.values())
+    found: dict[str, tuple[int, set[str], set[str], str | None]] = {}
+    for u in E.uses:
+        if u.role != "producer":
+            continue
+        leaves: set[int] = set()
+        _lonely_pins(S, E.reg[u.tkey][u.axis], leaves)
+        for r in leaves:
+            at = S.pinned_at.get(r)
+            if not isinstance(at, fx.Node):  # the model's output, or the group analysis: pinned after unification
+                if r in read and read[r] - {u.alias.rpartition(".")[0] or u.alias}:
+                    size, prods, cons, _b = found.setdefault(str(at), (S.size[r], set(), set(), None))
+                    prods.add(u.alias.rpartition(".")[0] or u.alias)
+                    cons |= read[r]
+                continue
+            if any(E.prov.get(a.name, ("",))[0] == u.tkey for a in at.all_input_nodes):
+                continue  # the tensor's own indexed use: a tied embedding's vocabulary axis (lookup and logits)
+            seen, todo, reached = {at.name}, [at], set()
+            while todo:  # the weight layers the pinned values reach first
+                for user in todo.pop().users:
+                    if user.name in seen:
+                        continue
+                    seen.add(user.name)
+                    if user.name in consumers:
+                        reached |= consumers[user.name]
+                    else:
+                        todo.append(user)
+            if at.name in consumers:
+                reached |= consumers[at.name]
+            if reached:
+                buffer = next((E.prov[a.name][0] for a in at.all_input_nodes
+                               if a.name in E.prov and E.prov[a.name][0] in buffers), None)  # fmt: skip
+                size, prods, cons, _b = found.setdefault(E.where(at), (S.size[r], set(), set(), buffer))
+                prods.add(u.alias.rpartition(".")[0] or u.alias)
+                cons |= reached
+    return [PinnedNeurons(n, tuple(sorted(p)), tuple(sorted(c)), w, b) for w, (n, p, c, b) in found.items()]
 
 
 def finish(E: Engine) -> TraceResult:
     """Read neuron groups off the parameter axes (see notes/IR.md §2, last paragraph)."""
     S = E.S
+    S.context = "the neuron-group analysis (an axis used without its units, or a tie set without a producer)"
     result = _fixpoint(E)
+    result.pinned = _pinned_hidden(E)
     used = {(u.tkey, u.axis) for u in E.uses}
     group_atoms = set()
     for u in E.uses:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AxisRef", "CapturePoint", "FusionGraph", "NeuronGroup", "Normalizer", "declare_groups"]
+__all__ = ["AxisRef", "CapturePoint", "FusionGraph", "NeuronGroup", "Normalizer", "PinnedNeurons", "declare_groups"]
 
 ROLES = ("producer", "neuron", "consumer")
 FACTOR_KINDS = ("unit", "inner", "rep")
@@ -226,6 +226,40 @@ class NeuronGroup:
         return (u[:, None] * d + inner.long()).reshape(-1)
 
 
+PINNED_BY_OUTPUT = "the model's output"  # PinnedNeurons.where of a stream the model returns
+
+
+@dataclass(frozen=True)
+class PinnedNeurons:
+    """Hidden neurons that no group holds: produced by one weight layer and read by another, but pinned by an op
+    the tracer reads as varying along them (a buffer or a constant table combined with them, an index that depends
+    on them) or by the model's output (a stream the model returns, e.g. a Hugging Face base model's hidden
+    states). No permutation of them is known to keep the function, so fusion can neither align them nor keep them
+    per member: every member's neuron i is merged with the others' neuron i.
+
+    Attributes:
+        size: number of neurons.
+        producers / consumers: module paths of the weight layers writing / reading them.
+        where: the op that pinned them (node, op, module path and type), or "the model's output".
+        buffer: the buffer that op combined with them (model state that a permutation of them would have to
+            permute too: the tracer fixes buffers), or None (a table computed from indices, an index, the output:
+            no permutation keeps the function).
+    """
+
+    size: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    where: str
+    buffer: str | None = None
+
+    def describe(self) -> str:
+        buf = f" with buffer {self.buffer!r}" if self.buffer is not None else ""
+        return (
+            f"{self.size} neurons produced by {', '.join(self.producers)} and read by {', '.join(self.consumers)} "
+            f"are pinned by {self.where}{buf}"
+        )
+
+
 @dataclass
 class FusionGraph:
     """The neuron groups of one architecture.
@@ -241,6 +275,8 @@ class FusionGraph:
         example_inputs: ``(args, kwargs)`` the graph was traced and verified with (None if unknown).
         verified: every group passed the permutation check of :func:`pyfusion.graph.verify_groups`.
         source: "export" (traced), "walk" (module chain) or "declared".
+        pinned: hidden neurons no group holds (:class:`PinnedNeurons`; traced graphs only): methods that align or
+            keep neurons per member refuse a graph with neurons pinned by an op, see :func:`pyfusion.fuse.fuse`.
     """
 
     groups: dict[str, NeuronGroup]
@@ -249,6 +285,7 @@ class FusionGraph:
     example_inputs: Any = None
     verified: bool = False
     source: str = "declared"
+    pinned: list[PinnedNeurons] = field(default_factory=list)
 
     def refs_by_key(self) -> dict[str, list[tuple[str, AxisRef]]]:
         """state-dict key -> list of (group name, axis ref) touching that tensor."""

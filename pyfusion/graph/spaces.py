@@ -23,6 +23,7 @@ none), leaves are merged, and a leaf meeting a rep is pinned.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 __all__ = ["Spaces", "Term"]
 
@@ -39,6 +40,9 @@ class Spaces:
         self.touched: list[bool] = []
         self.parent_of: dict[int, tuple[int, int]] = {}
         self.copies: dict[int, tuple[tuple[int, ...], list[dict[int, int]]]] = {}
+        # where each leaf was pinned (the op being read when it happened), for the errors about pinned neurons
+        self.context: Any = None
+        self.pinned_at: dict[int, Any] = {}
 
     # ---- atoms -------------------------------------------------------------------------------------
     def new(self, size: int) -> int:
@@ -93,6 +97,7 @@ class Spaces:
                 if x >= 0:
                     self.defn[x] = ("rep",)
                     self.touched[x] = True
+                    self.pinned_at.setdefault(x, self.context)
 
     def pin_term(self, t: Term) -> None:
         for f in t:
@@ -132,6 +137,7 @@ class Spaces:
         stays permutable (its tail and the per-index copies are pinned)."""
         tail, copies = self.copies.pop(f)
         self.defn[f] = ("rep",)
+        self.pinned_at.setdefault(f, self.context)
         for leaf in tail:
             self.pin(leaf)
         for c in copies:

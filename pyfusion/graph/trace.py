@@ -98,6 +98,7 @@ def trace_groups(
         tied_params=list(result.tied_params),
         example_inputs=(args, kwargs),
         source="export",
+        pinned=list(result.pinned),
     )
     graph.validate(model)
     if verify and getattr(program, "_pyfusion_verified", False):

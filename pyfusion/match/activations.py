@@ -65,7 +65,9 @@ def activation_cost(
     else:
         raise ValueError(f"cost must be 'correlation' or 'sqdist'; got {cost!r}")
     if features is not None:
-        dead_a, dead_b = st.var(a) <= 0, st.var(b) <= 0
+        # the neurons corr treats as constant (std <= CONST_RTOL |mean| too: a ReLU6 saturated in float32 is not
+        # exactly constant after the shifted float64 sums), not only var == 0: else they tie at cost 1, unbroken
+        dead_a, dead_b = st.constant(a), st.constant(b)
         if bool(dead_a.any()) and bool(dead_b.any()):
             if callable(features):
                 features = features()

@@ -532,11 +532,16 @@ class ActivationStats:
         out = self._sym(sa, sb).addr_(self._s1[sa], self._s1[sb], alpha=-1.0 / self.count)
         return out.div_(self.count)
 
+    def constant(self, a: int | None = None) -> Tensor:
+        """The constant neurons of block a by the zero-variance rule (class doc), (n_a,) bool: the neurons ``corr``
+        gives 0 with every other."""
+        var = self.var(a)
+        return (var == 0) | (var.sqrt() <= CONST_RTOL * self.mean(a).abs())
+
     def _inv_std(self, a: int | None) -> Tensor:
         """1 / std of block a's neurons, 0 for constant neurons (class doc), (n_a,)."""
-        var = self.var(a)
-        std = var.sqrt()
-        const = (var == 0) | (std <= CONST_RTOL * self.mean(a).abs())
+        std = self.var(a).sqrt()
+        const = self.constant(a)
         return torch.where(const, torch.zeros_like(std), 1.0 / torch.where(const, torch.ones_like(std), std))
 
     def corr(self, a: int | None = None, b: int | None = None) -> Tensor:

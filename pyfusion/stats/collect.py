@@ -91,6 +91,11 @@ def collect_stats(
         raise ValueError("models must contain at least one member; got an empty sequence")
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 or None; got {max_batches}")
+    if not points:  # not a data problem: say what is missing
+        raise ValueError(
+            "no activations to observe (no capture points): the graph has no neuron groups, so there is nothing to "
+            "match and every fusion of these members is vanilla averaging (method='average')"
+        )
     # imported here: the engine (pyfusion.ops) loads on first use, not with pyfusion.stats / pyfusion.fuse
     from pyfusion.stats.activation_stats import ActivationStats
 
