@@ -58,12 +58,28 @@ bool use_avx512() {
 #endif
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PF_GATHER_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PF_GATHER_PREFETCH(p) ((void)(p))
+#endif
+
+// Entries ahead of the prefetch (the scatter engine's distance, csrc/scatter): the index is a permutation, so the
+// hardware prefetchers cannot follow the 72-byte entries of a 3x3 conv. VGG11 pair at alpha 0.25, the 14 gathers of
+// one fusion in place (1 thread, 2-core Xeon VM, runs without page faults): 28.5-30.5 ms without, 23.6-25 ms with.
+constexpr int64_t kPrefetch = 64;
+
 // one outer row; T: the inner size at compile time where it is common (1: Linear, 9: 3x3 conv; 0: runtime)
 template <int64_t T>
 void gather_row(const double* src, int64_t inner_rt, const int64_t* index, int64_t n_index, double* dst) {
   const int64_t inner = T > 0 ? T : inner_rt;
   for (int64_t j = 0; j < n_index; ++j) {
     const double* s = src + index[j] * inner;
+    if (T != 1 && j + kPrefetch < n_index) {  // the entries come in index order, i.e. permuted: ask ahead
+      const double* sn = src + index[j + kPrefetch] * inner;
+      PF_GATHER_PREFETCH(sn);
+      PF_GATHER_PREFETCH(sn + inner - 1);
+    }
     double* d = dst + j * inner;
     if (T > 0) {
       for (int64_t t = 0; t < T; ++t) d[t] = s[t];
