@@ -9,6 +9,7 @@ namespace py = pybind11;
 void bind_assignment(py::module_& m);
 void bind_correlation(py::module_& m);
 void bind_cluster(py::module_& m);
+void bind_gather(py::module_& m);
 void bind_gemm(py::module_& m);
 void bind_interp(py::module_& m);
 void bind_partial_linear(py::module_& m);
@@ -50,12 +51,13 @@ static py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "pyfusion compiled engines (assignment, correlation, cluster, gemm, interp, partial_linear, scatter); "
+      "pyfusion compiled engines (assignment, correlation, cluster, gather, gemm, interp, partial_linear, scatter); "
       "torch-free";
   m.def("build_info", &build_info, "Compile-time and runtime facts about the extension");
   bind_assignment(m);
   bind_correlation(m);
   bind_cluster(m);
+  bind_gather(m);
   bind_gemm(m);
   bind_interp(m);
   bind_partial_linear(m);

@@ -33,8 +33,12 @@ def sqdist_from_gram(sq_a: Tensor, sq_b: Tensor, cross: Tensor, *, clamp: bool =
     return d.clamp_min_(0.0) if clamp else d
 
 
-def sqdist(a: Tensor, b: Tensor, *, exact: bool = False) -> Tensor:
+def sqdist(a: Tensor, b: Tensor, *, exact: bool = False, sq_norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Squared Euclidean distances between the rows of ``a`` (n_a, F) and ``b`` (n_b, F): (n_a, n_b), >= 0.
+
+    ``sq_norms``: the rows' sums of squares ((n_a,), (n_b,)) when the caller has them (partial fusion's feature
+    gather computes them while copying the rows: :func:`pyfusion.match.align.aligned_features`); ignored with
+    ``exact``.
 
     The default is one GEMM, ``||a_i||^2 + ||b_j||^2 - 2 a_i . b_j`` (negative rounding clamped to 0).
     ``exact=True`` forms every difference, ``sum_f (a_if - b_jf)^2`` (O(n_a n_b F) memory: small blocks only),
@@ -44,7 +48,7 @@ def sqdist(a: Tensor, b: Tensor, *, exact: bool = False) -> Tensor:
         return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
     # sqdist_from_gram's arithmetic ((sq_a + sq_b) - 2 cross, then the clamp) in place on the two buffers: the
     # same values bit for bit without two more (n_a, n_b) temporaries (3 x 1024 x 1024 for an MLP-1024 pair)
-    sq_a, sq_b, cross = _gram_parts(a, b)
+    sq_a, sq_b, cross = _gram_parts(a, b, sq_norms)
     cross.mul_(2.0)
     d = sq_a[:, None] + sq_b[None, :]
     return d.sub_(cross).clamp_min_(0.0)
@@ -89,18 +93,30 @@ def _gemm_usable(ext: Any) -> bool:
     return bool(ext.gemm_abt_f64_supported()) and _ext.mkl_avx2_vendor() is not None
 
 
-def _gram_parts(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _gram_parts(a: Tensor, b: Tensor, sq_norms: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(squared norms of a's rows (n_a,), of b's (n_b,), ``a @ b.T`` (n_a, n_b)): from csrc/gemm where
     :func:`_gemm_kernel` says so (the norms summed while it packs the rows: no second pass over a and b, 5.5 ms
-    of a VGG11 pair's fusion at alpha 0.25), else :func:`_row_sq_norms` and torch's product."""
+    of a VGG11 pair's fusion at alpha 0.25), else :func:`_row_sq_norms` and torch's product. ``sq_norms``, when
+    given, are the norms (neither the kernel nor :func:`_row_sq_norms` computes them then)."""
+    if sq_norms is not None and (sq_norms[0].shape != a.shape[:1] or sq_norms[1].shape != b.shape[:1]):
+        raise ValueError(
+            f"sq_norms must have shapes ({a.shape[0]},) and ({b.shape[0]},); got {tuple(sq_norms[0].shape)} and "
+            f"{tuple(sq_norms[1].shape)}"
+        )
     ext = _gemm_kernel(a, b)
     if ext is None:
+        if sq_norms is not None:
+            return sq_norms[0], sq_norms[1], a @ b.T
         return _row_sq_norms(a), _row_sq_norms(b), a @ b.T
     m, n, k = int(a.shape[0]), int(b.shape[0]), int(a.shape[1])
     # the kernel reads rows of unit column stride at a row stride >= k (not an expanded or column-major view)
     a = a if a.stride(1) == 1 and a.stride(0) >= k else a.contiguous()
     b = b if b.stride(1) == 1 and b.stride(0) >= k else b.contiguous()
     out = torch.empty(m, n, dtype=torch.float64)
+    if sq_norms is not None:
+        ext.gemm_abt_f64(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, a.stride(0), b.stride(0), n,
+                         torch.get_num_threads())  # fmt: skip
+        return sq_norms[0], sq_norms[1], out
     sq_a = torch.empty(m, dtype=torch.float64)
     sq_b = torch.empty(n, dtype=torch.float64)
     ext.gemm_abt_f64(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, a.stride(0), b.stride(0), n,

@@ -36,6 +36,12 @@ def _feature_rows(feats: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return torch.cat([f[0] for f in feats], 1), torch.cat([f[1] for f in feats], 1)
 
 
+def _sq_norms(sq: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor] | None:
+    """The rows' squared norms of :func:`_feature_rows`'s matrices where the gather computed them: one piece only
+    (for several, a sum of the pieces' norms would round differently from the norms of the concatenation)."""
+    return sq[0] if len(sq) == 1 else None
+
+
 def weight_cost(
     ref_state: Mapping[str, Tensor],
     member_state: Mapping[str, Tensor],
@@ -72,11 +78,15 @@ def weight_cost(
     by_key = graph.refs_by_key() if by_key is None else by_key
     per_side = []
     for refs in [g.producers] + ([g.consumers] if outgoing else []):
-        feats = aligned_features(ref_state, member_state, graph, name, refs, maps, missing="drop", by_key=by_key)
+        sq: list[tuple[Tensor, Tensor] | None] = []
+        feats = aligned_features(
+            ref_state, member_state, graph, name, refs, maps, missing="drop", by_key=by_key,
+            sq_norms=sq if cost == "sqdist" else None,
+        )  # fmt: skip
         if not feats:
             continue
         a, b = _feature_rows(feats)
-        per_side.append(sqdist(a, b) if cost == "sqdist" else correlation_cost(a, b))
+        per_side.append(sqdist(a, b, sq_norms=_sq_norms(sq)) if cost == "sqdist" else correlation_cost(a, b))
     if not per_side:
         return torch.zeros(g.size, g.size, dtype=torch.float64)
     return combine_costs(per_side)
