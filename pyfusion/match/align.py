@@ -223,6 +223,7 @@ def aligned_pair(
     graph: FusionGraph,
     *,
     missing: str = "drop",
+    sq: list[Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """One tensor of the reference and of a member with every axis except ``own``'s aligned through ``maps``.
 
@@ -235,26 +236,12 @@ def aligned_pair(
         graph: the neuron groups (for the segments' factor patterns).
         missing: what to do with a segment whose group has no map: "drop" (return None: the tensor cannot be
             compared yet) or "keep" (leave that segment unaligned).
+        sq: when a list, it gets the (ref, member) row norms of :func:`_transform_axes` (None each where it has
+            none; nothing appended when the pair is None).
 
     Returns:
         (ref, member) aligned, or None (``missing="drop"`` and a segment without a map).
     """
-    return _aligned_pair(ref, member, entries, own, maps, graph, missing=missing)
-
-
-def _aligned_pair(
-    ref: Tensor,
-    member: Tensor,
-    entries: Sequence[tuple[str, AxisRef]],
-    own: tuple[str, int],
-    maps: Mapping[str, Alignment],
-    graph: FusionGraph,
-    *,
-    missing: str = "drop",
-    sq: list[Tensor | None] | None = None,
-) -> tuple[Tensor, Tensor] | None:
-    """:func:`aligned_pair`; ``sq``, when a list, gets the (ref, member) row norms of :func:`_transform_axes` (None
-    each where it has none; nothing appended when the pair is None)."""
     if missing not in ("drop", "keep"):
         raise ValueError(f"missing must be 'drop' or 'keep'; got {missing!r}")
     ref_side: dict[str, SideMap | None] = {}
@@ -318,7 +305,7 @@ def aligned_features(
         if r.key not in ref_state or r.key not in member_state:
             continue
         sq: list[Tensor | None] | None = None if sq_norms is None else []
-        pair = _aligned_pair(
+        pair = aligned_pair(
             ref_state[r.key], member_state[r.key], by_key.get(r.key, []), (name, r.axis), maps, graph,
             missing=missing, sq=sq,
         )  # fmt: skip
