@@ -1476,6 +1476,11 @@ def _lonely_pins(S: Spaces, term: Term | None, out: set[int]) -> None:
         out.update(leaves)
 
 
+def _module_of(u: Any) -> str:
+    """The module path of a use's parameter alias (``"fc1.weight"`` -> ``"fc1"``)."""
+    return u.alias.rpartition(".")[0] or u.alias
+
+
 def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
     """Neurons a weight layer produces that are pinned by an op (not the model's output) whose result reaches the
     input of another weight layer: whole segments of a producer axis without any free atom."""
@@ -1484,14 +1489,14 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
     consumers: dict[str, set[str]] = {}  # node name -> modules whose weight it contracts
     for u in E.uses:
         if u.role == "consumer":
-            consumers.setdefault(by_order[u.order], set()).add(u.alias.rpartition(".")[0] or u.alias)
+            consumers.setdefault(by_order[u.order], set()).add(_module_of(u))
     read: dict[int, set[str]] = {}  # pinned leaf -> modules that contract it (a stream pinned as a whole)
     for u in E.uses:
         if u.role == "consumer":
             leaves: set[int] = set()
             _lonely_pins(S, E.reg[u.tkey][u.axis], leaves)
             for r in leaves:
-                read.setdefault(r, set()).add(u.alias.rpartition(".")[0] or u.alias)
+                read.setdefault(r, set()).add(_module_of(u))
     buffers = set(E.buffer_of.values())
     found: dict[str, tuple[int, set[str], set[str], str | None]] = {}
     for u in E.uses:
@@ -1502,9 +1507,9 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
         for r in leaves:
             at = S.pinned_at.get(r)
             if not isinstance(at, fx.Node):  # the model's output, or the group analysis: pinned after unification
-                if r in read and read[r] - {u.alias.rpartition(".")[0] or u.alias}:
+                if r in read and read[r] - {_module_of(u)}:
                     size, prods, cons, _b = found.setdefault(str(at), (S.size[r], set(), set(), None))
-                    prods.add(u.alias.rpartition(".")[0] or u.alias)
+                    prods.add(_module_of(u))
                     cons |= read[r]
                 continue
             if any(E.prov.get(a.name, ("",))[0] == u.tkey for a in at.all_input_nodes):
@@ -1525,7 +1530,7 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
                 buffer = next((E.prov[a.name][0] for a in at.all_input_nodes
                                if a.name in E.prov and E.prov[a.name][0] in buffers), None)  # fmt: skip
                 size, prods, cons, _b = found.setdefault(E.where(at), (S.size[r], set(), set(), buffer))
-                prods.add(u.alias.rpartition(".")[0] or u.alias)
+                prods.add(_module_of(u))
                 cons |= reached
     return [PinnedNeurons(n, tuple(sorted(p)), tuple(sorted(c)), w, b) for w, (n, p, c, b) in found.items()]
 
