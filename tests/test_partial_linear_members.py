@@ -121,7 +121,8 @@ def test_member_weights_are_the_stored_blocks_once(ins, outs):
 def _members_only(monkeypatch):
     """The tuner offered only the members strategy: settled at the first call (its hot entries deterministic)."""
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
-    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"members": PL.members_forward}, "members"))
+    members_only = ({"members": PL.members_forward}, "members")
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small, threads=False: members_only)
     PL._CANDIDATES.clear()
     tuning.clear()
 

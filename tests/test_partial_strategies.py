@@ -48,7 +48,7 @@ def _linear_strategies(plan):
     if PL.member_layout(plan) is not None:
         names.append("members")
     if not PL._cpp_available():
-        names.append("cpp")
+        names += ["cpp", "cpp_threads"]
     return names
 
 
@@ -254,8 +254,8 @@ def test_tuner_keeps_the_fastest_and_runs_it_afterwards(monkeypatch):
         return v + 1
 
     dropped = []
-    assert tuner.run("k", {"slow": slow, "fast": fast}, (1,), "slow", lambda n, a: dropped.append(n)) == 2
-    assert tuner.chosen("k") == "fast" and dropped == ["slow"]
+    assert tuner.run("k", {"slow": slow, "fast": fast}, (1,), "slow", lambda n, a, kept: dropped.append((n, kept))) == 2
+    assert tuner.chosen("k") == "fast" and dropped == [("slow", "fast")]
     assert "k" in tuning.choices()["test_op"]
     calls.clear()
     for _ in range(3):
@@ -478,7 +478,7 @@ def test_measured_losers_free_their_hot_entries(monkeypatch):
 def _dense_only(monkeypatch):
     """The tuner offered only the dense strategy: settled at the first call (deterministic hot entries)."""
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
-    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"dense": PL.dense_forward}, "dense"))
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small, threads=False: ({"dense": PL.dense_forward}, "dense"))
     PL._CANDIDATES.clear()
     tuning.clear()
 
@@ -552,14 +552,17 @@ def test_module_hot_calls_follow_the_weight_and_the_threads(monkeypatch, ins, ou
 
 
 @pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+@pytest.mark.parametrize("strategy", ["cpp", "cpp_threads"])
 @pytest.mark.parametrize("activation", ["none", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activation, dtype):
-    """A settled panel-engine layer on 2-D inputs calls the engine straight from its entry (its panels held there):
-    exact on integers, and it follows in-place updates, ``.data`` swaps and thread counts; inputs with a column
-    stride, a non-contiguous bias and N-D inputs take cpp_forward, exact too."""
+def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activation, dtype, strategy):
+    """A settled panel-engine layer on 2-D inputs calls the engine straight from its entry (its panels held there;
+    the threaded strategy's engine plan, ``parallel_min_macs`` 0): exact on integers, and it follows in-place
+    updates, ``.data`` swaps and thread counts; inputs with a column stride, a non-contiguous bias and N-D inputs
+    take cpp_forward, exact too."""
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
-    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    fn = PL.STRATEGIES[strategy]
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small, threads=False: ({strategy: fn}, strategy))
     PL._CANDIDATES.clear()
     tuning.clear()
     ins, outs = [5, 3, 3], [4, 2, 2]
@@ -579,6 +582,9 @@ def test_module_hot_calls_run_the_panel_engine_from_the_entry(monkeypatch, activ
     check()
     ent = PL._HOT_CALLS[PL.hot_key(x, lin.weight, activation)]
     assert ent[7] is not None  # the engine and its panels
+    engine = ent[7][0].__self__
+    assert (engine is PL._panel_plan_threaded(lin._plan, activation)) == (strategy == "cpp_threads")
+    assert (engine.parallel_min_macs == 0) == (strategy == "cpp_threads")
     check()
     with torch.no_grad():
         lin.weight.mul_(-2)
@@ -609,7 +615,7 @@ def test_panel_engine_refuses_a_bias_of_another_dtype(monkeypatch, bias_dtype):
     (float64 bias, float32 layer: errors of 1e19) or past its end. Now a ValueError naming the bias, from the
     module's one-lookup entry and from cpp_forward alike; the layer runs again once the bias is fixed."""
     monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
-    monkeypatch.setattr(PL, "_candidates", lambda plan, small: ({"cpp": PL.cpp_forward}, "cpp"))
+    monkeypatch.setattr(PL, "_candidates", lambda plan, small, threads=False: ({"cpp": PL.cpp_forward}, "cpp"))
     PL._CANDIDATES.clear()
     tuning.clear()
     lin = PartialLinear([5, 3, 3], [4, 2, 2]).eval()
@@ -681,3 +687,42 @@ def test_inference_mode_weights_changed_in_place_are_seen(kind, rows):
                 torch.testing.assert_close(mod(x), ref(), rtol=1e-10, atol=1e-10)
             mod.weight.mul_(1.5 + step)  # in place, inside inference mode: no version bump to see
             mod.weight[0] += 1.0
+
+
+@pytest.mark.skipif(bool(PL._cpp_available()), reason="the panel engine (pyfusion._C) is not built")
+def test_threaded_panel_engine_is_a_candidate_only_where_it_differs(monkeypatch):
+    """``cpp_threads`` is measured only with more than one thread and a work size (rows x stored weights) between
+    CPP_THREADS_MIN_MACS and the engine's own threshold (from it, ``cpp`` is threaded too); kept, it keeps the
+    panels it shares with ``cpp`` (dropping the measured ``cpp`` must not free them), and the layer stays exact."""
+    monkeypatch.delenv("PYFUSION_BACKEND", raising=False)
+    ins, outs = [40, 60, 60], [30, 50, 50]
+    plan = plan_of(ins, outs)
+    threshold = PL._panel_plan(plan, "none").parallel_min_macs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(PL, "CPP_THREADS_MIN_MACS", plan.stored)
+        assert PL.cpp_threads_candidate(plan, "none", 1)
+        assert not PL.cpp_threads_candidate(plan, "none", threshold // plan.stored + 1)  # cpp is threaded there
+        monkeypatch.setattr(PL, "CPP_THREADS_MIN_MACS", plan.stored + 1)
+        assert not PL.cpp_threads_candidate(plan, "none", 1) and PL.cpp_threads_candidate(plan, "none", 2)
+        torch.set_num_threads(1)
+        assert not PL.cpp_threads_candidate(plan, "none", 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert "cpp_threads" in PL._candidates(plan, True, True)[0]
+    assert "cpp_threads" not in PL._candidates(plan, True, False)[0]
+    assert "cpp_threads" not in PL._candidates(plan, False, True)[0]  # rows above the engine's crossover
+
+    w, b = make_weight(ins, outs, torch.float32, integer=True, seed=9)
+    x = (torch.randn(2, plan.i_total) * 2).round()
+    _weight_cache.clear()
+    PL._HOT.clear()
+    with torch.no_grad():
+        PL.cpp_forward(x, w, b, plan, "none")
+        n = _weight_cache.entries()
+        PL._drop_derived("cpp", (x, w, b, plan, "none"), "cpp_threads")
+        assert _weight_cache.entries() == n and (id(w), PL._CPP_TAGS["none"]) in PL._HOT
+        assert_close(PL.cpp_threads_forward(x, w, b, plan, "none"), partial_linear_ref(x, w, b, ins, outs), exact=True)
+        PL._drop_derived("cpp_threads", (x, w, b, plan, "none"), "members")
+        assert _weight_cache.entries() == n - 1 and (id(w), PL._CPP_TAGS["none"]) not in PL._HOT

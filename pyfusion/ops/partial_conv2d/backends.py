@@ -564,7 +564,7 @@ def hot_forward(hot: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, plan
     return _activation_(y, activation).contiguous()
 
 
-def _drop_derived(name: str, args: tuple) -> None:
+def _drop_derived(name: str, args: tuple, _kept: str) -> None:
     _x, weight, bias, plan, geom, _act = args
     if name == "dense" and not dense_is_view(plan):
         forget_derived(weight, ("dense", plan_token(plan), geom.kernel))

@@ -578,8 +578,7 @@ def _panel_plan(plan: SegmentPlan, activation: str):
     ``PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS`` (read when a plan is built) overrides the work size from which the
     engine runs OpenMP threads.
     """
-    (i_s, i_m), (o_s, o_m) = kernel_segments(plan.in_segments), kernel_segments(plan.out_segments)
-    engine = _ext._C.PanelLinearPlan(list(i_s), list(i_m), list(o_s), list(o_m), _ACT_IDS[activation])
+    engine = _ext._C.PanelLinearPlan(*_panel_plan_args(plan, activation))
     override = os.environ.get("PYFUSION_PARTIAL_LINEAR_PARALLEL_MIN_MACS", "").strip()
     if override:
         try:
@@ -607,15 +606,53 @@ def packed_panels(weight: Tensor, plan: SegmentPlan, activation: str) -> tuple[o
     return engine, derived_weight(weight, ("panels", engine), build)
 
 
+@per_plan
+@functools.lru_cache(maxsize=1024)
+def _panel_plan_threaded(plan: SegmentPlan, activation: str):
+    """The engine's plan of :func:`_panel_plan` with OpenMP from any work size (``parallel_min_macs = 0``): the
+    ``cpp_threads`` strategy, which runs the same packed panels (the execution format does not depend on the thread
+    rule) on every thread where the engine's fixed threshold would run one. The threshold (2^19 multiply-adds) was
+    measured on the AMD VM; on the Intel Xeon VM (4 MiB L2 per core) at 2 threads, batch 1, 512 -> 512 K=2 alpha
+    0.75 (508k stored weights, just under it) the engine took 41-46 us on one thread and 18-20 us on two, where the
+    two members as nn.Linear took 30-32 us (1000 back-to-back calls, min of 7, idle machine). Which side of the
+    break-even a layer falls on depends on the machine and its load, so the tuner measures both."""
+    engine = _ext._C.PanelLinearPlan(*_panel_plan_args(plan, activation))
+    engine.parallel_min_macs = 0
+    return engine
+
+
+def _panel_plan_args(plan: SegmentPlan, activation: str) -> tuple:
+    (i_s, i_m), (o_s, o_m) = kernel_segments(plan.in_segments), kernel_segments(plan.out_segments)
+    return list(i_s), list(i_m), list(o_s), list(o_m), _ACT_IDS[activation]
+
+
+# The work (rows x stored weights) from which the threaded engine is a candidate, below the engine's threshold: under
+# 2^16 multiply-adds a parallel region's wake-up costs more than the split saves (AMD VM, --threshold: 29k MACs 1.6 us
+# on one thread, 4.1 us on two; 115k 4.3 / 4.7).
+CPP_THREADS_MIN_MACS = 1 << 16
+
+
+def cpp_threads_candidate(plan: SegmentPlan, activation: str, rows: int) -> bool:
+    """Whether ``cpp_threads`` differs from ``cpp`` and may pay: more than one thread, and a work size between
+    :data:`CPP_THREADS_MIN_MACS` and the engine's own threshold (from which ``cpp`` is threaded too)."""
+    work = rows * plan.stored
+    return (
+        torch.get_num_threads() > 1 and CPP_THREADS_MIN_MACS <= work < _panel_plan(plan, activation).parallel_min_macs
+    )
+
+
 _CPP_TAGS = {a: "panels_" + a for a in ACTIVATIONS}
 _PACKERS = {a: functools.partial(lambda w, p, a: packed_panels(w, p, a), a=a) for a in ACTIVATIONS}
 
 
-def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+def cpp_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str, threaded: bool = False
+) -> Tensor:
     """Forward through the panel engine (CPU, float32/float64, no autograd).
 
     x needs a unit column stride (any row stride); other inputs are copied first. The packed panels come from
-    :func:`packed_panels` (the weight's version and storage are checked at every call).
+    :func:`packed_panels` (the weight's version and storage are checked at every call). ``threaded``: OpenMP from
+    any work size (:func:`_panel_plan_threaded`), else from the engine's threshold.
     """
     x2 = flatten(x)
     m, i_total = x2.shape
@@ -636,9 +673,16 @@ def cpp_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPla
         # Tensors without storage that still report a CPU device (FakeTensor, torch.func's vmap/grad wrappers):
         # the functional BLAS form (no out= / in-place writes, which vmap has no batching rules for).
         return torch_forward(x, weight, bias, plan, activation, functional=True)
+    if threaded:
+        engine = _panel_plan_threaded(plan, activation)
     run = engine.forward_f32 if x.dtype == torch.float32 else engine.forward_f64
     run(px, m, sm, panels.data_ptr(), pb, py, plan.o_total, torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.o_total)
+
+
+def cpp_threads_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPlan, activation: str) -> Tensor:
+    """The panel engine on every thread whatever the work size (:func:`_panel_plan_threaded`)."""
+    return cpp_forward(x, weight, bias, plan, activation, threaded=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -847,6 +891,7 @@ def blas_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: SegmentPl
 
 STRATEGIES = {
     "cpp": cpp_forward,
+    "cpp_threads": cpp_threads_forward,
     "blas": blas_forward,
     "segments": segment_forward,
     "members": members_forward,
@@ -856,12 +901,14 @@ TUNER = StrategyTuner("partial_linear")
 _CANDIDATES: dict[tuple, tuple[SegmentPlan, dict, str]] = {}
 
 
-def _candidates(plan: SegmentPlan, small: bool) -> tuple[dict, str]:
+def _candidates(plan: SegmentPlan, small: bool, threads: bool = False) -> tuple[dict, str]:
     """(strategy name -> function, default) for a plan; ``small``: the panel engine may run (rows <= its
-    crossover)."""
+    crossover); ``threads``: its threaded form is worth measuring too (:func:`cpp_threads_candidate`)."""
     names: list[str] = []
     if small and not _cpp_available():
         names.append("cpp")
+        if threads:
+            names.append("cpp_threads")
     names += ["blas", "segments"]
     if member_layout(plan) is not None:  # (its FLOPs are the effective FLOPs exactly: no zero block to bound)
         names.append("members")
@@ -932,8 +979,10 @@ def _install_hot(hot: tuple, weight: Tensor, plan: SegmentPlan, activation: str,
     track(weight)
     dense = hot_derived(weight, plan, "dense", dense_weight_of) if fn is dense_forward else None
     cpp = None
-    if fn is cpp_forward and len(hot[1]) == 2:  # the engine called directly on 2-D inputs (hot_forward)
+    if fn in (cpp_forward, cpp_threads_forward) and len(hot[1]) == 2:  # the engine called directly (hot_forward)
         engine, panels = hot_derived(weight, plan, _CPP_TAGS[activation], _PACKERS[activation])
+        if fn is cpp_threads_forward:
+            engine = _panel_plan_threaded(plan, activation)
         cpp = (engine.forward_f32 if weight.dtype == torch.float32 else engine.forward_f64, panels)
     if len(_HOT_CALLS) > _PER_PLAN_MAX:
         _HOT_CALLS.clear()
@@ -979,12 +1028,13 @@ def hot_forward(
 
 def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple, hot: tuple | None = None) -> Tensor:
     small = rows <= cpp_max_rows(plan)
-    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small)
+    threads = small and not _cpp_available() and cpp_threads_candidate(plan, activation, rows)
+    pk = (id(plan), plan.stored, plan.o_total, plan.i_total, small, threads)
     ent = _CANDIDATES.get(pk)
     if ent is None or ent[0] is not plan:
         if len(_CANDIDATES) > _PER_PLAN_MAX:
             _CANDIDATES.clear()
-        fns, default = _candidates(plan, small)
+        fns, default = _candidates(plan, small, threads)
         ent = _CANDIDATES[pk] = (plan, fns, default)
     _plan, fns, default = ent
     full = (pk, *key[1:])
@@ -999,10 +1049,11 @@ def _measured_forward(x, weight, bias, plan, activation, rows: int, key: tuple, 
     return y
 
 
-def _drop_derived(name: str, args: tuple) -> None:
-    """Free what a measured, not kept, strategy derived from the weight (panels, the dense copy)."""
+def _drop_derived(name: str, args: tuple, kept: str = "") -> None:
+    """Free what a measured strategy ``name`` derived from the weight (panels, the dense copy) when the ``kept`` one
+    does not use it (both engine strategies run the same panels)."""
     _x, weight, _bias, plan, activation = args
-    if name == "cpp":
+    if name in ("cpp", "cpp_threads") and kept not in ("cpp", "cpp_threads"):
         forget_derived(weight, ("panels", _panel_plan(plan, activation)))
         forget_hot(weight, _CPP_TAGS[activation])
     elif name == "dense":

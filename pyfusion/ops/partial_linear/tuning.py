@@ -99,13 +99,13 @@ class StrategyTuner:
         fns: dict[str, Callable[..., Tensor]],
         args: tuple,
         default: str,
-        dropped: Callable[[str, tuple], None] | None = None,
+        dropped: Callable[[str, tuple, str], None] | None = None,
     ) -> Tensor:
         """``fns[kept](*args)`` with the strategy kept for ``key``; on the key's first call measure every function
         of ``fns`` (name -> a function of ``args`` computing the result) and keep the fastest. ``default`` (a key of
         ``fns``) is kept when tuning is off, when it is too slow to measure, or when nothing beats it by the
-        noise margin. ``dropped(name, args)`` is called for each measured strategy not kept (to free what it
-        derived from the weights)."""
+        noise margin. ``dropped(name, args, kept)`` is called for each measured strategy not kept (to free what it
+        derived from the weights and ``kept`` does not share)."""
         name = self._chosen.get(key)
         if name is not None:
             left = self._recheck.get(key)
@@ -126,7 +126,7 @@ class StrategyTuner:
         fns: dict[str, Callable[..., Tensor]],
         args: tuple,
         default: str,
-        dropped: Callable[[str, tuple], None] | None,
+        dropped: Callable[[str, tuple, str], None] | None,
     ) -> Tensor:
         t0 = time.perf_counter()
         out = fns[default](*args)
@@ -180,7 +180,7 @@ class StrategyTuner:
         if dropped is not None:
             for n in names:
                 if n != pick:
-                    dropped(n, args)
+                    dropped(n, args, pick)
         # the kept strategy's result, so that every call of a key rounds the same way (its first call included)
         return out if pick == default else fns[pick](*args)
 
