@@ -838,6 +838,14 @@ def build(
     if len(members) != plan.num_members:
         raise ValueError(f"plan is for {plan.num_members} members; got {len(members)} models")
     plan.validate(graph)
+    for name, gp in plan.groups.items():
+        g = graph.groups.get(name)
+        if g is not None and g.shared_params and gp.slots > g.size:
+            raise ValueError(
+                f"plan widens group {name!r} to {gp.slots} slots (members: {g.size}), but "
+                f"{g.shared_params[0].describe()}: the fused model has one copy of it, so branch units cannot keep "
+                "their member's value (alpha = 1 would not be the ensemble); keep the group at its width"
+            )
     maps = _group_maps(graph, plan)
     wrap = _normalizer_modules(graph, plan, maps)
     states = [

@@ -66,7 +66,15 @@ from torch import Tensor, nn
 
 from pyfusion.fuse.config import ClusterConfig, PruneConfig
 from pyfusion.fuse.partial import isolated_count, resolve_alpha, tie_set_alphas
-from pyfusion.fuse.plan import GroupPlan, Plan, permute_only, refuse_widening, zero_hint
+from pyfusion.fuse.plan import (
+    GroupPlan,
+    Plan,
+    permute_only,
+    refuse_shared,
+    refuse_widening,
+    shared_parameter,
+    zero_hint,
+)
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.graph.transform import neuron_view
@@ -278,6 +286,9 @@ def cluster_plan(
         hit = permute_only(graph, names)
         if hit is not None and units[names[0]] != graph.groups[names[0]].units:
             raise refuse_widening("cluster", hit, _keep_hint(names, config))
+        shared = shared_parameter(graph, names)
+        if shared is not None and units[names[0]] > graph.groups[names[0]].units:
+            raise refuse_shared("cluster", shared, _keep_hint(names, config))
     act_members = [members[k] for k in active]
     t0 = time.perf_counter()
     stats = group_statistics(act_members, graph, data, point=config.point, max_batches=config.max_batches)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pyfusion._finite import all_finite
-from pyfusion.graph.groups import FusionGraph, Normalizer
+from pyfusion.graph.groups import FusionGraph, Normalizer, SharedParameter
 
 __all__ = [
     "GroupPlan",
@@ -29,7 +29,9 @@ __all__ = [
     "lazy_map",
     "map_shape",
     "permute_only",
+    "refuse_shared",
     "refuse_widening",
+    "shared_parameter",
     "unit_map",
     "zero_hint",
 ]
@@ -483,6 +485,27 @@ def permute_only(graph: FusionGraph, names: Sequence[str]) -> tuple[str, Normali
             if not nz.wrappable:
                 return name, nz
     return None
+
+
+def shared_parameter(graph: FusionGraph, names: Sequence[str]) -> tuple[str, SharedParameter] | None:
+    """The first group of ``names`` (a tie set) with a parameter broadcast over its units, with that parameter
+    (:class:`~pyfusion.graph.groups.SharedParameter`), or None. Such a tie set may be permuted or merged but not
+    widened: the fused model has one copy of the parameter, so branch units could not keep their member's value."""
+    for name in names:
+        for sp in graph.groups[name].shared_params:
+            return name, sp
+    return None
+
+
+def refuse_shared(method: str, hit: tuple[str, SharedParameter], fix: str) -> ValueError:
+    """The error of a method that would widen a group with a parameter shared by its units
+    (:func:`shared_parameter`)."""
+    name, sp = hit
+    return ValueError(
+        f"method {method!r}: group {name!r} cannot be widened: {sp.describe()}, so the fused model (one copy of "
+        f"it) cannot give each member's branch units their own member's value and alpha = 1 would not be the "
+        f"ensemble; {fix}"
+    )
 
 
 def zero_hint(names: Sequence[str], option: str, value: Any, keep: float = 0.0) -> str:

@@ -9,6 +9,7 @@ from pyfusion.graph.groups import (
     NeuronGroup,
     Normalizer,
     PinnedNeurons,
+    SharedParameter,
     declare_groups,
 )
 from pyfusion.graph.trace import trace_groups
@@ -23,6 +24,7 @@ __all__ = [
     "NeuronGroup",
     "Normalizer",
     "PinnedNeurons",
+    "SharedParameter",
     "UnsupportedModuleError",
     "declare_groups",
     "neuron_view",

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from pyfusion.graph.groups import PINNED_BY_OUTPUT, AxisRef, CapturePoint, NeuronGroup, Normalizer, PinnedNeurons
+from pyfusion.graph.groups import (
+    PINNED_BY_OUTPUT,
+    AxisRef,
+    CapturePoint,
+    NeuronGroup,
+    Normalizer,
+    PinnedNeurons,
+    SharedParameter,
+)
 from pyfusion.graph.spaces import Spaces, Term
 
 __all__ = ["Engine", "UnsupportedModuleError"]
@@ -172,6 +180,16 @@ class _Norm:
 
 
 @dataclass
+class _Shared:
+    """A parameter broadcast over one dim of a value it is combined with (that dim's term)."""
+
+    node: str
+    param: str
+    term: Term
+    order: int
+
+
+@dataclass
 class _Act:
     node: str
     op: str
@@ -208,6 +226,8 @@ class Engine:
         self.recs: list[_Rec] = []
         self.norms: list[_Norm] = []
         self.acts: list[_Act] = []
+        self.shared: list[_Shared] = []
+        self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.nodes: dict[str, fx.Node] = {}
         self.order: dict[str, int] = {}
         self.mods = dict(model.named_modules(remove_duplicate=False))
@@ -291,6 +311,24 @@ class Engine:
 
     def is_param(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and a.name in self.prov
+
+    def broadcast(self, node: fx.Node, a: Any, dim: int, term: Term) -> None:
+        """Record that parameter operand ``a`` is the same along the output dim whose term is ``term`` (``dim`` is
+        the operand's own dim, negative or None where the operand has no such dim, or -1 past its shape): a group
+        whose units lie on that dim cannot give each member its own value there (see
+        :class:`~pyfusion.graph.groups.SharedParameter`). Buffers are not recorded: the tracer reads them as
+        constants of the architecture (rotary tables), the same in every member."""
+        if not isinstance(a, fx.Node) or a.name not in self.prov:
+            return
+        tkey, axes = self.prov[a.name]
+        alias = self.alias_for(tkey, self.module_of(node))
+        if alias not in self.param_names and tkey not in self.param_names:
+            return
+        shape = self.shape(a)
+        if dim is not None and dim >= 0 and shape is not None and shape[dim] > 1 and axes[dim] is not None:
+            return  # indexed along the dim: a per-neuron parameter, not a shared one
+        if self.S.atoms(term):
+            self.shared.append(_Shared(node.name, alias, term, self.order[node.name]))
 
     # ---- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -511,19 +549,25 @@ class Engine:
         for d in range(nd):
             size = out_shape[d]
             terms = []
+            broadcast = []  # parameters the same along this dim
             for a, v, s in vals:
                 k = d - (nd - len(s))
                 if k < 0 or s[k] == 1 or size == 1:
+                    if size > 1 and mixes and self.is_param(a):
+                        broadcast.append((a, None))
                     continue
                 terms.append(v[k])
                 if self.is_param(a) and mixes:
                     self.use(node, a, k, "neuron")
+                    broadcast.append((a, k))  # an expanded parameter: indexed in shape, not in its own axes
             if not terms:
                 out.append(() if size == 1 else (-size,))
                 continue
             for t in terms[1:]:
                 self.S.unify(terms[0], t)
             out.append(terms[0])
+            for a, k in broadcast:
+                self.broadcast(node, a, k, terms[0])
         self.env[node.name] = tuple(out)
         if len(vals) == 1:
             self._keep_prov(node, vals[0][0])
@@ -1161,6 +1205,7 @@ class Engine:
                     if self.shape(p)[j] > 1:
                         self.S.unify(pv[j], v[d])
                         self.use(node, p, j, "neuron")
+                self._norm_broadcast(node, p, v, dims)
         self._normalizer(node, _opname(node), v, dims)
         out = node.meta.get("val")
         if isinstance(out, (list, tuple)):
@@ -1171,6 +1216,13 @@ class Engine:
         self.recs.append(_Rec(node.name, "pre", -1, v[-1], None, self.order[node.name], [self._back(x)]))
 
     op_native_layer_norm = op_layer_norm
+
+    def _norm_broadcast(self, node: fx.Node, p: fx.Node, v: tuple, dims: list[int]) -> None:
+        """A norm's weight / bias is the same along every dim it does not normalize (Phi's ``q_layernorm`` over
+        the head dim, applied to every head)."""
+        for d in range(len(v)):
+            if d not in dims:
+                self.broadcast(node, p, None, v[d])
 
     def op_rms_norm(self, node: fx.Node) -> None:
         b = _bind(node)
@@ -1185,6 +1237,7 @@ class Engine:
                 if self.shape(p)[j] > 1:
                     self.S.unify(pv[j], v[d])
                     self.use(node, p, j, "neuron")
+            self._norm_broadcast(node, p, v, dims)
         self._normalizer(node, "rms_norm", v, dims)
         out = node.meta.get("val")
         if isinstance(out, (list, tuple)):
@@ -1314,6 +1367,10 @@ class Engine:
                 d = len(sshape) - len(ms) + j
                 if ms[j] > 1 and d >= 0 and sshape[d] == ms[j]:
                     self.S.unify(scores[d], mv[j])
+                    if d < len(sshape) - 2 and self.S.atoms(mv[j]):
+                        # a per-head additive bias (Swin's relative position table) is the only value where the
+                        # neurons of its table group can be observed, as T5's bias is at its embedding's output
+                        self.recs.append(_Rec(mask.name, "pre", j - len(ms), mv[j], None, self.order[mask.name]))
         self.env[node.name] = tuple(qv[:-1]) + (vv[-1],)
 
     def op__native_multi_head_attention(self, node: fx.Node) -> None:
@@ -1747,6 +1804,17 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
             gr = groups[names[key]]
             if not any((n.module, n.kind, n.wrappable) == (nrec.module, kind, wrappable) for n in gr.normalizers):
                 gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node))
+    # parameters broadcast over the units of a group (one value for all of them): permuted or merged, not widened
+    by_unit: dict[int, list[str]] = {}
+    for key, name in names.items():
+        by_unit.setdefault(key[0], []).append(name)
+    for sh in sorted(E.shared, key=lambda x: x.order):
+        units = {key[0] for _o, _l, key, _f in _patterns(S, sh.term)}
+        for u in units:
+            for name in by_unit.get(u, []):
+                gr = groups[name]
+                if not any(p.param == sh.param for p in gr.shared_params):
+                    gr.shared_params.append(SharedParameter(sh.param, E.where(E.nodes[sh.node])))
 
 
 def _activation_region(E: Engine, node: fx.Node) -> tuple[set[str], fx.Node, str] | None:

@@ -41,7 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AxisRef", "CapturePoint", "FusionGraph", "NeuronGroup", "Normalizer", "PinnedNeurons", "declare_groups"]
+__all__ = [
+    "AxisRef",
+    "CapturePoint",
+    "FusionGraph",
+    "NeuronGroup",
+    "Normalizer",
+    "PinnedNeurons",
+    "SharedParameter",
+    "declare_groups",
+]
 
 ROLES = ("producer", "neuron", "consumer")
 FACTOR_KINDS = ("unit", "inner", "rep")
@@ -120,6 +129,26 @@ class Normalizer:
 
 
 @dataclass(frozen=True)
+class SharedParameter:
+    """A parameter combined with a group's neurons but the same for all of its units (broadcast over the unit
+    axis): a scalar scale, Phi's ``q_layernorm`` over the head dim applied to every head, a learned temperature
+    shared by all heads. Any permutation of the units keeps the function, but a widened group cannot give each
+    member's branch units their own member's value (there is one tensor): at alpha = 1 the members' values would
+    be averaged, so the group may be permuted or merged, never widened.
+
+    Attributes:
+        param: the parameter's name (as in ``named_parameters``).
+        where: the op that broadcasts it (node, op, module path and type).
+    """
+
+    param: str
+    where: str
+
+    def describe(self) -> str:
+        return f"parameter {self.param!r} is shared by all its units at {self.where}"
+
+
+@dataclass(frozen=True)
 class CapturePoint:
     """A value of the traced graph where a group's neurons can be observed.
 
@@ -165,6 +194,8 @@ class NeuronGroup:
         captures: every capture point of the group (see :class:`CapturePoint`).
         activation_ops: the ATen ops of the activation (("relu",), GPT-2's new GELU ("mul", "pow", "add",
             "tanh", ...)), so methods can tell positively homogeneous activations from others.
+        shared_params: parameters broadcast over the group's units (:class:`SharedParameter`): the group (and its
+            tie set) may be permuted or merged but not widened.
     """
 
     name: str
@@ -180,6 +211,7 @@ class NeuronGroup:
     normalizers: list[Normalizer] = field(default_factory=list)
     captures: list[CapturePoint] = field(default_factory=list)
     activation_ops: tuple[str, ...] = ()
+    shared_params: list[SharedParameter] = field(default_factory=list)
 
     @property
     def units(self) -> int:
@@ -391,6 +423,8 @@ class FusionGraph:
                 extra += f" tie={g.tie!r}"
             if g.normalizers:
                 extra += f" normalizers={[n.module for n in g.normalizers]}"
+            if g.shared_params:
+                extra += f" shared_params={[p.param for p in g.shared_params]}"
             lines.append(
                 f"  {g.name}: n={g.size}{extra} producers={[r.key for r in g.producers]} "
                 f"per_neuron={sorted({r.module for r in g.per_neuron})} consumers={[r.key for r in g.consumers]}"

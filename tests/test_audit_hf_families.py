@@ -1,0 +1,263 @@
+"""Fusion of Hugging Face families the library was not tested on (audit 15): tiny float64 configs, every parameter
+re-drawn, fused with a permuted copy of themselves (must give the model back) and with an independent member
+(partial alpha = 1 must be the ensemble, at no more FLOPs than the ensemble).
+
+Found and fixed:
+
+* a parameter broadcast over a group's units (Phi's ``qk_layernorm``: one LayerNorm over the head dim applied to
+  every head; a scalar scale on a hidden layer) has one copy in the fused model: partial fusion at alpha = 1 averaged
+  the members' copies, silently (Phi: 3.6e-2 relative error against the ensemble; the scalar net: 7.5e-2). The
+  tracer now records such parameters on the group (``NeuronGroup.shared_params``) and widening it is refused,
+  naming the parameter, the op and the module; permutations and full fusion are unchanged;
+* Swin (transformers 5) passes its relative position bias table to ``scaled_dot_product_attention`` as the mask: the
+  table's per-head group had no capture point and every activation-based method (and partial fusion, which reads
+  activations) raised "points[...] modules [] did not run in member 0's forward pass". The mask is now a capture
+  point of the bias group, as T5's bias is at its embedding's output.
+
+Covered without a fix: GPT-NeoX (interleaved fused qkv, rotary_pct < 1), Qwen2 (qkv bias, RMSNorm in float32),
+T5 encoder under a pooled head (per-head relative bias), ALBERT (one layer shared across depth, factorized
+embeddings), CLIP vision; clear refusals for Mixtral's experts and DeBERTa-v2's position projections (trace) and
+Falcon with grouped kv heads (no adapter resizes ``FalconAttention``: the builder's run check names the class).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyfusion
+from pyfusion.graph import UnsupportedModuleError, trace_groups
+from pyfusion.testing import permuted_copy
+
+tf = pytest.importorskip("transformers")
+
+F64 = torch.float64
+V = 50
+
+
+def _random(model: nn.Module, seed: int) -> nn.Module:
+    """float64, eval, every parameter re-drawn (no symmetric initialisation hides a bug)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.to(F64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            std = 1.0 / math.sqrt(max(1, p[0].numel())) if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * std)
+    return model
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _unchanged(m: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = m.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _run(m: nn.Module, x):
+    with torch.no_grad():
+        y = m(x)
+    return y if isinstance(y, torch.Tensor) else y[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+class Pooled(nn.Module):
+    """A base model whose stream is mean-pooled into a Linear head (a returned stream cannot be widened)."""
+
+    def __init__(self, base: nn.Module, d: int, key: str = "last_hidden_state"):
+        super().__init__()
+        self.base, self.head, self.key = base, nn.Linear(d, 3), key
+
+    def forward(self, x):
+        h = getattr(self.base(x), self.key)
+        return self.head(h.mean(1) if h.dim() == 3 else h)
+
+
+def _ids(g: torch.Generator) -> torch.Tensor:
+    return torch.randint(2, V, (4, 6), generator=g)
+
+
+def _pix(g: torch.Generator, size: int = 8) -> torch.Tensor:
+    return torch.randn(4, 3, size, size, generator=g, dtype=F64)
+
+
+FAMILIES = {
+    # name: (factory, inputs, tolerance: float32 inside the model where it casts, e.g. RMSNorm / T5's LayerNorm)
+    "gpt_neox": (
+        lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=24, vocab_size=V,
+            rotary_pct=0.5, use_cache=False, max_position_embeddings=16)),
+        _ids, 1e-10,
+    ),  # fmt: skip
+    "qwen2": (
+        lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
+            vocab_size=V, use_cache=False)),
+        _ids, 1e-5,
+    ),  # fmt: skip
+    "t5_encoder": (
+        lambda: Pooled(tf.T5EncoderModel(tf.T5Config(
+            d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4, vocab_size=V, relative_attention_num_buckets=8,
+            dropout_rate=0.0, feed_forward_proj="gated-gelu")), 16),
+        _ids, 1e-5,
+    ),  # fmt: skip
+    "albert": (
+        lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(
+            embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+            vocab_size=V, max_position_embeddings=16, num_labels=3)),
+        _ids, 1e-10,
+    ),  # fmt: skip
+    "clip_vision": (
+        lambda: Pooled(tf.CLIPVisionModel(tf.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+            patch_size=4, num_channels=3)), 16, "pooler_output"),
+        _pix, 1e-10,
+    ),  # fmt: skip
+    "swin": (
+        lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
+            num_labels=3, mlp_ratio=1.5)),
+        _pix, 1e-10,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_permuted_copy_and_ensemble(name):
+    """Permuted copy: partial fusion (alpha 0.5) and activation matching give the model back; with an independent
+    member, partial alpha = 1 is the ensemble and costs no more than it."""
+    factory, inputs, tol = FAMILIES[name]
+    torch.manual_seed(0)
+    a, b = _random(factory(), 1), _random(factory(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [inputs(gen) for _ in range(2)]
+    x = inputs(gen)
+    graph = trace_groups(a, data[0])
+    assert graph.groups and not graph.pinned
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = _run(a, x)
+    assert _rel(_run(twin, x), y) < tol
+    assert any(not torch.equal(v, a.state_dict()[k]) for k, v in twin.state_dict().items() if v.is_floating_point())
+    before = [_state(a), _state(twin), _state(b)]
+    for method, opts in [("partial", {"alpha": 0.5}), ("activation_matching", {})]:
+        fused = pyfusion.fuse([a, twin], data, method=method, graph=graph, **opts)
+        assert _rel(_run(fused, x), y) < tol, method
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert _rel(_run(fused, x), 0.5 * (_run(a, x) + _run(b, x))) < 1e-10
+    cost = pyfusion.cost(fused, x, members=[a, b])
+    assert cost.flops <= cost.ensemble_flops
+    assert all(_unchanged(m, s) for m, s in zip((a, twin, b), before))
+
+
+def _phi_qk():
+    cfg = tf.PhiConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=24, vocab_size=V, partial_rotary_factor=0.5, qk_layernorm=True,
+                       use_cache=False)  # fmt: skip
+    return tf.PhiForCausalLM(cfg)
+
+
+def test_phi_qk_layernorm_is_shared_by_the_heads():
+    """Phi's q / k LayerNorms (over the head dim) are one tensor for all heads: widening the heads averaged the
+    members' LayerNorms (3.6e-2 off the ensemble at alpha = 1, silently). Now refused, naming the parameter; the
+    heads still permute, and the rest of the model still widens."""
+    torch.manual_seed(0)
+    a, b = _random(_phi_qk(), 1), _random(_phi_qk(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [_ids(gen) for _ in range(2)]
+    x = _ids(gen)
+    graph = trace_groups(a, data[0])
+    attn = [n for n, g in graph.groups.items() if g.shared_params]
+    assert attn and all("self_attn" in n for n in attn)
+    assert "model.layers.0.self_attn.q_layernorm.weight" in {p.param for p in graph.groups[attn[0]].shared_params}
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"cannot be widened: parameter 'model\.layers\.0\.self_attn\.q_layernorm"):
+        pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    with pytest.raises(ValueError, match=r"cannot be widened: parameter .*layernorm"):
+        pyfusion.fuse([a, b], data, method="cluster", width=1.5, graph=graph)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = _run(a, x)
+    for method, opts in [("partial", {"alpha": 0.0}), ("weight_matching", {})]:
+        assert _rel(_run(pyfusion.fuse([a, twin], data, method=method, graph=graph, **opts), x), y) < 1e-10
+    # the attention heads at full width, everything else kept per member
+    alpha = {n: 0.0 for n in attn} | {"*": 0.5}
+    fused = pyfusion.fuse([a, twin], data, method="partial", alpha=alpha, graph=graph)
+    assert _rel(_run(fused, x), y) < 1e-10
+    assert any(gp.slots > graph.groups[n].size for n, gp in fused.fusion_plan.groups.items())
+
+
+class ScaledNet(nn.Module):
+    """A hidden layer multiplied by one learned scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * self.s)
+
+
+def test_a_scalar_parameter_blocks_widening():
+    """alpha = 1 of two nets with different scalars was 7.5e-2 off the ensemble (one averaged scalar); the builder
+    refuses a widened plan of such a group too (a plan made by hand)."""
+    from pyfusion.fuse.builder import build
+    from pyfusion.fuse.plan import Plan
+
+    a, b = _random(ScaledNet(), 1), _random(ScaledNet(), 2)
+    x = torch.randn(16, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
+    graph = trace_groups(a, x)
+    (g,) = graph.groups.values()
+    assert [p.param for p in g.shared_params] == ["s"] and "'mul'" in g.shared_params[0].where
+    with pytest.raises(ValueError, match=r"group 'g0:a' cannot be widened: parameter 's' .*'mul'"):
+        pyfusion.fuse([a, b], [x], method="partial", alpha=1.0, features="weights")
+    with pytest.raises(ValueError, match=r"plan widens group 'g0:a' to 16 slots .*parameter 's'"):
+        build([a, b], graph, Plan.ensemble(graph, (0.5, 0.5)))
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), example_inputs=x)
+    fused = pyfusion.fuse([a, twin], [x], method="activation_matching")
+    assert _rel(_run(fused, x), _run(a, x)) < 1e-12
+
+
+def test_swin_bias_table_heads_are_observed():
+    """The per-head bias table reaches the scores only as SDPA's mask: its group now has a capture point there."""
+    factory = FAMILIES["swin"][0]
+    torch.manual_seed(0)
+    a = _random(factory(), 1)
+    graph = trace_groups(a, _pix(torch.Generator().manual_seed(0)))
+    bias = [g for n, g in graph.groups.items() if n.endswith("relative_position_bias")]
+    assert bias and all(g.captures and g.tie is not None for g in bias)
+
+
+@pytest.mark.parametrize(
+    "name, factory, match",
+    [
+        ("mixtral", lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
+            vocab_size=V, num_local_experts=3, num_experts_per_tok=2, use_cache=False)),
+         r"module 'model\.layers\.0\.mlp\.experts' of type MixtralExperts"),
+        ("deberta_v2", lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, vocab_size=V,
+            max_position_embeddings=16, relative_attention=True, position_buckets=4, pos_att_type=["p2c", "c2p"],
+            num_labels=3, type_vocab_size=0)),
+         r"module 'deberta\.encoder\.layer\.0\.attention\.self\.pos_key_proj' of type Linear"),
+    ],
+)  # fmt: skip
+def test_untraceable_families_are_refused_by_name(name, factory, match):
+    """The trace names the module and op (Mixtral's experts do not even run in float64 on CPU: the fusion is asked
+    without data, on synthesized inputs)."""
+    torch.manual_seed(0)
+    a, b = _random(factory(), 1), _random(factory(), 2)
+    ids = _ids(torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedModuleError, match=match):
+        trace_groups(a, ids)
+    before = [_state(a), _state(b)]
+    with pytest.raises(UnsupportedModuleError, match=match):
+        pyfusion.fuse([a, b], method="weight_matching")
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
