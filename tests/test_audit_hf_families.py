@@ -88,6 +88,7 @@ def _pix(g: torch.Generator, size: int = 8) -> torch.Tensor:
     return torch.randn(4, 3, size, size, generator=g, dtype=F64)
 
 
+# fmt: off
 FAMILIES = {
     # name: (factory, inputs, tolerance: float32 inside the model where it casts, e.g. RMSNorm / T5's LayerNorm)
     "gpt_neox": (
@@ -95,38 +96,39 @@ FAMILIES = {
             hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=24, vocab_size=V,
             rotary_pct=0.5, use_cache=False, max_position_embeddings=16)),
         _ids, 1e-10,
-    ),  # fmt: skip
+    ),
     "qwen2": (
         lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
             hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
             vocab_size=V, use_cache=False)),
         _ids, 1e-5,
-    ),  # fmt: skip
+    ),
     "t5_encoder": (
         lambda: Pooled(tf.T5EncoderModel(tf.T5Config(
             d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4, vocab_size=V, relative_attention_num_buckets=8,
             dropout_rate=0.0, feed_forward_proj="gated-gelu")), 16),
         _ids, 1e-5,
-    ),  # fmt: skip
+    ),
     "albert": (
         lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(
             embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
             vocab_size=V, max_position_embeddings=16, num_labels=3)),
         _ids, 1e-10,
-    ),  # fmt: skip
+    ),
     "clip_vision": (
         lambda: Pooled(tf.CLIPVisionModel(tf.CLIPVisionConfig(
             hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=8,
             patch_size=4, num_channels=3)), 16, "pooler_output"),
         _pix, 1e-10,
-    ),  # fmt: skip
+    ),
     "swin": (
         lambda: tf.SwinForImageClassification(tf.SwinConfig(
             image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
             num_labels=3, mlp_ratio=1.5)),
         _pix, 1e-10,
-    ),  # fmt: skip
+    ),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
