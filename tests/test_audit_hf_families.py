@@ -12,12 +12,16 @@ Found and fixed:
 * Swin (transformers 5) passes its relative position bias table to ``scaled_dot_product_attention`` as the mask: the
   table's per-head group had no capture point and every activation-based method (and partial fusion, which reads
   activations) raised "points[...] modules [] did not run in member 0's forward pass". The mask is now a capture
-  point of the bias group, as T5's bias is at its embedding's output.
+  point of the bias group, as T5's bias is at its embedding's output;
+* Falcon with ALiBi pins its heads, and the head dims became the units of a group: widening them sums both members'
+  q . k terms inside each head (never the ensemble; it ran into a broadcast error only because no adapter resizes
+  ``FalconAttention``, and would be silent with one). Dims contracted between two activations now block widening
+  (``NeuronGroup.contracted``), named with the op.
 
 Covered without a fix: GPT-NeoX (interleaved fused qkv, rotary_pct < 1), Qwen2 (qkv bias, RMSNorm in float32),
 T5 encoder under a pooled head (per-head relative bias), ALBERT (one layer shared across depth, factorized
-embeddings), CLIP vision; clear refusals for Mixtral's experts and DeBERTa-v2's position projections (trace) and
-Falcon with grouped kv heads (no adapter resizes ``FalconAttention``: the builder's run check names the class).
+embeddings), CLIP vision; clear refusals naming the module and op for Mixtral's experts and DeBERTa-v2's position
+projections (trace).
 """
 
 from __future__ import annotations
@@ -263,3 +267,27 @@ def test_untraceable_families_are_refused_by_name(name, factory, match):
     with pytest.raises(UnsupportedModuleError, match=match):
         pyfusion.fuse([a, b], method="weight_matching")
     assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+
+
+def test_falcon_alibi_head_dims_cannot_be_widened():
+    """Falcon's ALiBi pins the heads, leaving their head dims (q, k, v of every head) as the group's units: widening
+    them adds the members' q . k terms into each head's scores (never the ensemble; only the missing adapter of
+    ``FalconAttention`` kept it from running). Now refused, naming the SDPA; permuting them still gives the model."""
+    cfg = tf.FalconConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, multi_query=False,
+                          new_decoder_architecture=False, parallel_attn=False, alibi=True, vocab_size=V,
+                          use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(tf.FalconForCausalLM(cfg), 1), _random(tf.FalconForCausalLM(cfg), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [_ids(gen)]
+    x = _ids(gen)
+    graph = trace_groups(a, data[0])
+    (qkv,) = [g for g in graph.groups.values() if g.contracted]
+    assert qkv.unit_size == 1 and qkv.size == 8 and "'scaled_dot_product_attention'" in qkv.contracted[0]
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"cannot be widened: its units are summed against another activation"):
+        pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    fused = pyfusion.fuse([a, twin], data, method="weight_matching", graph=graph)
+    assert _rel(_run(fused, x), _run(a, x)) < 1e-10

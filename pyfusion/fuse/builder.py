@@ -840,11 +840,11 @@ def build(
     plan.validate(graph)
     for name, gp in plan.groups.items():
         g = graph.groups.get(name)
-        if g is not None and g.shared_params and gp.slots > g.size:
+        if g is not None and g.width_pins and gp.slots > g.size:
             raise ValueError(
-                f"plan widens group {name!r} to {gp.slots} slots (members: {g.size}), but "
-                f"{g.shared_params[0].describe()}: the fused model has one copy of it, so branch units cannot keep "
-                "their member's value (alpha = 1 would not be the ensemble); keep the group at its width"
+                f"plan widens group {name!r} to {gp.slots} slots (members: {g.size}), but {g.width_pins[0]}: the "
+                "fused model cannot keep each member's branch units apart (alpha = 1 would not be the ensemble); keep "
+                "the group at its width"
             )
     maps = _group_maps(graph, plan)
     wrap = _normalizer_modules(graph, plan, maps)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pyfusion._finite import all_finite
-from pyfusion.graph.groups import FusionGraph, Normalizer, SharedParameter
+from pyfusion.graph.groups import FusionGraph, Normalizer
 
 __all__ = [
     "GroupPlan",
@@ -487,24 +487,23 @@ def permute_only(graph: FusionGraph, names: Sequence[str]) -> tuple[str, Normali
     return None
 
 
-def shared_parameter(graph: FusionGraph, names: Sequence[str]) -> tuple[str, SharedParameter] | None:
-    """The first group of ``names`` (a tie set) with a parameter broadcast over its units, with that parameter
-    (:class:`~pyfusion.graph.groups.SharedParameter`), or None. Such a tie set may be permuted or merged but not
-    widened: the fused model has one copy of the parameter, so branch units could not keep their member's value."""
+def shared_parameter(graph: FusionGraph, names: Sequence[str]) -> tuple[str, str] | None:
+    """The first group of ``names`` (a tie set) that may not be widened, with why
+    (:attr:`~pyfusion.graph.NeuronGroup.width_pins`: a parameter broadcast over its units, its units contracted
+    against another activation), or None. Such a tie set may be permuted or merged but not widened: alpha = 1 could
+    not be the ensemble."""
     for name in names:
-        for sp in graph.groups[name].shared_params:
-            return name, sp
+        for why in graph.groups[name].width_pins:
+            return name, why
     return None
 
 
-def refuse_shared(method: str, hit: tuple[str, SharedParameter], fix: str) -> ValueError:
-    """The error of a method that would widen a group with a parameter shared by its units
-    (:func:`shared_parameter`)."""
-    name, sp = hit
+def refuse_shared(method: str, hit: tuple[str, str], fix: str) -> ValueError:
+    """The error of a method that would widen a group that may not be widened (:func:`shared_parameter`)."""
+    name, why = hit
     return ValueError(
-        f"method {method!r}: group {name!r} cannot be widened: {sp.describe()}, so the fused model (one copy of "
-        f"it) cannot give each member's branch units their own member's value and alpha = 1 would not be the "
-        f"ensemble; {fix}"
+        f"method {method!r}: group {name!r} cannot be widened: {why}; the fused model cannot keep each member's "
+        f"branch units apart and alpha = 1 would not be the ensemble; {fix}"
     )
 
 

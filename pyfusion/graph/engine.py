@@ -227,6 +227,7 @@ class Engine:
         self.norms: list[_Norm] = []
         self.acts: list[_Act] = []
         self.shared: list[_Shared] = []
+        self.contracted: list[tuple[str, Term]] = []  # (node, term) summed between two activations
         self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.nodes: dict[str, fx.Node] = {}
         self.order: dict[str, int] = {}
@@ -1014,6 +1015,10 @@ class Engine:
         params = [i for i, a in enumerate(ops) if self.is_param(a)]
         if len(params) > 1:
             raise self.unsupported(node, "a product of two parameters (fold them into one weight first)")
+        if not params:  # activations against activations (q @ k^T): a summed dim cannot be widened
+            for c, occ in letters.items():
+                if c not in out_spec and len({i for i, _ in occ}) > 1:
+                    self.contracted.append((node.name, vals[occ[0][0]][occ[0][1]]))
         for i in params:
             for d, c in enumerate(specs[i]):
                 if shapes[i][d] == 1:
@@ -1339,6 +1344,7 @@ class Engine:
         qv, kv, vv = self.tval(q), self.tval(k), self.tval(v)
         qs, ks, vs = self.shape(q), self.shape(k), self.shape(v)
         self.S.unify(qv[-1], kv[-1])  # q / k inner dims are contracted
+        self.contracted.append((node.name, qv[-1]))
         nb = len(qs) - 2
         for d in range(nb):  # batch dims (heads): q, k and v move together
             dq, dk, dv = d, d - (nb - (len(ks) - 2)), d - (nb - (len(vs) - 2))
@@ -1815,6 +1821,14 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                 gr = groups[name]
                 if not any(p.param == sh.param for p in gr.shared_params):
                     gr.shared_params.append(SharedParameter(sh.param, E.where(E.nodes[sh.node])))
+    for node, term in E.contracted:
+        units = {key[0] for _o, _l, key, _f in _patterns(S, term)}
+        for u in units:
+            for name in by_unit.get(u, []):
+                gr = groups[name]
+                where = E.where(E.nodes[node])
+                if where not in gr.contracted:
+                    gr.contracted.append(where)
 
 
 def _activation_region(E: Engine, node: fx.Node) -> tuple[set[str], fx.Node, str] | None:

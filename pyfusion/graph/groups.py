@@ -196,6 +196,9 @@ class NeuronGroup:
             "tanh", ...)), so methods can tell positively homogeneous activations from others.
         shared_params: parameters broadcast over the group's units (:class:`SharedParameter`): the group (and its
             tie set) may be permuted or merged but not widened.
+        contracted: ops (node, op, module) that sum the group's units against another activation (q . k over the
+            head dims when the heads themselves are pinned, e.g. by Falcon's ALiBi): a widened unit would add every
+            member's terms into one product, so the group may be permuted or merged but not widened.
     """
 
     name: str
@@ -212,6 +215,16 @@ class NeuronGroup:
     captures: list[CapturePoint] = field(default_factory=list)
     activation_ops: tuple[str, ...] = ()
     shared_params: list[SharedParameter] = field(default_factory=list)
+    contracted: list[str] = field(default_factory=list)
+
+    @property
+    def width_pins(self) -> list[str]:
+        """Why the group may not be widened (:attr:`shared_params`, :attr:`contracted`), one line each."""
+        return [p.describe() for p in self.shared_params] + [
+            f"its units are summed against another activation at {w}, so a widened unit would add the members' "
+            "products together"
+            for w in self.contracted
+        ]
 
     @property
     def units(self) -> int:
