@@ -207,6 +207,8 @@ class Engine:
         self.uses: list[_Use] = []
         self.recs: list[_Rec] = []
         self.norms: list[_Norm] = []
+        self.shared: list[tuple[str, str, Term]] = []  # (node, parameter alias, term): one value for all neurons
+        self._param_keys = set(self.param_of.values())
         self.acts: list[_Act] = []
         self.nodes: dict[str, fx.Node] = {}
         self.order: dict[str, int] = {}
@@ -495,6 +497,9 @@ class Engine:
         if operands is None:
             operands = [a for a in node.args if isinstance(a, fx.Node)]
             operands += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
+        # an operand expanded to the output's shape broadcasts like its source (``x / norm.expand_as(x)`` in
+        # F.normalize): read the source, whose size-1 dims constrain nothing, not the expanded copies
+        operands = [self._through_expand(a) for a in operands]
         out_shape = self.shape(node)
         vals = []
         for a in operands:
@@ -508,12 +513,15 @@ class Engine:
         # exponentiated) stays that parameter for its later use (its provenance is kept below)
         mixes = any(not self.is_param(a) for a, _, _ in vals)
         out: list[Term] = []
+        broadcast: list[tuple[Any, int]] = []  # (parameter operand, output dim it is broadcast along)
         for d in range(nd):
             size = out_shape[d]
             terms = []
             for a, v, s in vals:
                 k = d - (nd - len(s))
                 if k < 0 or s[k] == 1 or size == 1:
+                    if size > 1 and mixes and self.is_param(a):
+                        broadcast.append((a, d))
                     continue
                 terms.append(v[k])
                 if self.is_param(a) and mixes:
@@ -525,6 +533,8 @@ class Engine:
                 self.S.unify(terms[0], t)
             out.append(terms[0])
         self.env[node.name] = tuple(out)
+        for a, d in broadcast:
+            self._shared_param(node, a, out[d])
         if len(vals) == 1:
             self._keep_prov(node, vals[0][0])
         # per-neuron parameters applied to activations (and residual sums of two groups) are pre-activation capture
@@ -538,6 +548,18 @@ class Engine:
                 region_in = self._region_input(node) if params else None
                 sup = [self._back(a) for a in acts] + ([self._back(region_in)] if region_in is not None else [])
                 self.recs.append(_Rec(node.name, "pre", dim - nd, out[dim], None, self.order[node.name], sup))
+
+    def _through_expand(self, a: Any) -> Any:
+        """The source of a chain of ``expand`` / ``expand_as`` / ``broadcast_to`` nodes (``a`` itself otherwise)."""
+        while (
+            isinstance(a, fx.Node)
+            and a.op == "call_function"
+            and _base(_opname(a)) in ("expand", "expand_as", "broadcast_to", "expand_copy")
+            and isinstance(a.args[0], fx.Node)
+            and self.val(a.args[0]) is not None
+        ):
+            a = a.args[0]
+        return a
 
     def _back(self, a: Any) -> str:
         """Follow value-preserving ops back to the node that produced the value."""
@@ -611,6 +633,7 @@ class Engine:
                                                 for d, so in enumerate(s_out)))  # fmt: skip
 
     op_expand_copy = op_expand
+    op_expand_as = op_expand  # F.normalize divides by ``norm.clamp_min(eps).expand_as(x)``
     op_broadcast_to = op_expand
 
     def op_repeat(self, node: fx.Node) -> None:
@@ -650,10 +673,12 @@ class Engine:
         out = node.meta.get("val")
         outs = out if isinstance(out, (list, tuple)) else [out]
         res = []
+        nsp = 1 if "1d" in _opname(node) else 3 if "3d" in _opname(node) else 2
+        for t in v[len(v) - nsp :]:  # the windows slide over positions: a Linear viewed as a map keeps its order
+            self.S.pin_term(t)
         for o in outs:
             so = _shape(o)
             # channels pass, spatial dims are positions
-            nsp = 1 if "1d" in _opname(node) else 3 if "3d" in _opname(node) else 2
             terms = []
             for d, s in enumerate(so):
                 k = d - (len(so) - len(s_in))
@@ -1128,6 +1153,8 @@ class Engine:
             raise self.unsupported(node, f"grouped convolutions (groups={groups}) mix channel blocks")
         for k in range(2, len(ws)):  # kernel taps are not neurons
             self.S.pin_term(wv[k])
+        for k in range(2, len(xv)):  # nor are the positions the taps slide over (a Linear viewed as a feature map)
+            self.S.pin_term(xv[k])
         out = (self.fixed(out_shape[:1])[0],) + (out_c,) + self.fixed(out_shape[2:])
         self._bias(node, bias, out[:2], dim=1, role=role)
         self.env[node.name] = out
@@ -1261,12 +1288,22 @@ class Engine:
             raise self.unsupported(node, f"GroupNorm with {g} groups of {c} channels normalizes channel blocks")
         self.env[node.name] = v
 
+    def _shared_param(self, node: fx.Node, a: fx.Node, term: Term) -> None:
+        """A parameter applied as one value along a dim (broadcast): if that dim holds a group, every neuron of the
+        group reads the same value (a constraint read off in :func:`_attach_points`). Only trained parameters:
+        buffers and constants (Gemma's ``embed_scale``) are the same in every member."""
+        tkey = self.prov[a.name][0]
+        if self.S.atoms(term) and tkey in self._param_keys:
+            self.shared.append((node.name, self.alias_for(tkey, self.module_of(node)), term))
+
     def op_prelu(self, node: fx.Node) -> None:
         x, w = node.args[0], node.args[1]
         v = self.tval(x)
         if self.shape(w)[0] > 1:
             self.S.unify(self.tval(w)[0], v[1 if len(v) > 1 else 0])
             self.use(node, w, 0, "neuron")
+        elif v and self.is_param(w):  # nn.PReLU(): one slope for every channel
+            self._shared_param(node, w, v[1 if len(v) > 1 else 0])
         self.env[node.name] = v
         self._record_act(node, "prelu", v)
 
@@ -1698,7 +1735,8 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                 (("unit", gr.size),), (("unit", gr.units), ("inner", gr.unit_size)))  # fmt: skip
             node = E.nodes[r.node]
             module = E.module_output_path(node) if r.kind != "input" else None
-            cp = CapturePoint(r.node, r.kind, r.dim, off, None if simple else factors, module)
+            mean_dims = _unaligned_dims(E, r, key, names)
+            cp = CapturePoint(r.node, r.kind, r.dim, off, None if simple else factors, module, mean_dims)
             if cp not in gr.captures:
                 gr.captures.append(cp)
             if r.kind == "pre":
@@ -1711,7 +1749,7 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
         for cp in gr.captures:
             node = E.nodes[cp.node]
             shape = _shape(node.meta.get("val"))
-            if shape is None or cp.pattern is not None or cp.offset != 0:
+            if shape is None or cp.pattern is not None or cp.offset != 0 or cp.mean_dims:
                 continue
             nd = len(shape)
             if cp.dim + nd != (1 if nd == 4 else nd - 1):
@@ -1747,6 +1785,31 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
             gr = groups[names[key]]
             if not any((n.module, n.kind, n.wrappable) == (nrec.module, kind, wrappable) for n in gr.normalizers):
                 gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node))
+    # parameters applied as one value to all neurons of a group: permuted and merged, never widened
+    for node_name, alias, term in E.shared:
+        module = alias.rpartition(".")[0]
+        for _o, _l, key, _f in _patterns(S, term):
+            if key in names:
+                gr = groups[names[key]]
+                nz = Normalizer(module, "shared parameter", False, node_name, alias)
+                if not any(n.shared == alias for n in gr.normalizers):
+                    gr.normalizers.append(nz)
+
+
+def _unaligned_dims(E: Engine, r: _Rec, key: tuple, names: dict[tuple, str]) -> tuple[int, ...]:
+    """The dims (negative) of a capture record's value, other than its own, that hold neurons of another group
+    (another unit atom): members order them differently, so the values along them are not common samples."""
+    v = E.env.get(r.node)
+    if not isinstance(v, tuple) or (len(v) == 2 and v[0] == "buffer"):
+        return ()
+    nd = len(v)
+    out = []
+    for d in range(nd):
+        if d - nd == r.dim:
+            continue
+        if any(k in names and k[0] != key[0] for _o, _l, k, _f in _patterns(E.S, v[d])):
+            out.append(d - nd)
+    return tuple(out)
 
 
 def _activation_region(E: Engine, node: fx.Node) -> tuple[set[str], fx.Node, str] | None:
@@ -1780,7 +1843,7 @@ def _activation_module_points(E: Engine, groups: dict[str, NeuronGroup]) -> None
             for cp in gr.captures:
                 if cp.node in inside and cp.node != out.name and cp.kind in ("pre", "post"):
                     if cp.kind == "post" and cp.node == a.node:
-                        cp = CapturePoint(out.name, "post", cp.dim, cp.offset, cp.pattern, path)
+                        cp = CapturePoint(out.name, "post", cp.dim, cp.offset, cp.pattern, path, cp.mean_dims)
                     else:
                         continue
                 if cp not in caps:

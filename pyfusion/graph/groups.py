@@ -111,12 +111,29 @@ class Normalizer:
             builder may replace it by a member-view module; False for functional code inside a bigger module
             (the group may then be permuted but never widened).
         node: the graph node that reduces over the group (None for declared groups).
+        shared: the parameter (state-dict key) that the op applies as one value to all the group's neurons (a
+            ``nn.PReLU()`` slope, a learnable scalar temperature or scale), or None for a normalization. Such a
+            group may be permuted and merged (the members' values are averaged like any parameter), but not
+            widened: a branch neuron of member k would need member k's value, which one tensor cannot hold.
     """
 
     module: str
     kind: str
     wrappable: bool
     node: str | None = None
+    shared: str | None = None
+
+    def describe(self) -> str:
+        """What reads all the group's neurons at once, for error messages."""
+        if self.shared is not None:
+            return (
+                f"reads parameter {self.shared!r} as one value for all its neurons (node {self.node!r} in module "
+                f"{self.module!r}): a member's branch neurons would need that member's value"
+            )
+        return (
+            f"is normalized by {self.kind} in module {self.module!r} (node {self.node!r}), functional code inside "
+            "that module"
+        )
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,10 @@ class CapturePoint:
         pattern: the segment's factors (as :attr:`AxisRef.pattern`), or None when the dim holds exactly the
             group's neurons in order.
         module: path of the module whose output this value is (observable with a forward hook), or None.
+        mean_dims: other dims of the value (negative) that hold another group's neurons (an MLP-Mixer's token
+            mixing reads ``x.transpose(1, 2)``: its samples run over the channels). The members order those
+            neurons differently, so their values there are not the same samples: the statistics take the mean over
+            these dims first (invariant to their permutation).
     """
 
     node: str
@@ -140,6 +161,7 @@ class CapturePoint:
     offset: int = 0
     pattern: tuple[Factor, ...] | None = None
     module: str | None = None
+    mean_dims: tuple[int, ...] = ()
 
 
 @dataclass
