@@ -800,8 +800,7 @@ def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPla
         for nz in g.normalizers:
             if not nz.wrappable:
                 raise ValueError(
-                    f"group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node {nz.node!r}), which is "
-                    "functional code inside a bigger module: the group may be permuted but not widened, clustered "
+                    f"group {name!r} {nz.describe()}: the group may be permuted but not widened, clustered "
                     "or softly mapped (use a permutation method, or alpha = 0, for this group)"
                 )
             out[nz.module] = name
@@ -1174,8 +1173,8 @@ def fused_groups(fused: nn.Module, graph: FusionGraph) -> tuple[FusionGraph, dic
     except Exception as exc:
         raise ValueError(
             f"the fused {type(fused).__name__} does not run / trace with the fused widths ({type(exc).__name__}: "
-            f"{exc}); a module's forward probably reads a size attribute no adapter updated (see "
-            "pyfusion.fuse.builder.register_adapter)"
+            f"{exc}); a forward probably hard-codes a width the plan changed (a channel count in a view / reshape, "
+            "a slice bound, a size attribute no adapter updated: see pyfusion.fuse.builder.register_adapter)"
         ) from exc
 
     def segments(gr: FusionGraph) -> dict[tuple, Any]:

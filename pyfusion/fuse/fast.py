@@ -560,6 +560,30 @@ def _fuse_activations(model: nn.Module, swapped: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _members_run(members: Sequence[nn.Module], example: Any) -> bool:
+    """Whether member 0 runs on the example inputs (asked only after the fused model failed on them)."""
+    from pyfusion.fuse.cost import run_example
+
+    try:
+        with torch.no_grad():
+            run_example(members[0], example)
+    except Exception:
+        return False
+    return True
+
+
+def _does_not_run(fused: nn.Module, exc: Exception) -> ValueError:
+    """The error of a fused model that fails on inputs its members run on: the user's forward fixes a width the
+    plan changed (a channel count in a ``view``, a slice bound) that no adapter updates."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ValueError(
+        f"the fused {type(fused).__name__} does not run with the fused widths on inputs its members run on "
+        f"({type(exc).__name__}: {first}); a forward probably hard-codes a width the plan changed (a channel count "
+        "in a view / reshape, a slice bound, a size attribute no adapter updated: see "
+        "pyfusion.fuse.builder.register_adapter): fuse at full width (alpha = 0) or declare the groups"
+    )
+
+
 def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
     """Per swappable layer, the shape of its input for one example (one forward on the example inputs)."""
     from pyfusion.fuse.cost import run_example
@@ -905,6 +929,8 @@ def finish(
                 fused_flops = _cost(fused, example, recorded if fast_modules else None).flops
             shapes = recorded if fast_modules and recorded else None  # nothing recorded: one forward of its own
         except Exception as exc:  # a model that does not run on the example: no cap check, said so
+            if _members_run(members, example):  # the members run on it: the fused widths broke the forward
+                raise _does_not_run(fused, exc) from exc
             info["ensemble_cap"] = {"checked": False, "reason": f"{type(exc).__name__}: {exc}"}
         else:
             ens = sum(c.flops for c in member_cost)
@@ -935,7 +961,12 @@ def finish(
         info["ensemble_cap"] = {"checked": False, "reason": "no example inputs to count FLOPs on"}
     if fast_modules:
         if shapes is None and example is not None:
-            shapes = _input_shapes(fused, example)
+            try:
+                shapes = _input_shapes(fused, example)
+            except Exception as exc:
+                if not _members_run(members, example):
+                    raise
+                raise _does_not_run(fused, exc) from exc
         decisions: dict[str, str] = {}
         info["fast_modules"] = swap_partial_modules(
             fused, len(members), input_shapes=shapes, decisions=decisions, always=fast_modules == "always"

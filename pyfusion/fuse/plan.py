@@ -518,6 +518,6 @@ def refuse_widening(method: str, hit: tuple[str, Normalizer], fix: str) -> Value
     """The error of a method that would widen or mix a group that may only be permuted (:func:`permute_only`)."""
     name, nz = hit
     return ValueError(
-        f"method {method!r}: group {name!r} is normalized by {nz.kind} in module {nz.module!r} (node {nz.node!r}), "
-        f"functional code inside that module, so the group may be permuted but not widened or mixed; {fix}"
+        f"method {method!r}: group {name!r} {nz.describe()}, so the group may be permuted but not widened or mixed; "
+        f"{fix}"
     )

@@ -45,7 +45,7 @@ def repair_targets(
     members: list[nn.Module], graph: FusionGraph, plan: Plan, data: Iterable[Any], *, max_batches: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """group -> (target mean, target std) per slot, from the members' pre-activation statistics and the plan."""
-    stats = group_statistics(members, graph, data, point="pre", max_batches=max_batches, pairs="diag")
+    stats = group_statistics(members, graph, data, point="pre", max_batches=max_batches, pairs="diag", fallback=False)
     out = {}
     for name in graph.groups:
         gp = plan.groups.get(name)
@@ -135,7 +135,14 @@ def repair(
             continue
         fname = fused_name[name]
         st = group_statistics(
-            [fused], fused_graph, data, point="pre", groups=[fname], max_batches=max_batches, pairs="diag"
+            [fused],
+            fused_graph,
+            data,
+            point="pre",
+            groups=[fname],
+            max_batches=max_batches,
+            pairs="diag",
+            fallback=False,
         )[fname]
         f_mu, f_sd = st.mean(0), st.var(0).sqrt()
         t_mu, t_sd = targets[name]

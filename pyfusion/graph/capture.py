@@ -78,7 +78,10 @@ def capture_view(x: torch.Tensor, point: CapturePoint) -> torch.Tensor:
     ``point.dim``, split into the point's factors; the unit and inner factors become the neuron index
     (``unit * inner_size + inner``), rep factors (the pinned dims of a rotary q/k unit, the spatial positions of a
     channels-last flatten, grouped-query copies) and every other dim become samples. A point without a pattern is
-    the whole dim, in order."""
+    the whole dim, in order. The point's ``mean_dims`` (another group's neurons, not aligned samples) are averaged
+    out first."""
+    if point.mean_dims:
+        x = x.mean(dim=point.mean_dims, keepdim=True)
     x = x.movedim(point.dim, -1)
     if point.pattern is None:
         return x.reshape(-1, x.shape[-1])

@@ -534,6 +534,9 @@ class Engine:
         if operands is None:
             operands = [a for a in node.args if isinstance(a, fx.Node)]
             operands += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
+        # an operand expanded to the output's shape broadcasts like its source (``x / norm.expand_as(x)`` in
+        # F.normalize): read the source, whose size-1 dims constrain nothing, not the expanded copies
+        operands = [self._through_expand(a) for a in operands]
         out_shape = self.shape(node)
         vals = []
         for a in operands:
@@ -583,6 +586,18 @@ class Engine:
                 region_in = self._region_input(node) if params else None
                 sup = [self._back(a) for a in acts] + ([self._back(region_in)] if region_in is not None else [])
                 self.recs.append(_Rec(node.name, "pre", dim - nd, out[dim], None, self.order[node.name], sup))
+
+    def _through_expand(self, a: Any) -> Any:
+        """The source of a chain of ``expand`` / ``expand_as`` / ``broadcast_to`` nodes (``a`` itself otherwise)."""
+        while (
+            isinstance(a, fx.Node)
+            and a.op == "call_function"
+            and _base(_opname(a)) in ("expand", "expand_as", "broadcast_to", "expand_copy")
+            and isinstance(a.args[0], fx.Node)
+            and self.val(a.args[0]) is not None
+        ):
+            a = a.args[0]
+        return a
 
     def _back(self, a: Any) -> str:
         """Follow value-preserving ops back to the node that produced the value."""
@@ -656,6 +671,7 @@ class Engine:
                                                 for d, so in enumerate(s_out)))  # fmt: skip
 
     op_expand_copy = op_expand
+    op_expand_as = op_expand  # F.normalize divides by ``norm.clamp_min(eps).expand_as(x)``
     op_broadcast_to = op_expand
 
     def op_repeat(self, node: fx.Node) -> None:
@@ -695,10 +711,12 @@ class Engine:
         out = node.meta.get("val")
         outs = out if isinstance(out, (list, tuple)) else [out]
         res = []
+        nsp = 1 if "1d" in _opname(node) else 3 if "3d" in _opname(node) else 2
+        for t in v[len(v) - nsp :]:  # the windows slide over positions: a Linear viewed as a map keeps its order
+            self.S.pin_term(t)
         for o in outs:
             so = _shape(o)
             # channels pass, spatial dims are positions
-            nsp = 1 if "1d" in _opname(node) else 3 if "3d" in _opname(node) else 2
             terms = []
             for d, s in enumerate(so):
                 k = d - (len(so) - len(s_in))
@@ -1177,6 +1195,8 @@ class Engine:
             raise self.unsupported(node, f"grouped convolutions (groups={groups}) mix channel blocks")
         for k in range(2, len(ws)):  # kernel taps are not neurons
             self.S.pin_term(wv[k])
+        for k in range(2, len(xv)):  # nor are the positions the taps slide over (a Linear viewed as a feature map)
+            self.S.pin_term(xv[k])
         out = (self.fixed(out_shape[:1])[0],) + (out_c,) + self.fixed(out_shape[2:])
         self._bias(node, bias, out[:2], dim=1, role=role)
         self.env[node.name] = out
@@ -1325,6 +1345,8 @@ class Engine:
         if self.shape(w)[0] > 1:
             self.S.unify(self.tval(w)[0], v[1 if len(v) > 1 else 0])
             self.use(node, w, 0, "neuron")
+        elif v and self.is_param(w):  # nn.PReLU(): one slope for every channel
+            self.broadcast(node, w, None, v[1 if len(v) > 1 else 0])
         self.env[node.name] = v
         self._record_act(node, "prelu", v)
 
@@ -1761,7 +1783,8 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                 (("unit", gr.size),), (("unit", gr.units), ("inner", gr.unit_size)))  # fmt: skip
             node = E.nodes[r.node]
             module = E.module_output_path(node) if r.kind != "input" else None
-            cp = CapturePoint(r.node, r.kind, r.dim, off, None if simple else factors, module)
+            mean_dims = _unaligned_dims(E, r, key, names)
+            cp = CapturePoint(r.node, r.kind, r.dim, off, None if simple else factors, module, mean_dims)
             if cp not in gr.captures:
                 gr.captures.append(cp)
             if r.kind == "pre":
@@ -1774,7 +1797,7 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
         for cp in gr.captures:
             node = E.nodes[cp.node]
             shape = _shape(node.meta.get("val"))
-            if shape is None or cp.pattern is not None or cp.offset != 0:
+            if shape is None or cp.pattern is not None or cp.offset != 0 or cp.mean_dims:
                 continue
             nd = len(shape)
             if cp.dim + nd != (1 if nd == 4 else nd - 1):
@@ -1831,6 +1854,22 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                     gr.contracted.append(where)
 
 
+def _unaligned_dims(E: Engine, r: _Rec, key: tuple, names: dict[tuple, str]) -> tuple[int, ...]:
+    """The dims (negative) of a capture record's value, other than its own, that hold neurons of another group
+    (another unit atom): members order them differently, so the values along them are not common samples."""
+    v = E.env.get(r.node)
+    if not isinstance(v, tuple) or (len(v) == 2 and v[0] == "buffer"):
+        return ()
+    nd = len(v)
+    out = []
+    for d in range(nd):
+        if d - nd == r.dim:
+            continue
+        if any(k in names and k[0] != key[0] for _o, _l, k, _f in _patterns(E.S, v[d])):
+            out.append(d - nd)
+    return tuple(out)
+
+
 def _activation_region(E: Engine, node: fx.Node) -> tuple[set[str], fx.Node, str] | None:
     """(node names, output node, module path) of the activation module call a node belongs to, when that call is
     exactly an elementwise activation (one input, one output, elementwise ops only, no child modules), else None."""
@@ -1862,7 +1901,7 @@ def _activation_module_points(E: Engine, groups: dict[str, NeuronGroup]) -> None
             for cp in gr.captures:
                 if cp.node in inside and cp.node != out.name and cp.kind in ("pre", "post"):
                     if cp.kind == "post" and cp.node == a.node:
-                        cp = CapturePoint(out.name, "post", cp.dim, cp.offset, cp.pattern, path)
+                        cp = CapturePoint(out.name, "post", cp.dim, cp.offset, cp.pattern, path, cp.mean_dims)
                     else:
                         continue
                 if cp not in caps:

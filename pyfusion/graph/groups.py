@@ -127,6 +127,13 @@ class Normalizer:
     wrappable: bool
     node: str | None = None
 
+    def describe(self) -> str:
+        """What normalizes the group, for error messages."""
+        return (
+            f"is normalized by {self.kind} in module {self.module!r} (node {self.node!r}), functional code inside "
+            "that module"
+        )
+
 
 @dataclass(frozen=True)
 class SharedParameter:
@@ -161,6 +168,10 @@ class CapturePoint:
         pattern: the segment's factors (as :attr:`AxisRef.pattern`), or None when the dim holds exactly the
             group's neurons in order.
         module: path of the module whose output this value is (observable with a forward hook), or None.
+        mean_dims: other dims of the value (negative) that hold another group's neurons (an MLP-Mixer's token
+            mixing reads ``x.transpose(1, 2)``: its samples run over the channels). The members order those
+            neurons differently, so their values there are not the same samples: the statistics take the mean over
+            these dims first (invariant to their permutation).
     """
 
     node: str
@@ -169,6 +180,7 @@ class CapturePoint:
     offset: int = 0
     pattern: tuple[Factor, ...] | None = None
     module: str | None = None
+    mean_dims: tuple[int, ...] = ()
 
 
 @dataclass

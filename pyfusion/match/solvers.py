@@ -295,10 +295,14 @@ def _align_weights(
         changed = False
         for ti in rng.permutation(len(tie_sets)):
             names = tie_sets[ti]
-            inside = set(names)
-            # every other group's axes through its current permutation; the tie set's own other axes (a tensor with
-            # two axes in it) stay as they are, which keeps the objective linear in the tie set's permutation
-            maps = {name: Permutation(p) for name, p in perm.items() if name not in inside}
+            # every other axis through its group's current permutation, the tie set's own included: a tensor with
+            # two axes in the tie set (a layer applied to its own output, as in a weight-shared block or a
+            # recurrence) is compared at the current permutation of its other axis, which keeps the objective linear
+            # in the permutation being solved (the linearisation of <T, P W P^T> at the current P). Leaving that
+            # axis unpermuted instead compared the member's columns in their own order with the target's in slot
+            # order on every sweep, so the descent never moved from its first guess (a weight-shared block fused
+            # with its permuted copy was 0.5 off)
+            maps = {name: Permutation(p) for name, p in perm.items()}
             sims: dict[str, Tensor] = {}
             for name in names:
                 g = graph.groups[name]

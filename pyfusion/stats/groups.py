@@ -35,22 +35,31 @@ from pyfusion.stats.distributed import agree, current_group
 __all__ = ["group_points", "group_statistics"]
 
 
-def group_points(graph: FusionGraph, point: str) -> dict[str, tuple[list[Any], list[str]]]:
+def group_points(graph: FusionGraph, point: str, *, fallback: bool = False) -> dict[str, tuple[list[Any], list[str]]]:
     """group -> (graph points, module paths) of its ``point`` ("pre" or "post"; "post" falls back to "pre"
     for groups without an activation). Graph points are node names where one dim holds exactly the group's
     neurons; a traced group without such a node (attention heads: q | k segments of a packed projection, heads
-    with their inner dims) is observed at its :class:`~pyfusion.graph.CapturePoint` s of that kind instead."""
+    with their inner dims) is observed at its :class:`~pyfusion.graph.CapturePoint` s of that kind instead.
+
+    ``fallback`` (for matching, where any observation of the neurons is a feature): a group with no point of the
+    kind asked for is observed at its other kind, then at the inputs its consumers read (a maxout's consumer side,
+    a group produced by ``einsum`` with a raw parameter); without it (REPAIR, which corrects pre-activation
+    statistics) such a group has no points."""
     if point not in ("pre", "post"):
         raise ValueError(f"point must be 'pre' or 'post'; got {point!r}")
+    other = "pre" if point == "post" else "post"
     out: dict[str, tuple[list[Any], list[str]]] = {}
     for name, g in graph.groups.items():
         nodes, paths = (g.post_nodes, g.post_points) if point == "post" else (g.pre_nodes, g.pre_points)
         if not nodes and not paths:
             nodes, paths = g.pre_nodes, g.pre_points
+        if not nodes and not paths and fallback:
+            nodes, paths = (g.post_nodes, g.post_points) if other == "post" else (g.pre_nodes, g.pre_points)
         nodes = list(nodes)
         if not nodes and graph.traced is not None:
-            caps = [c for c in g.captures if c.kind == point] or [c for c in g.captures if c.kind == "pre"]
-            nodes = list(caps)
+            kinds = (point, "pre") + ((other, "input") if fallback else ())
+            kind = next((k for k in kinds if any(c.kind == k for c in g.captures)), None)
+            nodes = [c for c in g.captures if c.kind == kind]
         out[name] = (nodes, list(paths))
     return out
 
@@ -76,6 +85,7 @@ def group_statistics(
     device: torch.device | str | None = None,
     progress: bool = False,
     pairs: Sequence[tuple[int, int]] | str | None = None,
+    fallback: bool = True,
 ) -> dict[str, ActivationStats]:
     """Joint statistics of the members' activations per group (block k = member k).
 
@@ -90,12 +100,14 @@ def group_statistics(
         progress: show collect_stats' progress bar.
         pairs: the member pairs (a, b) whose cross moments the caller reads, "diag" for means and variances only,
             None (default) for all: the engine computes only those blocks (:class:`ActivationStats`).
+        fallback: observe a group without a point of the kind asked for at another kind (:func:`group_points`;
+            True for matching, False where the statistics must be exactly that kind, as REPAIR's).
 
     Returns:
         group -> ActivationStats with K blocks.
     """
     wanted = list(graph.groups) if groups is None else list(groups)
-    pts = group_points(graph, point)
+    pts = group_points(graph, point, fallback=fallback)
     modes = [{m: m.training for m in member.modules()} for member in members]
     try:
         transform = None

@@ -294,7 +294,7 @@ def _pre_captures(graph: FusionGraph) -> dict[str, dict[str, list[Segment]]]:
     out: dict[str, dict[str, list[Segment]]] = {}
     for g in graph.groups.values():
         for c in g.captures:
-            if c.kind == "pre":
+            if c.kind == "pre" and not c.mean_dims:  # samples along another group's neurons are not aligned
                 seg = Segment(g.name, c.dim, c.offset, _factors(graph, g.name, c.pattern))
                 lst = out.setdefault(c.node, {}).setdefault(g.name, [])
                 if seg not in lst:
