@@ -17,7 +17,9 @@ pyfusion modules and untied parameters (:mod:`pyfusion.fuse.builder`). Such a fi
     other sizes or replaced by a pyfusion module: an allowlisted module tree as in ``pyfusion.module/1``, whose
     ``{"type": "@member", "source": path}`` leaves are copies of the member's module at ``path``, e.g. the member
     norms of a :class:`~pyfusion.nn.norm.MemberViewNorm`), ``resize`` (new shapes of a member module's own tensors)
-    and ``set`` (plain attributes an adapter updated, e.g. a head count).
+    ``set`` (plain attributes an adapter updated, e.g. a head count) and ``config`` (the integer sizes a module reads
+    from its own view of the shared Hugging Face config, :class:`pyfusion._module_config.ModuleConfig`: Phi-3's
+    attention reads its head counts there).
 ``ties``
     groups of tensor names that are one tensor in the saved model (stored once, under the first name); tied
     parameters of the member that are not tied here were untied by fusion.
@@ -43,6 +45,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from pyfusion import serialization as _s
+from pyfusion._module_config import ModuleConfig
 from pyfusion.serialization import MAX_DEPTH, MAX_NDIM, MAX_NODES, SerializationError
 
 FORMAT = _s.FORMAT_MEMBER
@@ -505,6 +508,35 @@ def _attribute_changes(f: nn.Module, b: nn.Module, path: str) -> dict[str, Any]:
     return out
 
 
+def _config_overrides(f: nn.Module, b: nn.Module, path: str) -> dict[str, int]:
+    """The sizes ``f`` reads from its own view of the config (:class:`ModuleConfig`), when ``b`` reads the shared
+    config there; every override an integer replacing an integer (head counts)."""
+    view = vars(f).get("config")
+    if not isinstance(view, ModuleConfig):
+        return {}
+    at = path or "<root>"
+    if isinstance(vars(b).get("config"), ModuleConfig) or "config" not in vars(b):
+        raise SerializationError(f"cannot save module {at!r}: its member reads no shared config to override")
+    out = view.overrides
+    for k, v in out.items():
+        if not _config_size(k, v, getattr(view.shared, k, None)):
+            raise SerializationError(
+                f"cannot save module {at!r}: its config override {k}={v!r} is not an integer size replacing one "
+                "(only those are stored)"
+            )
+    return out
+
+
+def _config_size(key: str, value: Any, shared: Any) -> bool:
+    """A config override a file may hold: a public key whose shared value is an integer, replaced by an integer
+    (never a private key such as ``_attn_implementation_internal``, which could ask for downloaded kernels)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return isinstance(key, str) and not key.startswith("_") and is_int(value) and value >= 0 and is_int(shared)
+
+
 class _Differ:
     """The changes from a member (``base``) to the model being saved, by module path (pre-order)."""
 
@@ -525,6 +557,9 @@ class _Differ:
         attrs = _attribute_changes(f, b, path)
         if attrs:
             self.ops.append({"op": "set", "path": path, "attributes": attrs})
+        overrides = _config_overrides(f, b, path)
+        if overrides:
+            self.ops.append({"op": "config", "path": path, "overrides": overrides})
         for name, fc in f._modules.items():
             cpath = f"{path}.{name}" if path else name
             bc = b._modules.get(name)
@@ -666,6 +701,12 @@ def same_contents(module: nn.Module, reloaded: nn.Module) -> None:
     if tie_groups(ta) != tie_groups(tb):
         raise SerializationError("the written file ties other tensors than the model (verification failed)")
     for (path, m), (_, r) in zip(a, b):
+        cm, cr = vars(m).get("config"), vars(r).get("config")
+        om = cm.overrides if isinstance(cm, ModuleConfig) else None
+        if om != (cr.overrides if isinstance(cr, ModuleConfig) else None):
+            raise SerializationError(
+                f"the config overrides of module {path or '<root>'!r} read back different (verification failed)"
+            )
         am, ar = scalar_attributes(m), scalar_attributes(r)
         for n in sorted(set(am) | set(ar)):
             if not _same_value(am.get(n, _MISSING), ar.get(n, _MISSING)):
@@ -790,9 +831,9 @@ def parse_records(where: str, metadata: dict[str, str]) -> tuple[dict[str, Any],
         raise _bad(where, f"the changes record is not a list of at most {MAX_NODES} changes")
     nodes = 0
     for i, op in enumerate(changes):
-        if not isinstance(op, dict) or op.get("op") not in ("replace", "resize", "set"):
-            raise _bad(where, f"change {i} is not an object with op 'replace', 'resize' or 'set'")
-        field = {"replace": "module", "resize": "tensors", "set": "attributes"}[op["op"]]
+        if not isinstance(op, dict) or op.get("op") not in ("replace", "resize", "set", "config"):
+            raise _bad(where, f"change {i} is not an object with op 'replace', 'resize', 'set' or 'config'")
+        field = {"replace": "module", "resize": "tensors", "set": "attributes", "config": "overrides"}[op["op"]]
         _object(where, op, f"change {i}", {"op", "path", field}, {"op", "path", field})
         path = _check_path(where, op["path"], f"the path of change {i}")
         if op["op"] == "replace":
@@ -803,6 +844,8 @@ def parse_records(where: str, metadata: dict[str, str]) -> tuple[dict[str, Any],
                 raise SerializationError(f"{where}: the changes hold more than {MAX_NODES} modules (limit)")
         elif op["op"] == "resize":
             _check_tensor_dict(where, op["tensors"], f"change {i}")
+        elif op["op"] == "config":
+            _check_attributes(where, op["overrides"], f"change {i}")
         else:
             _check_attributes(where, op["attributes"], f"change {i}")
     ties = _check_ties(where, parsed["ties"], "the ties record")
@@ -877,6 +920,17 @@ def apply_changes(where: str, model: nn.Module, changes: list[dict[str, Any]], d
                         raise SerializationError(f"{where}: module {path!r} has no tensor {name!r} to resize")
                 except (RuntimeError, ValueError, OverflowError) as exc:
                     raise SerializationError(f"{where}: cannot resize {path}.{name} to {shape}: {exc}") from exc
+        elif op["op"] == "config":
+            shared = vars(mod).get("config")
+            if shared is None or isinstance(shared, ModuleConfig) or _encode(shared) is not _SKIP:
+                raise SerializationError(f"{where}: a change overrides the config of {path!r}, which reads none")
+            for name, value in op["overrides"].items():
+                if not _config_size(name, value, getattr(shared, name, None)):
+                    raise SerializationError(
+                        f"{where}: a change overrides config key {name!r} of {path!r} with {str(value)[:40]!r}; only "
+                        "integer sizes that the config has may be overridden"
+                    )
+            vars(mod)["config"] = ModuleConfig(shared, dict(op["overrides"]))
         else:
             own = vars(mod)
             for name, enc in op["attributes"].items():

@@ -653,6 +653,104 @@ def _adapt_opt_attention(mod: nn.Module, path: str, original: nn.Module) -> None
     mod.embed_dim = int(mod.out_proj.weight.shape[0])
 
 
+def _rows(linear: nn.Module) -> int:
+    return int(linear.weight.shape[0])
+
+
+def _cols(linear: nn.Module) -> int:
+    return int(linear.weight.shape[1])
+
+
+@register_adapter("FalconAttention")
+def _adapt_falcon_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """Falcon's attention views its fused ``query_key_value`` output through ``num_heads`` / ``num_kv_heads``
+    (``head_dim`` is fixed): three layouts, chosen by the config flags the module copies at construction.
+
+    * new decoder architecture: rows ``[kv group: its g queries, key, value]`` per group, read as
+      ``view(..., num_kv_heads, -1, head_dim)``: whole groups may widen, the queries per group ``g`` stay;
+    * multi-query: ``[queries | one key | one value]``, split by ``[num_heads, 1, 1]``: queries may widen, the
+      shared key / value head cannot (two members' keys would need two key heads);
+    * otherwise ``[head: query, key, value]`` per head, ``unflatten(num_heads, 3)``.
+
+    ``num_key_value_groups`` (queries per key head, read by the attention interface's ``repeat_kv``) is recomputed.
+    """
+    hd = int(mod.head_dim)
+    rows, q_cols = _rows(mod.query_key_value), _cols(mod.dense)
+    if q_cols % hd:
+        raise ValueError(f"{path}: the fused output projection reads {q_cols} features, not whole heads of {hd}")
+    heads = q_cols // hd
+    if mod.new_decoder_architecture:
+        per_group = int(original.num_heads) // int(original.num_kv_heads)
+        group_rows = (per_group + 2) * hd
+        if rows % group_rows or heads != rows // group_rows * per_group:
+            raise ValueError(
+                f"{path}: Falcon's new decoder architecture packs query_key_value per key / value group ({per_group} "
+                f"queries, a key and a value of {hd} dims each: {group_rows} rows); the fused layout ({rows} rows, "
+                f"{heads} query heads) would need groups of unequal sizes"
+            )
+        mod.num_kv_heads = rows // group_rows
+    elif mod.multi_query:
+        if rows != (heads + 2) * hd:
+            raise ValueError(
+                f"{path}: multi-query Falcon has one key / value head shared by all query heads; the fused "
+                f"query_key_value ({rows} rows for {heads} query heads of {hd} dims) would need "
+                f"{(rows - heads * hd) // (2 * hd)} of them"
+            )
+        mod.num_kv_heads = 1
+    else:
+        if rows != 3 * heads * hd:
+            raise ValueError(
+                f"{path}: Falcon's query_key_value packs query, key and value per head ({3 * hd} rows each); the fused "
+                f"one has {rows} rows for {heads} heads"
+            )
+        mod.num_kv_heads = heads * int(original.num_kv_heads) // int(original.num_heads)
+    mod.num_heads = heads
+    mod.num_key_value_groups = heads // int(mod.num_kv_heads)
+    mod.hidden_size = mod.split_size = _rows(mod.dense)
+
+
+@register_adapter("Phi3Attention")
+def _adapt_phi3_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """Phi-3 splits its fused ``qkv_proj`` rows ``[queries | keys | values]`` at ``self.config.num_attention_heads *
+    head_dim`` and ``self.num_key_value_heads * head_dim``. The config is shared by every layer, the rotary embedding
+    (its head dim) and ``set_attn_implementation``: the module gets its own view of it
+    (:class:`pyfusion._module_config.ModuleConfig`) with its head counts; every other key still reads the shared
+    config. The queries per key / value head stay the member's (grouped-query heads widen by whole groups)."""
+    from pyfusion._module_config import ModuleConfig
+
+    hd = int(mod.head_dim)
+    rows, q_cols = _rows(mod.qkv_proj), _cols(mod.o_proj)
+    per_group = int(original.num_key_value_groups)
+    if q_cols % (hd * per_group) or (rows - q_cols) % (2 * hd):
+        raise ValueError(
+            f"{path}: the fused o_proj reads {q_cols} features and qkv_proj writes {rows} rows: not whole key / value "
+            f"groups of {per_group} query heads of {hd} dims"
+        )
+    heads, kv = q_cols // hd, (rows - q_cols) // (2 * hd)
+    if heads != kv * per_group:
+        raise ValueError(
+            f"{path}: the fused qkv_proj has {heads} query heads for {kv} key / value heads; Phi-3 needs "
+            f"{per_group} query heads per key / value head (its config's ratio)"
+        )
+    mod.num_key_value_heads = kv
+    mod.num_key_value_groups = per_group
+    mod.config = ModuleConfig(mod.config, {"num_attention_heads": heads, "num_key_value_heads": kv})
+
+
+@register_adapter("WhisperAttention")
+def _adapt_whisper_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """Whisper's attention views keys and values as ``(batch, -1, num_heads, head_dim)`` (queries by ``-1``)."""
+    hd = int(mod.head_dim)
+    q, k, v = _rows(mod.q_proj), _rows(mod.k_proj), _rows(mod.v_proj)
+    if not q == k == v or q % hd or _cols(mod.out_proj) != q:
+        raise ValueError(
+            f"{path}: the fused q / k / v projections write {q} / {k} / {v} rows and out_proj reads "
+            f"{_cols(mod.out_proj)}: not the same whole heads of {hd} dims"
+        )
+    mod.num_heads = q // hd
+    mod.embed_dim = _rows(mod.out_proj)
+
+
 @register_adapter("MultiheadAttention")
 def _adapt_mha(mod: nn.Module, path: str, original: nn.Module) -> None:
     if not mod._qkv_same_embed_dim:

@@ -137,9 +137,18 @@ def order_shared_slots(plan: Plan, graph: FusionGraph) -> Plan:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# nn.Linear subclasses whose forward is exactly the affine map ``x W^T + b`` of their own weight and bias (keyed by
+# class name: pyfusion does not import the libraries defining them). Falcon's FalconLinear computes
+# ``input @ weight.T + bias``: without it, its zero blocks counted as work and every widened Falcon was capped to
+# the ensemble.
+AFFINE_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
+
+
 def _axes_of(mod: nn.Module) -> tuple[str, int, int] | None:
     """(parameter, output axis, input axis) of the weight of a swappable layer, or None."""
-    if isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
+    if isinstance(mod, nn.Linear) and (
+        type(mod).forward is nn.Linear.forward or type(mod).__name__ in AFFINE_LINEAR_SUBCLASSES
+    ):
         return "weight", 0, 1
     if isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward:
         if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
