@@ -417,7 +417,10 @@ USER_FORGERIES = {
         lambda r: _op(r, "replace", "ln1").update({"path": "nope.ln1"}),
         "has no module 'nope'",
     ),
-    "unknown op": (lambda r: r["changes"].append({"op": "exec", "path": "x"}), "op 'replace', 'resize' or 'set'"),
+    "unknown op": (
+        lambda r: r["changes"].append({"op": "exec", "path": "x"}),
+        "op 'replace', 'resize', 'set' or 'config'",
+    ),
     "path with empty segment": (lambda r: _op(r, "resize", "mha").update({"path": "a..b"}), "not a module path"),
     "member record short": (lambda r: r["base"]["modules"].pop("ff1"), "has a module 'ff1'"),
     "member record class": (
