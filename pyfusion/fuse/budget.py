@@ -357,6 +357,7 @@ class _Candidate:
     # what BudgetSearch._ready still has to do before the candidate may be used (see there): the builds' re-trace
     # width checks (builder.deferred_width_checks), and the held-out scoring (objective, tie, losses unset until)
     checks: list[Any] | None = None
+    uncounted: bool = False  # flops not counted yet (a first-buildable probe: checked first, as the build was)
     unscored: bool = False
     key: tuple | None = None  # its BudgetSearch._cache key
     failed: bool = False  # a pending step failed: the candidate is None to the search
@@ -521,6 +522,7 @@ class BudgetSearch:
         self.fusion_time = 0.0
         self.failures: dict[str, str] = {}
         self._cache: dict[tuple, _Candidate | None] = {}
+        self._probing = False  # inside _first_buildable: new candidates are counted by _ready (after their checks)
         self._meta_counts: bool | None = None  # whether candidates are counted on the meta device (_count)
         self._member_costs: dict[int, tuple] = {}  # the members' real-forward FLOP counts (fast.member_cost_scope)
         self._static: list[_Candidate] | None = None
@@ -650,8 +652,10 @@ class BudgetSearch:
     ) -> _Candidate:
         """The candidate of ``module``: its FLOPs, and its held-out outputs and objective (with ``lazy``: left for
         :meth:`_ready`, which the search calls before any decision reads them)."""
-        flops = int(self._count(module).flops)
-        cand = _Candidate(name, family, flops, math.nan, math.nan, options, module=module, unscored=True)
+        uncounted = lazy and self._probing
+        flops = 0 if uncounted else int(self._count(module).flops)
+        cand = _Candidate(name, family, flops, math.nan, math.nan, options, module=module, unscored=True,
+                          uncounted=uncounted)  # fmt: skip
         if not lazy:
             self._score_candidate(cand)
         return cand
@@ -702,6 +706,13 @@ class BudgetSearch:
                 return self._drop(cand)
             finally:
                 self.fusion_time += time.perf_counter() - t0  # part of the fusion (build) it was deferred from
+        if cand.uncounted:
+            try:
+                cand.flops = int(self._count(cand.module).flops)
+            except Exception as exc:
+                self.failures[cand.name] = f"{type(exc).__name__} when running the fused model: {exc}"
+                return self._drop(cand)
+            cand.uncounted = False
         if cand.unscored:
             try:
                 self._score_candidate(cand)
@@ -936,7 +947,13 @@ class BudgetSearch:
         """(index, candidate) of the first of the lowest quarter of ``steps`` that builds (a width too narrow
         for some group, e.g. below one slot, fails; :meth:`_ready`), or (0, None)."""
         for i in range(max(1, len(steps) // 4)):
-            c = build(steps[i])
+            # a new step is built uncounted (_measure): whether it builds is decided first, by its width check, as
+            # in the build itself (Llama's narrow widths fail it: no FLOP count of those); _ready counts the rest
+            self._probing = True
+            try:
+                c = build(steps[i])
+            finally:
+                self._probing = False
             if self._ready(c):
                 return i, c
         return 0, None
