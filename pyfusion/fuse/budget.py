@@ -93,22 +93,30 @@ candidate on the held-out samples only (with ``trivial_rule="argmin"``: the plai
 **What it costs.** Each candidate is one fusion (sub-ensembles and members are evaluated from the members'
 outputs, no fusion); the bisections cost about log2(32) + 2 fusions per method and budget (shared across the
 budgets of :func:`fuse_budgets`). ``fusion_info["budget"]`` states the number of fusions and the time, and lists
-every candidate with its cost, objective and whether it fits.
+every candidate with its cost, objective and whether it fits. Work no decision reads is deferred (``_LAZY``,
+:meth:`BudgetSearch._ready`): a fusion's re-trace width check (:func:`pyfusion.fuse.builder.check_fused_widths`,
+a ``torch.export`` of the built model: 0.3-1 s for a two-layer Hugging Face model, half the search's time) and its
+held-out scoring run only once the search decides on the candidate, never for a bisection step over the budget
+(whether such a step would pass changes nothing: it does not fit either way); every candidate compared or returned
+passed the same check as before, and every choice, row and count is the one of the eager search
+(tests/test_budget_speed.py). A check that fails late drops the candidate exactly as a failed build did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pyfusion.fuse.builder import deferred_width_checks
 from pyfusion.fuse.cost import cost as _cost
 from pyfusion.fuse.validate import check_lambdas, check_members, prepare_data
 from pyfusion.nn.ensemble import SubEnsemble
@@ -148,6 +156,11 @@ _WIDTH_STEPS = 16  # cluster / prune widths j / 16 of one member's width
 # one member clustered alone: widths j / 32 (its cost grows ~ quadratically in the width, and a step of 1/16 is up
 # to 0.06 of the ensemble's cost: the MNIST ResNet pair's best member at width 0.625 / 0.6875 costs 0.198 / 0.259)
 _MEMBER_WIDTH_STEPS = 32
+# The search's deferred work (BudgetSearch._ready): the builds' re-trace width checks and the held-out scoring wait
+# until a decision depends on the candidate (a bisection step over the budget needs neither); members' real-forward
+# FLOP counts are kept across the search's fusions; candidates are counted on the meta device where they run there.
+# Every decision, candidate row and returned model is the same as without (tests switch it off to compare).
+_LAZY = True
 _EXHAUSTIVE_SUBSETS = 10  # all 2^K - 1 subsets up to K = 10 (1023 evaluations of cached outputs)
 _SEARCH_OPTIONS = (
     "objective",
@@ -341,6 +354,13 @@ class _Candidate:
     refit: Callable[[list[Any]], nn.Module] | None = None  # the same fusion on other calibration batches
     z_hold: Tensor | None = None  # held-out outputs (for the cross-fitted confirmation)
     step: int | None = None  # the width step j of a cluster / prune candidate (see BudgetSearch._pruned)
+    # what BudgetSearch._ready still has to do before the candidate may be used (see there): the builds' re-trace
+    # width checks (builder.deferred_width_checks), and the held-out scoring (objective, tie, losses unset until)
+    checks: list[Any] | None = None
+    uncounted: bool = False  # flops not counted yet (a first-buildable probe: checked first, as the build was)
+    unscored: bool = False
+    key: tuple | None = None  # its BudgetSearch._cache key
+    failed: bool = False  # a pending step failed: the candidate is None to the search
 
     @property
     def hold_key(self) -> tuple[float, float]:
@@ -502,6 +522,9 @@ class BudgetSearch:
         self.fusion_time = 0.0
         self.failures: dict[str, str] = {}
         self._cache: dict[tuple, _Candidate | None] = {}
+        self._probing = False  # inside _first_buildable: new candidates are counted by _ready (after their checks)
+        self._meta_counts: bool | None = None  # whether candidates are counted on the meta device (_count)
+        self._member_costs: dict[int, tuple] = {}  # the members' real-forward FLOP counts (fast.member_cost_scope)
         self._static: list[_Candidate] | None = None
         self._similar_groups: dict[int, list[list[int]]] = {}
         if self.class_counts is not None and self.z.dim() >= 2 and self.class_counts.shape[1] != self.z.shape[-1]:
@@ -572,6 +595,7 @@ class BudgetSearch:
         if key in self._cache:
             return self._cache[key]
         from pyfusion.fuse.api import fuse
+        from pyfusion.fuse.fast import member_cost_scope  # (loads the execution modules: not at import)
 
         method = "partial" if family == "groups" else family
         options = {**(self.options if family == self.method else {}), **opts}
@@ -580,8 +604,11 @@ class BudgetSearch:
         lam = [v / tot for v in lam] if tot > 0 else [1.0 / len(members)] * len(members)
         t0 = time.perf_counter()
         try:
-            fused = fuse([self.members[i] for i in members], self.fit_data, method=method, lambdas=lam,
-                         **self.fuse_kwargs, **options)  # fmt: skip
+            # the builds' re-trace checks wait until a decision depends on this candidate (_ready): most steps of a
+            # bisection cost more than the budget, and whether they would pass the check changes nothing there
+            with self._deferring() as checks:
+                fused = fuse([self.members[i] for i in members], self.fit_data, method=method, lambdas=lam,
+                             **self.fuse_kwargs, **options)  # fmt: skip
         except Exception as exc:  # a candidate that cannot be built is left out; why is in fusion_info["budget"]
             self.failures[name] = f"{type(exc).__name__}: {exc}"
             self._cache[key] = None
@@ -591,27 +618,119 @@ class BudgetSearch:
             self.fusion_time += time.perf_counter() - t0
 
         def refit(data: list[Any]) -> nn.Module:
-            return fuse([self.members[i] for i in members], data, method=method, lambdas=lam, **self.fuse_kwargs,
-                        **options)  # fmt: skip
+            with member_cost_scope(self._member_costs) if _LAZY else contextlib.nullcontext():
+                return fuse([self.members[i] for i in members], data, method=method, lambdas=lam,
+                            **self.fuse_kwargs, **options)  # fmt: skip
 
         try:
-            cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options})
+            cand = self._measure(fused, name, family, {"method": method, "members": list(members), **options},
+                                 lazy=_LAZY)  # fmt: skip
             cand.refit = refit
         except Exception as exc:  # built but cannot run (e.g. a model reading a swapped layer's .weight)
             self.failures[name] = f"{type(exc).__name__} when running the fused model: {exc}"
             self._cache[key] = None
             return None
+        cand.key, cand.checks = key, list(checks)
         self._cache[key] = cand
         return cand
 
-    def _measure(self, module: nn.Module, name: str, family: str, options: dict[str, Any]) -> _Candidate:
-        flops = int(_cost(module, self.example).flops)
-        z = _outputs(module, self.x_hold, self.batch)
-        obj, tie = self._score(z)
+    @contextlib.contextmanager
+    def _deferring(self) -> Iterator[list[Any]]:
+        """The context of a candidate's fusion: its builds' width checks deferred (the list of them,
+        :func:`pyfusion.fuse.builder.deferred_width_checks`) and the members' real-forward FLOP counts kept
+        (:func:`pyfusion.fuse.fast.member_cost_scope`); with ``_LAZY`` off, neither (an empty list)."""
+        if not _LAZY:
+            yield []
+            return
+        from pyfusion.fuse.fast import member_cost_scope  # (loads the execution modules: not at import)
+
+        with deferred_width_checks() as checks, member_cost_scope(self._member_costs):
+            yield checks
+
+    def _measure(
+        self, module: nn.Module, name: str, family: str, options: dict[str, Any], lazy: bool = False
+    ) -> _Candidate:
+        """The candidate of ``module``: its FLOPs, and its held-out outputs and objective (with ``lazy``: left for
+        :meth:`_ready`, which the search calls before any decision reads them)."""
+        uncounted = lazy and self._probing
+        flops = 0 if uncounted else int(self._count(module).flops)
+        cand = _Candidate(name, family, flops, math.nan, math.nan, options, module=module, unscored=True,
+                          uncounted=uncounted)  # fmt: skip
+        if not lazy:
+            self._score_candidate(cand)
+        return cand
+
+    def _count(self, module: nn.Module) -> Any:
+        """:func:`pyfusion.cost` of a candidate on ``self.example``, counted on a meta-device copy of it
+        (:func:`pyfusion.fuse.fast._cost`: the same :class:`~pyfusion.fuse.cost.Cost`, the count reading only shapes
+        and the fusion records; tested equal on every candidate of the test families) while the candidates run on the
+        meta device, else by the real forward (after the first that could not: a Hugging Face GPT-2 / Llama reads a
+        value of its mask). The meta run skips the real forward's work, above all the first call of each new
+        execution module, which measures its strategies for the batch-1 shape (~50 ms per layer)."""
+        if self._meta_counts is False or not _LAZY:
+            return _cost(module, self.example)
+        from pyfusion.fuse.fast import _cost as _shape_cost
+
+        on_meta: list[bool] = []
+        result = _shape_cost(module, self.example, meta_flag=on_meta)
+        self._meta_counts = on_meta == [True]
+        return result
+
+    def _score_candidate(self, cand: _Candidate) -> None:
+        """The held-out outputs, objective and per-sample losses of ``cand.module`` (what :meth:`_measure` defers)."""
+        assert cand.module is not None
+        z = _outputs(cand.module, self.x_hold, self.batch)
+        cand.objective, cand.tie = self._score(z)
         same = z.shape == self.z.shape[1:]
-        losses = self._losses(z) if same else None
-        return _Candidate(name, family, flops, obj, tie, options, module=module, hold_losses=losses,
-                          z_hold=z if same else None)  # fmt: skip
+        cand.hold_losses = self._losses(z) if same else None
+        cand.z_hold = z if same else None
+        cand.unscored = False
+
+    def _ready(self, cand: _Candidate | None) -> bool:
+        """Whether ``cand`` exists as the search without deferral would have it: built, passing its builds' re-trace
+        width checks (:func:`pyfusion.fuse.builder.check_fused_widths`, run now on the models as built), and scored
+        on the held-out samples. A failure is recorded in ``failures`` and the candidate becomes None (cached), as
+        when the build or the run had failed at once. The search calls this before every decision that reads a
+        candidate beyond its FLOPs (whether it builds, its objective): a step over the budget is "does not fit"
+        either way, so its checks and outputs are never needed; every candidate compared or returned is ready."""
+        if cand is None or cand.failed:
+            return False
+        if cand.checks:
+            t0 = time.perf_counter()
+            try:
+                while cand.checks:
+                    cand.checks[0].run()
+                    cand.checks.pop(0)
+            except Exception as exc:  # the message fuse would have raised from build
+                self.failures[cand.name] = f"{type(exc).__name__}: {exc}"
+                return self._drop(cand)
+            finally:
+                self.fusion_time += time.perf_counter() - t0  # part of the fusion (build) it was deferred from
+        if cand.uncounted:
+            try:
+                cand.flops = int(self._count(cand.module).flops)
+            except Exception as exc:
+                self.failures[cand.name] = f"{type(exc).__name__} when running the fused model: {exc}"
+                return self._drop(cand)
+            cand.uncounted = False
+        if cand.unscored:
+            try:
+                self._score_candidate(cand)
+            except Exception as exc:  # built but cannot run (e.g. a model reading a swapped layer's .weight)
+                self.failures[cand.name] = f"{type(exc).__name__} when running the fused model: {exc}"
+                return self._drop(cand)
+        return True
+
+    def _drop(self, cand: _Candidate) -> bool:
+        cand.failed, cand.checks, cand.module = True, None, None
+        if cand.key is not None:
+            self._cache[cand.key] = None
+        return False
+
+    def _fits(self, cand: _Candidate | None, budget: float) -> bool:
+        """``cand`` builds (:meth:`_ready`) and its FLOPs fit ``budget`` (the FLOPs first: no check or scoring of a
+        step over the budget)."""
+        return cand is not None and not cand.failed and cand.flops <= budget and self._ready(cand)
 
     # -- budget-independent candidates -------------------------------------------------------------------------
 
@@ -638,7 +757,7 @@ class BudgetSearch:
             for fam in _FULL_FUSION:
                 if fam in self.families:
                     c = self._fuse((fam,), fam, fam, range(self.k))
-                    if c is not None:
+                    if self._ready(c):
                         out.append(c)
         self._static = out
         return out
@@ -812,25 +931,30 @@ class BudgetSearch:
         if c_lo is None or c_lo.flops > budget:
             return None
         c_hi = build(steps[hi])
-        if c_hi is not None and c_hi.flops <= budget:
+        if self._fits(c_hi, budget):
             return c_hi
         best = c_lo
         while hi - lo > 1:
             mid = (lo + hi) // 2
             c = build(steps[mid])
-            if c is not None and c.flops <= budget:
+            if self._fits(c, budget):
                 lo, best = mid, c
             else:
                 hi = mid
         return best
 
-    @staticmethod
-    def _first_buildable(steps: Sequence[Any], build: Callable[[Any], _Candidate | None]):
+    def _first_buildable(self, steps: Sequence[Any], build: Callable[[Any], _Candidate | None]):
         """(index, candidate) of the first of the lowest quarter of ``steps`` that builds (a width too narrow
-        for some group, e.g. below one slot, fails), or (0, None)."""
+        for some group, e.g. below one slot, fails; :meth:`_ready`), or (0, None)."""
         for i in range(max(1, len(steps) // 4)):
-            c = build(steps[i])
-            if c is not None:
+            # a new step is built uncounted (_measure): whether it builds is decided first, by its width check, as
+            # in the build itself (Llama's narrow widths fail it: no FLOP count of those); _ready counts the rest
+            self._probing = True
+            try:
+                c = build(steps[i])
+            finally:
+                self._probing = False
+            if self._ready(c):
                 return i, c
         return 0, None
 
@@ -889,7 +1013,7 @@ class BudgetSearch:
         j = int(round(first.options["alpha"] * _ALPHA_STEPS))
         while j >= 0:
             parts = [self._partial("groups", g, j) for g in groups]
-            if any(p is None for p in parts):
+            if not all([self._ready(p) for p in parts]):  # (a list: every part checked, as every part was built)
                 return None
             if sum(p.flops for p in parts) <= budget:
                 break
@@ -921,7 +1045,7 @@ class BudgetSearch:
                     j = int(round(best.options["alpha"] * _ALPHA_STEPS))
                     for target in ("logits", "probs") if self.z.dim() == 3 else ("logits",):
                         fit = self._partial("partial_fit", range(self.k), j, output_target=target)
-                        if fit is not None and fit.flops <= budget:
+                        if self._fits(fit, budget):
                             out.append(fit)
         steps = list(range(1, _WIDTH_STEPS * max(self.k, 1) + 1))
         for fam in ("cluster", "prune"):
@@ -934,7 +1058,7 @@ class BudgetSearch:
                     j = int(c.step) if c.step is not None else 0
                     for target in ("logits", "probs") if self.z.dim() == 3 else ("logits",):
                         fit = self._pruned("cluster_fit", j, output_target=target)
-                        if fit is not None and fit.flops <= budget:
+                        if self._fits(fit, budget):
                             out.append(fit)
         if "cluster_fit" in self.families and self.k >= 2 and budget < max(self.member_flops):
             # below one member's cost: also the best member (on the calibration data) clustered alone and fitted,
@@ -944,7 +1068,7 @@ class BudgetSearch:
             c = self._largest_fitting(steps1, budget, lambda j: self._pruned("cluster", j, member=i))
             if c is not None and c.step is not None:
                 fit = self._pruned("cluster_fit", int(c.step), member=i)
-                if fit is not None and fit.flops <= budget:
+                if self._fits(fit, budget):
                     out.append(fit)
         if "groups" in self.families and self.k >= 4:
             for size in (2, 4) if self.k >= 8 else (2,):
@@ -977,19 +1101,19 @@ class BudgetSearch:
                     options.append((c.name, c.flops))
         if self.k >= 2 and ("partial" in self.families or "partial_fit" in self.families):
             c = self._partial("partial", range(self.k), 0)
-            if c is not None:
+            if self._ready(c):
                 options.append((c.name, c.flops))
         for fam in _FULL_FUSION:
             if fam in self.families and self.k >= 2:
                 c = self._fuse((fam,), fam, fam, range(self.k))
-                if c is not None:
+                if self._ready(c):
                     options.append((c.name, c.flops))
         if self.k >= 2 and any(f in self.families for f in ("subsets", "class_subsets", "class_counts")):
             pair = sorted(self.member_flops)[:2]
             options.append(("a sub-ensemble of 2 members", sum(pair)))
         if "groups" in self.families and self.k >= 4:
             c = self._partial("groups", self._groups(2)[0], 0)
-            if c is not None:
+            if self._ready(c):
                 options.append(("groups of 2 at alpha=0", c.flops * (self.k // 2)))
         if not options:
             raise BudgetError(
@@ -1028,6 +1152,9 @@ class BudgetSearch:
             cands = static + self.dynamic_candidates(flops)
         finally:
             self.families = saved
+        # every candidate above was made ready where the search decided on it; a candidate whose deferred check or
+        # scoring fails here is left out (recorded in failures): the next best is chosen, never an unchecked model
+        cands = [c for c in cands if c.family in _TRIVIAL or self._ready(c)]
         feasible = [c for c in cands if c.flops <= flops]
         if not feasible:  # pragma: no cover - the cheapest check above guarantees one
             raise BudgetError(f"no candidate fits budget={budget!r} ({flops:,.0f} FLOPs)", flops, cheapest)

@@ -25,9 +25,11 @@ widened layer, heads, packed projections and concatenations included (pyfusion.f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +41,14 @@ from pyfusion.graph.groups import AxisRef, FusionGraph
 from pyfusion.graph.transform import apply_map, axis_plan, member_tensor, selection
 from pyfusion.nn.norm import MemberViewNorm
 
-__all__ = ["build", "fused_tensors", "register_adapter", "is_permutation_plan"]
+__all__ = [
+    "DeferredWidthCheck",
+    "build",
+    "deferred_width_checks",
+    "fused_tensors",
+    "register_adapter",
+    "is_permutation_plan",
+]
 
 # kept under their historical names (tests and benchmarks call them)
 _selection = selection
@@ -1045,7 +1054,11 @@ def build(
         )  # fmt: skip
     if check:
         materialize(fused)
-        check_fused_widths(fused, graph, plan)
+        deferred = _DEFERRED_CHECKS.get()
+        if deferred is not None:  # the caller runs the check later, on a twin of the model as it is now
+            deferred.append(DeferredWidthCheck(fused, graph, plan))
+        else:
+            check_fused_widths(fused, graph, plan)
     # pyfusion.save describes a fused user class as member architecture + changes: keep the member's (meta, no memory)
     from pyfusion.serialization import record_member_architecture
 
@@ -1319,3 +1332,87 @@ def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None
                 f"traces to {got} at {r.key} axis {r.axis}; a module's forward probably hard-codes a size (see "
                 "pyfusion.fuse.builder.register_adapter)"
             )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deferred width checks (the budget search: only the candidates whose check decides something are checked)
+# ---------------------------------------------------------------------------------------------------------------
+
+_DEFERRED_CHECKS: contextvars.ContextVar[list[DeferredWidthCheck] | None] = contextvars.ContextVar(
+    "pyfusion_deferred_width_checks", default=None
+)
+
+
+class DeferredWidthCheck:
+    """The re-trace check of :func:`build` (:func:`check_fused_widths`), left for later.
+
+    Holds a *shape twin* of the fused model as it was at the check's place in :func:`build`: a deep copy whose
+    parameters and buffers are meta tensors (no storage) of the same shapes, strides, dtypes and ``requires_grad``,
+    tied exactly as in the model (one meta tensor per distinct tensor); modules, their attributes, hooks and
+    non-parameter tensor attributes are copied as they are. :meth:`run` gives every meta tensor uninitialised
+    storage on its original device and runs :func:`check_fused_widths` on that twin. The check reads only the
+    structure: the export is non-strict on fake tensors and its cache (:func:`pyfusion.graph.export.fingerprint`)
+    already returns one program for every model of the same module classes / attributes, tensor names / shapes /
+    dtypes / devices / ties and input signature, which the twin shares with the model (tested equal). So the
+    outcome is the one the check would have had in :func:`build`, whatever happens to the model meanwhile (the
+    fast-module swap makes it untraceable), and the pending check costs one module tree, no tensor memory.
+    """
+
+    def __init__(self, fused: nn.Module, graph: FusionGraph, plan: Plan) -> None:
+        memo: dict[int, Any] = {}
+        self._devices: dict[int, torch.device] = {}
+        tensors = list(fused.named_parameters(remove_duplicate=False)) + list(
+            fused.named_buffers(remove_duplicate=False)
+        )
+        for _n, t in tensors:
+            if id(t) in memo:
+                continue
+            meta = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+            twin = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+            memo[id(t)] = twin
+            self._devices[id(twin)] = t.device
+        self.shell: nn.Module | None = deepcopy_module(fused, memo)
+        self.graph, self.plan = graph, plan
+
+    def twin(self) -> nn.Module:
+        """The shell with uninitialised storage on each tensor's original device (ties kept); the shell is used up."""
+        shell = self.shell
+        if shell is None:
+            raise RuntimeError("this deferred width check was already run")
+        self.shell = None
+        real: dict[int, Tensor] = {}
+
+        def swap(t: Tensor) -> Tensor:
+            hit = real.get(id(t))
+            if hit is None:
+                dev = self._devices.get(id(t), t.device)
+                new = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=dev)
+                hit = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                real[id(t)] = hit
+            return hit
+
+        for mod in shell.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[name] = swap(p)  # type: ignore[assignment]
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = swap(b)
+        return shell
+
+    def run(self) -> None:
+        """Run the check on the twin (once). Raises what :func:`check_fused_widths` raises."""
+        check_fused_widths(self.twin(), self.graph, self.plan)
+
+
+@contextlib.contextmanager
+def deferred_width_checks() -> Iterator[list[DeferredWidthCheck]]:
+    """Within the block, :func:`build` appends its re-trace check to the yielded list instead of running it (every
+    build in the block, including those a method or the ensemble cap runs); the caller must run them
+    (:meth:`DeferredWidthCheck.run`) before it uses or returns the model."""
+    records: list[DeferredWidthCheck] = []
+    token = _DEFERRED_CHECKS.set(records)
+    try:
+        yield records
+    finally:
+        _DEFERRED_CHECKS.reset(token)

@@ -29,10 +29,12 @@ parameter (``fusion_module_layouts[path]["segments"]``, :func:`pyfusion.fuse.bui
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -784,18 +786,75 @@ def _member_cost_key(model: nn.Module, structure: tuple, example: Any) -> tuple 
 
 def _cached_member_cost(model: nn.Module, example: Any, structure: tuple) -> Any:
     """:func:`_cost` of one member through :data:`_MEMBER_COSTS` (only meta-device counts are kept: a count that
-    needed the real forward may depend on the values)."""
+    needed the real forward may depend on the values), and inside :func:`member_cost_scope` through the scope's
+    record of real-forward counts (keyed also by the example's tensors themselves: :func:`_example_identity`)."""
     key = _member_cost_key(model, structure, example)
     if key is not None:
         hit = _MEMBER_COSTS.get(model)
         if hit is not None and hit[0] == key:
             return hit[1]
+    scope = _REAL_MEMBER_COSTS.get()
+    ekey = _example_identity(example) if scope is not None and key is not None else None
+    if ekey is not None:
+        got = scope.get(id(model))  # type: ignore[union-attr]
+        if got is not None and got[0] is model and got[1] == key and got[2] == ekey[0]:
+            return got[3]
     on_meta: list[bool] = []
     shapes: dict[str, tuple[int, ...]] = {}
     result = _cost(model, example, shapes, meta_flag=on_meta)
     if key is not None and on_meta == [True]:
         _MEMBER_COSTS[model] = (key, result, shapes)
+    elif ekey is not None and on_meta == [False]:
+        scope[id(model)] = (model, key, ekey[0], result, ekey[1])  # type: ignore[index]
     return result
+
+
+# A dict while :func:`member_cost_scope` is open: id(member) -> (member, key, example identity, Cost, pins)
+_REAL_MEMBER_COSTS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
+    "pyfusion_real_member_costs", default=None
+)
+
+
+def _example_identity(example: Any) -> tuple[tuple, tuple] | None:
+    """(key, pins): every tensor leaf of ``example`` by identity, storage, version, shape, stride, dtype and device
+    (the tensors are pinned by the caller, so an id is never reused), every other leaf by value; None when a leaf
+    is neither a tensor nor a plain value."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(example)
+    key: list[Any] = [str(spec)]
+    pins = []
+    for v in leaves:
+        if isinstance(v, Tensor):
+            try:
+                storage = v.untyped_storage()
+            except Exception:  # no storage to name (a subclass, sparse): not cached
+                return None
+            key.append(("T", id(v), v._version, storage._cdata, v.data_ptr(), tuple(v.shape), v.stride(), v.dtype,
+                        str(v.device)))  # fmt: skip
+            pins.append((v, storage))
+        elif _plain(v):
+            key.append(v)
+        else:
+            return None
+    return tuple(key), tuple(pins)
+
+
+@contextlib.contextmanager
+def member_cost_scope(record: dict[int, tuple] | None = None) -> Iterator[dict[int, tuple]]:
+    """Within the block, a member count that needed the real forward (a Hugging Face GPT-2 / Llama raises on the
+    meta device: its mask code reads a value) is kept in ``record`` and reused for the same member on the same
+    example: a hit needs the member's :func:`_member_cost_key` (its tensors' identities and versions, module
+    attributes, forwards, hooks) and the example's tensor leaves (:func:`_example_identity`: the same tensor objects,
+    unchanged) to be equal, so the forward that would run again is the one already run on the same values: the
+    same number. For a caller that fuses the same members many times on the same calibration batches (the budget
+    search: one count per member structure instead of one per fusion); ``record`` may be kept across blocks."""
+    record = {} if record is None else record
+    token = _REAL_MEMBER_COSTS.set(record)
+    try:
+        yield record
+    finally:
+        _REAL_MEMBER_COSTS.reset(token)
 
 
 # The built-in modules whose forward calls no submodule conditionally and never branches on a channel / feature
