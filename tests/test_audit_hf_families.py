@@ -26,10 +26,14 @@ projections (trace).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from _audit import F64
+from _audit import random_model as _random
+from _audit import rel as _rel
+from _audit import run as _run
+from _audit import state as _state
+from _audit import unchanged as _unchanged
 from torch import nn
 
 import pyfusion
@@ -38,38 +42,7 @@ from pyfusion.testing import permuted_copy
 
 tf = pytest.importorskip("transformers")
 
-F64 = torch.float64
 V = 50
-
-
-def _random(model: nn.Module, seed: int) -> nn.Module:
-    """float64, eval, every parameter re-drawn (no symmetric initialisation hides a bug)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = model.to(F64).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 1.0 / math.sqrt(max(1, p[0].numel())) if p.dim() > 1 else 0.5
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * std)
-    return model
-
-
-def _state(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _unchanged(m: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = m.state_dict()
-    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-def _run(m: nn.Module, x):
-    with torch.no_grad():
-        y = m(x)
-    return y if isinstance(y, torch.Tensor) else y[0]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 class Pooled(nn.Module):
