@@ -70,9 +70,9 @@ from pyfusion.fuse.plan import (
     GroupPlan,
     Plan,
     permute_only,
-    refuse_shared,
     refuse_widening,
-    shared_parameter,
+    refuse_width_pin,
+    width_pin,
     zero_hint,
 )
 from pyfusion.fuse.registry import register_method
@@ -286,9 +286,9 @@ def cluster_plan(
         hit = permute_only(graph, names)
         if hit is not None and units[names[0]] != graph.groups[names[0]].units:
             raise refuse_widening("cluster", hit, _keep_hint(names, config))
-        shared = shared_parameter(graph, names)
-        if shared is not None and units[names[0]] > graph.groups[names[0]].units:
-            raise refuse_shared("cluster", shared, _keep_hint(names, config))
+        pin = width_pin(graph, names)
+        if pin is not None and units[names[0]] > graph.groups[names[0]].units:
+            raise refuse_width_pin("cluster", pin, _keep_hint(names, config))
     act_members = [members[k] for k in active]
     t0 = time.perf_counter()
     stats = group_statistics(act_members, graph, data, point=config.point, max_batches=config.max_batches)

@@ -85,9 +85,9 @@ from pyfusion.fuse.plan import (
     Plan,
     SlotMaps,
     permute_only,
-    refuse_shared,
     refuse_widening,
-    shared_parameter,
+    refuse_width_pin,
+    width_pin,
     zero_hint,
 )
 from pyfusion.fuse.registry import register_method
@@ -216,9 +216,9 @@ def partial_plan(
         hit = permute_only(graph, names) if iso_units[names[0]] > 0 else None
         if hit is not None:
             raise refuse_widening("partial", hit, zero_hint(names, "alpha", config.alpha))
-        shared = shared_parameter(graph, names) if iso_units[names[0]] > 0 else None
-        if shared is not None:
-            raise refuse_shared("partial", shared, zero_hint(names, "alpha", config.alpha))
+        pin = width_pin(graph, names) if iso_units[names[0]] > 0 else None
+        if pin is not None:
+            raise refuse_width_pin("partial", pin, zero_hint(names, "alpha", config.alpha))
     isolated = {name: iso_units[name] * g.unit_size for name, g in graph.groups.items()}
     matches_n = {name: graph.groups[name].units - iso_units[name] for name in graph.groups}
     info: dict[str, Any] = {"method": "partial", "features": features, "alpha": alphas, "isolated": isolated}

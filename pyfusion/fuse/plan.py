@@ -29,9 +29,9 @@ __all__ = [
     "lazy_map",
     "map_shape",
     "permute_only",
-    "refuse_shared",
+    "refuse_width_pin",
     "refuse_widening",
-    "shared_parameter",
+    "width_pin",
     "unit_map",
     "zero_hint",
 ]
@@ -487,7 +487,7 @@ def permute_only(graph: FusionGraph, names: Sequence[str]) -> tuple[str, Normali
     return None
 
 
-def shared_parameter(graph: FusionGraph, names: Sequence[str]) -> tuple[str, str] | None:
+def width_pin(graph: FusionGraph, names: Sequence[str]) -> tuple[str, str] | None:
     """The first group of ``names`` (a tie set) that may not be widened, with why
     (:attr:`~pyfusion.graph.NeuronGroup.width_pins`: a parameter broadcast over its units, its units contracted
     against another activation), or None. Such a tie set may be permuted or merged but not widened: alpha = 1 could
@@ -498,8 +498,8 @@ def shared_parameter(graph: FusionGraph, names: Sequence[str]) -> tuple[str, str
     return None
 
 
-def refuse_shared(method: str, hit: tuple[str, str], fix: str) -> ValueError:
-    """The error of a method that would widen a group that may not be widened (:func:`shared_parameter`)."""
+def refuse_width_pin(method: str, hit: tuple[str, str], fix: str) -> ValueError:
+    """The error of a method that would widen a group that may not be widened (:func:`width_pin`)."""
     name, why = hit
     return ValueError(
         f"method {method!r}: group {name!r} cannot be widened: {why}; the fused model cannot keep each member's "
