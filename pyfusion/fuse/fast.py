@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from pyfusion._modcopy import deepcopy_module
 from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
-from pyfusion.fuse.validate import tensor_state
+from pyfusion.fuse.validate import tensor_key, tensor_state
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
 from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan, slice_segments
@@ -827,12 +827,11 @@ def _example_identity(example: Any) -> tuple[tuple, tuple] | None:
     for v in leaves:
         if isinstance(v, Tensor):
             try:
-                storage = v.untyped_storage()
+                k, pin = tensor_key(v)
             except Exception:  # no storage to name (a subclass, sparse): not cached
                 return None
-            key.append(("T", id(v), v._version, storage._cdata, v.data_ptr(), tuple(v.shape), v.stride(), v.dtype,
-                        str(v.device)))  # fmt: skip
-            pins.append((v, storage))
+            key.append(("T", *k, str(v.device)))
+            pins.append(pin)
         elif _plain(v):
             key.append(v)
         else:

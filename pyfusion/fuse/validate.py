@@ -21,6 +21,7 @@ __all__ = [
     "check_options",
     "check_reference",
     "prepare_data",
+    "tensor_key",
     "tensor_state",
 ]
 
@@ -158,15 +159,23 @@ class TensorState:
         return hash(self.key)
 
 
+def tensor_key(t: torch.Tensor) -> tuple[tuple, tuple]:
+    """(key, pin) of one tensor for :class:`TensorState`-style caches: its identity, in-place version, storage, data
+    pointer, shape, strides and dtype, and the (tensor, storage) pair the caller must hold so that no id in the key
+    is reused while the key is kept. Raises where the tensor has no storage to name (sparse, some subclasses)."""
+    storage = t.untyped_storage()
+    return (id(t), t._version, storage._cdata, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype), (t, storage)
+
+
 def tensor_state(model: nn.Module) -> TensorState | None:
     """:class:`TensorState` of ``model``'s parameters and buffers, or None when a tensor has no storage to name
     (a tensor subclass, a sparse tensor...): such a model is not cached."""
     key, pins = [], []
     try:
         for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            storage = t.untyped_storage()
-            key.append((n, id(t), t._version, storage._cdata, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype))
-            pins.append((t, storage))
+            k, pin = tensor_key(t)
+            key.append((n, *k))
+            pins.append(pin)
     except Exception:  # no storage (sparse, some subclasses): not cacheable
         return None
     return TensorState(tuple(key), tuple(pins))
