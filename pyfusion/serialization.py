@@ -284,7 +284,7 @@ def _register_pyfusion_types() -> None:
     except ImportError:  # pragma: no cover - a build without pyfusion.nn
         MemberViewNorm = None
     if MemberViewNorm is not None and _spec_name_of_class(MemberViewNorm) is None:
-        _register(MemberViewNorm, _member_view_config, _member_view_from_config, ("slots", "members"))
+        _register(MemberViewNorm, _member_view_config, _member_view_from_config, ("slots", "members", "dim"))
         _VALIDATORS[MemberViewNorm] = _validate_member_view
     try:
         from pyfusion import models as pm
@@ -344,7 +344,10 @@ def _member_view_config(m: nn.Module) -> dict[str, Any]:
         width = getattr(m, f"b_index_{k}").shape[0] if m._gather[k] else getattr(m, f"b_map_{k}").shape[0]
         nnz = int(getattr(m, f"a_rows_{k}").shape[0]) if m._scatter[k] else None
         members.append({"width": int(width), "gather": bool(m._gather[k]), "scatter": nnz})
-    return {"slots": int(m.slots), "members": members}
+    cfg: dict[str, Any] = {"slots": int(m.slots), "members": members}
+    if getattr(m, "dim", -1) != -1:  # channels-first; files of last-dim normalizers keep their old config
+        cfg["dim"] = int(m.dim)
+    return cfg
 
 
 def _member_view_from_config(cfg: dict[str, Any]) -> nn.Module:
@@ -353,9 +356,11 @@ def _member_view_from_config(cfg: dict[str, Any]) -> nn.Module:
     loading) of the declared shapes; the file's children then replace the identity norms."""
     from pyfusion.nn.norm import MemberViewNorm
 
-    slots, members = cfg["slots"], cfg["members"]
+    slots, members, dim = cfg["slots"], cfg["members"], cfg.get("dim", -1)
     if not (_is_int(slots) and slots >= 0 and isinstance(members, list) and members):
         raise ValueError(f"slots must be an integer >= 0 and members a non-empty list; got {slots!r}, {members!r}")
+    if not (_is_int(dim) and dim < 0):
+        raise ValueError(f"dim must be a negative integer; got {dim!r}")
     for mem in members:
         if not (
             isinstance(mem, dict)
@@ -371,7 +376,7 @@ def _member_view_from_config(cfg: dict[str, Any]) -> nn.Module:
         for mem in members:
             b_maps.append(torch.tensor([[1.0, 0.0]]) if mem["gather"] else torch.zeros(1, 2))
             a_maps.append(torch.tensor([[1.0], [0.0]]) if mem["scatter"] is not None else torch.ones(2, 1))
-        module = MemberViewNorm([nn.Identity() for _ in members], a_maps, b_maps)
+        module = MemberViewNorm([nn.Identity() for _ in members], a_maps, b_maps, dim=dim)
     module.slots = slots
     real = torch.get_default_dtype()
     for k, mem in enumerate(members):

@@ -18,6 +18,12 @@ Found and fixed:
   ``FalconAttention``, and would be silent with one). Dims contracted between two activations now block widening
   (``NeuronGroup.contracted``), named with the op.
 
+* ConvNeXt's channels-first LayerNorm (between the stages and after the stem), a ``LayerNorm2d`` and
+  GroupNorm(1, C) normalize a group held on dim 1 of ``(N, C, H, W)``, and Swin's patch merging a
+  ``LayerNorm(4 C)`` over four copies of the stream: all were "functional code inside a module", so partial
+  fusion refused alpha > 0 on the whole stream. The member-view normalizer now takes the group's axis and its
+  copies (``Normalizer.dim`` / ``copies``, ``MemberViewNorm(dim=...)``).
+
 Covered without a fix: GPT-NeoX (interleaved fused qkv, rotary_pct < 1), Qwen2 (qkv bias, RMSNorm in float32),
 T5 encoder under a pooled head (per-head relative bias), ALBERT (one layer shared across depth, factorized
 embeddings), CLIP vision; clear refusals naming the module and op for Mixtral's experts and DeBERTa-v2's position
@@ -102,6 +108,25 @@ FAMILIES = {
         lambda: tf.SwinForImageClassification(tf.SwinConfig(
             image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[2], num_heads=[2], window_size=2,
             num_labels=3, mlp_ratio=1.5)),
+        _pix, 1e-10,
+    ),
+    # channels-first LayerNorms (ConvNeXtLayerNorm(data_format="channels_first"): permute, layer_norm, permute
+    # back) in the stem and between the stages; ConvNeXt-V2 adds global response normalization
+    "convnext": (
+        lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
+            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, patch_size=2)),
+        _pix, 1e-10,
+    ),
+    "convnextv2": (
+        lambda: tf.ConvNextV2ForImageClassification(tf.ConvNextV2Config(
+            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, patch_size=2)),
+        _pix, 1e-10,
+    ),
+    # two stages: the patch merging normalizes the concatenation of four neighbours' features, LayerNorm(4 C)
+    "swin_2stage": (
+        lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+            window_size=2, num_labels=3, mlp_ratio=1.5)),
         _pix, 1e-10,
     ),
 }
@@ -202,6 +227,39 @@ def test_a_scalar_parameter_blocks_widening():
     twin = permuted_copy(a, torch.Generator().manual_seed(1), example_inputs=x)
     fused = pyfusion.fuse([a, twin], [x], method="activation_matching")
     assert _rel(_run(fused, x), _run(a, x)) < 1e-12
+
+
+def test_channels_first_norms_are_member_views(tmp_path):
+    """ConvNeXt at alpha = 0.5: the channels-first LayerNorms become member views on dim -3, the channels-last
+    ones on dim -1; the saved file loads back bit for bit."""
+    factory, inputs, _tol = FAMILIES["convnext"]
+    torch.manual_seed(0)
+    a, b = _random(factory(), 1), _random(factory(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [inputs(gen) for _ in range(2)]
+    graph = trace_groups(a, data[0])
+    norms = {nz.module: nz for g in graph.groups.values() for nz in g.normalizers}
+    assert norms["convnext.embeddings.layernorm"].dim == -3 and norms["convnext.embeddings.layernorm"].wrappable
+    assert norms["convnext.encoder.stages.0.layers.0.layernorm"].dim == -1
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
+    from pyfusion.nn.norm import MemberViewNorm
+
+    views = {p: m.dim for p, m in fused.named_modules() if isinstance(m, MemberViewNorm)}
+    assert views["convnext.embeddings.layernorm"] == -3
+    assert views["convnext.encoder.stages.1.downsampling_layer.0"] == -3
+    assert views["convnext.encoder.stages.1.layers.0.layernorm"] == -1
+    loaded = pyfusion.load(pyfusion.save(fused, tmp_path / "convnext.safetensors"))
+    x = inputs(gen)
+    assert torch.equal(_run(loaded, x), _run(fused, x))
+
+
+def test_swin_patch_merging_norm_reads_four_copies():
+    factory = FAMILIES["swin_2stage"][0]
+    torch.manual_seed(0)
+    a = _random(factory(), 1)
+    graph = trace_groups(a, _pix(torch.Generator().manual_seed(0)))
+    nz = [n for g in graph.groups.values() for n in g.normalizers if n.module.endswith("downsample.norm")]
+    assert nz and all(n.wrappable and n.copies == 4 and n.dim == -1 for n in nz)
 
 
 def test_swin_bias_table_heads_are_observed():

@@ -216,6 +216,34 @@ class ConvNeXtBlock(nn.Module):
         return self.head((x + (self.gamma * h).permute(0, 3, 1, 2)).mean((2, 3)))
 
 
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's reference channels-first LayerNorm: statistics over dim 1 of (N, C, H, W)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        v = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * (x - u) / torch.sqrt(v + 1e-6) + self.bias[:, None, None]
+
+
+class ChannelsFirstNorms(nn.Module):
+    """A conv stream normalized channels-first: a LayerNorm2d, then GroupNorm(1, C) (statistics over C, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.n1, self.c1 = nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.n2, self.c2, self.head = nn.GroupNorm(1, 8), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.c1(F.gelu(self.n1(h)))
+        h = h + self.c2(F.gelu(self.n2(h)))
+        return self.head(h.mean((2, 3)))
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self):
         super().__init__()
@@ -379,6 +407,7 @@ def test_groups_observed_only_where_they_are_read(cls):
     ("cls", "make"),
     [
         (ConvNeXtBlock, _img),
+        (ChannelsFirstNorms, _img),
         (SqueezeExcite, _img),
         (SwiGLU, _seq),
         (TiedEmbedding, _ids),

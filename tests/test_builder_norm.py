@@ -77,6 +77,61 @@ def test_permutation_maps_equal_one_norm_with_combined_parameters():
     torch.testing.assert_close(MemberViewNorm(norms, A, B)(x), combined(x), rtol=1e-12, atol=1e-12)
 
 
+class _LayerNorm2d(nn.Module):
+    """A channels-first LayerNorm as ConvNeXt's reference code writes it: statistics over dim 1."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, dtype=F64))
+        self.bias = nn.Parameter(torch.randn(n, dtype=F64))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        v = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * (x - u) / torch.sqrt(v + 1e-6) + self.bias[:, None, None]
+
+
+@pytest.mark.parametrize("maps", ["selection", "dense"])
+def test_channels_first_member_view_equals_formula(maps):
+    """``dim=-3``: the maps act on the channels of ``(N, C, H, W)`` maps, each member's norm sees its own
+    channels-first view: the formula with the channels moved last, the norms moved back around."""
+    gen = torch.Generator().manual_seed(2)
+    n, k_all, shared = 5, 2, 2
+    slots = shared + k_all * (n - shared)
+    norms, A, B = [], [], []
+    for k in range(k_all):
+        norms.append(_LayerNorm2d(n))
+        if maps == "selection":
+            a = torch.zeros(slots, n, dtype=F64)
+            p = torch.randperm(n, generator=gen)
+            a[torch.arange(shared), p[:shared]] = 0.5
+            a[shared + k * (n - shared) + torch.arange(n - shared), p[shared:]] = 1.0
+            b = (a != 0).to(F64).T.contiguous()
+        else:
+            a = torch.rand(slots, n, generator=gen, dtype=F64)
+            b = torch.rand(n, slots, generator=gen, dtype=F64)
+        A.append(a)
+        B.append(b)
+    mod = MemberViewNorm(norms, A, B, dim=-3)
+    x = torch.randn(3, slots, 4, 2, generator=gen, dtype=F64)
+    last = [_Last(m) for m in norms]
+    want = _reference(last, A, B, x.movedim(1, -1)).movedim(-1, 1)
+    torch.testing.assert_close(mod(x), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=rf"expects {slots} features in dim -3"):
+        mod(x.movedim(1, -1))
+
+
+class _Last(nn.Module):
+    """A channels-first norm called on channels-last values (for the reference)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x.movedim(-1, 1)).movedim(1, -1)
+
+
 def test_bad_maps_and_inputs():
     ln = nn.LayerNorm(4)
     with pytest.raises(ValueError, match="one entry per member"):
@@ -86,3 +141,8 @@ def test_bad_maps_and_inputs():
     mod = MemberViewNorm([ln], [torch.eye(4)], [torch.eye(4)])
     with pytest.raises(ValueError, match="expects 4 features"):
         mod(torch.zeros(2, 5))
+    for dim in (0, 1, -1.0, True):
+        with pytest.raises(ValueError, match="dim must be a negative integer"):
+            MemberViewNorm([ln], [torch.eye(4)], [torch.eye(4)], dim=dim)
+    with pytest.raises(ValueError, match="expects 4 features in dim -3"):
+        MemberViewNorm([ln], [torch.eye(4)], [torch.eye(4)], dim=-3)(torch.zeros(4, 4))

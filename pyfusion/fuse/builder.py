@@ -892,13 +892,13 @@ def is_permutation_plan(gp: GroupPlan, lambdas: Sequence[float], tol: float = 1e
     return True
 
 
-def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPlan]) -> dict[str, str]:
-    """module path -> group, for the normalizers to replace by member-view modules.
+def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPlan]) -> dict[str, tuple[str, int, int]]:
+    """module path -> (group, the group's axis, copies), for the normalizers to replace by member-view modules.
 
     Raises:
         ValueError: a normalized group whose maps widen or mix it while its normalizer is functional code.
     """
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, int, int]] = {}
     for name, g in graph.groups.items():
         if not g.normalizers or name not in plan.groups:
             continue
@@ -910,7 +910,7 @@ def _normalizer_modules(graph: FusionGraph, plan: Plan, maps: dict[str, GroupPla
                     f"group {name!r} {nz.describe()}: the group may be permuted but not widened, clustered "
                     "or softly mapped (use a permutation method, or alpha = 0, for this group)"
                 )
-            out[nz.module] = name
+            out[nz.module] = (name, nz.dim, nz.copies)
     return out
 
 
@@ -1012,10 +1012,14 @@ def build(
         _PENDING[fused] = pending
     for mpath in resized:
         _builtin_attrs(fused.get_submodule(mpath))
-    for mpath, gname in wrap.items():
+    for mpath, (gname, gdim, copies) in wrap.items():
         gp = maps[gname]
         norms = [copy.deepcopy(m.get_submodule(mpath)) for m in members]
-        new = MemberViewNorm(norms, gp.A, gp.B)
+        a_maps, b_maps = list(gp.A), list(gp.B)
+        if copies > 1:  # the axis is [group | group | ...]: each copy read and written with the group's maps
+            a_maps = [torch.block_diag(*[a] * copies) for a in a_maps]
+            b_maps = [torch.block_diag(*[b] * copies) for b in b_maps]
+        new = MemberViewNorm(norms, a_maps, b_maps, dim=gdim)
         new.train(fused.get_submodule(mpath).training)
         _set_module(fused, mpath, new)
     originals = dict(members[0].named_modules())

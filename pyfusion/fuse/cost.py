@@ -170,7 +170,8 @@ def _weight_layer_counts(root: nn.Module, path: str, mod: nn.Module, out: Tensor
 
 def _norm_counts(mod: nn.Module, out: Tensor) -> tuple[int, int]:
     """(effective MACs, dense MACs) of a MemberViewNorm call: its dense (non-selection) map products."""
-    rows = out.numel() // out.shape[-1] if out.dim() > 0 and out.shape[-1] else 0
+    d = mod.dim  # the features' axis: every other one is a row of the map products
+    rows = out.numel() // out.shape[d] if out.dim() >= -d and out.shape[d] else 0
     macs = 0
     for k in range(mod.num_members):
         if not mod._gather[k]:

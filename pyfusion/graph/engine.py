@@ -383,8 +383,9 @@ class Engine:
             return
         v = self.tval(ins[0])
         self.env[node.name] = v
-        if v:
-            self.norms.append(_Norm(node.name, path, type(mod).__name__, [v[-1]], [-1], len(v), self.order[node.name]))
+        d = int(getattr(mod, "dim", -1))  # MemberViewNorm's feature axis
+        if v and len(v) >= -d:
+            self.norms.append(_Norm(node.name, path, type(mod).__name__, [v[d]], [d], len(v), self.order[node.name]))
 
     def _pin_val(self, v: Any) -> None:
         if v is None:
@@ -1828,11 +1829,11 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                     keys.add(key)
         if not keys:
             continue
-        wrappable, kind = _wrappable(E, nrec, keys, names, groups)
+        wrappable, kind, dim, copies = _wrappable(E, nrec, keys, names, groups)
         for key in keys:
             gr = groups[names[key]]
             if not any((n.module, n.kind, n.wrappable) == (nrec.module, kind, wrappable) for n in gr.normalizers):
-                gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node))
+                gr.normalizers.append(Normalizer(nrec.module, kind, wrappable, nrec.node, dim, copies))
     # parameters broadcast over the units of a group (one value for all of them): permuted or merged, not widened
     by_unit: dict[int, list[str]] = {}
     for key, name in names.items():
@@ -1927,45 +1928,73 @@ def _activation_label(E: Engine, node: fx.Node, op: str) -> tuple[str, tuple[str
     return f"functional:{op}", (op,)
 
 
-def _wrappable(E: Engine, nrec: _Norm, keys: set, names: dict, groups: dict) -> tuple[bool, str]:
+def _wrappable(E: Engine, nrec: _Norm, keys: set, names: dict, groups: dict) -> tuple[bool, str, int, int]:
     """Whether the normalizer's module is exactly the normalization of one group (so the builder may replace it by
-    a member-view module): every call of the module reads one tensor and returns one, both holding exactly that
-    group in order on the last dim, reduces over the last dim only, and the module's own parameters are
-    per-neuron parameters of the group."""
+    a member-view module), on which axis, and over how many copies of it: every call of the module reads one tensor
+    and returns one, both holding that group, in order, on the same axis (the last one for channels-last features;
+    ConvNeXt's channels-first LayerNorm permutes it there and back) and no other axis holding any of its neurons --
+    the axis may hold the group ``copies`` times in a row (Swin's patch merging normalizes the concatenation of
+    four 2x2 neighbours, ``LayerNorm(4 C)``); every normalization inside the module reduces over that axis alone;
+    the module has no child modules (a block around a norm holds layers of its own); and the module's own parameters
+    are per-neuron parameters of the group. Returns (wrappable, kind, the axis
+    counted from the end, copies). GroupNorm(1, C) qualifies too: its reduction over the positions holds no neurons."""
+    refused = (False, nrec.op, -1, 1)
     node = E.nodes[nrec.node]
-    if len(keys) != 1 or nrec.dims != [-1]:
-        return False, nrec.op
+    if len(keys) != 1:
+        return refused
     key, _nodes = E.region_of(node)
     if key is None:
-        return False, nrec.op
+        return refused
     path = E._key_path[key]
     mod = E.mods.get(path)
-    if mod is None:
-        return False, nrec.op
+    if mod is None or any(True for _ in mod.children()):  # a block around the norm: its layers are not the norm's
+        return refused
     (gkey,) = keys
     S = E.S
+    gatoms = tuple(x for x in gkey if x is not None)
+
+    def copies_of(t: Term) -> int:
+        """How many times the term is the group in a row (0: it is something else)."""
+        r = S.resolve(t)
+        return len(r) if r and all(tuple(f) == gatoms for f in r) else 0
+
+    def group_axis(v: tuple) -> tuple[int, int] | None:
+        """(axis (negative), copies) of the one axis of ``v`` that is the group, when no other axis holds its atoms."""
+        found = None
+        for d, t in enumerate(v):
+            atoms = {f for factors in S.resolve(t) for f in factors if f >= 0}
+            if not atoms & set(gatoms):
+                continue
+            c = copies_of(t)
+            if found is not None or c == 0:
+                return None
+            found = (d - len(v), c)
+        return found
+
+    axis = None
     for call, nodes in E.regions().items():
         if E._key_path.get(call) != path:
             continue
         ins, outs = E.region_io(nodes)
         if len(ins) != 1 or len(outs) != 1:
-            return False, nrec.op
+            return refused
         vi, vo = E.tval(ins[0]), E.env.get(outs[0].name)
         if not isinstance(vi, tuple) or not isinstance(vo, tuple) or len(vi) != len(vo) or not vi:
-            return False, nrec.op
-        ri, ro = S.resolve(vi[-1]), S.resolve(vo[-1])
-        if ri != ro or len(ri) != 1:
-            return False, nrec.op
-        atoms = [f for f in ri[0] if f >= 0]
-        if len(atoms) != len(ri[0]) or tuple(atoms) != tuple(x for x in gkey if x is not None):
-            return False, nrec.op
+            return refused
+        ai, ao = group_axis(vi), group_axis(vo)
+        if ai is None or ai != ao or (axis is not None and ai != axis):
+            return refused
+        axis = ai
         inside = {n.name for n in nodes}
-        for other in E.norms:
-            if other.node in inside and other.dims != [-1]:
-                return False, nrec.op
+        for other in E.norms:  # axes without neurons (GroupNorm(1, C)'s spatial ones) do not matter
+            reduced = [t for t in other.terms if any(f >= 0 for r in S.resolve(t) for f in r)]
+            if other.node in inside and (len(reduced) != 1 or copies_of(reduced[0]) != ai[1]):
+                return refused
+    if axis is None:
+        return refused
     gname = names[gkey]
     for p, _t in mod.named_parameters():
         full = f"{path}.{p}" if path else p
         if not any(r.key == full and r.role == "neuron" for r in groups[gname].refs):
-            return False, nrec.op
-    return True, type(mod).__name__
+            return refused
+    return True, type(mod).__name__, axis[0], axis[1]

@@ -116,16 +116,22 @@ class Normalizer:
     Attributes:
         module: module path of the normalization ("" for functional code in the root module).
         kind: the module class name when ``wrappable`` ("LayerNorm", "LlamaRMSNorm"), else the op ("softmax").
-        wrappable: the module is exactly the normalization (one input, one output, on the last axis), so the
-            builder may replace it by a member-view module; False for functional code inside a bigger module
-            (the group may then be permuted but never widened).
+        wrappable: the module is exactly the normalization (one input, one output, the group on the same axis of
+            both), so the builder may replace it by a member-view module; False for functional code inside a
+            bigger module (the group may then be permuted but never widened).
         node: the graph node that reduces over the group (None for declared groups).
+        dim: the (negative) axis of the module's input and output that holds the group when ``wrappable``: -1
+            for channels-last features, -3 for a channels-first normalizer of ``(N, C, H, W)`` maps.
+        copies: how many times that axis holds the group in a row (1; 4 for Swin's patch merging, which
+            normalizes the concatenation of four neighbours' features).
     """
 
     module: str
     kind: str
     wrappable: bool
     node: str | None = None
+    dim: int = -1
+    copies: int = 1
 
     def describe(self) -> str:
         """What normalizes the group, for error messages."""

@@ -24,6 +24,11 @@ k's branch slots), exactly as for a Linear layer ``W' = sum_k A_k W_k B_k``. Con
 
 Selection maps (one 1 per row of ``B_k``; at most one non-zero per column of ``A_k``) run as a gather and a
 scatter; other maps as dense products.
+
+The maps act on one axis, ``dim``: the last for a LayerNorm over channels-last features, ``-3`` for a
+channels-first normalizer of ``(batch, channels, height, width)`` maps (ConvNeXt's ``LayerNorm`` with
+``data_format="channels_first"``, a ``LayerNorm2d``); ``norm_k`` is the member's own module, so it receives
+member k's view in the layout it was written for.
 """
 
 from __future__ import annotations
@@ -57,22 +62,26 @@ def _scatter(a: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
 
 
 class MemberViewNorm(nn.Module):
-    """``y = sum_k A_k norm_k(B_k x)`` over the last dimension (see the module docstring).
+    """``y = sum_k A_k norm_k(B_k x)`` along dimension ``dim`` (see the module docstring).
 
     Args:
         norms: member k's own normalization module (width n_k), e.g. ``nn.LayerNorm``, an RMSNorm class.
         A: K maps (slots, n_k): member k's normalized neurons into the output slots.
         B: K maps (n_k, slots): member k's neurons read from the input slots.
+        dim: the (negative) axis of the input and output that holds the features.
 
     Shapes:
-        input ``(..., slots)``, output ``(..., slots)``.
+        input ``(..., slots)``, output ``(..., slots)`` for ``dim=-1``; ``(..., slots, *rest)`` with
+        ``len(rest) == -dim - 1`` in general.
     """
 
     # pyfusion.graph reads this module as one normalizer of its stream (output space = input space)
     __pyfusion_opaque__ = "normalizer"
 
-    def __init__(self, norms: Sequence[nn.Module], A: Sequence[Tensor], B: Sequence[Tensor]):
+    def __init__(self, norms: Sequence[nn.Module], A: Sequence[Tensor], B: Sequence[Tensor], dim: int = -1):
         super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim >= 0:
+            raise ValueError(f"dim must be a negative integer (the axis counted from the end); got {dim!r}")
         if not (len(norms) == len(A) == len(B)) or not norms:
             raise ValueError(f"norms, A and B must have one entry per member; got {len(norms)}, {len(A)}, {len(B)}")
         slots = int(A[0].shape[0])
@@ -84,6 +93,7 @@ class MemberViewNorm(nn.Module):
                 )
         self.norms = nn.ModuleList(norms)
         self.slots = slots
+        self.dim = dim
         self.num_members = len(norms)
         p = next((t for m in norms for t in m.parameters()), None)
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype()
@@ -107,21 +117,23 @@ class MemberViewNorm(nn.Module):
             self._scatter.append(sc is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.slots:
-            raise ValueError(f"MemberViewNorm expects {self.slots} features in the last dim; got {tuple(x.shape)}")
+        d = self.dim
+        if x.dim() < -d or x.shape[d] != self.slots:
+            raise ValueError(f"MemberViewNorm expects {self.slots} features in dim {d}; got {tuple(x.shape)}")
         y = x.new_zeros(x.shape)
         for k, norm in enumerate(self.norms):
             if self._gather[k]:
-                xk = x.index_select(-1, getattr(self, f"b_index_{k}"))
+                xk = x.index_select(d, getattr(self, f"b_index_{k}"))
             else:
-                xk = x @ getattr(self, f"b_map_{k}").to(x.dtype).T
+                xk = (x.movedim(d, -1) @ getattr(self, f"b_map_{k}").to(x.dtype).T).movedim(-1, d)
             zk = norm(xk)
             if self._scatter[k]:
-                src = zk.index_select(-1, getattr(self, f"a_cols_{k}")) * getattr(self, f"a_vals_{k}").to(zk.dtype)
-                y = y.index_add(-1, getattr(self, f"a_rows_{k}"), src)
+                vals = getattr(self, f"a_vals_{k}").to(zk.dtype)
+                src = zk.index_select(d, getattr(self, f"a_cols_{k}")) * vals.reshape((-1,) + (1,) * (-d - 1))
+                y = y.index_add(d, getattr(self, f"a_rows_{k}"), src)
             else:
-                y = y + zk @ getattr(self, f"a_map_{k}").to(zk.dtype).T
+                y = y + (zk.movedim(d, -1) @ getattr(self, f"a_map_{k}").to(zk.dtype).T).movedim(-1, d)
         return y
 
     def extra_repr(self) -> str:
-        return f"slots={self.slots}, members={self.num_members}"
+        return f"slots={self.slots}, members={self.num_members}" + (f", dim={self.dim}" if self.dim != -1 else "")
