@@ -254,7 +254,7 @@ def _register_pyfusion_types() -> None:
     except ImportError:  # pragma: no cover - a build without pyfusion.nn
         pnn = None
     if pnn is not None:
-        for cls in (pnn.PartialLinear, pnn.PartialConv2d):
+        for cls in (pnn.PartialLinear, pnn.PartialConv1d, pnn.PartialConv2d):
             if _spec_name_of_class(cls) is None:
                 get, fields = _partial_spec(cls)
                 _register(cls, get, _build(cls), fields)

@@ -4,7 +4,8 @@ ensemble's FLOPs for comparison.
 One forward pass on one example (hooks on every weight layer, and a dispatch mode for the matrix products that
 no weight layer owns) records what each call costs:
 
-* ``PartialLinear`` / ``PartialConv2d`` / ``EnsembleLinear``: only their stored blocks (member masks intersecting);
+* ``PartialLinear`` / ``PartialConv1d`` / ``PartialConv2d`` / ``EnsembleLinear``: only their stored blocks (member
+  masks intersecting);
 * ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` of a fused network whose segments the
   builder recorded (``fusion_module_layouts``): the blocks the segments allow (the zero blocks of the dense
   zero-block layer are not effective work); any other such layer: its full size;
@@ -25,6 +26,7 @@ tensor input is divided out).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,7 +153,7 @@ def _weight_layer_counts(root: nn.Module, path: str, mod: nn.Module, out: Tensor
         return eff, eff * rows, dense, dense * rows
     if isinstance(mod, PartialConv2d):
         eff = mod.weight.numel()
-        dense = mod.out_channels * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+        dense = mod.out_channels * mod.in_channels * math.prod(mod.kernel_size)  # PartialConv1d: (k,)
         pos = out.numel() // out.shape[1] if out.shape[1] else 0
         return eff, eff * pos, dense, dense * pos
     if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
@@ -161,7 +163,7 @@ def _weight_layer_counts(root: nn.Module, path: str, mod: nn.Module, out: Tensor
         return eff, eff * rows, n, n * rows
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         n = mod.weight.numel()
-        eff = _recorded_stored(root, path, mod) if isinstance(mod, nn.Conv2d) else None
+        eff = _recorded_stored(root, path, mod) if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else None
         eff = n if eff is None else eff
         pos = out.numel() // out.shape[1] if out.shape[1] else 0
         return eff, eff * pos, n, n * pos

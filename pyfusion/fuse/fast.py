@@ -44,7 +44,7 @@ from pyfusion._modcopy import deepcopy_module
 from pyfusion.fuse.plan import GroupPlan, Plan, pristine_map
 from pyfusion.fuse.validate import tensor_key, tensor_state
 from pyfusion.graph.groups import FusionGraph
-from pyfusion.nn import PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
+from pyfusion.nn import PartialConv1d, PartialConv2d, PartialLinear, PartialMultiheadAttention, replace_
 from pyfusion.ops.layout import ACTIVATIONS, Segments, as_segments, segment_plan, slice_segments
 
 __all__ = [
@@ -152,7 +152,9 @@ def _axes_of(mod: nn.Module) -> tuple[str, int, int] | None:
         type(mod).forward is nn.Linear.forward or type(mod).__name__ in AFFINE_LINEAR_SUBCLASSES
     ):
         return "weight", 0, 1
-    if isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward:
+    if (isinstance(mod, nn.Conv2d) and type(mod).forward is nn.Conv2d.forward) or (
+        isinstance(mod, nn.Conv1d) and type(mod).forward is nn.Conv1d.forward
+    ):
         if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
             return None
         return "weight", 0, 1
@@ -363,9 +365,10 @@ def _build(
     try:
         if pending is not None:
             new = _build_pending(mod, ins, outs, pending, scratch)
-        elif isinstance(mod, nn.Conv2d):
-            new = PartialConv2d.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
-                                           ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            cls = PartialConv1d if isinstance(mod, nn.Conv1d) else PartialConv2d
+            new = cls.from_dense(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
+                                 ins, outs, mod.stride, mod.padding, mod.dilation)  # fmt: skip
         else:
             w = mod.weight.detach()
             if type(mod).__name__ == "Conv1D":
@@ -440,11 +443,15 @@ def swap_partial_modules(
             why[path] = "dense (its weight is tied to another module's)"
             continue
         shape = shapes.get(path)
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             from pyfusion.ops.partial_conv2d import conv_geom
             from pyfusion.ops.partial_conv2d.backends import conv_out_hw
 
-            geom = conv_geom(mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+            if isinstance(mod, nn.Conv1d):  # PartialConv1d runs the 2-D op on a height-1 map
+                geom = conv_geom((1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation))
+                shape = None if shape is None or len(shape) < 2 else (1, 1, int(shape[-1]))
+            else:
+                geom = conv_geom(mod.kernel_size, mod.stride, mod.padding, mod.dilation)
             pos = 1
             if shape is not None and len(shape) >= 3:
                 ho, wo = conv_out_hw(int(shape[-2]), int(shape[-1]), geom.kernel, geom.stride, geom.padding,
@@ -927,7 +934,7 @@ def _derived_fused_count(
         if n_member <= 0 or flops_member % (2 * n_member):
             return None
         positions = flops_member // (2 * n_member)
-        stored = _recorded_stored(fused, path, mod) if isinstance(mod, (nn.Linear, nn.Conv2d)) else None
+        stored = _recorded_stored(fused, path, mod) if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None
         flops += 2 * (mod.weight.numel() if stored is None else stored) * positions
     return flops, shapes
 

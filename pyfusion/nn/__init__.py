@@ -9,6 +9,7 @@ from typing import Any
 
 _LAZY: dict[str, str] = {
     "EnsembleLinear": "pyfusion.nn.partial",
+    "PartialConv1d": "pyfusion.nn.partial",
     "PartialConv2d": "pyfusion.nn.partial",
     "PartialLinear": "pyfusion.nn.partial",
     "PartialMultiheadAttention": "pyfusion.nn.attention",

@@ -42,7 +42,7 @@ from pyfusion.ops.partial_conv2d import conv_geom, partial_conv2d_module_forward
 from pyfusion.ops.partial_conv2d.backends import conv_out_hw
 from pyfusion.ops.partial_linear import partial_linear_module_forward
 
-__all__ = ["PartialLinear", "PartialConv2d", "EnsembleLinear", "TorchScriptUnsupportedError"]
+__all__ = ["PartialLinear", "PartialConv1d", "PartialConv2d", "EnsembleLinear", "TorchScriptUnsupportedError"]
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -694,6 +694,157 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
         )
 
 
+def _single(v: int | Sequence[int], name: str) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, Sequence) and len(v) == 1 and isinstance(v[0], int) and not isinstance(v[0], bool):
+        return int(v[0])
+    raise ValueError(f"{name} must be an int or a 1-tuple for a 1-D convolution; got {v!r}")
+
+
+class PartialConv1d(PartialConv2d):
+    """Partially fused ``nn.Conv1d`` (Whisper's and wav2vec2's input convolutions, 1-D CNNs on sequences): the same
+    segment semantics on channels, ``y[:, o] = act(b_o + sum_{i: mask_o & mask_i != 0} W_oi * x[:, i])``.
+
+    A 1-D convolution is the 2-D one over a height-1 map with a ``(1, k)`` kernel, so this runs
+    :func:`pyfusion.ops.partial_conv2d` on ``x.unsqueeze(-2)`` (its strategies, measured on the first call, and its
+    backends), with no op of its own: the packed weight has the same layout, ``k`` taps per block entry.
+
+    Parameters: weight (stored * k,): per output segment ``W_o`` (O_o, K_o, k), concatenated; bias (O_total,).
+    Shapes: x (N, I_total, L) or (I_total, L) -> (N, O_total, L') / (O_total, L') as nn.Conv1d with the same
+    stride / padding / dilation (zero padding, groups = 1).
+    """
+
+    def __init__(
+        self,
+        in_segments: Any,
+        out_segments: Any,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+        activation: str | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        k, st = _single(kernel_size, "kernel_size"), _single(stride, "stride")
+        pad, dil = _single(padding, "padding"), _single(dilation, "dilation")
+        super().__init__(in_segments, out_segments, (1, k), (1, st), (0, pad), (1, dil), bias, activation,
+                         device, dtype)  # fmt: skip
+        # nn.Conv1d's attributes (1-tuples); the op runs on the 2-D geometry
+        self.kernel_size, self.stride, self.padding, self.dilation = (k,), (st,), (pad,), (dil,)
+        self._taps_shape = (k,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"PartialConv1d expects (N, C, L) or (C, L) input; got {tuple(x.shape)}")
+        unbatched = x.dim() == 2
+        x4 = (x.unsqueeze(0) if unbatched else x).unsqueeze(-2)  # (N, C, 1, L)
+        p = self._parameters
+        w = p.get("weight")
+        if w is None:
+            w = self.weight
+        bias = p["bias"] if "bias" in p else self.bias
+        y = partial_conv2d_module_forward(x4, w, bias, self._plan, self._geom, self.activation).squeeze(-2)
+        return y.squeeze(0) if unbatched else y
+
+    def _out_len(self, length: int) -> int:
+        return conv_out_hw(1, length, self._geom.kernel, self._geom.stride, self._geom.padding, self._geom.dilation)[1]
+
+    @classmethod
+    def from_dense(  # type: ignore[override]
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        in_segments: Any,
+        out_segments: Any,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        activation: str | None = None,
+    ) -> PartialConv1d:
+        """Pack a dense (O_total, I_total, k) conv weight whose skipped blocks are exactly zero.
+
+        Raises:
+            ValueError: a skipped block (masks not intersecting) is non-zero (named by segment), or shapes differ.
+        """
+        if weight.dim() != 3:
+            raise ValueError(f"weight must have shape (O, I, k); got {tuple(weight.shape)}")
+        ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
+        packed = pack_segment_weight(weight.detach(), ins, outs, check_zero=True)
+        o, _i, k = weight.shape
+        if bias is not None and tuple(bias.shape) != (o,):
+            raise ValueError(f"bias must have shape ({o},); got {tuple(bias.shape)}")
+        mod = torch.nn.utils.skip_init(cls, ins, outs, k, stride, padding, dilation, bias=bias is not None,
+                                       activation=activation, device=weight.device, dtype=weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            _adopt(mod.weight, packed)
+            if bias is not None:
+                mod.bias.copy_(bias.detach())
+            mod._reset_buffers()
+        return mod
+
+    def dense_weight(self) -> Tensor:
+        """The (O_total, I_total, k) dense weight with zero blocks."""
+        return unpack_segment_weight(self.weight, self.in_segments, self.out_segments, self.kernel_size)
+
+    def to_dense(self) -> nn.Module:
+        """An equivalent plain ``nn.Conv1d`` with zero blocks (followed by the activation module when there is one)."""
+        conv = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device=self.weight.device,
+                         dtype=self.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv if self.activation == "none" else nn.Sequential(conv, _ACT_MODULES[self.activation]())
+
+    @classmethod
+    def from_state_dict(  # type: ignore[override]
+        cls,
+        state_dict: dict[str, Tensor],
+        prefix: str = "",
+        kernel_size: int | Sequence[int] | None = None,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+    ) -> PartialConv1d:
+        """Rebuild from a state_dict (segments and activation come from it; pass ``kernel_size``: the packed
+        weight does not record it; stride / padding / dilation are hyper-parameters of the forward, as for
+        nn.Conv1d).
+
+        Raises:
+            ValueError: ``kernel_size`` missing, or it does not match the weight size.
+        """
+        ins, outs, act = cls._segments_from_state_dict(state_dict, prefix)
+        if kernel_size is None:
+            raise ValueError("kernel_size is required: the packed weight does not record it")
+        k = _single(kernel_size, "kernel_size")
+        w = state_dict[prefix + "weight"]
+        stored = segment_plan(ins, outs).stored
+        if w.numel() != stored * k:
+            raise ValueError(
+                f"state_dict[{prefix + 'weight'!r}] has {w.numel()} entries; kernel {k} with these segments "
+                f"needs {stored * k}"
+            )
+        mod = cls(ins, outs, k, stride, padding, dilation, bias=prefix + "bias" in state_dict, activation=act,
+                  device=w.device, dtype=w.dtype)  # fmt: skip
+        mod.load_state_dict({key[len(prefix) :]: v for key, v in state_dict.items() if key.startswith(prefix)})
+        return mod
+
+    def dense_params(self) -> int:
+        n = self.out_channels * self.in_channels * self.kernel_size[0]
+        return n + (self.out_channels if self.bias is not None else 0)
+
+    def effective_flops(self, batch: int, input_size: Sequence[int] | None = None) -> int:
+        """Multiply-add FLOPs ``2 * batch * L' * stored weights`` for inputs of length ``input_size`` = (L,)
+        (required: a convolution's cost depends on it)."""
+        if input_size is None:
+            raise ValueError("input_size=(L,) is required for a convolution's FLOPs")
+        return 2 * int(batch) * self._out_len(int(input_size[-1])) * self.weight.numel()
+
+
 def _register_for_saving() -> None:
     """Let :func:`pyfusion.save` / :func:`pyfusion.load` rebuild these modules from :meth:`get_config` (segments of
     every layout, which a standard ``in_layout`` list cannot describe for K >= 3)."""
@@ -701,7 +852,7 @@ def _register_for_saving() -> None:
 
     from pyfusion.serialization import register_module
 
-    for cls in (PartialLinear, PartialConv2d):
+    for cls in (PartialLinear, PartialConv1d, PartialConv2d):
         register_module(cls)
     # pyfusion.load imports this module (not the lazy package's others): PartialMultiheadAttention registers itself
     # when its module is imported, done here unless that module is the one importing this one right now

@@ -480,6 +480,8 @@ def cpu_inference_forward(x: Tensor, weight: Tensor, bias: Tensor | None, plan: 
 
     ``hot``: the module's :func:`hot_key` for these (x, weight): once the strategy is settled, the pair's entry is
     installed in ``_HOT_CALLS`` (see :func:`hot_forward`)."""
+    if plan.o_total == 0:  # no output channel: F.conv2d refuses an empty weight, which the dense candidate is
+        return torch_forward(x, weight, bias, plan, geom, activation)
     n, _c, h, w = x.shape
     fast = (id(plan), id(geom), x.dtype, activation, n if n <= 4 else 1 << (n - 1).bit_length(), h, w,
             torch.get_num_threads())  # fmt: skip
