@@ -146,17 +146,39 @@ class Conv1dNet(nn.Module):
         return self.fc(F.gelu(self.c2(h)).amax(-1))
 
 
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.Conv3d(8, 6, 3)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c1(x)))
+        return self.fc(F.gelu(self.c2(h)).amax((-3, -2, -1)))
+
+
 def test_dense_zero_block_layers_never_cost_more_than_the_ensemble():
-    """No execution module skips an nn.Conv1d's zero blocks: the ensemble built as one network costs more than the
-    members run one after another, so the cap returns the members themselves."""
-    a, b = _random(Conv1dNet(), 1), _random(Conv1dNet(), 2)
-    x = torch.randn(16, 3, 10, dtype=F64, generator=torch.Generator().manual_seed(0))
-    member_flops = 2 * (3 * 8 * 3 * 10 + 8 * 6 * 3 * 8 + 6 * 3)  # counted here: MACs x output positions
+    """No execution module skips an nn.Conv3d's zero blocks: the ensemble built as one network costs more than the
+    members run one after another, so the cap returns the members themselves. An nn.Conv1d runs as PartialConv1d:
+    the built ensemble costs exactly the members' FLOPs (before PartialConv1d, it was capped like the Conv3d)."""
+    a, b = _random(Conv3dNet(), 1), _random(Conv3dNet(), 2)
+    x = torch.randn(4, 3, 5, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    member_flops = 2 * (3 * 8 * 27 * 125 + 8 * 6 * 27 * 27 + 6 * 3)  # MACs x output positions
     fused = pyfusion.fuse([a, b], [x], method="partial", alpha=1.0)
     cost = pyfusion.cost(fused, x, members=[a, b])
     assert cost.ensemble_flops == 2 * member_flops
     assert cost.flops <= cost.ensemble_flops
     assert fused.fusion_info["ensemble_cap"]["capped"] and fused.fusion_info["effective_flops"] == cost.flops
+    assert isinstance(fused, pyfusion.nn.SubEnsemble)
+    assert _rel(_run(fused, x), 0.5 * (_run(a, x) + _run(b, x))) < 1e-12
+
+    a, b = _random(Conv1dNet(), 1), _random(Conv1dNet(), 2)
+    x = torch.randn(16, 3, 10, dtype=F64, generator=torch.Generator().manual_seed(0))
+    member_flops = 2 * (3 * 8 * 3 * 10 + 8 * 6 * 3 * 8 + 6 * 3)
+    fused = pyfusion.fuse([a, b], [x], method="partial", alpha=1.0)
+    cost = pyfusion.cost(fused, x, members=[a, b])
+    assert cost.ensemble_flops == 2 * member_flops == cost.flops
+    assert type(fused) is Conv1dNet and not fused.fusion_info["ensemble_cap"]["capped"]
     assert _rel(_run(fused, x), 0.5 * (_run(a, x) + _run(b, x))) < 1e-12
 
 

@@ -435,12 +435,14 @@ class _Refused(nn.Module):
         self.kind = kind
         self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Linear(4, 3)
         self.mid = {
-            "groupnorm": nn.GroupNorm(2, 8),
-            "grouped": nn.Conv2d(8, 8, 1, groups=2),
-            "pixel_shuffle": nn.PixelShuffle(2),
-            "lstm": nn.LSTM(8, 8, batch_first=True),
-            "gru": nn.GRU(8, 8, batch_first=True),
-        }[kind]
+            "groupnorm": lambda: nn.GroupNorm(2, 8),
+            "grouped": lambda: nn.Conv2d(8, 8, 1, groups=2),
+            "pixel_shuffle": lambda: nn.PixelShuffle(2),
+            "lstm": lambda: nn.LSTM(8, 8, batch_first=True),
+            "gru": lambda: nn.GRU(8, 8, batch_first=True),
+            # wav2vec2's positional convolution: every parametrized module has a class of its own
+            "weight_norm": lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1), dim=2),
+        }[kind]()
         if kind == "pixel_shuffle":
             self.c2 = nn.Conv2d(2, 4, 1)
 
@@ -456,7 +458,8 @@ class _Refused(nn.Module):
 @pytest.mark.parametrize(
     ("kind", "match"),
     [("groupnorm", "'group_norm'.*GroupNorm with 2 groups"), ("grouped", "'mid' of type Conv2d: grouped convolutions"),
-     ("pixel_shuffle", "'pixel_shuffle'"), ("lstm", "'lstm'.*'mid' of type LSTM"), ("gru", "'gru'.*'mid' of type GRU")],
+     ("pixel_shuffle", "'pixel_shuffle'"), ("lstm", "'lstm'.*'mid' of type LSTM"), ("gru", "'gru'.*'mid' of type GRU"),
+     ("weight_norm", "'_weight_norm'.*'mid.parametrizations.weight.0' of type _WeightNorm")],
 )  # fmt: skip
 def test_unsupported_channel_ops_are_refused_by_name(kind, match):
     a, b = _random(_Refused(kind), 1), _random(_Refused(kind), 2)

@@ -259,7 +259,10 @@ def _fuse(
         broadcast_module(fused)  # bit-identical on every rank, whatever the ranks' float rounding
         info["distributed"] = {"rank": world[0], "world_size": world[1], "time_broadcast_s": time.perf_counter() - t0}
     # never costlier than the ensemble (issue 14: else the exact ensemble, said in info), then execution modules
-    fused, plan = finish(fused, members, graph, plan, lam, info, fast_modules=fast_modules)
+    # the builder's own weights (no fit to targets, no statistics reset over all channels, no REPAIR): an
+    # ensemble-shaped plan then claims to be the ensemble, and finish checks it
+    claims = isinstance(result, Plan) and reset_bn != "all" and not repair
+    fused, plan = finish(fused, members, graph, plan, lam, info, fast_modules=fast_modules, verify_ensemble=claims)
     fused.fusion_plan = plan
     fused.fusion_info = info
     return fused

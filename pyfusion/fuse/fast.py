@@ -964,6 +964,98 @@ def _member_ensemble(
     return sub, None
 
 
+def is_ensemble_plan(plan: Plan, graph: FusionGraph) -> bool:
+    """Whether every group of the graph is widened to ``[branch_1 | ... | branch_K]`` (layout ``(0, n, ..., n)``):
+    the plan whose built network claims to be the ensemble ``sum_k lambda_k f_k(x)``."""
+    k = plan.num_members
+    for name, g in graph.groups.items():
+        gp = plan.groups.get(name)
+        if gp is None or tuple(gp.layout) != (0,) + (g.size,) * k:
+            return False
+    return bool(graph.groups)
+
+
+# relative error (max |fused - ensemble| / max |ensemble|) the built alpha = 1 network may have against the members'
+# weighted outputs: the sums run in another order, nothing else (float64 builds measured at 1e-16 - 1e-15; float32
+# transformers at ~1e-7; an output soft-cap tanh(z / 30) * 30 on random logits was 2.5e-3, a log_softmax 6.5e-2)
+ENSEMBLE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _output_tensors(out: Any) -> list[Tensor]:
+    """The floating tensors of a model output (a tensor, nested tuples / lists / dicts, a Hugging Face output), in
+    order."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _output_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def ensemble_error(fused: nn.Module, members: Sequence[nn.Module], lambdas: Sequence[float], example: Any) -> float:
+    """max |fused(x) - sum_k lambda_k f_k(x)| / max |sum_k lambda_k f_k(x)| over the floating tensors of the
+    outputs on ``example`` (eval mode, no autograd), or ``inf`` when the outputs do not have the same tensors."""
+    from pyfusion.fuse.cost import run_example
+
+    got = _output_tensors(run_example(fused, example))
+    outs = [_output_tensors(run_example(m, example)) for m in members]
+    if not got or any(len(o) != len(got) for o in outs):
+        return math.inf
+    err, scale = 0.0, 0.0
+    for j, y in enumerate(got):
+        if any(o[j].shape != y.shape for o in outs):
+            return math.inf
+        ref = sum(lam * o[j].double() for lam, o in zip(lambdas, outs))
+        err = max(err, float((y.double() - ref).abs().max()) if y.numel() else 0.0)
+        scale = max(scale, float(ref.abs().max()) if y.numel() else 0.0)
+    return err / max(scale, 1e-30)
+
+
+def _verify_ensemble(
+    fused: nn.Module, plan: Plan, members: Sequence[nn.Module], lambdas: Sequence[float], example: Any,
+    info: dict[str, Any],
+) -> tuple[nn.Module, Plan | None]:  # fmt: skip
+    """An alpha = 1 network must be the ensemble. The widened network computes ``phi(sum_k lambda_k z_k)`` where the
+    members compute ``phi(z_k)``: when the model applies a non-linear ``phi`` after the layer that sums the members'
+    contributions (Gemma-2's final logit soft-cap ``tanh(z / c) * c``, a ``log_softmax`` / sigmoid output, a
+    product of two outputs), that is not the ensemble ``sum_k lambda_k phi(z_k)``. Checked on the example inputs;
+    where it fails, the members' ensemble itself is returned (:class:`pyfusion.nn.SubEnsemble`, the same cost) and
+    ``fusion_info["ensemble_check"]`` says why."""
+    dtype = next((p.dtype for p in members[0].parameters() if p.is_floating_point()), torch.float32)
+    tol = ENSEMBLE_RTOL.get(dtype, 1e-4)
+    try:
+        err = ensemble_error(fused, members, lambdas, example)
+    except Exception as exc:  # the outputs cannot be formed on the example: no claim is checked, said so
+        info["ensemble_check"] = {"checked": False, "reason": f"{type(exc).__name__}: {exc}"}
+        return fused, plan
+    info["ensemble_check"] = {"checked": True, "relative_error": err, "tolerance": tol, "exact": err <= tol}
+    if err <= tol:
+        return fused, plan
+    from pyfusion.nn.ensemble import SubEnsemble
+
+    if math.isinf(err):
+        why = "its outputs do not have the members' tensors and shapes (a widened tensor among the outputs?)"
+    else:
+        why = (
+            f"it is {err:.2e} (relative) off the members' weighted outputs on the example inputs (tolerance "
+            f"{tol:.0e}): the model applies a non-linear function after the layer that sums the members (an output "
+            "soft-cap, log_softmax, sigmoid, ...)"
+        )
+    info["ensemble_check"]["reason"] = (
+        f"the widened alpha = 1 network is not the ensemble: {why}; the members' SubEnsemble is returned instead"
+    )
+    sub = SubEnsemble([deepcopy_module(m).eval() for m in members], list(lambdas), "logits")
+    try:
+        info["effective_flops"] = _cost(sub, example).flops
+    except TypeError as exc:  # outputs SubEnsemble cannot average: the widened network, with the finding
+        info["ensemble_check"]["reason"] += f" -- but the outputs cannot be averaged as one ({exc}): not returned"
+        raise ValueError(
+            f"partial fusion at alpha = 1 cannot be the ensemble of these members: {info['ensemble_check']['reason']}"
+        ) from exc
+    return sub, None
+
+
 def finish(
     fused: nn.Module,
     members: Sequence[nn.Module],
@@ -974,6 +1066,7 @@ def finish(
     *,
     fast_modules: bool | str = True,
     example: Any = None,
+    verify_ensemble: bool = True,
 ) -> tuple[nn.Module, Plan | None]:
     """The last step of :func:`pyfusion.fuse`: cap the effective FLOPs at the ensemble's, then swap in the
     execution modules.
@@ -981,7 +1074,12 @@ def finish(
     A fused point whose effective FLOPs (:func:`pyfusion.cost` on the graph's example inputs) exceed the
     ensemble's (K members run one after another; the few shared slots that read every branch's inputs can make
     alpha close to 1 cost 100.1-100.6 %) is never returned: the exact ensemble (``Plan.ensemble``, built by the same
-    builder) is returned instead and ``fusion_info["ensemble_cap"]`` says so, with both counts.
+    builder) is returned instead and ``fusion_info["ensemble_cap"]`` says so, with both counts. A point that claims
+    to be the ensemble (every group widened to its members' branches: alpha = 1) is compared with the members'
+    weighted outputs on the example inputs (:func:`_verify_ensemble`, ``fusion_info["ensemble_check"]``); when it
+    is not the ensemble (a non-linear function after the layer that sums the members), the members' SubEnsemble is
+    returned. ``verify_ensemble=False``: the weights are not the plan's alone (fitted to targets, BatchNorm
+    statistics recomputed, REPAIR), so nothing claims to be the ensemble.
 
     Returns:
         (model, plan): the model to return and its plan (the ensemble's plan when capped).
@@ -1026,8 +1124,9 @@ def finish(
                 plan = ens_plan
                 shapes = None  # another model: its shapes are recorded below
                 if info["effective_flops"] > ens:
-                    # the built ensemble runs layers no execution module skips the zero blocks of (nn.Conv1d, a
-                    # depthwise conv, ...): it would cost more than the members run one after another, so those run
+                    # the built ensemble runs layers no execution module skips the zero blocks of (nn.Conv3d, a
+                    # transposed convolution, ...): it would cost more than the members run one after another, so
+                    # those run
                     fused, plan = _member_ensemble(members, lambdas, example, info, ens)
             else:
                 info["ensemble_cap"] = {"checked": True, "capped": False}
@@ -1046,4 +1145,7 @@ def finish(
             fused, len(members), input_shapes=shapes, decisions=decisions, always=fast_modules == "always"
         )
         info["fast_decisions"] = {p: d for p, d in decisions.items() if d != "partial"}
+    if verify_ensemble and example is not None and plan is not None and is_ensemble_plan(plan, graph):
+        # after the swap: the builder may leave weights pending (meta) for it to pack
+        fused, plan = _verify_ensemble(fused, plan, members, lambdas, example, info)
     return fused, plan

@@ -62,6 +62,16 @@ def _structure_attributes(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _module_type(m: nn.Module) -> type:
+    """The class a member's module is compared by. ``torch.nn.utils.parametrize`` gives every parametrized module
+    a class of its own (``ParametrizedConv1d``, made per instance: wav2vec2's weight-normed positional convolution
+    was "a different architecture" in two copies of one model), so such a module is compared by the class it
+    parametrizes; its parametrizations are child modules, compared by their own classes."""
+    if nn.utils.parametrize.is_parametrized(m):
+        return type(m).__bases__[0]
+    return type(m)
+
+
 def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
     """K >= ``min_members`` modules of one architecture (same module types per path, same tensor names and
     shapes, same integer / boolean / string attributes per module: head counts, groups, strides, flags, activation
@@ -86,11 +96,11 @@ def check_members(models: Any, min_members: int = 2) -> list[nn.Module]:
                 "every forward: running the members for fusion would change them. Renormalize the weights once "
                 "and set max_norm=None"
             )
-    ref_types = {p: type(m) for p, m in models[0].named_modules()}
+    ref_types = {p: _module_type(m) for p, m in models[0].named_modules()}
     ref_shapes = {n: tuple(t.shape) for n, t in list(models[0].named_parameters()) + list(models[0].named_buffers())}
     ref_attrs = _structure_attributes(models[0])
     for k, m in enumerate(models[1:], start=1):
-        types = {p: type(x) for p, x in m.named_modules()}
+        types = {p: _module_type(x) for p, x in m.named_modules()}
         if types != ref_types:
             diff = sorted(set(types.items()) ^ set(ref_types.items()), key=str)[:3]
             raise MemberMismatchError(

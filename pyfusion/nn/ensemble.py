@@ -92,8 +92,9 @@ class SubEnsemble(nn.Module):
                 raise ValueError(f"weights must be finite, non-negative and sum to 1; got {w.tolist()}")
         self.members = nn.ModuleList(members)
         self.combine = combine
-        self.register_buffer("weights", w.float())
-        self.register_buffer("class_weights", None if cw is None else cw.float())
+        # float64: weights such as 1/3 rounded to float32 put a float64 ensemble 3e-8 off its exact value
+        self.register_buffer("weights", w)
+        self.register_buffer("class_weights", cw)
 
     @property
     def num_members(self) -> int:
@@ -144,9 +145,10 @@ class SubEnsemble(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> SubEnsemble:
         n = int(config["num_members"])
         mod = cls([], combine=config["combine"])
-        mod.register_buffer("weights", torch.full((n,), 1.0 / max(n, 1)))
+        f64 = torch.float64
+        mod.register_buffer("weights", torch.full((n,), 1.0 / max(n, 1), dtype=f64))
         c = config.get("num_classes")
-        mod.register_buffer("class_weights", None if c is None else torch.full((n, int(c)), 1.0 / max(n, 1)))
+        mod.register_buffer("class_weights", None if c is None else torch.full((n, int(c)), 1.0 / max(n, 1), dtype=f64))
         mod.members = nn.ModuleList()
         return mod
 
