@@ -109,6 +109,17 @@ _SELECTOR_SAFE = (
 PASS_BACK = {"dropout", "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy"}
 
 
+def _dead_nodes(graph: fx.Graph) -> set[str]:
+    """Names of the call nodes whose values reach neither the graph's output nor an op with side effects (an
+    in-place ``copy_`` / ``fill_``, an assertion): they steer nothing, so the engine does not read them."""
+    live: set[str] = set()
+    for node in reversed(graph.nodes):
+        if node.name in live or node.op == "output" or node.op == "call_function" and node.is_impure(False):
+            live.add(node.name)
+            live.update(a.name for a in node.all_input_nodes)
+    return {n.name for n in graph.nodes if n.op == "call_function" and n.name not in live}
+
+
 def _opname(node: fx.Node) -> str:
     t = node.target
     if t is operator.getitem:
@@ -334,6 +345,7 @@ class Engine:
     # ---- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
         graph = self.ep.graph
+        dead = _dead_nodes(graph)
         for i, node in enumerate(graph.nodes):
             self.nodes[node.name] = node
             self.order[node.name] = i
@@ -345,7 +357,11 @@ class Engine:
                     self._pin_val(self.val(a))
             elif node.op == "call_function":
                 opaque = self._opaque(node)
-                if opaque is not None:
+                if node.name in dead and not any(self.is_param(a) for a in node.all_input_nodes):
+                    # a value nothing reads (BART's ``inputs_embeds[:, :, -1]``, "needed for the shape only"):
+                    # reading it would cut or pin the stream for nothing
+                    self.env[node.name] = self.out_val(node)
+                elif opaque is not None:
                     self._opaque_node(node, *opaque)
                 else:
                     self._call(node)
