@@ -228,8 +228,11 @@ def _unbacked_hints(ep: Any) -> dict:
     if example is None:
         return {}
     try:
+        flat = ep._graph_module_flat_inputs(*example)
+        # buffers and inputs copied: an in-place op of the graph must not write into the member
+        flat = [t.clone() if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) else t for t in flat]
         with torch.no_grad():
-            Recorder(ep.graph_module).run(*ep._graph_module_flat_inputs(*example))
+            Recorder(ep.graph_module).run(*flat)
     except Exception:  # the sizes without a value raise, naming their node
         return {}
     return hints
