@@ -286,8 +286,9 @@ def _refuse_pinned(pinned: list, method: str, what: str) -> None:
     raise UnsupportedModuleError((
         f"method {method!r} cannot {what}: {lines}. No neuron group holds them, so the fused model would merge "
         "every member's neuron i with the others' neuron i. "
-        + ("A stream the model returns cannot be widened: fuse the model with the head whose outputs you use. "
-           if output else "")
+        + ("A stream the model returns cannot be widened (at alpha = 1 the output would be the members' streams "
+           "side by side, not the model's): fuse the model with the head whose outputs you use, e.g. a wrapper "
+           "returning only the logits. " if output else "")
         + ("Make the per-neuron buffer a parameter, or declare the groups with pyfusion.graph.declare_groups; "
            "method='average' merges them in place. " if buffer else
            "Fuse without branch slots (alpha = 0, full fusion merges them in place). ")

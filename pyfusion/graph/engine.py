@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 from torch import fx, nn
 
@@ -109,6 +110,38 @@ _SELECTOR_SAFE = (
 PASS_BACK = {"dropout", "clone", "contiguous", "alias", "detach", "to", "_to_copy", "type_as", "lift_fresh_copy"}
 
 
+def _dead_nodes(graph: fx.Graph) -> set[str]:
+    """Names of the call nodes whose values reach neither the graph's output nor an op with side effects (an
+    in-place ``copy_`` / ``fill_``, an assertion): they steer nothing, so the engine does not read them."""
+    live: set[str] = set()
+    for node in reversed(graph.nodes):
+        if node.name in live or node.op == "output" or node.op == "call_function" and node.is_impure(False):
+            live.add(node.name)
+            live.update(a.name for a in node.all_input_nodes)
+    return {n.name for n in graph.nodes if n.op == "call_function" and n.name not in live}
+
+
+def _output_names(ep: Any) -> list[str]:
+    """The names of the graph's output values in order: "" for mutated buffers, the user outputs by their path in
+    the returned structure (a Hugging Face output's fields, a tuple's indices, "" for a single tensor)."""
+
+    def leaves(spec: Any, prefix: str) -> list[str]:
+        if spec is None or spec.is_leaf():
+            return [prefix]
+        kids = list(spec.children()) if hasattr(spec, "children") else list(spec.children_specs)
+        ctx = spec.context
+        keys = list(ctx) if isinstance(ctx, (list, tuple)) and len(ctx) == len(kids) else list(range(len(kids)))
+        return [n for k, kid in zip(keys, kids) for n in leaves(kid, f"{prefix}.{k}" if prefix else str(k))]
+
+    try:
+        user = leaves(ep.call_spec.out_spec, "")
+        kinds = [spec.kind.name for spec in ep.graph_signature.output_specs]
+    except Exception:  # the names only make the errors clearer
+        return []
+    it = iter(user)
+    return [next(it, "") if kind == "USER_OUTPUT" else "" for kind in kinds]
+
+
 def _opname(node: fx.Node) -> str:
     t = node.target
     if t is operator.getitem:
@@ -142,10 +175,67 @@ def _bind(node: fx.Node) -> dict[str, Any]:
     return out
 
 
-def _shape(v: Any) -> tuple[int, ...] | None:
+class _DataDependentShape(Exception):
+    """A size that depends on the data (an unbacked symbol of the export) and has no concrete value."""
+
+
+def _size(s: Any, hints: dict) -> int:
+    """A dim's size: an int, or a symbolic size (``hidden[eos_mask]`` has as many rows as the mask has True
+    entries) evaluated at the example inputs' values of its symbols (``hints``)."""
+    if not isinstance(s, torch.SymInt):
+        return int(s)
+    expr = s.node.expr
+    if expr.free_symbols:
+        expr = sympy.sympify(expr.xreplace(hints))
+    if not expr.is_number:
+        raise _DataDependentShape(str(s.node.expr))
+    return int(expr)
+
+
+def _shape(v: Any, hints: dict | None = None) -> tuple[int, ...] | None:
     if isinstance(v, torch.Tensor):
-        return tuple(int(s) for s in v.shape)
+        return tuple(_size(s, hints or {}) for s in v.shape)
     return None
+
+
+def _unbacked_hints(ep: Any) -> dict:
+    """The example inputs' values of the export's data-dependent sizes (symbol -> int), read off one run of the
+    exported graph on them; empty when the graph has none (or cannot be run: the sizes then raise)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from torch.utils import _pytree as pytree
+
+    if not any(free_unbacked_symbols(n.meta.get("val")) for n in ep.graph.nodes):
+        return {}
+    hints: dict = {}
+
+    def record(fake: Any, real: Any) -> None:
+        if isinstance(fake, torch.SymInt) and fake.node.expr.is_Symbol and isinstance(real, int):
+            hints[fake.node.expr] = real
+        elif isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor) and fake.dim() == real.dim():
+            for s, r in zip(fake.shape, real.shape):
+                record(s, int(r))
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            fakes, reals = pytree.tree_leaves(n.meta.get("val")), pytree.tree_leaves(out)
+            if len(fakes) == len(reals):
+                for fake, real in zip(fakes, reals):
+                    record(fake, real)
+            return out
+
+    example = getattr(ep, "example_inputs", None)
+    if example is None:
+        return {}
+    try:
+        flat = ep._graph_module_flat_inputs(*example)
+        # buffers and inputs copied: an in-place op of the graph must not write into the member
+        flat = [t.clone() if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) else t for t in flat]
+        with torch.no_grad():
+            Recorder(ep.graph_module).run(*flat)
+    except Exception:  # the sizes without a value raise, naming their node
+        return {}
+    return hints
 
 
 @dataclass
@@ -236,6 +326,8 @@ class Engine:
         self._key_path: dict[str, str] = {}
         self._io: dict[str, tuple[list[fx.Node], list[fx.Node]]] = {}
         self.prov_list: dict[str, list[Any]] = {}
+        self.hints = _unbacked_hints(ep)  # data-dependent sizes at the example inputs
+        self.output_of: dict[int, list[str]] = {}  # leaf atom -> names of the outputs that return it
 
     # ---- helpers ----------------------------------------------------------------------------------
     def module_of(self, node: fx.Node) -> str:
@@ -258,9 +350,13 @@ class Engine:
             return self.env.get(a.name)
         return None
 
+    def vshape(self, v: Any) -> tuple[int, ...] | None:
+        """The shape of a traced value (a fake tensor; data-dependent sizes at the example inputs)."""
+        return _shape(v, self.hints)
+
     def shape(self, a: Any) -> tuple[int, ...] | None:
         if isinstance(a, fx.Node):
-            return _shape(a.meta.get("val"))
+            return self.vshape(a.meta.get("val"))
         return None
 
     def has_atoms(self, v: Any) -> bool:
@@ -279,9 +375,9 @@ class Engine:
         """All-fixed value(s) shaped like the node's output."""
         v = node.meta.get("val")
         if isinstance(v, torch.Tensor):
-            return self.fixed(_shape(v))
+            return self.fixed(self.vshape(v))
         if isinstance(v, (list, tuple)):
-            return [self.fixed(_shape(x)) if isinstance(x, torch.Tensor) else None for x in v]
+            return [self.fixed(self.vshape(x)) if isinstance(x, torch.Tensor) else None for x in v]
         return None
 
     def alias_for(self, tkey: str, module: str) -> str:
@@ -333,26 +429,48 @@ class Engine:
 
     # ---- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
         graph = self.ep.graph
+        dead = _dead_nodes(graph)
         for i, node in enumerate(graph.nodes):
-            self.nodes[node.name] = node
-            self.order[node.name] = i
-            self.S.context = PINNED_BY_OUTPUT if node.op == "output" else None if node.op == "placeholder" else node
-            if node.op == "placeholder":
-                self._placeholder(node)
-            elif node.op == "output":
-                for a in node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]:
-                    self._pin_val(self.val(a))
-            elif node.op == "call_function":
-                opaque = self._opaque(node)
-                if opaque is not None:
-                    self._opaque_node(node, *opaque)
-                else:
-                    self._call(node)
-            elif node.op == "get_attr":
+            try:
+                self._run_node(i, node, dead)
+            except (_DataDependentShape, GuardOnDataDependentSymNode) as exc:
+                what = exc.args[0] if isinstance(exc, _DataDependentShape) else str(exc).strip().splitlines()[0]
+                raise self.unsupported(node, f"its output's shape depends on the data ({what}) and has no value at "
+                                       "the example inputs") from None  # fmt: skip
+
+    def _run_node(self, i: int, node: fx.Node, dead: set[str]) -> None:
+        """Read one node of the graph (see the module docstring for the rules)."""
+        self.nodes[node.name] = node
+        self.order[node.name] = i
+        self.S.context = PINNED_BY_OUTPUT if node.op == "output" else None if node.op == "placeholder" else node
+        if node.op == "placeholder":
+            self._placeholder(node)
+        elif node.op == "output":
+            args = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            names = _output_names(self.ep)
+            for a, name in zip(args, names + [""] * (len(args) - len(names))):
+                v = self.val(a)
+                for t in v if isinstance(v, tuple) and (not v or v[0] != "buffer") else []:
+                    for leaf in {f for r in self.S.resolve(t) for f in r if f >= 0}:
+                        self.output_of.setdefault(leaf, []).append(name)
+                self._pin_val(v)
+        elif node.op == "call_function":
+            opaque = self._opaque(node)
+            if node.name in dead and not any(self.is_param(a) for a in node.all_input_nodes):
+                # a value nothing reads (BART's ``inputs_embeds[:, :, -1]``, "needed for the shape only"):
+                # reading it would cut or pin the stream for nothing
                 self.env[node.name] = self.out_val(node)
-            else:  # pragma: no cover - exported graphs only call functions
-                raise self.unsupported(node, f"unexpected graph node kind {node.op!r}")
+            elif opaque is not None:
+                self._opaque_node(node, *opaque)
+            else:
+                self._call(node)
+        elif node.op == "get_attr":
+            self.env[node.name] = self.out_val(node)
+        else:  # pragma: no cover - exported graphs only call functions
+            raise self.unsupported(node, f"unexpected graph node kind {node.op!r}")
 
     def _stale_selectors(self, inputs: list[fx.Node]) -> None:
         for a in inputs:
@@ -503,7 +621,7 @@ class Engine:
         out = node.meta.get("val")
         if isinstance(out, (list, tuple)):  # native_dropout, log_sigmoid_forward: (out, mask / buffer)
             fixed = self.out_val(node)
-            self.env[node.name] = [v if _shape(o) == self.shape(x) else fixed[i] for i, o in enumerate(out)]
+            self.env[node.name] = [v if self.vshape(o) == self.shape(x) else fixed[i] for i, o in enumerate(out)]
         else:
             self.env[node.name] = v
             self._keep_prov(node, x)
@@ -716,7 +834,7 @@ class Engine:
         for t in v[len(v) - nsp :]:  # the windows slide over positions: a Linear viewed as a map keeps its order
             self.S.pin_term(t)
         for o in outs:
-            so = _shape(o)
+            so = self.vshape(o)
             # channels pass, spatial dims are positions
             terms = []
             for d, s in enumerate(so):
@@ -784,7 +902,7 @@ class Engine:
         outs = out if isinstance(out, (list, tuple)) else [out]
         res = []
         for o in outs:
-            so = _shape(o)
+            so = self.vshape(o)
             if so is None:
                 res.append(None)
                 continue
@@ -959,7 +1077,14 @@ class Engine:
     def op_index(self, node: fx.Node) -> None:
         x, indices = node.args[0], node.args[1]
         v = self.tval(x)
-        idx_dims = [d for d, i in enumerate(indices) if i is not None]
+        idx_dims: list[int] = []  # a boolean mask covers as many dims as it has (``hidden[eos_mask, :]``: 2)
+        d = 0
+        for i in indices:
+            val = i.meta.get("val") if isinstance(i, fx.Node) else None
+            span = val.dim() if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8) else 1
+            if i is not None:
+                idx_dims += range(d, d + span)
+            d += span
         for d in idx_dims:
             self.S.pin_term(v[d])
         for i in indices:
@@ -1300,9 +1425,9 @@ class Engine:
         v = self._per_channel(node, x, ps)
         out = node.meta.get("val")
         if isinstance(out, (list, tuple)):
-            res: Any = [v] + [self.fixed(_shape(o)) if _shape(o) is not None else None for o in out[1:]]
+            res: Any = [v] + [self.fixed(self.vshape(o)) if self.vshape(o) is not None else None for o in out[1:]]
             for i, o in enumerate(out[1:], start=1):
-                if _shape(o) is not None and len(_shape(o)) == 1 and _shape(o)[0] == self.shape(x)[1]:
+                if self.vshape(o) is not None and len(self.vshape(o)) == 1 and self.vshape(o)[0] == self.shape(x)[1]:
                     res[i] = (v[1],)
             self.env[node.name] = res
         else:
@@ -1463,7 +1588,7 @@ class Engine:
                 if a.op == "placeholder" and (a.name in self.param_of or a.name in self.buffer_of or
                                               a.name in self.const_of):  # fmt: skip
                     continue
-                if _shape(a.meta.get("val")) is None or a.name not in dyn:
+                if self.vshape(a.meta.get("val")) is None or a.name not in dyn:
                     continue
                 ins.append(a)
             if any(u.name not in inside for u in n.users) and n.op != "output" and n.name in dyn:
@@ -1585,6 +1710,7 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
                 read.setdefault(r, set()).add(_module_of(u))
     buffers = set(E.buffer_of.values())
     found: dict[str, tuple[int, set[str], set[str], str | None]] = {}
+    returned: dict[str, set[str]] = {}  # the outputs that return neurons the model's output pins
     for u in E.uses:
         if u.role != "producer":
             continue
@@ -1597,6 +1723,7 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
                     size, prods, cons, _b = found.setdefault(str(at), (S.size[r], set(), set(), None))
                     prods.add(_module_of(u))
                     cons |= read[r]
+                    returned.setdefault(str(at), set()).update(E.output_of.get(r, []))
                 continue
             if any(E.prov.get(a.name, ("",))[0] == u.tkey for a in at.all_input_nodes):
                 continue  # the tensor's own indexed use: a tied embedding's vocabulary axis (lookup and logits)
@@ -1618,7 +1745,10 @@ def _pinned_hidden(E: Engine) -> list[PinnedNeurons]:
                 size, prods, cons, _b = found.setdefault(E.where(at), (S.size[r], set(), set(), buffer))
                 prods.add(_module_of(u))
                 cons |= reached
-    return [PinnedNeurons(n, tuple(sorted(p)), tuple(sorted(c)), w, b) for w, (n, p, c, b) in found.items()]
+    return [
+        PinnedNeurons(n, tuple(sorted(p)), tuple(sorted(c)), w, b, tuple(sorted(returned.get(w, ()))))
+        for w, (n, p, c, b) in found.items()
+    ]
 
 
 def finish(E: Engine) -> TraceResult:
@@ -1797,7 +1927,7 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
         pre, post = [], []
         for cp in gr.captures:
             node = E.nodes[cp.node]
-            shape = _shape(node.meta.get("val"))
+            shape = E.vshape(node.meta.get("val"))
             if shape is None or cp.pattern is not None or cp.offset != 0 or cp.mean_dims:
                 continue
             nd = len(shape)

@@ -307,6 +307,8 @@ class PinnedNeurons:
         buffer: the buffer that op combined with them (model state that a permutation of them would have to
             permute too: the tracer fixes buffers), or None (a table computed from indices, an index, the output:
             no permutation keeps the function).
+        outputs: where the model's output pins them, the outputs that return them (``"encoder_last_hidden_state"``
+            of a Hugging Face output; ``"0"``, ``"1"`` of a tuple; ``""`` for a single tensor).
     """
 
     size: int
@@ -314,12 +316,15 @@ class PinnedNeurons:
     consumers: tuple[str, ...]
     where: str
     buffer: str | None = None
+    outputs: tuple[str, ...] = ()
 
     def describe(self) -> str:
         buf = f" with buffer {self.buffer!r}" if self.buffer is not None else ""
+        named = [o for o in self.outputs if o]
+        out = f" (returned as {', '.join(repr(o) for o in named)})" if named else ""
         return (
             f"{self.size} neurons produced by {', '.join(self.producers)} and read by {', '.join(self.consumers)} "
-            f"are pinned by {self.where}{buf}"
+            f"are pinned by {self.where}{buf}{out}"
         )
 
 
