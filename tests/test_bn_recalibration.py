@@ -259,3 +259,47 @@ def test_max_batches_reads_the_same_batches_in_every_pass():
     x = _x("resnet")
     with torch.no_grad():
         torch.testing.assert_close(fused(x), m(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_one_pass_equals_a_pass_per_batchnorm(arch, alpha, monkeypatch):
+    """All calibration samples as one batch, each BatchNorm recalibrated by its pre-hook before it runs: the
+    statistics of one pass per BatchNorm that stops at it (forced by a zero memory budget), in one pass."""
+    from pyfusion.fuse import bn as bn_mod
+
+    members, data = _members(arch), _data(arch)
+    one = pyfusion.fuse(members, data, method="partial", alpha=alpha, fast_modules=False)
+    monkeypatch.setattr(bn_mod, "ONE_PASS_BYTES", 0)
+    per_bn = pyfusion.fuse(members, data, method="partial", alpha=alpha, fast_modules=False)
+    assert one.fusion_info["bn_passes"] == 1 and per_bn.fusion_info["bn_passes"] > 1
+    stats = [(k, v) for k, v in one.state_dict().items() if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    other = per_bn.state_dict()
+    for k, v in stats:
+        torch.testing.assert_close(v, other[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+class _SharedBN(nn.Module):
+    """One BatchNorm module applied at two places: no single pre-hook call sees all its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        return self.head(torch.relu(self.bn(self.c2(h))).mean((2, 3)))
+
+
+def test_a_batchnorm_called_twice_takes_the_per_batchnorm_passes(monkeypatch):
+    from pyfusion.fuse import bn as bn_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a BatchNorm applied twice must not be recalibrated by one pre-hook call")
+
+    monkeypatch.setattr(bn_mod, "_recalibrate_in_one_pass", refuse)
+    members = [randomize_batchnorm(_SharedBN()).double().eval() for _ in range(2)]
+    fused = pyfusion.fuse(members, _data("vgg"), method="partial", alpha=0.0, fast_modules=False)
+    assert fused.fusion_info["bn_recalibrated"]["bn"] > 0 and fused.fusion_info["bn_passes"] == 1

@@ -247,6 +247,7 @@ def _fuse(
             info["bn_reset_samples"] = rec["samples"]
             info["bn_recalibrated"] = rec["recalibrated"]
             info["bn_kept"] = rec["kept"]
+            info["bn_passes"] = rec.get("passes", 0)  # forward passes of the fused network (1: all samples at once)
         info["time_bn_reset_s"] = time.perf_counter() - t0
     if repair:
         from pyfusion.fuse.repair import repair as _repair

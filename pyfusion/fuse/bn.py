@@ -40,13 +40,15 @@ Several processes (``pyfusion.fuse`` with ``torch.distributed`` initialized): ev
 the moments (recalibration) or the batch-count-weighted running averages (plain reset) are summed over the ranks,
 so every rank gets the statistics of the union of the shards.
 
-Cost: one eval pass per member, then for each BatchNorm with changed slots a pass that stops at it (the statistics
-of a BatchNorm's input depend on every BatchNorm before it, so they are measured after those are final): about
-K + L/2 forward passes for L BatchNorms, against one train-mode pass for the plain reset. Measured on the loaded
-2-core VM (1 thread, 512 CIFAR-sized samples, alpha 0.5): a ResNet-20 pair (21 BatchNorms) 68 s against 6.4 s,
-a 4-conv VGG pair 7.7 s against 2.5 s. ``bn_batches`` caps the batches; an alpha = 1 fusion (nothing changed) runs
-no pass at all. Replaying the network from each BatchNorm instead (torch.fx, keeping the live activations of all
-calibration samples) would bring it to K + 1 passes at the memory of those activations.
+Cost: one eval pass per member, then the fused network's BatchNorms in forward order (the statistics of a
+BatchNorm's input depend on every BatchNorm before it, so they are measured after those are final). When the
+calibration samples fit as one batch (:data:`ONE_PASS_BYTES`), that is one pass: all samples run as one batch
+and each BatchNorm's pre-hook recalibrates it from its input before it runs (eval-mode BatchNorm treats each
+sample alone, so this is exactly the per-BatchNorm passes side by side): K + 1 passes. Otherwise (or with
+several processes) one pass per BatchNorm with changed slots that stops at it: about K + L/2 passes for L
+BatchNorms (measured before the one-pass path on the loaded 2-core VM, 1 thread, 512 CIFAR-sized samples,
+alpha 0.5: a ResNet-20 pair, 21 BatchNorms, 68 s against the plain reset's 6.4 s). ``bn_batches`` caps the
+batches; an alpha = 1 fusion (nothing changed) runs no pass at all.
 """
 
 from __future__ import annotations
@@ -92,12 +94,17 @@ class _Moments:
 
     def __init__(self) -> None:
         self.count = 0
+        self.calls = 0  # add() calls: more than one per batch for a BatchNorm module applied twice in a forward
+        self.per_sample = 0  # the largest input seen, in elements per sample (the one-pass memory estimate)
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
         dims = [0, *range(2, x.dim())]
         n_b = x.numel() // max(x.shape[1], 1)
+        self.calls += 1
+        if x.dim() > 0 and x.shape[0]:
+            self.per_sample = max(self.per_sample, x.numel() // x.shape[0])
         if n_b == 0:
             return
         # per batch, two passes in x's dtype (torch.var_mean over these dims costs as much as a 3x3 convolution of
@@ -247,9 +254,10 @@ def recalibrate_bn(
         batches = _Reiterable(data)
     if device is not None:
         batches = [x.to(device) for x in batches]
-    count = 0
+    count = num_batches = 0
     for x in batches:
         count += int(x.shape[0])
+        num_batches += 1
     dist_group = current_group()
     if dist_group is not None:  # the samples of all ranks (a rank with an empty shard still takes part)
         total = torch.tensor([float(count)], dtype=torch.float64)
@@ -265,27 +273,39 @@ def recalibrate_bn(
         if k == 0:
             order = seen + [p for p in todo if p not in seen]
     saved = {p: (bns[p].running_mean.clone(), bns[p].running_var.clone()) for p in todo}
+
+    def recalibrate(p: str, f: _Moments) -> None:
+        bn = bns[p]
+        if f.mean is None:
+            return  # never reached by the forward: left as built
+        maps = _maps_of(p, graph, plan, bn.num_features)
+        m_b = sum(a @ mm[p].mean for a, mm in zip(maps, member_moments))
+        v_b = sum(a @ mm[p].var() for a, mm in zip(maps, member_moments))
+        rm_b = bn.running_mean.detach().to(torch.float64).cpu()
+        rv_b = bn.running_var.detach().to(torch.float64).cpu()
+        mu_f, v_f = f.mean.cpu(), f.var().cpu()
+        tiny = float(bn.eps) * 1e-3  # a variance this far below eps does not change the normalisation
+        ok = v_b > tiny
+        rv = torch.where(ok, rv_b * v_f / torch.where(ok, v_b, 1.0), torch.where(v_f > tiny, v_f, rv_b))
+        rm = rm_b + (mu_f - m_b)
+        c = changed[p]
+        with torch.no_grad():
+            bn.running_mean[c] = rm[c].to(bn.running_mean)
+            bn.running_var[c] = rv[c].to(bn.running_var)
+
     try:
-        for p in order:
-            bn = bns[p]
-            maps = _maps_of(p, graph, plan, bn.num_features)
-            mom, _ = _moments(fused, [p], batches, stop_after=p)
-            f = mom[p]
-            if f.mean is None:
-                continue  # never reached by the forward: left as built
-            m_b = sum(a @ mm[p].mean for a, mm in zip(maps, member_moments))
-            v_b = sum(a @ mm[p].var() for a, mm in zip(maps, member_moments))
-            rm_b = bn.running_mean.detach().to(torch.float64).cpu()
-            rv_b = bn.running_var.detach().to(torch.float64).cpu()
-            mu_f, v_f = f.mean.cpu(), f.var().cpu()
-            tiny = float(bn.eps) * 1e-3  # a variance this far below eps does not change the normalisation
-            ok = v_b > tiny
-            rv = torch.where(ok, rv_b * v_f / torch.where(ok, v_b, 1.0), torch.where(v_f > tiny, v_f, rv_b))
-            rm = rm_b + (mu_f - m_b)
-            c = changed[p]
-            with torch.no_grad():
-                bn.running_mean[c] = rm[c].to(bn.running_mean)
-                bn.running_var[c] = rv[c].to(bn.running_var)
+        itemsize = next(iter(bns.values())).running_mean.element_size()
+        whole = None
+        if dist_group is None:  # with several ranks, a rank without batches must still take part in every reduce
+            whole = _one_batch(batches, count, num_batches, member_moments[0], todo, itemsize)
+        if whole is not None:
+            _recalibrate_in_one_pass(fused, {p: bns[p] for p in todo}, whole, recalibrate)
+            info["passes"] = 1
+        else:
+            for p in order:
+                mom, _ = _moments(fused, [p], batches, stop_after=p)
+                recalibrate(p, mom[p])
+            info["passes"] = len(order)
     except BaseException:
         with torch.no_grad():
             for p, (rm, rv) in saved.items():
@@ -294,6 +314,64 @@ def recalibrate_bn(
         raise
     info["samples"] = count
     return info
+
+
+# the calibration batches are run as one batch (one pass of the fused network for every BatchNorm) when the largest
+# BatchNorm input of all samples, times 4 (the input, the output, a residual and a temporary live at once), fits in
+# this many bytes; else one pass per BatchNorm that stops at it
+ONE_PASS_BYTES = 1 << 30
+
+
+def _one_batch(
+    batches: Iterable[Tensor], count: int, num_batches: int, moments: dict[str, _Moments], todo: Sequence[str],
+    itemsize: int,
+) -> Tensor | None:  # fmt: skip
+    """The calibration inputs (``count`` samples in ``num_batches`` batches) concatenated into one batch, when they
+    can be run as one (every BatchNorm to recalibrate called once per forward, its largest input over all samples
+    within :data:`ONE_PASS_BYTES` -- checked before any batch is held --, tensors of one trailing shape and
+    dtype), else None."""
+    if any(moments[p].calls not in (0, num_batches) for p in todo):  # a module applied twice: per call
+        return None
+    per_sample = max((moments[p].per_sample for p in todo), default=0)
+    if 4 * count * per_sample * max(itemsize, 4) > ONE_PASS_BYTES:
+        return None
+    xs = list(batches)
+    if not xs or not all(isinstance(x, Tensor) and x.dim() >= 1 for x in xs):
+        return None
+    if any(x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype or x.device != xs[0].device for x in xs):
+        return None
+    return xs[0] if len(xs) == 1 else torch.cat(xs, 0)
+
+
+def _recalibrate_in_one_pass(
+    fused: nn.Module, bns: dict[str, nn.Module], x: Tensor, recalibrate: Any
+) -> None:  # fmt: skip
+    """One eval-mode forward of all calibration samples as one batch: each BatchNorm's pre-hook measures its input
+    (every sample, the BatchNorms before it already recalibrated: the forward runs them first) and recalibrates it
+    before it runs. The same statistics as a pass per BatchNorm that stops at it (eval-mode BatchNorm treats each
+    sample alone, so one batch of all samples is the passes' batches side by side), in one pass instead of L."""
+    handles = []
+
+    def hook(path: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            f = _Moments()
+            f.add(args[0])
+            recalibrate(path, f)
+
+        return fn
+
+    modes = {m: m.training for m in fused.modules()}
+    try:
+        fused.eval()
+        for p, m in bns.items():
+            handles.append(m.register_forward_pre_hook(hook(p)))
+        with torch.no_grad():
+            fused(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 class _Reiterable:
