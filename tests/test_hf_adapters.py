@@ -391,3 +391,28 @@ def test_config_overrides_a_file_may_hold():
     assert not _config_size("hidden_sizes", 24, [8, 16])
     assert not _config_size("num_attention_heads", [6], 4)
     assert not _config_size("_attn_implementation_internal", 1, 0)
+
+
+def test_single_head_attention_is_refused_with_its_reason():
+    """A one-head attention (Segformer's first stage) is widenable in principle (alpha = 1: one head per member),
+    but its trace has no heads axis of size > 1, so the tracer cannot tell the head dims from the heads (size-1
+    factors carry no neurons): the q / k group is refused, saying why; with it and the value group at alpha 0 the
+    rest widens (and the classifier's config view follows)."""
+    factory = lambda: tf.SegformerForImageClassification(  # noqa: E731
+        tf.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[1, 1], hidden_sizes=[8, 16],
+                           patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                           num_labels=3))  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(factory(), 1), _random(factory(), 2)
+    data = [_pixels(torch.Generator().manual_seed(0))]
+    graph = trace_groups(a, data[0])
+    one_head = [n for n in graph.groups if ".stages.0.blocks.0.attention." in n]
+    assert len(one_head) == 2  # q / k and v
+    assert all(graph.groups[n].unit_size == 1 for n in one_head)  # no head structure seen
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"q_proj' cannot be widened: .* \(a single attention head: the trace has no"):
+        pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha={**dict.fromkeys(one_head, 0.0), "*": 0.5}, graph=graph)
+    assert type(fused) is type(a)
+    _check_segformer_view(fused, a)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])
