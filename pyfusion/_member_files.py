@@ -528,13 +528,18 @@ def _config_overrides(f: nn.Module, b: nn.Module, path: str) -> dict[str, int]:
 
 
 def _config_size(key: str, value: Any, shared: Any) -> bool:
-    """A config override a file may hold: a public key whose shared value is an integer, replaced by an integer
-    (never a private key such as ``_attn_implementation_internal``, which could ask for downloaded kernels)."""
+    """A config override a file may hold: a public key whose shared value is an integer, replaced by an integer, or
+    a list of integers (per-stage sizes: Segformer's ``hidden_sizes``), replaced by as many integers (never a
+    private key such as ``_attn_implementation_internal``, which could ask for downloaded kernels)."""
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    return isinstance(key, str) and not key.startswith("_") and is_int(value) and value >= 0 and is_int(shared)
+    if not isinstance(key, str) or key.startswith("_"):
+        return False
+    if isinstance(value, list) and isinstance(shared, (list, tuple)):
+        return len(value) == len(shared) and all(is_int(v) and v >= 0 for v in value) and all(map(is_int, shared))
+    return is_int(value) and value >= 0 and is_int(shared)
 
 
 class _Differ:

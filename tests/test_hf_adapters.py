@@ -1,22 +1,26 @@
-"""Partial fusion (widened attention heads) of Hugging Face families whose attention had no adapter.
+"""Partial fusion (widened attention heads) of Hugging Face families whose attention (or head) had no adapter.
 
 Before: ``pyfusion.fuse([m, p], data, method="partial", alpha=0.5)`` was refused after the build for Falcon with
 ``new_decoder_architecture=True`` (its fused ``query_key_value`` is viewed per key / value group through
 ``num_kv_heads``), Phi-3 (``qkv_proj`` split at ``self.config.num_attention_heads * head_dim``: a count read from the
-config every layer shares) and the Whisper encoder (keys / values viewed through ``num_heads``): "the fused X does
-not run / trace with the fused widths (RuntimeError: ... broadcast ...)". Full-width fusion worked. Falcon, once it
-built, was still always returned as the members' SubEnsemble: its ``FalconLinear`` (an ``nn.Linear`` subclass with
-its own, affine, forward) was neither swapped into a partial module nor counted by its stored blocks, so every widened
-Falcon cost more than the ensemble.
+config every layer shares), the Whisper encoder (keys / values viewed through ``num_heads``), MPNet and MobileViT
+(their self attention merges the heads back with ``view(..., all_head_size)``) and Segformer's classification model
+(it flattens the last stage with ``reshape(batch, -1, self.config.hidden_sizes[-1])`` before pooling): "the fused X
+does not run / trace with the fused widths (RuntimeError: ...)". Full-width fusion worked. Falcon, once it built, was
+still always returned as the members' SubEnsemble: its ``FalconLinear`` (an ``nn.Linear`` subclass with its own,
+affine, forward) was neither swapped into a partial module nor counted by its stored blocks, so every widened Falcon
+cost more than the ensemble.
 
-Now adapters (pyfusion.fuse.builder) update the sizes each module's forward reads; Phi-3's attention gets its own
-view of the config (:class:`pyfusion._module_config.ModuleConfig`: its head counts, everything else read from the
-shared config, which stays unchanged for the rotary embedding and ``set_attn_implementation``), and pyfusion files
-store that view's sizes. Checked per family (tiny float64 configs, every parameter re-drawn), with Mistral and Qwen2
-(no adapter needed) alongside:
+Now adapters (pyfusion.fuse.builder) update the sizes each module's forward reads; Phi-3's attention and Segformer's
+classification model get their own view of the config (:class:`pyfusion._module_config.ModuleConfig`: the head
+counts, or ``hidden_sizes`` ending with the classifier's fused width; everything else read from the shared config,
+which stays unchanged for the rotary embedding, Segformer's encoder and ``set_attn_implementation``), and pyfusion
+files store that view's sizes (integers, or a list of as many integers). Checked per family (tiny float64 configs,
+every parameter re-drawn), with Mistral and Qwen2 (no adapter needed) alongside:
 
 1. partial fusion at alpha 0, 0.5 and 1 with a permuted copy gives the model back (1e-8 relative; 1e-6 where the
-   model computes its RMSNorm in float32), and alpha 0.5 really widens the heads;
+   model computes its RMSNorm in float32), and alpha 0.5 really widens the heads (Segformer: and its config view
+   follows the widened last stage);
 2. with an independent member, alpha = 1 is the ensemble (1e-10) and ``pyfusion.cost`` is at most the ensemble's;
 3. the default fast modules, forced fast modules (``"always"``) and dense layers give the same outputs, and
    ``pyfusion.save`` / ``pyfusion.load`` round-trip each (Whisper's pooled encoder with ``factory=``);
@@ -73,6 +77,10 @@ def _mel(g: torch.Generator) -> torch.Tensor:
     return torch.randn(4, 8, 16, generator=g, dtype=F64)  # 2 * max_source_positions frames
 
 
+def _pixels(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(4, 3, 16, 16, generator=g, dtype=F64)
+
+
 _LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
            vocab_size=V, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)  # fmt: skip
 # fmt: off
@@ -86,6 +94,24 @@ FAMILIES = {
     ),
     "phi3": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_LM)), _ids, 1e-6, "Phi3Attention"),
     "whisper_encoder": (PooledEncoder, _mel, 1e-8, "WhisperAttention"),
+    "mpnet": (
+        lambda: tf.MPNetForSequenceClassification(tf.MPNetConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, vocab_size=V,
+            max_position_embeddings=20, num_labels=3)),
+        _ids, 1e-8, "MPNetSelfAttention",
+    ),
+    "segformer": (  # sr_ratio 2: stage 0's keys / values read a strided Conv2d of the widened stream
+        lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
+            num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+            patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[2, 2], mlp_ratios=[2, 2], num_labels=3)),
+        _pixels, 1e-8, "SegformerAttention",
+    ),
+    "mobilevit": (
+        lambda: tf.MobileViTForImageClassification(tf.MobileViTConfig(
+            num_channels=3, image_size=16, patch_size=2, hidden_sizes=[16, 16, 16],
+            neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2, num_labels=3)),
+        _pixels, 1e-8, "MobileViTSelfAttention",
+    ),
     "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_LM)), _ids, 1e-6, "MistralAttention"),
     "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_LM)), _ids, 1e-6, "Qwen2Attention"),
 }
@@ -111,16 +137,20 @@ def _setup(name: str):
 
 
 def _heads(model: nn.Module, attn: str) -> list[int]:
-    """Query heads per attention layer, from the output projection's input width."""
+    """Query heads per attention layer, from the output projection's input width (MobileViT's is outside the
+    module: its query projection's output width)."""
     out = []
     for m in model.modules():
         if type(m).__name__ == attn:
-            o = getattr(m, "dense", None) or getattr(m, "o_proj", None) or m.out_proj
-            out.append(int(o.in_features) // int(m.head_dim))  # nn.Linear or pyfusion's PartialLinear
+            hd = int(getattr(m, "head_dim", 0) or m.attention_head_size)
+            o = next((getattr(m, n) for n in ("dense", "o_proj", "out_proj", "o") if hasattr(m, n)), None)
+            # nn.Linear or pyfusion's PartialLinear
+            out.append((int(o.in_features) if o is not None else int(m.query.out_features)) // hd)
     return out
 
 
-ADAPTED = ["falcon", "phi3", "whisper_encoder"]
+# MobileViT: nine attention layers (its stage depths are fixed), ~20 s a fusion
+ADAPTED = ["falcon", "phi3", "whisper_encoder", "mpnet", "segformer", pytest.param("mobilevit", marks=pytest.mark.slow)]
 
 
 def _check_phi3_views(fused: nn.Module, heads: list[int]) -> None:
@@ -134,6 +164,17 @@ def _check_phi3_views(fused: nn.Module, heads: list[int]) -> None:
         assert isinstance(view, ModuleConfig) and view.shared is shared
         assert view.num_attention_heads == h and view.num_key_value_heads == h // 2
         assert view.hidden_size == shared.hidden_size  # everything else reads through
+
+
+def _check_segformer_view(fused: nn.Module, member: nn.Module) -> None:
+    """The classification model reads the last stage's width from its own config view (the classifier's fused
+    input width, which alpha > 0 widens); the encoder keeps the shared config, with the member's sizes."""
+    view, shared = fused.config, fused.segformer.config
+    assert isinstance(view, ModuleConfig) and view.shared is shared
+    assert shared.hidden_sizes == member.config.hidden_sizes
+    width = int(fused.classifier.in_features)
+    assert width > member.config.hidden_sizes[-1]
+    assert view.hidden_sizes == [*member.config.hidden_sizes[:-1], width]
 
 
 def _ensemble_build(a: nn.Module, b: nn.Module, graph) -> nn.Module:
@@ -174,6 +215,11 @@ def test_permuted_copy_at_every_alpha(name):
                 assert [type(m).__name__ for m in convs] == ["Conv1d", "PartialConv1d"]
         if name == "phi3" and alpha > 0:
             _check_phi3_views(fused, heads)
+        if name == "segformer":
+            if alpha > 0:
+                _check_segformer_view(fused, a)
+            else:  # nothing widened: the member's config
+                assert fused.config is fused.segformer.config and not isinstance(fused.config, ModuleConfig)
     assert _unchanged(a, before[0]) and _unchanged(twin, before[1])
 
 
@@ -211,6 +257,8 @@ def test_ensemble_cost_fast_modules_and_files(name, tmp_path):
     assert _heads(loaded, attn) == _heads(m, attn)
     if name == "phi3":
         _check_phi3_views(loaded, _heads(m, attn))
+    if name == "segformer":
+        _check_segformer_view(loaded, a)
     assert _unchanged(a, before[0]) and _unchanged(b, before[1])
 
 
@@ -245,7 +293,8 @@ def _resize(linear: nn.Module, rows: int | None = None, cols: int | None = None)
 
 def test_inexpressible_layouts_are_named():
     """Layouts no size attribute can express: Falcon groups of unequal sizes, a second key / value head of a
-    multi-query Falcon, Phi-3 heads not in whole groups, Whisper q / k of different widths."""
+    multi-query Falcon, Phi-3 heads not in whole groups, Whisper, MPNet and MobileViT q / k / v (and MPNet's o) of
+    different widths or not whole heads."""
     orig = _falcon_attention(new_decoder_architecture=True, num_kv_heads=2)  # groups: 2 queries + k + v, 8 dims
     mod = _falcon_attention(new_decoder_architecture=True, num_kv_heads=2)
     _resize(mod.query_key_value, rows=3 * 32)  # three groups ...
@@ -275,6 +324,21 @@ def test_inexpressible_layouts_are_named():
     _resize(enc.k_proj, rows=40)
     with pytest.raises(ValueError, match=r"^enc: the fused q / k / v projections write 32 / 40 / 32 rows"):
         builder._adapt_whisper_attention(enc, "enc", enc)
+
+    mp = FAMILIES["mpnet"][0]().mpnet.encoder.layer[0].attention.attn
+    _resize(mp.k, rows=24)  # 3 key heads of 8 dims for 2 query heads
+    with pytest.raises(ValueError, match=r"^mp: the fused q / k / v projections write 16 / 24 / 16 rows and o reads"):
+        builder._adapt_bert_attention(mp, "mp", mp)
+    assert (mp.num_attention_heads, mp.all_head_size) == (2, 16)  # nothing changed on a refusal
+    _resize(mp.k, rows=16)
+    _resize(mp.o, cols=24)
+    with pytest.raises(ValueError, match=r"^mp: .* 16 / 16 / 16 rows and o reads 24: not the same whole heads of 8"):
+        builder._adapt_bert_attention(mp, "mp", mp)
+
+    vit = FAMILIES["mobilevit"][0]().mobilevit.encoder.layer[2].transformer.layer[0].attention.attention
+    _resize(vit.value, rows=20)  # not whole heads of 8
+    with pytest.raises(ValueError, match=r"^vit: the fused query / key / value projections write 16 / 16 / 20 rows:"):
+        builder._adapt_bert_attention(vit, "vit", vit)
 
 
 def test_an_adapter_refusal_refuses_the_fusion(monkeypatch):
@@ -312,3 +376,43 @@ def test_module_config_view_reads_through_and_survives_copies():
     view = twin.model.layers[0].self_attn.config
     assert isinstance(view, ModuleConfig) and view.shared is twin.config and view.shared is not shared
     assert view.num_attention_heads == 6
+
+
+def test_config_overrides_a_file_may_hold():
+    """A file's config override is an integer replacing an integer, or a list of as many integers replacing a list
+    (Segformer's per-stage ``hidden_sizes``); anything else (another length, a bool, a private key) is refused."""
+    from pyfusion._member_files import _config_size
+
+    assert _config_size("num_attention_heads", 6, 4)
+    assert _config_size("hidden_sizes", [8, 24], [8, 16])
+    assert not _config_size("hidden_sizes", [8], [8, 16])
+    assert not _config_size("hidden_sizes", [8, True], [8, 16])
+    assert not _config_size("hidden_sizes", [8, -1], [8, 16])
+    assert not _config_size("hidden_sizes", 24, [8, 16])
+    assert not _config_size("num_attention_heads", [6], 4)
+    assert not _config_size("_attn_implementation_internal", 1, 0)
+
+
+def test_single_head_attention_is_refused_with_its_reason():
+    """A one-head attention (Segformer's first stage) is widenable in principle (alpha = 1: one head per member),
+    but its trace has no heads axis of size > 1, so the tracer cannot tell the head dims from the heads (size-1
+    factors carry no neurons): the q / k group is refused, saying why; with it and the value group at alpha 0 the
+    rest widens (and the classifier's config view follows)."""
+    factory = lambda: tf.SegformerForImageClassification(  # noqa: E731
+        tf.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[1, 1], hidden_sizes=[8, 16],
+                           patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                           num_labels=3))  # fmt: skip
+    torch.manual_seed(0)
+    a, b = _random(factory(), 1), _random(factory(), 2)
+    data = [_pixels(torch.Generator().manual_seed(0))]
+    graph = trace_groups(a, data[0])
+    one_head = [n for n in graph.groups if ".stages.0.blocks.0.attention." in n]
+    assert len(one_head) == 2  # q / k and v
+    assert all(graph.groups[n].unit_size == 1 for n in one_head)  # no head structure seen
+    before = [_state(a), _state(b)]
+    with pytest.raises(ValueError, match=r"q_proj' cannot be widened: .* \(a single attention head: the trace has no"):
+        pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha={**dict.fromkeys(one_head, 0.0), "*": 0.5}, graph=graph)
+    assert type(fused) is type(a)
+    _check_segformer_view(fused, a)
+    assert _unchanged(a, before[0]) and _unchanged(b, before[1])

@@ -637,11 +637,28 @@ def _adapt_gpt2_attention(mod: nn.Module, path: str, original: nn.Module) -> Non
 
 
 def _adapt_bert_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
-    mod.all_head_size = int(mod.query.weight.shape[0])
-    mod.num_attention_heads = mod.all_head_size // int(mod.attention_head_size)
+    """BERT-style self attention views q / k / v as ``(..., -1, attention_head_size)`` and merges the heads back
+    with ``view(..., all_head_size)``: ``all_head_size`` and ``num_attention_heads`` follow the fused projections.
+    The projections are ``query`` / ``key`` / ``value`` (BERT, RoBERTa, MobileViT) or ``q`` / ``k`` / ``v`` (MPNet,
+    whose output projection ``o`` is part of the module)."""
+    names = ("query", "key", "value") if hasattr(mod, "query") else ("q", "k", "v")
+    hd = int(mod.attention_head_size)
+    q, k, v = (_rows(getattr(mod, n)) for n in names)
+    out = getattr(mod, "o", None)
+    if not q == k == v or q % hd or (out is not None and _cols(out) != q):
+        reads = "" if out is None else f" and o reads {_cols(out)}"
+        raise ValueError(
+            f"{path}: the fused {' / '.join(names)} projections write {q} / {k} / {v} rows{reads}: not the same whole "
+            f"heads of {hd} dims"
+        )
+    mod.all_head_size = q
+    mod.num_attention_heads = q // hd
 
 
-for _name in ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention"):
+for _name in (
+    "BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention", "MPNetSelfAttention",
+    "MobileViTSelfAttention",
+):  # fmt: skip
     register_adapter(_name)(_adapt_bert_attention)
 
 
@@ -758,6 +775,26 @@ def _adapt_whisper_attention(mod: nn.Module, path: str, original: nn.Module) -> 
         )
     mod.num_heads = q // hd
     mod.embed_dim = _rows(mod.out_proj)
+
+
+@register_adapter("SegformerForImageClassification")
+def _adapt_segformer_classifier(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """Segformer's classification model flattens the last stage to tokens with ``reshape(batch, -1,
+    self.config.hidden_sizes[-1])`` before pooling: a widened last stage would be folded into more tokens of the
+    member's width. The model gets its own view of the config (:class:`pyfusion._module_config.ModuleConfig`) whose
+    ``hidden_sizes`` ends with the classifier's fused input width; the stages keep reading the shared config (they
+    read it only when built). Without a classifier (``num_labels=0``: the pooled stream is returned, so it keeps the
+    member's width) nothing changes."""
+    from pyfusion._module_config import ModuleConfig
+
+    head = mod.classifier
+    if getattr(head, "weight", None) is None:
+        return
+    sizes = list(mod.config.hidden_sizes)
+    width = _cols(head)
+    if width == sizes[-1]:
+        return
+    mod.config = ModuleConfig(mod.config, {"hidden_sizes": [*sizes[:-1], width]})
 
 
 @register_adapter("MultiheadAttention")

@@ -318,6 +318,9 @@ class Engine:
         self.acts: list[_Act] = []
         self.shared: list[_Shared] = []
         self.contracted: list[tuple[str, Term]] = []  # (node, term) summed between two activations
+        # attention nodes whose q / k / v have a heads axis of size 1: a single head shows no unit structure (size-1
+        # factors carry no atom), so its dims read as contracted units; the refusal says so
+        self.single_head: set[str] = set()
         self.param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self.nodes: dict[str, fx.Node] = {}
         self.order: dict[str, int] = {}
@@ -1493,6 +1496,8 @@ class Engine:
         qs, ks, vs = self.shape(q), self.shape(k), self.shape(v)
         self.S.unify(qv[-1], kv[-1])  # q / k inner dims are contracted
         self.contracted.append((node.name, qv[-1]))
+        if len(qs) == len(ks) == len(vs) == 4 and qs[1] == ks[1] == vs[1] == 1:
+            self.single_head.add(node.name)
         nb = len(qs) - 2
         for d in range(nb):  # batch dims (heads): q, k and v move together
             dq, dk, dv = d, d - (nb - (len(ks) - 2)), d - (nb - (len(vs) - 2))
@@ -1981,6 +1986,12 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
             for name in by_unit.get(u, []):
                 gr = groups[name]
                 where = E.where(E.nodes[node])
+                if node in E.single_head:
+                    where += (
+                        " (a single attention head: the trace has no heads axis to tell the head dims from the "
+                        "heads, so pyfusion cannot widen it into one head per member; a value projection the "
+                        "forward views by the head dim needs alpha 0 too)"
+                    )
                 if where not in gr.contracted:
                     gr.contracted.append(where)
 
