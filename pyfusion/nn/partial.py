@@ -526,6 +526,8 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
     """
 
     _CONFIG_EXTRA = ("kernel_size", "stride", "padding", "dilation")
+    _DENSE: type[nn.Module] = nn.Conv2d  # the plain layer of to_dense
+    _WEIGHT_DIMS, _WEIGHT_SHAPE = 4, "(O, I, kh, kw)"
 
     def __init__(
         self,
@@ -584,19 +586,21 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
         dilation: int | Sequence[int] = 1,
         activation: str | None = None,
     ) -> PartialConv2d:
-        """Pack a dense (O_total, I_total, kh, kw) conv weight whose skipped blocks are exactly zero.
+        """Pack a dense (O_total, I_total, kh, kw) conv weight (PartialConv1d: (O_total, I_total, k)) whose skipped
+        blocks are exactly zero.
 
         Raises:
             ValueError: a skipped block (masks not intersecting) is non-zero (named by segment), or shapes differ.
         """
-        if weight.dim() != 4:
-            raise ValueError(f"weight must have shape (O, I, kh, kw); got {tuple(weight.shape)}")
+        if weight.dim() != cls._WEIGHT_DIMS:
+            raise ValueError(f"weight must have shape {cls._WEIGHT_SHAPE}; got {tuple(weight.shape)}")
         ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
         packed = pack_segment_weight(weight.detach(), ins, outs, check_zero=True)
-        o, _i, kh, kw = weight.shape
+        o = weight.shape[0]
         if bias is not None and tuple(bias.shape) != (o,):
             raise ValueError(f"bias must have shape ({o},); got {tuple(bias.shape)}")
-        mod = torch.nn.utils.skip_init(cls, ins, outs, (kh, kw), stride, padding, dilation, bias=bias is not None,
+        kernel = tuple(int(v) for v in weight.shape[2:])
+        mod = torch.nn.utils.skip_init(cls, ins, outs, kernel, stride, padding, dilation, bias=bias is not None,
                                        activation=activation, device=weight.device, dtype=weight.dtype)  # fmt: skip
         with torch.no_grad():
             _adopt(mod.weight, packed)
@@ -615,12 +619,13 @@ class PartialConv2d(_SegmentedMixin, nn.Module):
     _reset_buffers = PartialLinear._reset_buffers
 
     def dense_weight(self) -> Tensor:
-        """The (O_total, I_total, kh, kw) dense weight with zero blocks."""
+        """The (O_total, I_total, kh, kw) dense weight with zero blocks (PartialConv1d: (O_total, I_total, k))."""
         return unpack_segment_weight(self.weight, self.in_segments, self.out_segments, self.kernel_size)
 
     def to_dense(self) -> nn.Module:
-        """An equivalent plain ``nn.Conv2d`` with zero blocks (followed by the activation module when there is one)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+        """An equivalent plain ``nn.Conv2d`` (``nn.Conv1d``) with zero blocks (followed by the activation module when
+        there is one)."""
+        conv = self._DENSE(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, bias=self.bias is not None, device=self.weight.device,
                          dtype=self.weight.dtype)  # fmt: skip
         with torch.no_grad():
@@ -715,6 +720,9 @@ class PartialConv1d(PartialConv2d):
     stride / padding / dilation (zero padding, groups = 1).
     """
 
+    _DENSE = nn.Conv1d
+    _WEIGHT_DIMS, _WEIGHT_SHAPE = 3, "(O, I, k)"
+
     def __init__(
         self,
         in_segments: Any,
@@ -751,54 +759,6 @@ class PartialConv1d(PartialConv2d):
 
     def _out_len(self, length: int) -> int:
         return conv_out_hw(1, length, self._geom.kernel, self._geom.stride, self._geom.padding, self._geom.dilation)[1]
-
-    @classmethod
-    def from_dense(  # type: ignore[override]
-        cls,
-        weight: Tensor,
-        bias: Tensor | None,
-        in_segments: Any,
-        out_segments: Any,
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        activation: str | None = None,
-    ) -> PartialConv1d:
-        """Pack a dense (O_total, I_total, k) conv weight whose skipped blocks are exactly zero.
-
-        Raises:
-            ValueError: a skipped block (masks not intersecting) is non-zero (named by segment), or shapes differ.
-        """
-        if weight.dim() != 3:
-            raise ValueError(f"weight must have shape (O, I, k); got {tuple(weight.shape)}")
-        ins, outs = as_segments(in_segments, "in_segments"), as_segments(out_segments, "out_segments")
-        packed = pack_segment_weight(weight.detach(), ins, outs, check_zero=True)
-        o, _i, k = weight.shape
-        if bias is not None and tuple(bias.shape) != (o,):
-            raise ValueError(f"bias must have shape ({o},); got {tuple(bias.shape)}")
-        mod = torch.nn.utils.skip_init(cls, ins, outs, k, stride, padding, dilation, bias=bias is not None,
-                                       activation=activation, device=weight.device, dtype=weight.dtype)  # fmt: skip
-        with torch.no_grad():
-            _adopt(mod.weight, packed)
-            if bias is not None:
-                mod.bias.copy_(bias.detach())
-            mod._reset_buffers()
-        return mod
-
-    def dense_weight(self) -> Tensor:
-        """The (O_total, I_total, k) dense weight with zero blocks."""
-        return unpack_segment_weight(self.weight, self.in_segments, self.out_segments, self.kernel_size)
-
-    def to_dense(self) -> nn.Module:
-        """An equivalent plain ``nn.Conv1d`` with zero blocks (followed by the activation module when there is one)."""
-        conv = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, device=self.weight.device,
-                         dtype=self.weight.dtype)  # fmt: skip
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv if self.activation == "none" else nn.Sequential(conv, _ACT_MODULES[self.activation]())
 
     @classmethod
     def from_state_dict(  # type: ignore[override]
