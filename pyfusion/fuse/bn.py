@@ -169,9 +169,16 @@ def _maps_of(path: str, graph: FusionGraph, plan: Plan, size: int) -> list[Tenso
     return [lam * eye for lam in plan.lambdas]
 
 
-def _moments(model: nn.Module, paths: Sequence[str], batches: Iterable[Tensor], stop_after: str | None = None):
+def _moments(
+    model: nn.Module,
+    paths: Sequence[str],
+    batches: Iterable[Tensor],
+    stop_after: str | None = None,
+    each_call: Any = None,
+):
     """Input moments of the BatchNorms at ``paths`` of ``model`` in eval mode, and the order they ran in; with
-    ``stop_after`` every forward ends once that BatchNorm has seen its input."""
+    ``stop_after`` every forward ends once that BatchNorm has seen its input. ``each_call(path, moments)``: also
+    called with the moments of every single call, before the BatchNorm runs (it may change the BatchNorm)."""
     mods = {p: model.get_submodule(p) for p in paths}
     moments = {p: _Moments() for p in paths}
     order: list[str] = []
@@ -180,6 +187,10 @@ def _moments(model: nn.Module, paths: Sequence[str], batches: Iterable[Tensor], 
     def hook(path: str):
         def fn(_mod: nn.Module, args: tuple) -> None:
             moments[path].add(args[0])
+            if each_call is not None:
+                call = _Moments()
+                call.add(args[0])
+                each_call(path, call)
             if path not in order:
                 order.append(path)
             if path == stop_after:
@@ -299,7 +310,10 @@ def recalibrate_bn(
         if dist_group is None:  # with several ranks, a rank without batches must still take part in every reduce
             whole = _one_batch(batches, count, num_batches, member_moments[0], todo, itemsize)
         if whole is not None:
-            _recalibrate_in_one_pass(fused, {p: bns[p] for p in todo}, whole, recalibrate)
+            # one eval-mode forward of all samples: each BatchNorm's pre-hook recalibrates it from its input (the
+            # BatchNorms before it already done: the forward runs them first) before it runs. Eval-mode BatchNorm
+            # treats each sample alone, so this is the per-BatchNorm passes side by side, in one pass
+            _moments(fused, todo, [whole], each_call=recalibrate)
             info["passes"] = 1
         else:
             for p in order:
@@ -341,37 +355,6 @@ def _one_batch(
     if any(x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype or x.device != xs[0].device for x in xs):
         return None
     return xs[0] if len(xs) == 1 else torch.cat(xs, 0)
-
-
-def _recalibrate_in_one_pass(
-    fused: nn.Module, bns: dict[str, nn.Module], x: Tensor, recalibrate: Any
-) -> None:  # fmt: skip
-    """One eval-mode forward of all calibration samples as one batch: each BatchNorm's pre-hook measures its input
-    (every sample, the BatchNorms before it already recalibrated: the forward runs them first) and recalibrates it
-    before it runs. The same statistics as a pass per BatchNorm that stops at it (eval-mode BatchNorm treats each
-    sample alone, so one batch of all samples is the passes' batches side by side), in one pass instead of L."""
-    handles = []
-
-    def hook(path: str):
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            f = _Moments()
-            f.add(args[0])
-            recalibrate(path, f)
-
-        return fn
-
-    modes = {m: m.training for m in fused.modules()}
-    try:
-        fused.eval()
-        for p, m in bns.items():
-            handles.append(m.register_forward_pre_hook(hook(p)))
-        with torch.no_grad():
-            fused(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 class _Reiterable:

@@ -939,17 +939,27 @@ def _derived_fused_count(
     return flops, shapes
 
 
+def _members_as_ensemble(members: Sequence[nn.Module], lambdas: Sequence[float], example: Any) -> tuple[nn.Module, int]:
+    """(the members' :class:`pyfusion.nn.SubEnsemble` of copies, its effective FLOPs on ``example``).
+
+    Raises:
+        TypeError: outputs a SubEnsemble cannot average (not a tensor, no ``.logits``).
+    """
+    from pyfusion.nn.ensemble import SubEnsemble
+
+    sub = SubEnsemble([deepcopy_module(m).eval() for m in members], list(lambdas), "logits")
+    return sub, _cost(sub, example).flops
+
+
 def _member_ensemble(
     members: Sequence[nn.Module], lambdas: Sequence[float], example: Any, info: dict[str, Any], ens: int
 ) -> tuple[nn.Module, None]:
     """The ensemble as the members themselves (:class:`pyfusion.nn.SubEnsemble` of copies), where the built one
     costs more than ``ens``; a model whose outputs it cannot average is an error (never a costlier model)."""
-    from pyfusion.nn.ensemble import SubEnsemble
 
     built = info["effective_flops"]
-    sub = SubEnsemble([deepcopy_module(m).eval() for m in members], list(lambdas), "logits")
     try:
-        flops = _cost(sub, example).flops
+        sub, flops = _members_as_ensemble(members, lambdas, example)
     except TypeError as exc:
         raise ValueError(
             f"the fused point and the built ensemble cost more than the ensemble ({built:,} FLOPs per sample against "
@@ -1032,8 +1042,6 @@ def _verify_ensemble(
     info["ensemble_check"] = {"checked": True, "relative_error": err, "tolerance": tol, "exact": err <= tol}
     if err <= tol:
         return fused, plan
-    from pyfusion.nn.ensemble import SubEnsemble
-
     if math.isinf(err):
         why = "its outputs do not have the members' tensors and shapes (a widened tensor among the outputs?)"
     else:
@@ -1045,9 +1053,8 @@ def _verify_ensemble(
     info["ensemble_check"]["reason"] = (
         f"the widened alpha = 1 network is not the ensemble: {why}; the members' SubEnsemble is returned instead"
     )
-    sub = SubEnsemble([deepcopy_module(m).eval() for m in members], list(lambdas), "logits")
     try:
-        info["effective_flops"] = _cost(sub, example).flops
+        sub, info["effective_flops"] = _members_as_ensemble(members, lambdas, example)
     except TypeError as exc:  # outputs SubEnsemble cannot average: the widened network, with the finding
         info["ensemble_check"]["reason"] += f" -- but the outputs cannot be averaged as one ({exc}): not returned"
         raise ValueError(
