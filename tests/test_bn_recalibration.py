@@ -307,3 +307,29 @@ def test_a_batchnorm_called_twice_takes_the_per_batchnorm_passes(monkeypatch):
     members = [randomize_batchnorm(_SharedBN()).double().eval() for _ in range(2)]
     fused = pyfusion.fuse(members, _data("vgg"), method="partial", alpha=0.0, fast_modules=False)
     assert fused.fusion_info["bn_recalibrated"]["bn"] > 0 and fused.fusion_info["bn_passes"] == 1
+
+
+class _SeqFirst(nn.Module):
+    """Inputs (T, N, C) through a sequence-first encoder layer, then a BatchNorm over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=False)
+        self.fc, self.bn, self.head = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.enc(self.inp(x)).mean(0)
+        return self.head(torch.relu(self.bn(self.fc(h))))
+
+
+def test_sequence_first_models_take_the_per_batchnorm_passes(monkeypatch):
+    """Batches joined on dim 0 would be longer sequences, not more samples: the one pass is not used."""
+    from pyfusion.fuse import bn as bn_mod
+
+    monkeypatch.setattr(bn_mod, "_one_batch", lambda *a, **k: pytest.fail("one pass on a sequence-first model"))
+    members = [randomize_batchnorm(_SeqFirst()).double().eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(5, 6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    fused = pyfusion.fuse(members, data, method="partial", alpha=0.0, fast_modules=False)
+    assert fused.fusion_info["bn_recalibrated"]["bn"] > 0

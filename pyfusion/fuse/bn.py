@@ -307,7 +307,10 @@ def recalibrate_bn(
     try:
         itemsize = next(iter(bns.values())).running_mean.element_size()
         whole = None
-        if dist_group is None:  # with several ranks, a rank without batches must still take part in every reduce
+        # with several ranks, a rank without batches must still take part in every reduce; a sequence-first module
+        # (batch_first=False: inputs (T, N, ...)) would read batches joined on dim 0 as longer sequences
+        seq_first = any(getattr(m, "batch_first", True) is False for m in fused.modules())
+        if dist_group is None and not seq_first:
             whole = _one_batch(batches, count, num_batches, member_moments[0], todo, itemsize)
         if whole is not None:
             # one eval-mode forward of all samples: each BatchNorm's pre-hook recalibrates it from its input (the
