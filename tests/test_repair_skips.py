@@ -162,3 +162,32 @@ def test_several_processes_take_the_per_group_passes(monkeypatch):
     fused = pyfusion.fuse(members, data, method="weight_matching", repair=True)
     info = fused.fusion_info["repair"]
     assert info["passes"] == 2 and info["one_pass_refused"] == "several processes (torch.distributed)"
+
+
+class _SeqFirst(nn.Module):
+    """A sequence-first transformer layer (inputs (T, N, 5)): joining batches along dim 0 makes longer sequences
+    (the one pass gave weights 1e-2 away from the per-group passes before it refused such models)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp = nn.Linear(5, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=24, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.inp(x))[0])
+
+
+def test_a_sequence_first_model_takes_the_per_group_passes(monkeypatch):
+    from pyfusion.graph import trace_groups
+
+    torch.manual_seed(0)
+    members = [_SeqFirst().double().eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(6, 4, 5, dtype=torch.float64, generator=g) for _ in range(3)]
+    graph = trace_groups(members[0], data[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepairSkippedWarning)  # the residual stream, the heads
+        info, _ = _both_ways(members, data, monkeypatch, method="partial", alpha=0.5, graph=graph)
+    assert info["repaired"] and info["passes"] == len(info["repaired"])
+    assert info["one_pass_refused"] == "layer.self_attn has batch_first=False: dim 0 of the inputs is not the samples"

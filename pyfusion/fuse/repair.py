@@ -18,24 +18,25 @@ Groups with units or segments (attention heads, packed projections: their pre-ac
 attention, not a per-neuron activation) are skipped the same way. The correction is applied along each tensor's
 axis of the group (``Conv1D`` rows are inputs: its outputs are axis 1).
 
-Cost: one eval pass per member (the targets), then the fused network. When the calibration samples fit as one
-batch (:data:`ONE_PASS_BYTES`, estimated from the members' pre-activation sizes before any batch is held), that is
-one pass (``fusion_info["repair"]["passes"] == 1``): all samples run as one batch in eval mode, and a forward hook
-on each corrected group's module (the normalisation, or the producer) measures the group's statistics on its
-output, folds the correction into the module's weight and bias and hands on the module's output recomputed with
-the folded weights, so every later group is measured after the earlier ones were corrected. Eval-mode layers
-treat each sample alone, so this is the pass per group side by side; the output is fed to the statistics in the
-calibration batches' pieces, in their order, so the statistics are those of the per-group passes (the same
-float64 accumulation of the same batches), up to the rounding of the forward on a larger batch (none measured:
-MLP, VGG + BN and ResNet-20 pairs, float32 and float64, gave bit-identical weights on CPU). Recomputing costs the
-corrected modules once more (a BatchNorm / LayerNorm: elementwise; a producer without normalisation: its layer
-twice), and keeps the forward exactly that of the folded weights (``y * scale + shift`` on the output differs from
-it by a rounding, 1e-6 relative in the later float32 weights). Otherwise one full
-pass per corrected group (``passes`` = the number of corrected groups; ``one_pass_refused`` says why): with several
-processes (torch.distributed), batches of different shapes or non-tensor inputs, a group measured at a point that
-is not its module's output (a traced capture of part of a tensor), modules shared by several groups, a
-module that runs more than once per forward or out of the groups' order (found during the pass: the weights are
-restored and the per-group passes run), or more than :data:`ONE_PASS_BYTES`.
+Cost: one eval pass per member (the targets), then the fused network. When the calibration samples fit as one batch
+(:data:`ONE_PASS_BYTES`, estimated from the members' pre-activation sizes before any batch is held), that is one
+pass (``fusion_info["repair"]["passes"] == 1``): all samples run as one batch in eval mode, and a forward hook on
+each corrected group's module (the normalisation, or the producer) measures the group's statistics on its output,
+folds the correction into the module's weight and bias and hands on the module's output recomputed with the folded
+weights, so every later group is measured after the earlier ones were corrected. Eval-mode layers treat each sample
+(row of dim 0) alone, so this is the pass per group side by side; the output is fed to the statistics in the
+calibration batches' pieces, in their order, so the statistics are those of the per-group passes (the same float64
+accumulation of the same batches), up to the rounding of the forward on a larger batch (none measured: MLP, VGG + BN
+and ResNet-20 pairs, float32 and float64, gave bit-identical weights on CPU). Recomputing costs the corrected
+modules once more (a BatchNorm / LayerNorm: elementwise; a producer without normalisation: its layer twice), and
+keeps the forward exactly that of the folded weights (``y * scale + shift`` on the output differs from it by a
+rounding, 1e-6 relative in the later float32 weights). Otherwise one full pass per corrected group (``passes`` = the
+number of corrected groups; ``one_pass_refused`` says why): with several processes (torch.distributed), batches of
+different shapes or non-tensor inputs, a module with ``batch_first=False`` (the batches are joined along dim 0,
+which must be the samples), a group measured at a point that is not its module's output (a traced capture of part of
+a tensor), modules shared by several groups, a module that runs more than once per forward or out of the groups'
+order (found during the pass: the weights are restored and the per-group passes run), or more than
+:data:`ONE_PASS_BYTES`.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def repair(
         todo.append(_Correction(name, fused_name[name], path, owner, own["weight"], own["bias"]))
     passes, refused = 0, None
     if todo:
-        refused = _one_pass_refusal(todo, fused_graph, member_stats, targets)
+        refused = _one_pass_refusal(fused, todo, fused_graph, member_stats, targets)
         batches: list[Any] = []
         whole = None
         if refused is None:  # the same batches as every pass of group_statistics
@@ -261,13 +262,19 @@ def repair(
 
 
 def _one_pass_refusal(
-    todo: Sequence[_Correction], fused_graph: FusionGraph, member_stats: dict[str, ActivationStats],
-    targets: dict[str, tuple[Tensor, Tensor]],
+    fused: nn.Module, todo: Sequence[_Correction], fused_graph: FusionGraph,
+    member_stats: dict[str, ActivationStats], targets: dict[str, tuple[Tensor, Tensor]],
 ) -> str | None:  # fmt: skip
     """Why the groups cannot be corrected in one pass of all samples (module docstring), known before any batch is
     held; None when they can."""
     if current_group() is not None:  # every rank runs its own batches; the statistics are all-reduced per group
         return "several processes (torch.distributed)"
+    # batches are joined along dim 0, which must hold independent samples: a sequence-first layer (nn.RNN / LSTM /
+    # GRU, MultiheadAttention, Transformer layers with batch_first=False) would read the joined batches as longer
+    # sequences (a forward that transposes its input itself is not detected: the docstring's assumption)
+    seq_first = next((p for p, m in fused.named_modules() if getattr(m, "batch_first", None) is False), None)
+    if seq_first is not None:
+        return f"{seq_first or type(fused).__name__} has batch_first=False: dim 0 of the inputs is not the samples"
     points = group_points(fused_graph, "pre")
     owners: set[str] = set()
     tensors: set[int] = set()
