@@ -81,6 +81,7 @@ def _run_case(name: str, data: list[torch.Tensor]) -> dict:
         "bn_samples": info.get("bn_reset_samples"),
         "stat_rows": info.get("stat_rows"),
         "distributed": info.get("distributed"),
+        "repair": info.get("repair"),
     }
 
 
@@ -166,6 +167,10 @@ def test_ranks_equal_one_process_on_union(ranks, name):
             assert torch.equal(have, ranks[0][name]["state"][key]), f"{name}: {key} differs between ranks"
         assert got["stat_rows"] == one["stat_rows"]
         assert got["bn_samples"] == one["bn_samples"]
+        if one["repair"] is not None:  # one process: one pass of all samples; ranks: a pass per group
+            assert one["repair"]["passes"] == 1 and got["repair"]["repaired"] == one["repair"]["repaired"]
+            assert got["repair"]["passes"] == len(got["repair"]["repaired"]) > 1
+            assert got["repair"]["one_pass_refused"] == "several processes (torch.distributed)"
 
 
 def test_union_differs_from_each_shard(ranks):

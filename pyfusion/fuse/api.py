@@ -70,7 +70,9 @@ def fuse(
             deviation of its members' neurons (needs data). Groups it cannot correct (residual streams, a producer
             without bias and no normalisation after it, ...) are listed with their modules and the reason in
             ``fusion_info["repair"]["skipped"]`` and announced by a
-            :class:`~pyfusion.fuse.repair.RepairSkippedWarning`.
+            :class:`~pyfusion.fuse.repair.RepairSkippedWarning`. ``fusion_info["repair"]["passes"]``: forward
+            passes of the fused network (1 when all calibration samples fit as one batch, else one per corrected
+            group; ``"one_pass_refused"`` says why).
         bn_batches: at most this many batches for the BatchNorm reset and REPAIR.
         fast_modules: replace the Linear / Conv2d layers whose groups have branch segments (partial fusion,
             clustering, pruning) by ``pyfusion.nn.PartialLinear`` / ``PartialConv2d``, which skip the zero blocks

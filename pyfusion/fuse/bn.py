@@ -352,12 +352,17 @@ def _one_batch(
     per_sample = max((moments[p].per_sample for p in todo), default=0)
     if 4 * count * per_sample * max(itemsize, 4) > ONE_PASS_BYTES:
         return None
-    xs = list(batches)
+    return concat_batches(list(batches))
+
+
+def concat_batches(xs: Sequence[Any]) -> Tensor | None:
+    """The batches ``xs`` (each (n_i, *shape)) as one batch (sum n_i, *shape) -- ``xs[0]`` itself when there is one
+    --, or None when they are not tensors of one trailing shape, dtype and device (or there are none)."""
     if not xs or not all(isinstance(x, Tensor) and x.dim() >= 1 for x in xs):
         return None
     if any(x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype or x.device != xs[0].device for x in xs):
         return None
-    return xs[0] if len(xs) == 1 else torch.cat(xs, 0)
+    return xs[0] if len(xs) == 1 else torch.cat(list(xs), 0)
 
 
 class _Reiterable:
