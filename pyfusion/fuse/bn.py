@@ -309,8 +309,7 @@ def recalibrate_bn(
         whole = None
         # with several ranks, a rank without batches must still take part in every reduce; a sequence-first module
         # (batch_first=False: inputs (T, N, ...)) would read batches joined on dim 0 as longer sequences
-        seq_first = any(getattr(m, "batch_first", True) is False for m in fused.modules())
-        if dist_group is None and not seq_first:
+        if dist_group is None and sequence_first_module(fused) is None:
             whole = _one_batch(batches, count, num_batches, member_moments[0], todo, itemsize)
         if whole is not None:
             # one eval-mode forward of all samples: each BatchNorm's pre-hook recalibrates it from its input (the
@@ -353,6 +352,14 @@ def _one_batch(
     if 4 * count * per_sample * max(itemsize, 4) > ONE_PASS_BYTES:
         return None
     return concat_batches(list(batches))
+
+
+def sequence_first_module(model: nn.Module) -> str | None:
+    """The path of a module of ``model`` with ``batch_first=False`` (nn.RNN / LSTM / GRU, MultiheadAttention,
+    Transformer layers: inputs (T, N, ...)) -- ``""`` for the root --, or None. Calibration batches joined along dim 0
+    would be longer sequences there, so the one-pass BatchNorm reset and REPAIR refuse such models (a forward that
+    transposes its input itself is not detected)."""
+    return next((p for p, m in model.named_modules() if getattr(m, "batch_first", None) is False), None)
 
 
 def concat_batches(xs: Sequence[Any]) -> Tensor | None:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from pyfusion.fuse.bn import concat_batches
+from pyfusion.fuse.bn import concat_batches, sequence_first_module
 from pyfusion.fuse.builder import fused_groups
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import AxisRef, FusionGraph
@@ -269,10 +269,8 @@ def _one_pass_refusal(
     held; None when they can."""
     if current_group() is not None:  # every rank runs its own batches; the statistics are all-reduced per group
         return "several processes (torch.distributed)"
-    # batches are joined along dim 0, which must hold independent samples: a sequence-first layer (nn.RNN / LSTM /
-    # GRU, MultiheadAttention, Transformer layers with batch_first=False) would read the joined batches as longer
-    # sequences (a forward that transposes its input itself is not detected: the docstring's assumption)
-    seq_first = next((p for p, m in fused.named_modules() if getattr(m, "batch_first", None) is False), None)
+    # batches are joined along dim 0, which must hold independent samples
+    seq_first = sequence_first_module(fused)
     if seq_first is not None:
         return f"{seq_first or type(fused).__name__} has batch_first=False: dim 0 of the inputs is not the samples"
     points = group_points(fused_graph, "pre")
