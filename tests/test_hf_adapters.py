@@ -393,26 +393,31 @@ def test_config_overrides_a_file_may_hold():
     assert not _config_size("_attn_implementation_internal", 1, 0)
 
 
-def test_single_head_attention_is_refused_with_its_reason():
-    """A one-head attention (Segformer's first stage) is widenable in principle (alpha = 1: one head per member),
-    but its trace has no heads axis of size > 1, so the tracer cannot tell the head dims from the heads (size-1
-    factors carry no neurons): the q / k group is refused, saying why; with it and the value group at alpha 0 the
-    rest widens (and the classifier's config view follows)."""
+def test_single_head_attention_widens_into_one_head_per_member():
+    """A one-head attention (Segformer's first stage): the view ``(B, N, C) -> (B, N, 1, C)`` makes its heads axis a
+    unit of size 1, so q / k and v / o are unit groups of one head (not summed head dims) and widen into one head per
+    member: alpha = 0.5 runs (the classifier's config view follows) and alpha = 1 is the ensemble."""
     factory = lambda: tf.SegformerForImageClassification(  # noqa: E731
         tf.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[1, 1], hidden_sizes=[8, 16],
                            patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
                            num_labels=3))  # fmt: skip
     torch.manual_seed(0)
     a, b = _random(factory(), 1), _random(factory(), 2)
-    data = [_pixels(torch.Generator().manual_seed(0))]
+    gen = torch.Generator().manual_seed(0)
+    data = [_pixels(gen)]
+    x = _pixels(gen)
     graph = trace_groups(a, data[0])
     one_head = [n for n in graph.groups if ".stages.0.blocks.0.attention." in n]
     assert len(one_head) == 2  # q / k and v
-    assert all(graph.groups[n].unit_size == 1 for n in one_head)  # no head structure seen
+    assert all(graph.groups[n].size == graph.groups[n].unit_size == 8 for n in one_head)  # one unit: the head
+    assert not any(graph.groups[n].contracted for n in one_head)
     before = [_state(a), _state(b)]
-    with pytest.raises(ValueError, match=r"q_proj' cannot be widened: .* \(a single attention head: the trace has no"):
-        pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
-    fused = pyfusion.fuse([a, b], data, method="partial", alpha={**dict.fromkeys(one_head, 0.0), "*": 0.5}, graph=graph)
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
     assert type(fused) is type(a)
     _check_segformer_view(fused, a)
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert type(fused) is type(a)
+    with torch.no_grad():
+        y, ya, yb = fused(x).logits, a(x).logits, b(x).logits
+    assert float((y - 0.5 * (ya + yb)).abs().max() / (0.5 * (ya + yb)).abs().max()) < 1e-10
     assert _unchanged(a, before[0]) and _unchanged(b, before[1])

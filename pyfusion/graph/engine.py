@@ -10,7 +10,9 @@ axis; buffers, constants and user inputs are fixed (reps). Each op is handled by
   parameter operand becomes a per-neuron reference (LayerNorm weight, layer-scale gamma, position embeddings);
   a fixed operand (a rotary cos / sin table, a mask that varies along the dim) pins the space;
 * views, reshapes and permutes move / split / merge factors (768 -> 12 x 64 discovers heads; ``expand`` of a
-  broadcast dim is a rep: grouped-query ``repeat_kv``); a reshape that does not factor cleanly pins;
+  broadcast dim is a rep: grouped-query ``repeat_kv``); a reshape that does not factor cleanly pins; a view
+  ``(B, T, C) -> (B, T, 1, C)`` makes a unit of size 1 (one head: multi-query attention's key / value head, a
+  one-head attention), carried by the rules that know it and pinned by any other op that reads its size-1 dim;
 * ``cat`` / ``split`` / ``slice`` / ``select`` make segments where boundaries allow (GPT-2's q | k | v), a packed
   ``unflatten(-1, (3, E))`` followed by ``select`` becomes three independent segments (nn.MultiheadAttention),
   anything else index-dependent pins;
@@ -556,6 +558,29 @@ class Engine:
 
     # ---- dispatch -----------------------------------------------------------------------------------
     def _call(self, node: fx.Node) -> None:
+        """Read one call; a size-1 unit on a size-1 dim of an input that the rule did not carry to the output is
+        pinned (an op read it without a rule for it: a reduction, an index, a broadcast)."""
+        if not self.S.units1:
+            self._dispatch(node)
+            return
+        before = set()
+        for a in node.all_input_nodes:
+            v, s = self.val(a), self.shape(a)
+            if isinstance(v, tuple) and s is not None and len(v) == len(s) and (not v or v[0] != "buffer"):
+                before.update(u for t, n in zip(v, s) if n == 1 for u in self.S.units1_of(t))
+        self._dispatch(node)
+        if not before:
+            return
+        out = self.env.get(node.name)
+        after = set()
+        for v in out if isinstance(out, list) else [out]:
+            if isinstance(v, tuple) and (not v or v[0] != "buffer"):
+                after.update(u for t in v if isinstance(t, tuple) for u in self.S.units1_of(t))
+        for u in before:
+            if self.S.find(u) not in after and self.S.is_unit1(u):
+                self.S.pin(u)
+
+    def _dispatch(self, node: fx.Node) -> None:
         name = _opname(node)
         base = _base(name)
         if base in NO_OUTPUT or node.meta.get("val") is None and name != "getitem":
@@ -678,6 +703,12 @@ class Engine:
             broadcast = []  # parameters the same along this dim
             for a, v, s in vals:
                 k = d - (nd - len(s))
+                if k >= 0 and s[k] == 1 and self.S.units1_of(v[k]):
+                    if size == 1:  # one head against one head (or a broadcast constant): the same unit
+                        terms.append(v[k])
+                    else:  # one head broadcast against several: its copies would not follow a widening
+                        self.S.pin_term(v[k])
+                    continue
                 if k < 0 or s[k] == 1 or size == 1:
                     if size > 1 and mixes and self.is_param(a):
                         broadcast.append((a, None))
@@ -731,7 +762,17 @@ class Engine:
         x = node.args[0]
         v = self.tval(x)
         s_in, s_out = self.shape(x), self.shape(node)
-        self.env[node.name] = self.S.reshape(v, s_in, s_out)
+        base = _base(_opname(node))
+        if base == "unsqueeze" and len(s_out) == len(s_in) + 1:  # the new dim is known: nothing moves
+            d = node.args[1] % len(s_out)
+            self.env[node.name] = tuple(v[:d]) + ((),) + tuple(v[d:])
+        else:
+            if base == "squeeze":  # a head squeezed away is not a heads axis a widening could follow
+                for t, n in zip(v, s_in):
+                    if n == 1:
+                        self.S.pin_term(t)
+            heads = base in ("view", "_unsafe_view", "reshape", "unflatten", "view_copy", "_reshape_alias")
+            self.env[node.name] = self.S.reshape(v, s_in, s_out, heads=heads)
         if x.name in self.prov:  # a view that only adds / removes size-1 dims keeps the parameter's axes
             if [s for s in s_in if s != 1] == [s for s in s_out if s != 1]:
                 tkey, axes = self.prov[x.name]
@@ -784,7 +825,8 @@ class Engine:
                 out.append((-so,) if so > 1 else ())
             elif s_in[k] == so:
                 out.append(v[k])
-            else:  # a broadcast dim of size 1 expanded: copies
+            else:  # a broadcast dim of size 1 expanded: copies (of one head: they would not follow a widening)
+                self.S.pin_term(v[k])
                 out.append((-so,))
         self.env[node.name] = tuple(out)
         if x.name in self.prov:
@@ -934,7 +976,14 @@ class Engine:
             if d == dim:
                 out.append(self.S.sum_term([v[d] for v, _ in vals]))
                 continue
-            terms = [v[d] for v, s in vals if s[d] > 1]
+            if out_shape[d] == 1:  # one head in every piece (rotary's rotate_half) is one unit; else none
+                terms = [v[d] for v, s in vals if self.S.units1_of(v[d])]
+                if terms and len(terms) < len(vals):
+                    for t in terms:
+                        self.S.pin_term(t)
+                    terms = []
+            else:
+                terms = [v[d] for v, s in vals if s[d] > 1]
             for t in terms[1:]:
                 self.S.unify(terms[0], t)
             out.append(terms[0] if terms else ())
@@ -1188,6 +1237,14 @@ class Engine:
         out_shape = self.shape(node)
         for d, c in enumerate(out_spec):
             occ = letters.get(c)
+            if not occ and out_shape[d] == 1:  # a batch dim of one head in every operand: the same unit
+                heads = [vals[i][k] for i, spec in enumerate(specs) for k, ch in enumerate(spec)
+                         if ch == c and self.S.units1_of(vals[i][k])]  # fmt: skip
+                for t in heads[1:]:
+                    self.S.unify(heads[0], t)
+                if heads:
+                    out.append(heads[0])
+                    continue
             out.append(vals[occ[0][0]][occ[0][1]] if occ else ((-out_shape[d],) if out_shape[d] > 1 else ()))
         return tuple(out)
 
@@ -1502,10 +1559,10 @@ class Engine:
         for d in range(nb):  # batch dims (heads): q, k and v move together
             dq, dk, dv = d, d - (nb - (len(ks) - 2)), d - (nb - (len(vs) - 2))
             terms = []
-            if qs[dq] > 1:
+            if qs[dq] > 1 or self.S.units1_of(qv[dq]):
                 terms.append((qv[dq], qs[dq]))
             for t, s, dd in ((kv, ks, dk), (vv, vs, dv)):
-                if dd >= 0 and s[dd] > 1:
+                if dd >= 0 and (s[dd] > 1 or self.S.units1_of(t[dd])):
                     terms.append((t[dd], s[dd]))
             if not terms:
                 continue
@@ -1679,7 +1736,7 @@ def _lonely_pins(S: Spaces, term: Term | None, out: set[int]) -> None:
                 expand(d[1])
             elif d is not None and d[0] == "sum":
                 flat.append(list(d[1]))
-            elif S.size[r] > 1 and (d is None or d[0] == "rep"):
+            elif S.size[r] > 1 and (d is None or d[0] == "rep") or S.is_unit1(r):  # a one-head unit is free
                 flat.append(r)
 
     expand(term or ())
@@ -1791,6 +1848,12 @@ def _fixpoint(E: Engine) -> TraceResult:
                 continue
             for t in S.resolve(term):
                 atoms = [f for f in t if f >= 0]
+                heads1 = [a for a in atoms if S.size[a] == 1]
+                if heads1 and (len(atoms) > 2 or atoms[0] not in heads1):
+                    for a in heads1:  # a one-head unit that is not the leading one of two factors: no head
+                        S.pin(a)
+                    changed = True
+                    break
                 if len(set(atoms)) != len(atoms):
                     for a in atoms:
                         S.pin(a)
@@ -1813,7 +1876,12 @@ def _fixpoint(E: Engine) -> TraceResult:
         for a, cs in ctx.items():
             inner_of = {c[1] for c in cs if c[0] == "inner"}
             if inner_of and (len(cs) > 1 or len(inner_of) > 1):
-                S.pin(a)  # an inner dim used without (or under different) units: its permutation cannot vary
+                heads1 = [u for u in inner_of if S.size[u] == 1]
+                if heads1:  # under a one-head unit here, alone there: it is no head; the unit goes, not the dim
+                    for u in heads1:
+                        S.pin(u)
+                else:
+                    S.pin(a)  # an inner dim used without (or under different) units: its permutation cannot vary
                 changed = True
         if changed:
             continue

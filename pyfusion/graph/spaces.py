@@ -13,6 +13,13 @@ size ``-f``. An atom may be refined:
 * ``("sel", n)``: a packed leading factor that was selected index by index (``nn.MultiheadAttention``'s
   ``unflatten(-1, (3, E))`` then ``select``): its parent atom became a sum of independent copies of the tail.
 
+Factors of size 1 carry no neurons and are dropped, except *unit atoms of size 1* (:meth:`Spaces.new_unit`): the
+heads axis of a one-head attention or the key / value head of multi-query attention, found where a view splits a
+feature dim into ``(1, head_dim)``. They survive resolution, so such a head is a unit group of one unit that can be
+widened (one head per member at alpha = 1). Whenever one gets in the way of a rule (a sum boundary, a broadcast
+against more heads, a dim an op reads without a rule for it) it is pinned, which is exactly the behaviour without
+it: a pinned size-1 factor constrains nothing.
+
 :meth:`Spaces.resolve` expands a term into a sum of products of leaf atoms and reps (a sum is only allowed as the
 leading factor, where it distributes into contiguous segments; elsewhere it is pinned). :meth:`Spaces.unify`
 makes two terms of equal size the same space: boundaries of sums are aligned (splitting the leading factor of a
@@ -43,6 +50,7 @@ class Spaces:
         # where each leaf was pinned (the op being read when it happened), for the errors about pinned neurons
         self.context: Any = None
         self.pinned_at: dict[int, Any] = {}
+        self.units1: set[int] = set()  # roots of the unit atoms of size 1 (see the module docstring)
 
     # ---- atoms -------------------------------------------------------------------------------------
     def new(self, size: int) -> int:
@@ -51,6 +59,23 @@ class Spaces:
         self.defn.append(None)
         self.touched.append(False)
         return len(self.parent) - 1
+
+    def new_unit(self) -> int:
+        """A fresh unit atom of size 1 (a heads axis with one head)."""
+        a = self.new(1)
+        self.units1.add(a)
+        return a
+
+    def is_unit1(self, f: int) -> bool:
+        """Whether factor ``f`` is a free unit atom of size 1."""
+        if f < 0:
+            return False
+        r = self.find(f)
+        return r in self.units1 and self.defn[r] is None
+
+    def units1_of(self, t: Term) -> list[int]:
+        """The free size-1 unit atoms (roots) of a term."""
+        return [f for r in self.resolve(t) for f in r if f >= 0 and self.size[f] == 1]
 
     def find(self, a: int) -> int:
         p = self.parent
@@ -112,13 +137,15 @@ class Spaces:
         if rb < ra:
             ra, rb = rb, ra
         self.parent[rb] = ra
+        if rb in self.units1:
+            self.units1.add(ra)
 
     # ---- resolution --------------------------------------------------------------------------------
     def _res_atom(self, a: int) -> list[Term]:
         r = self.find(a)
         d = self.defn[r]
         if d is None:
-            return [(r,)] if self.size[r] != 1 else [()]
+            return [(r,)] if self.size[r] != 1 or r in self.units1 else [()]
         kind = d[0]
         if kind == "rep":
             return [(-self.size[r],)] if self.size[r] != 1 else [()]
@@ -176,7 +203,7 @@ class Spaces:
     def _norm_prod(self, t: Term) -> Term:
         out: list[int] = []
         for f in t:
-            if f >= 0 and self.size[f] == 1:
+            if f >= 0 and self.size[f] == 1 and not self.is_unit1(f):
                 continue
             if f == -1:
                 continue
@@ -244,6 +271,9 @@ class Spaces:
         if self._is_gap(t):
             return [(-b,), (-(s - b),)]
         f1 = t[0]
+        if self.is_unit1(f1):  # a sum inside one head: not a head structure after all
+            self.pin(f1)
+            return None
         rest = s // self.fsize(f1)
         if b % rest == 0:
             q = b // rest
@@ -271,6 +301,10 @@ class Spaces:
         fq, ch2 = self._refine_to(q, bounds)
         if ch1 or ch2:
             return True
+        if self._unify_units1(fp, fq):
+            return True
+        fp = [f for f in fp if not self.is_unit1(f)]
+        fq = [f for f in fq if not self.is_unit1(f)]
         changed = False
         for a, b in zip(fp, fq):
             if a >= 0 and b >= 0:
@@ -278,6 +312,48 @@ class Spaces:
             elif a >= 0 or b >= 0:
                 self.pin(a if a >= 0 else b)
                 changed = True
+        return changed
+
+    def _units1_at(self, t: list[int]) -> dict[int, list[int]]:
+        """The size-1 units of a factor list by position (the number of indices of the factors after them)."""
+        out: dict[int, list[int]] = {}
+        after = 1
+        for f in reversed(t):
+            if self.is_unit1(f):
+                out.setdefault(after, []).insert(0, f)
+            after *= self.fsize(f)
+        return out
+
+    def _unify_units1(self, fp: list[int], fq: list[int]) -> bool:
+        """Unify the size-1 units of two factor lists refined to common boundaries: units at the same position are
+        merged; a unit without a partner gives one to the other side by refining the leaf that follows it there
+        (``heads x head_dim`` meeting a plain ``head_dim`` axis), or is pinned (it meets a rep, or nothing).
+        True when something was refined or pinned (resolve again)."""
+        up, uq = self._units1_at(fp), self._units1_at(fq)
+        if not up and not uq:
+            return False
+        changed = False
+        for pos in sorted(set(up) | set(uq)):
+            a, b = up.get(pos, []), uq.get(pos, [])
+            for x, y in zip(a, b):
+                if self.find(x) != self.find(y):
+                    self.union(x, y)
+                    changed = True
+            extra, other = (a[len(b) :], fq) if len(a) > len(b) else (b[len(a) :], fp)
+            for u in extra:
+                changed = True
+                after, nxt = 1, None
+                for f in reversed(other):
+                    if after * self.fsize(f) == pos and self.fsize(f) > 1:
+                        nxt = f
+                    after *= self.fsize(f)
+                if nxt is not None and nxt >= 0 and self.defn[self.find(nxt)] is None:
+                    head, _ = self.refine_prod(nxt, [1, self.size[self.find(nxt)]])
+                    self.units1.add(head)
+                    break  # resolve again: the new unit meets ``u`` at this position
+                self.pin(u)
+            if changed:
+                return True
         return changed
 
     def _suffix(self, t: Term) -> list[int]:
@@ -308,11 +384,78 @@ class Spaces:
         return out, changed
 
     # ---- reshape -----------------------------------------------------------------------------------
-    def reshape(self, val: tuple[Term, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple:
+    def reshape(
+        self, val: tuple[Term, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...], heads: bool = False
+    ) -> tuple:
         """Terms of a view / reshape from ``in_shape`` to ``out_shape`` (blocks of dims with equal products;
-        inside a block, factors are split where an output dim boundary falls inside them)."""
+        inside a block, factors are split where an output dim boundary falls inside them).
+
+        Size-1 units keep their place in the row-major order: one on a size-1 input dim goes to the size-1 output
+        dim at the same place, or else joins the output dim that starts there. With ``heads`` (a view, not an
+        ``unsqueeze``), a size-1 output dim inserted right before the last dim whose term leads with a free atom
+        (``(B, T, C) -> (B, T, 1, C)``: a one-head split) makes a size-1 unit of it."""
         if 0 in in_shape or 0 in out_shape:
+            for t in val:
+                for u in self.units1_of(t):
+                    self.pin(u)
             return tuple((-s,) if s > 1 else () for s in out_shape)
+        loose = self._loose_units1(val, in_shape)
+        result = self._reshape_terms(val, in_shape, out_shape)
+        if loose or heads:
+            result = self._place_units1(result, loose, in_shape, out_shape, heads)
+        return result
+
+    @staticmethod
+    def _after(shape: tuple[int, ...]) -> list[int]:
+        """For each dim, the number of indices of the dims after it."""
+        out = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            out[d] = out[d + 1] * shape[d + 1]
+        return out
+
+    def _loose_units1(self, val: tuple[Term, ...], in_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(position, unit) for the size-1 units on size-1 input dims."""
+        after = self._after(in_shape)
+        return [(after[d], u) for d, s in enumerate(in_shape) if s == 1 for u in self.units1_of(val[d])]
+
+    def _place_units1(self, result: tuple, loose: list, in_shape: tuple, out_shape: tuple, heads: bool) -> tuple:
+        res = list(result)
+        after = self._after(out_shape)
+        ones = [d for d, s in enumerate(out_shape) if s == 1]
+        taken: set[int] = set()
+        for pos, u in loose:
+            slot = next((d for d in ones if d not in taken and after[d] == pos), None)
+            if slot is not None:
+                res[slot] = (u,)
+                taken.add(slot)
+                continue
+            start = next((d for d, s in enumerate(out_shape) if s > 1 and after[d] * s == pos), None)
+            if start is not None:
+                res[start] = (u,) + tuple(res[start])
+            else:
+                self.pin(u)
+        in_ones = {p for p, s in zip(self._after(in_shape), in_shape) if s == 1}
+        for d in ones:
+            nxt = next((j for j in range(d + 1, len(out_shape)) if out_shape[j] > 1), None)
+            if d in taken or nxt is None:
+                continue
+            r = self.resolve(res[nxt])
+            if len(r) != 1 or not r[0]:
+                continue
+            lead = r[0][0]
+            if self.is_unit1(lead):
+                res[d], res[nxt] = (lead,), r[0][1:]
+                taken.add(d)
+            elif heads and nxt == d + 1 == len(out_shape) - 1 and lead >= 0 and self.size[lead] > 1:
+                if after[d] in in_ones:
+                    continue  # the size-1 dim was there before: not a split
+                head, inner = self.refine_prod(lead, [1, self.size[lead]])
+                self.units1.add(head)
+                res[d], res[nxt] = (head,), (inner,) + r[0][1:]
+                taken.add(d)
+        return tuple(res)
+
+    def _reshape_terms(self, val: tuple[Term, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple:
         ins = [(t, s) for t, s in zip(val, in_shape) if s != 1]
         outs_idx = [i for i, s in enumerate(out_shape) if s != 1]
         outs = [out_shape[i] for i in outs_idx]
@@ -349,6 +492,8 @@ class Spaces:
                 f = queue.pop(0)
                 fs = self.fsize(f)
                 if fs == 1:
+                    if self.is_unit1(f):
+                        cur.append(f)
                     continue
                 if need % fs == 0:
                     cur.append(f)
@@ -380,6 +525,8 @@ class Spaces:
                 self.pin(g)
                 queue.insert(0, -(fs * self.fsize(g)))
             out.append(tuple(cur))
+        if out:  # size-1 units after the last split stay at the end
+            out[-1] = out[-1] + tuple(f for f in queue if self.is_unit1(f))
         return out
 
     # ---- cuts (slice / split / select) ---------------------------------------------------------------
@@ -396,10 +543,18 @@ class Spaces:
                 inside = [b - pos for b in bounds if pos < b < pos + s]
                 if inside and not self._is_gap(t):
                     f1 = t[0]
+                    if self.is_unit1(f1):
+                        self.pin(f1)
+                        again = True
+                        break
                     rest = s // self.fsize(f1)
                     if f1 >= 0 and all(b % rest == 0 for b in inside):
                         cuts = [0] + [b // rest for b in inside] + [self.size[f1]]
-                        self.refine_sum(f1, [cuts[i + 1] - cuts[i] for i in range(len(cuts) - 1)])
+                        kids = self.refine_sum(f1, [cuts[i + 1] - cuts[i] for i in range(len(cuts) - 1)])
+                        if self.parent_of.get(self.find(f1), (None, -1))[1] == 0:
+                            # a heads axis cut into pieces (Falcon's multi-query [queries | key | value]): a piece of
+                            # one head is a head, not a dropped factor
+                            self.units1.update(k for k in kids if self.size[k] == 1)
                         again = True
                         break
                     if f1 < 0 and all(b % rest == 0 for b in inside):

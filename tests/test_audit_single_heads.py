@@ -1,0 +1,126 @@
+"""Attention with a heads axis of size 1: multi-query attention (one key / value head for all query heads: Gemma,
+Llama with ``num_key_value_heads=1``) and a one-head attention (Segformer's first stage). The view that splits a
+feature dim into ``(1, head_dim)`` makes a unit of size 1, so these heads are unit groups of one unit: permuting
+gives the model back, alpha = 1 is the ensemble (grouped-query attention with one key / value head per member), at
+the cost of the ensemble at most, and the members are untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _audit import random_model, rel, run, state, unchanged
+from torch import nn
+
+import pyfusion
+from pyfusion.graph import trace_groups
+from pyfusion.testing import permuted_copy
+
+tf = pytest.importorskip("transformers")
+
+V = 50
+F64 = torch.float64
+
+
+def _ids(g: torch.Generator) -> torch.Tensor:
+    return torch.randint(2, V, (4, 6), generator=g)
+
+
+def _pix(g: torch.Generator) -> torch.Tensor:
+    return torch.randn(4, 3, 16, 16, generator=g, dtype=F64)
+
+
+_MQA = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            intermediate_size=24, vocab_size=V, use_cache=False)  # fmt: skip
+
+# name: (factory, inputs, tolerance of the permuted copy, attention module holding the one-unit groups). The
+# LMs compute in float32 in places (RMSNorm, rotary tables), so a permuted copy itself differs from the model by
+# ~1e-7 there.
+FAMILIES = {
+    "gemma_mqa": (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    "gemma2_mqa": (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    "llama_mqa": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    "segformer_one_head": (
+        lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
+            num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+            patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3)),
+        _pix, 1e-8, "segformer.stages.0.blocks.0.attention",
+    ),
+}  # fmt: skip
+
+
+def _attention_groups(graph, module: str) -> list:
+    """The tied (head) groups produced inside ``module``."""
+    return [g for n, g in graph.groups.items() if n.partition(":")[2].startswith(module + ".") and g.tie is not None]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_one_head_is_a_unit_group(name):
+    """The q / k group and the v / o group of the one-head (or one key / value head) attention are unit groups of
+    one unit, tied by that unit; nothing of them is pinned or summed."""
+    factory, inputs, _tol, module = FAMILIES[name]
+    a = random_model(factory(), 1)
+    graph = trace_groups(a, inputs(torch.Generator().manual_seed(0)))
+    assert not graph.pinned
+    groups = _attention_groups(graph, module)
+    assert len(groups) == 2, [g.name for g in groups]
+    assert all(g.size == g.unit_size for g in groups)  # one unit each
+    assert groups[0].tie is not None and groups[0].tie == groups[1].tie
+    assert not any(g.contracted for g in groups)
+
+
+# Gemma-2 is left out: at alpha = 1 its grouped-query attention (two key / value heads too) does not give the
+# ensemble, so pyfusion.fuse returns a SubEnsemble there; that is not about one head
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "gemma2_mqa"])
+def test_permuted_copy_ensemble_and_cost(name):
+    factory, inputs, tol, _module = FAMILIES[name]
+    a, b = random_model(factory(), 1), random_model(factory(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [inputs(gen) for _ in range(2)]
+    x = inputs(gen)
+    graph = trace_groups(a, data[0])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = run(a, x)
+    before = [state(a), state(twin), state(b)]
+    fused = pyfusion.fuse([a, twin], data, method="partial", alpha=0.5, graph=graph)
+    assert type(fused) is type(a)
+    assert rel(run(fused, x), y) < tol
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0, graph=graph)
+    assert type(fused) is type(a)  # the widened model, not a sub-ensemble
+    assert rel(run(fused, x), 0.5 * (run(a, x) + run(b, x))) < 1e-10
+    cost = pyfusion.cost(fused, x, members=[a, b])
+    assert cost.flops <= cost.ensemble_flops
+    half = pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
+    assert type(half) is type(a) and bool(torch.isfinite(run(half, x)).all())
+    assert all(unchanged(m, s) for m, s in zip((a, twin, b), before))
+
+
+def test_mqa_widens_into_one_key_value_head_per_member():
+    """At alpha = 1 the multi-query members become grouped-query attention with one key / value head per member:
+    k_proj / v_proj have K * head_dim rows, q_proj keeps every member's query heads."""
+    factory = FAMILIES["gemma_mqa"][0]
+    a, b = random_model(factory(), 1), random_model(factory(), 2)
+    data = [_ids(torch.Generator().manual_seed(0))]
+    fused = pyfusion.fuse([a, b], data, method="partial", alpha=1.0)
+    attn = fused.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape[0] == attn.v_proj.weight.shape[0] == 2 * 8
+    assert attn.q_proj.weight.shape[0] == 2 * 2 * 8
+
+
+class _TokenView(nn.Module):
+    """A pooled feature viewed as one token, ``(B, C) -> (B, 1, C)``, then a Linear: a size-1 dim that is no heads
+    axis (the Linear reads the features alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.view(h.shape[0], 1, 6)).flatten(1)
+
+
+def test_a_size_one_view_that_is_no_head_keeps_plain_neurons():
+    model = random_model(_TokenView(), 1)
+    graph = trace_groups(model, torch.randn(5, 4, dtype=F64))
+    (hidden,) = [g for g in graph.groups.values() if any(r.module == "fc1" for r in g.refs)]
+    assert hidden.size == 6 and hidden.unit_size == 1 and not graph.pinned
