@@ -124,3 +124,31 @@ def test_a_size_one_view_that_is_no_head_keeps_plain_neurons():
     graph = trace_groups(model, torch.randn(5, 4, dtype=F64))
     (hidden,) = [g for g in graph.groups.values() if any(r.module == "fc1" for r in g.refs)]
     assert hidden.size == 6 and hidden.unit_size == 1 and not graph.pinned
+
+
+class _UnsqueezedOneHead(nn.Module):
+    """One-head attention whose heads axis comes from ``unsqueeze(1)`` (no view splitting a feature dim): the tracer
+    sees no head there, so the q / k dims are contracted plain neurons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (p(x).unsqueeze(1) for p in (self.q, self.k, self.v))
+        h = nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return self.out(h.mean(1))
+
+
+def test_a_one_head_attention_the_trace_cannot_follow_is_refused_with_its_reason():
+    a, b = random_model(_UnsqueezedOneHead(), 1), random_model(_UnsqueezedOneHead(), 2)
+    x = torch.randn(4, 5, 8, dtype=F64)
+    before = [state(a), state(b)]
+    with pytest.raises(ValueError, match=r"cannot be widened: .*\(a single attention head: no size-1 heads axis"):
+        pyfusion.fuse([a, b], [x], method="partial", alpha=0.5)
+    assert unchanged(a, before[0]) and unchanged(b, before[1])
+    # with q / k fused (alpha 0) the value neurons still widen: the refusal names the group, not the model
+    fused = pyfusion.fuse([a, b], [x], method="partial", alpha={"g0:q": 0.0, "*": 0.5})
+    assert fused.q.weight.shape[0] == fused.k.weight.shape[0] == 8 and fused.v.weight.shape[0] > 8
+    assert fused.out.weight.shape[1] == fused.v.weight.shape[0]

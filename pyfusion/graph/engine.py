@@ -2056,9 +2056,10 @@ def _attach_points(E: Engine, groups: dict[str, NeuronGroup], names: dict[tuple,
                 where = E.where(E.nodes[node])
                 if node in E.single_head:
                     where += (
-                        " (a single attention head: the trace has no heads axis to tell the head dims from the "
-                        "heads, so pyfusion cannot widen it into one head per member; a value projection the "
-                        "forward views by the head dim needs alpha 0 too)"
+                        " (a single attention head: no size-1 heads axis the trace could follow (a view (B, T, C) "
+                        "-> (B, T, 1, C) read only by ops that carry it) tells the head dims from the heads, so "
+                        "pyfusion cannot widen it into one head per member; a value projection the forward views by "
+                        "the head dim needs alpha 0 too)"
                     )
                 if where not in gr.contracted:
                     gr.contracted.append(where)
