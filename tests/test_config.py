@@ -17,7 +17,7 @@ from pyfusion.models import mlp
 # The options and defaults every method had before configs existed (its keyword signature); a config must keep them.
 DEFAULTS = {
     "average": {},
-    "weight_matching": {"seed": 0, "max_iter": 100, "max_rounds": 20},
+    "weight_matching": {"seed": 0, "max_iter": 100, "max_rounds": 20, "starts": ("identity", "sorted_rows")},
     "activation_matching": {"cost": "correlation", "point": "post", "reference": 0, "max_batches": None},
     "ot": {"cost": None, "masses": "uniform", "point": "post", "reference": 0, "max_batches": None, "reg": None,
            "max_iter": 10_000, "tol": 1e-9},  # fmt: skip
@@ -92,6 +92,10 @@ BAD = [
     (C.OTConfig, {"masses": "l3"}, r"OTConfig\.masses must be 'uniform', 'l1', 'l2' or a dict"),
     (C.OTConfig, {"cost": "l2"}, r"OTConfig\.cost must be one of \('activations', 'correlation', 'weights'\)"),
     (C.WeightMatchingConfig, {"seed": 1.5}, r"WeightMatchingConfig\.seed must be an integer >= 0; got 1.5"),
+    (C.WeightMatchingConfig, {"starts": ()}, r"WeightMatchingConfig\.starts must be a non-empty tuple of distinct"),
+    (C.WeightMatchingConfig, {"starts": ("identity", "random")}, r"from \('identity', 'sorted_rows'\); got"),
+    (C.WeightMatchingConfig, {"starts": ("identity", "identity")}, r"starts must be a non-empty tuple of distinct"),
+    (C.WeightMatchingConfig, {"starts": "identity"}, r"WeightMatchingConfig\.starts must be a non-empty tuple"),
     (C.ClusterConfig, {}, r"ClusterConfig: give exactly one of width="),
     (C.ClusterConfig, {"width": 3, "alpha": 0.5}, r"give exactly one of width="),
     (C.ClusterConfig, {"width": 0}, r"ClusterConfig\.width must be an int >= 1"),

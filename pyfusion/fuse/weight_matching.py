@@ -19,6 +19,10 @@ permuted into slot order), until a round changes no permutation (or ``max_rounds
 the pairwise algorithm (member 0 defines the slot order).
 Only parameters enter the objective (BatchNorm running statistics do not; they are permuted along).
 
+Starts (:attr:`WeightMatchingConfig.starts`): each member's alignment to member 0 is a descent from every start
+(the identity, and each group matched on its sorted weight rows: :func:`pyfusion.match.solvers.sorted_rows_start`);
+the highest objective is kept. The running-average rounds continue from the kept permutations.
+
 The coordinate descent itself is :func:`pyfusion.match.solvers.align_weights`; this module is the K-member rule.
 """
 
@@ -37,7 +41,7 @@ from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.graph.transform import permuted_state
-from pyfusion.match.solvers import align_weights
+from pyfusion.match.solvers import align_weights, sorted_rows_start, weight_alignment_objective
 
 __all__ = ["weight_matching_plan"]
 
@@ -56,7 +60,10 @@ def weight_matching_plan(
     config: WeightMatchingConfig,
 ) -> Plan:
     """Weight matching plan: ``A_k = lambda_k P_k``, ``B_k = P_k^T`` with P_k from permutation coordinate descent
-    (options: :class:`WeightMatchingConfig`: ``seed``, ``max_iter``, ``max_rounds``)."""
+    (options: :class:`WeightMatchingConfig`: ``seed``, ``max_iter``, ``max_rounds``, ``starts``).
+
+    ``plan.info["starts"]``: one entry per (member k >= 1, start): its objective against member 0, sweeps, and
+    whether it was kept."""
     seed, max_iter, max_rounds = config.seed, config.max_iter, config.max_rounds
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -67,10 +74,24 @@ def weight_matching_plan(
     ident = {name: torch.arange(g.size) for name, g in graph.groups.items()}
     perms = [dict(ident) for _ in members]
     solve_s, sweeps = 0.0, []
+    chosen: list[dict[str, Any]] = []
     for k in range(1, len(members)):
-        perms[k], it, s = align_weights(states[0], states[k], graph, perms[k], rng, max_iter)
-        solve_s += s
-        sweeps.append(it)
+        best = None
+        for i, start in enumerate(config.starts):
+            p0 = perms[k] if start == "identity" else sorted_rows_start(states[0], states[k], graph)
+            # the identity start draws from ``rng`` as before the starts existed; the others have their own stream
+            r = rng if start == "identity" else np.random.default_rng((seed, k, i))
+            p, it, s = align_weights(states[0], states[k], graph, p0, r, max_iter)
+            solve_s += s
+            sweeps.append(it)
+            value = weight_alignment_objective(states[0], states[k], graph, p)
+            if best is None or value > best[0] + 1e-12 * max(1.0, abs(best[0])):
+                best = (value, start, p)
+            chosen.append({"member": k, "start": start, "objective": value, "sweeps": it})
+        perms[k] = best[2]
+        for c in chosen:
+            if c["member"] == k:
+                c["kept"] = c["start"] == best[1]
     rounds = 0
     if len(members) > 2:
         for _ in range(max_rounds):
@@ -90,7 +111,7 @@ def weight_matching_plan(
     plan = Plan.from_permutations(graph, {g: [p[g] for p in perms] for g in graph.groups}, lambdas)
     total = time.perf_counter() - t_start
     plan.info.update(
-        method="weight_matching", sweeps=sweeps, rounds=rounds, time_solve_s=solve_s, time_stats_s=0.0,
+        method="weight_matching", sweeps=sweeps, rounds=rounds, starts=chosen, time_solve_s=solve_s, time_stats_s=0.0,
         time_match_s=total,
     )  # fmt: skip
     return plan
