@@ -1364,8 +1364,10 @@ def check_fused_widths(fused: nn.Module, graph: FusionGraph, plan: Plan) -> None
         slots = plan.groups[name].slots if name in plan.groups else g.size
         r = next((r for r in g.refs if r.role == "producer"), g.refs[0])
         ng = pairs[name]
-        # one unit left (e.g. attention pruned to one head): the re-trace cannot see head structure in it
-        units_differ = ng is not None and ng.unit_size != g.unit_size and slots != g.unit_size
+        # one unit left (attention pruned to one head): a re-trace that sees no structure in it (units of 1) may
+        # just not see the one head (a layout the size-1 head units do not cover); another unit size is a forward
+        # that splits the head by a hard-coded count (view(B, 2, -1) of one head of 8: softmax over two halves)
+        units_differ = ng is not None and ng.unit_size != g.unit_size and (slots != g.unit_size or ng.unit_size != 1)
         if ng is None or ng.size != slots or units_differ:
             got = "no group" if ng is None else f"{ng.size} neurons in units of {ng.unit_size}"
             raise ValueError(
