@@ -39,6 +39,13 @@ FAMILIES = {
     "gemma_mqa": (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
     "gemma2_mqa": (lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
     "llama_mqa": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    # not written around: biased q / k / v (Qwen2), a packed qkv_proj through its adapter (Phi-3), interleaved
+    # rotary over the whole head (Glm4 with partial_rotary_factor = 1)
+    "qwen2_mqa": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    "phi3_mqa": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_MQA, pad_token_id=0)), _ids, 1e-6,
+                 "model.layers.0.self_attn"),
+    "glm4_mqa": (lambda: tf.Glm4ForCausalLM(tf.Glm4Config(**_MQA, pad_token_id=0, partial_rotary_factor=1.0)), _ids,
+                 1e-6, "model.layers.0.self_attn"),
     "segformer_one_head": (
         lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
             num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
@@ -152,3 +159,35 @@ def test_a_one_head_attention_the_trace_cannot_follow_is_refused_with_its_reason
     fused = pyfusion.fuse([a, b], [x], method="partial", alpha={"g0:q": 0.0, "*": 0.5})
     assert fused.q.weight.shape[0] == fused.k.weight.shape[0] == 8 and fused.v.weight.shape[0] > 8
     assert fused.out.weight.shape[1] == fused.v.weight.shape[0]
+
+
+def test_a_head_split_into_segments_is_no_one_head_unit():
+    """Glm4's default partial rotary splits each head's dims into a rotary and a pass-through segment
+    (``q[..., :rotary_dim]``, ``q[..., rotary_dim:]``, then ``cat``). With one key / value head the two segments sat
+    behind its size-1 unit, contiguous only while the head is one: the widened key rows came out as [rotary dims of
+    both heads | pass dims of both heads] and alpha = 0.5 was a wrong model (at alpha = 1 the ensemble check caught
+    it, 6.7e-2 off). Such a unit is pinned now: alpha > 0 is refused naming the attention, a permuted copy is still
+    undone, and with two key / value heads (whole units, no size-1 unit) the model widens into the ensemble."""
+
+    def factory(kv: int):
+        cfg = {**_MQA, "num_key_value_heads": kv}
+        return lambda: tf.Glm4ForCausalLM(tf.Glm4Config(**cfg, pad_token_id=0, partial_rotary_factor=0.5))
+
+    a, b = random_model(factory(1)(), 1), random_model(factory(1)(), 2)
+    gen = torch.Generator().manual_seed(0)
+    data = [_ids(gen)]
+    x = _ids(gen)
+    graph = trace_groups(a, data[0])
+    assert not _attention_groups(graph, "model.layers.0.self_attn") or all(
+        g.size > g.unit_size for g in _attention_groups(graph, "model.layers.0.self_attn")
+    )
+    before = [state(a), state(b)]
+    with pytest.raises(pyfusion.graph.UnsupportedModuleError, match=r"self_attn.*pinned by node"):
+        pyfusion.fuse([a, b], data, method="partial", alpha=0.5, graph=graph)
+    assert unchanged(a, before[0]) and unchanged(b, before[1])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    assert rel(run(pyfusion.fuse([a, twin], data, method="partial", alpha=0.0, graph=graph), x), run(a, x)) < 1e-6
+    a2, b2 = random_model(factory(2)(), 1), random_model(factory(2)(), 2)
+    fused = pyfusion.fuse([a2, b2], data, method="partial", alpha=1.0)
+    assert type(fused) is type(a2)
+    assert rel(run(fused, x), 0.5 * (run(a2, x) + run(b2, x))) < 1e-10

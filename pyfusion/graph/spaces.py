@@ -184,6 +184,11 @@ class Spaces:
             if len(sub) == 1:
                 acc = [t + sub[0] for t in acc]
             elif len(acc) == 1 and self.tsize(acc[0]) == 1:
+                # a sum behind one head (a unit of size 1: Glm4's multi-query key, head dims split into rotary |
+                # pass-through): the segments are contiguous only while the head is one; widened, each head holds
+                # its own segments, so the unit goes (the head stays one, the segments stay)
+                for u in [u for u in acc[0] if self.is_unit1(u)]:
+                    self.pin(u)
                 acc = [acc[0] + s for s in sub]
             else:  # a sum behind a non-trivial factor: its pieces are not contiguous segments
                 size = self.fsize(f)
