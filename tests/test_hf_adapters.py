@@ -93,6 +93,8 @@ FAMILIES = {
         _ids, 1e-8, "FalconAttention",
     ),
     "phi3": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_LM)), _ids, 1e-6, "Phi3Attention"),
+    # views by self.num_heads / self.num_key_value_heads; partial rotary (a quarter of each head's dims)
+    "stablelm": (lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**_LM)), _ids, 1e-8, "StableLmAttention"),
     "whisper_encoder": (PooledEncoder, _mel, 1e-8, "WhisperAttention"),
     "mpnet": (
         lambda: tf.MPNetForSequenceClassification(tf.MPNetConfig(
@@ -150,7 +152,7 @@ def _heads(model: nn.Module, attn: str) -> list[int]:
 
 
 # MobileViT: nine attention layers (its stage depths are fixed), ~20 s a fusion
-ADAPTED = ["falcon", "phi3", "whisper_encoder", "mpnet", "segformer", pytest.param("mobilevit", marks=pytest.mark.slow)]
+ADAPTED = ["falcon", "phi3", "stablelm", "whisper_encoder", "mpnet", "segformer", pytest.param("mobilevit", marks=pytest.mark.slow)]
 
 
 def _check_phi3_views(fused: nn.Module, heads: list[int]) -> None:

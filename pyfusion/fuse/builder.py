@@ -763,6 +763,28 @@ def _adapt_phi3_attention(mod: nn.Module, path: str, original: nn.Module) -> Non
     mod.config = ModuleConfig(mod.config, {"num_attention_heads": heads, "num_key_value_heads": kv})
 
 
+@register_adapter("StableLmAttention")
+def _adapt_stablelm_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """StableLM views queries by ``self.num_heads`` and keys / values by ``self.num_key_value_heads`` (``head_dim``
+    fixed); ``repeat_kv`` reads ``num_key_value_groups``, which stays the member's (grouped-query heads widen by
+    whole groups). The optional per-head q / k LayerNorms (``qk_layernorm``) are one module per head: a widened
+    head count is refused there."""
+    hd = int(mod.head_dim)
+    q, k, v, o = _rows(mod.q_proj), _rows(mod.k_proj), _rows(mod.v_proj), _cols(mod.o_proj)
+    per_group = int(original.num_key_value_groups)
+    if q % hd or k % hd or k != v or o != q or q // hd != k // hd * per_group:
+        raise ValueError(
+            f"{path}: the fused q / k / v projections write {q} / {k} / {v} rows and o_proj reads {o}: not whole key "
+            f"/ value groups of {per_group} query heads of {hd} dims"
+        )
+    if getattr(mod, "qk_layernorm", False) and q != _rows(original.q_proj):
+        raise ValueError(
+            f"{path}: StableLM's qk_layernorm holds one LayerNorm per head ({original.num_heads}); pyfusion does not "
+            "add or merge them, so the head count must stay (alpha 0 for the attention's groups)"
+        )
+    mod.num_heads, mod.num_key_value_heads, mod.num_key_value_groups = q // hd, k // hd, per_group
+
+
 @register_adapter("WhisperAttention")
 def _adapt_whisper_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
     """Whisper's attention views keys and values as ``(batch, -1, num_heads, head_dim)`` (queries by ``-1``)."""
