@@ -152,7 +152,10 @@ def _heads(model: nn.Module, attn: str) -> list[int]:
 
 
 # MobileViT: nine attention layers (its stage depths are fixed), ~20 s a fusion
-ADAPTED = ["falcon", "phi3", "stablelm", "whisper_encoder", "mpnet", "segformer", pytest.param("mobilevit", marks=pytest.mark.slow)]
+ADAPTED = [
+    "falcon", "phi3", "stablelm", "whisper_encoder", "mpnet", "segformer",
+    pytest.param("mobilevit", marks=pytest.mark.slow),
+]  # fmt: skip
 
 
 def _check_phi3_views(fused: nn.Module, heads: list[int]) -> None:

@@ -19,9 +19,9 @@ permuted into slot order), until a round changes no permutation (or ``max_rounds
 the pairwise algorithm (member 0 defines the slot order).
 Only parameters enter the objective (BatchNorm running statistics do not; they are permuted along).
 
-Starts (:attr:`WeightMatchingConfig.starts`): each member's alignment to member 0 is a descent from every start
-(the identity, and each group matched on its sorted weight rows: :func:`pyfusion.match.solvers.sorted_rows_start`);
-the highest objective is kept. The running-average rounds continue from the kept permutations.
+Starts (:attr:`WeightMatchingConfig.starts`): the rule above runs once per start -- the alignments to member 0 begin
+at the identity, or at each group matched on its sorted weight rows (:func:`pyfusion.match.solvers.sorted_rows_start`)
+-- and the permutations with the highest total objective ``sum_{j < k} <pi_j(W_j), pi_k(W_k)>`` are kept.
 
 The coordinate descent itself is :func:`pyfusion.match.solvers.align_weights`; this module is the K-member rule.
 """
@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pyfusion.fuse.config import WeightMatchingConfig
 from pyfusion.fuse.plan import Plan
 from pyfusion.fuse.registry import register_method
 from pyfusion.graph.groups import FusionGraph
 from pyfusion.graph.transform import permuted_state
-from pyfusion.match.solvers import align_weights, sorted_rows_start, weight_alignment_objective
+from pyfusion.match.solvers import align_weights, sorted_rows_start
 
 __all__ = ["weight_matching_plan"]
 
@@ -62,43 +62,68 @@ def weight_matching_plan(
     """Weight matching plan: ``A_k = lambda_k P_k``, ``B_k = P_k^T`` with P_k from permutation coordinate descent
     (options: :class:`WeightMatchingConfig`: ``seed``, ``max_iter``, ``max_rounds``, ``starts``).
 
-    ``plan.info["starts"]``: one entry per (member k >= 1, start): its objective against member 0, sweeps, and
-    whether it was kept."""
+    The whole K-member rule runs once per start; the permutations with the highest total objective
+    ``sum_{j < k} <pi_j(W_j), pi_k(W_k)>`` over the parameter tensors are kept (ties: the earlier start). For K = 2
+    that is member 1's objective against member 0. ``plan.info["starts"]``: one entry per start (its objective,
+    sweeps, rounds, and whether it was kept)."""
     seed, max_iter, max_rounds = config.seed, config.max_iter, config.max_rounds
     t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
     # every name of a tied tensor (GPT-2's wte / lm_head): each carries its own references
     states = [
         {n: t.detach().to("cpu", torch.float64) for n, t in m.named_parameters(remove_duplicate=False)} for m in members
     ]
-    ident = {name: torch.arange(g.size) for name, g in graph.groups.items()}
-    perms = [dict(ident) for _ in members]
-    solve_s, sweeps = 0.0, []
+    solve_s = 0.0
+    best: tuple[float, list[dict[str, Tensor]], list[int], int] | None = None
     chosen: list[dict[str, Any]] = []
-    for k in range(1, len(members)):
-        best = None
-        for i, start in enumerate(config.starts):
-            p0 = perms[k] if start == "identity" else sorted_rows_start(states[0], states[k], graph)
-            # the identity start draws from ``rng`` as before the starts existed; the others have their own stream
-            r = rng if start == "identity" else np.random.default_rng((seed, k, i))
-            p, it, s = align_weights(states[0], states[k], graph, p0, r, max_iter)
-            solve_s += s
-            sweeps.append(it)
-            value = weight_alignment_objective(states[0], states[k], graph, p)
-            if best is None or value > best[0] + 1e-12 * max(1.0, abs(best[0])):
-                best = (value, start, p)
-            chosen.append({"member": k, "start": start, "objective": value, "sweeps": it})
-        perms[k] = best[2]
-        for c in chosen:
-            if c["member"] == k:
-                c["kept"] = c["start"] == best[1]
+    for i, start in enumerate(config.starts):
+        # the identity start draws from ``rng`` as before the starts existed; the others have their own stream
+        rng = np.random.default_rng(seed if start == "identity" else (seed, i))
+        perms, sweeps, rounds, s = _merge_many(states, graph, start, rng, max_iter, max_rounds)
+        solve_s += s
+        permuted = [permuted_state(st, graph, p) for st, p in zip(states, perms)]
+        value = sum(
+            float(sum((permuted[j][key] * permuted[k][key]).sum() for key in states[0]))
+            for k in range(len(states)) for j in range(k)
+        )  # fmt: skip
+        if best is None or value > best[0] + 1e-12 * max(1.0, abs(best[0])):
+            best = (value, perms, sweeps, rounds)
+            for c in chosen:
+                c["kept"] = False
+        chosen.append(
+            {"start": start, "objective": value, "sweeps": sweeps, "rounds": rounds, "kept": best[1] is perms}
+        )
+    assert best is not None  # the config has at least one start
+    _, perms, sweeps, rounds = best
+    plan = Plan.from_permutations(graph, {g: [p[g] for p in perms] for g in graph.groups}, lambdas)
+    total = time.perf_counter() - t_start
+    plan.info.update(
+        method="weight_matching", sweeps=sweeps, rounds=rounds, starts=chosen, time_solve_s=solve_s, time_stats_s=0.0,
+        time_match_s=total,
+    )  # fmt: skip
+    return plan
+
+
+def _merge_many(
+    states: list[dict[str, Tensor]], graph: FusionGraph, start: str, rng: np.random.Generator, max_iter: int,
+    max_rounds: int,
+) -> tuple[list[dict[str, Tensor]], list[int], int, float]:  # fmt: skip
+    """The K-member rule (module docstring) from one start: (permutations, sweeps per alignment, rounds, seconds
+    in the assignment solver)."""
+    ident = {name: torch.arange(g.size) for name, g in graph.groups.items()}
+    perms = [dict(ident) for _ in states]
+    solve_s, sweeps = 0.0, []
+    for k in range(1, len(states)):
+        p0 = perms[k] if start == "identity" else sorted_rows_start(states[0], states[k], graph)
+        perms[k], it, s = align_weights(states[0], states[k], graph, p0, rng, max_iter)
+        solve_s += s
+        sweeps.append(it)
     rounds = 0
-    if len(members) > 2:
+    if len(states) > 2:
         for _ in range(max_rounds):
             rounds += 1
             changed = False
-            for k in rng.permutation(len(members)):
-                others = [permuted_state(states[j], graph, perms[j]) for j in range(len(members)) if j != k]
+            for k in rng.permutation(len(states)):
+                others = [permuted_state(states[j], graph, perms[j]) for j in range(len(states)) if j != k]
                 target = {key: sum(o[key] for o in others) / len(others) for key in states[k]}
                 new, it, s = align_weights(target, states[k], graph, perms[k], rng, max_iter)
                 solve_s += s
@@ -108,10 +133,4 @@ def weight_matching_plan(
                 perms[k] = new
             if not changed:
                 break
-    plan = Plan.from_permutations(graph, {g: [p[g] for p in perms] for g in graph.groups}, lambdas)
-    total = time.perf_counter() - t_start
-    plan.info.update(
-        method="weight_matching", sweeps=sweeps, rounds=rounds, starts=chosen, time_solve_s=solve_s, time_stats_s=0.0,
-        time_match_s=total,
-    )  # fmt: skip
-    return plan
+    return perms, sweeps, rounds, solve_s
