@@ -46,6 +46,16 @@ FAMILIES = {
                  "model.layers.0.self_attn"),
     "glm4_mqa": (lambda: tf.Glm4ForCausalLM(tf.Glm4Config(**_MQA, pad_token_id=0, partial_rotary_factor=1.0)), _ids,
                  1e-6, "model.layers.0.self_attn"),
+    # one-head multi-head attention in the encoder / decoder families: packed c_attn (GPT-2), BERT's and ViT's
+    # attention_head_size views
+    "gpt2_one_head": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=1, n_head=1, vocab_size=V,
+                                                              n_positions=16)), _ids, 1e-8, "transformer.h.0.attn"),
+    "bert_one_head": (lambda: tf.BertForSequenceClassification(tf.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=24, vocab_size=V,
+        max_position_embeddings=16, num_labels=3)), _ids, 1e-8, "bert.encoder.layer.0.attention"),
+    "vit_one_head": (lambda: tf.ViTForImageClassification(tf.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=24, image_size=16, patch_size=4,
+        num_labels=3)), _pix, 1e-8, "vit.layers.0.attention"),
     "segformer_one_head": (
         lambda: tf.SegformerForImageClassification(tf.SegformerConfig(
             num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
