@@ -322,3 +322,43 @@ def test_falcon_alibi_head_dims_cannot_be_widened():
     twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
     fused = pyfusion.fuse([a, twin], data, method="weight_matching", graph=graph)
     assert _rel(_run(fused, x), _run(a, x)) < 1e-10
+
+
+def _levit():
+    return tf.LevitForImageClassification(tf.LevitConfig(
+        image_size=16, num_channels=3, hidden_sizes=[16, 24], num_attention_heads=[2, 2], depths=[1, 1],
+        key_dim=[8, 8], down_ops=[["Subsample", 8, 2, 2, 2, 2]], num_labels=3))  # fmt: skip
+
+
+def test_levit_batchnorm_over_packed_heads_and_its_adapter():
+    """LeViT normalizes its packed q / k / v projection with a BatchNorm1d: the channels are heads x (q | k | v)
+    dims, a unit group's neurons times their pattern. The BatchNorm recalibration read the group's (heads, heads)
+    maps against 64 channels and every method with data raised a size mismatch; it now maps channel by channel
+    through the builder's own transform. The attention views by ``num_attention_heads`` and splits by ``key_dim``,
+    and caches its gathered biases in eval mode: the adapter updates the counts and empties the cache (partial
+    fusion of a permuted copy widened the value dims and did not run)."""
+    from pyfusion.fuse import bn as bn_mod
+
+    torch.manual_seed(0)
+    a = _random(_levit(), 1)
+    gen = torch.Generator().manual_seed(0)
+    x16 = lambda g: torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)  # noqa: E731
+    data = [x16(gen) for _ in range(2)]
+    x = x16(gen)
+    graph = trace_groups(a, data[0])
+    twin = permuted_copy(a, torch.Generator().manual_seed(1), graph=graph)
+    y = _run(a, x)
+    before = [_state(a), _state(twin)]
+    for method, opts in [("partial", {"alpha": 0.5}), ("activation_matching", {}), ("weight_matching", {})]:
+        fused = pyfusion.fuse([a, twin], data, method=method, graph=graph, **opts)
+        assert _rel(_run(fused, x), y) < 1e-10, method  # BatchNorm statistics re-measured: rounding only
+    assert _unchanged(a, before[0]) and _unchanged(twin, before[1])
+    # the channel maps of the packed projection's BatchNorm: 64 channels, one permutation matrix (times 1/2) each
+    path = "levit.encoder.stages.0.layers.0.module.queries_keys_values.batch_norm"
+    plan = pyfusion.fuse([a, twin], data, method="weight_matching", graph=graph).fusion_plan
+    maps = bn_mod._maps_of(path, graph, plan, a.get_submodule(path).num_features)
+    assert [tuple(m.shape) for m in maps] == [(64, 64), (64, 64)]
+    for m in maps:
+        assert torch.equal((m != 0).sum(0), torch.ones(64, dtype=torch.long)) and bool((m[m != 0] == 0.5).all())
+    # member 0 is the slot order; the copy's channel for slot c undoes the permutation
+    assert torch.equal(maps[0], 0.5 * torch.eye(64, dtype=torch.float64))

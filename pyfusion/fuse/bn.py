@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from pyfusion.fuse.plan import Plan
 from pyfusion.graph.groups import FusionGraph
+from pyfusion.graph.transform import axis_plan, member_tensor
 from pyfusion.stats import batch_inputs
 from pyfusion.stats.distributed import all_reduce_sum, current_group
 
@@ -157,16 +158,29 @@ def _bn_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {p: m for p, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats}
 
 
-def _maps_of(path: str, graph: FusionGraph, plan: Plan, size: int) -> list[Tensor]:
-    """The A_k maps (slots, n) that built the BatchNorm at ``path``: its group's, or lambda_k I without a group."""
-    for name, g in graph.groups.items():
-        if any(r.module == path and r.role == "neuron" for r in g.refs):
+def _maps_of(path: str, graph: FusionGraph, plan: Plan, member_size: int) -> list[Tensor]:
+    """The channel maps A_k (fused channels, member_size) that built the BatchNorm at ``path``: the builder's own
+    transform of its ``running_mean`` (:func:`pyfusion.graph.transform.member_tensor` through every reference of that
+    tensor) applied to the identity, so a channel axis that is a unit group's heads x head dims (LeViT's BatchNorm
+    over packed q / k / v heads), or segments of several groups, maps channel by channel; lambda_k I without a
+    group. For a BatchNorm whose channels are one group's neurons these are the group's A_k."""
+    refs = graph.refs_by_key().get(f"{path}.running_mean", [])
+    eye = torch.eye(member_size, dtype=torch.float64)
+    if not refs:
+        return [lam * eye for lam in plan.lambdas]
+    ax = axis_plan(refs, graph.groups)
+    out = []
+    for k, lam in enumerate(plan.lambdas):
+        maps = {}
+        for name, _r in refs:
             gp = plan.groups.get(name)
-            if gp is not None:
-                return [a.detach().to("cpu", torch.float64) for a in gp.A]
-            break
-    eye = torch.eye(size, dtype=torch.float64)
-    return [lam * eye for lam in plan.lambdas]
+            if gp is None:  # a group the plan leaves out is averaged (Plan docstring)
+                n = graph.groups[name].size
+                maps[name] = (lam * torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64))
+            else:
+                maps[name] = (gp.A[k].detach().to("cpu", torch.float64), gp.B[k].detach().to("cpu", torch.float64))
+        out.append(member_tensor(eye, ax, maps, lam))
+    return out
 
 
 def _moments(
@@ -250,7 +264,9 @@ def recalibrate_bn(
         ValueError: when the data yields no batch (nothing is changed then).
     """
     bns = _bn_modules(fused)
-    changed = {p: changed_slots(_maps_of(p, graph, plan, m.num_features)) for p, m in bns.items()}
+    member_bns = _bn_modules(members[0])
+    maps_of = {p: _maps_of(p, graph, plan, member_bns[p].num_features) for p in bns if p in member_bns}
+    changed = {p: changed_slots(maps_of[p]) for p in maps_of}
     info: dict[str, Any] = {
         "samples": 0,
         "recalibrated": {p: int(c.sum()) for p, c in changed.items()},
@@ -289,7 +305,7 @@ def recalibrate_bn(
         bn = bns[p]
         if f.mean is None:
             return  # never reached by the forward: left as built
-        maps = _maps_of(p, graph, plan, bn.num_features)
+        maps = maps_of[p]
         m_b = sum(a @ mm[p].mean for a, mm in zip(maps, member_moments))
         v_b = sum(a @ mm[p].var() for a, mm in zip(maps, member_moments))
         rm_b = bn.running_mean.detach().to(torch.float64).cpu()

@@ -785,6 +785,33 @@ def _adapt_stablelm_attention(mod: nn.Module, path: str, original: nn.Module) ->
     mod.num_heads, mod.num_key_value_heads, mod.num_key_value_groups = q // hd, k // hd, per_group
 
 
+@register_adapter("LevitAttention")
+@register_adapter("LevitAttentionSubsample")
+def _adapt_levit_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
+    """LeViT views its packed projection as ``(..., num_attention_heads, -1)`` and splits each head into
+    ``[key_dim (queries), key_dim, attention_ratio * key_dim]`` (the subsampling block: keys and values packed, queries
+    their own Linear); the attention output is reshaped to ``out_dim_projection``. Heads widen whole. In eval mode
+    ``get_attention_biases`` caches the gathered per-head biases by device: the copy's cache holds the member's, so it
+    is emptied."""
+    kd, ratio = int(mod.key_dim), int(mod.attention_ratio)
+    sub = hasattr(mod, "keys_values")
+    packed = mod.keys_values if sub else mod.queries_keys_values
+    per_head = (1 if sub else 2) * kd + ratio * kd
+    rows, proj_in = _rows(packed.linear), _cols(mod.projection.linear)
+    heads = rows // per_head
+    q_heads = _rows(mod.queries.linear) // kd if sub else heads
+    if rows % per_head or proj_in != ratio * kd * heads or q_heads != heads:
+        raise ValueError(
+            f"{path}: the fused packed projection writes {rows} rows (heads of {per_head}) and the output projection "
+            f"reads {proj_in} (heads of {ratio * kd}): not the same whole heads"
+        )
+    mod.num_attention_heads = heads
+    mod.out_dim_projection = ratio * kd * heads
+    if not sub:
+        mod.out_dim_keys_values = rows
+    mod.attention_bias_cache = {}
+
+
 @register_adapter("WhisperAttention")
 def _adapt_whisper_attention(mod: nn.Module, path: str, original: nn.Module) -> None:
     """Whisper's attention views keys and values as ``(batch, -1, num_heads, head_dim)`` (queries by ``-1``)."""
