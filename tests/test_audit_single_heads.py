@@ -44,6 +44,10 @@ FAMILIES = {
     "qwen2_mqa": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
     "phi3_mqa": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_MQA, pad_token_id=0)), _ids, 1e-6,
                  "model.layers.0.self_attn"),
+    "mistral_mqa": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
+    "starcoder2_mqa": (lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**_MQA)), _ids, 1e-6,
+                       "model.layers.0.self_attn"),
+    "granite_mqa": (lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**_MQA)), _ids, 1e-6, "model.layers.0.self_attn"),
     "glm4_mqa": (lambda: tf.Glm4ForCausalLM(tf.Glm4Config(**_MQA, pad_token_id=0, partial_rotary_factor=1.0)), _ids,
                  1e-6, "model.layers.0.self_attn"),
     # one-head multi-head attention in the encoder / decoder families: packed c_attn (GPT-2), BERT's and ViT's
