@@ -14,46 +14,23 @@ Usage: python bench/bench_bn_recalibration.py [--quick] [--rounds 5] [--out benc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 
 import torch
-from common import Report, output_path
+from common import Report, calibration_bench_args, calibration_bench_pair, output_path
 
 import pyfusion
-from pyfusion import models
 from pyfusion.fuse import bn as bn_mod
-from pyfusion.testing import randomize_batchnorm
-
-
-def _pair(arch: str, quick: bool) -> list[torch.nn.Module]:
-    torch.manual_seed(0)
-    widths = (8, "M", 16, "M") if quick else (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-
-    def make() -> torch.nn.Module:
-        if arch == "resnet20":
-            return models.resnet20(4 if quick else 1, blocks=1 if quick else 3, num_classes=10)
-        return models.vgg(widths, in_channels=3, image_size=32, hidden=0)
-
-    return [randomize_batchnorm(make()).eval() for _ in range(2)]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds); for the smoke test")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    n, bs = (64, 32) if args.quick else (512, 64)
-    rounds = 1 if args.quick else args.rounds
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(bs, 3, 32, 32, generator=g) for _ in range(n // bs)]
+    args, data, rounds = calibration_bench_args(__doc__)
+    n = sum(int(x.shape[0]) for x in data)
     rows = []
     for arch in ("resnet20", "vgg11_bn"):
-        members = _pair(arch, args.quick)
+        members = calibration_bench_pair(arch, args.quick)
         built = pyfusion.fuse(members, data, method="partial", alpha=0.5, fast_modules=False, reset_bn=False)
         graph, plan = pyfusion.graph.trace_groups(members[0], data[0]), built.fusion_plan
         times: dict[str, list[float]] = {"one pass": [], "pass per BatchNorm": [], "plain reset": []}

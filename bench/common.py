@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import importlib.metadata
@@ -281,3 +282,46 @@ class Report:
             for p in written:
                 print(f"wrote {p}", flush=True)
         return written
+
+
+def calibration_bench_args(doc: str | None) -> tuple[argparse.Namespace, list[Any], int]:
+    """The command line of the calibration-pass benches (``--quick``, ``--rounds``, ``--out``), one thread, and
+    their data: 512 CIFAR-sized samples (3 x 32 x 32) in batches of 64 (64 in batches of 32 with ``--quick``).
+
+    Returns:
+        (arguments, batches, timed rounds).
+    """
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds); for the smoke test")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    n, bs = (64, 32) if args.quick else (512, 64)
+    g = torch.Generator().manual_seed(0)
+    return args, [torch.randn(bs, 3, 32, 32, generator=g) for _ in range(n // bs)], 1 if args.quick else args.rounds
+
+
+def calibration_bench_pair(arch: str, quick: bool) -> list[Any]:
+    """Two members (seed 0 then the next draws, BatchNorm statistics randomized, eval mode) for the calibration-pass
+    benches: ``"resnet20"`` (width 1, 3 blocks / stage; quick: width 4, 1 block), ``"vgg11_bn"`` (VGG11 with
+    BatchNorm, no hidden Linear; quick: 8-M-16-M) or ``"mlp"`` (3072-512-512-512-10 on flattened images; quick:
+    widths 32)."""
+    import torch
+
+    from pyfusion import models
+    from pyfusion.testing import randomize_batchnorm
+
+    torch.manual_seed(0)
+    widths = (8, "M", 16, "M") if quick else (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def make() -> torch.nn.Module:
+        if arch == "resnet20":
+            return models.resnet20(4 if quick else 1, blocks=1 if quick else 3, num_classes=10)
+        if arch == "mlp":
+            return torch.nn.Sequential(torch.nn.Flatten(), models.mlp([3072] + [32 if quick else 512] * 3 + [10]))
+        return models.vgg(widths, in_channels=3, image_size=32, hidden=0)
+
+    return [randomize_batchnorm(make()).eval() for _ in range(2)]

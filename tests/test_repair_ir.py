@@ -33,13 +33,18 @@ def _families():
     return out
 
 
+def _batch_like(x: torch.Tensor) -> torch.Tensor:
+    """Eight fresh samples shaped like the example ``x`` (token ids, or float64 values)."""
+    gen = torch.Generator().manual_seed(1)
+    if not torch.is_floating_point(x):
+        return torch.randint(0, 100, (8, 6), generator=gen)
+    return torch.randn((8,) + tuple(x.shape[1:]), dtype=F64, generator=gen)
+
+
 @pytest.mark.parametrize("family", sorted(_families()))
 def test_repair_on_a_widened_fused_model_reaches_its_targets(family):
     factory, x = _families()[family]
-    if not torch.is_floating_point(x):
-        x = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(1))
-    else:
-        x = torch.randn((8,) + tuple(x.shape[1:]), dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = _batch_like(x)
     members = [randomize(factory(), 1), randomize(factory(), 2)]
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
     graph = trace_groups(members[0], x)
@@ -131,10 +136,7 @@ def test_one_pass_on_widened_traced_families(family, monkeypatch):
     GPT-2's ``Conv1D`` pre-activation is a traced ``addmm`` node no module outputs (the module returns a view of
     it), so its groups take a pass each, and say why."""
     factory, x = _families()[family]
-    if not torch.is_floating_point(x):
-        x = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(1))
-    else:
-        x = torch.randn((8,) + tuple(x.shape[1:]), dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = _batch_like(x)
     members = [randomize(factory(), 1), randomize(factory(), 2)]
     graph = trace_groups(members[0], x)
     data = [x[:5], x[5:]]
